@@ -1,0 +1,98 @@
+"""Per-KV-head top-k page selection and the residency update that decides what to recall.
+
+Each KV head keeps ``k = n_select`` selected slots. A new selection (a set of at most
+``k`` candidate pages) is applied to the resident set like this:
+
+* selected pages that are already resident stay in their slot (nothing moves);
+* the *missing* pages, in ascending page order, go to the *free* slots — slots whose page
+  is not selected any more (or that are empty) — in ascending slot order;
+* only missing pages cross PCIe: the result lists ``(slot, page)`` pairs to recall.
+
+Because a selection and the resident set have the same size once there are ``k`` or more
+candidates, the victims are exactly the resident pages that scored lowest. While there are
+fewer than ``k`` candidates every candidate is selected and, by induction, valid pages
+occupy the first slots in page order; the page table relies on that.
+
+All outputs have fixed shapes (padded with -1 plus counts) so that the same code runs
+inside a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+def topk_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` pages of each row, as a set sorted ascending, ``-1``-padded.
+
+    Args:
+        scores: float ``[..., Np]`` aggregated scores; ``-inf`` marks non-candidates.
+        k: number of pages to keep.
+    Returns:
+        int64 ``[..., k]``: chosen page indices ascending, then ``-1`` for missing ones
+        (fewer than ``k`` finite scores, or ``Np < k``).
+    """
+    np_ = scores.shape[-1]
+    if np_ < k:
+        pad = scores.new_full((*scores.shape[:-1], k - np_), float("-inf"))
+        scores = torch.cat([scores, pad], dim=-1)
+    val, idx = torch.topk(scores, k, dim=-1)
+    idx = torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1))
+    # ascending page order, -1 last: sort with -1 mapped to +inf.
+    big = torch.iinfo(torch.int64).max
+    key = torch.where(idx < 0, torch.full_like(idx, big), idx)
+    key, _ = torch.sort(key, dim=-1)
+    return torch.where(key == big, torch.full_like(key, -1), key)
+
+
+class ResidencyUpdate(NamedTuple):
+    resident: torch.Tensor  # int64 [..., k] new resident page per slot (-1 empty)
+    recall_slot: torch.Tensor  # int64 [..., k] slot index to fill, -1 padded
+    recall_page: torch.Tensor  # int64 [..., k] page to recall into it, -1 padded
+    n_recall: torch.Tensor  # int64 [...] number of valid (slot, page) pairs
+
+
+def residency_update(resident: torch.Tensor, selected: torch.Tensor,
+                     head_mask: torch.Tensor | None = None) -> ResidencyUpdate:
+    """Apply a new selection to the resident set of each (request, KV head).
+
+    Args:
+        resident: int ``[..., k]`` page held by each selected slot, -1 if empty.
+        selected: int ``[..., k]`` new selection (ascending, -1 padded, as :func:`topk_pages`).
+        head_mask: bool ``[...]``; rows where it is False are left unchanged with no recall.
+    Returns:
+        :class:`ResidencyUpdate`.
+    """
+    resident = resident.long()
+    selected = selected.long()
+    k = resident.shape[-1]
+    sel_valid = selected >= 0
+    res_valid = resident >= 0
+    eq = (selected[..., :, None] == resident[..., None, :]) & sel_valid[..., :, None] & res_valid[..., None, :]
+    in_res = eq.any(dim=-1)  # selected page already resident
+    keep = eq.any(dim=-2)  # resident page still selected
+    missing = sel_valid & ~in_res
+    n_recall = missing.sum(dim=-1)
+
+    # Stable partitions: missing pages first (ascending pages), free slots first (ascending slots).
+    m_order = torch.argsort((~missing).to(torch.int8), dim=-1, stable=True)
+    f_order = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)
+    pos = torch.arange(k, device=resident.device)
+    active = pos < n_recall[..., None]
+    if head_mask is not None:
+        active = active & head_mask[..., None]
+        n_recall = torch.where(head_mask, n_recall, torch.zeros_like(n_recall))
+    recall_page = torch.where(active, torch.gather(selected, -1, m_order), torch.full_like(selected, -1))
+    recall_slot = torch.where(active, f_order, torch.full_like(f_order, -1))
+
+    new_res = torch.where(keep, resident, torch.full_like(resident, -1))
+    # scatter recalled pages into their slots (inactive entries write into a dummy column)
+    dst = torch.where(active, recall_slot, torch.full_like(recall_slot, k))
+    padded = torch.cat([new_res, new_res.new_full((*new_res.shape[:-1], 1), -1)], dim=-1)
+    padded = padded.scatter(-1, dst, torch.where(active, recall_page, torch.full_like(recall_page, -1)))
+    new_res = padded[..., :k]
+    if head_mask is not None:
+        new_res = torch.where(head_mask[..., None], new_res, resident)
+    return ResidencyUpdate(new_res, recall_slot, recall_page, n_recall)
