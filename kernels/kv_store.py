@@ -1,0 +1,95 @@
+"""Offload: write fresh K/V rows (NHD, on the GPU) into the pinned host store (HND pages).
+
+Token slot ``loc`` (SGLang's KV index) lives in host page ``loc // P`` at offset ``loc % P``::
+
+    host_k[loc // P, h, loc % P, :] = k[t, h, :]        (same for V)
+
+Used after prefill (``T`` up to the whole prompt) and at every decode step (``T`` = batch).
+The kernel stores straight into pinned host memory through unified addressing (see
+:mod:`.uva`): no staging buffer, no copy engine, no host synchronisation; CUDA-graph safe.
+Entries with ``loc < 0`` are skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import check_head_dim, check_kv_dtype, check_page_size, cdiv, tl, triton, use_triton
+from .uva import kernel_arg
+
+if triton is not None:
+
+    @triton.jit
+    def _store_kv_host_kernel(
+        k_ptr, v_ptr, loc_ptr, hk_ptr, hv_ptr,
+        T, stride_kt, stride_kh, stride_vt, stride_vh,
+        HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        # grid: (cdiv(T, BLOCK_T), Hkv). One program: BLOCK_T tokens x one KV head.
+        pid_t = tl.program_id(0)
+        h = tl.program_id(1)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, D)
+        in_range = t < T
+        loc = tl.load(loc_ptr + t, mask=in_range, other=-1).to(tl.int64)
+        valid = in_range & (loc >= 0)
+        page = loc // PAGE
+        off = loc % PAGE
+        dst = ((page * HKV + h) * PAGE + off) * D  # int64 element offset in the host store
+        t64 = t.to(tl.int64)
+        m = valid[:, None]
+        kx = tl.load(k_ptr + (t64 * stride_kt + h * stride_kh)[:, None] + d[None, :], mask=m)
+        vx = tl.load(v_ptr + (t64 * stride_vt + h * stride_vh)[:, None] + d[None, :], mask=m)
+        tl.store(hk_ptr + dst[:, None] + d[None, :], kx, mask=m)
+        tl.store(hv_ptr + dst[:, None] + d[None, :], vx, mask=m)
+
+
+def store_kv_host_reference(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            loc: torch.Tensor) -> None:
+    """Plain-torch :func:`store_kv_host` (any devices; host tensors are written in place)."""
+    p = host_k.shape[2]
+    loc = loc.to(host_k.device).long()
+    valid = loc >= 0
+    sel = loc[valid]
+    host_k[sel // p, :, sel % p, :] = k.to(device=host_k.device, dtype=host_k.dtype)[valid]
+    host_v[sel // p, :, sel % p, :] = v.to(device=host_v.device, dtype=host_v.dtype)[valid]
+
+
+def store_kv_host(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  loc: torch.Tensor, *, block_t: int = 32, num_warps: int = 4, impl: str | None = None) -> None:
+    """Write ``k``, ``v`` into the host store at token slots ``loc``.
+
+    Args:
+        host_k, host_v: ``[n_host_pages, Hkv, P, D]`` contiguous, bf16/fp16, pinned host memory
+            (or CUDA memory; any memory for the reference).
+        k, v: ``[T, Hkv, D]`` same dtype, on the GPU; rows may be strided, channels contiguous.
+        loc: int32/int64 ``[T]`` on the GPU: token slot of each row; ``< 0`` = skip.
+        impl: ``None`` (auto), ``"triton"`` or ``"torch"`` (see :mod:`.common`).
+    Writes ``host[loc // P, :, loc % P, :] = k`` (and ``v``); returns nothing. No host sync.
+    """
+    if not use_triton(impl, k, v, loc):
+        return store_kv_host_reference(host_k, host_v, k, v, loc)
+    n_pages, hkv, p, d = host_k.shape
+    t = k.shape[0]
+    if host_v.shape != host_k.shape or k.shape != (t, hkv, d) or v.shape != (t, hkv, d) or loc.shape != (t,):
+        raise ValueError(f"shape mismatch: host {tuple(host_k.shape)}/{tuple(host_v.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}, loc {tuple(loc.shape)}")
+    check_head_dim(d)
+    check_page_size(p)
+    check_kv_dtype(host_k.dtype)
+    if not (k.dtype == v.dtype == host_k.dtype == host_v.dtype):
+        raise ValueError(f"dtype mismatch: k {k.dtype}, v {v.dtype}, host {host_k.dtype}/{host_v.dtype}")
+    if not (host_k.is_contiguous() and host_v.is_contiguous()):
+        raise ValueError("host store tensors must be contiguous")
+    if k.stride(2) != 1:
+        k = k.contiguous()
+    if v.stride(2) != 1:
+        v = v.contiguous()
+    if t == 0:
+        return
+    grid = (cdiv(t, block_t), hkv)
+    _store_kv_host_kernel[grid](
+        k, v, loc, kernel_arg(host_k), kernel_arg(host_v),
+        t, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        HKV=hkv, PAGE=p, D=d, BLOCK_T=block_t, num_warps=num_warps,
+    )
