@@ -1,0 +1,381 @@
+"""FreeKV configuration: one validated, frozen dataclass shared by every process.
+
+The same :class:`FreeKVConfig` is built from the command line (``--kv-retrieval``
+and the ``--freekv-*`` flags, see :mod:`freekv_sglang.cli`), from keyword
+arguments (:func:`freekv_sglang.make_server_args`) or from JSON (the copy that
+travels to scheduler processes in the ``SGLANG_FREEKV_CONFIG`` environment
+variable).  Construction validates every field; an invalid value raises
+:class:`FreeKVConfigError` naming the CLI flag and the bad value.
+
+This module depends on the standard library only, so the algorithm and runtime
+packages can import it without SGLang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping, Optional
+
+#: Environment variable carrying the JSON config into spawned scheduler processes.
+ENV_VAR = "SGLANG_FREEKV_CONFIG"
+
+KV_RETRIEVAL_CHOICES = ("none", "freekv")
+GQA_AGGREGATION_CHOICES = ("mean", "softmax-mean", "max")
+RECALL_CHOICES = ("auto", "gather", "staged", "per-page", "skip")
+#: What ``--freekv-recall auto`` resolves to.
+AUTO_RECALL = "gather"
+#: Strings accepted by ``--freekv-correction-threshold`` to turn correction off.
+CORRECTION_OFF_WORDS = ("off", "none")
+
+MIN_PAGE_SIZE = 8
+MAX_PAGE_SIZE = 256
+
+#: Auto host-memory sizing: this fraction of MemAvailable, minus the reserve.
+AUTO_HOST_MEMORY_FRACTION = 0.6
+AUTO_HOST_MEMORY_RESERVE_BYTES = 4 * 2**30
+
+GIB = 2**30
+MEMINFO_PATH = "/proc/meminfo"
+
+
+class FreeKVConfigError(ValueError):
+    """An invalid FreeKV setting or an unsupported combination with SGLang flags."""
+
+
+# Field name -> CLI flag, used in error messages and by the CLI module.
+FLAG_OF_FIELD = {
+    "enabled": "--kv-retrieval",
+    "page_size": "--freekv-page-size",
+    "sink_tokens": "--freekv-sink-tokens",
+    "window_tokens": "--freekv-window-tokens",
+    "select_tokens": "--freekv-select-tokens",
+    "correction_threshold": "--freekv-correction-threshold",
+    "speculative": "--freekv-speculative",
+    "gqa_aggregation": "--freekv-gqa-aggregation",
+    "host_memory_gb": "--freekv-host-memory-gb",
+    "min_context_tokens": "--freekv-min-context-tokens",
+    "recall": "--freekv-recall",
+}
+
+
+def dest_of_field(name: str) -> str:
+    """Argparse dest / keyword name of a config field (``page_size`` -> ``freekv_page_size``)."""
+    return "kv_retrieval" if name == "enabled" else f"freekv_{name}"
+
+
+def _fail(field: str, value: Any, why: str) -> FreeKVConfigError:
+    return FreeKVConfigError(f"{FLAG_OF_FIELD[field]}={value!r}: {why}")
+
+
+def read_meminfo(path: str = MEMINFO_PATH) -> dict[str, int]:
+    """Return ``/proc/meminfo`` as ``{key: bytes}``; an empty dict if unreadable."""
+    out: dict[str, int] = {}
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if not parts:
+                    continue
+                scale = 1024 if len(parts) > 1 and parts[1].lower() == "kb" else 1
+                out[key.strip()] = int(parts[0]) * scale
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
+def parse_correction_threshold(value: Any) -> Optional[float]:
+    """Turn a CLI/kwarg correction threshold into a float, or ``None`` for off.
+
+    Accepts numbers, numeric strings and the words in :data:`CORRECTION_OFF_WORDS`.
+    Range checking is done by :class:`FreeKVConfig`.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in CORRECTION_OFF_WORDS:
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            raise _fail(
+                "correction_threshold", value, "expected a number in [-1, 1] or 'off'"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail("correction_threshold", value, "expected a number in [-1, 1] or 'off'")
+    return float(value)
+
+
+def _parse_enabled(value: Any) -> bool:
+    """``kv_retrieval`` is given as ``none``/``freekv``; booleans are accepted too."""
+    if isinstance(value, bool):
+        return value
+    if value in KV_RETRIEVAL_CHOICES:
+        return value == "freekv"
+    raise _fail("enabled", value, f"expected one of {', '.join(KV_RETRIEVAL_CHOICES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FreeKVConfig:
+    """Effective FreeKV settings (all token counts are per request and per KV head).
+
+    Attributes:
+        enabled: ``--kv-retrieval freekv``.
+        page_size: tokens per KV page; also SGLang's ``--page-size`` when enabled.
+        sink_tokens: leading tokens always kept on the GPU.
+        window_tokens: recent window (a ring of full pages plus the page being filled).
+        select_tokens: budget of selected (retrieved) pages, per KV head.
+        correction_threshold: query-similarity threshold below which speculative
+            selection is corrected; ``None`` turns correction off.
+        speculative: select pages for step t+1 with the query of step t.
+        gqa_aggregation: how query heads of one KV group are combined for scoring.
+        host_memory_gb: pinned host memory for the full KV, GiB; ``None`` = auto.
+        min_context_tokens: requests with shorter contexts run dense.
+        recall: host-to-GPU transfer strategy (``auto`` = ``gather``).
+    """
+
+    enabled: bool = False
+    page_size: int = 32
+    sink_tokens: int = 512
+    window_tokens: int = 512
+    select_tokens: int = 1024
+    correction_threshold: Optional[float] = 0.9
+    speculative: bool = True
+    gqa_aggregation: str = "mean"
+    host_memory_gb: Optional[float] = None
+    min_context_tokens: int = 0
+    recall: str = "auto"
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ------------------------------------------------------------------ checks
+    def _validate(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise _fail("enabled", self.enabled, "expected a boolean")
+        for name in ("page_size", "sink_tokens", "window_tokens", "select_tokens",
+                     "min_context_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _fail(name, value, "expected an integer")
+
+        ps = self.page_size
+        if ps < MIN_PAGE_SIZE or ps > MAX_PAGE_SIZE or ps & (ps - 1):
+            raise _fail(
+                "page_size", ps,
+                f"must be a power of two between {MIN_PAGE_SIZE} and {MAX_PAGE_SIZE}",
+            )
+        if self.sink_tokens < 0:
+            raise _fail("sink_tokens", self.sink_tokens, "must be >= 0")
+        for name in ("sink_tokens", "window_tokens", "select_tokens"):
+            value = getattr(self, name)
+            if value % ps:
+                raise _fail(name, value, f"must be a multiple of the page size ({ps})")
+        if self.window_tokens < 2 * ps:
+            raise _fail(
+                "window_tokens", self.window_tokens,
+                f"must be at least 2 pages ({2 * ps} tokens at page size {ps})",
+            )
+        if self.select_tokens < ps:
+            raise _fail(
+                "select_tokens", self.select_tokens,
+                f"must be at least 1 page ({ps} tokens)",
+            )
+        if self.min_context_tokens < 0:
+            raise _fail("min_context_tokens", self.min_context_tokens, "must be >= 0")
+
+        ct = self.correction_threshold
+        if ct is not None:
+            if isinstance(ct, bool) or not isinstance(ct, (int, float)):
+                raise _fail("correction_threshold", ct, "expected a number or None")
+            if not (-1.0 <= ct <= 1.0) or math.isnan(ct):
+                raise _fail("correction_threshold", ct, "must be within [-1, 1] (or 'off')")
+
+        if not isinstance(self.speculative, bool):
+            raise _fail("speculative", self.speculative, "expected a boolean")
+        if self.gqa_aggregation not in GQA_AGGREGATION_CHOICES:
+            raise _fail(
+                "gqa_aggregation", self.gqa_aggregation,
+                f"expected one of {', '.join(GQA_AGGREGATION_CHOICES)}",
+            )
+        if self.recall not in RECALL_CHOICES:
+            raise _fail("recall", self.recall, f"expected one of {', '.join(RECALL_CHOICES)}")
+
+        hm = self.host_memory_gb
+        if hm is not None:
+            if isinstance(hm, bool) or not isinstance(hm, (int, float)) or math.isnan(hm):
+                raise _fail("host_memory_gb", hm, "expected a number of GiB")
+            if hm <= 0:
+                raise _fail("host_memory_gb", hm, "must be > 0")
+            total = read_meminfo().get("MemTotal")
+            if total is not None and hm * GIB > total:
+                raise _fail(
+                    "host_memory_gb", hm,
+                    f"exceeds this machine's total RAM ({total / GIB:.1f} GiB)",
+                )
+
+    # ------------------------------------------------------- derived, read-only
+    @property
+    def n_sink_pages(self) -> int:
+        return self.sink_tokens // self.page_size
+
+    @property
+    def n_select_pages(self) -> int:
+        return self.select_tokens // self.page_size
+
+    @property
+    def n_window_pages(self) -> int:
+        return self.window_tokens // self.page_size
+
+    @property
+    def pages_per_request(self) -> int:
+        """GPU working-set pages per request and KV head (sink + selected + window)."""
+        return self.n_sink_pages + self.n_select_pages + self.n_window_pages
+
+    @property
+    def working_set_tokens(self) -> int:
+        return self.pages_per_request * self.page_size
+
+    @property
+    def effective_recall(self) -> str:
+        """The recall strategy actually used (``auto`` resolved)."""
+        return AUTO_RECALL if self.recall == "auto" else self.recall
+
+    @property
+    def correction_enabled(self) -> bool:
+        return self.correction_threshold is not None
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but deserve a loud warning at start-up."""
+        out = []
+        if self.enabled and self.recall == "skip":
+            out.append(
+                "--freekv-recall skip: NO host-to-GPU transfers are made; generated "
+                "outputs are WRONG. Use only as a benchmark upper bound."
+            )
+        return out
+
+    # --------------------------------------------------------------- builders
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "FreeKVConfig":
+        """Build from CLI dests / keyword names (``kv_retrieval``, ``freekv_page_size``...).
+
+        Missing keys take their defaults; ``None`` for a key also means "default",
+        except for the correction threshold (``None`` = off) and host memory
+        (``None`` = auto). Unknown ``freekv_*`` keys are rejected.
+        """
+        known = {dest_of_field(f.name): f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in values if k not in known)
+        if unknown:
+            raise FreeKVConfigError(
+                f"unknown FreeKV option(s): {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        kwargs: dict[str, Any] = {}
+        for dest, value in values.items():
+            name = known[dest]
+            if name == "enabled":
+                if value is not None:
+                    kwargs[name] = _parse_enabled(value)
+            elif name == "correction_threshold":
+                kwargs[name] = parse_correction_threshold(value)
+            elif name == "host_memory_gb":
+                kwargs[name] = value
+            elif value is not None:
+                kwargs[name] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_namespace(cls, ns: Any) -> "FreeKVConfig":
+        """Pop every FreeKV attribute off an argparse namespace and build the config.
+
+        Attributes that are absent take their defaults, so a namespace from a
+        parser without the FreeKV flags yields the default (disabled) config.
+        """
+        values = {}
+        for f in dataclasses.fields(cls):
+            dest = dest_of_field(f.name)
+            if hasattr(ns, dest):
+                values[dest] = getattr(ns, dest)
+                delattr(ns, dest)
+        return cls.from_mapping(values)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FreeKVConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FreeKVConfigError(f"{ENV_VAR} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise FreeKVConfigError(f"{ENV_VAR} must hold a JSON object, got {data!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise FreeKVConfigError(f"{ENV_VAR} has unknown key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> Optional["FreeKVConfig"]:
+        """The config exported by the launcher, or ``None`` if the variable is unset."""
+        raw = (os.environ if environ is None else environ).get(ENV_VAR)
+        return None if not raw else cls.from_json(raw)
+
+    def summary(self) -> str:
+        """One line with every effective value, including the resolved host memory."""
+        if not self.enabled:
+            return "FreeKV disabled (--kv-retrieval none)"
+        try:
+            mem = f"{resolve_host_memory_bytes(self) / GIB:.1f}GiB"
+        except FreeKVConfigError as e:
+            mem = f"unresolvable ({e})"
+        if self.host_memory_gb is None:
+            mem += " (auto)"
+        ct = "off" if self.correction_threshold is None else f"{self.correction_threshold:g}"
+        recall = self.effective_recall + (" (auto)" if self.recall == "auto" else "")
+        return (
+            f"FreeKV enabled: page_size={self.page_size} sink={self.sink_tokens} "
+            f"window={self.window_tokens} select={self.select_tokens} "
+            f"pages_per_request={self.pages_per_request} "
+            f"working_set_tokens={self.working_set_tokens} correction_threshold={ct} "
+            f"speculative={'on' if self.speculative else 'off'} "
+            f"gqa_aggregation={self.gqa_aggregation} recall={recall} "
+            f"host_memory={mem} min_context_tokens={self.min_context_tokens}"
+        )
+
+
+def resolve_host_memory_bytes(
+    cfg: FreeKVConfig, meminfo: Optional[Mapping[str, int]] = None
+) -> int:
+    """Bytes of pinned host memory FreeKV may use for the full KV cache.
+
+    This is one budget for the whole server: the TP ranks on a host share it.
+    The launcher resolves it once (see ``server_config.pin_host_memory``), so
+    scheduler processes receive an explicit ``host_memory_gb``.
+
+    An explicit ``host_memory_gb`` is converted to bytes. Auto (``None``) takes
+    :data:`AUTO_HOST_MEMORY_FRACTION` of MemAvailable minus
+    :data:`AUTO_HOST_MEMORY_RESERVE_BYTES`; it fails if that leaves nothing or if
+    ``/proc/meminfo`` cannot be read.
+    """
+    if cfg.host_memory_gb is not None:
+        return int(cfg.host_memory_gb * GIB)
+    info = read_meminfo() if meminfo is None else meminfo
+    available = info.get("MemAvailable")
+    if available is None:
+        raise FreeKVConfigError(
+            "--freekv-host-memory-gb=auto: cannot read MemAvailable from "
+            f"{MEMINFO_PATH}; pass --freekv-host-memory-gb explicitly"
+        )
+    budget = int(available * AUTO_HOST_MEMORY_FRACTION) - AUTO_HOST_MEMORY_RESERVE_BYTES
+    if budget <= 0:
+        raise FreeKVConfigError(
+            f"--freekv-host-memory-gb=auto: only {available / GIB:.1f} GiB available, "
+            "too little for the host KV store; pass --freekv-host-memory-gb explicitly"
+        )
+    return budget

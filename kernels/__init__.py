@@ -1,0 +1,1 @@
+"""Triton and FlashInfer kernels for FreeKV (installed as ``freekv_sglang.kernels``)."""
