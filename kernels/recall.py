@@ -1,0 +1,251 @@
+"""Recall: copy selected (page, KV head) pieces from the host store (HND) into GPU slots (NHD).
+
+A *piece* ``i`` is one KV head of one host page: ``host_k[host_page[i], head[i]]`` is a
+contiguous ``[P, D]`` block (8 KiB at P=32, D=128, bf16) that lands in
+``ws_k[dst_slot[i], :, head[i], :]`` (``P`` rows strided by ``Hkv * D``); same for V.
+Entries with ``dst_slot < 0`` are skipped. Three strategies, same result:
+
+* :func:`recall_gather` (default): one Triton kernel reads pinned host memory directly
+  (unified addressing, :mod:`.uva`) and writes the NHD slots; fixed-size inputs, no host
+  sync, CUDA-graph capturable; a persistent grid of ``num_programs`` programs walks the
+  flattened ``N * P`` rows, so only a few SMs are held while PCIe does the work.
+* :func:`recall_staged`: the paper's design. The piece list goes to the host (a sync), each
+  piece is one ``cudaMemcpyAsync`` (``copy_(non_blocking=True)``) into one of two staging
+  buffers on a copy stream, while the gather kernel scatters the other buffer into the
+  slots on the caller's stream (double buffering across chunks). Eager only.
+* :func:`recall_per_page`: the ArkVale-style baseline, one synchronous copy per piece
+  straight into the (strided) slot, then a stream sync. Eager only.
+
+:func:`pieces_from_selection` turns the selection outputs into a flat piece list.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import (check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced, tl, triton,
+                     use_triton)
+from .uva import kernel_arg
+
+#: Default persistent-grid size of :func:`recall_gather` (see the kernel benchmark).
+DEFAULT_NUM_PROGRAMS = 64
+
+if triton is not None:
+
+    @triton.jit
+    def _recall_rows_kernel(
+        src_k, src_v, dst_k, dst_v, page_ptr, slot_ptr, head_ptr,
+        n_rows, n_iters, n_programs, src_page_stride, src_head_stride, dst_slot_stride, dst_row_stride,
+        PAGE: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, ITERS: tl.constexpr,
+    ):
+        # ITERS: 0 on the GPU (runtime trip count n_iters); the trip count under the CPU
+        # interpreter, whose loops over runtime scalars break with numpy >= 2.
+        # Persistent grid (n_programs programs) over the flattened rows, BLOCK_R rows per step:
+        # global row g = piece g // P, row g % P of that piece.
+        pid = tl.program_id(0)
+        r = tl.arange(0, BLOCK_R)
+        d = tl.arange(0, D)
+        for it in range(0, ITERS if ITERS > 0 else n_iters):
+            blk = pid + it * n_programs
+            g = blk.to(tl.int64) * BLOCK_R + r
+            in_range = g < n_rows
+            piece = g // PAGE
+            row = g % PAGE
+            slot = tl.load(slot_ptr + piece, mask=in_range, other=-1).to(tl.int64)
+            ok = in_range & (slot >= 0)
+            page = tl.load(page_ptr + piece, mask=ok, other=0).to(tl.int64)
+            head = tl.load(head_ptr + piece, mask=ok, other=0).to(tl.int64)
+            src = (page * src_page_stride + head * src_head_stride + row * D)[:, None] + d[None, :]
+            dst = (slot * dst_slot_stride + row * dst_row_stride + head * D)[:, None] + d[None, :]
+            m = ok[:, None]
+            kx = tl.load(src_k + src, mask=m)
+            vx = tl.load(src_v + src, mask=m)
+            tl.store(dst_k + dst, kx, mask=m)
+            tl.store(dst_v + dst, vx, mask=m)
+
+
+def _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head):
+    n_pages, hkv, p, d = host_k.shape
+    if host_v.shape != host_k.shape or ws_k.shape[1:] != (p, hkv, d) or ws_v.shape != ws_k.shape:
+        raise ValueError(f"shape mismatch: host {tuple(host_k.shape)}, ws {tuple(ws_k.shape)}/{tuple(ws_v.shape)}")
+    if not (host_k.dtype == host_v.dtype == ws_k.dtype == ws_v.dtype):
+        raise ValueError("host store and working set must have one dtype")
+    if not (host_k.is_contiguous() and host_v.is_contiguous() and ws_k.is_contiguous() and ws_v.is_contiguous()):
+        raise ValueError("host store and working set must be contiguous")
+    n = dst_slot.shape[0]
+    if host_page.shape != (n,) or head.shape != (n,):
+        raise ValueError("host_page, dst_slot, head must be 1-D of one length")
+    check_head_dim(d)
+    check_page_size(p)
+    check_kv_dtype(ws_k.dtype)
+
+
+def _launch_rows(src_k, src_v, ws_k, ws_v, page, slot, head, src_page_stride, src_head_stride, num_programs,
+                 block_rows):
+    p, hkv, d = ws_k.shape[1:]
+    n_rows = slot.shape[0] * p
+    if n_rows == 0:
+        return
+    if block_rows is None:
+        block_rows = max(1, min(8192 // d, 256))
+    n_blocks = cdiv(n_rows, block_rows)
+    n_prog = max(1, min(num_programs or DEFAULT_NUM_PROGRAMS, n_blocks))
+    n_iters = cdiv(n_blocks, n_prog)
+    _recall_rows_kernel[(n_prog,)](
+        kernel_arg(src_k), kernel_arg(src_v), ws_k, ws_v, page, slot, head,
+        n_rows, n_iters, n_prog, src_page_stride, src_head_stride, ws_k.stride(0), ws_k.stride(1),
+        PAGE=p, D=d, BLOCK_R=block_rows, ITERS=n_iters if interpreter_forced() else 0, num_warps=4,
+    )
+
+
+def recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head) -> None:
+    """Plain-torch recall (any devices): ``ws[dst_slot, :, head, :] = host[host_page, head]``."""
+    dev = host_k.device
+    slot = dst_slot.to(dev).long()
+    valid = slot >= 0
+    s, pg, h = slot[valid], host_page.to(dev).long()[valid], head.to(dev).long()[valid]
+    wdev = ws_k.device
+    ws_k[s.to(wdev), :, h.to(wdev), :] = host_k[pg, h].to(wdev)
+    ws_v[s.to(wdev), :, h.to(wdev), :] = host_v[pg, h].to(wdev)
+
+
+def recall_gather(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor,
+                  host_page: torch.Tensor, dst_slot: torch.Tensor, head: torch.Tensor, *,
+                  num_programs: int | None = None, block_rows: int | None = None, impl: str | None = None) -> None:
+    """Recall the listed pieces with one zero-copy gather kernel (graph-capturable).
+
+    Args:
+        host_k, host_v: ``[n_host_pages, Hkv, P, D]`` bf16/fp16, contiguous, pinned host memory.
+        ws_k, ws_v: ``[n_slots, P, Hkv, D]`` same dtype, contiguous, on the GPU.
+        host_page, dst_slot, head: int32/int64 ``[N]`` on the GPU; ``dst_slot < 0`` = skip.
+        num_programs: persistent grid size (default :data:`DEFAULT_NUM_PROGRAMS`); each
+            program keeps ``block_rows * D`` elements of K and of V in flight.
+        block_rows: rows per program iteration (default ``8192 // D``).
+    Runs on the current stream (the runtime sets a side stream); no host synchronisation.
+    """
+    if not use_triton(impl, ws_k, dst_slot):
+        return recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
+    _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
+    hkv, p, d = host_k.shape[1:]
+    _launch_rows(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, hkv * p * d, p * d, num_programs, block_rows)
+
+
+class StagedRecall:
+    """Double-buffered staged recall (the paper's strategy); one instance per device/shape.
+
+    Two staging buffers ``[chunk, P, D]`` for K and V each; per chunk of pieces, H2D copies
+    (one ``copy_(non_blocking=True)`` per contiguous host block) run on ``copy_stream``
+    into buffer ``c % 2`` while the scatter of the previous chunk (the gather kernel with
+    the staging buffer as its source) runs on the caller's stream.
+    """
+
+    def __init__(self, p: int, d: int, dtype: torch.dtype, device: torch.device, chunk: int = 256):
+        self.chunk = chunk
+        self.stage_k = [torch.empty((chunk, p, d), dtype=dtype, device=device) for _ in range(2)]
+        self.stage_v = [torch.empty((chunk, p, d), dtype=dtype, device=device) for _ in range(2)]
+        self.copy_stream = torch.cuda.Stream(device=device)
+        self.copied = [torch.cuda.Event() for _ in range(2)]
+        self.scattered = [torch.cuda.Event() for _ in range(2)]
+        self.rows = torch.arange(chunk, dtype=torch.int32, device=device)
+
+    def __call__(self, host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, *, num_programs=None) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("recall_staged synchronises with the host and cannot be captured; use recall_gather")
+        lists = torch.stack([host_page.long(), dst_slot.long(), head.long()]).cpu()  # host sync (by design)
+        lists = lists[:, lists[1] >= 0]
+        n = lists.shape[1]
+        if n == 0:
+            return
+        pages, heads = lists[0].tolist(), lists[2].tolist()
+        dev_lists = lists.to(ws_k.device, non_blocking=False)
+        cur = torch.cuda.current_stream(ws_k.device)
+        self.copy_stream.wait_stream(cur)  # host data written by earlier kernels on this stream
+        for c, start in enumerate(range(0, n, self.chunk)):
+            buf = c % 2
+            end = min(start + self.chunk, n)
+            if c >= 2:
+                self.copy_stream.wait_event(self.scattered[buf])
+            with torch.cuda.stream(self.copy_stream):
+                sk, sv = self.stage_k[buf], self.stage_v[buf]
+                for j in range(start, end):
+                    sk[j - start].copy_(host_k[pages[j], heads[j]], non_blocking=True)
+                    sv[j - start].copy_(host_v[pages[j], heads[j]], non_blocking=True)
+                self.copied[buf].record(self.copy_stream)
+            cur.wait_event(self.copied[buf])
+            m = end - start
+            _launch_rows(self.stage_k[buf], self.stage_v[buf], ws_k, ws_v, self.rows[:m],
+                         dev_lists[1, start:end], dev_lists[2, start:end], sk.stride(0), 0, num_programs, None)
+            self.scattered[buf].record(cur)
+        # staging buffers are reused by the next call only after the copy stream waits on
+        # `scattered`; the caller's stream already orders the scatters before later work.
+
+
+_STAGED: dict = {}
+
+
+def recall_staged(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor,
+                  host_page: torch.Tensor, dst_slot: torch.Tensor, head: torch.Tensor, *, chunk: int = 256,
+                  num_programs: int | None = None, impl: str | None = None) -> None:
+    """Staged double-buffered recall (paper's strategy). Same arguments and result as :func:`recall_gather`.
+
+    Synchronises the host once (to read the piece list); eager only. On CPU tensors it
+    falls back to :func:`recall_reference`.
+    """
+    if not use_triton(impl, ws_k, dst_slot):
+        return recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
+    _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
+    if not ws_k.is_cuda:
+        raise NotImplementedError("recall_staged needs CUDA (streams and async copies)")
+    p, d = host_k.shape[2:]
+    key = (ws_k.device, ws_k.dtype, p, d, chunk)
+    if key not in _STAGED:
+        _STAGED[key] = StagedRecall(p, d, ws_k.dtype, ws_k.device, chunk)
+    _STAGED[key](host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, num_programs=num_programs)
+
+
+def recall_per_page(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor,
+                    host_page: torch.Tensor, dst_slot: torch.Tensor, head: torch.Tensor, *,
+                    impl: str | None = None) -> None:
+    """ArkVale-style baseline: one host-to-device copy per piece into the strided slot, then a
+    stream sync. Same arguments and result as :func:`recall_gather`; eager only."""
+    if not use_triton(impl, ws_k, dst_slot) or not ws_k.is_cuda:
+        return recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
+    _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
+    lists = torch.stack([host_page.long(), dst_slot.long(), head.long()]).cpu()  # host sync
+    lists = lists[:, lists[1] >= 0].tolist()
+    for pg, s, h in zip(*lists):
+        ws_k[s, :, h, :].copy_(host_k[pg, h], non_blocking=True)
+        ws_v[s, :, h, :].copy_(host_v[pg, h], non_blocking=True)
+    torch.cuda.current_stream(ws_k.device).synchronize()
+
+
+def pieces_from_selection(recall_slot: torch.Tensor, recall_page: torch.Tensor, n_recall: torch.Tensor | None,
+                          req_to_token: torch.Tensor, req_pool_idx: torch.Tensor, *, page_size: int, slot_base: int,
+                          select_slot0: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat piece list from the residency update (torch ops, no host sync, graph-safe).
+
+    Args:
+        recall_slot, recall_page: int ``[B, Hkv, k]`` from :func:`.select.select_and_diff`
+            (selected-slot index in ``[0, k)`` and logical page; ``-1`` = none).
+        n_recall: int ``[B, Hkv]`` (unused: the ``-1`` padding already marks the end).
+        req_to_token: int32 ``[R+1, max_ctx]``; req_pool_idx: int ``[B]``.
+        page_size: ``P``; slot_base: slots per request row in the working set (row ``r``
+            owns slots ``[r * slot_base, (r+1) * slot_base)``); select_slot0: first
+            selected slot within a row (``layout.n_sink``).
+    Returns:
+        ``(host_page, dst_slot, head)`` int32 ``[B * Hkv * k]``, ``-1`` for unused entries:
+        ``dst_slot = req_pool_idx[b] * slot_base + select_slot0 + recall_slot``,
+        ``host_page = req_to_token[req_pool_idx[b], recall_page * P] // P``.
+    """
+    del n_recall
+    b, hkv, k = recall_slot.shape
+    valid = recall_slot >= 0
+    rows = req_pool_idx.long().view(b, 1, 1).expand(b, hkv, k)
+    page = torch.where(valid, recall_page.long(), torch.zeros_like(recall_page, dtype=torch.long))
+    tok = req_to_token[rows, page * page_size].long()
+    neg = torch.full_like(tok, -1)
+    host_page = torch.where(valid, tok // page_size, neg)
+    dst_slot = torch.where(valid, rows * slot_base + select_slot0 + recall_slot.long(), neg)
+    heads = torch.arange(hkv, device=recall_slot.device).view(1, hkv, 1).expand(b, hkv, k)
+    head = torch.where(valid, heads, neg)
+    return tuple(x.reshape(-1).to(torch.int32) for x in (host_page, dst_slot, head))
