@@ -76,9 +76,13 @@ def base_argv(tiny_model) -> list[str]:
     return ["--model-path", tiny_model, "--device", "cpu", "--random-seed", "0"]
 
 
-def run_python(args: list[str], env_extra: dict | None = None, timeout: int = 180,
-               cwd: str | None = None) -> subprocess.CompletedProcess:
-    """Run ``python ARGS`` in a fresh interpreter (outside the repo root)."""
+def _run_python(args: list[str], env_extra: dict | None = None, timeout: int = 180,
+                cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` in a fresh interpreter, outside the repo root.
+
+    (With the repo root on ``sys.path``, ``import kernels`` would find this
+    repo's ``kernels/`` folder instead of the Hugging Face package.)
+    """
     env = dict(os.environ)
     env.pop("SGLANG_FREEKV_CONFIG", None)
     env.update(env_extra or {})
@@ -86,3 +90,9 @@ def run_python(args: list[str], env_extra: dict | None = None, timeout: int = 18
         [sys.executable, *args], capture_output=True, text=True, timeout=timeout,
         env=env, cwd=cwd or tempfile.gettempdir(),
     )
+
+
+@pytest.fixture(scope="session")
+def run_python():
+    """``run_python(args, env_extra=None, timeout=180)``: a subprocess ``python ARGS``."""
+    return _run_python
