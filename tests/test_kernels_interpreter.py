@@ -1,0 +1,239 @@
+"""The Triton kernels under Triton's CPU interpreter, against their torch references.
+
+Whether a ``@triton.jit`` function is interpreted is decided when it is *defined*, from
+``TRITON_INTERPRET``. Other tests of the same pytest process may already have imported the
+kernel modules compiled-mode, so this module re-runs itself in a fresh interpreter with
+``TRITON_INTERPRET=1`` (one parent test; the child's pytest report is shown on failure).
+Run the child directly with ``TRITON_INTERPRET=1 pytest tests/test_kernels_interpreter.py``.
+
+The "host" tensors are plain CPU tensors here: pinned memory and UVA need a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+CHILD = os.environ.get("TRITON_INTERPRET") == "1"
+
+if not CHILD:
+
+    def test_triton_kernels_under_interpreter():
+        pytest.importorskip("triton")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        env.pop("SGLANG_FREEKV_CONFIG", None)
+        r = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+            env=env, capture_output=True, text=True, timeout=900, cwd=tempfile.gettempdir(),
+        )
+        assert r.returncode == 0, f"interpreter run failed:\n{r.stdout[-8000:]}\n{r.stderr[-4000:]}"
+        assert " passed" in r.stdout
+
+else:
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    def _import_kernels():
+        try:
+            import freekv_sglang.kernels as k
+            return k
+        except ImportError:
+            root = Path(__file__).resolve().parents[1]
+            sys.path.insert(0, str(root))
+            spec = importlib.util.spec_from_file_location(
+                "freekv_sglang.kernels", root / "kernels" / "__init__.py",
+                submodule_search_locations=[str(root / "kernels")])
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules["freekv_sglang.kernels"] = mod
+            spec.loader.exec_module(mod)
+            return mod
+
+    K = _import_kernels()
+    from freekv_sglang.algorithm import WorkingSetLayout, page_digests  # noqa: E402
+    from freekv_sglang.algorithm.selection import topk_pages  # noqa: E402
+
+    DTYPES = (torch.bfloat16, torch.float16)
+
+    def _g(seed):
+        return torch.Generator().manual_seed(seed)
+
+    def _randn(g, *shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    def test_interpreter_is_on():
+        from freekv_sglang.kernels.common import interpreter_forced
+        from freekv_sglang.kernels import kv_store
+        assert interpreter_forced()
+        assert type(kv_store._store_kv_host_kernel).__name__ == "InterpretedFunction"
+        t = torch.zeros(3)
+        assert K.kernel_arg(t) is t
+
+    # ----------------------------------------------------------------------------- store
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("p,hkv,d", [(8, 1, 64), (16, 3, 128), (32, 2, 16)])
+    def test_store(dtype, p, hkv, d):
+        g = _g(11)
+        n_pages, t, hq = 6, 37, 2 * hkv
+        qkv = _randn(g, t, hq + 2 * hkv, d, dtype=dtype)
+        k, v = qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]  # strided views, as after the QKV projection
+        loc = torch.randperm(n_pages * p, generator=g)[:t]
+        loc[5::9] = -1
+        hk = torch.full((n_pages, hkv, p, d), float("nan"), dtype=dtype)
+        hv = hk.clone()
+        rk, rv = hk.clone(), hv.clone()
+        K.store_kv_host(hk, hv, k, v, loc, impl="triton")
+        K.store_kv_host(rk, rv, k, v, loc, impl="torch")
+        assert torch.equal(hk.nan_to_num(5.0), rk.nan_to_num(5.0))
+        assert torch.equal(hv.nan_to_num(5.0), rv.nan_to_num(5.0))
+        assert int((~hk.isnan()).sum()) == int((loc >= 0).sum()) * hkv * d
+
+    # --------------------------------------------------------------------------- digests
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("p,hkv,d", [(8, 2, 64), (32, 3, 128), (256, 1, 16)])
+    def test_digests(dtype, p, hkv, d):
+        g = _g(12)
+        n_slots = 5
+        ws = _randn(g, n_slots, p, hkv, d, dtype=dtype)
+        src = ws.view(-1, hkv, d)
+        row0 = torch.tensor([0, 3 * p, -1, 2 * p, 4 * p], dtype=torch.int32)
+        dst = torch.tensor([6, 0, 3, 2, 5], dtype=torch.int64)
+        dig = torch.full((8, hkv, 2, d), float("nan"), dtype=dtype)
+        ref = dig.clone()
+        K.page_digests_from_rows(src, row0, dst, dig, page_size=p, impl="triton")
+        K.page_digests_from_rows(src, row0, dst, ref, page_size=p, impl="torch")
+        assert torch.equal(dig.nan_to_num(3.0), ref.nan_to_num(3.0))
+        assert dig[[1, 3, 4, 7]].isnan().all() and not dig[[0, 2, 5, 6]].isnan().any()
+        assert torch.equal(dig[0], page_digests(ws[3:4].view(-1, hkv, d), p)[0])
+
+    # ---------------------------------------------------------------------------- scores
+    def _score_inputs(g, dtype, hkv, grp, d, p, b, max_ctx):
+        n_host = 48
+        keys = _randn(g, n_host * p, hkv, d, dtype=dtype)
+        dig = page_digests(keys, p).contiguous()
+        r2t = torch.randint(0, n_host * p, (b + 2, max_ctx), generator=g, dtype=torch.int32)
+        rpi = torch.randperm(b + 2, generator=g)[:b]
+        n_ctx = torch.randint(1, max_ctx + 1, (b,), generator=g, dtype=torch.int32)
+        n_ctx[0] = max_ctx
+        qkv = _randn(g, b, hkv * grp + 2 * hkv, d, dtype=dtype)
+        q = qkv[:, : hkv * grp]  # strided rows
+        return q, dig, r2t, rpi, n_ctx
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("agg", ["mean", "max", "softmax-mean"])
+    @pytest.mark.parametrize("grp,d", [(1, 64), (3, 64), (4, 128), (7, 64)])
+    def test_scores(dtype, agg, grp, d):
+        g = _g(13)
+        p, hkv, b = 8, 2, 3
+        max_ctx = 50 * p  # max_pages = 50: not a multiple of the page block
+        q, dig, r2t, rpi, n_ctx = _score_inputs(g, dtype, hkv, grp, d, p, b, max_ctx)
+        hm = torch.tensor([[True, False], [True, True], [False, True]])
+        for mask in (None, hm):
+            out = torch.full((b, hkv, 50), float("nan"))
+            ref = out.clone()
+            kw = dict(page_size=p, n_sink=2, n_window=3, aggregation=agg)
+            K.score_pages(q, dig, r2t, rpi, n_ctx, mask, out, impl="triton", block_n=16, **kw)
+            K.score_pages(q, dig, r2t, rpi, n_ctx, mask, ref, impl="torch", **kw)
+            assert not out.isnan().any()
+            assert torch.equal(torch.isinf(out), torch.isinf(ref))
+            fin = torch.isfinite(ref)
+            assert fin.any()
+            torch.testing.assert_close(out[fin], ref[fin], rtol=1e-5, atol=1e-5 * ref[fin].abs().max().item())
+
+    # ---------------------------------------------------------------------------- select
+    @pytest.mark.parametrize("np_,k", [(40, 8), (5, 8), (64, 32), (30, 12), (20, 20)])
+    def test_select(np_, k):
+        g = _g(14)
+        b, hkv = 2, 3
+        s0 = torch.randn(b, hkv, np_, generator=g)
+        s1 = s0 + 0.6 * torch.randn(b, hkv, np_, generator=g)
+        s1[torch.rand(s1.shape, generator=g) < 0.25] = float("-inf")
+        s1[0, 2] = float("-inf")
+        res = topk_pages(s0, k)[..., torch.randperm(k, generator=g)]
+        res[1, 0, :3] = -1
+        hm = torch.rand(b, hkv, generator=g) < 0.5
+        for mask in (None, hm):
+            a = K.select_and_diff(s1, res, mask, k, impl="triton")
+            r = K.select_and_diff(s1, res, mask, k, impl="torch")
+            for x, y in zip(a, r):
+                assert torch.equal(x, y)
+        # in place into an int32 resident buffer
+        res32 = res.to(torch.int32)
+        a = K.select_and_diff(s1, res32, hm, k, resident_out=res32, impl="triton")
+        r = K.select_and_diff_reference(s1, res, hm, k)
+        assert a.resident is res32 and torch.equal(res32.long(), r.resident)
+
+    # ---------------------------------------------------------------------------- recall
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("p,hkv,d,nprog", [(8, 3, 64, 2), (32, 2, 128, 64), (256, 1, 16, 1), (16, 8, 32, 5)])
+    def test_recall_gather(dtype, p, hkv, d, nprog):
+        g = _g(15)
+        n_pages, n_slots, n = 9, 7, 12
+        hk = _randn(g, n_pages, hkv, p, d, dtype=dtype)
+        hv = _randn(g, n_pages, hkv, p, d, dtype=dtype)
+        wk = torch.full((n_slots, p, hkv, d), float("nan"), dtype=dtype)
+        wv = wk.clone()
+        rk, rv = wk.clone(), wv.clone()
+        n = min(n, n_slots * hkv)
+        pairs = torch.randperm(n_slots * hkv, generator=g)[:n]
+        slot, head = (pairs // hkv), (pairs % hkv)
+        page = torch.randint(0, n_pages, (n,), generator=g)
+        slot[1::4] = -1
+        K.recall_gather(hk, hv, wk, wv, page, slot, head, num_programs=nprog, impl="triton")
+        K.recall_gather(hk, hv, rk, rv, page, slot, head, impl="torch")
+        assert torch.equal(wk.nan_to_num(2.0), rk.nan_to_num(2.0))
+        assert torch.equal(wv.nan_to_num(2.0), rv.nan_to_num(2.0))
+        assert int((~wk.isnan()).sum()) == int((slot >= 0).sum()) * p * d
+
+    def test_recall_from_selection():
+        """select -> pieces -> gather moves exactly the missing pages into their slots."""
+        g = _g(16)
+        lay = WorkingSetLayout(8, 2, 4, 2)
+        p, hkv, d, b = 8, 2, 16, 2
+        max_ctx, n_host = 160, 64
+        r2t = torch.randperm(n_host * p, generator=g)[: 3 * max_ctx].view(3, max_ctx).int()
+        rpi = torch.tensor([2, 0])
+        hk = _randn(g, n_host, hkv, p, d, dtype=torch.bfloat16)
+        hv = _randn(g, n_host, hkv, p, d, dtype=torch.bfloat16)
+        scores = torch.randn(b, hkv, max_ctx // p, generator=g)
+        res = torch.full((b, hkv, lay.n_select), -1, dtype=torch.long)
+        upd = K.select_and_diff(scores, res, None, lay.n_select, impl="triton")
+        pieces = K.pieces_from_selection(upd.recall_slot, upd.recall_page, upd.n_recall, r2t, rpi, page_size=p,
+                                         slot_base=lay.slots, select_slot0=lay.n_sink)
+        wk = torch.full((3 * lay.slots, p, hkv, d), float("nan"), dtype=torch.bfloat16)
+        wv = wk.clone()
+        K.recall_gather(hk, hv, wk, wv, *pieces, impl="triton")
+        for i in range(b):
+            r = int(rpi[i])
+            for h in range(hkv):
+                for j in range(lay.n_select):
+                    pg = int(upd.resident[i, h, j])
+                    hp = int(r2t[r, pg * p]) // p
+                    assert torch.equal(wk[r * lay.slots + lay.n_sink + j, :, h], hk[hp, h])
+                    assert torch.equal(wv[r * lay.slots + lay.n_sink + j, :, h], hv[hp, h])
+
+    # ------------------------------------------------------------------------ page table
+    @pytest.mark.parametrize("lay", [WorkingSetLayout(8, 3, 4, 3), WorkingSetLayout(32, 16, 32, 16),
+                                     WorkingSetLayout(16, 0, 2, 2)])
+    def test_page_table(lay):
+        g = _g(17)
+        p = lay.page_size
+        seq = torch.cat([torch.tensor([1, p, p + 1, lay.slots * p, lay.slots * p + 1]),
+                         torch.randint(1, 100 * p, (6,), generator=g)]).int()
+        b = len(seq)
+        rpi = torch.randperm(b + 2, generator=g)[:b].int()
+        outs = []
+        for impl in ("triton", "torch"):
+            ip = torch.full((b + 1,), -9, dtype=torch.int32)
+            ix = torch.full((b * lay.slots + 3,), -9, dtype=torch.int32)
+            lp = torch.full((b,), -9, dtype=torch.int32)
+            K.build_page_table(seq, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots + 1, impl=impl)
+            outs.append((ip, ix, lp))
+        for x, y in zip(*outs):
+            assert torch.equal(x, y)
+        assert (outs[0][1][int(outs[0][0][-1]):] == -9).all()
