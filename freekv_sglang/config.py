@@ -120,7 +120,8 @@ def _parse_enabled(value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FreeKVConfig:
-    """Effective FreeKV settings (all token counts are per request and per KV head).
+    """Effective FreeKV settings (token counts are per request and layer; each KV
+    head selects its own pages within ``select_tokens``).
 
     Attributes:
         enabled: ``--kv-retrieval freekv``.
@@ -232,7 +233,7 @@ class FreeKVConfig:
 
     @property
     def pages_per_request(self) -> int:
-        """GPU working-set pages per request and KV head (sink + selected + window)."""
+        """GPU working-set page slots per (request, layer): sink + selected + window."""
         return self.n_sink_pages + self.n_select_pages + self.n_window_pages
 
     @property

@@ -30,11 +30,11 @@ from freekv_sglang.server_config import (
     LOG_PREFIX,
     announce,
     clear_exported_config,
+    emit,
     finalize_server_args,
     prepare_values,
 )
 
-logger = logging.getLogger("freekv_sglang")
 
 _version_checked = False
 _runtime_installed = False
@@ -127,6 +127,5 @@ def _runtime_failure(err: BaseException) -> NoReturn:
         f"{ENV_VAR}) but its runtime could not be installed: {err!r}. "
         "Refusing to run without it."
     )
-    logger.error("%s %s\n%s", LOG_PREFIX, msg, tb)
-    print(f"{LOG_PREFIX} {tb}", file=sys.stderr, flush=True)
+    emit(logging.ERROR, f"{msg}\n{tb}")
     raise SystemExit(f"{LOG_PREFIX} {msg}")

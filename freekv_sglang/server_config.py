@@ -258,15 +258,19 @@ def announce(cfg: FreeKVConfig, notes: list[str]) -> None:
     when the ``freekv_sglang`` logger has nowhere to go the lines are printed
     to stderr instead.
     """
-    lines = [(logging.INFO, cfg.summary())]
-    lines += [(logging.INFO, "override: " + n) for n in notes]
-    lines += [(logging.WARNING, "WARNING: " + w) for w in cfg.warnings()]
-    visible = logging.getLogger().hasHandlers() and logger.isEnabledFor(logging.INFO)
-    for level, text in lines:
-        if visible:
-            logger.log(level, "%s %s", LOG_PREFIX, text)
-        else:
-            print(f"{LOG_PREFIX} {text}", file=sys.stderr, flush=True)
+    emit(logging.INFO, cfg.summary())
+    for note in notes:
+        emit(logging.INFO, "override: " + note)
+    for warning in cfg.warnings():
+        emit(logging.WARNING, "WARNING: " + warning)
+
+
+def emit(level: int, text: str) -> None:
+    """Log ``text`` with the FreeKV prefix, or print it to stderr if logging would drop it."""
+    if logging.getLogger().hasHandlers() and logger.isEnabledFor(level):
+        logger.log(level, "%s %s", LOG_PREFIX, text)
+    else:
+        print(f"{LOG_PREFIX} {text}", file=sys.stderr, flush=True)
 
 
 def split_freekv_kwargs(kwargs: MutableMapping[str, Any]) -> dict[str, Any]:

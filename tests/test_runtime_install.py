@@ -55,13 +55,13 @@ def test_register_installs_only_in_child_processes(fake_runtime, monkeypatch):
     assert len(fake_runtime) == 1
 
 
-def test_missing_runtime_is_fatal(monkeypatch, capsys):
+def test_missing_runtime_is_fatal(monkeypatch, capsys, caplog):
     monkeypatch.setitem(sys.modules, INTEGRATION, None)  # import fails
     monkeypatch.setenv(ENV_VAR, FreeKVConfig(enabled=True, host_memory_gb=1).to_json())
     with pytest.raises(SystemExit) as exc:
         plugin.install_runtime_if_requested()
     assert "runtime could not be installed" in str(exc.value.code)
-    assert "Traceback" in capsys.readouterr().err
+    assert "Traceback" in capsys.readouterr().err + caplog.text  # stderr or the log
 
 
 def test_failing_runtime_is_fatal(monkeypatch):
