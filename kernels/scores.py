@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from freekv_sglang.algorithm.layout import WorkingSetLayout
 from freekv_sglang.algorithm.scores import AGGREGATIONS, aggregate_gqa, quest_scores
 
 from .common import (check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced, next_pow2, tl, triton,
@@ -89,8 +88,16 @@ if triton is not None:
 
 
 def _candidates(n_ctx: torch.Tensor, max_pages: int, page_size: int, n_sink: int, n_window: int) -> torch.Tensor:
-    # exactly WorkingSetLayout.candidate_mask (n_select plays no part in it)
-    return WorkingSetLayout(page_size, n_sink, 1, n_window).candidate_mask(n_ctx.long(), max_pages)
+    """Bool ``[B, max_pages]``, equal to ``WorkingSetLayout.candidate_mask(n_ctx, max_pages)``.
+
+    Written with ``clamp`` (Python scalars as kernel arguments) because the layout's
+    ``_maximum`` builds a device scalar with ``torch.as_tensor``: a blocking H2D copy that
+    breaks CUDA-graph capture.
+    """
+    n = n_ctx.long()
+    ws = torch.clamp((n + page_size - 1) // page_size - n_window, min=n_sink)
+    p = torch.arange(max_pages, device=n.device)
+    return (p >= n_sink) & (p < ws[..., None])
 
 
 def score_pages_reference(q, digests, req_to_token, req_pool_idx, n_ctx, head_mask, out, *, page_size, n_sink,
