@@ -1,0 +1,90 @@
+"""SGLang attention backend ``freekv``.
+
+Prefill is SGLang's own FlashInfer ragged prefill (dense, on the GPU); the pool writes the
+prompt's K/V into the host tier and the runtime builds digests and seeds working sets.
+Decode runs :meth:`FreeKVRuntime.decode_layer` per layer: the new token goes to the host
+tier and the window page, correction, FlashInfer paged decode (page size P) over the
+working set, then the speculative selection and recall for the next step on a side stream.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+from .pool import FreeKVTokenToKVPool
+
+logger = logging.getLogger(__name__)
+
+
+class FreeKVAttnBackend(FlashInferAttnBackend):
+    """FlashInfer prefill + FreeKV sparse decode over host-backed working sets."""
+
+    def __init__(self, model_runner):
+        super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
+        pool = model_runner.token_to_kv_pool
+        if not isinstance(pool, FreeKVTokenToKVPool) or pool.runtime is None:
+            raise RuntimeError(
+                "the freekv attention backend needs the FreeKV KV pool, but the model runner has "
+                f"{type(pool).__name__}; start the server with --kv-retrieval freekv instead of "
+                "--attention-backend freekv")
+        if model_runner.sliding_window_size is not None:
+            raise NotImplementedError("FreeKV does not support sliding-window attention models yet")
+        self.runtime = pool.runtime
+        self.start_layer = pool.start_layer
+        self.last_layer = pool.start_layer + self.runtime.shape.n_layers - 1
+
+    # ------------------------------------------------------------------ planning
+    def init_forward_metadata(self, forward_batch):
+        mode = forward_batch.forward_mode
+        if mode.is_decode_or_idle():
+            if forward_batch.batch_size > 0:
+                self.runtime.plan_decode(forward_batch.req_pool_indices, forward_batch.seq_lens,
+                                         forward_batch.seq_lens_cpu)
+            return
+        if mode.is_target_verify() or mode.is_draft_extend():
+            raise NotImplementedError("FreeKV does not support speculative decoding yet")
+        if forward_batch.extend_prefix_lens_cpu is not None and any(forward_batch.extend_prefix_lens_cpu):
+            raise NotImplementedError(
+                "FreeKV prefill with a cached prefix (chunked prefill or prefix cache) is not supported yet; "
+                "the plugin disables both, so something re-enabled them")
+        super().init_forward_metadata(forward_batch)
+        if not (self.forward_metadata.use_ragged and self.forward_metadata.extend_no_prefix):
+            raise NotImplementedError(
+                "FreeKV prefill needs FlashInfer's ragged prefill without prefix (no piecewise prefill CUDA "
+                "graph, no SGLANG_FLASHINFER_USE_PAGED, no deterministic inference)")
+
+    def init_cuda_graph_state(self, *args, **kwargs):
+        raise NotImplementedError("FreeKV decode does not run under CUDA graphs yet: use --disable-cuda-graph")
+
+    # ------------------------------------------------------------------ forward
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if layer.logit_cap and layer.logit_cap > 0:
+            raise NotImplementedError("FreeKV does not support attention logit soft-capping yet")
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if save_kv_cache:
+            self.runtime.prefill_layer(
+                layer.layer_id - self.start_layer,
+                q.view(-1, layer.tp_q_head_num, layer.head_dim),
+                k.view(-1, layer.tp_k_head_num, layer.head_dim),
+                forward_batch.req_pool_indices.long(),
+                list(forward_batch.extend_seq_lens_cpu),
+                forward_batch.out_cache_loc,
+            )
+        return o
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if not save_kv_cache:
+            raise NotImplementedError("FreeKV decode always stores the new token's KV")
+        o = self.runtime.decode_layer(
+            layer.layer_id - self.start_layer,
+            q.view(-1, layer.tp_q_head_num, layer.head_dim),
+            k.view(-1, layer.tp_k_head_num, layer.head_dim),
+            v.view(-1, layer.tp_v_head_num, layer.head_dim),
+            forward_batch.out_cache_loc,
+            layer.scaling,
+        )
+        if layer.layer_id == self.last_layer:
+            self.runtime.finish_decode_step()
+        return o.view(-1, layer.tp_q_head_num * layer.head_dim)

@@ -1,0 +1,320 @@
+"""FreeKV's per-process runtime: host tier, GPU working sets, and the per-layer steps.
+
+One :class:`FreeKVRuntime` serves one model replica (one TP rank). It owns
+
+* the host tier (:class:`~.host_store.HostKVStore`, pinned HND pages indexed by SGLang's
+  token slots: ``loc // P`` is the page);
+* per layer, the GPU working sets ``ws[l, 0|1]``: ``[(R + 1) * S, P, Hkv, D]`` NHD page
+  slots, ``S`` slots per request row (``R`` request rows, row 0 is the padding row);
+  request row ``r`` owns slots ``[r * S, (r + 1) * S)`` in every layer, laid out as
+  :class:`~freekv_sglang.algorithm.layout.WorkingSetLayout` says, so **one page table
+  serves all layers** and every KV head finds its own selected page in the same slot;
+* per layer, page digests ``[n_pages, Hkv, 2, D]`` indexed by host page;
+* per (layer, row): the resident selected page of each KV head ``[Hkv, n_select]``, the
+  previous step's query and whether it is valid.
+
+The per-layer methods mirror :class:`freekv_sglang.algorithm.reference.LayerState` for a
+batch of requests and use the kernels of :mod:`freekv_sglang.kernels` (plain-torch
+references on CPU). Nothing in :meth:`decode_layer` reads device values on the host.
+
+Lifecycle: all per-row state is re-initialised by the prefill of the request that takes
+the row, so a reused row never sees stale state; host pages are SGLang's token slots and
+are released by SGLang's own allocator when a request finishes or is aborted; digests are
+indexed by host page and rewritten when the page is written again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from freekv_sglang.algorithm.correction import correction_flags
+from freekv_sglang.algorithm.layout import WorkingSetLayout
+from freekv_sglang.kernels.digests import page_digests_from_rows
+from freekv_sglang.kernels.kv_store import store_kv_host
+from freekv_sglang.kernels.page_table import build_page_table, last_page_len_host, page_table_indptr_host
+from freekv_sglang.kernels.recall import pieces_from_selection, recall_gather, recall_per_page, recall_staged
+from freekv_sglang.kernels.scores import score_pages
+from freekv_sglang.kernels.select import select_and_diff
+
+from .attention import WorkingSetAttention
+from .host_store import HostKVStore
+from .sizing import ModelShape
+
+logger = logging.getLogger(__name__)
+
+RECALL_STRATEGIES = ("gather", "staged", "per-page", "skip")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Algorithm and data-path choices of the runtime."""
+
+    layout: WorkingSetLayout
+    gqa_aggregation: str = "mean"
+    correction_threshold: float | None = 0.9
+    speculative: bool = True
+    recall: str = "gather"
+
+    def __post_init__(self):
+        if self.recall not in RECALL_STRATEGIES:
+            raise ValueError(f"unknown recall strategy {self.recall!r}; choose one of {RECALL_STRATEGIES}")
+
+
+@dataclass
+class DecodeStep:
+    """Per-step tensors shared by all layers (built once per decode step by :meth:`plan_decode`)."""
+
+    rows: torch.Tensor  # int64 [B] request rows
+    n: torch.Tensor  # int64 [B] history length incl. the new token
+    n_next: torch.Tensor  # int64 [B] n + 1: the context the speculative selection is for
+    cur_slot: torch.Tensor  # int64 [B] absolute working-set slot of the current page
+    cur_off: torch.Tensor  # int64 [B] offset of the new token inside it
+    digest_row0: torch.Tensor  # int64 [B] first row (in the slot-row view) of a just-completed page, -1 if none
+    page_table: tuple  # (kv_indptr_host, kv_indices, kv_last_page_len) for the sparse decode
+
+
+class FreeKVRuntime:
+    """Host tier + GPU working sets + the prefill/decode steps of FreeKV.
+
+    Args:
+        shape: local attention shape.
+        settings: algorithm/data-path settings.
+        n_host_pages: host pages incl. the padding page 0 (SGLang's token capacity / P + 1).
+        max_rows: request rows ``R`` (SGLang's ``req_to_token_pool.size``); rows ``0..R`` exist.
+        req_to_token: int32 ``[R + 1, max_ctx]`` SGLang's row -> token-slot map (shared, not copied).
+        max_batch: largest decode batch (fixed scratch sizes for CUDA graphs).
+        device: torch device of the working sets.
+        workspace: FlashInfer workspace buffer to share (CUDA only; a new one if None).
+    """
+
+    def __init__(self, shape: ModelShape, settings: RuntimeSettings, n_host_pages: int, max_rows: int,
+                 req_to_token: torch.Tensor, max_batch: int, device: torch.device | str,
+                 workspace: torch.Tensor | None = None):
+        self.shape = shape
+        self.settings = settings
+        self.layout = lay = settings.layout
+        self.device = torch.device(device)
+        self.is_cuda = self.device.type == "cuda"
+        self.req_to_token = req_to_token
+        self.max_rows = max_rows
+        self.max_batch = max_batch
+        self.max_pages = -(-req_to_token.shape[1] // lay.page_size)
+        L, hq, hkv, d, dt = shape.n_layers, shape.n_q_heads, shape.n_kv_heads, shape.head_dim, shape.dtype
+        P, S = lay.page_size, lay.slots
+
+        self.host = HostKVStore(L, n_host_pages, hkv, P, d, dt, pin=self.is_cuda)
+        dev = self.device
+        self.ws = torch.zeros((L, 2, (max_rows + 1) * S, P, hkv, d), dtype=dt, device=dev)
+        self.digests = torch.zeros((L, n_host_pages, hkv, 2, d), dtype=dt, device=dev)
+        self.resident = torch.full((L, max_rows + 1, hkv, lay.n_select), -1, dtype=torch.int64, device=dev)
+        self.q_prev = torch.zeros((L, max_rows + 1, hq, d), dtype=dt, device=dev)
+        self.q_valid = torch.zeros((L, max_rows + 1), dtype=torch.bool, device=dev)
+        # score scratch: one for the correction on the compute stream, one for the side stream
+        self.scores_main = torch.empty((max_batch, hkv, self.max_pages), dtype=torch.float32, device=dev)
+        self.scores_side = torch.empty_like(self.scores_main)
+        self.kv_indices = torch.zeros(max_batch * S, dtype=torch.int32, device=dev)
+        self.kv_indptr = torch.zeros(max_batch + 1, dtype=torch.int32, device=dev)
+        self.kv_last_page_len = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        self.head_ids = torch.arange(hkv, device=dev)
+
+        self.side_stream = torch.cuda.Stream(device=dev) if self.is_cuda and settings.speculative else None
+        self.attn_done = [torch.cuda.Event() for _ in range(L)] if self.side_stream is not None else None
+        self.step: DecodeStep | None = None
+        self.attention = WorkingSetAttention(self.device, max_batch, S, workspace=workspace)
+        self.stats = {"recall_pieces": None}
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def gpu_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ws, self.digests, self.resident, self.q_prev,
+                                                           self.q_valid, self.scores_main, self.scores_side))
+
+    def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k, v)`` working-set page slots of one layer, ``[(R+1)*S, P, Hkv, D]`` each (NHD)."""
+        return self.ws[layer, 0], self.ws[layer, 1]
+
+    # ------------------------------------------------------------------ writes
+    def store_tokens(self, layer: int, k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor) -> None:
+        """Write new tokens ``k, v [T, Hkv, D]`` at token slots ``loc [T]`` into the host tier."""
+        store_kv_host(self.host.k(layer), self.host.v(layer), k, v, loc)
+
+    # ------------------------------------------------------------------ recall
+    def _recall(self, layer: int, host_page: torch.Tensor, dst_slot: torch.Tensor, head: torch.Tensor) -> None:
+        how = self.settings.recall
+        if how == "skip":
+            return
+        hk, hv = self.host.k(layer), self.host.v(layer)
+        wk, wv = self.layer_slots(layer)
+        if how == "gather" or not self.is_cuda:
+            recall_gather(hk, hv, wk, wv, host_page, dst_slot, head)
+        elif how == "staged":
+            recall_staged(hk, hv, wk, wv, host_page, dst_slot, head)
+        else:
+            recall_per_page(hk, hv, wk, wv, host_page, dst_slot, head)
+
+    def _select_and_recall(self, layer: int, q: torch.Tensor, rows: torch.Tensor, n_ctx: torch.Tensor,
+                           head_mask: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        """Select with ``q [B,Hq,D]`` over the candidates of ``n_ctx``, update residency, recall.
+
+        Returns the number of recalled pieces per (request, head), int64 ``[B, Hkv]``.
+        """
+        lay = self.layout
+        b = q.shape[0]
+        out = scores[:b]
+        score_pages(q, self.digests[layer], self.req_to_token, rows, n_ctx, head_mask, out,
+                    page_size=lay.page_size, n_sink=lay.n_sink, n_window=lay.n_window,
+                    aggregation=self.settings.gqa_aggregation)
+        res = self.resident[layer, rows]
+        new_res, r_slot, r_page, n_rec = select_and_diff(out, res, head_mask, lay.n_select)
+        self.resident[layer, rows] = new_res
+        host_page, dst_slot, head = pieces_from_selection(
+            r_slot, r_page, n_rec, self.req_to_token, rows,
+            page_size=lay.page_size, slot_base=lay.slots, select_slot0=lay.n_sink)
+        self._recall(layer, host_page, dst_slot, head)
+        return n_rec
+
+    # ------------------------------------------------------------------ prefill
+    def prefill_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
+                      prompt_lens: list[int], out_cache_loc: torch.Tensor) -> None:
+        """After a dense prefill of whole prompts (no cached prefix), for one layer.
+
+        The prompt's K/V must already be in the host tier (:meth:`store_tokens`). Builds the
+        digests of the full pages, then seeds each request's working set for its first decode
+        step: sink and window pages, plus the pages selected with the last prompt token's
+        query. Marks the rows as having no previous query.
+
+        Args:
+            q: ``[T, Hq, D]`` post-RoPE queries; k: ``[T, Hkv, D]`` post-RoPE keys (requests
+                back to back, ``prompt_lens`` tokens each).
+            rows: int64 ``[B]`` request rows (device).
+            prompt_lens: the ``B`` prompt lengths (host ints).
+            out_cache_loc: ``[T]`` token slots of the prompt tokens (device).
+        """
+        lay = self.layout
+        P = lay.page_size
+        dev = self.device
+        starts, acc = [], 0
+        for n0 in prompt_lens:
+            starts.append(acc)
+            acc += n0
+        # 1. digests of every full page, from the fresh keys
+        row0 = [s + p * P for s, n0 in zip(starts, prompt_lens) for p in range(n0 // P)]
+        if row0:
+            row0_t = torch.tensor(row0, dtype=torch.int64).to(dev, non_blocking=True)
+            dst = out_cache_loc[row0_t].long() // P
+            page_digests_from_rows(k, row0_t, dst, self.digests[layer], page_size=P)
+        # 2. sink + window pages of the first decode step's layout (pages that hold prompt tokens)
+        rr, pages, slots = [], [], []
+        for i, n0 in enumerate(prompt_lens):
+            n1 = n0 + 1
+            have = -(-n0 // P)
+            sel = list(range(lay.n_sink_pages(n1))) + [p for p in range(lay.window_start(n1), lay.n_pages(n1))
+                                                         if p < have]
+            for p in sel:
+                rr.append(i)
+                pages.append(p)
+                slots.append(p if p < lay.n_sink else lay.window_slot(p))
+        if rr:
+            idx = torch.tensor([rr, pages, slots], dtype=torch.int64).to(dev, non_blocking=True)
+            r = rows[idx[0]]
+            host_page = self.req_to_token[r, idx[1] * P].long() // P
+            dst_slot = r * lay.slots + idx[2]
+            hkv = self.shape.n_kv_heads
+            self._recall(layer, host_page.repeat_interleave(hkv), dst_slot.repeat_interleave(hkv),
+                         self.head_ids.repeat(len(rr)))
+        # 3. selected pages, chosen with the last prompt token's query for context n0 + 1
+        last = torch.tensor([s + n0 - 1 for s, n0 in zip(starts, prompt_lens)], dtype=torch.int64)
+        q_last = q[last.to(dev, non_blocking=True)]
+        n1 = torch.tensor([n0 + 1 for n0 in prompt_lens], dtype=torch.int64).to(dev, non_blocking=True)
+        self.resident[layer, rows] = -1
+        for i in range(0, len(prompt_lens), self.max_batch):
+            sl = slice(i, i + self.max_batch)
+            self._select_and_recall(layer, q_last[sl], rows[sl], n1[sl], None, self.scores_main)
+        self.q_valid[layer, rows] = False
+
+    # ------------------------------------------------------------------ decode
+    def plan_decode(self, rows: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor) -> DecodeStep:
+        """Per-step metadata for a decode batch (call once per step, outside CUDA graphs).
+
+        Args:
+            rows: int ``[B]`` request rows (device); seq_lens: int ``[B]`` history incl. the new
+            token (device); seq_lens_cpu: the same on the host.
+        """
+        lay = self.layout
+        P = lay.page_size
+        b = rows.shape[0]
+        rows = rows.long()
+        n = seq_lens.long()
+        cur_slot = rows * lay.slots + lay.current_slot(n)
+        complete = (n % P) == 0
+        digest_row0 = torch.where(complete, cur_slot * P, torch.full_like(cur_slot, -1))
+        indptr_host = page_table_indptr_host(seq_lens_cpu, lay)
+        build_page_table(n, rows, self.kv_indptr[: b + 1], self.kv_indices, self.kv_last_page_len[:b],
+                         layout=lay, slot_base=lay.slots)
+        sh = self.shape
+        self.attention.plan(indptr_host, self.kv_indices, last_page_len_host(seq_lens_cpu, lay), num_qo_heads=sh.n_q_heads,
+                            num_kv_heads=sh.n_kv_heads, head_dim=sh.head_dim, page_size=P, dtype=sh.dtype)
+        self.step = DecodeStep(rows, n, n + 1, cur_slot, (n - 1) % P, digest_row0,
+                               (indptr_host, self.kv_indices, self.kv_last_page_len[:b]))
+        return self.step
+
+    def decode_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     loc: torch.Tensor, scale: float) -> torch.Tensor:
+        """One layer of one decode step (after :meth:`plan_decode`).
+
+        Args:
+            q: ``[B, Hq, D]`` post-RoPE queries; k, v: ``[B, Hkv, D]`` the new token's K/V;
+            loc: ``[B]`` its token slots; scale: softmax scale.
+        Returns:
+            ``[B, Hq, D]`` attention output (dtype of q).
+        """
+        st, lay, cfg = self.step, self.layout, self.settings
+        hkv = self.shape.n_kv_heads
+        # 1. the new token: host tier and current window page
+        self.store_tokens(layer, k, v, loc)
+        wk, wv = self.layer_slots(layer)
+        wk[st.cur_slot, st.cur_off] = k.to(wk.dtype)
+        wv[st.cur_slot, st.cur_off] = v.to(wv.dtype)
+        # 2. a page that just became full gets its digest
+        page_digests_from_rows(wk.view(-1, hkv, self.shape.head_dim), st.digest_row0, loc.long() // lay.page_size,
+                               self.digests[layer], page_size=lay.page_size)
+        # 3. heads that must be reselected with the current query before attention
+        if cfg.speculative:
+            flags = correction_flags(q, self.q_prev[layer, st.rows], self.q_valid[layer, st.rows], hkv,
+                                     cfg.correction_threshold)
+        else:
+            flags = torch.ones((q.shape[0], hkv), dtype=torch.bool, device=q.device)
+        self._select_and_recall(layer, q, st.rows, st.n, flags, self.scores_main)
+        # 4. attention over the working set (sink + selected + window)
+        o = self.attention(layer, q, wk, wv, scale)
+        # 5. remember the query; speculative selection + recall for the next step
+        self.q_prev[layer, st.rows] = q.to(self.q_prev.dtype)
+        self.q_valid[layer, st.rows] = True
+        self.last_flags = flags
+        if cfg.speculative:
+            if self.side_stream is not None:
+                ev = self.attn_done[layer]
+                ev.record()
+                with torch.cuda.stream(self.side_stream):
+                    self.side_stream.wait_event(ev)
+                    self._select_and_recall(layer, self.q_prev[layer, st.rows], st.rows, st.n_next, None,
+                                            self.scores_side)
+            else:
+                self._select_and_recall(layer, q, st.rows, st.n_next, None, self.scores_side)
+        return o
+
+    def finish_decode_step(self) -> None:
+        """Join the side stream (call after the last layer of a decode step)."""
+        if self.side_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
+
+    def close(self):
+        self.host.close()
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,141 @@
+"""Wires the FreeKV runtime into an SGLang scheduler process (hooks only).
+
+Installed by :func:`freekv_sglang.plugin.register` in scheduler processes when FreeKV is
+requested:
+
+* ``KVCacheConfigurator._resolve_memory_pool_config`` (around): SGLang's token capacity
+  becomes the host tier's capacity; running requests are bounded by GPU working sets;
+* ``KVCacheConfigurator._build_token_to_kv_pool`` (around): the FreeKV pool and runtime;
+* attention backend ``freekv``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from freekv_sglang import compat
+
+logger = logging.getLogger(__name__)
+
+_PLAN = None  # MemoryPlan of this process (one model replica per scheduler process)
+
+
+def _freekv_config(server_args):
+    cfg = getattr(server_args, "_freekv", None)
+    if cfg is None:
+        from freekv_sglang.config import FreeKVConfig
+
+        cfg = FreeKVConfig.from_env()
+    return cfg if cfg is not None and cfg.enabled else None
+
+
+def _model_shape(configurator):
+    from sglang.srt.runtime_context import get_parallel
+
+    from .sizing import ModelShape
+
+    mc = configurator.model_config
+    tp = get_parallel().attn_tp_size
+    return ModelShape(
+        n_layers=configurator.layer_info.num_effective_layers,
+        n_q_heads=mc.num_attention_heads // tp,
+        n_kv_heads=mc.get_num_kv_heads(tp),
+        head_dim=mc.head_dim,
+        dtype=configurator.kv_cache_dtype,
+    )
+
+
+def _settings(cfg):
+    from freekv_sglang.algorithm.layout import WorkingSetLayout
+
+    from .engine import RuntimeSettings
+
+    layout = WorkingSetLayout.from_tokens(cfg.page_size, cfg.sink_tokens, cfg.select_tokens, cfg.window_tokens)
+    recall = cfg.effective_recall
+    return RuntimeSettings(layout=layout, gqa_aggregation=cfg.gqa_aggregation,
+                           correction_threshold=cfg.correction_threshold, speculative=cfg.speculative,
+                           recall=recall)
+
+
+def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
+    cfg = _freekv_config(self.server_args)
+    if cfg is None or self.is_draft_worker:
+        return orig(self, pre_model_load_memory)
+    global _PLAN
+    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+    from sglang.srt.runtime_context import get_schedule
+
+    from freekv_sglang.config import resolve_host_memory_bytes
+
+    from .sizing import plan_memory
+
+    sched = get_schedule()
+    gpu_bytes = self._profile_available_bytes(pre_model_load_memory)
+    _PLAN = plan_memory(_model_shape(self), _settings(cfg).layout, resolve_host_memory_bytes(cfg), gpu_bytes,
+                        self.model_config.context_len, sched.max_total_tokens, sched.max_running_requests)
+    logger.info(_PLAN.summary())
+    return MemoryPoolConfig(max_total_num_tokens=_PLAN.host_tokens,
+                            max_running_requests=_PLAN.max_running_requests,
+                            mem_fraction_static=sched.mem_fraction_static)
+
+
+def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, req_to_token_pool):
+    cfg = _freekv_config(self.server_args)
+    if cfg is None or self.is_draft_worker:
+        return orig(self, sizes=sizes, is_dsa_model=is_dsa_model, is_dsv4_model=is_dsv4_model,
+                    req_to_token_pool=req_to_token_pool)
+    if self.use_mla_backend or is_dsa_model or is_dsv4_model or self.is_hybrid_swa:
+        raise NotImplementedError("FreeKV supports dense multi-head / grouped-query attention models only")
+    from sglang.srt.runtime_context import get_buffer, get_exec
+    from sglang.srt.utils.common import get_available_gpu_memory
+
+    from .engine import FreeKVRuntime
+    from .pool import FreeKVTokenToKVPool
+
+    shape = _model_shape(self)
+    pool = FreeKVTokenToKVPool(
+        sizes.max_total_num_tokens,
+        page_size=self.pool_page_size,
+        dtype=self.kv_cache_dtype,
+        head_num=shape.n_kv_heads,
+        head_dim=shape.head_dim,
+        layer_num=shape.n_layers,
+        device=self.device,
+        enable_memory_saver=get_exec().features.enable_memory_saver,
+        start_layer=self.layer_info.start_layer,
+        end_layer=self.layer_info.end_layer,
+    )
+    from sglang.srt.environ import envs
+
+    workspace = get_buffer("flashinfer_workspace", lambda: torch.empty(
+        envs.SGLANG_FLASHINFER_WORKSPACE_SIZE.get(), dtype=torch.uint8, device=self.device))
+    rows = req_to_token_pool.size
+    runtime = FreeKVRuntime(shape, _settings(cfg), n_host_pages=sizes.max_total_num_tokens // cfg.page_size + 1,
+                            max_rows=rows, req_to_token=req_to_token_pool.req_to_token, max_batch=rows,
+                            device=torch.device(self.device, self.gpu_id) if self.device == "cuda" else self.device,
+                            workspace=workspace)
+    pool.runtime = runtime
+    logger.info("FreeKV runtime ready: %d request rows x %d layers, working sets + digests %.2f GiB GPU, "
+                "host tier %.2f GiB pinned; %s; avail GPU mem %.2f GB", rows, shape.n_layers,
+                runtime.gpu_bytes / 2**30, runtime.host.nbytes / 2**30, cfg.summary(),
+                get_available_gpu_memory(self.device, self.gpu_id))
+    return pool
+
+
+def _create_backend(runner):
+    from .backend import FreeKVAttnBackend
+
+    return FreeKVAttnBackend(runner)
+
+
+def install_runtime_hooks(cfg) -> None:
+    """Register the pool/sizing hooks and the ``freekv`` attention backend (scheduler processes)."""
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    register_attention_backend("freekv")(_create_backend)
+    HookRegistry.register(compat.KV_CONFIGURATOR_RESOLVE_POOL_CONFIG, _resolve_memory_pool_config, HookType.AROUND)
+    HookRegistry.register(compat.KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL, _build_token_to_kv_pool, HookType.AROUND)
+    logger.info("FreeKV runtime hooks installed")

@@ -1,0 +1,135 @@
+"""Start a stock ``sglang.launch_server`` in a subprocess, talk to it, stop it.
+
+Used by the GPU end-to-end tests and the benchmarks: they run the server exactly the way
+a user would (``python -m sglang.launch_server ... --kv-retrieval freekv``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _get(url: str, timeout: float) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+@dataclass
+class Server:
+    """A running ``sglang.launch_server`` process."""
+
+    args: list[str]
+    port: int = 30000
+    log_path: str = "server.log"
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    ready_after: float | None = None
+    env: dict = field(default_factory=dict)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 300.0) -> "Server":
+        cmd = [sys.executable, "-m", "sglang.launch_server", *self.args, "--host", "127.0.0.1", "--port",
+               str(self.port)]
+        self.log = open(self.log_path, "w")
+        self.log.write("$ " + " ".join(cmd) + "\n")
+        self.log.flush()
+        self.started = time.time()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **self.env})
+        deadline = self.started + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before becoming healthy; "
+                                   f"see {self.log_path}:\n{self.tail()}")
+            try:
+                if _get(self.base + "/health", 2)[0] == 200:
+                    self.ready_after = time.time() - self.started
+                    return self
+            except OSError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {timeout:.0f}s; see {self.log_path}:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=60)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # ------------------------------------------------------------------ requests
+    def generate(self, input_ids: list[int], max_new_tokens: int, timeout: float = 600.0, **sampling) -> dict:
+        params = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True, **sampling}
+        return _post(self.base + "/generate", {"input_ids": input_ids, "sampling_params": params}, timeout)
+
+    def generate_many(self, prompts: list[list[int]], max_new_tokens: int, timeout: float = 900.0) -> list[dict]:
+        """Send all prompts at once (concurrently), return the responses in order."""
+        with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as ex:
+            futs = [ex.submit(self.generate, p, max_new_tokens, timeout) for p in prompts]
+            return [f.result() for f in futs]
+
+    def completion(self, prompt: list[int] | str, max_tokens: int, timeout: float = 600.0) -> dict:
+        body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True}
+        return _post(self.base + "/v1/completions", body, timeout)
+
+    def server_info(self) -> dict:
+        code, text = _get(self.base + "/get_server_info", 10)
+        return json.loads(text) if code == 200 and text else {}
+
+
+def output_ids(resp: dict) -> list[int]:
+    """Generated token ids of a ``/generate`` response."""
+    if "output_ids" in resp:
+        return list(resp["output_ids"])
+    return list(resp.get("meta_info", {}).get("output_ids", []))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

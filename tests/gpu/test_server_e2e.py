@@ -1,0 +1,119 @@
+"""End to end on a GPU: stock ``python -m sglang.launch_server`` with ``--kv-retrieval freekv``.
+
+Model: a Llama-3.1-8B-shaped config with dummy weights (``FREEKV_TEST_MODEL``, default
+``.gpu-bundle/models/llama-8b-shape``). Server logs go to ``$OUT`` (or a temp dir).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+
+import pytest
+
+from freekv_sglang.serving import Server, common_prefix, output_ids
+
+MODEL = os.environ.get("FREEKV_TEST_MODEL", ".gpu-bundle/models/llama-8b-shape")
+QWEN = os.environ.get("FREEKV_TEST_MODEL_QWEN", ".gpu-bundle/models/qwen2.5-7b-shape")
+LOGDIR = os.environ.get("OUT") or tempfile.mkdtemp(prefix="freekv-e2e-")
+HOST_GB = os.environ.get("FREEKV_TEST_HOST_GB", "40")
+VOCAB = 49152
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(MODEL), reason=f"test model folder {MODEL} not found")
+
+
+def prompts(lengths, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(100, VOCAB - 100) for _ in range(n)] for n in lengths]
+
+
+def server(name, *extra, port=30011, model=MODEL):
+    args = ["--model-path", model, "--load-format", "dummy", "--trust-remote-code", *extra]
+    return Server(args, port=port, log_path=os.path.join(LOGDIR, f"server-{name}.log"))
+
+
+def freekv_args(*extra):
+    return ["--kv-retrieval", "freekv", "--freekv-host-memory-gb", HOST_GB, *extra]
+
+
+def dense_args(*extra):
+    return ["--attention-backend", "flashinfer", "--disable-cuda-graph", "--disable-radix-cache",
+            "--disable-overlap-schedule", "--page-size", "32", *extra]
+
+
+@pytest.mark.parametrize("model", [MODEL, QWEN], ids=["llama8b-shape", "qwen7b-shape"])
+def test_budget_covers_context_matches_dense(model):
+    """Budget >= context: FreeKV's greedy tokens equal dense SGLang's, for a batch of prompts."""
+    if not os.path.isdir(model):
+        pytest.skip(f"{model} not found")
+    ps = prompts([300, 1000, 2500, 77, 3900], seed=1)
+    new = 32
+    with server("dense-small", *dense_args(), model=model) as s:
+        want = [output_ids(r) for r in s.generate_many(ps, new)]
+    with server("freekv-covering", *freekv_args("--freekv-select-tokens", "8192"), model=model) as s:
+        got = [output_ids(r) for r in s.generate_many(ps, new)]
+    matches = [common_prefix(a, b) for a, b in zip(got, want)]
+    print(f"{model}: matching prefix per prompt {matches} of {new}")
+    assert all(len(g) == new for g in got)
+    assert matches == [new] * len(ps)
+
+
+def test_long_concurrent_generate_and_completions_with_abort():
+    """8 concurrent 32K-token prompts x 256 tokens via /generate and /v1/completions; abort half midway."""
+    import threading
+
+    import urllib.request
+
+    ps = prompts([32000] * 8, seed=2)
+    new = 256
+    with server("freekv-32k", *freekv_args("--max-running-requests", "16")) as s:
+        t0 = time.time()
+        res = s.generate_many(ps[:4], new, timeout=1200)
+        assert all(len(output_ids(r)) == new for r in res)
+        comp = s.completion(ps[4], 64, timeout=1200)
+        assert comp["choices"][0]["text"] is not None
+        assert comp["usage"]["completion_tokens"] == 64
+        print(f"4 x 32K x {new} via /generate + 1 completion in {time.time() - t0:.1f}s")
+
+        # aborts: start 4 long generations, abort them after a few seconds
+        results = {}
+
+        def run(i):
+            try:
+                results[i] = s.generate(ps[i], 4096, timeout=1200)
+            except Exception as e:  # noqa: BLE001 - aborted requests may end with an error body
+                results[i] = {"error": repr(e)}
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4, 8)]
+        for t in threads:
+            t.start()
+        time.sleep(20)
+        req = urllib.request.Request(s.base + "/abort_request", data=b'{"abort_all": true}',
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=30).read()
+        for t in threads:
+            t.join(timeout=300)
+        assert len(results) == 4
+        assert s.proc.poll() is None
+        # every host page came back: all 8 prompts (256K tokens) fit again at once
+        t1 = time.time()
+        again = s.generate_many(ps, 8, timeout=1200)
+        assert all(len(output_ids(r)) == 8 for r in again)
+        print(f"after abort: 8 x 32K prompts admitted and finished in {time.time() - t1:.1f}s")
+
+
+def test_prompt_longer_than_dense_pool():
+    """A 120K-token prompt that the dense pool at a small static fraction cannot hold is served by FreeKV."""
+    p = prompts([120000], seed=3)
+    frac = "0.35"
+    with server("dense-120k", *dense_args("--mem-fraction-static", frac)) as s:
+        info = s.server_info()
+        dense_cap = info.get("max_total_num_tokens")
+        print("dense capacity at mem fraction", frac, "=", dense_cap)
+    if dense_cap is not None:
+        assert dense_cap < 120000
+    with server("freekv-120k", *freekv_args("--mem-fraction-static", frac)) as s:
+        r = s.generate(p[0], 16, timeout=900)
+        assert len(output_ids(r)) == 16
