@@ -37,6 +37,9 @@ KV_CONFIGURATOR_RESOLVE_POOL_CONFIG = (
     "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
     "._resolve_memory_pool_config"
 )
+KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL = (
+    "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool"
+)
 MODEL_RUNNER_FORWARD_RAW = "sglang.srt.model_executor.model_runner.ModelRunner._forward_raw"
 RELEASE_KV_CACHE = "sglang.srt.mem_cache.common.release_kv_cache"
 
