@@ -16,7 +16,7 @@ Entries with ``dst_slot < 0`` are skipped. Three strategies, same result:
 * :func:`recall_per_page`: the ArkVale-style baseline, one synchronous copy per piece
   straight into the (strided) slot, then a stream sync. Eager only.
 
-:func:`pieces_from_selection` turns the selection outputs into a flat piece list.
+:func:`pieces_from_selection` turns the selection outputs into a flat, compacted piece list.
 """
 
 from __future__ import annotations
@@ -222,30 +222,36 @@ def recall_per_page(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
 def pieces_from_selection(recall_slot: torch.Tensor, recall_page: torch.Tensor, n_recall: torch.Tensor | None,
                           req_to_token: torch.Tensor, req_pool_idx: torch.Tensor, *, page_size: int, slot_base: int,
                           select_slot0: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat piece list from the residency update (torch ops, no host sync, graph-safe).
+    """Flat, compacted piece list from the residency update (torch ops, no host sync, graph-safe).
 
     Args:
         recall_slot, recall_page: int ``[B, Hkv, k]`` from :func:`.select.select_and_diff`
             (selected-slot index in ``[0, k)`` and logical page; ``-1`` = none).
-        n_recall: int ``[B, Hkv]`` (unused: the ``-1`` padding already marks the end).
+        n_recall: int ``[B, Hkv]`` (unused: the ``-1`` padding already marks the pairs).
         req_to_token: int32 ``[R+1, max_ctx]``; req_pool_idx: int ``[B]``.
         page_size: ``P``; slot_base: slots per request row in the working set (row ``r``
             owns slots ``[r * slot_base, (r+1) * slot_base)``); select_slot0: first
             selected slot within a row (``layout.n_sink``).
     Returns:
-        ``(host_page, dst_slot, head)`` int32 ``[B * Hkv * k]``, ``-1`` for unused entries:
-        ``dst_slot = req_pool_idx[b] * slot_base + select_slot0 + recall_slot``,
-        ``host_page = req_to_token[req_pool_idx[b], recall_page * P] // P``.
+        ``(host_page, dst_slot, head)`` int32 ``[B * Hkv * k]``: the valid pieces first, in
+        ``(b, h, t)`` order, then ``-1`` entries (compacting spreads the work evenly over
+        the gather kernel's programs), with
+        ``dst_slot = req_pool_idx[b] * slot_base + select_slot0 + recall_slot[b, h, t]``,
+        ``host_page = req_to_token[req_pool_idx[b], recall_page[b, h, t] * P] // P``,
+        ``head = h``.
     """
     del n_recall
     b, hkv, k = recall_slot.shape
+    n = b * hkv * k
     valid = recall_slot >= 0
     rows = req_pool_idx.long().view(b, 1, 1).expand(b, hkv, k)
     page = torch.where(valid, recall_page.long(), torch.zeros_like(recall_page, dtype=torch.long))
     tok = req_to_token[rows, page * page_size].long()
-    neg = torch.full_like(tok, -1)
-    host_page = torch.where(valid, tok // page_size, neg)
-    dst_slot = torch.where(valid, rows * slot_base + select_slot0 + recall_slot.long(), neg)
     heads = torch.arange(hkv, device=recall_slot.device).view(1, hkv, 1).expand(b, hkv, k)
-    head = torch.where(valid, heads, neg)
-    return tuple(x.reshape(-1).to(torch.int32) for x in (host_page, dst_slot, head))
+    vals = torch.stack([tok // page_size, rows * slot_base + select_slot0 + recall_slot.long(), heads]).view(3, n)
+    vflat = valid.reshape(n)
+    dest = torch.where(vflat, torch.cumsum(vflat, 0) - 1, torch.full_like(vflat, n, dtype=torch.long))
+    out = torch.full((3, n + 1), -1, dtype=torch.long, device=recall_slot.device)
+    out.scatter_(1, dest.view(1, n).expand(3, n), torch.where(vflat, vals, -1))
+    out = out[:, :n].to(torch.int32)
+    return out[0], out[1], out[2]

@@ -42,13 +42,18 @@ from freekv_sglang.kernels import digests, kv_store, page_table, recall, scores,
 TY = {"bf16": "*bf16", "fp16": "*fp16"}
 
 
-def _compile(fn, sig: dict, constexprs: dict, num_warps=4):
+def _compile(fn, sig: dict, constexprs: dict, num_warps=4, div16=()):
+    """Lower ``fn`` for sm_90. Like the JIT at run time, pointer arguments (and the integer
+    arguments named in ``div16``, e.g. strides that are multiples of 16) carry the
+    ``tt.divisibility=16`` hint that enables vectorised accesses."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
     signature = {n: ("constexpr" if n in constexprs else sig[n]) for n in names}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in constexprs and (sig[n].startswith("*") or n in div16)}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     try:
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     except RuntimeError as e:  # pragma: no cover - toolchain missing (no ptxas)
@@ -65,7 +70,8 @@ def test_compile_store(dt, p, d):
     t = TY[dt]
     sig = dict(k_ptr=t, v_ptr=t, loc_ptr="*i64", hk_ptr=t, hv_ptr=t, T="i32", stride_kt="i32", stride_kh="i32",
                stride_vt="i32", stride_vh="i32")
-    _compile(kv_store._store_kv_host_kernel, sig, dict(HKV=8, PAGE=p, D=d, BLOCK_T=32))
+    _compile(kv_store._store_kv_host_kernel, sig, dict(HKV=8, PAGE=p, D=d, BLOCK_T=32),
+             div16=("stride_kt", "stride_kh", "stride_vt", "stride_vh"))
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
@@ -73,28 +79,30 @@ def test_compile_store(dt, p, d):
 def test_compile_digests(dt, p, d):
     t = TY[dt]
     sig = dict(src_ptr=t, row0_ptr="*i32", dst_ptr="*i64", dig_ptr=t, R="i32", stride_sr="i32", stride_sh="i32")
-    _compile(digests._page_digests_kernel, sig, dict(HKV=8, PAGE=p, D=d, BLOCK_P=min(p, 4096 // d)))
+    _compile(digests._page_digests_kernel, sig, dict(HKV=8, PAGE=p, D=d, BLOCK_P=min(p, 4096 // d)),
+             div16=("stride_sr", "stride_sh"))
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
 @pytest.mark.parametrize("agg", [0, 1, 2])
-@pytest.mark.parametrize("g,d", [(4, 128), (7, 64), (1, 128)])
-def test_compile_scores(dt, agg, g, d):
+@pytest.mark.parametrize("g,d,has_mask", [(4, 128, True), (7, 64, False), (1, 128, True)])
+def test_compile_scores(dt, agg, g, d, has_mask):
     t = TY[dt]
     sig = dict(q_ptr=t, dig_ptr=t, r2t_ptr="*i32", rpi_ptr="*i64", nctx_ptr="*i32", hmask_ptr="*u8",
                out_ptr="*fp32", stride_qb="i32", stride_qh="i32", stride_r2t="i32", stride_ob="i32",
                stride_oh="i32", max_pages="i32", n_sink="i32", n_window="i32")
     k = _compile(scores._score_pages_kernel, sig,
-                 dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=64, AGG=agg, HAS_MASK=True, F32_DOT=False))
+                 dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=64, AGG=agg, HAS_MASK=has_mask, F32_DOT=False),
+                 div16=("stride_qb", "stride_qh", "stride_r2t", "stride_ob", "stride_oh"))
     # the bound is computed on tensor cores (wgmma/mma), not unrolled scalar FMAs
     assert "mma" in k.asm["ptx"]
 
 
-@pytest.mark.parametrize("k,kb", [(32, 32), (12, 16), (64, 64), (128, 128)])
-def test_compile_residency(k, kb):
+@pytest.mark.parametrize("k,kb,has_mask", [(32, 32, True), (12, 16, False), (64, 64, True), (128, 128, False)])
+def test_compile_residency(k, kb, has_mask):
     sig = dict(val_ptr="*fp32", idx_ptr="*i64", res_ptr="*i64", hmask_ptr="*u8", newres_ptr="*i32",
                rslot_ptr="*i64", rpage_ptr="*i64", nrec_ptr="*i64")
-    _compile(select._residency_kernel, sig, dict(K=k, KB=kb, HAS_MASK=True), num_warps=4 if kb <= 64 else 8)
+    _compile(select._residency_kernel, sig, dict(K=k, KB=kb, HAS_MASK=has_mask), num_warps=4 if kb <= 64 else 8)
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
@@ -104,7 +112,8 @@ def test_compile_recall(dt, p, d):
     sig = dict(src_k=t, src_v=t, dst_k=t, dst_v=t, page_ptr="*i32", slot_ptr="*i32", head_ptr="*i32",
                n_rows="i32", n_iters="i32", n_programs="i32", src_page_stride="i64", src_head_stride="i32",
                dst_slot_stride="i32", dst_row_stride="i32")
-    _compile(recall._recall_rows_kernel, sig, dict(PAGE=p, D=d, BLOCK_R=min(8192 // d, 256), ITERS=0))
+    _compile(recall._recall_rows_kernel, sig, dict(PAGE=p, D=d, BLOCK_R=min(8192 // d, 256), ITERS=0),
+             div16=("src_page_stride", "src_head_stride", "dst_slot_stride", "dst_row_stride"))
 
 
 @pytest.mark.parametrize("p,bb,bs", [(32, 64, 64), (8, 1, 16), (256, 512, 128)])

@@ -263,17 +263,15 @@ def test_pieces_from_selection():
     page = torch.where(pos < n_rec[..., None], page, -1)
     hp, ds, hd = K.pieces_from_selection(slot, page, n_rec, r2t, rpi, page_size=p, slot_base=17, select_slot0=3)
     assert hp.shape == ds.shape == hd.shape == (b * hkv * k,)
-    i = 0
+    assert hp.dtype == ds.dtype == hd.dtype == torch.int32
+    exp = []
     for bb in range(b):
         for h in range(hkv):
-            for j in range(k):
-                if j < n_rec[bb, h]:
-                    assert int(ds[i]) == int(rpi[bb]) * 17 + 3 + int(slot[bb, h, j])
-                    assert int(hp[i]) == int(r2t[rpi[bb], page[bb, h, j] * p]) // p
-                    assert int(hd[i]) == h
-                else:
-                    assert int(ds[i]) == int(hp[i]) == int(hd[i]) == -1
-                i += 1
+            for j in range(int(n_rec[bb, h])):
+                exp.append((int(r2t[rpi[bb], page[bb, h, j] * p]) // p, int(rpi[bb]) * 17 + 3 + int(slot[bb, h, j]), h))
+    got = list(zip(hp.tolist(), ds.tolist(), hd.tolist()))
+    assert got[:len(exp)] == exp  # valid pieces first, in (b, h, t) order
+    assert all(x == (-1, -1, -1) for x in got[len(exp):])
 
 
 # ---------------------------------------------------------------------------------- page table
