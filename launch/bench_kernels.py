@@ -1,0 +1,500 @@
+#!/usr/bin/env python
+"""Benchmark of the FreeKV data-path kernels on one GPU (a few minutes).
+
+Sections (each guarded: an error is printed and recorded, the rest still runs; the JSON
+file is rewritten after every section):
+
+* ``ceilings``    bulk pinned H2D / D2H copies (256 MiB) and an HBM device copy (1 GiB);
+* ``recall``      ``recall_gather`` / ``recall_staged`` / ``recall_per_page`` GB/s on
+                  Llama-3.1-8B-shaped work (Hkv=8, D=128, P=32, 32 pages per head), batch
+                  1/8/32, all pages missing and ~15% missing, vs the H2D ceiling; a sweep of
+                  the gather's persistent grid size;
+* ``overlap``     SMs held by the gather (grid vs SM count) and the slowdown of a concurrent
+                  8192^3 bf16 matmul on another stream;
+* ``offload``     ``store_kv_host`` for a 32K-token prefill layer vs the D2H ceiling, and a
+                  decode-sized store;
+* ``scores``      ``score_pages`` (+ ``select_and_diff``) at 32K / 128K contexts, batch 1/8,
+                  vs reading the digests at the measured HBM speed;
+* ``decode``      ``SparseDecode`` over a 2048-token working set vs FlashInfer dense paged
+                  decode over 32K tokens (page size 1 and 32), batch 1/8/32, 32 q / 8 kv heads.
+
+Timings: ``triton.testing.do_bench`` medians (it flushes L2 before every call); "graph"
+figures replay the op captured in a CUDA graph (GPU time without Python launch cost);
+host-synchronising recalls are timed wall-clock around a device sync.
+
+Usage: ``python launch/bench_kernels.py --json bench_kernels.json [--sections a,b] [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def _import_kernels():
+    try:
+        import freekv_sglang.kernels as k
+        return k
+    except ImportError:
+        root = Path(__file__).resolve().parents[1]
+        sys.path.insert(0, str(root))
+        spec = importlib.util.spec_from_file_location(
+            "freekv_sglang.kernels", root / "kernels" / "__init__.py", submodule_search_locations=[str(root / "kernels")])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["freekv_sglang.kernels"] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+K = _import_kernels()
+from freekv_sglang.algorithm import WorkingSetLayout  # noqa: E402
+from freekv_sglang.kernels import recall as recall_mod  # noqa: E402
+
+MIB = 2**20
+DEV = torch.device("cuda")
+BF16 = torch.bfloat16
+# Llama-3.1-8B shape
+HQ, HKV, D, P, NSEL = 32, 8, 128, 32, 32
+LAYOUT = WorkingSetLayout(P, 16, NSEL, 16)  # 2048 tokens: 16 sink + 32 selected + 16 window pages
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def bench_ms(fn, warmup=10, rep=50) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def wall_ms(fn, reps=3, warmup=1) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graph_ms(fn, warmup=5, rep=40) -> float:
+    """GPU time of ``fn`` captured in a CUDA graph (one call per replay, L2 flushed between)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench_ms(g.replay, warmup=warmup, rep=rep)
+
+
+class Runner:
+    def __init__(self, json_path: str | None):
+        self.json_path = json_path
+        self.results: dict = {}
+        self.rows: list[tuple] = []
+        self.state: dict = {}  # shared between sections (ceilings, recall buffers)
+
+    def save(self):
+        if not self.json_path:
+            return
+        tmp = self.json_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.results, f, indent=1, default=str)
+        os.replace(tmp, self.json_path)
+
+    def row(self, section, item, value, unit="", note=""):
+        self.rows.append((section, item, value, unit, note))
+        v = f"{value:.4g}" if isinstance(value, float) else str(value)
+        print(f"  [{section}] {item}: {v} {unit} {note}".rstrip(), flush=True)
+
+    def section(self, name, fn, *args):
+        print(f"== {name}", flush=True)
+        t0 = time.time()
+        out: dict = {}
+        self.results[name] = out
+        try:
+            fn(self, out, *args)
+        except Exception as e:  # keep going: one failing section must not lose the others
+            traceback.print_exc()
+            out["error"] = f"{type(e).__name__}: {e}"
+            self.row(name, "ERROR", f"{type(e).__name__}: {str(e)[:100]}")
+        out["seconds"] = round(time.time() - t0, 2)
+        self.save()
+        try:
+            torch.cuda.synchronize()
+        except Exception:
+            pass
+        torch.cuda.empty_cache()
+
+    def table(self):
+        print("\n" + "=" * 110)
+        print(f"{'section':<9} {'metric':<58} {'value':>12} {'unit':<8} note")
+        print("-" * 110)
+        for sec, item, value, unit, note in self.rows:
+            v = f"{value:12.4g}" if isinstance(value, float) else f"{str(value):>12}"
+            print(f"{sec:<9} {item:<58} {v} {unit:<8} {note}")
+        print("=" * 110)
+
+
+# ------------------------------------------------------------------------------------------
+def sec_info(r: Runner, out: dict):
+    import triton
+    try:
+        import flashinfer
+        fi = getattr(flashinfer, "__version__", "?")
+    except Exception as e:  # noqa: BLE001
+        fi = f"unavailable ({type(e).__name__})"
+    props = torch.cuda.get_device_properties(DEV)
+    out.update(device=torch.cuda.get_device_name(), sm_count=props.multi_processor_count,
+               memory_gib=round(props.total_memory / 2**30, 1), l2_mib=round(getattr(props, "L2_cache_size", 0) / MIB, 1),
+               torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__, flashinfer=fi,
+               gather_default_programs=recall_mod.DEFAULT_NUM_PROGRAMS)
+    for k, v in out.items():
+        r.row("info", k, v)
+
+
+def sec_ceilings(r: Runner, out: dict):
+    n = 256 * MIB
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    host.fill_(7)
+    dev = torch.empty(n, dtype=torch.uint8, device=DEV)
+    out["h2d_gbps"] = gbps(n, bench_ms(lambda: dev.copy_(host, non_blocking=True)))
+    out["d2h_gbps"] = gbps(n, bench_ms(lambda: host.copy_(dev, non_blocking=True)))
+    a = torch.empty(4 * n, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    out["hbm_copy_gbps"] = gbps(2 * a.numel(), bench_ms(lambda: b.copy_(a)))  # read + write bytes
+    r.row("ceiling", "pinned H2D copy 256 MiB", out["h2d_gbps"], "GB/s")
+    r.row("ceiling", "pinned D2H copy 256 MiB", out["d2h_gbps"], "GB/s")
+    r.row("ceiling", "HBM device copy 1 GiB (read+write bytes)", out["hbm_copy_gbps"], "GB/s")
+    r.state.update(out)
+
+
+def _ceil(r: Runner, key: str) -> float | None:
+    return r.state.get(key)
+
+
+def safe(r: Runner, section: str, what: str, fn):
+    """Run one measurement; on error record it and return None (the section goes on)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        r.row(section, f"{what}: ERROR", f"{type(e).__name__}: {str(e)[:80]}")
+        return None
+
+
+class RecallWork:
+    """Host store (pinned) + working set + piece lists of Llama-8B-shaped recalls."""
+
+    def __init__(self, n_host_pages: int, max_batch: int):
+        self.host_k = torch.empty((n_host_pages, HKV, P, D), dtype=BF16, pin_memory=True)
+        self.host_v = torch.empty((n_host_pages, HKV, P, D), dtype=BF16, pin_memory=True)
+        self.ws_k = torch.empty((max_batch * LAYOUT.slots, P, HKV, D), dtype=BF16, device=DEV)
+        self.ws_v = torch.empty_like(self.ws_k)
+        self.n_host = n_host_pages
+
+    def pieces(self, b: int, frac: float, seed: int = 0):
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        page = torch.randint(1, self.n_host, (b, HKV, NSEL), generator=g, device=DEV)
+        slot = (torch.arange(b, device=DEV) * LAYOUT.slots + LAYOUT.n_sink).view(b, 1, 1) + torch.arange(NSEL, device=DEV)
+        slot = slot.expand(b, HKV, NSEL)
+        head = torch.arange(HKV, device=DEV).view(1, HKV, 1).expand(b, HKV, NSEL)
+        valid = torch.rand((b, HKV, NSEL), generator=g, device=DEV) < frac
+        # compacted like pieces_from_selection: valid pieces first
+        order = torch.argsort((~valid).reshape(-1).to(torch.int8), stable=True)
+        v = valid.reshape(-1)[order]
+        lists = [torch.where(v, x.reshape(-1)[order], -1).int().contiguous() for x in (page, slot, head)]
+        n_valid = int(valid.sum())
+        return lists, n_valid, n_valid * 2 * P * D * 2
+
+    def gather(self, lists, **kw):
+        K.recall_gather(self.host_k, self.host_v, self.ws_k, self.ws_v, *lists, **kw)
+
+    def staged(self, lists):
+        K.recall_staged(self.host_k, self.host_v, self.ws_k, self.ws_v, *lists)
+
+    def per_page(self, lists):
+        K.recall_per_page(self.host_k, self.host_v, self.ws_k, self.ws_v, *lists)
+
+
+def sec_recall(r: Runner, out: dict, quick: bool):
+    work = RecallWork(4096 if quick else 8192, 32)
+    r.state["recall_work"] = work
+    h2d = _ceil(r, "h2d_gbps")
+    batches = (1, 8) if quick else (1, 8, 32)
+    for b in batches:
+        for frac in (1.0, 0.15):
+            lists, n_valid, nbytes = work.pieces(b, frac, seed=b)
+            tag = f"b={b} {'all' if frac == 1.0 else '15%'} missing ({nbytes / MIB:.1f} MiB)"
+            res = {"pieces": n_valid, "bytes": nbytes}
+            t = bench_ms(lambda: work.gather(lists))
+            res["gather_ms"], res["gather_gbps"] = t, gbps(nbytes, t)
+            note = f"{res['gather_gbps'] / h2d:.2f}x H2D" if h2d else ""
+            r.row("recall", f"gather   {tag}", res["gather_gbps"], "GB/s", note)
+            reps = 2 if (b >= 32 and frac == 1.0) else 3
+            for name, fn in (("staged", work.staged), ("per_page", work.per_page)):
+                t = safe(r, "recall", f"{name} {tag}", lambda: wall_ms(lambda: fn(lists), reps=reps))
+                if t is None:
+                    continue
+                res[f"{name}_ms"], res[f"{name}_gbps"] = t, gbps(nbytes, t)
+                r.row("recall", f"{name.replace('_', '-'):<8} {tag}", res[f"{name}_gbps"], "GB/s",
+                      f"{res[f'{name}_gbps'] / h2d:.2f}x H2D" if h2d else "")
+            out[f"b{b}_{'all' if frac == 1.0 else 'p15'}"] = res
+            r.save()
+    # persistent grid sweep
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    for b, frac in ((8, 1.0), (8, 0.15)):
+        lists, n_valid, nbytes = work.pieces(b, frac, seed=100 + b)
+        n_blocks = math.ceil(lists[0].numel() * P / max(1, min(8192 // D, 256)))
+        sweep = {}
+        for nprog in sorted({8, 16, 32, 64, sms, 2 * sms, 8 * sms, n_blocks}):
+            if nprog > n_blocks:
+                continue
+            t = bench_ms(lambda: work.gather(lists, num_programs=nprog))
+            sweep[nprog] = gbps(nbytes, t)
+            r.row("recall", f"gather grid={nprog:<5} b={b} {'all' if frac == 1.0 else '15%'} missing", sweep[nprog],
+                  "GB/s", f"{nprog / sms:.2f} programs/SM")
+        out[f"grid_sweep_b{b}_{'all' if frac == 1.0 else 'p15'}"] = sweep
+    # graph replay (how the runtime launches it)
+    lists, n_valid, nbytes = work.pieces(8, 1.0, seed=7)
+    t = graph_ms(lambda: work.gather(lists))
+    out["gather_graph_b8_all_gbps"] = gbps(nbytes, t)
+    r.row("recall", "gather b=8 all missing, CUDA-graph replay", out["gather_graph_b8_all_gbps"], "GB/s")
+
+
+def sec_overlap(r: Runner, out: dict):
+    work = r.state.get("recall_work") or RecallWork(8192, 32)
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    lists, n_valid, nbytes = work.pieces(32, 1.0, seed=5)
+    n_blocks = math.ceil(lists[0].numel() * P / max(1, min(8192 // D, 256)))
+    a = torch.randn(8192, 8192, device=DEV, dtype=BF16)
+    bm = torch.randn(8192, 8192, device=DEV, dtype=BF16)
+    c = torch.empty_like(a)
+
+    def mm():
+        torch.matmul(a, bm, out=c)
+
+    def timed(stream, fn, n=1):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            e0.record()
+            for _ in range(n):
+                fn()
+            e1.record()
+        return e0, e1
+
+    s_mm, s_g = torch.cuda.Stream(), torch.cuda.Stream()
+    for _ in range(3):
+        mm()
+    torch.cuda.synchronize()
+    alone = []
+    for _ in range(5):
+        e = timed(s_mm, mm)
+        torch.cuda.synchronize()
+        alone.append(e[0].elapsed_time(e[1]))
+    out["matmul_alone_ms"] = statistics.median(alone)
+    r.row("overlap", "8192^3 bf16 matmul alone", out["matmul_alone_ms"], "ms",
+          f"{2 * 8192**3 / out['matmul_alone_ms'] / 1e9:.0f} TFLOP/s")
+    for nprog in sorted({16, recall_mod.DEFAULT_NUM_PROGRAMS, sms, n_blocks}):
+        if nprog > n_blocks:
+            continue
+        n_calls = 3
+        g_alone = bench_ms(lambda: work.gather(lists, num_programs=nprog))
+        mm_t, g_t = [], []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            eg = timed(s_g, lambda: work.gather(lists, num_programs=nprog), n_calls)
+            em = timed(s_mm, mm)
+            torch.cuda.synchronize()
+            mm_t.append(em[0].elapsed_time(em[1]))
+            g_t.append(eg[0].elapsed_time(eg[1]))
+        res = dict(grid=nprog, sm_count=sms, matmul_ms=statistics.median(mm_t),
+                   gather_gbps_alone=gbps(nbytes, g_alone), gather_gbps_concurrent=gbps(n_calls * nbytes, statistics.median(g_t)))
+        res["matmul_slowdown"] = res["matmul_ms"] / out["matmul_alone_ms"] - 1
+        out[f"grid_{nprog}"] = res
+        r.row("overlap", f"gather grid {nprog} ({min(nprog, sms)}/{sms} SMs): matmul slowdown", 100 * res["matmul_slowdown"],
+              "%", f"gather {res['gather_gbps_concurrent']:.1f} GB/s concurrent, {res['gather_gbps_alone']:.1f} alone")
+        r.save()
+
+
+def sec_offload(r: Runner, out: dict):
+    t_tok = 32768
+    g = torch.Generator(device=DEV).manual_seed(0)
+    k = torch.randn((t_tok, HKV, D), generator=g, device=DEV).to(BF16)
+    v = torch.randn((t_tok, HKV, D), generator=g, device=DEV).to(BF16)
+    host_k = torch.empty((t_tok // P + 1, HKV, P, D), dtype=BF16, pin_memory=True)
+    host_v = torch.empty((t_tok // P + 1, HKV, P, D), dtype=BF16, pin_memory=True)
+    loc = torch.arange(t_tok, device=DEV) + P
+    nbytes = 2 * k.numel() * 2
+    t = bench_ms(lambda: K.store_kv_host(host_k, host_v, k, v, loc))
+    out["prefill_32k_ms"], out["prefill_32k_gbps"] = t, gbps(nbytes, t)
+    d2h = _ceil(r, "d2h_gbps")
+    r.row("offload", f"store_kv_host 32K-token layer ({nbytes / MIB:.0f} MiB)", out["prefill_32k_gbps"], "GB/s",
+          f"{out['prefill_32k_gbps'] / d2h:.2f}x D2H" if d2h else "")
+    loc_d = torch.randperm(t_tok, generator=g, device=DEV)[:32] + P
+    t = bench_ms(lambda: K.store_kv_host(host_k, host_v, k[:32], v[:32], loc_d))
+    out["decode_b32_us"] = 1e3 * t
+    r.row("offload", "store_kv_host decode, 32 tokens", out["decode_b32_us"], "us")
+
+
+def sec_scores(r: Runner, out: dict, quick: bool):
+    hbm = _ceil(r, "hbm_copy_gbps")
+    for ctx in ((32768,) if quick else (32768, 131072)):
+        for b in (1, 8):
+            n_pages = ctx // P
+            g = torch.Generator(device=DEV).manual_seed(ctx + b)
+            dig = torch.randn((b * n_pages + 1, HKV, 2, D), generator=g, device=DEV).to(BF16)
+            r2t = (P + torch.arange(b, device=DEV)[:, None] * ctx + torch.arange(ctx, device=DEV)).int()
+            rpi = torch.arange(b, device=DEV)
+            n_ctx = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
+            q = torch.randn((b, HQ, D), generator=g, device=DEV).to(BF16)
+            sc = torch.empty((b, HKV, n_pages), device=DEV)
+            hs = torch.empty((b, HQ, n_pages), device=DEV)
+            kw = dict(page_size=P, n_sink=LAYOUT.n_sink, n_window=LAYOUT.n_window)
+
+            def score(agg="mean"):
+                K.score_pages(q, dig, r2t, rpi, n_ctx, None, sc, aggregation=agg, head_scores=hs, **kw)
+
+            score()
+            resident = K.select_and_diff(sc + 0.1 * torch.randn(sc.shape, generator=g, device=DEV),
+                                         torch.full((b, HKV, NSEL), -1, dtype=torch.long, device=DEV), None, NSEL).resident
+
+            def select():
+                K.select_and_diff(sc, resident, None, NSEL)
+
+            def select_ref():
+                K.select_and_diff_reference(sc, resident, None, NSEL)
+
+            n_cand = n_pages - LAYOUT.n_sink - LAYOUT.n_window
+            dbytes = b * HKV * n_cand * 2 * D * 2
+            res = {"digest_bytes": dbytes}
+            res["ideal_ms"] = dbytes / (hbm * 1e9) * 1e3 if hbm else None
+            nan = float("nan")
+
+            def m(what, fn):
+                v = safe(r, "scores", f"{what} ctx={ctx} b={b}", fn)
+                return nan if v is None else v
+
+            res["score_ms"] = m("score eager", lambda: bench_ms(score))
+            res["score_graph_ms"] = m("score graph", lambda: graph_ms(score))
+            res["score_softmax_graph_ms"] = m("softmax graph", lambda: graph_ms(lambda: score("softmax-mean")))
+            res["score_select_graph_ms"] = m("score+select graph", lambda: graph_ms(lambda: (score(), select())))
+            res["score_select_eager_ms"] = m("score+select eager", lambda: bench_ms(lambda: (score(), select())))
+            res["select_graph_ms"] = m("select graph", lambda: graph_ms(select))
+            res["select_torch_graph_ms"] = m("torch select graph", lambda: graph_ms(select_ref))
+            res["select_torch_eager_ms"] = m("torch select eager", lambda: bench_ms(select_ref))
+            tag = f"ctx={ctx // 1024}K b={b} ({dbytes / MIB:.1f} MiB digests)"
+            ideal = res["ideal_ms"]
+            r.row("scores", f"score_pages mean, graph  {tag}", 1e3 * res["score_graph_ms"], "us",
+                  f"{res['score_graph_ms'] / ideal:.2f}x HBM ideal ({1e3 * ideal:.1f} us)" if ideal else "")
+            r.row("scores", f"score_pages softmax-mean, graph  {tag}", 1e3 * res["score_softmax_graph_ms"], "us")
+            r.row("scores", f"score+select (Triton), graph  {tag}", 1e3 * res["score_select_graph_ms"], "us",
+                  f"eager {1e3 * res['score_select_eager_ms']:.0f} us")
+            r.row("scores", f"select Triton / torch ref, graph  {tag}", 1e3 * res["select_graph_ms"], "us",
+                  f"torch ref {1e3 * res['select_torch_graph_ms']:.0f} us graph, "
+                  f"{1e3 * res['select_torch_eager_ms']:.0f} us eager")
+            out[f"ctx{ctx}_b{b}"] = res
+            r.save()
+            del dig, r2t, hs
+
+
+def sec_decode(r: Runner, out: dict, quick: bool):
+    batches = (1, 8) if quick else (1, 8, 32)
+    ctx = 32768
+    bmax = max(batches)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    kv_k = torch.empty((bmax * ctx, HKV, D), dtype=BF16, device=DEV).normal_(generator=g)
+    kv_v = torch.empty_like(kv_k).normal_(generator=g)
+    ws_k = torch.randn((bmax * LAYOUT.slots, P, HKV, D), generator=g, device=DEV).to(BF16)
+    ws_v = torch.randn_like(ws_k)
+    for b in batches:
+        q = torch.randn((b, HQ, D), generator=g, device=DEV).to(BF16)
+        res = {}
+        # sparse over the working sets (2048 tokens each)
+        seq = torch.full((b,), ctx, dtype=torch.int32)
+        ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
+        ix = torch.empty(b * LAYOUT.slots, dtype=torch.int32, device=DEV)
+        lp = torch.empty(b, dtype=torch.int32, device=DEV)
+        K.build_page_table(seq.to(DEV), torch.arange(b, device=DEV), ip, ix, lp, layout=LAYOUT, slot_base=LAYOUT.slots)
+        sd = K.SparseDecode(DEV)
+        sd.plan(K.page_table_indptr_host(seq, LAYOUT), ix, K.last_page_len_host(seq, LAYOUT), HQ, HKV, D, P, BF16, BF16)
+        res["sparse_ms"] = bench_ms(lambda: sd.run(q, ws_k, ws_v))
+        seq_dev, rows = seq.to(DEV), torch.arange(b, device=DEV)
+        t = safe(r, "decode", "page table graph", lambda: graph_ms(lambda: K.build_page_table(
+            seq_dev, rows, ip, ix, lp, layout=LAYOUT, slot_base=LAYOUT.slots)))
+        res["page_table_graph_us"] = 1e3 * t if t is not None else float("nan")
+        # dense FlashInfer paged decode over the full 32K context
+        for ps in (1, 32):
+            n_pages = b * ctx // ps
+            kc = kv_k[: b * ctx].view(n_pages, ps, HKV, D)
+            vc = kv_v[: b * ctx].view(n_pages, ps, HKV, D)
+            dd = K.SparseDecode(DEV)
+            indptr = (torch.arange(b + 1, dtype=torch.int32) * (ctx // ps))
+            last = torch.full((b,), ps, dtype=torch.int32)
+
+            def dense():
+                dd.plan(indptr, torch.arange(n_pages, dtype=torch.int32, device=DEV), last, HQ, HKV, D, ps, BF16, BF16)
+                return bench_ms(lambda: dd.run(q, kc, vc))
+
+            t = safe(r, "decode", f"dense page {ps} b={b}", dense)
+            res[f"dense_p{ps}_ms"] = float("nan") if t is None else t
+            del dd
+        out[f"b{b}"] = res
+        r.row("decode", f"SparseDecode 2048-token working set, b={b}", 1e3 * res["sparse_ms"], "us",
+              f"page table build {res['page_table_graph_us']:.1f} us (graph)")
+        for ps in (1, 32):
+            r.row("decode", f"dense FlashInfer decode 32K tokens, page {ps}, b={b}", 1e3 * res[f"dense_p{ps}_ms"], "us",
+                  f"sparse is {res[f'dense_p{ps}_ms'] / res['sparse_ms']:.1f}x faster")
+        r.save()
+
+
+SECTIONS = ("info", "ceilings", "recall", "overlap", "offload", "scores", "decode")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=None, help="write results here (rewritten after every section)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA device")
+    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    for s in wanted:
+        if s not in SECTIONS:
+            sys.exit(f"unknown section {s!r}; choose from {SECTIONS}")
+    t0 = time.time()
+    r = Runner(args.json)
+    sec_info_fn = {
+        "info": (sec_info,), "ceilings": (sec_ceilings,), "recall": (sec_recall, args.quick), "overlap": (sec_overlap,),
+        "offload": (sec_offload,), "scores": (sec_scores, args.quick), "decode": (sec_decode, args.quick),
+    }
+    if "ceilings" not in wanted and any(s in wanted for s in ("recall", "offload", "scores")):
+        wanted.insert(0, "ceilings")  # the ratios need the ceilings
+    for s in SECTIONS:
+        if s in wanted:
+            fn, *extra = sec_info_fn[s]
+            r.section(s, fn, *extra)
+    r.results["total_seconds"] = round(time.time() - t0, 1)
+    r.save()
+    r.table()
+    print(f"total {r.results['total_seconds']} s" + (f"; JSON: {args.json}" if args.json else ""))
+
+
+if __name__ == "__main__":
+    main()
