@@ -72,3 +72,16 @@ def check_kv_dtype(dtype: torch.dtype) -> None:
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+_SM_COUNT: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132 for a non-CUDA device, e.g. the interpreter)."""
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]

@@ -25,8 +25,8 @@ import torch
 
 from freekv_sglang.algorithm.scores import AGGREGATIONS, aggregate_gqa, quest_scores
 
-from .common import (check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced, next_pow2, tl, triton,
-                     use_triton)
+from .common import (check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced, next_pow2, sm_count, tl,
+                     triton, use_triton)
 
 _AGG_CODE = {"mean": 0, "max": 1, "softmax-mean": 2}
 
@@ -121,7 +121,7 @@ def score_pages_reference(q, digests, req_to_token, req_pool_idx, n_ctx, head_ma
 def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tensor, req_pool_idx: torch.Tensor,
                 n_ctx: torch.Tensor, head_mask: torch.Tensor | None, out: torch.Tensor, *, page_size: int,
                 n_sink: int, n_window: int, aggregation: str, head_scores: torch.Tensor | None = None,
-                block_n: int = 64, impl: str | None = None) -> torch.Tensor:
+                block_n: int | None = None, impl: str | None = None) -> torch.Tensor:
     """GQA-aggregated Quest scores of every candidate page of each request.
 
     Args:
@@ -137,6 +137,8 @@ def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tens
         aggregation: ``"mean"``, ``"max"`` or ``"softmax-mean"``.
         head_scores: optional float32 ``[B, Hq, max_pages]`` scratch for ``softmax-mean``
             (allocated when ``None``; pass one for CUDA graphs to reuse it).
+        block_n: pages per program (16/32/64); default: the largest that still gives at
+            least two programs per SM (small problems are latency-bound).
     Returns ``out``. No host synchronisation (graph-capturable).
     """
     if aggregation not in AGGREGATIONS:
@@ -180,6 +182,10 @@ def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tens
     hmask = head_mask.contiguous().view(torch.uint8) if head_mask is not None else out  # dummy pointer when absent
     if head_mask is not None and head_mask.dtype != torch.bool:
         raise ValueError("head_mask must be bool")
+    if block_n is None:
+        block_n = 64
+        while block_n > 16 and cdiv(max_pages, block_n) * b * hkv < 2 * sm_count(out.device):
+            block_n //= 2
     block_n = max(16, min(block_n, next_pow2(max_pages)))
     grid = (cdiv(max_pages, block_n), b * hkv)
     _score_pages_kernel[grid](

@@ -188,3 +188,37 @@ def test_decode_path_sync_free_and_graph_capturable(dtype, grp, d, agg):
         st_ref, out_ref = _reference(prob)
         graph.replay()
         _check(prob, st_ref, out_ref, g_upd, g_pieces, g_scores)
+
+
+def test_torch_selection_is_sync_free_and_capturable():
+    """The plain-torch fallback of select_and_diff (topk_pages + residency_update) is also
+    graph-safe: no host sync, capturable, same results on replay."""
+    g = torch.Generator(device=DEV).manual_seed(1)
+    scores = torch.randn(4, 8, 1024, generator=g, device=DEV)
+    resident = K.select_and_diff_reference(torch.randn(4, 8, 1024, generator=g, device=DEV),
+                                           torch.full((4, 8, 32), -1, device=DEV, dtype=torch.long), None, 32).resident
+    mask = torch.rand(4, 8, generator=g, device=DEV) < 0.5
+    K.select_and_diff_reference(scores, resident, mask, 32)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = K.select_and_diff_reference(scores, resident, mask, 32)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        K.select_and_diff_reference(scores, resident, mask, 32)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = K.select_and_diff_reference(scores, resident, mask, 32)
+    graph.replay()
+    torch.cuda.synchronize()
+    for x, y in zip(captured, eager):
+        assert torch.equal(x, y)
+    scores.copy_(torch.randn(scores.shape, generator=g, device=DEV))
+    graph.replay()
+    torch.cuda.synchronize()
+    for x, y in zip(captured, K.select_and_diff(scores, resident, mask, 32)):
+        assert torch.equal(x, y)
