@@ -1,1 +1,35 @@
-"""Triton and FlashInfer kernels for FreeKV (installed as ``freekv_sglang.kernels``)."""
+"""FreeKV GPU data path: Triton kernels (and a FlashInfer wrapper), each beside its
+plain-torch reference. Installed as ``freekv_sglang.kernels``.
+
+Modules (one op each):
+
+* :mod:`.kv_store`     ``store_kv_host``           fresh K/V rows -> pinned host store (HND)
+* :mod:`.digests`      ``page_digests_from_rows``  page max/min digests
+* :mod:`.scores`       ``score_pages``             Quest bound of candidates, GQA-aggregated
+* :mod:`.select`       ``select_and_diff``         top-k + residency update
+* :mod:`.recall`       ``recall_gather`` (+ staged, per-page), ``pieces_from_selection``
+* :mod:`.page_table`   ``build_page_table``        FlashInfer metadata of the working sets
+* :mod:`.sparse_decode` ``SparseDecode``           FlashInfer paged decode over the slots
+* :mod:`.uva`          zero-copy pinned-memory kernel arguments
+
+Wrappers run Triton on CUDA tensors and the reference otherwise (``impl=`` forces one).
+"""
+
+from .digests import page_digests_from_rows, page_digests_from_rows_reference
+from .kv_store import store_kv_host, store_kv_host_reference
+from .page_table import (build_page_table, build_page_table_reference, last_page_len_host,
+                         page_table_indptr_host)
+from .recall import (StagedRecall, pieces_from_selection, recall_gather, recall_per_page, recall_reference,
+                     recall_staged)
+from .scores import score_pages, score_pages_reference
+from .select import select_and_diff, select_and_diff_reference
+from .sparse_decode import SparseDecode, sparse_decode_reference
+from .uva import HostPointer, kernel_arg
+
+__all__ = [
+    "HostPointer", "SparseDecode", "StagedRecall", "build_page_table", "build_page_table_reference",
+    "kernel_arg", "last_page_len_host", "page_digests_from_rows", "page_digests_from_rows_reference",
+    "page_table_indptr_host", "pieces_from_selection", "recall_gather", "recall_per_page", "recall_reference",
+    "recall_staged", "score_pages", "score_pages_reference", "select_and_diff", "select_and_diff_reference",
+    "sparse_decode_reference", "store_kv_host", "store_kv_host_reference",
+]
