@@ -188,14 +188,12 @@ def recall_staged(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tensor
                   num_programs: int | None = None, impl: str | None = None) -> None:
     """Staged double-buffered recall (paper's strategy). Same arguments and result as :func:`recall_gather`.
 
-    Synchronises the host once (to read the piece list); eager only. On CPU tensors it
+    Synchronises the host once (to read the piece list); eager only. Without CUDA it
     falls back to :func:`recall_reference`.
     """
-    if not use_triton(impl, ws_k, dst_slot):
+    if not use_triton(impl, ws_k, dst_slot) or not ws_k.is_cuda:  # streams and async copies need CUDA
         return recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
     _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
-    if not ws_k.is_cuda:
-        raise NotImplementedError("recall_staged needs CUDA (streams and async copies)")
     p, d = host_k.shape[2:]
     key = (ws_k.device, ws_k.dtype, p, d, chunk)
     if key not in _STAGED:
