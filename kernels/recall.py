@@ -58,8 +58,9 @@ if triton is not None:
             src = (page * src_page_stride + head * src_head_stride + row * D)[:, None] + d[None, :]
             dst = (slot * dst_slot_stride + row * dst_row_stride + head * D)[:, None] + d[None, :]
             m = ok[:, None]
-            kx = tl.load(src_k + src, mask=m)
-            vx = tl.load(src_v + src, mask=m)
+            # read once: don't let the streamed pieces push the working set out of L2
+            kx = tl.load(src_k + src, mask=m, eviction_policy="evict_first")
+            vx = tl.load(src_v + src, mask=m, eviction_policy="evict_first")
             tl.store(dst_k + dst, kx, mask=m)
             tl.store(dst_v + dst, vx, mask=m)
 
