@@ -16,7 +16,7 @@ import torch
 
 from freekv_sglang.algorithm.digests import page_digests
 
-from .common import check_head_dim, check_kv_dtype, check_page_size, cdiv, tl, triton, use_triton
+from .common import check_head_dim, check_kv_dtype, check_page_size, tl, triton, use_triton
 
 if triton is not None:
 

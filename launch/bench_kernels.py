@@ -410,7 +410,6 @@ def sec_scores(r: Runner, out: dict, quick: bool):
                   f"{1e3 * res['select_torch_eager_ms']:.0f} us eager")
             out[f"ctx{ctx}_b{b}"] = res
             r.save()
-            del dig, r2t, hs
 
 
 def sec_decode(r: Runner, out: dict, quick: bool):
@@ -453,7 +452,6 @@ def sec_decode(r: Runner, out: dict, quick: bool):
 
             t = safe(r, "decode", f"dense page {ps} b={b}", dense)
             res[f"dense_p{ps}_ms"] = float("nan") if t is None else t
-            del dd
         out[f"b{b}"] = res
         r.row("decode", f"SparseDecode 2048-token working set, b={b}", 1e3 * res["sparse_ms"], "us",
               f"page table build {res['page_table_graph_us']:.1f} us (graph)")
