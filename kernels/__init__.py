@@ -19,8 +19,8 @@ from .digests import page_digests_from_rows, page_digests_from_rows_reference
 from .kv_store import store_kv_host, store_kv_host_reference
 from .page_table import (build_page_table, build_page_table_reference, last_page_len_host,
                          page_table_indptr_host)
-from .recall import (StagedRecall, pieces_from_selection, recall_gather, recall_per_page, recall_reference,
-                     recall_staged)
+from .recall import (StagedRecall, pieces_from_selection, recall_gather, recall_gather_reference, recall_per_page,
+                     recall_reference, recall_staged)
 from .scores import score_pages, score_pages_reference
 from .select import select_and_diff, select_and_diff_reference
 from .sparse_decode import SparseDecode, sparse_decode_reference
@@ -29,7 +29,8 @@ from .uva import HostPointer, kernel_arg
 __all__ = [
     "HostPointer", "SparseDecode", "StagedRecall", "build_page_table", "build_page_table_reference",
     "kernel_arg", "last_page_len_host", "page_digests_from_rows", "page_digests_from_rows_reference",
-    "page_table_indptr_host", "pieces_from_selection", "recall_gather", "recall_per_page", "recall_reference",
+    "page_table_indptr_host", "pieces_from_selection", "recall_gather", "recall_gather_reference", "recall_per_page",
+    "recall_reference",
     "recall_staged", "score_pages", "score_pages_reference", "select_and_diff", "select_and_diff_reference",
     "sparse_decode_reference", "store_kv_host", "store_kv_host_reference",
 ]

@@ -110,6 +110,10 @@ def recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head) -> N
     ws_v[s.to(wdev), :, h.to(wdev), :] = host_v[pg, h].to(wdev)
 
 
+#: The reference of every recall strategy (they all compute the same result).
+recall_gather_reference = recall_staged_reference = recall_per_page_reference = recall_reference
+
+
 def recall_gather(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor,
                   host_page: torch.Tensor, dst_slot: torch.Tensor, head: torch.Tensor, *,
                   num_programs: int | None = None, block_rows: int | None = None, impl: str | None = None) -> None:
