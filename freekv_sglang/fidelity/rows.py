@@ -1,0 +1,82 @@
+"""Which decoding variants run side by side: one *row* of the decode batch per variant.
+
+Every row decodes the same inputs; row 0 is always ``dense`` (the reference). A sparse row is
+a FreeKV mode (``oracle``, ``speculative``, ``corrected``) at a selection budget (tokens) and,
+for ``corrected``, a threshold ``tau``. All rows share the sink, window and page size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..algorithm import RetrievalSettings, WorkingSetLayout
+
+# Defaults scaled for an 8K-context model (the paper's 512/512 sink/window is for 128K-class
+# models and would cover too much of a 4-7K context).
+PAGE_SIZE = 32
+SINK_TOKENS = 128  # 4 pages
+WINDOW_TOKENS = 256  # 8 pages (7 full + the current one)
+BUDGETS = (256, 512, 1024)  # selected tokens per KV head: 8, 16, 32 pages
+MODE_NAMES = ("dense", "oracle", "speculative", "corrected@0.8", "corrected@0.9")
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One decoding variant.
+
+    ``mode``: dense | oracle | speculative | corrected; ``budget``: selected tokens (None for
+    dense); ``tau``: correction threshold (corrected only).
+    """
+
+    mode: str
+    budget: int | None = None
+    tau: float | None = None
+    page_size: int = PAGE_SIZE
+    sink_tokens: int = SINK_TOKENS
+    window_tokens: int = WINDOW_TOKENS
+    gqa_aggregation: str = "mean"
+
+    @property
+    def mode_name(self) -> str:
+        """``dense``, ``oracle``, ``speculative`` or ``corrected@<tau>``."""
+        return f"corrected@{self.tau:g}" if self.mode == "corrected" else self.mode
+
+    @property
+    def label(self) -> str:
+        return self.mode_name if self.budget is None else f"{self.mode_name}/{self.budget}"
+
+    @property
+    def layout(self) -> WorkingSetLayout | None:
+        if self.mode == "dense":
+            return None
+        return WorkingSetLayout.from_tokens(self.page_size, self.sink_tokens, self.budget, self.window_tokens)
+
+    @property
+    def working_set_tokens(self) -> int | None:
+        return None if self.mode == "dense" else self.sink_tokens + self.budget + self.window_tokens
+
+    def settings(self) -> RetrievalSettings | None:
+        if self.mode == "dense":
+            return None
+        return RetrievalSettings.for_mode(self.mode, self.layout, tau=self.tau, gqa_aggregation=self.gqa_aggregation)
+
+
+def parse_mode(name: str) -> tuple[str, float | None]:
+    """``"corrected@0.9"`` -> ``("corrected", 0.9)``; ``"oracle"`` -> ``("oracle", None)``."""
+    if name.startswith("corrected"):
+        _, _, tau = name.partition("@")
+        return "corrected", float(tau) if tau else 0.9
+    if name not in ("dense", "oracle", "speculative"):
+        raise ValueError(f"unknown mode {name!r}; use dense, oracle, speculative or corrected@TAU")
+    return name, None
+
+
+def build_rows(modes, budgets, page_size: int = PAGE_SIZE, sink_tokens: int = SINK_TOKENS,
+               window_tokens: int = WINDOW_TOKENS, gqa_aggregation: str = "mean") -> list[RowSpec]:
+    """Row 0 dense, then every sparse mode at every budget (budget-major order)."""
+    rows = [RowSpec("dense", page_size=page_size, sink_tokens=sink_tokens, window_tokens=window_tokens)]
+    sparse = [parse_mode(m) for m in modes if m != "dense"]
+    for b in budgets:
+        for mode, tau in sparse:
+            rows.append(RowSpec(mode, int(b), tau, page_size, sink_tokens, window_tokens, gqa_aggregation))
+    return rows
