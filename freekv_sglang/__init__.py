@@ -6,7 +6,17 @@ without it). The SGLang-facing pieces are loaded on first use.
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# In a source checkout the kernels live in the top-level ``kernels/`` folder, which an
+# installed distribution places at ``freekv_sglang/kernels``. When this package is
+# imported from the checkout itself (e.g. a server started from the repository root puts
+# it first on sys.path), let ``freekv_sglang.kernels`` resolve to that folder.
+_here = os.path.dirname(os.path.abspath(__file__))
+if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isfile(
+        os.path.join(_here, os.pardir, "kernels", "__init__.py")):
+    __path__.append(os.path.join(_here, os.pardir))  # noqa: F821 - package __path__
 
 __version__ = "0.1.0"
 

@@ -35,12 +35,12 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
-def _minimum(a, b):
-    return torch.minimum(a, torch.as_tensor(b, device=a.device, dtype=a.dtype)) if isinstance(a, torch.Tensor) else min(a, b)
+def _minimum(a, b: int):
+    return a.clamp(max=b) if isinstance(a, torch.Tensor) else min(a, b)
 
 
-def _maximum(a, b):
-    return torch.maximum(a, torch.as_tensor(b, device=a.device, dtype=a.dtype)) if isinstance(a, torch.Tensor) else max(a, b)
+def _maximum(a, b: int):
+    return a.clamp(min=b) if isinstance(a, torch.Tensor) else max(a, b)
 
 
 @dataclass(frozen=True)

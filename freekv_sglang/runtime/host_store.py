@@ -13,6 +13,7 @@ kernels can read and write it directly.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -45,6 +46,9 @@ class HostKVStore:
         self.page_size = page_size
         self.pinned = pin
         self.buffer = _allocate(self.shape, dtype, pin)
+        # unpin before the memory goes back to the OS: a later allocation at the same address
+        # could otherwise not be registered again
+        self._finalizer = weakref.finalize(self, _release, self.buffer, pin)
         logger.info("FreeKV host KV store: %d pages x %d layers, %.2f GiB %s", n_pages, n_layers,
                     self.nbytes / 2**30, "pinned" if pin else "pageable")
 
@@ -60,11 +64,16 @@ class HostKVStore:
         return self.buffer[layer, 1]
 
     def close(self):
-        if self.pinned and self.buffer is not None:
-            try:
-                from sglang.srt.mem_cache.pool_host.common import _cuda_host_unregister
-
-                _cuda_host_unregister(self.buffer)
-            except ImportError:
-                pass
+        """Unpin and drop the buffer (idempotent)."""
+        self._finalizer()
         self.buffer = None
+
+
+def _release(buffer: torch.Tensor, pinned: bool) -> None:
+    if not pinned:
+        return
+    try:
+        from sglang.srt.mem_cache.pool_host.common import _cuda_host_unregister
+    except ImportError:  # allocated by torch's pinned allocator, which frees it itself
+        return
+    _cuda_host_unregister(buffer)
