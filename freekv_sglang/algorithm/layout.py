@@ -141,5 +141,6 @@ class WorkingSetLayout:
         hkv = selected.shape[0]
         sink = torch.arange(self.n_sink_pages(n)).expand(hkv, -1)
         sel = selected[:, : self.n_selected(n)].to(torch.int64)
-        win = torch.arange(self.window_start(n), self.n_pages(n)).expand(hkv, -1)
+        # window_start exceeds n_pages while the history is inside the sink: empty window
+        win = torch.arange(self.n_pages(n) - self.n_window_pages(n), self.n_pages(n)).expand(hkv, -1)
         return torch.cat([sink, sel, win], dim=1)

@@ -133,7 +133,8 @@ class LayerState:
             recalled += self._apply(self.select(q, n), flags)
 
         sink = torch.arange(lay.n_sink_pages(n)).expand(hkv, -1)
-        window = torch.arange(lay.window_start(n), lay.n_pages(n)).expand(hkv, -1)
+        # (window_start exceeds n_pages while the history is inside the sink: empty window)
+        window = torch.arange(lay.n_pages(n) - lay.n_window_pages(n), lay.n_pages(n)).expand(hkv, -1)
         pages = torch.cat([sink, self.resident, window], dim=1)
         out = sparse_attention(q, keys, values, pages, lay.page_size, scale)
 
