@@ -180,8 +180,9 @@ def apply_base_overrides(values: MutableMapping[str, Any], cfg: FreeKVConfig) ->
     for key, value in wanted.items():
         old = values.get(key)
         if old != value:
+            was = repr(old) if key in values else "default"
             values[key] = value
-            notes.append(f"set {key}={value!r} (was {old!r}): {reasons[key]}")
+            notes.append(f"set {key}={value!r} (was {was}): {reasons[key]}")
     for key in CUDA_GRAPH_BACKEND_KEYS:  # part of the CUDA GRAPHS block above
         old = values.get(key)
         if old not in (None, "disabled"):

@@ -154,3 +154,19 @@ def test_read_hf_config(tmp_path, tiny_model):
     assert server_config.read_hf_config(str(tmp_path)) is None
     assert server_config.read_hf_config("no-such-org/no-such-model") is None
     assert server_config.read_hf_config(None) is None
+
+
+def test_override_notes_describe_each_change():
+    values = {"attention_backend": None, "chunked_prefill_size": 8192, "page_size": 32,
+              "cuda_graph_backend_decode": "full"}
+    notes = server_config.apply_base_overrides(values, FreeKVConfig(enabled=True))
+    assert values["attention_backend"] == "freekv" and values["chunked_prefill_size"] == -1
+    assert values["disable_radix_cache"] is True and values["disable_cuda_graph"] is True
+    assert values["disable_overlap_schedule"] is True
+    assert values["cuda_graph_backend_decode"] is None
+    text = "\n".join(notes)
+    assert "set chunked_prefill_size=-1 (was 8192)" in text
+    assert "set disable_radix_cache=True (was default)" in text
+    assert "cleared cuda_graph_backend_decode (was 'full')" in text
+    assert "page_size" not in text  # already right: no note
+    assert server_config.apply_base_overrides(values, FreeKVConfig(enabled=True)) == []
