@@ -27,15 +27,15 @@ def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean"
     lay = WorkingSetLayout(page_size=4, n_sink=1, n_select=3, n_window=2)
     shape = ModelShape(L, hq, hkv, head_dim, dtype)
     settings = RuntimeSettings(lay, aggregation, tau, speculative, "gather")
-    R, max_ctx = 6, 128
-    n_pages = R * max_ctx // lay.page_size + 1
+    R, max_ctx = 6, 130  # not a multiple of the page size, like SGLang (context + 4)
+    per_row = -(-max_ctx // lay.page_size)
+    n_pages = R * per_row + 1
     # req_to_token: every row gets its own random host pages (page 0 is the padding page)
     perm = torch.randperm(n_pages - 1, generator=g) + 1
     req_to_token = torch.zeros((R + 1, max_ctx), dtype=torch.int32)
-    per_row = max_ctx // lay.page_size
     for r in range(1, R + 1):
         pages = perm[(r - 1) * per_row: r * per_row]
-        req_to_token[r] = (pages[:, None] * lay.page_size + torch.arange(lay.page_size)).flatten().int()
+        req_to_token[r] = (pages[:, None] * lay.page_size + torch.arange(lay.page_size)).flatten()[:max_ctx].int()
     req_to_token = req_to_token.to(device)
     rt = FreeKVRuntime(shape, settings, n_pages, R, req_to_token, max_batch=8, device=device)
     scale = 1 / math.sqrt(head_dim)

@@ -43,8 +43,10 @@ class FreeKVAttnBackend(FlashInferAttnBackend):
                 self.runtime.plan_decode(forward_batch.req_pool_indices, forward_batch.seq_lens,
                                          forward_batch.seq_lens_cpu)
             return
-        if mode.is_target_verify() or mode.is_draft_extend():
+        if mode.is_target_verify() or mode.is_draft_extend_v2():
             raise NotImplementedError("FreeKV does not support speculative decoding yet")
+        if mode.is_mixed():
+            raise NotImplementedError("FreeKV does not support mixed prefill/decode batches (--enable-mixed-chunk) yet")
         if forward_batch.extend_prefix_lens_cpu is not None and any(forward_batch.extend_prefix_lens_cpu):
             raise NotImplementedError(
                 "FreeKV prefill with a cached prefix (chunked prefill or prefix cache) is not supported yet; "

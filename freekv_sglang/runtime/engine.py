@@ -102,7 +102,8 @@ class FreeKVRuntime:
         self.req_to_token = req_to_token
         self.max_rows = max_rows
         self.max_batch = max_batch
-        self.max_pages = -(-req_to_token.shape[1] // lay.page_size)
+        # pages that can be candidates are full, so they lie within the first max_ctx // P pages
+        self.max_pages = req_to_token.shape[1] // lay.page_size
         L, hq, hkv, d, dt = shape.n_layers, shape.n_q_heads, shape.n_kv_heads, shape.head_dim, shape.dtype
         P, S = lay.page_size, lay.slots
 
@@ -230,11 +231,11 @@ class FreeKVRuntime:
         last = torch.tensor([s + n0 - 1 for s, n0 in zip(starts, prompt_lens)], dtype=torch.int64)
         q_last = q[last.to(dev, non_blocking=True)]
         n1 = torch.tensor([n0 + 1 for n0 in prompt_lens], dtype=torch.int64).to(dev, non_blocking=True)
-        self.resident[layer, rows] = -1
+        self.resident[layer].index_fill_(0, rows, -1)
         for i in range(0, len(prompt_lens), self.max_batch):
             sl = slice(i, i + self.max_batch)
             self._select_and_recall(layer, q_last[sl], rows[sl], n1[sl], None, self.scores_main)
-        self.q_valid[layer, rows] = False
+        self.q_valid[layer].index_fill_(0, rows, False)
 
     # ------------------------------------------------------------------ decode
     def plan_decode(self, rows: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor) -> DecodeStep:
@@ -293,7 +294,7 @@ class FreeKVRuntime:
         o = self.attention(layer, q, wk, wv, scale)
         # 5. remember the query; speculative selection + recall for the next step
         self.q_prev[layer, st.rows] = q.to(self.q_prev.dtype)
-        self.q_valid[layer, st.rows] = True
+        self.q_valid[layer].index_fill_(0, st.rows, True)
         self.last_flags = flags
         if cfg.speculative:
             if self.side_stream is not None:
