@@ -137,7 +137,7 @@ def mark_server_args(sa: Any, value: Any) -> None:
     object.__setattr__(sa, SERVER_ARGS_ATTR, value)
 
 
-def cuda_graphs_disabled(sa: Any) -> Optional[bool]:
+def cuda_graphs_disabled(sa: Any, phases: tuple[str, ...] = ("decode", "prefill")) -> Optional[bool]:
     """Whether resolved ServerArgs capture no CUDA graph; ``None`` if unknown.
 
     0.5.17 resolves the legacy ``disable_cuda_graph`` flag and the per-phase
@@ -153,7 +153,7 @@ def cuda_graphs_disabled(sa: Any) -> Optional[bool]:
     disabled = getattr(Backend, "DISABLED", "disabled") if Backend else "disabled"
     return all(
         getattr(getattr(cfg, phase, None), "backend", None) in (disabled, "disabled")
-        for phase in ("decode", "prefill")
+        for phase in phases
     )
 
 

@@ -41,12 +41,12 @@ LOG_PREFIX = "[FreeKV]"
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16")
 
 # ----------------------------------------------------------------------------
-# CUDA GRAPHS: FreeKV runs eagerly for now. Everything that turns CUDA graphs
-# off lives in this block (and the matching check in finalize_server_args);
-# delete it once the backend is graph-safe.
-CUDA_GRAPH_OVERRIDES = {"disable_cuda_graph": True}
+# CUDA GRAPHS: FreeKV decode steps are captured (SGLang's decode graph runner);
+# prefill runs eagerly. Everything that turns prefill graphs off lives in this
+# block (and the matching check in finalize_server_args).
+CUDA_GRAPH_OVERRIDES = {"disable_prefill_cuda_graph": True}
 #: Per-phase backend selectors that outrank the disable flags in SGLang 0.5.17.
-CUDA_GRAPH_BACKEND_KEYS = ("cuda_graph_backend_decode", "cuda_graph_backend_prefill")
+CUDA_GRAPH_BACKEND_KEYS = ("cuda_graph_backend_prefill",)
 # ----------------------------------------------------------------------------
 
 
@@ -174,7 +174,7 @@ def apply_base_overrides(values: MutableMapping[str, Any], cfg: FreeKVConfig) ->
         "disable_radix_cache": "prefix caching is not supported with FreeKV yet",
         "chunked_prefill_size": "chunked prefill is not supported with FreeKV yet",
         "disable_overlap_schedule": "the overlap scheduler is not supported with FreeKV yet",
-        "disable_cuda_graph": "CUDA graphs are not supported with FreeKV yet",
+        "disable_prefill_cuda_graph": "FreeKV prefill runs eagerly (decode steps are captured)",
     }
     notes = []
     for key, value in wanted.items():
@@ -187,7 +187,7 @@ def apply_base_overrides(values: MutableMapping[str, Any], cfg: FreeKVConfig) ->
         old = values.get(key)
         if old not in (None, "disabled"):
             values[key] = None
-            notes.append(f"cleared {key} (was {old!r}): CUDA graphs are not supported with FreeKV yet")
+            notes.append(f"cleared {key} (was {old!r}): FreeKV prefill runs eagerly (decode steps are captured)")
     return notes
 
 
@@ -236,10 +236,10 @@ def finalize_server_args(sa: Any, cfg: FreeKVConfig) -> Any:
                 f"SGLang resolved {key}={getattr(sa, key)!r}, but FreeKV needs {value!r}; "
                 "another flag or model default conflicts with --kv-retrieval freekv"
             )
-    if compat.cuda_graphs_disabled(sa) is False:  # CUDA GRAPHS block
+    if compat.cuda_graphs_disabled(sa, phases=("prefill",)) is False:  # CUDA GRAPHS block
         raise FreeKVConfigError(
-            "SGLang resolved CUDA graphs as enabled (check --cuda-graph-config); "
-            "CUDA graphs are not supported with --kv-retrieval freekv yet"
+            "SGLang resolved prefill CUDA graphs as enabled (check --cuda-graph-config); "
+            "FreeKV prefill runs eagerly (only decode steps are captured)"
         )
     compat.mark_server_args(sa, cfg)
     os.environ[ENV_VAR] = cfg.to_json()

@@ -103,10 +103,14 @@ class Server:
         params = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True, **sampling}
         return _post(self.base + "/generate", {"input_ids": input_ids, "sampling_params": params}, timeout)
 
-    def generate_many(self, prompts: list[list[int]], max_new_tokens: int, timeout: float = 900.0) -> list[dict]:
-        """Send all prompts at once (concurrently), return the responses in order."""
+    def generate_many(self, prompts: list[list[int]], max_new_tokens, timeout: float = 900.0) -> list[dict]:
+        """Send all prompts at once (concurrently), return the responses in order.
+
+        ``max_new_tokens``: one int for all, or one per prompt.
+        """
+        news = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
         with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as ex:
-            futs = [ex.submit(self.generate, p, max_new_tokens, timeout) for p in prompts]
+            futs = [ex.submit(self.generate, p, n, timeout) for p, n in zip(prompts, news)]
             return [f.result() for f in futs]
 
     def completion(self, prompt: list[int] | str, max_tokens: int, timeout: float = 600.0) -> dict:

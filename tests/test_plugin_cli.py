@@ -135,8 +135,9 @@ def test_freekv_applies_overrides_and_survives_pickle(parse, capsys):
     assert sa.disable_radix_cache is True
     assert sa.chunked_prefill_size == -1
     assert sa.disable_overlap_schedule is True
-    assert sa.disable_cuda_graph is True
-    assert compat.cuda_graphs_disabled(sa) is True
+    assert sa.disable_prefill_cuda_graph is True
+    assert compat.cuda_graphs_disabled(sa, phases=("prefill",)) is True
+    assert compat.cuda_graphs_disabled(sa, phases=("decode",)) is False  # decode steps are captured
     cfg = sa._freekv
     assert isinstance(cfg, FreeKVConfig) and cfg.enabled
     assert cfg.host_memory_gb is not None and cfg.host_memory_gb > 0  # auto pinned at launch

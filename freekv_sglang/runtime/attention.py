@@ -1,4 +1,11 @@
-"""Decode attention over the working sets: FlashInfer on CUDA, the plain-torch reference elsewhere."""
+"""Decode attention over the working sets: FlashInfer on CUDA, the plain-torch reference elsewhere.
+
+One page table serves all layers of a step. The table lives in device buffers that a
+graph-recordable kernel fills from the batch's rows and lengths
+(:meth:`device_buffers`), while FlashInfer's host-side plan needs only the host copies
+of ``indptr`` and ``last_page_len`` (:meth:`plan`). For CUDA graphs each captured batch
+size gets its own FlashInfer wrapper with static buffers, as SGLang's own backend does.
+"""
 
 from __future__ import annotations
 
@@ -8,35 +15,75 @@ from freekv_sglang.algorithm.attention import paged_attention
 
 
 class WorkingSetAttention:
-    """Paged decode attention with page size ``P`` over one page table shared by all layers.
+    """Paged decode attention with page size ``P`` over working-set slots.
 
-    ``plan`` once per step (outside CUDA graphs), then call the object per layer.
+    Args:
+        device: torch device; FlashInfer on CUDA, :func:`paged_attention` otherwise.
+        max_batch: largest eager batch.
+        slots_per_request: ``S``, the page-table capacity per request.
+        workspace: FlashInfer float workspace to share (CUDA).
     """
 
-    def __init__(self, device: torch.device, max_batch: int, max_pages_per_req: int, workspace: torch.Tensor | None = None):
+    def __init__(self, device: torch.device, max_batch: int, slots_per_request: int,
+                 workspace: torch.Tensor | None = None):
         self.device = device
-        self.decoder = None
+        self.slots = slots_per_request
+        self.workspace = workspace
+        self.max_batch = max_batch
+        self.eager_buffers = (torch.zeros(max_batch + 1, dtype=torch.int32, device=device),
+                              torch.zeros(max_batch * slots_per_request, dtype=torch.int32, device=device),
+                              torch.ones(max_batch, dtype=torch.int32, device=device))
+        self.eager = None
+        self.graph_wrappers = {}
         if device.type == "cuda":
             from freekv_sglang.kernels.sparse_decode import SparseDecode
 
-            self.decoder = SparseDecode(device=device, workspace=workspace)
+            self._cls = SparseDecode
+            self.eager = SparseDecode(device=device, workspace=workspace)
+        self.active = None
         self._tables = None
 
-    def plan(self, indptr_host: torch.Tensor, kv_indices: torch.Tensor, last_page_len: torch.Tensor, *,
-             num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype):
-        """Args: indptr_host int32 ``[B+1]`` (CPU); kv_indices int32 (device); last_page_len int32 ``[B]``."""
-        if self.decoder is not None:
-            self.decoder.plan(indptr_host, kv_indices, last_page_len, num_qo_heads, num_kv_heads, head_dim,
-                              page_size, dtype, dtype)
-        else:
-            ip = indptr_host.tolist()
-            idx = kv_indices.tolist()
-            self._tables = ([idx[ip[b]:ip[b + 1]] for b in range(len(ip) - 1)], last_page_len.tolist())
+    def _graph_wrapper(self, bs: int):
+        w = self.graph_wrappers.get(bs)
+        if w is None:
+            w = self._cls(device=self.device, workspace=self.workspace, use_cuda_graph=True, batch_size=bs,
+                          max_slots=self.slots)
+            self.graph_wrappers[bs] = w
+        return w
 
-    def __call__(self, layer: int, q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor,
+    def device_buffers(self, bs: int, graph: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(kv_indptr [bs+1], kv_indices [bs*S], kv_last_page_len [bs])`` int32 device buffers to fill."""
+        if graph:
+            w = self.graph_wrappers[bs]
+            return w.kv_indptr, w.kv_indices, w.kv_last_page_len
+        if bs > self.max_batch:
+            raise ValueError(f"decode batch {bs} exceeds the working-set capacity of {self.max_batch} requests")
+        ip, idx, lpl = self.eager_buffers
+        return ip[: bs + 1], idx, lpl[:bs]
+
+    def plan(self, bs: int, indptr_host: torch.Tensor, last_page_len_host: torch.Tensor, *, graph: bool,
+             num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype):
+        """Host-side plan of a step (outside CUDA graphs).
+
+        In graph mode the wrapper for ``bs`` is created on first use; its buffers are the ones
+        :meth:`device_buffers` returns. In eager mode call :meth:`device_buffers` and fill them
+        *before* planning.
+        """
+        if self.eager is None:  # CPU reference: read the filled table now
+            ip = indptr_host.tolist()
+            idx = self.eager_buffers[1].tolist()
+            self._tables = ([idx[ip[b]:ip[b + 1]] for b in range(bs)], last_page_len_host.tolist())
+            return
+        w = self._graph_wrapper(bs) if graph else self.eager
+        indices = w.kv_indices if graph else self.eager_buffers[1]
+        w.plan(indptr_host, indices, last_page_len_host, num_qo_heads, num_kv_heads, head_dim, page_size,
+               dtype, dtype)
+        self.active = w
+
+    def __call__(self, q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor,
                  scale: float) -> torch.Tensor:
         """``q [B, Hq, D]`` -> ``[B, Hq, D]`` (q's dtype)."""
-        if self.decoder is not None:
-            return self.decoder.run(q, k_slots, v_slots, scale)
+        if self.eager is not None:
+            return self.active.run(q, k_slots, v_slots, scale)
         tables, lens = self._tables
         return paged_attention(q, k_slots, v_slots, tables, lens, scale).to(q.dtype)

@@ -57,8 +57,29 @@ class FreeKVAttnBackend(FlashInferAttnBackend):
                 "FreeKV prefill needs FlashInfer's ragged prefill without prefix (no piecewise prefill CUDA "
                 "graph, no SGLANG_FLASHINFER_USE_PAGED, no deterministic inference)")
 
-    def init_cuda_graph_state(self, *args, **kwargs):
-        raise NotImplementedError("FreeKV decode does not run under CUDA graphs yet: use --disable-cuda-graph")
+    # ------------------------------------------------------------------ CUDA graphs (decode)
+    # SGLang's graph contract: before capture and before every replay it calls
+    # init_forward_metadata_out_graph on the host (FlashInfer's plan from host lengths); the
+    # graph records init_forward_metadata_in_graph (page table, per-step tensors) and every
+    # layer's forward_decode, including the side-stream fork/join of the speculative recall.
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None):
+        if max_bs > self.runtime.max_batch:
+            raise ValueError(f"CUDA graph batch size {max_bs} exceeds the {self.runtime.max_batch} request rows "
+                             "FreeKV was sized for; lower --cuda-graph-max-bs")
+        self.graph_max_bs = max_bs
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        if not forward_batch.forward_mode.is_decode_or_idle():
+            raise NotImplementedError("FreeKV captures decode steps only (prefill CUDA graphs are disabled)")
+        if forward_batch.seq_lens_cpu is None:
+            raise NotImplementedError("FreeKV decode graphs need host sequence lengths (seq_lens_cpu)")
+        self.runtime.plan_decode_host(forward_batch.batch_size, forward_batch.seq_lens_cpu, graph=True)
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        if forward_batch.forward_mode.is_decode_or_idle():
+            bs = forward_batch.batch_size
+            self.runtime.plan_decode_device(forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs],
+                                            graph=True)
 
     # ------------------------------------------------------------------ forward
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):

@@ -74,7 +74,6 @@ class DecodeStep:
     cur_slot: torch.Tensor  # int64 [B] absolute working-set slot of the current page
     cur_off: torch.Tensor  # int64 [B] offset of the new token inside it
     digest_row0: torch.Tensor  # int64 [B] first row (in the slot-row view) of a just-completed page, -1 if none
-    page_table: tuple  # (kv_indptr_host, kv_indices, kv_last_page_len) for the sparse decode
 
 
 class FreeKVRuntime:
@@ -117,9 +116,6 @@ class FreeKVRuntime:
         # score scratch: one for the correction on the compute stream, one for the side stream
         self.scores_main = torch.empty((max_batch, hkv, self.max_pages), dtype=torch.float32, device=dev)
         self.scores_side = torch.empty_like(self.scores_main)
-        self.kv_indices = torch.zeros(max_batch * S, dtype=torch.int32, device=dev)
-        self.kv_indptr = torch.zeros(max_batch + 1, dtype=torch.int32, device=dev)
-        self.kv_last_page_len = torch.ones(max_batch, dtype=torch.int32, device=dev)
         self.head_ids = torch.arange(hkv, device=dev)
 
         self.side_stream = torch.cuda.Stream(device=dev) if self.is_cuda and settings.speculative else None
@@ -238,30 +234,41 @@ class FreeKVRuntime:
         self.q_valid[layer].index_fill_(0, rows, False)
 
     # ------------------------------------------------------------------ decode
-    def plan_decode(self, rows: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor) -> DecodeStep:
-        """Per-step metadata for a decode batch (call once per step, outside CUDA graphs).
+    def plan_decode_device(self, rows: torch.Tensor, seq_lens: torch.Tensor, graph: bool = False) -> DecodeStep:
+        """Device half of a step's metadata: graph-recordable (fixed shapes, no host reads).
 
         Args:
-            rows: int ``[B]`` request rows (device); seq_lens: int ``[B]`` history incl. the new
-            token (device); seq_lens_cpu: the same on the host.
+            rows: int ``[B]`` request rows; seq_lens: int ``[B]`` history incl. the new token.
+            graph: write the page table into the CUDA-graph wrapper of batch size ``B``.
         """
         lay = self.layout
         P = lay.page_size
         b = rows.shape[0]
+        if b > self.max_batch:
+            raise ValueError(f"decode batch {b} exceeds the {self.max_batch} request rows FreeKV was sized for")
         rows = rows.long()
         n = seq_lens.long()
         cur_slot = rows * lay.slots + lay.current_slot(n)
         complete = (n % P) == 0
         digest_row0 = torch.where(complete, cur_slot * P, torch.full_like(cur_slot, -1))
-        indptr_host = page_table_indptr_host(seq_lens_cpu, lay)
-        build_page_table(n, rows, self.kv_indptr[: b + 1], self.kv_indices, self.kv_last_page_len[:b],
-                         layout=lay, slot_base=lay.slots)
-        sh = self.shape
-        self.attention.plan(indptr_host, self.kv_indices, last_page_len_host(seq_lens_cpu, lay), num_qo_heads=sh.n_q_heads,
-                            num_kv_heads=sh.n_kv_heads, head_dim=sh.head_dim, page_size=P, dtype=sh.dtype)
-        self.step = DecodeStep(rows, n, n + 1, cur_slot, (n - 1) % P, digest_row0,
-                               (indptr_host, self.kv_indices, self.kv_last_page_len[:b]))
+        indptr, indices, last = self.attention.device_buffers(b, graph)
+        build_page_table(n, rows, indptr, indices, last, layout=lay, slot_base=lay.slots)
+        self.step = DecodeStep(rows, n, n + 1, cur_slot, (n - 1) % P, digest_row0)
         return self.step
+
+    def plan_decode_host(self, bs: int, seq_lens_cpu: torch.Tensor, graph: bool = False) -> None:
+        """Host half: FlashInfer's plan from the host copy of the lengths (outside CUDA graphs)."""
+        lay, sh = self.layout, self.shape
+        sl = seq_lens_cpu[:bs]
+        self.attention.plan(bs, page_table_indptr_host(sl, lay), last_page_len_host(sl, lay), graph=graph,
+                            num_qo_heads=sh.n_q_heads, num_kv_heads=sh.n_kv_heads, head_dim=sh.head_dim,
+                            page_size=lay.page_size, dtype=sh.dtype)
+
+    def plan_decode(self, rows: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor) -> DecodeStep:
+        """Both halves, eagerly (no CUDA graph)."""
+        step = self.plan_decode_device(rows, seq_lens, graph=False)
+        self.plan_decode_host(rows.shape[0], seq_lens_cpu, graph=False)
+        return step
 
     def decode_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      loc: torch.Tensor, scale: float) -> torch.Tensor:
@@ -291,7 +298,7 @@ class FreeKVRuntime:
             flags = torch.ones((q.shape[0], hkv), dtype=torch.bool, device=q.device)
         self._select_and_recall(layer, q, st.rows, st.n, flags, self.scores_main)
         # 4. attention over the working set (sink + selected + window)
-        o = self.attention(layer, q, wk, wv, scale)
+        o = self.attention(q, wk, wv, scale)
         # 5. remember the query; speculative selection + recall for the next step
         self.q_prev[layer, st.rows] = q.to(self.q_prev.dtype)
         self.q_valid[layer].index_fill_(0, st.rows, True)

@@ -112,8 +112,12 @@ def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, r
     workspace = get_buffer("flashinfer_workspace", lambda: torch.empty(
         envs.SGLANG_FLASHINFER_WORKSPACE_SIZE.get(), dtype=torch.uint8, device=self.device))
     rows = req_to_token_pool.size
+    # decode batches (CUDA-graph ones padded with the dummy row) can exceed the row count
+    graph_cfg = getattr(self.server_args, "cuda_graph_config", None)
+    graph_max_bs = getattr(getattr(graph_cfg, "decode", None), "max_bs", None) or 0
+    max_batch = max(rows, graph_max_bs)
     runtime = FreeKVRuntime(shape, _settings(cfg), n_host_pages=sizes.max_total_num_tokens // cfg.page_size + 1,
-                            max_rows=rows, req_to_token=req_to_token_pool.req_to_token, max_batch=rows,
+                            max_rows=rows, req_to_token=req_to_token_pool.req_to_token, max_batch=max_batch,
                             device=torch.device(self.device, self.gpu_id) if self.device == "cuda" else self.device,
                             workspace=workspace)
     pool.runtime = runtime
