@@ -103,6 +103,11 @@ class RowDecoder:
         return [st.stats if st is not None else [] for st in self.states[row]]
 
 
+def _masks_nothing(mask: torch.Tensor) -> bool:
+    """True if a bool (True = attend) or additive (0 = attend) mask lets every key through."""
+    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
 def freekv_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                      scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers attention function (signature of ``sdpa_attention_forward``).
@@ -118,6 +123,8 @@ def freekv_attention(module, query, key, value, attention_mask, dropout: float =
                 raise NotImplementedError("the fidelity harness prefills in one chunk from an empty cache")
             dec.record_prefill(module.layer_idx, query, key)
         return out, None
+    if attention_mask is not None and not _masks_nothing(attention_mask):
+        raise NotImplementedError("FreeKV rows are unpadded sequences of equal length; got a masking attention_mask")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     return dec.decode(module.layer_idx, query, key, value, scaling), None
