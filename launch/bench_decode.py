@@ -1,0 +1,159 @@
+"""Decode and prefill latency of FreeKV vs dense SGLang vs retrieval baselines, in one run.
+
+Each mode runs SGLang's own single-batch benchmark (``sglang.benchmark.one_batch``: a real
+``ModelRunner``, CUDA graphs as configured, synthetic prompts) in a fresh process with the
+FreeKV plugin installed, on the same GPU, one after the other. Printed last: a table of
+median decode step time, throughput and prefill time per (mode, context, batch), and the
+ratios FreeKV/dense, FreeKV/synchronous, FreeKV/ArkVale-style, FreeKV/transfers-skipped.
+
+Modes:
+  dense      stock SGLang, FlashInfer attention, page size 1, CUDA graphs
+  freekv     --kv-retrieval freekv (defaults: speculative recall + correction at 0.9)
+  sync       FreeKV with speculation off: select + recall with the current query before
+             every layer's attention (same recall kernel)
+  arkvale    speculation off and one synchronous host-to-device copy per (page, head), as
+             the offloading systems the paper compares with (eager: host-side lists)
+  staged     FreeKV with the paper's recall: cudaMemcpyAsync per (head, page) into two
+             staging buffers + scatter kernel (eager: host-side lists)
+  skip       FreeKV with transfers skipped (upper bound; outputs are wrong)
+
+Usage (GPU machine, repo root):
+  python launch/bench_decode.py --model .gpu-bundle/models/llama-8b-shape --contexts 32000 \
+      --batch-sizes 1 4 8 --modes dense freekv sync skip --out bench-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+MODES = {
+    "dense": ["--attention-backend", "flashinfer"],
+    "freekv": ["--kv-retrieval", "freekv"],
+    "sync": ["--kv-retrieval", "freekv", "--freekv-no-speculative"],
+    "arkvale": ["--kv-retrieval", "freekv", "--freekv-no-speculative", "--freekv-recall", "per-page",
+                "--disable-cuda-graph"],
+    "staged": ["--kv-retrieval", "freekv", "--freekv-recall", "staged", "--disable-cuda-graph"],
+    "skip": ["--kv-retrieval", "freekv", "--freekv-recall", "skip"],
+}
+
+
+def worker(argv: list[str]) -> None:
+    """Run SGLang's one-batch benchmark in this process with FreeKV's hooks installed."""
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    load_plugins()  # FreeKV's CLI flags
+    # the benchmark runs the model in this (main) process: install the runtime hooks here too;
+    # they stay inert unless the parsed arguments enable FreeKV
+    from freekv_sglang.runtime.integration import install_runtime_hooks
+
+    install_runtime_hooks(None)
+    HookRegistry.apply_hooks()
+    from sglang.benchmark.one_batch import cli_main
+
+    sys.argv = ["one_batch", *argv]
+    cli_main()
+
+
+def run_mode(mode: str, a, out_dir: str) -> list[dict]:
+    res = os.path.join(out_dir, f"one_batch-{mode}.jsonl")
+    if os.path.exists(res):
+        os.remove(res)
+    args = ["--model-path", a.model, "--load-format", "dummy", "--run-name", mode,
+            "--batch-size", *map(str, a.batch_sizes), "--input-len", *map(str, a.contexts),
+            "--output-len", str(a.output_len), "--result-filename", res,
+            "--cuda-graph-max-bs", str(max(a.batch_sizes)), *MODES[mode]]
+    if mode == "dense":
+        args += ["--max-total-tokens", str(max(a.batch_sizes) * max(a.contexts) + 4096)]
+    else:
+        args += ["--freekv-host-memory-gb", str(a.host_gb)]
+    args += a.extra
+    log = os.path.join(out_dir, f"one_batch-{mode}.log")
+    t0 = time.time()
+    with open(log, "w") as f:
+        f.write("args: " + " ".join(args) + "\n")
+        f.flush()
+        rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], stdout=f,
+                            stderr=subprocess.STDOUT, timeout=a.timeout).returncode
+    rows = []
+    if os.path.exists(res):
+        with open(res) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    print(f"[bench] {mode}: rc={rc}, {len(rows)} results in {time.time() - t0:.0f}s (log {log})", flush=True)
+    if rc != 0 or not rows:
+        with open(log, errors="replace") as f:
+            print("".join(f.readlines()[-15:]), flush=True)
+    return rows
+
+
+def _decode_ms(r: dict) -> float | None:
+    v = r.get("median_decode_latency")
+    return None if v is None else 1000 * v
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    lines = ["| mode | context | batch | decode ms/step (median) | tokens/s | prefill s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for mode, rows in results.items():
+        for r in rows:
+            d = _decode_ms(r)
+            tps = r["batch_size"] * 1000 / d if d else None
+            lines.append(f"| {mode} | {r['input_len']} | {r['batch_size']} | {d:.2f} | {tps:.0f} | "
+                         f"{r.get('prefill_latency', float('nan')):.2f} |" if d else
+                         f"| {mode} | {r['input_len']} | {r['batch_size']} | - | - | - |")
+    return "\n".join(lines)
+
+
+def ratios(results: dict[str, list[dict]]) -> str:
+    key = {m: {(r["input_len"], r["batch_size"]): _decode_ms(r) for r in rows} for m, rows in results.items()}
+    if "freekv" not in key:
+        return ""
+    others = [m for m in ("dense", "sync", "arkvale", "staged", "skip") if m in key]
+    lines = ["| context | batch | " + " | ".join(f"speed-up vs {m}" for m in others) + " |",
+             "|---:|---:|" + "---:|" * len(others)]
+    for (c, b), ours in sorted(key["freekv"].items()):
+        cells = []
+        for m in others:
+            theirs = key[m].get((c, b))
+            cells.append(f"{theirs / ours:.2f}x" if theirs and ours else "-")
+        lines.append(f"| {c} | {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        return worker(sys.argv[2:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=".gpu-bundle/models/llama-8b-shape")
+    p.add_argument("--contexts", type=int, nargs="+", default=[32000])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--modes", nargs="+", default=["dense", "freekv", "sync", "arkvale", "staged", "skip"],
+                   choices=sorted(MODES))
+    p.add_argument("--host-gb", type=float, default=48.0, help="FreeKV host tier per run")
+    p.add_argument("--timeout", type=float, default=900.0, help="per mode, seconds")
+    p.add_argument("--out", default="bench-out", help="folder for logs and results")
+    p.add_argument("extra", nargs="*", help="extra SGLang arguments after --")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    results = {}
+    for mode in a.modes:
+        results[mode] = run_mode(mode, a, a.out)
+        with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
+            json.dump({"card": card, "args": vars(a), "results": results}, f, indent=1)
+    out = f"card: {card}; model: {a.model}; output_len {a.output_len}\n\n{table(results)}\n\n{ratios(results)}\n"
+    with open(os.path.join(a.out, "bench_decode.md"), "w") as f:
+        f.write(out)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
