@@ -71,7 +71,7 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
     if mode == "dense":
         args += ["--max-total-tokens", str(max(a.batch_sizes) * max(a.contexts) + 4096)]
     else:
-        args += ["--freekv-host-memory-gb", str(a.host_gb)]
+        args += ["--freekv-host-memory-gb", str(a.host_gb), "--max-running-requests", str(max(a.batch_sizes))]
     args += a.extra
     log = os.path.join(out_dir, f"one_batch-{mode}.log")
     t0 = time.time()

@@ -97,6 +97,11 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
     max_reqs = left // per_req
     if user_max_running_requests is not None:
         max_reqs = min(max_reqs, user_max_running_requests)
+    else:
+        # Without a user cap, size the rows to the host tier: as many working sets as the host
+        # holds working-set-sized histories. Shorter requests queue; the GPU memory not spent on
+        # idle working sets stays free for prefill activations.
+        max_reqs = min(max_reqs, max(1, pages // layout.slots))
     max_reqs = min(max_reqs, pages)  # each running request owns at least one page
     if max_reqs < 1:
         raise FreeKVMemoryError(
