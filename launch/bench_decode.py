@@ -78,8 +78,11 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
     with open(log, "w") as f:
         f.write("args: " + " ".join(args) + "\n")
         f.flush()
-        rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], stdout=f,
-                            stderr=subprocess.STDOUT, timeout=a.timeout).returncode
+        try:
+            rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], stdout=f,
+                                stderr=subprocess.STDOUT, timeout=a.timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"  # keep what the finished batch sizes wrote
     rows = []
     if os.path.exists(res):
         with open(res) as f:
