@@ -258,3 +258,80 @@ def pieces_from_selection(recall_slot: torch.Tensor, recall_page: torch.Tensor, 
     out.scatter_(1, dest.view(1, n).expand(3, n), torch.where(vflat, vals, -1))
     out = out[:, :n].to(torch.int32)
     return out[0], out[1], out[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Recall straight from the selection lists (used by the runtime): no flat piece list.
+if triton is not None:
+
+    @triton.jit
+    def _recall_selected_kernel(
+        hk_ptr, hv_ptr, wk_ptr, wv_ptr, rslot_ptr, rpage_ptr, rows_ptr, r2t_ptr, r2t_stride,
+        HKV: tl.constexpr, K: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
+        SLOT_BASE: tl.constexpr, SLOT0: tl.constexpr,
+    ):
+        # grid: (B * Hkv, K): piece t of (request, KV head); entries with slot < 0 do nothing.
+        pid = tl.program_id(0).to(tl.int64)
+        t = tl.program_id(1).to(tl.int64)
+        b = pid // HKV
+        h = pid % HKV
+        slot = tl.load(rslot_ptr + pid * K + t).to(tl.int64)
+        ok = slot >= 0
+        page = tl.load(rpage_ptr + pid * K + t).to(tl.int64)
+        row = tl.load(rows_ptr + b).to(tl.int64)
+        tok = tl.load(r2t_ptr + row * r2t_stride + tl.where(ok, page, 0) * PAGE, mask=ok, other=0).to(tl.int64)
+        hpage = tok // PAGE
+        dst_slot = row * SLOT_BASE + SLOT0 + slot
+        r = tl.arange(0, PAGE)
+        d = tl.arange(0, D)
+        m = ok & (r[:, None] >= 0)
+        src = ((hpage * HKV + h) * PAGE + r[:, None]) * D + d[None, :]
+        dst = ((dst_slot * PAGE + r[:, None]) * HKV + h) * D + d[None, :]
+        kx = tl.load(hk_ptr + src, mask=m, eviction_policy="evict_first")
+        vx = tl.load(hv_ptr + src, mask=m, eviction_policy="evict_first")
+        tl.store(wk_ptr + dst, kx, mask=m)
+        tl.store(wv_ptr + dst, vx, mask=m)
+
+
+def recall_selected_pieces(recall_slot, recall_page, req_to_token, rows, *, page_size, slot_base, select_slot0):
+    """The flat ``(host_page, dst_slot, head)`` lists of :func:`recall_selected` (torch ops)."""
+    return pieces_from_selection(recall_slot.long(), recall_page.long(), None, req_to_token, rows,
+                                 page_size=page_size, slot_base=slot_base, select_slot0=select_slot0)
+
+
+def recall_selected_reference(host_k, host_v, ws_k, ws_v, recall_slot, recall_page, req_to_token, rows, *,
+                              page_size, slot_base, select_slot0) -> None:
+    """Plain torch :func:`recall_selected` (any device)."""
+    hp, ds, hd = recall_selected_pieces(recall_slot, recall_page, req_to_token, rows, page_size=page_size,
+                                        slot_base=slot_base, select_slot0=select_slot0)
+    recall_reference(host_k, host_v, ws_k, ws_v, hp, ds, hd)
+
+
+def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor,
+                    recall_slot: torch.Tensor, recall_page: torch.Tensor, req_to_token: torch.Tensor,
+                    rows: torch.Tensor, *, page_size: int, slot_base: int, select_slot0: int,
+                    impl: str | None = None) -> None:
+    """Recall the pieces listed by :func:`.select.select_update`, one program per listed piece.
+
+    Args:
+        host_k, host_v: ``[n_host_pages, Hkv, P, D]`` pinned host tier of the layer.
+        ws_k, ws_v: ``[n_slots, P, Hkv, D]`` working-set slots of the layer.
+        recall_slot, recall_page: int ``[B, Hkv, k]`` selected-slot index and logical page, ``-1`` = none.
+        req_to_token: int32 ``[R+1, max_ctx]``; rows: int ``[B]``.
+        page_size, slot_base (= slots per row), select_slot0 (= first selected slot in a row).
+    Piece ``(b, h, t)`` copies ``host[req_to_token[rows[b], page*P] // P, h]`` into
+    ``ws[rows[b]*slot_base + select_slot0 + slot, :, h, :]``. Graph-capturable, no host sync.
+    """
+    if not use_triton(impl, ws_k, recall_slot):
+        return recall_selected_reference(host_k, host_v, ws_k, ws_v, recall_slot, recall_page, req_to_token, rows,
+                                         page_size=page_size, slot_base=slot_base, select_slot0=select_slot0)
+    b, hkv, k = recall_slot.shape
+    if b == 0:
+        return
+    p, d = host_k.shape[2], host_k.shape[3]  # host pages are [n_pages, Hkv, P, D]
+    check_head_dim(d)
+    check_page_size(p)
+    _recall_selected_kernel[(b * hkv, k)](
+        kernel_arg(host_k), kernel_arg(host_v), ws_k, ws_v, recall_slot, recall_page, rows, req_to_token,
+        req_to_token.stride(0), HKV=hkv, K=k, PAGE=p, D=d, SLOT_BASE=slot_base, SLOT0=select_slot0, num_warps=4,
+    )

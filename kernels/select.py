@@ -133,3 +133,111 @@ def select_and_diff(scores: torch.Tensor, resident: torch.Tensor, head_mask: tor
             K=k, KB=kb, HAS_MASK=head_mask is not None, num_warps=4 if kb <= 64 else 8,
         )
     return ResidencyUpdate(new_res, rslot, rpage, nrec)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place variant used by the runtime: reads the resident set of each request's row directly
+# (no gather/scatter), writes recall lists with the valid entries first, counts recalls.
+if triton is not None:
+
+    @triton.jit
+    def _select_update_kernel(
+        val_ptr, idx_ptr, res_ptr, rows_ptr, hmask_ptr, rslot_ptr, rpage_ptr, cnt_ptr,
+        HKV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, HAS_MASK: tl.constexpr, COUNT: tl.constexpr,
+    ):
+        # grid: (B * Hkv,). val/idx: torch.topk output [B*Hkv, K]; res: [(R+1)*Hkv, K] of the layer.
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // HKV
+        h = pid % HKV
+        row = tl.load(rows_ptr + b).to(tl.int64)
+        res_row = row * HKV + h
+        i = tl.arange(0, KB)
+        inb = i < K
+        val = tl.load(val_ptr + pid * K + i, mask=inb, other=float("-inf"))
+        idx = tl.load(idx_ptr + pid * K + i, mask=inb, other=-1).to(tl.int64)
+        fin = inb & (val == val) & (val != float("inf")) & (val != float("-inf"))
+        smaller = fin[None, :] & (idx[None, :] < idx[:, None])
+        rank = tl.sum(smaller.to(tl.int32), axis=1)
+        n_sel = tl.sum(fin.to(tl.int32), axis=0)
+        hit = fin[None, :] & (rank[None, :] == i[:, None])
+        sel = tl.sum(tl.where(hit, idx[None, :], 0), axis=1)
+        sv = i < n_sel
+        sel = tl.where(sv, sel, -1)
+        res = tl.load(res_ptr + res_row * K + i, mask=inb, other=-1).to(tl.int64)
+        rv = res >= 0
+        eq = (sel[:, None] == res[None, :]) & sv[:, None] & rv[None, :]
+        eqi = eq.to(tl.int32)
+        in_res = tl.max(eqi, axis=1) > 0
+        keep = tl.max(eqi, axis=0) > 0
+        missing = sv & (in_res == 0)
+        free = inb & (keep == 0)
+        before = i[None, :] < i[:, None]
+        m_rank = tl.sum((before & missing[None, :]).to(tl.int32), axis=1)
+        f_rank = tl.sum((before & free[None, :]).to(tl.int32), axis=1)
+        n_rec = tl.sum(missing.to(tl.int32), axis=0)
+        if HAS_MASK:
+            act = tl.load(hmask_ptr + pid) != 0
+        else:
+            act = n_rec >= 0
+        n_rec = tl.where(act, n_rec, 0)
+        pick_p = missing[None, :] & (m_rank[None, :] == i[:, None])
+        rpage = tl.sum(tl.where(pick_p, sel[None, :], 0), axis=1)
+        pick_s = free[None, :] & (f_rank[None, :] == i[:, None])
+        rslot = tl.sum(tl.where(pick_s, i[None, :], 0), axis=1)
+        active = i < n_rec
+        tl.store(rpage_ptr + pid * K + i, tl.where(active, rpage, -1).to(tl.int32), mask=inb)
+        tl.store(rslot_ptr + pid * K + i, tl.where(active, rslot, -1).to(tl.int32), mask=inb)
+        fill = missing[None, :] & (m_rank[None, :] == f_rank[:, None])
+        incoming = tl.sum(tl.where(fill, sel[None, :], 0), axis=1)
+        new = tl.where(keep, res, tl.where(free & (f_rank < n_rec), incoming, -1))
+        tl.store(res_ptr + res_row * K + i, new.to(res_ptr.dtype.element_ty), mask=inb & act)
+        if COUNT:
+            tl.atomic_add(cnt_ptr, tl.where(row != 0, n_rec.to(tl.int64), 0))
+
+
+def select_update_reference(scores, resident, rows, head_mask, k, recall_slot, recall_page, counter=None):
+    """Plain torch :func:`select_update` (any device)."""
+    rows = rows.long()
+    upd = select_and_diff_reference(scores, resident[rows], head_mask, k)
+    act = head_mask if head_mask is not None else torch.ones(upd.n_recall.shape, dtype=torch.bool,
+                                                             device=scores.device)
+    resident[rows] = torch.where(act[..., None], upd.resident, resident[rows])
+    recall_slot.copy_(upd.recall_slot.to(recall_slot.dtype))
+    recall_page.copy_(upd.recall_page.to(recall_page.dtype))
+    if counter is not None:
+        counter += (upd.n_recall * (rows != 0)[:, None]).sum()
+
+
+def select_update(scores: torch.Tensor, resident: torch.Tensor, rows: torch.Tensor, head_mask: torch.Tensor | None,
+                  k: int, recall_slot: torch.Tensor, recall_page: torch.Tensor, counter: torch.Tensor | None = None,
+                  *, impl: str | None = None) -> None:
+    """Top-``k`` per (request, KV head) and the residency update of the request rows, in place.
+
+    Args:
+        scores: float32 ``[B, Hkv, Np]`` (``-inf`` = not a candidate).
+        resident: int ``[R+1, Hkv, k]`` resident selected page per slot of every row (one layer);
+            updated in place for ``rows`` (where ``head_mask``).
+        rows: int ``[B]`` request rows (distinct, except padding rows which must be harmless).
+        head_mask: bool ``[B, Hkv]`` rows to update, or ``None`` for all.
+        recall_slot, recall_page: int32 ``[B, Hkv, k]`` outputs: the ``(slot, page)`` pairs to
+            recall, valid ones first, ``-1`` after.
+        counter: optional int64 scalar tensor (a view) that accumulates recalled pieces of real rows.
+    No host synchronisation; CUDA-graph capturable.
+    """
+    if not use_triton(impl, scores, resident):
+        return select_update_reference(scores, resident, rows, head_mask, k, recall_slot, recall_page, counter)
+    b, hkv, np_ = scores.shape
+    if b == 0:
+        return
+    s = scores.reshape(b * hkv, np_)
+    if np_ < k:
+        s = torch.cat([s, s.new_full((b * hkv, k - np_), float("-inf"))], dim=1)
+    val, idx = torch.topk(s, k, dim=-1)
+    hm = head_mask.contiguous().view(torch.uint8) if head_mask is not None else recall_slot
+    kb = max(16, next_pow2(k))
+    _select_update_kernel[(b * hkv,)](
+        val, idx, resident, rows, hm, recall_slot, recall_page,
+        counter if counter is not None else recall_slot,
+        HKV=hkv, K=k, KB=kb, HAS_MASK=head_mask is not None, COUNT=counter is not None,
+        num_warps=4 if kb <= 64 else 8,
+    )

@@ -97,6 +97,12 @@ def test_runtime_matches_reference_cpu(speculative, tau):
     corrected = sum(s.corrected_heads for row in ref for st in row for s in st.stats)
     if speculative and tau is not None:
         assert corrected > 0  # the sign flips must trigger correction
+    # the runtime's GPU-side counters agree with the spec's per-step statistics
+    stats = rt.stats()
+    checks = sum(s.kv_heads for row in ref for st in row for s in st.stats)
+    assert stats["correction_rate"] == pytest.approx(corrected / checks)
+    recalled = sum(s.recalled_pages for row in ref for st in row for s in st.stats)
+    assert stats["recalled_pieces_per_request_step"] * rt.step_requests == pytest.approx(recalled)
 
 
 @pytest.mark.parametrize("aggregation", ["max", "softmax-mean"])
@@ -113,3 +119,25 @@ def test_runtime_budget_covers_context_is_dense_cpu():
     for row in ref:
         for st in row:
             assert not any(s.sparse for s in st.stats)
+
+
+def test_runtime_with_triton_kernels_under_interpreter():
+    """The same comparison with every Triton kernel of the runtime running in Triton's CPU
+    interpreter (fp16), in a child process (the interpreter is chosen when Triton is imported)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = (
+        "import torch\n"
+        "from tests.test_runtime_engine import run_against_reference\n"
+        "for spec, tau in ((True, 0.9), (False, None)):\n"
+        "    run_against_reference('cpu', torch.float16, speculative=spec, tau=tau, steps=6, atol=3e-2,\n"
+        "                          prompt_lens=(13, 30, 7), rows=(2, 1, 4))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-6000:]

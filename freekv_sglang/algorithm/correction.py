@@ -20,7 +20,8 @@ def query_similarity(q: torch.Tensor, q_prev: torch.Tensor, n_kv_heads: int) -> 
     Returns:
         float32 ``[B, Hkv]``.
     """
-    cos = torch.nn.functional.cosine_similarity(q.float(), q_prev.float(), dim=-1, eps=1e-6)
+    qf, pf = q.float(), q_prev.float()
+    cos = (qf * pf).sum(-1) / (qf.norm(dim=-1) * pf.norm(dim=-1)).clamp_min(1e-12)
     b, hq = cos.shape
     return cos.view(b, n_kv_heads, hq // n_kv_heads).mean(dim=-1)
 

@@ -31,14 +31,15 @@ from dataclasses import dataclass
 
 import torch
 
-from freekv_sglang.algorithm.correction import correction_flags
 from freekv_sglang.algorithm.layout import WorkingSetLayout
+from freekv_sglang.kernels.decode_prologue import decode_prologue
 from freekv_sglang.kernels.digests import page_digests_from_rows
 from freekv_sglang.kernels.kv_store import store_kv_host
 from freekv_sglang.kernels.page_table import build_page_table, last_page_len_host, page_table_indptr_host
-from freekv_sglang.kernels.recall import pieces_from_selection, recall_gather, recall_per_page, recall_staged
+from freekv_sglang.kernels.recall import (recall_gather, recall_per_page, recall_selected, recall_selected_pieces,
+                                          recall_staged)
 from freekv_sglang.kernels.scores import score_pages
-from freekv_sglang.kernels.select import select_and_diff
+from freekv_sglang.kernels.select import select_update
 
 from .attention import WorkingSetAttention
 from .host_store import HostKVStore
@@ -112,17 +113,23 @@ class FreeKVRuntime:
         self.digests = torch.zeros((L, n_host_pages, hkv, 2, d), dtype=dt, device=dev)
         self.resident = torch.full((L, max_rows + 1, hkv, lay.n_select), -1, dtype=torch.int64, device=dev)
         self.q_prev = torch.zeros((L, max_rows + 1, hq, d), dtype=dt, device=dev)
-        self.q_valid = torch.zeros((L, max_rows + 1), dtype=torch.bool, device=dev)
+        self.q_valid = torch.zeros((L, max_rows + 1, hkv), dtype=torch.bool, device=dev)
         # score scratch: one for the correction on the compute stream, one for the side stream
         self.scores_main = torch.empty((max_batch, hkv, self.max_pages), dtype=torch.float32, device=dev)
         self.scores_side = torch.empty_like(self.scores_main)
         self.head_ids = torch.arange(hkv, device=dev)
+        self.flags = torch.zeros((L, max_batch, hkv), dtype=torch.bool, device=dev)  # per layer: read by the side stream
+        self.spec = torch.zeros((L, max_batch, hkv), dtype=torch.bool, device=dev)
+        # statistics, accumulated on the GPU: [decode checks (host-counted), corrected heads,
+        # pieces recalled before attention, pieces recalled speculatively]
+        self.counters = torch.zeros(4, dtype=torch.int64, device=dev)
+        self.checks = self.steps = self.step_requests = 0
+        self.log_every = 2048  # decode steps between statistics log lines (0: never)
 
         self.side_stream = torch.cuda.Stream(device=dev) if self.is_cuda and settings.speculative else None
         self.attn_done = [torch.cuda.Event() for _ in range(L)] if self.side_stream is not None else None
         self.step: DecodeStep | None = None
         self.attention = WorkingSetAttention(self.device, max_batch, S, workspace=workspace)
-        self.stats = {"recall_pieces": None}
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -140,7 +147,8 @@ class FreeKVRuntime:
         store_kv_host(self.host.k(layer), self.host.v(layer), k, v, loc)
 
     # ------------------------------------------------------------------ recall
-    def _recall(self, layer: int, host_page: torch.Tensor, dst_slot: torch.Tensor, head: torch.Tensor) -> None:
+    def _recall_pieces(self, layer: int, host_page: torch.Tensor, dst_slot: torch.Tensor, head: torch.Tensor) -> None:
+        """Recall a flat piece list with the configured strategy."""
         how = self.settings.recall
         if how == "skip":
             return
@@ -153,26 +161,37 @@ class FreeKVRuntime:
         else:
             recall_per_page(hk, hv, wk, wv, host_page, dst_slot, head)
 
-    def _select_and_recall(self, layer: int, q: torch.Tensor, rows: torch.Tensor, n_ctx: torch.Tensor,
-                           head_mask: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
-        """Select with ``q [B,Hq,D]`` over the candidates of ``n_ctx``, update residency, recall.
+    def _recall_selection(self, layer: int, r_slot: torch.Tensor, r_page: torch.Tensor, rows: torch.Tensor) -> None:
+        """Recall what a selection listed (default: one gather kernel straight from the lists)."""
+        lay = self.layout
+        kw = dict(page_size=lay.page_size, slot_base=lay.slots, select_slot0=lay.n_sink)
+        how = self.settings.recall
+        if how == "skip":
+            return
+        if how == "gather" or not self.is_cuda:
+            wk, wv = self.layer_slots(layer)
+            recall_selected(self.host.k(layer), self.host.v(layer), wk, wv, r_slot, r_page, self.req_to_token,
+                            rows, **kw)
+        else:
+            self._recall_pieces(layer, *recall_selected_pieces(r_slot, r_page, self.req_to_token, rows, **kw))
 
-        Returns the number of recalled pieces per (request, head), int64 ``[B, Hkv]``.
-        """
+    def _select_and_recall(self, layer: int, q: torch.Tensor, rows: torch.Tensor, n_ctx: torch.Tensor,
+                           head_mask: torch.Tensor | None, scores: torch.Tensor,
+                           counter: torch.Tensor | None = None) -> None:
+        """Select with ``q [B,Hq,D]`` over the candidates of ``n_ctx`` for the heads in
+        ``head_mask`` (all if None), update their resident sets in place, recall what is missing.
+        ``counter`` (an int64 scalar view) accumulates the recalled pieces of real rows."""
         lay = self.layout
         b = q.shape[0]
         out = scores[:b]
         score_pages(q, self.digests[layer], self.req_to_token, rows, n_ctx, head_mask, out,
                     page_size=lay.page_size, n_sink=lay.n_sink, n_window=lay.n_window,
                     aggregation=self.settings.gqa_aggregation)
-        res = self.resident[layer, rows]
-        new_res, r_slot, r_page, n_rec = select_and_diff(out, res, head_mask, lay.n_select)
-        self.resident[layer, rows] = new_res
-        host_page, dst_slot, head = pieces_from_selection(
-            r_slot, r_page, n_rec, self.req_to_token, rows,
-            page_size=lay.page_size, slot_base=lay.slots, select_slot0=lay.n_sink)
-        self._recall(layer, host_page, dst_slot, head)
-        return n_rec
+        shape = (b, self.shape.n_kv_heads, lay.n_select)
+        r_slot = torch.empty(shape, dtype=torch.int32, device=self.device)
+        r_page = torch.empty(shape, dtype=torch.int32, device=self.device)
+        select_update(out, self.resident[layer], rows, head_mask, lay.n_select, r_slot, r_page, counter)
+        self._recall_selection(layer, r_slot, r_page, rows)
 
     # ------------------------------------------------------------------ prefill
     def prefill_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
@@ -221,8 +240,8 @@ class FreeKVRuntime:
             host_page = self.req_to_token[r, idx[1] * P].long() // P
             dst_slot = r * lay.slots + idx[2]
             hkv = self.shape.n_kv_heads
-            self._recall(layer, host_page.repeat_interleave(hkv), dst_slot.repeat_interleave(hkv),
-                         self.head_ids.repeat(len(rr)))
+            self._recall_pieces(layer, host_page.repeat_interleave(hkv), dst_slot.repeat_interleave(hkv),
+                                self.head_ids.repeat(len(rr)))
         # 3. selected pages, chosen with the last prompt token's query for context n0 + 1
         last = torch.tensor([s + n0 - 1 for s, n0 in zip(starts, prompt_lens)], dtype=torch.int64)
         q_last = q[last.to(dev, non_blocking=True)]
@@ -260,6 +279,12 @@ class FreeKVRuntime:
         """Host half: FlashInfer's plan from the host copy of the lengths (outside CUDA graphs)."""
         lay, sh = self.layout, self.shape
         sl = seq_lens_cpu[:bs]
+        real = int((sl > 1).sum())  # padded graph entries have a 1-token history
+        self.steps += 1
+        self.checks += sh.n_layers * sh.n_kv_heads * real
+        self.step_requests += real
+        if self.log_every and self.steps % self.log_every == 0:
+            logger.info(self.stats_line())
         self.attention.plan(bs, page_table_indptr_host(sl, lay), last_page_len_host(sl, lay), graph=graph,
                             num_qo_heads=sh.n_q_heads, num_kv_heads=sh.n_kv_heads, head_dim=sh.head_dim,
                             page_size=lay.page_size, dtype=sh.dtype)
@@ -280,40 +305,54 @@ class FreeKVRuntime:
         Returns:
             ``[B, Hq, D]`` attention output (dtype of q).
         """
-        st, lay, cfg = self.step, self.layout, self.settings
-        hkv = self.shape.n_kv_heads
-        # 1. the new token: host tier and current window page
-        self.store_tokens(layer, k, v, loc)
+        st, cfg = self.step, self.settings
+        b = q.shape[0]
         wk, wv = self.layer_slots(layer)
-        wk[st.cur_slot, st.cur_off] = k.to(wk.dtype)
-        wv[st.cur_slot, st.cur_off] = v.to(wv.dtype)
-        # 2. a page that just became full gets its digest
-        page_digests_from_rows(wk.view(-1, hkv, self.shape.head_dim), st.digest_row0, loc.long() // lay.page_size,
-                               self.digests[layer], page_size=lay.page_size)
-        # 3. heads that must be reselected with the current query before attention
-        if cfg.speculative:
-            flags = correction_flags(q, self.q_prev[layer, st.rows], self.q_valid[layer, st.rows], hkv,
-                                     cfg.correction_threshold)
-        else:
-            flags = torch.ones((q.shape[0], hkv), dtype=torch.bool, device=q.device)
-        self._select_and_recall(layer, q, st.rows, st.n, flags, self.scores_main)
-        # 4. attention over the working set (sink + selected + window)
+        flags, spec = self.flags[layer, :b], self.spec[layer, :b]
+        # 1. token -> host tier + window page; digest of a completed page; correction check;
+        #    previous query updated (one kernel)
+        decode_prologue(q.contiguous(), k.contiguous(), v.contiguous(), loc, st.rows, st.n, st.cur_slot,
+                        self.host.k(layer), self.host.v(layer), wk, wv, self.digests[layer], self.q_prev[layer],
+                        self.q_valid[layer], flags, spec, tau=cfg.correction_threshold,
+                        speculative=cfg.speculative, counters=self.counters)
+        # 2. heads that must not trust the speculative pages: reselect with q_t before attention
+        self._select_and_recall(layer, q, st.rows, st.n, flags, self.scores_main, self.counters[2])
+        # 3. attention over the working set (sink + selected + window)
         o = self.attention(q, wk, wv, scale)
-        # 5. remember the query; speculative selection + recall for the next step
-        self.q_prev[layer, st.rows] = q.to(self.q_prev.dtype)
-        self.q_valid[layer].index_fill_(0, st.rows, True)
-        self.last_flags = flags
+        # 4. speculative selection + recall for the next step, on the side stream, for the heads
+        #    whose pages the correction did not already choose with q_t (see decode_prologue)
         if cfg.speculative:
             if self.side_stream is not None:
                 ev = self.attn_done[layer]
                 ev.record()
                 with torch.cuda.stream(self.side_stream):
                     self.side_stream.wait_event(ev)
-                    self._select_and_recall(layer, self.q_prev[layer, st.rows], st.rows, st.n_next, None,
-                                            self.scores_side)
+                    self._select_and_recall(layer, self.q_prev[layer, st.rows], st.rows, st.n_next, spec,
+                                            self.scores_side, self.counters[3])
             else:
-                self._select_and_recall(layer, q, st.rows, st.n_next, None, self.scores_side)
+                self._select_and_recall(layer, q, st.rows, st.n_next, spec, self.scores_side, self.counters[3])
         return o
+
+    def stats(self) -> dict:
+        """Decode statistics since start (reads GPU counters: a host sync, call outside steps)."""
+        _, corrected, rec_main, rec_side = self.counters.tolist()
+        sh, P = self.shape, self.layout.page_size
+        piece = 2 * P * sh.head_dim * torch.empty(0, dtype=sh.dtype).element_size()
+        per_req = max(self.step_requests, 1)
+        return {
+            "decode_steps": self.steps,
+            "correction_rate": corrected / max(self.checks, 1),
+            "recalled_pieces_per_request_step": (rec_main + rec_side) / per_req,
+            "recall_bytes_per_request_step": (rec_main + rec_side) * piece / per_req,
+            "recalled_before_attention_share": rec_main / max(rec_main + rec_side, 1),
+        }
+
+    def stats_line(self) -> str:
+        st = self.stats()
+        return (f"FreeKV decode: {st['decode_steps']} steps, correction rate {st['correction_rate']:.3f} of "
+                f"(layer, KV head) checks, {st['recalled_pieces_per_request_step']:.1f} pieces "
+                f"({st['recall_bytes_per_request_step'] / 2**20:.2f} MiB) recalled per request per step, "
+                f"{100 * st['recalled_before_attention_share']:.0f}% of them before attention")
 
     def finish_decode_step(self) -> None:
         """Join the side stream (call after the last layer of a decode step)."""

@@ -35,7 +35,7 @@ def working_set_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout) -> in
     elt = torch.empty(0, dtype=shape.dtype).element_size()
     ws = shape.n_layers * 2 * layout.slots * layout.page_size * shape.n_kv_heads * shape.head_dim * elt
     resident = shape.n_layers * shape.n_kv_heads * layout.n_select * 8
-    qprev = shape.n_layers * (shape.n_q_heads * shape.head_dim * elt + 1)
+    qprev = shape.n_layers * (shape.n_q_heads * shape.head_dim * elt + shape.n_kv_heads)
     return ws + resident + qprev
 
 

@@ -1,0 +1,168 @@
+"""Decode prologue of one layer: everything FreeKV does before selection, in one launch.
+
+For each request ``b`` (history of ``n[b]`` tokens including the new one, request row
+``rows[b]``, token slot ``loc[b]``, current working-set slot ``cur_slot[b]``) and KV head ``h``:
+
+1. the new token's K/V goes to the host tier (HND page ``loc // P``, offset ``loc % P``) and to
+   the current window page of the working set (NHD slot ``cur_slot``, offset ``(n - 1) % P``);
+2. when the token completes its page (``n % P == 0``) the page's digest (channel max and min of
+   its keys) is written for host page ``loc // P``;
+3. the correction check: ``flags[b, h]`` = the mean over the KV head's ``G`` query heads of
+   ``cos(q, q_prev[row])`` is below ``tau``, or the row has no previous query, or speculation
+   is off (then every head is reselected before attention);
+4. ``spec[b, h]`` = the head needs the speculative selection for the next step: it was not
+   reselected now, or a page leaves the window at the next step (``n % P == 0``); otherwise the
+   correction's selection already covers the next step's candidates;
+5. ``q_prev[row] = q`` and ``(row, h)`` is marked as having a previous query (validity is
+   kept per KV head so that each program owns what it reads and writes).
+
+Optionally ``counters[1] += flags`` over real rows (``rows != 0``), for statistics.
+The torch reference composes the algorithm's functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from freekv_sglang.algorithm.correction import correction_flags
+from freekv_sglang.algorithm.digests import page_digests
+
+from .common import check_head_dim, check_kv_dtype, check_page_size, next_pow2, tl, triton, use_triton
+from .uva import kernel_arg
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_prologue_kernel(
+        q_ptr, k_ptr, v_ptr, loc_ptr, rows_ptr, n_ptr, slot_ptr,
+        hk_ptr, hv_ptr, wk_ptr, wv_ptr, dig_ptr, qprev_ptr, qvalid_ptr, flags_ptr, spec_ptr, cnt_ptr,
+        tau,
+        HKV: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+        HAS_TAU: tl.constexpr, SPECULATIVE: tl.constexpr, COUNT: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        d = tl.arange(0, D)
+        loc = tl.load(loc_ptr + b).to(tl.int64)
+        row = tl.load(rows_ptr + b).to(tl.int64)
+        n = tl.load(n_ptr + b).to(tl.int64)
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        off = (n - 1) % PAGE
+        page = loc // PAGE
+        # 1. token -> host tier (HND) and current window page (NHD)
+        kx = tl.load(k_ptr + (b * HKV + h) * D + d)
+        vx = tl.load(v_ptr + (b * HKV + h) * D + d)
+        hofs = ((page * HKV + h) * PAGE + off) * D
+        tl.store(hk_ptr + hofs + d, kx)
+        tl.store(hv_ptr + hofs + d, vx)
+        wofs = ((slot * PAGE + off) * HKV + h) * D
+        tl.store(wk_ptr + wofs + d, kx)
+        tl.store(wv_ptr + wofs + d, vx)
+        # 2. digest of a page completed by this token (rows 0..P-2 from the slot, row P-1 = kx)
+        complete = off == PAGE - 1
+        t = tl.arange(0, PAGE)
+        tile = tl.load(wk_ptr + ((slot * PAGE + t[:, None]) * HKV + h) * D + d[None, :],
+                       mask=complete & (t[:, None] < PAGE - 1), other=0.0)
+        tile = tl.where(t[:, None] == PAGE - 1, kx[None, :], tile)
+        dofs = (page * HKV + h) * 2 * D
+        tl.store(dig_ptr + dofs + d, tl.max(tile, axis=0), mask=complete & (d >= 0))
+        tl.store(dig_ptr + dofs + D + d, tl.min(tile, axis=0), mask=complete & (d >= 0))
+        # 3. correction check against the previous query of this row
+        g = tl.arange(0, GB)
+        gm = g < G
+        hq = h * G + g
+        qofs = (b * HKV * G + hq)[:, None] * D + d[None, :]
+        pofs = (row * HKV * G + hq)[:, None] * D + d[None, :]
+        qt = tl.load(q_ptr + qofs, mask=gm[:, None], other=0.0)
+        valid = tl.load(qvalid_ptr + row * HKV + h) != 0
+        if SPECULATIVE:
+            qf = qt.to(tl.float32)
+            pf = tl.load(qprev_ptr + pofs, mask=gm[:, None], other=0.0).to(tl.float32)
+            dot = tl.sum(qf * pf, axis=1)
+            nrm = tl.sqrt(tl.sum(qf * qf, axis=1)) * tl.sqrt(tl.sum(pf * pf, axis=1))
+            cos = dot / tl.maximum(nrm, 1e-12)
+            mean = tl.sum(tl.where(gm, cos, 0.0), axis=0) / G
+            if HAS_TAU:
+                flag = (mean < tau) | (valid == 0)
+            else:
+                flag = valid == 0
+        else:
+            flag = valid | True
+        tl.store(flags_ptr + b * HKV + h, flag.to(tl.int8))
+        tl.store(spec_ptr + b * HKV + h, ((flag == 0) | complete).to(tl.int8))
+        if COUNT:
+            tl.atomic_add(cnt_ptr + 1, tl.where(row != 0, flag.to(tl.int64), 0))
+        # 5. remember the query (this program owns the G query heads of KV head h)
+        tl.store(qprev_ptr + pofs, qt.to(qprev_ptr.dtype.element_ty), mask=gm[:, None])
+        tl.store(qvalid_ptr + row * HKV + h, 1)
+
+
+def decode_prologue_reference(q, k, v, loc, rows, n, cur_slot, host_k, host_v, ws_k, ws_v, digests, q_prev,
+                              q_valid, flags, spec, *, tau, speculative, counters=None) -> None:
+    """Plain torch (any device): same effects as :func:`decode_prologue`."""
+    p = ws_k.shape[1]
+    hkv = ws_k.shape[2]
+    loc, rows, n, cur_slot = loc.long(), rows.long(), n.long(), cur_slot.long()
+    hl = loc.to(host_k.device)
+    host_k[hl // p, :, hl % p, :] = k.to(host_k.device, host_k.dtype)
+    host_v[hl // p, :, hl % p, :] = v.to(host_v.device, host_v.dtype)
+    off = (n - 1) % p
+    ws_k[cur_slot, off] = k.to(ws_k.dtype)
+    ws_v[cur_slot, off] = v.to(ws_v.dtype)
+    complete = off == p - 1
+    for b in torch.nonzero(complete).flatten().tolist():
+        digests[loc[b] // p] = page_digests(ws_k[cur_slot[b]], p)[0]
+    valid = q_valid[rows].bool()  # [B, Hkv]
+    if speculative:
+        ones = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+        f = correction_flags(q, q_prev[rows], ones, hkv, tau) | ~valid
+    else:
+        f = torch.ones((q.shape[0], hkv), dtype=torch.bool, device=q.device)
+    flags.copy_(f.to(flags.dtype))
+    spec.copy_((~f | complete[:, None]).to(spec.dtype))
+    if counters is not None:
+        counters[1] += (f & (rows != 0)[:, None]).sum()
+    q_prev[rows] = q.to(q_prev.dtype)
+    q_valid[rows] = True
+
+
+def decode_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor,
+                    n: torch.Tensor, cur_slot: torch.Tensor, host_k: torch.Tensor, host_v: torch.Tensor,
+                    ws_k: torch.Tensor, ws_v: torch.Tensor, digests: torch.Tensor, q_prev: torch.Tensor,
+                    q_valid: torch.Tensor, flags: torch.Tensor, spec: torch.Tensor, *, tau: float | None,
+                    speculative: bool, counters: torch.Tensor | None = None, impl: str | None = None) -> None:
+    """One launch for the per-layer decode prologue (see module docstring).
+
+    Args:
+        q: ``[B, Hq, D]``; k, v: ``[B, Hkv, D]`` (contiguous); loc, rows, n, cur_slot: int ``[B]``.
+        host_k, host_v: ``[n_pages, Hkv, P, D]`` pinned host tier of the layer.
+        ws_k, ws_v: ``[n_slots, P, Hkv, D]`` working-set slots of the layer.
+        digests: ``[n_pages, Hkv, 2, D]``; q_prev: ``[R+1, Hq, D]``; q_valid: bool ``[R+1, Hkv]``.
+        flags, spec: bool ``[B, Hkv]`` outputs.
+        tau: correction threshold or ``None`` (off); speculative: speculation on.
+        counters: optional int64 ``[4]``; ``counters[1]`` accumulates corrected heads of real rows.
+    No host synchronisation; CUDA-graph capturable.
+    """
+    if not use_triton(impl, q, ws_k):
+        return decode_prologue_reference(q, k, v, loc, rows, n, cur_slot, host_k, host_v, ws_k, ws_v, digests,
+                                         q_prev, q_valid, flags, spec, tau=tau, speculative=speculative,
+                                         counters=counters)
+    b, hq, d = q.shape
+    _, p, hkv, _ = ws_k.shape
+    check_head_dim(d)
+    check_page_size(p)
+    check_kv_dtype(ws_k.dtype)
+    if b == 0:
+        return
+    g = hq // hkv
+    for t in (q, k, v, ws_k, ws_v, digests, q_prev, flags, spec):
+        if not t.is_contiguous():
+            raise ValueError("decode_prologue needs contiguous tensors")
+    _decode_prologue_kernel[(b, hkv)](
+        q, k, v, loc, rows, n, cur_slot, kernel_arg(host_k), kernel_arg(host_v), ws_k, ws_v, digests, q_prev,
+        q_valid.view(torch.uint8), flags.view(torch.int8), spec.view(torch.int8),
+        counters if counters is not None else flags,
+        float(tau) if tau is not None else 0.0,
+        HKV=hkv, G=g, GB=max(2, next_pow2(g)), D=d, PAGE=p, HAS_TAU=tau is not None, SPECULATIVE=speculative,
+        COUNT=counters is not None, num_warps=4,
+    )

@@ -1,0 +1,108 @@
+"""Checks of the fused decode kernels (prologue, in-place selection, recall from selection lists)
+against their torch references on fresh random inputs. Shared by the CPU test (Triton interpreter,
+in a child process) and the GPU test."""
+
+from __future__ import annotations
+
+import torch
+
+from freekv_sglang.kernels.decode_prologue import decode_prologue
+from freekv_sglang.kernels.recall import recall_selected
+from freekv_sglang.kernels.select import select_update
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = 0.0):
+    if a.dtype == torch.bool or not a.is_floating_point():
+        assert torch.equal(a.cpu(), b.cpu()), what
+    else:
+        assert torch.allclose(a.float().cpu(), b.float().cpu(), atol=atol, rtol=0), what
+
+
+def check_prologue(device, dtype, group, head_dim, page=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, hkv, R = 5, 2, 6
+    hq = hkv * group
+    n_pages, n_slots = 40, (R + 1) * 6
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(dtype)
+
+    state = dict(host_k=rnd(n_pages, hkv, page, head_dim), host_v=rnd(n_pages, hkv, page, head_dim),
+                 ws_k=rnd(n_slots, page, hkv, head_dim), ws_v=rnd(n_slots, page, hkv, head_dim),
+                 digests=rnd(n_pages, hkv, 2, head_dim), q_prev=rnd(R + 1, hq, head_dim),
+                 q_valid=torch.tensor([0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)[:, None].repeat(1, hkv),
+                 flags=torch.zeros(B, hkv, dtype=torch.bool), spec=torch.zeros(B, hkv, dtype=torch.bool),
+                 counters=torch.zeros(4, dtype=torch.int64))
+    q, k, v = rnd(B, hq, head_dim), rnd(B, hkv, head_dim), rnd(B, hkv, head_dim)
+    rows = torch.tensor([2, 4, 3, 0, 0])  # two padding entries on row 0
+    q[1] = state["q_prev"][4]  # unchanged query: not corrected
+    n = torch.tensor([page + 3, 2 * page, 3 * page + 1, 1, 1])  # request 1 completes a page
+    loc = torch.tensor([5 * page + 2, 8 * page - 1, 11 * page, 0, 0])
+    slot = torch.tensor([13, 25, 19, 0, 0])
+    for tau, spec_on in ((0.9, True), (None, True), (0.5, False)):
+        outs = []
+        for impl in ("triton", "torch"):
+            st = {kk: vv.clone().to(device) for kk, vv in state.items()}
+            decode_prologue(q.to(device), k.to(device), v.to(device), loc.to(device), rows.to(device),
+                            n.to(device), slot.to(device), st["host_k"], st["host_v"], st["ws_k"], st["ws_v"],
+                            st["digests"], st["q_prev"], st["q_valid"], st["flags"], st["spec"], tau=tau,
+                            speculative=spec_on, counters=st["counters"], impl=impl)
+            outs.append(st)
+        for key in state:
+            if key == "q_prev":  # padding rows are written by several programs: compare real rows only
+                _same(outs[0][key][1:], outs[1][key][1:], f"{key} tau={tau}")
+            elif key in ("flags", "spec"):  # ... and padding entries race on row 0's state
+                _same(outs[0][key][:3], outs[1][key][:3], f"{key} tau={tau}")
+            elif key == "q_valid":
+                _same(outs[0][key][1:], outs[1][key][1:], f"{key} tau={tau}")
+            else:
+                _same(outs[0][key], outs[1][key], f"{key} tau={tau}")
+        flags = outs[1]["flags"].cpu()
+        if spec_on:
+            assert not bool(flags[1].any())  # same query as before: trusted
+            assert bool(flags[2].all())  # row 3 has no previous query
+        else:
+            assert bool(flags.all())
+
+
+def check_select_recall(device, dtype, head_dim, page=8, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, hkv, R, Np, S, ns = 4, 3, 6, 20, 10, 2
+    scores = torch.randn(B, hkv, Np, generator=g)
+    scores[:, :, :ns] = float("-inf")
+    scores[3, :, 5:] = float("-inf")  # few candidates
+    resident = torch.full((R + 1, hkv, k), -1, dtype=torch.int64)
+    resident[4] = torch.stack([torch.randperm(Np - ns, generator=g)[:k] + ns for _ in range(hkv)])
+    rows = torch.tensor([2, 4, 3, 1])
+    mask = torch.rand(B, hkv, generator=g) > 0.3
+    outs = []
+    for impl in ("triton", "torch"):
+        res = resident.clone().to(device)
+        rs = torch.full((B, hkv, k), 7, dtype=torch.int32, device=device)
+        rp = rs.clone()
+        cnt = torch.zeros(4, dtype=torch.int64, device=device)
+        select_update(scores.to(device), res, rows.to(device), mask.to(device), k, rs, rp, cnt[2], impl=impl)
+        outs.append((res, rs, rp, cnt))
+    for name, a, b in zip(("resident", "slot", "page", "count"), outs[0], outs[1]):
+        _same(a, b, name)
+    # recall of those lists
+    n_host = 60
+    host_k = torch.randn(n_host, hkv, page, head_dim, generator=g).to(dtype)
+    host_v = torch.randn(n_host, hkv, page, head_dim, generator=g).to(dtype)
+    if device != "cpu":
+        host_k, host_v = host_k.pin_memory(), host_v.pin_memory()
+    perm = torch.randperm(n_host - 1, generator=g) + 1
+    r2t = torch.zeros((R + 1, Np * page + 3), dtype=torch.int32)
+    for r in range(1, R + 1):
+        pages = perm[torch.randint(0, n_host - 1, (Np + 1,), generator=g)]
+        r2t[r] = (pages[:, None] * page + torch.arange(page)).flatten()[: r2t.shape[1]].int()
+    ws = []
+    for impl in ("triton", "torch"):
+        wk = torch.full(((R + 1) * S, page, hkv, head_dim), float("nan"), dtype=dtype, device=device)
+        wv = wk.clone()
+        recall_selected(host_k, host_v, wk, wv, outs[1][1], outs[1][2], r2t.to(device), rows.to(device),
+                        page_size=page, slot_base=S, select_slot0=ns, impl=impl)
+        ws.append((wk, wv))
+    for a, b in zip(ws[0], ws[1]):
+        assert torch.equal(torch.nan_to_num(a, nan=-7.0).cpu(), torch.nan_to_num(b, nan=-7.0).cpu()), "recall"
+    assert int(outs[1][3][2]) > 0

@@ -1,0 +1,55 @@
+"""Fused decode kernels vs their torch references, with the Triton kernels in the CPU interpreter
+(child process: the interpreter is chosen when Triton is imported). GPU: tests/gpu/test_kernels_fused_gpu.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def test_fused_kernels_under_interpreter():
+    pytest.importorskip("triton")
+    code = (
+        "import torch\n"
+        "from tests.kernel_cases import check_prologue, check_select_recall\n"
+        "for group in (1, 3, 4):\n"
+        "    check_prologue('cpu', torch.float16, group, 16)\n"
+        "check_select_recall('cpu', torch.float16, 16)\n"
+        "check_select_recall('cpu', torch.float16, 32, k=5)\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-6000:]
+
+
+def test_fused_references_compose_the_algorithm():
+    """The references alone (torch on both sides is trivially equal; this runs them for coverage of
+    padding rows and masks on the CPU without Triton)."""
+    import torch
+
+    from tests.kernel_cases import check_select_recall
+
+    # impl='torch' vs impl='torch' would be vacuous; instead check the reference selection against
+    # the algorithm's residency update directly
+    from freekv_sglang.algorithm.selection import residency_update, topk_pages
+    from freekv_sglang.kernels.select import select_update_reference
+
+    g = torch.Generator().manual_seed(3)
+    B, hkv, R, Np, k = 3, 2, 5, 12, 3
+    scores = torch.randn(B, hkv, Np, generator=g)
+    resident = torch.full((R + 1, hkv, k), -1, dtype=torch.int64)
+    rows = torch.tensor([1, 4, 2])
+    mask = torch.tensor([[True, False], [True, True], [False, True]])
+    rs = torch.empty((B, hkv, k), dtype=torch.int32)
+    rp = torch.empty_like(rs)
+    before = resident.clone()
+    select_update_reference(scores, resident, rows, mask, k, rs, rp)
+    want = residency_update(before[rows], topk_pages(scores, k), mask)
+    assert torch.equal(resident[rows], want.resident)
+    assert torch.equal(rs.long(), want.recall_slot) and torch.equal(rp.long(), want.recall_page)
+    del check_select_recall
