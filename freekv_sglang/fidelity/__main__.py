@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", help=f"where the converted default model is kept (env {model_mod.CACHE_ENV})")
     p.add_argument("--quick", action="store_true", help="short CI configuration")
     p.add_argument("--modes", default="oracle,speculative,corrected@0.8,corrected@0.9",
-                   help="comma list of oracle, speculative, corrected@TAU (dense always runs)")
+                   help="comma list of oracle, speculative, corrected@TAU, exact (diagnostic: true attention mass "
+                        "instead of the Quest bound); dense always runs")
     p.add_argument("--budgets", help="selected tokens per KV head, comma list (full: 256,512,1024)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma list of " + ", ".join(TASKS))
     p.add_argument("--texts", help="teacher-forced/greedy texts: " + ",".join(texts.TEXTS))
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--sink", type=int, default=rows_mod.SINK_TOKENS, help="sink tokens")
     p.add_argument("--window", type=int, default=rows_mod.WINDOW_TOKENS, help="recent-window tokens")
     p.add_argument("--gqa-aggregation", default="mean", choices=("mean", "softmax-mean", "max"))
+    p.add_argument("--dense-layers", default="", help="comma list of layers kept dense in every FreeKV row "
+                   "(default none: every layer sparse)")
     p.add_argument("--max-tokens", type=int, help="truncate each text to this many tokens (full: 6144)")
     p.add_argument("--prefill", type=int, help="teacher-forced prefill tokens (full: 2048)")
     p.add_argument("--max-steps", type=int, help="cap on teacher-forced decode steps per text")
@@ -84,7 +87,7 @@ def run(args, log=print) -> dict:
             raise SystemExit(f"unknown task {t!r}; choose from {TASKS}")
     lm = model_mod.load(args.model, args.cache_dir, threads=args.threads, log=log)
     rows = rows_mod.build_rows(_csv(args.modes), _csv(args.budgets, int), args.page_size, args.sink, args.window,
-                               args.gqa_aggregation)
+                               args.gqa_aggregation, _csv(args.dense_layers, int))
     log(f"{len(rows)} rows: " + ", ".join(r.label for r in rows))
     results: dict = {}
     text_objs = [texts.get_text(n) for n in _csv(args.texts)]
@@ -120,7 +123,8 @@ def run(args, log=print) -> dict:
         "model layout": f"{lm.n_layers} layers, {lm.n_heads} query / {lm.n_kv_heads} KV heads, head dim {lm.head_dim}, "
                         f"{lm.max_positions} positions; float32",
         "working set": f"page {args.page_size} tokens; sink {args.sink} + selected (budget) + window {args.window} tokens; "
-                       f"GQA aggregation {args.gqa_aggregation}; every layer sparse",
+                       f"GQA aggregation {args.gqa_aggregation}; "
+                       + (f"layers {args.dense_layers} dense" if args.dense_layers else "every layer sparse"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                    f"({torch.get_num_threads()} threads), Python {platform.python_version()}",
         "texts": "; ".join(f"{t.name}: {t.source}" for t in text_objs),
@@ -152,7 +156,8 @@ def merge(paths: list[str]) -> dict:
                         raise SystemExit(f"two merged runs both have {task}/{name}")
                     results[task][name] = r
     spec_fields = set(rows_mod.RowSpec.__dataclass_fields__)
-    rows = [rows_mod.RowSpec(**{k: v for k, v in r.items() if k in spec_fields}) for r in parts[0]["rows"]]
+    rows = [rows_mod.RowSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items() if k in spec_fields})
+            for r in parts[0]["rows"]]
     meta = dict(parts[0]["meta"])
     for i, part in enumerate(parts):
         meta[f"run {i + 1}"] = (f"{part['meta'].get('command')} (started {part['meta'].get('started (UTC)')}, "

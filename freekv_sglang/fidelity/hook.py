@@ -22,11 +22,44 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..algorithm import LayerState, dense_attention
+import math
+
+from ..algorithm import LayerState, dense_attention, topk_pages
 from .rows import RowSpec
 
 ATTN_NAME = "freekv"
 _ATTR = "_freekv_row_decoder"
+
+
+class ExactSelectLayerState(LayerState):
+    """Diagnostic ``exact`` rows: ``select`` ranks candidate pages by their true attention mass.
+
+    Score of page ``p`` for KV head ``k``: the mean over its query heads of the softmax weight
+    (over the whole known history) that falls on ``p``'s tokens. Everything else (residency,
+    stats, attention) is :class:`LayerState`'s. Needs the keys, which it keeps from the last call.
+    """
+
+    _keys: torch.Tensor | None = None
+
+    def prefill(self, keys, q_last):
+        self._keys = keys
+        return super().prefill(keys, q_last)
+
+    def decode(self, q, keys, values, scale):
+        self._keys = keys
+        return super().decode(q, keys, values, scale)
+
+    def select(self, q, n):
+        lay = self.settings.layout
+        hkv, (hq, d) = self.n_kv_heads, q.shape
+        keys = self._keys[: min(n, self._keys.shape[0])]
+        n_pages = lay.n_pages(n)
+        logits = torch.einsum("hgd,mhd->hgm", q.float().reshape(hkv, hq // hkv, d), keys.float()) / math.sqrt(d)
+        prob = torch.softmax(logits, dim=-1)
+        prob = torch.nn.functional.pad(prob, (0, n_pages * lay.page_size - keys.shape[0]))
+        mass = prob.unflatten(-1, (n_pages, lay.page_size)).sum(-1).mean(1)  # [Hkv, Np]
+        valid = lay.candidate_mask(n, n_pages)
+        return topk_pages(mass.masked_fill(~valid, float("-inf"))[None], lay.n_select)[0]
 
 
 class RowDecoder:
@@ -62,7 +95,10 @@ class RowDecoder:
                     self.states[r][layer] = None
                     continue
                 keys, q_last = self._prefill[layer]
-                st = LayerState(settings, self.n_kv_heads)
+                if layer in row.dense_layers:
+                    continue
+                cls = ExactSelectLayerState if row.mode == "exact" else LayerState
+                st = cls(settings, self.n_kv_heads)
                 recalled += st.prefill(keys, q_last)
                 self.states[r][layer] = st
         self._prefill.clear()
@@ -88,7 +124,7 @@ class RowDecoder:
             k = key[r].transpose(0, 1)  # [n, Hkv, D]
             v = value[r].transpose(0, 1)
             st = self.states[r][layer]
-            if self.rows[r].mode == "dense":
+            if self.rows[r].mode == "dense" or layer in self.rows[r].dense_layers:
                 outs.append(dense_attention(q, k, v, scale))
             elif st is None:
                 raise RuntimeError(f"row {self.rows[r].label} layer {layer} was not seeded (no prefill?)")

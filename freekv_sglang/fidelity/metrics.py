@@ -84,7 +84,8 @@ class RetrievalCounts:
 
     def add_sequence(self, layer_stats: list[list]) -> None:
         """``layer_stats[layer]`` = that layer's ``StepStats`` list for one decoded sequence."""
-        if not layer_stats or not layer_stats[0]:
+        layer_stats = [s for s in layer_stats if s]  # dense layers keep no stats
+        if not layer_stats:
             return
         n_steps = len(layer_stats[0])
         for t in range(1, n_steps):

@@ -3,6 +3,11 @@
 Every row decodes the same inputs; row 0 is always ``dense`` (the reference). A sparse row is
 a FreeKV mode (``oracle``, ``speculative``, ``corrected``) at a selection budget (tokens) and,
 for ``corrected``, a threshold ``tau``. All rows share the sink, window and page size.
+
+``exact`` is a diagnostic, not FreeKV: like ``oracle`` (current query, no speculation) but pages
+are ranked by their true attention mass instead of the Quest bound of the digests, to tell the
+loss due to the bound from the loss due to leaving pages out. ``dense_layers`` keeps some
+layers dense (the research accuracy harness keeps layer 0 dense by default).
 """
 
 from __future__ import annotations
@@ -35,11 +40,15 @@ class RowSpec:
     sink_tokens: int = SINK_TOKENS
     window_tokens: int = WINDOW_TOKENS
     gqa_aggregation: str = "mean"
+    dense_layers: tuple = ()
 
     @property
     def mode_name(self) -> str:
-        """``dense``, ``oracle``, ``speculative`` or ``corrected@<tau>``."""
-        return f"corrected@{self.tau:g}" if self.mode == "corrected" else self.mode
+        """``dense``, ``oracle``, ``speculative``, ``exact`` or ``corrected@<tau>`` (+ dense layers)."""
+        name = f"corrected@{self.tau:g}" if self.mode == "corrected" else self.mode
+        if self.dense_layers and self.mode != "dense":
+            name += "+dense" + ",".join(f"L{i}" for i in self.dense_layers)
+        return name
 
     @property
     def label(self) -> str:
@@ -58,7 +67,8 @@ class RowSpec:
     def settings(self) -> RetrievalSettings | None:
         if self.mode == "dense":
             return None
-        return RetrievalSettings.for_mode(self.mode, self.layout, tau=self.tau, gqa_aggregation=self.gqa_aggregation)
+        mode = "oracle" if self.mode == "exact" else self.mode
+        return RetrievalSettings.for_mode(mode, self.layout, tau=self.tau, gqa_aggregation=self.gqa_aggregation)
 
 
 def parse_mode(name: str) -> tuple[str, float | None]:
@@ -66,17 +76,19 @@ def parse_mode(name: str) -> tuple[str, float | None]:
     if name.startswith("corrected"):
         _, _, tau = name.partition("@")
         return "corrected", float(tau) if tau else 0.9
-    if name not in ("dense", "oracle", "speculative"):
-        raise ValueError(f"unknown mode {name!r}; use dense, oracle, speculative or corrected@TAU")
+    if name not in ("dense", "oracle", "speculative", "exact"):
+        raise ValueError(f"unknown mode {name!r}; use dense, oracle, speculative, corrected@TAU or exact")
     return name, None
 
 
 def build_rows(modes, budgets, page_size: int = PAGE_SIZE, sink_tokens: int = SINK_TOKENS,
-               window_tokens: int = WINDOW_TOKENS, gqa_aggregation: str = "mean") -> list[RowSpec]:
+               window_tokens: int = WINDOW_TOKENS, gqa_aggregation: str = "mean",
+               dense_layers=()) -> list[RowSpec]:
     """Row 0 dense, then every sparse mode at every budget (budget-major order)."""
     rows = [RowSpec("dense", page_size=page_size, sink_tokens=sink_tokens, window_tokens=window_tokens)]
     sparse = [parse_mode(m) for m in modes if m != "dense"]
     for b in budgets:
         for mode, tau in sparse:
-            rows.append(RowSpec(mode, int(b), tau, page_size, sink_tokens, window_tokens, gqa_aggregation))
+            rows.append(RowSpec(mode, int(b), tau, page_size, sink_tokens, window_tokens, gqa_aggregation,
+                                tuple(dense_layers)))
     return rows
