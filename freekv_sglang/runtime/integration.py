@@ -73,7 +73,12 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
 
     sched = get_schedule()
     gpu_bytes = self._profile_available_bytes(pre_model_load_memory)
-    _PLAN = plan_memory(_model_shape(self), _settings(cfg).layout, resolve_host_memory_bytes(cfg), gpu_bytes,
+    # the host budget is for the whole server: every attention-TP rank of this host keeps the
+    # KV of its own heads, so each takes an equal share
+    from sglang.srt.runtime_context import get_parallel
+
+    host_bytes = resolve_host_memory_bytes(cfg) // max(1, get_parallel().attn_tp_size)
+    _PLAN = plan_memory(_model_shape(self), _settings(cfg).layout, host_bytes, gpu_bytes,
                         self.model_config.context_len, sched.max_total_tokens, sched.max_running_requests)
     logger.info(_PLAN.summary())
     return MemoryPoolConfig(max_total_num_tokens=_PLAN.host_tokens,
