@@ -187,6 +187,13 @@ class FreeKVConfig:
             )
         if self.min_context_tokens < 0:
             raise _fail("min_context_tokens", self.min_context_tokens, "must be >= 0")
+        ws_tokens = self.sink_tokens + self.select_tokens + self.window_tokens
+        if self.min_context_tokens > ws_tokens:
+            # requests whose context fits the working set already attend densely; a dense path
+            # for longer contexts (full KV on the GPU) is not implemented
+            raise _fail("min_context_tokens", self.min_context_tokens,
+                        f"values above the working set ({ws_tokens} tokens = sink + select + window) are "
+                        "not supported yet: requests up to the working set already run dense")
 
         ct = self.correction_threshold
         if ct is not None:

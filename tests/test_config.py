@@ -147,14 +147,14 @@ def test_from_namespace_pops_freekv_attributes():
         freekv_window_tokens=128, freekv_select_tokens=256,
         freekv_correction_threshold="off", freekv_speculative=False,
         freekv_gqa_aggregation="softmax-mean", freekv_host_memory_gb=None,
-        freekv_min_context_tokens=4096, freekv_recall="per-page",
+        freekv_min_context_tokens=384, freekv_recall="per-page",
         model_path="m", page_size=None,
     )
     cfg = FreeKVConfig.from_namespace(ns)
     assert vars(ns) == {"model_path": "m", "page_size": None}
     assert cfg.enabled and cfg.page_size == 64 and cfg.correction_threshold is None
     assert not cfg.speculative and cfg.gqa_aggregation == "softmax-mean"
-    assert cfg.min_context_tokens == 4096 and cfg.effective_recall == "per-page"
+    assert cfg.min_context_tokens == 384 and cfg.effective_recall == "per-page"
 
 
 def test_from_namespace_without_flags_is_default():
@@ -209,3 +209,9 @@ def test_config_module_does_not_import_sglang():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_min_context_above_working_set_is_refused():
+    with pytest.raises(FreeKVConfigError, match="min-context-tokens.*not supported yet"):
+        FreeKVConfig(enabled=True, min_context_tokens=4096, host_memory_gb=1)
+    assert FreeKVConfig(enabled=True, min_context_tokens=2048, host_memory_gb=1).min_context_tokens == 2048
