@@ -54,10 +54,25 @@ def worker(argv: list[str]) -> None:
 
     install_runtime_hooks(None)
     HookRegistry.apply_hooks()
-    from sglang.benchmark.one_batch import cli_main
+    import sglang.benchmark.one_batch as one_batch
 
+    from freekv_sglang.runtime.integration import current_runtime
+
+    run_once = one_batch.latency_test_run_once
+
+    def run_once_with_stats(*args, **kwargs):
+        """One (batch, context) measurement plus FreeKV's decode statistics for it."""
+        rt = current_runtime()
+        if rt is not None:
+            rt.reset_stats()
+        ret = run_once(*args, **kwargs)
+        if rt is not None and ret is not None:
+            ret.update({f"freekv_{k}": v for k, v in rt.stats().items()})
+        return ret
+
+    one_batch.latency_test_run_once = run_once_with_stats
     sys.argv = ["one_batch", *argv]
-    cli_main()
+    one_batch.cli_main()
 
 
 def run_mode(mode: str, a, out_dir: str) -> list[dict]:
@@ -79,8 +94,9 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
         f.write("args: " + " ".join(args) + "\n")
         f.flush()
         try:
+            env = dict(os.environ, FREEKV_LOG_STATS_EVERY="0")  # statistics are collected per measurement
             rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], stdout=f,
-                                stderr=subprocess.STDOUT, timeout=a.timeout).returncode
+                                stderr=subprocess.STDOUT, timeout=a.timeout, env=env).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"  # keep what the finished batch sizes wrote
     rows = []
@@ -100,15 +116,18 @@ def _decode_ms(r: dict) -> float | None:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    lines = ["| mode | context | batch | decode ms/step (median) | tokens/s | prefill s |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| mode | context | batch | decode ms/step (median) | tokens/s | prefill s | correction rate "
+             "| recall MiB/request/step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for mode, rows in results.items():
         for r in rows:
             d = _decode_ms(r)
-            tps = r["batch_size"] * 1000 / d if d else None
-            lines.append(f"| {mode} | {r['input_len']} | {r['batch_size']} | {d:.2f} | {tps:.0f} | "
-                         f"{r.get('prefill_latency', float('nan')):.2f} |" if d else
-                         f"| {mode} | {r['input_len']} | {r['batch_size']} | - | - | - |")
+            corr = r.get("freekv_correction_rate")
+            mib = r.get("freekv_recall_bytes_per_request_step")
+            extra = (f"{corr:.3f} | {mib / 2**20:.2f} |" if corr is not None and mib is not None else "- | - |")
+            lines.append(f"| {mode} | {r['input_len']} | {r['batch_size']} | {d:.2f} | {r['batch_size'] * 1000 / d:.0f} "
+                         f"| {r.get('prefill_latency', float('nan')):.2f} | {extra}" if d else
+                         f"| {mode} | {r['input_len']} | {r['batch_size']} | - | - | - | {extra}")
     return "\n".join(lines)
 
 

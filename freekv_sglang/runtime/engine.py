@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -124,7 +125,8 @@ class FreeKVRuntime:
         # pieces recalled before attention, pieces recalled speculatively]
         self.counters = torch.zeros(4, dtype=torch.int64, device=dev)
         self.checks = self.steps = self.step_requests = 0
-        self.log_every = 2048  # decode steps between statistics log lines (0: never)
+        # decode steps between statistics log lines (0: never); each line covers its interval
+        self.log_every = int(os.environ.get("FREEKV_LOG_STATS_EVERY", "2000"))
 
         self.side_stream = torch.cuda.Stream(device=dev) if self.is_cuda and settings.speculative else None
         self.attn_done = [torch.cuda.Event() for _ in range(L)] if self.side_stream is not None else None
@@ -285,6 +287,7 @@ class FreeKVRuntime:
         self.step_requests += real
         if self.log_every and self.steps % self.log_every == 0:
             logger.info(self.stats_line())
+            self.reset_stats()
         self.attention.plan(bs, page_table_indptr_host(sl, lay), last_page_len_host(sl, lay), graph=graph,
                             num_qo_heads=sh.n_q_heads, num_kv_heads=sh.n_kv_heads, head_dim=sh.head_dim,
                             page_size=lay.page_size, dtype=sh.dtype)
@@ -347,9 +350,13 @@ class FreeKVRuntime:
             "recalled_before_attention_share": rec_main / max(rec_main + rec_side, 1),
         }
 
+    def reset_stats(self) -> None:
+        self.counters.zero_()
+        self.checks = self.step_requests = 0
+
     def stats_line(self) -> str:
         st = self.stats()
-        return (f"FreeKV decode: {st['decode_steps']} steps, correction rate {st['correction_rate']:.3f} of "
+        return (f"FreeKV decode stats: {st['decode_steps']} steps so far; since the last line: correction rate {st['correction_rate']:.3f} of "
                 f"(layer, KV head) checks, {st['recalled_pieces_per_request_step']:.1f} pieces "
                 f"({st['recall_bytes_per_request_step'] / 2**20:.2f} MiB) recalled per request per step, "
                 f"{100 * st['recalled_before_attention_share']:.0f}% of them before attention")

@@ -20,6 +20,12 @@ from freekv_sglang import compat
 logger = logging.getLogger(__name__)
 
 _PLAN = None  # MemoryPlan of this process (one model replica per scheduler process)
+_RUNTIME = None  # the FreeKVRuntime of this process, once built
+
+
+def current_runtime():
+    """The FreeKV runtime of this process, or ``None`` (statistics, benchmarks)."""
+    return _RUNTIME
 
 
 def _freekv_config(server_args):
@@ -126,6 +132,8 @@ def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, r
                             device=torch.device(self.device, self.gpu_id) if self.device == "cuda" else self.device,
                             workspace=workspace)
     pool.runtime = runtime
+    global _RUNTIME
+    _RUNTIME = runtime
     logger.info("FreeKV runtime ready: %d request rows x %d layers, working sets + digests %.2f GiB GPU, "
                 "host tier %.2f GiB pinned; %s; avail GPU mem %.2f GB", rows, shape.n_layers,
                 runtime.gpu_bytes / 2**30, runtime.host.nbytes / 2**30, cfg.summary(),
