@@ -1,0 +1,97 @@
+"""How many long requests run at once: dense SGLang vs FreeKV, on one GPU, in one invocation.
+
+For each mode a stock ``sglang.launch_server`` starts with its normal memory settings (dense:
+the default static memory fraction, whole KV on the GPU; FreeKV: the same fraction plus a host
+tier of ``--host-gb``). The script reads the token capacity the server reports, submits more
+``--context``-token requests than either mode can hold at once, and reports the largest number of
+requests the server ran concurrently (from its decode log lines), with the capacity computed from
+its pools.
+
+Usage (GPU machine, repo root):
+  python launch/bench_capacity.py --model .gpu-bundle/models/llama-8b-shape --context 32000 --host-gb 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from freekv_sglang.serving import Server, output_ids  # noqa: E402
+
+MODES = {
+    "dense": ["--attention-backend", "flashinfer"],
+    "freekv": ["--kv-retrieval", "freekv"],
+}
+
+
+def peak_running(log_path: str) -> int:
+    best = 0
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            m = re.search(r"Decode batch, #running-req: (\d+)", line)
+            if m:
+                best = max(best, int(m.group(1)))
+    return best
+
+
+def run(mode: str, a) -> dict:
+    args = ["--model-path", a.model, "--load-format", "dummy", *MODES[mode], "--max-running-requests",
+            str(a.max_requests)]
+    if mode == "freekv":
+        args += ["--freekv-host-memory-gb", str(a.host_gb)]
+    srv = Server(args, port=a.port, log_path=os.path.join(a.out, f"capacity-{mode}.log"))
+    rng = random.Random(0)
+    with srv:
+        info = srv.server_info()
+        cap_tokens = info.get("max_total_num_tokens")
+        computed = cap_tokens // (a.context + a.new_tokens) if cap_tokens else None
+        n = min(a.max_requests, (computed or a.max_requests) + 2)
+        prompts = [[rng.randrange(100, 49000) for _ in range(a.context)] for _ in range(n)]
+        t0 = time.time()
+        res = srv.generate_many(prompts, a.new_tokens, timeout=a.timeout)
+        ok = sum(len(output_ids(r)) == a.new_tokens for r in res)
+        dt = time.time() - t0
+    return {"mode": mode, "token_capacity": cap_tokens, "computed_concurrent": computed, "submitted": n,
+            "completed": ok, "peak_running": peak_running(srv.log_path), "seconds": round(dt, 1)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=".gpu-bundle/models/llama-8b-shape")
+    p.add_argument("--context", type=int, default=32000)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--host-gb", type=float, default=100.0)
+    p.add_argument("--max-requests", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=1200.0)
+    p.add_argument("--port", type=int, default=30021)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--out", default="bench-out")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    rows = [run(m, a) for m in a.modes]
+    with open(os.path.join(a.out, "bench_capacity.json"), "w") as f:
+        json.dump({"card": card, "args": vars(a), "results": rows}, f, indent=1)
+    print(f"card: {card}; context {a.context} + {a.new_tokens} new tokens; FreeKV host tier {a.host_gb} GiB\n")
+    print("| mode | token capacity | concurrent requests (computed) | peak running (measured) | completed/submitted |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['token_capacity']} | {r['computed_concurrent']} | {r['peak_running']} | "
+              f"{r['completed']}/{r['submitted']} |")
+    by = {r["mode"]: r for r in rows}
+    if "dense" in by and "freekv" in by and by["dense"]["peak_running"]:
+        print(f"\nFreeKV / dense concurrent {a.context}-token requests: "
+              f"{by['freekv']['peak_running'] / by['dense']['peak_running']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
