@@ -23,12 +23,12 @@ from . import report, rows as rows_mod, tasks, texts
 TASKS = ("teacher", "greedy", "passkey")
 
 FULL = dict(budgets="256,512,1024", texts="prose,code", max_tokens=6144, prefill=2048, max_steps=None,
-            greedy_prompt=4096, greedy_tokens=128, passkey_tokens=5000, passkey_depths="0.1,0.5,0.9",
+            greedy_prompt="3072,4096,5120", greedy_tokens=128, passkey_tokens=5000, passkey_depths="0.1,0.5,0.9",
             passkey_trials=2)
 # Quick: contexts ~0.9-1K tokens; budget 128 leaves half the context out, 1024 covers it all
 # (FreeKV rows must then match dense exactly). Same sink/window/page as the full run.
 QUICK = dict(budgets="128,1024", texts="prose", max_tokens=1024, prefill=896, max_steps=96,
-             greedy_prompt=896, greedy_tokens=24, passkey_tokens=1000, passkey_depths="0.25,0.75",
+             greedy_prompt="896", greedy_tokens=24, passkey_tokens=1000, passkey_depths="0.25,0.75",
              passkey_trials=1)
 
 
@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, help="truncate each text to this many tokens (full: 6144)")
     p.add_argument("--prefill", type=int, help="teacher-forced prefill tokens (full: 2048)")
     p.add_argument("--max-steps", type=int, help="cap on teacher-forced decode steps per text")
-    p.add_argument("--greedy-prompt", type=int, help="greedy prompt tokens (full: 4096)")
+    p.add_argument("--greedy-prompt", help="greedy prompt lengths in tokens, comma list; one prompt per text and "
+                   "length, the text's first tokens (full: 3072,4096,5120)")
     p.add_argument("--greedy-tokens", type=int, help="greedy tokens generated (full: 128)")
     p.add_argument("--passkey-tokens", type=int, help="passkey prompt length (full: 5000)")
     p.add_argument("--passkey-depths", help="comma list of depths in [0, 1] (full: 0.1,0.5,0.9)")
@@ -103,13 +104,18 @@ def run(args, log=print) -> dict:
         if "greedy" in task_list:
             results["greedy"] = {}
             for t in text_objs:
-                ids = lm.tokenizer(t.text).input_ids[: args.greedy_prompt]
-                log(f"greedy {t.name}: prompt {len(ids)} tokens, {args.greedy_tokens} new")
-                r = tasks.greedy(lm, rows, ids, args.greedy_tokens, log)
-                r["source"] = t.source
-                results["greedy"][t.name] = r
-                log("    first divergence: " + " ".join(f"{row.label}={x['divergence']}"
-                                                      for row, x in zip(rows[1:], r["rows"][1:])))
+                all_ids = lm.tokenizer(t.text).input_ids
+                for length in _csv(args.greedy_prompt, int):
+                    if length > len(all_ids):
+                        log(f"greedy {t.name}: skipping prompt length {length} (text has {len(all_ids)} tokens)")
+                        continue
+                    ids = all_ids[:length]
+                    log(f"greedy {t.name}: prompt {len(ids)} tokens, {args.greedy_tokens} new")
+                    r = tasks.greedy(lm, rows, ids, args.greedy_tokens, log)
+                    r["source"] = t.source
+                    results["greedy"][f"{t.name}@{length}"] = r
+                    log("    first divergence: " + " ".join(f"{row.label}={x['divergence']}"
+                                                          for row, x in zip(rows[1:], r["rows"][1:])))
         if "passkey" in task_list:
             log(f"passkey: ~{args.passkey_tokens} tokens, depths {args.passkey_depths}, {args.passkey_trials} per depth")
             results["passkey"] = tasks.passkey(lm, rows, args.passkey_tokens, _csv(args.passkey_depths, float),

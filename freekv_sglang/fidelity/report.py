@@ -105,6 +105,15 @@ def markdown_report(meta: dict, rows, results: dict, summary: list[dict]) -> str
     pt = per_text_table(rows, results)
     if pt:
         lines += ["## Teacher-forced, per text", "", pt, ""]
+    gr = results.get("greedy", {})
+    if gr:
+        names = list(gr)
+        lines += ["## Greedy: tokens until the first divergence from dense, per prompt", "",
+                  "| mode | budget | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for r, row in enumerate(rows[1:], start=1):
+            lines.append(f"| {row.mode_name} | {row.budget} | "
+                         + " | ".join(str(gr[n]["rows"][r]["divergence"]) for n in names) + " |")
+        lines.append("")
     dv = {n: t.get("dense_vs_full_forward") for n, t in results.get("teacher_forced", {}).items()}
     if any(dv.values()):
         lines += ["## Dense decode vs. one full forward pass (plumbing check)", ""]

@@ -8,7 +8,8 @@
   read at run time with :func:`inspect.getsourcefile` (about 6K tokens on Python 3.11; the
   exact text depends on the Python version, which reports record).
 * passkey prompts: the classic filler ("The grass is green. ...") with a line giving a
-  5-digit pass key at a chosen depth, then a question (Mohtashami & Jaggi's format).
+  5-digit pass key at a chosen depth (Mohtashami & Jaggi's format), then a completion cue
+  ("The pass key is") instead of their question, which the 135M model fails at 90% depth.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ def get_text(name: str) -> Text:
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about the important information there.\n\n")
-QUESTION = "\n\nWhat is the pass key? The pass key is"
+# The prompt ends in a completion cue, with no question: with "What is the pass key? The pass
+# key is" SmolLM2-135M (dense) answers "the pass key that is used to create..." when the key
+# sits at 90% depth of a 5K-token prompt; with the bare cue dense answers correctly at 10/50/90%.
+QUESTION = "\n\nThe pass key is"
 
 
 def passkey_key(seed: int) -> str:
