@@ -155,13 +155,13 @@ def test_freekv_flags_reach_the_config(parse):
                "--freekv-sink-tokens", "128", "--freekv-window-tokens", "256",
                "--freekv-select-tokens", "2048", "--freekv-correction-threshold", "off",
                "--freekv-no-speculative", "--freekv-gqa-aggregation", "max",
-               "--freekv-host-memory-gb", "1.5", "--freekv-min-context-tokens", "8192",
+               "--freekv-host-memory-gb", "1.5", "--freekv-min-context-tokens", "2048",
                "--freekv-recall", "staged", "--chunked-prefill-size", "4096")
     assert sa.page_size == 64 and sa.chunked_prefill_size == -1
     assert sa._freekv == FreeKVConfig(
         enabled=True, page_size=64, sink_tokens=128, window_tokens=256, select_tokens=2048,
         correction_threshold=None, speculative=False, gqa_aggregation="max",
-        host_memory_gb=1.5, min_context_tokens=8192, recall="staged")
+        host_memory_gb=1.5, min_context_tokens=2048, recall="staged")
 
 
 def test_matching_explicit_flags_are_accepted(parse):

