@@ -130,13 +130,13 @@ def test_runtime_with_triton_kernels_under_interpreter():
     pytest.importorskip("triton")
     code = (
         "import torch\n"
-        "from tests.test_runtime_engine import run_against_reference\n"
+        "from test_runtime_engine import run_against_reference\n"
         "for spec, tau in ((True, 0.9), (False, None)):\n"
         "    run_against_reference('cpu', torch.float16, speculative=spec, tau=tau, steps=6, atol=3e-2,\n"
         "                          prompt_lens=(13, 30, 7), rows=(2, 1, 4))\n"
         "print('ok')\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    here = os.path.dirname(os.path.abspath(__file__))  # not the repository root: kernels/ would shadow HF kernels
+    r = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-6000:]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.kernel_cases import check_prologue, check_select_recall
+from kernel_cases import check_prologue, check_select_recall
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_runtime_engine import run_against_reference
+from test_runtime_engine import run_against_reference
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
