@@ -7,6 +7,8 @@ Modules (one op each):
 * :mod:`.digests`      ``page_digests_from_rows``  page max/min digests
 * :mod:`.scores`       ``score_pages``             Quest bound of candidates, GQA-aggregated
 * :mod:`.select`       ``select_and_diff``         top-k + residency update
+* :mod:`.score_select` ``score_and_select``        scoring + block top-k + residency, two launches
+* :mod:`.decode_prologue` ``decode_prologue``      token write, digest, correction check, one launch
 * :mod:`.recall`       ``recall_gather`` (+ staged, per-page), ``pieces_from_selection``
 * :mod:`.page_table`   ``build_page_table``        FlashInfer metadata of the working sets
 * :mod:`.sparse_decode` ``SparseDecode``           FlashInfer paged decode over the slots
@@ -21,6 +23,7 @@ from .page_table import (build_page_table, build_page_table_reference, last_page
                          page_table_indptr_host)
 from .recall import (StagedRecall, pieces_from_selection, recall_gather, recall_gather_reference, recall_per_page,
                      recall_reference, recall_staged)
+from .score_select import score_and_select, score_and_select_reference
 from .scores import score_pages, score_pages_reference
 from .select import select_and_diff, select_and_diff_reference
 from .sparse_decode import SparseDecode, sparse_decode_reference
@@ -31,6 +34,6 @@ __all__ = [
     "kernel_arg", "last_page_len_host", "page_digests_from_rows", "page_digests_from_rows_reference",
     "page_table_indptr_host", "pieces_from_selection", "recall_gather", "recall_gather_reference", "recall_per_page",
     "recall_reference",
-    "recall_staged", "score_pages", "score_pages_reference", "select_and_diff", "select_and_diff_reference",
+    "recall_staged", "score_and_select", "score_and_select_reference", "score_pages", "score_pages_reference", "select_and_diff", "select_and_diff_reference",
     "sparse_decode_reference", "store_kv_host", "store_kv_host_reference",
 ]

@@ -141,21 +141,12 @@ def select_and_diff(scores: torch.Tensor, resident: torch.Tensor, head_mask: tor
 if triton is not None:
 
     @triton.jit
-    def _select_update_kernel(
-        val_ptr, idx_ptr, res_ptr, rows_ptr, hmask_ptr, rslot_ptr, rpage_ptr, cnt_ptr,
-        HKV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, HAS_MASK: tl.constexpr, COUNT: tl.constexpr,
-    ):
-        # grid: (B * Hkv,). val/idx: torch.topk output [B*Hkv, K]; res: [(R+1)*Hkv, K] of the layer.
-        pid = tl.program_id(0).to(tl.int64)
-        b = pid // HKV
-        h = pid % HKV
-        row = tl.load(rows_ptr + b).to(tl.int64)
-        res_row = row * HKV + h
-        i = tl.arange(0, KB)
-        inb = i < K
-        val = tl.load(val_ptr + pid * K + i, mask=inb, other=float("-inf"))
-        idx = tl.load(idx_ptr + pid * K + i, mask=inb, other=-1).to(tl.int64)
-        fin = inb & (val == val) & (val != float("inf")) & (val != float("-inf"))
+    def _residency_row(fin, idx, i, inb, act, res_row, rslot_row, rpage_row, cnt_ptr, row,
+                       K: tl.constexpr, COUNT: tl.constexpr):
+        """Residency update of one (request, KV head) row from its top-k (``fin``: chosen,
+        ``idx``: page; ``[KB]``, distinct pages). Writes the recall lists (valid first, -1
+        after), the new resident set when ``act``, and counts recalls of real rows."""
+        # sort the chosen pages ascending: rank = number of smaller chosen pages
         smaller = fin[None, :] & (idx[None, :] < idx[:, None])
         rank = tl.sum(smaller.to(tl.int32), axis=1)
         n_sel = tl.sum(fin.to(tl.int32), axis=0)
@@ -163,7 +154,7 @@ if triton is not None:
         sel = tl.sum(tl.where(hit, idx[None, :], 0), axis=1)
         sv = i < n_sel
         sel = tl.where(sv, sel, -1)
-        res = tl.load(res_ptr + res_row * K + i, mask=inb, other=-1).to(tl.int64)
+        res = tl.load(res_row + i, mask=inb, other=-1).to(tl.int64)
         rv = res >= 0
         eq = (sel[:, None] == res[None, :]) & sv[:, None] & rv[None, :]
         eqi = eq.to(tl.int32)
@@ -175,24 +166,43 @@ if triton is not None:
         m_rank = tl.sum((before & missing[None, :]).to(tl.int32), axis=1)
         f_rank = tl.sum((before & free[None, :]).to(tl.int32), axis=1)
         n_rec = tl.sum(missing.to(tl.int32), axis=0)
-        if HAS_MASK:
-            act = tl.load(hmask_ptr + pid) != 0
-        else:
-            act = n_rec >= 0
         n_rec = tl.where(act, n_rec, 0)
+        # t-th recall: the missing page of rank t into the free slot of rank t
         pick_p = missing[None, :] & (m_rank[None, :] == i[:, None])
         rpage = tl.sum(tl.where(pick_p, sel[None, :], 0), axis=1)
         pick_s = free[None, :] & (f_rank[None, :] == i[:, None])
         rslot = tl.sum(tl.where(pick_s, i[None, :], 0), axis=1)
         active = i < n_rec
-        tl.store(rpage_ptr + pid * K + i, tl.where(active, rpage, -1).to(tl.int32), mask=inb)
-        tl.store(rslot_ptr + pid * K + i, tl.where(active, rslot, -1).to(tl.int32), mask=inb)
+        tl.store(rpage_row + i, tl.where(active, rpage, -1).to(tl.int32), mask=inb)
+        tl.store(rslot_row + i, tl.where(active, rslot, -1).to(tl.int32), mask=inb)
         fill = missing[None, :] & (m_rank[None, :] == f_rank[:, None])
         incoming = tl.sum(tl.where(fill, sel[None, :], 0), axis=1)
         new = tl.where(keep, res, tl.where(free & (f_rank < n_rec), incoming, -1))
-        tl.store(res_ptr + res_row * K + i, new.to(res_ptr.dtype.element_ty), mask=inb & act)
+        tl.store(res_row + i, new.to(res_row.dtype.element_ty), mask=inb & act)
         if COUNT:
             tl.atomic_add(cnt_ptr, tl.where(row != 0, n_rec.to(tl.int64), 0))
+
+    @triton.jit
+    def _select_update_kernel(
+        val_ptr, idx_ptr, res_ptr, rows_ptr, hmask_ptr, rslot_ptr, rpage_ptr, cnt_ptr,
+        HKV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, HAS_MASK: tl.constexpr, COUNT: tl.constexpr,
+    ):
+        # grid: (B * Hkv,). val/idx: torch.topk output [B*Hkv, K]; res: [(R+1)*Hkv, K] of the layer.
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // HKV
+        h = pid % HKV
+        row = tl.load(rows_ptr + b).to(tl.int64)
+        i = tl.arange(0, KB)
+        inb = i < K
+        val = tl.load(val_ptr + pid * K + i, mask=inb, other=float("-inf"))
+        idx = tl.load(idx_ptr + pid * K + i, mask=inb, other=-1).to(tl.int64)
+        fin = inb & (val == val) & (val != float("inf")) & (val != float("-inf"))
+        if HAS_MASK:
+            act = tl.load(hmask_ptr + pid) != 0
+        else:
+            act = row >= 0
+        _residency_row(fin, idx, i, inb, act, res_ptr + (row * HKV + h) * K, rslot_ptr + pid * K,
+                       rpage_ptr + pid * K, cnt_ptr, row, K, COUNT)
 
 
 def select_update_reference(scores, resident, rows, head_mask, k, recall_slot, recall_page, counter=None):

@@ -42,11 +42,13 @@ class SparseDecode:
         batch_size, max_slots: required with ``use_cuda_graph`` (``max_slots`` = slots per
             request, ``layout.slots``): ``kv_indices`` holds ``batch_size * max_slots``.
         backend: FlashInfer backend (``"auto"`` picks FA2 for bf16/fp16).
+        use_tensor_cores: FlashInfer's prefill kernels (any GQA group size) instead of its
+            decode kernels.
     """
 
     def __init__(self, device: torch.device | str = "cuda", *, workspace: torch.Tensor | None = None,
                  workspace_bytes: int = 128 * 2**20, use_cuda_graph: bool = False, batch_size: int | None = None,
-                 max_slots: int | None = None, backend: str = "auto"):
+                 max_slots: int | None = None, backend: str = "auto", use_tensor_cores: bool = True):
         import flashinfer  # lazy: CPU-only users never need it
 
         self.device = torch.device(device)
@@ -61,7 +63,7 @@ class SparseDecode:
             self.kv_indices = torch.zeros(batch_size * max_slots, dtype=torch.int32, device=self.device)
             self.kv_last_page_len = torch.ones(batch_size, dtype=torch.int32, device=self.device)
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=use_cuda_graph, use_tensor_cores=True,
+            self.workspace, "NHD", use_cuda_graph=use_cuda_graph, use_tensor_cores=use_tensor_cores,
             paged_kv_indptr_buffer=self.kv_indptr, paged_kv_indices_buffer=self.kv_indices,
             paged_kv_last_page_len_buffer=self.kv_last_page_len, backend=backend,
         )

@@ -14,11 +14,15 @@ def test_fused_kernels_under_interpreter():
     pytest.importorskip("triton")
     code = (
         "import torch\n"
-        "from kernel_cases import check_prologue, check_select_recall\n"
+        "from kernel_cases import check_prologue, check_score_select, check_select_recall\n"
         "for group in (1, 3, 4):\n"
         "    check_prologue('cpu', torch.float16, group, 16)\n"
         "check_select_recall('cpu', torch.float16, 16)\n"
         "check_select_recall('cpu', torch.float16, 32, k=5)\n"
+        "for agg, grp, k, masked, by_row in (('mean', 1, 4, True, False), ('max', 3, 5, False, True),\n"
+        "                                    ('mean', 4, 16, True, True)):\n"
+        "    check_score_select('cpu', torch.float16, grp, 16, k=k, aggregation=agg, masked=masked, by_row=by_row)\n"
+        "check_score_select('cpu', torch.bfloat16, 2, 32, k=4, max_pages=300)\n"
         "print('ok')\n"
     )
     here = os.path.dirname(os.path.abspath(__file__))  # not the repository root: kernels/ would shadow HF kernels

@@ -39,8 +39,7 @@ from freekv_sglang.kernels.kv_store import store_kv_host
 from freekv_sglang.kernels.page_table import build_page_table, last_page_len_host, page_table_indptr_host
 from freekv_sglang.kernels.recall import (recall_gather, recall_per_page, recall_selected, recall_selected_pieces,
                                           recall_staged)
-from freekv_sglang.kernels.scores import score_pages
-from freekv_sglang.kernels.select import select_update
+from freekv_sglang.kernels.score_select import score_and_select, selection_scratch_size
 
 from .attention import WorkingSetAttention
 from .host_store import HostKVStore
@@ -115,9 +114,10 @@ class FreeKVRuntime:
         self.resident = torch.full((L, max_rows + 1, hkv, lay.n_select), -1, dtype=torch.int64, device=dev)
         self.q_prev = torch.zeros((L, max_rows + 1, hq, d), dtype=dt, device=dev)
         self.q_valid = torch.zeros((L, max_rows + 1, hkv), dtype=torch.bool, device=dev)
-        # score scratch: one for the correction on the compute stream, one for the side stream
-        self.scores_main = torch.empty((max_batch, hkv, self.max_pages), dtype=torch.float32, device=dev)
-        self.scores_side = torch.empty_like(self.scores_main)
+        # selection scratch: one for the correction on the compute stream, one for the side stream
+        n_keys = selection_scratch_size(max_batch, hkv, self.max_pages, lay.n_select)
+        self.keys_main = torch.empty(n_keys, dtype=torch.int64, device=dev)
+        self.keys_side = torch.empty_like(self.keys_main)
         self.head_ids = torch.arange(hkv, device=dev)
         self.flags = torch.zeros((L, max_batch, hkv), dtype=torch.bool, device=dev)  # per layer: read by the side stream
         self.spec = torch.zeros((L, max_batch, hkv), dtype=torch.bool, device=dev)
@@ -137,7 +137,7 @@ class FreeKVRuntime:
     @property
     def gpu_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.ws, self.digests, self.resident, self.q_prev,
-                                                           self.q_valid, self.scores_main, self.scores_side))
+                                                           self.q_valid, self.keys_main, self.keys_side))
 
     def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k, v)`` working-set page slots of one layer, ``[(R+1)*S, P, Hkv, D]`` each (NHD)."""
@@ -178,21 +178,20 @@ class FreeKVRuntime:
             self._recall_pieces(layer, *recall_selected_pieces(r_slot, r_page, self.req_to_token, rows, **kw))
 
     def _select_and_recall(self, layer: int, q: torch.Tensor, rows: torch.Tensor, n_ctx: torch.Tensor,
-                           head_mask: torch.Tensor | None, scores: torch.Tensor,
-                           counter: torch.Tensor | None = None) -> None:
-        """Select with ``q [B,Hq,D]`` over the candidates of ``n_ctx`` for the heads in
-        ``head_mask`` (all if None), update their resident sets in place, recall what is missing.
-        ``counter`` (an int64 scalar view) accumulates the recalled pieces of real rows."""
+                           head_mask: torch.Tensor | None, keys: torch.Tensor,
+                           counter: torch.Tensor | None = None, q_index: torch.Tensor | None = None) -> None:
+        """Select with ``q [B,Hq,D]`` (or ``q[q_index]``) over the candidates of ``n_ctx`` for the
+        heads in ``head_mask`` (all if None), update their resident sets in place, recall what is
+        missing. ``counter`` (an int64 scalar view) accumulates the recalled pieces of real rows."""
         lay = self.layout
-        b = q.shape[0]
-        out = scores[:b]
-        score_pages(q, self.digests[layer], self.req_to_token, rows, n_ctx, head_mask, out,
-                    page_size=lay.page_size, n_sink=lay.n_sink, n_window=lay.n_window,
-                    aggregation=self.settings.gqa_aggregation)
+        b = rows.shape[0]
         shape = (b, self.shape.n_kv_heads, lay.n_select)
         r_slot = torch.empty(shape, dtype=torch.int32, device=self.device)
         r_page = torch.empty(shape, dtype=torch.int32, device=self.device)
-        select_update(out, self.resident[layer], rows, head_mask, lay.n_select, r_slot, r_page, counter)
+        score_and_select(q, self.digests[layer], self.req_to_token, rows, n_ctx, head_mask, self.resident[layer],
+                         lay.n_select, r_slot, r_page, counter, max_pages=self.max_pages, page_size=lay.page_size,
+                         n_sink=lay.n_sink, n_window=lay.n_window, aggregation=self.settings.gqa_aggregation,
+                         q_index=q_index, keys=keys)
         self._recall_selection(layer, r_slot, r_page, rows)
 
     # ------------------------------------------------------------------ prefill
@@ -251,7 +250,7 @@ class FreeKVRuntime:
         self.resident[layer].index_fill_(0, rows, -1)
         for i in range(0, len(prompt_lens), self.max_batch):
             sl = slice(i, i + self.max_batch)
-            self._select_and_recall(layer, q_last[sl], rows[sl], n1[sl], None, self.scores_main)
+            self._select_and_recall(layer, q_last[sl], rows[sl], n1[sl], None, self.keys_main)
         self.q_valid[layer].index_fill_(0, rows, False)
 
     # ------------------------------------------------------------------ decode
@@ -319,7 +318,7 @@ class FreeKVRuntime:
                         self.q_valid[layer], flags, spec, tau=cfg.correction_threshold,
                         speculative=cfg.speculative, counters=self.counters)
         # 2. heads that must not trust the speculative pages: reselect with q_t before attention
-        self._select_and_recall(layer, q, st.rows, st.n, flags, self.scores_main, self.counters[2])
+        self._select_and_recall(layer, q, st.rows, st.n, flags, self.keys_main, self.counters[2])
         # 3. attention over the working set (sink + selected + window)
         o = self.attention(q, wk, wv, scale)
         # 4. speculative selection + recall for the next step, on the side stream, for the heads
@@ -330,10 +329,10 @@ class FreeKVRuntime:
                 ev.record()
                 with torch.cuda.stream(self.side_stream):
                     self.side_stream.wait_event(ev)
-                    self._select_and_recall(layer, self.q_prev[layer, st.rows], st.rows, st.n_next, spec,
-                                            self.scores_side, self.counters[3])
+                    self._select_and_recall(layer, self.q_prev[layer], st.rows, st.n_next, spec, self.keys_side,
+                                            self.counters[3], q_index=st.rows)
             else:
-                self._select_and_recall(layer, q, st.rows, st.n_next, spec, self.scores_side, self.counters[3])
+                self._select_and_recall(layer, q, st.rows, st.n_next, spec, self.keys_side, self.counters[3])
         return o
 
     def stats(self) -> dict:

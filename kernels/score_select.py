@@ -1,0 +1,240 @@
+"""Scoring, top-k and the residency update of one selection, in two launches.
+
+Same result as :func:`.scores.score_pages` followed by :func:`.select.select_update`, without
+the ``[B, Hkv, max_pages]`` score tensor and without ``torch.topk`` (whose sort kernels cost
+more than the scoring itself at 4096 pages):
+
+1. ``_score_block_topk_kernel``, grid ``(n_blocks, B * Hkv)``: each program scores
+   ``BLOCK_N`` pages of one (request, KV head) exactly as ``score_pages`` does and keeps its
+   block's top ``KB`` pages as packed int64 *keys* (see :func:`pack_keys_reference`). Blocks
+   past the request's candidates and heads outside ``head_mask`` do nothing.
+2. ``_merge_select_kernel``, grid ``(B * Hkv,)``: the top ``k`` of the live blocks' keys (the
+   global top-k is inside the union of the per-block top-k) and the residency update of
+   :mod:`.select`, in the same program.
+
+Keys order pages by score, then by lower page index on equal scores; a key of
+``INT64_MIN`` marks "no page" (not a candidate, or a non-finite score). Only ``mean`` and
+``max`` GQA aggregation are fused; ``softmax-mean`` needs whole rows and goes through
+``score_pages`` + ``select_update``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import (cdiv, check_head_dim, check_kv_dtype, check_page_size, interpreter_forced, next_pow2, tl, triton,
+                     use_triton)
+from .scores import score_pages, score_pages_reference
+from .select import _residency_row, select_update, select_update_reference
+
+NO_KEY = -(2**63)
+_LOW = 2**32 - 1
+
+if triton is not None:
+
+    @triton.jit
+    def _score_block_topk_kernel(
+        q_ptr, qidx_ptr, dig_ptr, r2t_ptr, rows_ptr, nctx_ptr, hmask_ptr, keys_ptr,
+        stride_qb, stride_qh, stride_r2t, n_sink, n_window,
+        HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+        BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr,
+        Q_BY_ROW: tl.constexpr, F32_DOT: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // HKV
+        h = bh % HKV
+        n = tl.load(nctx_ptr + b).to(tl.int64)
+        n_pages = (n + PAGE - 1) // PAGE
+        ws = tl.maximum(n_pages - n_window, n_sink)
+        live = pid_n * BLOCK_N < ws
+        if HAS_MASK:
+            live = live & (tl.load(hmask_ptr + bh) != 0)
+        if live:
+            p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            cand = (p >= n_sink) & (p < ws)
+            r = tl.load(rows_ptr + b).to(tl.int64)
+            tok = tl.load(r2t_ptr + r * stride_r2t + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64)
+            hp = tok // PAGE
+            d = tl.arange(0, D)
+            g = tl.arange(0, BLOCK_G)
+            gmask = g < G
+            if Q_BY_ROW:
+                qb = tl.load(qidx_ptr + b).to(tl.int64)
+            else:
+                qb = b
+            qv = tl.load(q_ptr + qb * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+                         mask=gmask[:, None], other=0.0)
+            zero = tl.zeros_like(qv)
+            qp = tl.maximum(qv, zero).to(dig_ptr.dtype.element_ty)
+            qn = tl.minimum(qv, zero).to(dig_ptr.dtype.element_ty)
+            dig = dig_ptr + ((hp * HKV + h) * 2 * D)[:, None] + d[None, :]
+            mx = tl.load(dig, mask=cand[:, None], other=0.0)
+            mn = tl.load(dig + D, mask=cand[:, None], other=0.0)
+            if F32_DOT:
+                s = tl.dot(qp.to(tl.float32), tl.trans(mx.to(tl.float32)), input_precision="ieee")
+                s = tl.dot(qn.to(tl.float32), tl.trans(mn.to(tl.float32)), s, input_precision="ieee")
+            else:
+                s = tl.dot(qp, tl.trans(mx))
+                s = tl.dot(qn, tl.trans(mn), s)  # [BLOCK_G, BLOCK_N] fp32
+            if AGG == 0:
+                agg = tl.sum(tl.where(gmask[:, None], s, 0.0), axis=0) / G
+            else:
+                agg = tl.max(tl.where(gmask[:, None], s, float("-inf")), axis=0)
+            ok = cand & (agg == agg) & (agg != float("inf")) & (agg != float("-inf"))
+            bits = agg.to(tl.int32, bitcast=True)
+            mono = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+            key = (mono << 32) | (4294967295 - p.to(tl.int64))
+            key = tl.where(ok, key, -9223372036854775807 - 1)
+            top = tl.topk(key, KB)
+            tl.store(keys_ptr + (bh * NB + pid_n) * KB + tl.arange(0, KB), top)
+
+    @triton.jit
+    def _merge_select_kernel(
+        keys_ptr, nctx_ptr, res_ptr, rows_ptr, hmask_ptr, rslot_ptr, rpage_ptr, cnt_ptr,
+        n_sink, n_window,
+        HKV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_MASK: tl.constexpr, COUNT: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // HKV
+        h = pid % HKV
+        row = tl.load(rows_ptr + b).to(tl.int64)
+        if HAS_MASK:
+            act = tl.load(hmask_ptr + pid) != 0
+        else:
+            act = row >= 0
+        n = tl.load(nctx_ptr + b).to(tl.int64)
+        n_pages = (n + PAGE - 1) // PAGE
+        ws = tl.maximum(n_pages - n_window, n_sink)
+        n_live = (ws + BLOCK_N - 1) // BLOCK_N
+        j = tl.arange(0, NBP * KB)
+        blk = j // KB
+        keys = tl.load(keys_ptr + pid * NB * KB + j, mask=(blk < n_live) & (blk < NB) & act,
+                       other=-9223372036854775807 - 1)
+        top = tl.topk(keys, KB)  # descending
+        i = tl.arange(0, KB)
+        inb = i < K
+        fin = inb & (top != -9223372036854775807 - 1)
+        idx = tl.where(fin, 4294967295 - (top & 4294967295), -1)
+        _residency_row(fin, idx, i, inb, act, res_ptr + (row * HKV + h) * K, rslot_ptr + pid * K,
+                       rpage_ptr + pid * K, cnt_ptr, row, K, COUNT)
+
+
+def pack_keys_reference(scores: torch.Tensor) -> torch.Tensor:
+    """The kernels' int64 keys of float32 ``scores [..., Np]`` (plain torch, for tests):
+    ``(monotone int32 of the score) << 32 | (2**32 - 1 - page)``; ``NO_KEY`` for non-finite."""
+    bits = scores.contiguous().view(torch.int32).long()
+    mono = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    page = torch.arange(scores.shape[-1], device=scores.device)
+    key = (mono << 32) | (_LOW - page)
+    return torch.where(torch.isfinite(scores), key, torch.full_like(key, NO_KEY))
+
+
+def block_size(max_pages: int, k: int) -> int:
+    """Pages per scoring program: at least 64 and ``2 * KB``, at most 32 blocks per row (cap 512)."""
+    kb = max(16, next_pow2(k))
+    return max(64, 2 * kb, min(512, next_pow2(cdiv(max_pages, 32))))
+
+
+def selection_scratch_size(batch: int, n_kv_heads: int, max_pages: int, k: int) -> int:
+    """int64 entries of the ``keys`` scratch :func:`score_and_select` needs for ``batch`` requests."""
+    return batch * n_kv_heads * cdiv(max_pages, block_size(max_pages, k)) * max(16, next_pow2(k))
+
+
+def score_and_select_reference(q, digests, req_to_token, rows, n_ctx, head_mask, resident, k, recall_slot,
+                               recall_page, counter=None, *, max_pages, page_size, n_sink, n_window, aggregation,
+                               q_index=None):
+    """Plain torch: :func:`.scores.score_pages_reference` then :func:`.select.select_update_reference`."""
+    if q_index is not None:
+        q = q[q_index.long()]
+    out = torch.empty((q.shape[0], digests.shape[1], max_pages), dtype=torch.float32, device=q.device)
+    score_pages_reference(q, digests, req_to_token, rows, n_ctx, head_mask, out, page_size=page_size,
+                          n_sink=n_sink, n_window=n_window, aggregation=aggregation)
+    select_update_reference(out, resident, rows, head_mask, k, recall_slot, recall_page, counter)
+
+
+def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tensor, rows: torch.Tensor,
+                     n_ctx: torch.Tensor, head_mask: torch.Tensor | None, resident: torch.Tensor, k: int,
+                     recall_slot: torch.Tensor, recall_page: torch.Tensor, counter: torch.Tensor | None = None, *,
+                     max_pages: int, page_size: int, n_sink: int, n_window: int, aggregation: str,
+                     q_index: torch.Tensor | None = None, keys: torch.Tensor | None = None,
+                     impl: str | None = None) -> None:
+    """Select the top-``k`` candidate pages per (request, KV head) and update residency, in place.
+
+    Args:
+        q: ``[B, Hq, D]`` queries (digest dtype); with ``q_index``, ``[Nq, Hq, D]`` read at
+            ``q[q_index[b]]`` (e.g. the previous queries of every row, no gather needed).
+        digests: ``[n_host_pages, Hkv, 2, D]`` contiguous; req_to_token: int32 ``[R+1, max_ctx]``.
+        rows: int ``[B]`` request rows; n_ctx: int ``[B]`` context whose candidates are scored.
+        head_mask: bool ``[B, Hkv]`` heads to reselect (others keep their pages), or ``None``.
+        resident: int ``[R+1, Hkv, k]`` resident pages of the layer, updated in place.
+        recall_slot, recall_page: int32 ``[B, Hkv, k]`` outputs as :func:`.select.select_update`.
+        counter: optional int64 scalar view accumulating recalled pieces of real rows.
+        max_pages: candidate pages considered (``max_pages * P <= max_ctx``).
+        keys: optional int64 scratch ``[B * Hkv * n_blocks * KB]`` (allocated when ``None``).
+    No host synchronisation; CUDA-graph capturable.
+    """
+    if not use_triton(impl, q, digests, resident):
+        return score_and_select_reference(q, digests, req_to_token, rows, n_ctx, head_mask, resident, k,
+                                          recall_slot, recall_page, counter, max_pages=max_pages,
+                                          page_size=page_size, n_sink=n_sink, n_window=n_window,
+                                          aggregation=aggregation, q_index=q_index)
+    b = rows.shape[0]
+    _, hkv, two, d = digests.shape
+    hq = q.shape[1]
+    if b == 0:
+        return
+    if aggregation == "softmax-mean":  # needs whole rows: unfused path
+        qq = q[q_index.long()] if q_index is not None else q
+        out = torch.empty((b, hkv, max_pages), dtype=torch.float32, device=q.device)
+        score_pages(qq, digests, req_to_token, rows, n_ctx, head_mask, out, page_size=page_size, n_sink=n_sink,
+                    n_window=n_window, aggregation=aggregation, impl=impl)
+        select_update(out, resident, rows, head_mask, k, recall_slot, recall_page, counter, impl=impl)
+        return
+    if aggregation not in ("mean", "max"):
+        raise ValueError(f"unknown GQA aggregation {aggregation!r}")
+    if two != 2 or q.shape[2] != d or hq % hkv or q.dtype != digests.dtype:
+        raise ValueError(f"shape/dtype mismatch: q {tuple(q.shape)} {q.dtype}, digests {tuple(digests.shape)} "
+                         f"{digests.dtype}")
+    if max_pages * page_size > req_to_token.shape[1]:
+        raise ValueError(f"max_pages {max_pages} exceeds the {req_to_token.shape[1]} tokens of a req_to_token row")
+    if resident.shape[1:] != (hkv, k) or recall_slot.shape != (b, hkv, k) or recall_page.shape != (b, hkv, k):
+        raise ValueError(f"resident {tuple(resident.shape)} / recall lists {tuple(recall_slot.shape)} do not match "
+                         f"(B={b}, Hkv={hkv}, k={k})")
+    check_head_dim(d)
+    check_page_size(page_size)
+    check_kv_dtype(digests.dtype)
+    if not digests.is_contiguous() or not resident.is_contiguous() or req_to_token.stride(1) != 1:
+        raise ValueError("digests and resident must be contiguous, req_to_token rows contiguous")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    kb = max(16, next_pow2(k))
+    bn = block_size(max_pages, k)
+    nb = cdiv(max_pages, bn)
+    need = selection_scratch_size(b, hkv, max_pages, k)
+    if keys is None:
+        keys = torch.empty(need, dtype=torch.int64, device=q.device)
+    elif keys.numel() < need or keys.dtype != torch.int64:
+        raise ValueError(f"keys scratch must hold {need} int64, got {keys.numel()} {keys.dtype}")
+    if head_mask is not None:
+        if head_mask.shape != (b, hkv) or head_mask.dtype != torch.bool:
+            raise ValueError(f"head_mask must be bool {(b, hkv)}")
+        hm = head_mask.contiguous().view(torch.uint8)
+    else:
+        hm = keys
+    g = hq // hkv
+    qi = q_index if q_index is not None else rows
+    _score_block_topk_kernel[(nb, b * hkv)](
+        q, qi, digests, req_to_token, rows, n_ctx, hm, keys,
+        q.stride(0), q.stride(1), req_to_token.stride(0), n_sink, n_window,
+        HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d, PAGE=page_size, BLOCK_N=bn, KB=kb, NB=nb,
+        AGG=0 if aggregation == "mean" else 1, HAS_MASK=head_mask is not None, Q_BY_ROW=q_index is not None,
+        F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, num_warps=4,
+    )
+    _merge_select_kernel[(b * hkv,)](
+        keys, n_ctx, resident, rows, hm, recall_slot, recall_page,
+        counter if counter is not None else recall_slot, n_sink, n_window,
+        HKV=hkv, K=k, KB=kb, NB=nb, NBP=next_pow2(nb), BLOCK_N=bn, PAGE=page_size,
+        HAS_MASK=head_mask is not None, COUNT=counter is not None, num_warps=4 if nb * kb <= 1024 else 8,
+    )
