@@ -21,10 +21,12 @@ Entries with ``dst_slot < 0`` are skipped. Three strategies, same result:
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .common import (check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced, tl, triton,
-                     use_triton)
+from .common import (check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced, sm_count, tl,
+                     triton, use_triton)
 from .uva import kernel_arg
 
 #: Default persistent-grid size of :func:`recall_gather` (see the kernel benchmark).
@@ -267,30 +269,43 @@ if triton is not None:
     @triton.jit
     def _recall_selected_kernel(
         hk_ptr, hv_ptr, wk_ptr, wv_ptr, rslot_ptr, rpage_ptr, rows_ptr, r2t_ptr, r2t_stride,
+        n_pieces, n_iters, n_programs,
         HKV: tl.constexpr, K: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-        SLOT_BASE: tl.constexpr, SLOT0: tl.constexpr,
+        SLOT_BASE: tl.constexpr, SLOT0: tl.constexpr, ITERS: tl.constexpr,
     ):
-        # grid: (B * Hkv, K): piece t of (request, KV head); entries with slot < 0 do nothing.
-        pid = tl.program_id(0).to(tl.int64)
-        t = tl.program_id(1).to(tl.int64)
-        b = pid // HKV
-        h = pid % HKV
-        slot = tl.load(rslot_ptr + pid * K + t).to(tl.int64)
-        ok = slot >= 0
-        page = tl.load(rpage_ptr + pid * K + t).to(tl.int64)
-        row = tl.load(rows_ptr + b).to(tl.int64)
-        tok = tl.load(r2t_ptr + row * r2t_stride + tl.where(ok, page, 0) * PAGE, mask=ok, other=0).to(tl.int64)
-        hpage = tok // PAGE
-        dst_slot = row * SLOT_BASE + SLOT0 + slot
+        # Persistent grid: program pid copies list entries pid, pid + n_programs, ... of the
+        # flattened [B * Hkv, K] lists; entries with slot < 0 do nothing. A small grid leaves
+        # the other SMs to the compute stream while PCIe does the work.
+        pid = tl.program_id(0)
         r = tl.arange(0, PAGE)
         d = tl.arange(0, D)
-        m = ok & (r[:, None] >= 0)
-        src = ((hpage * HKV + h) * PAGE + r[:, None]) * D + d[None, :]
-        dst = ((dst_slot * PAGE + r[:, None]) * HKV + h) * D + d[None, :]
-        kx = tl.load(hk_ptr + src, mask=m, eviction_policy="evict_first")
-        vx = tl.load(hv_ptr + src, mask=m, eviction_policy="evict_first")
-        tl.store(wk_ptr + dst, kx, mask=m)
-        tl.store(wv_ptr + dst, vx, mask=m)
+        for it in range(0, ITERS if ITERS > 0 else n_iters):
+            e = (pid + it * n_programs).to(tl.int64)
+            inr = e < n_pieces
+            slot = tl.load(rslot_ptr + e, mask=inr, other=-1).to(tl.int64)
+            ok = slot >= 0
+            page = tl.load(rpage_ptr + e, mask=ok, other=0).to(tl.int64)
+            bh = e // K
+            b = bh // HKV
+            h = bh % HKV
+            row = tl.load(rows_ptr + b, mask=ok, other=0).to(tl.int64)
+            tok = tl.load(r2t_ptr + row * r2t_stride + page * PAGE, mask=ok, other=0).to(tl.int64)
+            hpage = tok // PAGE
+            dst_slot = row * SLOT_BASE + SLOT0 + slot
+            m = ok & (r[:, None] >= 0)
+            src = ((hpage * HKV + h) * PAGE + r[:, None]) * D + d[None, :]
+            dst = ((dst_slot * PAGE + r[:, None]) * HKV + h) * D + d[None, :]
+            kx = tl.load(hk_ptr + src, mask=m, eviction_policy="evict_first")
+            vx = tl.load(hv_ptr + src, mask=m, eviction_policy="evict_first")
+            tl.store(wk_ptr + dst, kx, mask=m)
+            tl.store(wv_ptr + dst, vx, mask=m)
+
+
+def selected_recall_programs(device: torch.device) -> int:
+    """Default grid of :func:`recall_selected`: one program per SM (``FREEKV_RECALL_PROGRAMS``
+    overrides), enough loads in flight for PCIe while leaving most of each SM to other streams."""
+    env = os.environ.get("FREEKV_RECALL_PROGRAMS")
+    return int(env) if env else sm_count(device)
 
 
 def recall_selected_pieces(recall_slot, recall_page, req_to_token, rows, *, page_size, slot_base, select_slot0):
@@ -310,7 +325,7 @@ def recall_selected_reference(host_k, host_v, ws_k, ws_v, recall_slot, recall_pa
 def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor,
                     recall_slot: torch.Tensor, recall_page: torch.Tensor, req_to_token: torch.Tensor,
                     rows: torch.Tensor, *, page_size: int, slot_base: int, select_slot0: int,
-                    impl: str | None = None) -> None:
+                    num_programs: int | None = None, impl: str | None = None) -> None:
     """Recall the pieces listed by :func:`.select.select_update`, one program per listed piece.
 
     Args:
@@ -321,6 +336,7 @@ def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
         page_size, slot_base (= slots per row), select_slot0 (= first selected slot in a row).
     Piece ``(b, h, t)`` copies ``host[req_to_token[rows[b], page*P] // P, h]`` into
     ``ws[rows[b]*slot_base + select_slot0 + slot, :, h, :]``. Graph-capturable, no host sync.
+    ``num_programs``: persistent grid size (default :func:`selected_recall_programs`).
     """
     if not use_triton(impl, ws_k, recall_slot):
         return recall_selected_reference(host_k, host_v, ws_k, ws_v, recall_slot, recall_page, req_to_token, rows,
@@ -331,7 +347,11 @@ def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
     p, d = host_k.shape[2], host_k.shape[3]  # host pages are [n_pages, Hkv, P, D]
     check_head_dim(d)
     check_page_size(p)
-    _recall_selected_kernel[(b * hkv, k)](
+    n = b * hkv * k
+    n_prog = min(n, num_programs or selected_recall_programs(ws_k.device))
+    n_iters = cdiv(n, n_prog)
+    _recall_selected_kernel[(n_prog,)](
         kernel_arg(host_k), kernel_arg(host_v), ws_k, ws_v, recall_slot, recall_page, rows, req_to_token,
-        req_to_token.stride(0), HKV=hkv, K=k, PAGE=p, D=d, SLOT_BASE=slot_base, SLOT0=select_slot0, num_warps=4,
+        req_to_token.stride(0), n, n_iters, n_prog, HKV=hkv, K=k, PAGE=p, D=d, SLOT_BASE=slot_base,
+        SLOT0=select_slot0, ITERS=n_iters if interpreter_forced() else 0, num_warps=4,
     )

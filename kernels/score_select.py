@@ -104,21 +104,25 @@ if triton is not None:
             act = tl.load(hmask_ptr + pid) != 0
         else:
             act = row >= 0
-        n = tl.load(nctx_ptr + b).to(tl.int64)
-        n_pages = (n + PAGE - 1) // PAGE
-        ws = tl.maximum(n_pages - n_window, n_sink)
-        n_live = (ws + BLOCK_N - 1) // BLOCK_N
-        j = tl.arange(0, NBP * KB)
-        blk = j // KB
-        keys = tl.load(keys_ptr + pid * NB * KB + j, mask=(blk < n_live) & (blk < NB) & act,
-                       other=-9223372036854775807 - 1)
-        top = tl.topk(keys, KB)  # descending
         i = tl.arange(0, KB)
         inb = i < K
-        fin = inb & (top != -9223372036854775807 - 1)
-        idx = tl.where(fin, 4294967295 - (top & 4294967295), -1)
-        _residency_row(fin, idx, i, inb, act, res_ptr + (row * HKV + h) * K, rslot_ptr + pid * K,
-                       rpage_ptr + pid * K, cnt_ptr, row, K, COUNT)
+        if act:
+            n = tl.load(nctx_ptr + b).to(tl.int64)
+            n_pages = (n + PAGE - 1) // PAGE
+            ws = tl.maximum(n_pages - n_window, n_sink)
+            n_live = (ws + BLOCK_N - 1) // BLOCK_N
+            j = tl.arange(0, NBP * KB)
+            blk = j // KB
+            keys = tl.load(keys_ptr + pid * NB * KB + j, mask=(blk < n_live) & (blk < NB),
+                           other=-9223372036854775807 - 1)
+            top = tl.topk(keys, KB)  # descending
+            fin = inb & (top != -9223372036854775807 - 1)
+            idx = tl.where(fin, 4294967295 - (top & 4294967295), -1)
+            _residency_row(fin, idx, i, inb, act, res_ptr + (row * HKV + h) * K, rslot_ptr + pid * K,
+                           rpage_ptr + pid * K, cnt_ptr, row, K, COUNT)
+        else:  # head keeps its pages: nothing to recall
+            tl.store(rslot_ptr + pid * K + i, tl.full([KB], -1, tl.int32), mask=inb)
+            tl.store(rpage_ptr + pid * K + i, tl.full([KB], -1, tl.int32), mask=inb)
 
 
 def pack_keys_reference(scores: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,20 @@ def gpu_ms(fn, reps: int) -> float:
     return a.elapsed_time(b) / reps
 
 
+def graph_ms(fn, reps: int = 20) -> float:
+    """GPU ms of one ``fn`` call replayed from a CUDA graph of ``reps`` calls (no launch cost)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return gpu_ms(g.replay, 10) / reps
+
+
 def dense_layer_ms(bs: int, ctx: int, hq: int, hkv: int, d: int, page: int, dtype) -> float:
     """FlashInfer paged decode over ``ctx`` tokens per request (one layer), GPU ms."""
     import flashinfer
@@ -85,7 +99,7 @@ def dense_layer_ms(bs: int, ctx: int, hq: int, hkv: int, d: int, page: int, dtyp
     last = torch.full((bs,), ctx - (n_pages - 1) * page, dtype=torch.int32, device=DEV)
     w.plan(indptr, indices, last, hq, hkv, d, page, q_data_type=dtype, kv_data_type=dtype)
     q = torch.randn(bs, hq, d, device=DEV, dtype=dtype)
-    ms = gpu_ms(lambda: w.run(q, (k, v)), 50)
+    ms = gpu_ms(lambda: w.run(q, (k, v)), 50)  # long enough that launch cost does not matter
     del k, v
     return ms
 
@@ -193,7 +207,7 @@ class Case:
         """The bare FlashInfer call over the working sets (one layer)."""
         rt = self.rt
         wk, wv = rt.layer_slots(0)
-        return gpu_ms(lambda: rt.attention(self.q_s[0], wk, wv, self.scale), 50)
+        return graph_ms(lambda: rt.attention(self.q_s[0], wk, wv, self.scale))
 
     def attention_variants(self) -> dict:
         """FlashInfer over the same working sets with its prefill (tensor-core) and decode kernels."""
@@ -207,10 +221,13 @@ class Case:
         out = {}
         for tc in (True, False):
             try:
-                sd = SparseDecode(DEV, use_tensor_cores=tc)
-                sd.plan(ip, idx, lpl, sh.n_q_heads, sh.n_kv_heads, sh.head_dim, self.lay.page_size, sh.dtype, sh.dtype)
-                out["tensor_cores" if tc else "decode_kernel"] = gpu_ms(
-                    lambda: sd.run(self.q_s[0], wk, wv, self.scale), 50) * 1e3
+                sd = SparseDecode(DEV, use_tensor_cores=tc, use_cuda_graph=True, batch_size=self.bs,
+                                  max_slots=self.lay.slots)
+                sd.kv_indices[: idx.numel()].copy_(idx)
+                sd.plan(ip, sd.kv_indices, lpl, sh.n_q_heads, sh.n_kv_heads, sh.head_dim, self.lay.page_size,
+                        sh.dtype, sh.dtype)
+                out["tensor_cores" if tc else "decode_kernel"] = graph_ms(
+                    lambda: sd.run(self.q_s[0], wk, wv, self.scale)) * 1e3
             except Exception as e:  # noqa: BLE001
                 out["tensor_cores" if tc else "decode_kernel"] = repr(e)[:200]
         return out

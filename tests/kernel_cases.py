@@ -70,7 +70,9 @@ def check_prologue(device, dtype, group, head_dim, page=8, seed=0):
 
 def check_select_recall(device, dtype, head_dim, page=8, k=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    B, hkv, R, Np, S, ns = 4, 3, 6, 20, 10, 2
+    B, hkv, R, ns = 4, 3, 6, 2
+    S = ns + k + 4
+    Np = max(20, 2 * k + ns)
     scores = torch.randn(B, hkv, Np, generator=g)
     scores[:, :, :ns] = float("-inf")
     scores[3, :, 5:] = float("-inf")  # few candidates

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernel_cases import check_prologue, check_select_recall
+from kernel_cases import check_prologue, check_score_select, check_select_recall
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -18,3 +18,13 @@ def test_prologue_gpu(dtype, group, head_dim):
 @pytest.mark.parametrize("k", [4, 32])
 def test_select_recall_gpu(dtype, head_dim, k):
     check_select_recall("cuda", dtype, head_dim, page=32, k=k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (7, 128)])
+@pytest.mark.parametrize("aggregation", ["mean", "max"])
+@pytest.mark.parametrize("k,max_pages,masked,by_row", [(4, 40, True, False), (32, 300, False, True),
+                                                         (5, 4096, True, True)])
+def test_score_select_gpu(dtype, group, head_dim, aggregation, k, max_pages, masked, by_row):
+    check_score_select("cuda", dtype, group, head_dim, k=k, aggregation=aggregation, page=32, max_pages=max_pages,
+                       masked=masked, by_row=by_row)
