@@ -18,7 +18,8 @@ Query locality is synthetic: each (layer, request, query head) has a fixed rando
 have cosine about ``--similarity``; ``0`` gives unrelated queries (what dummy weights produce,
 the worst case for FreeKV). Keys are random.
 
-Variants: ``freekv`` (defaults), ``sync`` (speculation off), ``skip`` (no host transfers).
+Variants: ``freekv`` (defaults), ``sync`` (speculation off), ``skip`` (no host transfers);
+``name@N`` runs the selected-page recall on a persistent grid of ``N`` programs.
 ``--profile`` adds a torch.profiler table of CUDA kernels per step for each variant at the
 largest batch.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -109,6 +111,11 @@ class Case:
 
     def __init__(self, args, variant: str, bs: int):
         self.args, self.bs = args, bs
+        variant, _, programs = variant.partition("@")  # "freekv@64": recall grid of 64 programs
+        if programs:
+            os.environ["FREEKV_RECALL_PROGRAMS"] = programs
+        else:
+            os.environ.pop("FREEKV_RECALL_PROGRAMS", None)
         L, hq, hkv, d = args.layers, args.q_heads, args.kv_heads, args.head_dim
         dtype = torch.bfloat16
         P = args.page_size
