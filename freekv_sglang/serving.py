@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +50,10 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 300.0) -> "Server":
+        if port_in_use(self.port):
+            # another server (e.g. a leftover of an interrupted run) would answer our requests
+            raise RuntimeError(f"port {self.port} on 127.0.0.1 is already in use; stop the process listening there "
+                               f"or choose another port")
         cmd = [sys.executable, "-m", "sglang.launch_server", *self.args, "--host", "127.0.0.1", "--port",
                str(self.port)]
         self.log = open(self.log_path, "w")
@@ -121,6 +126,13 @@ class Server:
     def server_info(self) -> dict:
         code, text = _get(self.base + "/get_server_info", 10)
         return json.loads(text) if code == 200 and text else {}
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0
 
 
 def output_ids(resp: dict) -> list[int]:
