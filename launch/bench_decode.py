@@ -17,6 +17,11 @@ Modes:
              staging buffers + scatter kernel (eager: host-side lists)
   skip       FreeKV with transfers skipped (upper bound; outputs are wrong)
 
+Query locality: with random weights consecutive decode queries are unrelated (FreeKV's worst
+case). ``--query-cosine C`` makes FreeKV modes replace each decode query so consecutive ones have
+cosine about C (benchmark only, outputs meaningless), to time the data path at a real model's
+locality; dense attention does not depend on the query values.
+
 Usage (GPU machine, repo root):
   python launch/bench_decode.py --model .gpu-bundle/models/llama-8b-shape --contexts 32000 \
       --batch-sizes 1 4 8 --modes dense freekv sync skip --out bench-out
@@ -95,6 +100,9 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
         f.flush()
         try:
             env = dict(os.environ, FREEKV_LOG_STATS_EVERY="0")  # statistics are collected per measurement
+            env.pop("FREEKV_BENCH_QUERY_COSINE", None)
+            if a.query_cosine is not None and mode != "dense":
+                env["FREEKV_BENCH_QUERY_COSINE"] = str(a.query_cosine)
             rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], stdout=f,
                                 stderr=subprocess.STDOUT, timeout=a.timeout, env=env).returncode
         except subprocess.TimeoutExpired:
@@ -159,6 +167,10 @@ def main() -> None:
                    choices=sorted(MODES))
     p.add_argument("--host-gb", type=float, default=48.0, help="FreeKV host tier per run")
     p.add_argument("--timeout", type=float, default=900.0, help="per mode, seconds")
+    p.add_argument("--query-cosine", type=float, default=None,
+                   help="FreeKV modes only: replace decode queries so that consecutive ones have this cosine "
+                        "(random weights give ~0, FreeKV's worst case; outputs become meaningless; see "
+                        "freekv_sglang/runtime/synthetic.py)")
     p.add_argument("--out", default="bench-out", help="folder for logs and results")
     p.add_argument("extra", nargs="*", help="extra SGLang arguments after --")
     a = p.parse_args()
@@ -171,7 +183,10 @@ def main() -> None:
         results[mode] = run_mode(mode, a, a.out)
         with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
             json.dump({"card": card, "args": vars(a), "results": results}, f, indent=1)
-    out = f"card: {card}; model: {a.model}; output_len {a.output_len}\n\n{table(results)}\n\n{ratios(results)}\n"
+    loc = ("random-weight queries" if a.query_cosine is None else
+           f"FreeKV modes with synthetic consecutive-query cosine {a.query_cosine}")
+    out = (f"card: {card}; model: {a.model}; output_len {a.output_len}; {loc}\n\n{table(results)}\n\n"
+           f"{ratios(results)}\n")
     with open(os.path.join(a.out, "bench_decode.md"), "w") as f:
         f.write(out)
     print(out)

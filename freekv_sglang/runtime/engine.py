@@ -44,6 +44,8 @@ from freekv_sglang.kernels.score_select import score_and_select, selection_scrat
 from .attention import WorkingSetAttention
 from .host_store import HostKVStore
 from .sizing import ModelShape
+from .synthetic import ENV as SYNTHETIC_ENV
+from .synthetic import SyntheticQueries, cosine_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +129,12 @@ class FreeKVRuntime:
         self.checks = self.steps = self.step_requests = 0
         # decode steps between statistics log lines (0: never); each line covers its interval
         self.log_every = int(os.environ.get("FREEKV_LOG_STATS_EVERY", "2000"))
+
+        cos = cosine_from_env()
+        self.synthetic = SyntheticQueries(L, hq, d, cos, dev) if cos is not None else None
+        if self.synthetic is not None:
+            logger.warning("%s=%s: decode queries are replaced by synthetic ones with that consecutive cosine; "
+                           "generated tokens are meaningless (benchmarks only)", SYNTHETIC_ENV, cos)
 
         self.side_stream = torch.cuda.Stream(device=dev) if self.is_cuda and settings.speculative else None
         self.attn_done = [torch.cuda.Event() for _ in range(L)] if self.side_stream is not None else None
@@ -309,6 +317,8 @@ class FreeKVRuntime:
         """
         st, cfg = self.step, self.settings
         b = q.shape[0]
+        if self.synthetic is not None:
+            q = self.synthetic.apply(layer, q, st.rows)
         wk, wv = self.layer_slots(layer)
         flags, spec = self.flags[layer, :b], self.spec[layer, :b]
         # 1. token -> host tier + window page; digest of a completed page; correction check;

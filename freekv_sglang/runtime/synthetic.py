@@ -1,0 +1,51 @@
+"""Benchmark-only synthetic query locality (``FREEKV_BENCH_QUERY_COSINE``).
+
+Speed benchmarks run models with random weights (``--load-format dummy``), whose consecutive
+decode queries are unrelated: every KV head fails the correction check and most selected pages
+change every step, FreeKV's worst case. Real models keep consecutive queries close (the
+correction threshold exists because they usually are). To time the data path at a chosen
+locality, this replaces each decode query by ``u + sigma * e``: ``u`` a fixed random direction per
+(layer, request row, query head), ``e`` the model's own query normalised to the same length, so
+consecutive queries of a head have cosine about ``c = 1 / (1 + sigma^2)``. Attention then uses
+the replaced queries: **generated tokens are meaningless**; never set it when serving.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+ENV = "FREEKV_BENCH_QUERY_COSINE"
+ROW_SLOTS = 64  # distinct directions per layer; rows share them modulo this
+
+
+def cosine_from_env() -> float | None:
+    """The requested cosine in (0, 1], or None when the variable is unset or empty."""
+    raw = os.environ.get(ENV, "").strip()
+    if not raw:
+        return None
+    c = float(raw)
+    if not 0.0 < c <= 1.0:
+        raise ValueError(f"{ENV} must be in (0, 1], got {raw!r}")
+    return c
+
+
+class SyntheticQueries:
+    """Fixed directions ``[L, ROW_SLOTS, Hq, D]`` and the mixing of :func:`apply`."""
+
+    def __init__(self, n_layers: int, n_q_heads: int, head_dim: int, cosine: float, device, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        u = torch.randn(n_layers, ROW_SLOTS, n_q_heads, head_dim, generator=g)
+        self.u = (torch.nn.functional.normalize(u, dim=-1) * math.sqrt(head_dim)).to(device)
+        self.sigma = math.sqrt(1.0 / cosine - 1.0)
+        self.cosine = cosine
+
+    def apply(self, layer: int, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``q [B, Hq, D]`` -> ``u[layer, rows % ROW_SLOTS] + sigma * sqrt(D) * q / |q|`` (q's dtype).
+        Device ops only (CUDA-graph safe)."""
+        d = q.shape[-1]
+        qf = q.float()
+        e = qf / qf.norm(dim=-1, keepdim=True).clamp_min(1e-6) * math.sqrt(d)
+        return (self.u[layer][rows.long() % ROW_SLOTS] + self.sigma * e).to(q.dtype)
