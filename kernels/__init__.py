@@ -9,7 +9,7 @@ Modules (one op each):
 * :mod:`.select`       ``select_and_diff``         top-k + residency update
 * :mod:`.score_select` ``score_and_select``        scoring + block top-k + residency, two launches
 * :mod:`.decode_prologue` ``decode_prologue``      token write, digest, correction check, one launch
-* :mod:`.recall`       ``recall_gather`` (+ staged, per-page), ``pieces_from_selection``
+* :mod:`.recall`       ``recall_selected`` (runtime), ``recall_gather`` (+ staged, per-page)
 * :mod:`.page_table`   ``build_page_table``        FlashInfer metadata of the working sets
 * :mod:`.sparse_decode` ``SparseDecode``           FlashInfer paged decode over the slots
 * :mod:`.uva`          zero-copy pinned-memory kernel arguments
@@ -22,7 +22,7 @@ from .kv_store import store_kv_host, store_kv_host_reference
 from .page_table import (build_page_table, build_page_table_reference, last_page_len_host,
                          page_table_indptr_host)
 from .recall import (StagedRecall, pieces_from_selection, recall_gather, recall_gather_reference, recall_per_page,
-                     recall_reference, recall_staged)
+                     recall_reference, recall_selected, recall_selected_reference, recall_staged)
 from .score_select import score_and_select, score_and_select_reference
 from .scores import score_pages, score_pages_reference
 from .select import select_and_diff, select_and_diff_reference
@@ -33,7 +33,7 @@ __all__ = [
     "HostPointer", "SparseDecode", "StagedRecall", "build_page_table", "build_page_table_reference",
     "kernel_arg", "last_page_len_host", "page_digests_from_rows", "page_digests_from_rows_reference",
     "page_table_indptr_host", "pieces_from_selection", "recall_gather", "recall_gather_reference", "recall_per_page",
-    "recall_reference",
+    "recall_reference", "recall_selected", "recall_selected_reference",
     "recall_staged", "score_and_select", "score_and_select_reference", "score_pages", "score_pages_reference", "select_and_diff", "select_and_diff_reference",
     "sparse_decode_reference", "store_kv_host", "store_kv_host_reference",
 ]

@@ -5,7 +5,8 @@ Sections (each guarded: an error is printed and recorded, the rest still runs; t
 file is rewritten after every section):
 
 * ``ceilings``    bulk pinned H2D / D2H copies (256 MiB) and an HBM device copy (1 GiB);
-* ``recall``      ``recall_gather`` / ``recall_staged`` / ``recall_per_page`` GB/s on
+* ``recall``      ``recall_selected`` (the runtime's path, CUDA graph) and
+                  ``recall_gather`` / ``recall_staged`` / ``recall_per_page`` GB/s on
                   Llama-3.1-8B-shaped work (Hkv=8, D=128, P=32, 32 pages per head), batch
                   1/8/32, all pages missing and ~15% missing, vs the H2D ceiling; a sweep of
                   the gather's persistent grid size;
@@ -13,7 +14,8 @@ file is rewritten after every section):
                   8192^3 bf16 matmul on another stream;
 * ``offload``     ``store_kv_host`` for a 32K-token prefill layer vs the D2H ceiling, and a
                   decode-sized store;
-* ``scores``      ``score_pages`` (+ ``select_and_diff``) at 32K / 128K contexts, batch 1/8,
+* ``scores``      ``score_and_select`` (the runtime's fused scoring + top-k + residency) and the
+                  unfused ``score_pages`` + ``select_and_diff`` at 32K / 128K contexts, batch 1/8,
                   vs reading the digests at the measured HBM speed;
 * ``decode``      ``SparseDecode`` over a 2048-token working set vs FlashInfer dense paged
                   decode over 32K tokens (page size 1 and 32), batch 1/8/32, 32 q / 8 kv heads.
@@ -222,6 +224,29 @@ class RecallWork:
         n_valid = int(valid.sum())
         return lists, n_valid, n_valid * 2 * P * D * 2
 
+    def selected_lists(self, b: int, frac: float, seed: int = 0):
+        """Inputs of ``recall_selected`` (the runtime's path): per (request, KV head) recall lists
+        with ``frac`` of the ``NSEL`` slots missing (valid entries first), and a req_to_token map
+        from logical pages to random host pages."""
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        n_logical = 1024
+        host_page = torch.randint(1, self.n_host, (b, n_logical), generator=g, device=DEV)
+        r2t = (host_page[:, :, None] * P + torch.arange(P, device=DEV)).reshape(b, -1).int().contiguous()
+        valid = torch.rand((b, HKV, NSEL), generator=g, device=DEV) < frac
+        n_valid_row = valid.sum(-1, keepdim=True)
+        t = torch.arange(NSEL, device=DEV)
+        ok = t < n_valid_row
+        slot = torch.where(ok, t, -1).int()
+        page = torch.where(ok, torch.randint(0, n_logical, (b, HKV, NSEL), generator=g, device=DEV), -1).int()
+        rows = torch.arange(b, device=DEV)
+        n_valid = int(valid.sum())
+        return (slot, page, r2t, rows), n_valid, n_valid * 2 * P * D * 2
+
+    def selected(self, lists, **kw):
+        slot, page, r2t, rows = lists
+        K.recall_selected(self.host_k, self.host_v, self.ws_k, self.ws_v, slot, page, r2t, rows, page_size=P,
+                          slot_base=LAYOUT.slots, select_slot0=LAYOUT.n_sink, **kw)
+
     def gather(self, lists, **kw):
         K.recall_gather(self.host_k, self.host_v, self.ws_k, self.ws_v, *lists, **kw)
 
@@ -254,6 +279,12 @@ def sec_recall(r: Runner, out: dict, quick: bool):
                 res[f"{name}_ms"], res[f"{name}_gbps"] = t, gbps(nbytes, t)
                 r.row("recall", f"{name.replace('_', '-'):<8} {tag}", res[f"{name}_gbps"], "GB/s",
                       f"{res[f'{name}_gbps'] / h2d:.2f}x H2D" if h2d else "")
+            sel, n_sel, sel_bytes = work.selected_lists(b, frac, seed=b)
+            t = graph_ms(lambda: work.selected(sel))
+            res["selected_graph_gbps"] = gbps(sel_bytes, t)
+            r.row("recall", f"selected (runtime path), graph b={b} {'all' if frac == 1.0 else '15%'} missing "
+                  f"({sel_bytes / MIB:.1f} MiB)", res["selected_graph_gbps"], "GB/s",
+                  f"{res['selected_graph_gbps'] / h2d:.2f}x H2D" if h2d else "")
             out[f"b{b}_{'all' if frac == 1.0 else 'p15'}"] = res
             r.save()
     # persistent grid sweep
@@ -398,8 +429,21 @@ def sec_scores(r: Runner, out: dict, quick: bool):
             res["select_graph_ms"] = m("select graph", lambda: graph_ms(select))
             res["select_torch_graph_ms"] = m("torch select graph", lambda: graph_ms(select_ref))
             res["select_torch_eager_ms"] = m("torch select eager", lambda: bench_ms(select_ref))
+            res_f = resident.clone()
+            rs = torch.empty((b, HKV, NSEL), dtype=torch.int32, device=DEV)
+            rp = torch.empty_like(rs)
+            keys = torch.empty(K.score_select.selection_scratch_size(b, HKV, n_pages, NSEL), dtype=torch.int64,
+                               device=DEV)
+
+            def fused():
+                K.score_and_select(q, dig, r2t, rpi, n_ctx, None, res_f, NSEL, rs, rp, max_pages=n_pages,
+                                   aggregation="mean", keys=keys, **kw)
+
+            res["fused_graph_ms"] = m("fused score+select graph", lambda: graph_ms(fused))
             tag = f"ctx={ctx // 1024}K b={b} ({dbytes / MIB:.1f} MiB digests)"
             ideal = res["ideal_ms"]
+            r.row("scores", f"score_and_select (fused, runtime path), graph  {tag}", 1e3 * res["fused_graph_ms"], "us",
+                  f"{res['fused_graph_ms'] / ideal:.2f}x HBM ideal" if ideal else "")
             r.row("scores", f"score_pages mean, graph  {tag}", 1e3 * res["score_graph_ms"], "us",
                   f"{res['score_graph_ms'] / ideal:.2f}x HBM ideal ({1e3 * ideal:.1f} us)" if ideal else "")
             r.row("scores", f"score_pages softmax-mean, graph  {tag}", 1e3 * res["score_softmax_graph_ms"], "us")
