@@ -9,7 +9,7 @@ K="${1:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 python3 -c "import torch, triton, flashinfer, sglang; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__, 'sglang', sglang.__version__)" | tee -a "$OUT/card.txt"
 t0=$(date +%s)
-timeout "${UNIT_TIMEOUT:-300}" python3 -m pytest -q -x -p no:cacheprovider tests/gpu --ignore=tests/gpu/test_server_e2e.py \
+timeout "${UNIT_TIMEOUT:-300}" python3 -m pytest -q -x -p no:cacheprovider --durations=12 tests/gpu --ignore=tests/gpu/test_server_e2e.py \
   2>&1 | tee "$OUT/gpu-unit.log" | tail -25
 echo "[gpu_check] unit tests rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 ))s"
 if [[ "${SKIP_E2E:-0}" != 1 ]]; then

@@ -21,10 +21,12 @@ def test_select_recall_gpu(dtype, head_dim, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (7, 128)])
-@pytest.mark.parametrize("aggregation", ["mean", "max"])
-@pytest.mark.parametrize("k,max_pages,masked,by_row", [(4, 40, True, False), (32, 300, False, True),
-                                                         (5, 4096, True, True)])
+@pytest.mark.parametrize("group,head_dim,aggregation,k,max_pages,masked,by_row", [
+    (1, 64, "mean", 4, 40, True, False),
+    (3, 64, "max", 32, 300, False, True),
+    (4, 128, "mean", 32, 4096, True, True),
+    (7, 128, "max", 5, 1000, True, False),
+])
 def test_score_select_gpu(dtype, group, head_dim, aggregation, k, max_pages, masked, by_row):
     check_score_select("cuda", dtype, group, head_dim, k=k, aggregation=aggregation, page=32, max_pages=max_pages,
                        masked=masked, by_row=by_row)
