@@ -27,6 +27,9 @@ from .common import (cdiv, check_head_dim, check_kv_dtype, check_page_size, inte
 from .scores import score_pages, score_pages_reference
 from .select import _residency_row, select_update, select_update_reference
 
+if triton is not None:
+    from .scores import _group_bounds
+
 NO_KEY = -(2**63)
 _LOW = 2**32 - 1
 
@@ -56,27 +59,14 @@ if triton is not None:
             r = tl.load(rows_ptr + b).to(tl.int64)
             tok = tl.load(r2t_ptr + r * stride_r2t + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64)
             hp = tok // PAGE
-            d = tl.arange(0, D)
             g = tl.arange(0, BLOCK_G)
             gmask = g < G
             if Q_BY_ROW:
                 qb = tl.load(qidx_ptr + b).to(tl.int64)
             else:
                 qb = b
-            qv = tl.load(q_ptr + qb * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
-                         mask=gmask[:, None], other=0.0)
-            zero = tl.zeros_like(qv)
-            qp = tl.maximum(qv, zero).to(dig_ptr.dtype.element_ty)
-            qn = tl.minimum(qv, zero).to(dig_ptr.dtype.element_ty)
-            dig = dig_ptr + ((hp * HKV + h) * 2 * D)[:, None] + d[None, :]
-            mx = tl.load(dig, mask=cand[:, None], other=0.0)
-            mn = tl.load(dig + D, mask=cand[:, None], other=0.0)
-            if F32_DOT:
-                s = tl.dot(qp.to(tl.float32), tl.trans(mx.to(tl.float32)), input_precision="ieee")
-                s = tl.dot(qn.to(tl.float32), tl.trans(mn.to(tl.float32)), s, input_precision="ieee")
-            else:
-                s = tl.dot(qp, tl.trans(mx))
-                s = tl.dot(qn, tl.trans(mn), s)  # [BLOCK_G, BLOCK_N] fp32
+            s = _group_bounds(q_ptr + qb * stride_qb + h * G * stride_qh, stride_qh, dig_ptr, hp, h, cand,
+                              HKV, G, BLOCK_G, D, F32_DOT)
             if AGG == 0:
                 agg = tl.sum(tl.where(gmask[:, None], s, 0.0), axis=0) / G
             else:

@@ -33,6 +33,28 @@ _AGG_CODE = {"mean": 0, "max": 1, "softmax-mean": 2}
 if triton is not None:
 
     @triton.jit
+    def _group_bounds(q_row, stride_qh, dig_ptr, hp, h, cand, HKV: tl.constexpr, G: tl.constexpr,
+                      BLOCK_G: tl.constexpr, D: tl.constexpr, F32_DOT: tl.constexpr):
+        """Quest bounds ``[BLOCK_G, BLOCK_N]`` fp32 of the ``G`` query heads at ``q_row`` (head
+        stride ``stride_qh``) against KV head ``h`` of host pages ``hp [BLOCK_N]`` (``cand``: real)."""
+        d = tl.arange(0, D)
+        g = tl.arange(0, BLOCK_G)
+        qv = tl.load(q_row + g[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+        zero = tl.zeros_like(qv)
+        qp = tl.maximum(qv, zero).to(dig_ptr.dtype.element_ty)  # exact: q has the digest dtype
+        qn = tl.minimum(qv, zero).to(dig_ptr.dtype.element_ty)
+        dig = dig_ptr + ((hp * HKV + h) * 2 * D)[:, None] + d[None, :]
+        mx = tl.load(dig, mask=cand[:, None], other=0.0)
+        mn = tl.load(dig + D, mask=cand[:, None], other=0.0)
+        if F32_DOT:  # Triton's CPU interpreter gets bf16 dots wrong; exact in fp32 too
+            s = tl.dot(qp.to(tl.float32), tl.trans(mx.to(tl.float32)), input_precision="ieee")
+            s = tl.dot(qn.to(tl.float32), tl.trans(mn.to(tl.float32)), s, input_precision="ieee")
+        else:
+            s = tl.dot(qp, tl.trans(mx))
+            s = tl.dot(qn, tl.trans(mn), s)
+        return s
+
+    @triton.jit
     def _score_pages_kernel(
         q_ptr, dig_ptr, r2t_ptr, rpi_ptr, nctx_ptr, hmask_ptr, out_ptr,
         stride_qb, stride_qh, stride_r2t, stride_ob, stride_oh,
@@ -57,23 +79,10 @@ if triton is not None:
         r = tl.load(rpi_ptr + b).to(tl.int64)
         tok = tl.load(r2t_ptr + r * stride_r2t + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64)
         hp = tok // PAGE
-        d = tl.arange(0, D)
         g = tl.arange(0, BLOCK_G)
         gmask = g < G
-        qv = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
-                     mask=gmask[:, None], other=0.0)
-        zero = tl.zeros_like(qv)
-        qp = tl.maximum(qv, zero).to(dig_ptr.dtype.element_ty)  # exact: q has the digest dtype
-        qn = tl.minimum(qv, zero).to(dig_ptr.dtype.element_ty)
-        dig = dig_ptr + ((hp * HKV + h) * 2 * D)[:, None] + d[None, :]
-        mx = tl.load(dig, mask=cand[:, None], other=0.0)
-        mn = tl.load(dig + D, mask=cand[:, None], other=0.0)
-        if F32_DOT:  # Triton's CPU interpreter gets bf16 dots wrong; exact in fp32 too
-            s = tl.dot(qp.to(tl.float32), tl.trans(mx.to(tl.float32)), input_precision="ieee")
-            s = tl.dot(qn.to(tl.float32), tl.trans(mn.to(tl.float32)), s, input_precision="ieee")
-        else:
-            s = tl.dot(qp, tl.trans(mx))
-            s = tl.dot(qn, tl.trans(mn), s)  # [BLOCK_G, BLOCK_N] fp32
+        s = _group_bounds(q_ptr + b * stride_qb + h * G * stride_qh, stride_qh, dig_ptr, hp, h, cand,
+                          HKV, G, BLOCK_G, D, F32_DOT)
         neg_inf = float("-inf")
         if AGG == 2:
             o = out_ptr + b * stride_ob + (h * G + g)[:, None] * stride_oh + p[None, :]

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import K  # noqa: E402,F401  (makes freekv_sglang.kernels importable from a checkout)
+from bench_kernels import K, graph_ms  # noqa: E402,F401  (K: freekv_sglang.kernels importable from a checkout)
 
 from freekv_sglang.algorithm import WorkingSetLayout  # noqa: E402
 from freekv_sglang.runtime.engine import FreeKVRuntime, RuntimeSettings  # noqa: E402
@@ -71,20 +71,6 @@ def gpu_ms(fn, reps: int) -> float:
     b.record()
     torch.cuda.synchronize()
     return a.elapsed_time(b) / reps
-
-
-def graph_ms(fn, reps: int = 20) -> float:
-    """GPU ms of one ``fn`` call replayed from a CUDA graph of ``reps`` calls (no launch cost)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    return gpu_ms(g.replay, 10) / reps
 
 
 def dense_layer_ms(bs: int, ctx: int, hq: int, hkv: int, d: int, page: int, dtype) -> float:

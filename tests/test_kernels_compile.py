@@ -37,7 +37,8 @@ def _import_kernels():
 
 
 K = _import_kernels()
-from freekv_sglang.kernels import digests, kv_store, page_table, recall, scores, select  # noqa: E402
+from freekv_sglang.kernels import (digests, kv_store, page_table, recall, score_select, scores,  # noqa: E402
+                                   select)
 
 TY = {"bf16": "*bf16", "fp16": "*fp16"}
 
@@ -121,3 +122,38 @@ def test_compile_page_table(p, bb, bs):
     sig = dict(seq_ptr="*i32", rpi_ptr="*i64", indptr_ptr="*i32", indices_ptr="*i32", last_ptr="*i32",
                B="i32", slot_base="i32", n_sink="i32", n_select="i32", n_window="i32")
     _compile(page_table._page_table_kernel, sig, dict(PAGE=p, BLOCK_B=bb, BLOCK_S=bs), num_warps=1)
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+@pytest.mark.parametrize("agg", [0, 1])
+@pytest.mark.parametrize("g,d,bn,kb,by_row", [(4, 128, 128, 32, True), (7, 64, 64, 16, False), (1, 128, 512, 64, True)])
+def test_compile_score_block_topk(dt, agg, g, d, bn, kb, by_row):
+    t = TY[dt]
+    sig = dict(q_ptr=t, qidx_ptr="*i64", dig_ptr=t, r2t_ptr="*i32", rows_ptr="*i64", nctx_ptr="*i64",
+               hmask_ptr="*u8", keys_ptr="*i64", stride_qb="i32", stride_qh="i32", stride_r2t="i32",
+               n_sink="i32", n_window="i32")
+    k = _compile(score_select._score_block_topk_kernel, sig,
+                 dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=bn, KB=kb, NB=32, AGG=agg, HAS_MASK=True,
+                      Q_BY_ROW=by_row, F32_DOT=False),
+                 div16=("stride_qb", "stride_qh", "stride_r2t"))
+    assert "mma" in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("k,kb,nb,has_mask", [(32, 32, 32, True), (5, 16, 7, False), (64, 64, 16, True)])
+def test_compile_merge_select(k, kb, nb, has_mask):
+    sig = dict(keys_ptr="*i64", nctx_ptr="*i64", res_ptr="*i64", rows_ptr="*i64", hmask_ptr="*u8",
+               rslot_ptr="*i32", rpage_ptr="*i32", cnt_ptr="*i64", n_sink="i32", n_window="i32")
+    nbp = 1 << (nb - 1).bit_length()
+    _compile(score_select._merge_select_kernel, sig,
+             dict(HKV=8, K=k, KB=kb, NB=nb, NBP=nbp, BLOCK_N=128, PAGE=32, HAS_MASK=has_mask, COUNT=True),
+             num_warps=4 if nb * kb <= 1024 else 8)
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+@pytest.mark.parametrize("p,d", [(32, 128), (16, 64)])
+def test_compile_recall_selected(dt, p, d):
+    t = TY[dt]
+    sig = dict(hk_ptr=t, hv_ptr=t, wk_ptr=t, wv_ptr=t, rslot_ptr="*i32", rpage_ptr="*i32", rows_ptr="*i64",
+               r2t_ptr="*i32", r2t_stride="i32", n_pieces="i32", n_iters="i32", n_programs="i32")
+    _compile(recall._recall_selected_kernel, sig, dict(HKV=8, K=32, PAGE=p, D=d, SLOT_BASE=64, SLOT0=16, ITERS=0),
+             div16=("r2t_stride",))
