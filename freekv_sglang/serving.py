@@ -104,9 +104,14 @@ class Server:
         self.stop()
 
     # ------------------------------------------------------------------ requests
-    def generate(self, input_ids: list[int], max_new_tokens: int, timeout: float = 600.0, **sampling) -> dict:
+    def generate(self, input_ids: list[int], max_new_tokens: int, timeout: float = 600.0, rid: str | None = None,
+                 **sampling) -> dict:
+        """Greedy ``/generate`` (``ignore_eos``); ``rid`` names the request (for ``/abort_request``)."""
         params = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True, **sampling}
-        return _post(self.base + "/generate", {"input_ids": input_ids, "sampling_params": params}, timeout)
+        body = {"input_ids": input_ids, "sampling_params": params}
+        if rid is not None:
+            body["rid"] = rid
+        return _post(self.base + "/generate", body, timeout)
 
     def generate_many(self, prompts: list[list[int]], max_new_tokens, timeout: float = 900.0) -> list[dict]:
         """Send all prompts at once (concurrently), return the responses in order.

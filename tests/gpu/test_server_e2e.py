@@ -78,48 +78,85 @@ def test_cuda_graph_matches_eager():
     assert got == want and got3 == want3
 
 
-def test_long_concurrent_generate_and_completions_with_abort():
-    """8 concurrent 32K-token prompts x 256 tokens via /generate and /v1/completions; abort half midway."""
-    import threading
+def _gpu_used_mib(pid: int) -> int | None:
+    """GPU memory (MiB) nvidia-smi reports for the process tree of ``pid`` (None if unavailable)."""
+    import subprocess
 
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+        kids = subprocess.run(["pgrep", "-g", str(os.getpgid(pid))], capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    pids = {int(x) for x in kids} | {pid}
+    used = [int(m) for p_, m in (line.split(",") for line in out.strip().splitlines() if "," in line)
+            if int(p_) in pids]
+    return sum(used) if used else None
+
+
+def test_long_concurrent_generate_and_completions_with_abort():
+    """8 concurrent 32K-token prompts x 256 tokens (4 via /generate, 4 via /v1/completions); then 8
+    long generations of which 4 are aborted midway; the pool must balance (SGLang's idle check) and
+    all 8 prompts must fit again."""
+    import json
+    import re
+    import threading
     import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
 
     ps = prompts([32000] * 8, seed=2)
     new = 256
-    with server("freekv-32k", *freekv_args("--max-running-requests", "16")) as s:
+    srv = server("freekv-32k", *freekv_args("--max-running-requests", "16"))
+    srv.env = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}  # a leak stops the scheduler
+    with srv as s:
         t0 = time.time()
-        res = s.generate_many(ps[:4], new, timeout=1200)
-        assert all(len(output_ids(r)) == new for r in res)
-        comp = s.completion(ps[4], 64, timeout=1200)
-        assert comp["choices"][0]["text"] is not None
-        assert comp["usage"]["completion_tokens"] == 64
-        print(f"4 x 32K x {new} via /generate + 1 completion in {time.time() - t0:.1f}s")
+        with ThreadPoolExecutor(max_workers=8) as ex:
+            gens = [ex.submit(s.generate, p, new, 1200) for p in ps[:4]]
+            comps = [ex.submit(s.completion, p, new, 1200) for p in ps[4:]]
+            gens, comps = [f.result() for f in gens], [f.result() for f in comps]
+        assert all(len(output_ids(r)) == new for r in gens)
+        assert all(c["usage"]["completion_tokens"] == new and c["choices"][0]["text"] is not None for c in comps)
+        print(f"8 x 32K x {new} (4 /generate + 4 /v1/completions) concurrently in {time.time() - t0:.1f}s")
+        log = open(s.log_path).read()
+        m = re.search(r"FreeKV memory: .*", log)
+        print("formula:", m.group(0) if m else "(no FreeKV memory line)")
+        print("GPU memory of the server processes (nvidia-smi):", _gpu_used_mib(s.proc.pid), "MiB")
+        assert m is not None
 
-        # aborts: start 4 long generations, abort them after a few seconds
+        # 8 long generations; abort 4 of them by request id midway
         results = {}
 
         def run(i):
             try:
-                results[i] = s.generate(ps[i], 4096, timeout=1200)
+                results[i] = s.generate(ps[i], 1024, timeout=1200, rid=f"long-{i}")
             except Exception as e:  # noqa: BLE001 - aborted requests may end with an error body
                 results[i] = {"error": repr(e)}
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4, 8)]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
-        time.sleep(20)
-        req = urllib.request.Request(s.base + "/abort_request", data=b'{"abort_all": true}',
-                                     headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=30).read()
+        time.sleep(15)
+        for i in range(0, 8, 2):
+            req = urllib.request.Request(s.base + "/abort_request", data=json.dumps({"rid": f"long-{i}"}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=30).read()
         for t in threads:
-            t.join(timeout=300)
-        assert len(results) == 4
-        assert s.proc.poll() is None
-        # every host page came back: all 8 prompts (256K tokens) fit again at once
+            t.join(timeout=600)
+        assert len(results) == 8
+        for i in range(1, 8, 2):
+            assert len(output_ids(results[i])) == 1024, f"request {i} was not aborted but did not finish"
+        for i in range(0, 8, 2):
+            r = results[i]
+            reason = (r.get("meta_info", {}).get("finish_reason") or {}) if "error" not in r else {"type": "abort"}
+            assert reason.get("type") == "abort", f"request {i}: {reason}"
+        time.sleep(5)  # idle: SGLang checks that every token slot came back
+        assert s.proc.poll() is None, "server died (see log)"
+        log = open(s.log_path).read()
+        assert "memory leak detected" not in log
         t1 = time.time()
         again = s.generate_many(ps, 8, timeout=1200)
         assert all(len(output_ids(r)) == 8 for r in again)
-        print(f"after abort: 8 x 32K prompts admitted and finished in {time.time() - t1:.1f}s")
+        print(f"after aborts: 8 x 32K prompts served in {time.time() - t1:.1f}s")
 
 
 def test_prompt_longer_than_dense_pool():
