@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""PNG plots of the benchmark JSON files (runs anywhere with matplotlib; no GPU).
+
+* ``bench_decode.json`` (``launch/bench_decode.py``): output tokens/s vs batch size, one line per
+  mode, one panel per context length.
+* ``profile.json`` (``launch/profile_decode_step.py``): GPU µs per layer vs consecutive-query
+  cosine, one line per variant plus dense FlashInfer decode, one panel per batch size.
+
+Usage: ``python launch/plot_bench.py --decode docs/data/bench_decode-....json --out docs/bench_decode.png``
+       ``python launch/plot_bench.py --profile docs/data/profile_decode_step-....json --out docs/profile.png``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_decode(data: dict, out: str) -> None:
+    """Tokens/s vs batch, per context; a mode missing a cell is left out of that point."""
+    plt = _plt()
+    by_ctx = defaultdict(lambda: defaultdict(list))  # ctx -> mode -> [(bs, tok/s)]
+    for mode, rows in data["results"].items():
+        for r in rows:
+            ms = r.get("median_decode_latency")
+            if ms:
+                by_ctx[r["input_len"]][mode].append((r["batch_size"], r["batch_size"] / ms))
+    if not by_ctx:
+        raise ValueError("no decode results in the file")
+    ctxs = sorted(by_ctx)
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
+    for ax, ctx in zip(axes[0], ctxs):
+        for mode, pts in sorted(by_ctx[ctx].items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+        ax.set_title(f"context {ctx} tokens")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("output tokens/s (decode)")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    loc = data.get("args", {}).get("query_cosine")
+    note = "random-weight queries" if loc is None else f"synthetic query cosine {loc}"
+    fig.suptitle(f"{data.get('card', '?')}, {data.get('args', {}).get('model', '?')}, {note}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def plot_profile(data: dict, out: str) -> None:
+    """µs per layer vs query cosine, per batch size."""
+    plt = _plt()
+    by_bs = defaultdict(lambda: defaultdict(list))  # bs -> variant -> [(cos, us)]
+    for r in data["rows"]:
+        by_bs[r["bs"]][r["variant"]].append((r["similarity"], 1e3 * r["ms_per_layer"]))
+    if not by_bs:
+        raise ValueError("no rows in the file")
+    bss = sorted(by_bs)
+    fig, axes = plt.subplots(1, len(bss), figsize=(5 * len(bss), 4), squeeze=False)
+    for ax, bs in zip(axes[0], bss):
+        for variant, pts in sorted(by_bs[bs].items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
+        dense = data.get("dense", {}).get(f"bs{bs}_page32")
+        if dense is not None:
+            ax.axhline(1e3 * dense, color="k", linestyle="--", label="dense FlashInfer, full context")
+        ax.set_title(f"batch {bs}")
+        ax.set_xlabel("consecutive-query cosine")
+        ax.set_ylabel("GPU µs per layer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ctx = data.get("args", {}).get("context", "?")
+    fig.suptitle(f"{data.get('device', '?')}: FreeKV decode step per layer, {ctx}-token contexts")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--decode", help="bench_decode.json")
+    src.add_argument("--profile", help="profile_decode_step JSON")
+    ap.add_argument("--out", required=True, help="PNG path")
+    a = ap.parse_args(argv)
+    with open(a.decode or a.profile) as f:
+        data = json.load(f)
+    (plot_decode if a.decode else plot_profile)(data, a.out)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
