@@ -5,7 +5,8 @@ the default static memory fraction, whole KV on the GPU; FreeKV: the same fracti
 tier of ``--host-gb``). The script reads the token capacity the server reports, submits more
 ``--context``-token requests than either mode can hold at once, and reports the largest number of
 requests the server ran concurrently (from its decode log lines), with the capacity computed from
-its pools.
+its pools. FreeKV holds every request's whole KV in host memory, so its capacity is bounded by
+the host tier (``--host-gb``, at most the machine's RAM) as well as by its GPU working sets.
 
 Usage (GPU machine, repo root):
   python launch/bench_capacity.py --model .gpu-bundle/models/llama-8b-shape --context 32000 --host-gb 100
@@ -58,8 +59,12 @@ def run(mode: str, a) -> dict:
         res = srv.generate_many(prompts, a.new_tokens, timeout=a.timeout)
         ok = sum(len(output_ids(r)) == a.new_tokens for r in res)
         dt = time.time() - t0
-    return {"mode": mode, "token_capacity": cap_tokens, "computed_concurrent": computed, "submitted": n,
-            "completed": ok, "peak_running": peak_running(srv.log_path), "seconds": round(dt, 1)}
+    with open(srv.log_path, errors="replace") as f:
+        mem = re.findall(r"FreeKV memory: .*", f.read())
+    return {"mode": mode, "token_capacity": cap_tokens, "max_running_requests": info.get("max_running_requests"),
+            "computed_concurrent": computed, "submitted": n, "completed": ok,
+            "peak_running": peak_running(srv.log_path), "seconds": round(dt, 1),
+            "freekv_memory": mem[-1] if mem else None}
 
 
 def main():
@@ -81,7 +86,12 @@ def main():
     rows = [run(m, a) for m in a.modes]
     with open(os.path.join(a.out, "bench_capacity.json"), "w") as f:
         json.dump({"card": card, "args": vars(a), "results": rows}, f, indent=1)
-    print(f"card: {card}; context {a.context} + {a.new_tokens} new tokens; FreeKV host tier {a.host_gb} GiB\n")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    print(f"card: {card}; host RAM {ram:.0f} GiB; context {a.context} + {a.new_tokens} new tokens; "
+          f"FreeKV host tier {a.host_gb} GiB\n")
+    for r in rows:
+        if r.get("freekv_memory"):
+            print(r["freekv_memory"])
     print("| mode | token capacity | concurrent requests (computed) | peak running (measured) | completed/submitted |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
