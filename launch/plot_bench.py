@@ -27,9 +27,32 @@ def _plt():
     return plt
 
 
+def _panels(groups: dict, title, xlabel: str, ylabel: str, suptitle: str, out: str, *, logx=False, hline=None):
+    """One panel per key of ``groups`` (``{panel: {line: [(x, y)]}}``), lines sorted by name."""
+    plt = _plt()
+    keys = sorted(groups)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, pts in sorted(groups[key].items()):
+            pts = sorted(pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        if hline is not None and hline(key) is not None:
+            y, label = hline(key)
+            ax.axhline(y, color="k", linestyle="--", label=label)
+        ax.set_title(title(key))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def plot_decode(data: dict, out: str) -> None:
     """Tokens/s vs batch, per context; a mode missing a cell is left out of that point."""
-    plt = _plt()
     by_ctx = defaultdict(lambda: defaultdict(list))  # ctx -> mode -> [(bs, tok/s)]
     for mode, rows in data["results"].items():
         for r in rows:
@@ -38,51 +61,27 @@ def plot_decode(data: dict, out: str) -> None:
                 by_ctx[r["input_len"]][mode].append((r["batch_size"], r["batch_size"] / ms))
     if not by_ctx:
         raise ValueError("no decode results in the file")
-    ctxs = sorted(by_ctx)
-    fig, axes = plt.subplots(1, len(ctxs), figsize=(5 * len(ctxs), 4), squeeze=False)
-    for ax, ctx in zip(axes[0], ctxs):
-        for mode, pts in sorted(by_ctx[ctx].items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
-        ax.set_title(f"context {ctx} tokens")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("output tokens/s (decode)")
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-        ax.legend()
     loc = data.get("args", {}).get("query_cosine")
     note = "random-weight queries" if loc is None else f"synthetic query cosine {loc}"
-    fig.suptitle(f"{data.get('card', '?')}, {data.get('args', {}).get('model', '?')}, {note}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    _panels(by_ctx, lambda c: f"context {c} tokens", "batch size", "output tokens/s (decode)",
+            f"{data.get('card', '?')}, {data.get('args', {}).get('model', '?')}, {note}", out, logx=True)
 
 
 def plot_profile(data: dict, out: str) -> None:
-    """µs per layer vs query cosine, per batch size."""
-    plt = _plt()
+    """µs per layer vs query cosine, per batch size, with dense FlashInfer as a dashed line."""
     by_bs = defaultdict(lambda: defaultdict(list))  # bs -> variant -> [(cos, us)]
     for r in data["rows"]:
         by_bs[r["bs"]][r["variant"]].append((r["similarity"], 1e3 * r["ms_per_layer"]))
     if not by_bs:
         raise ValueError("no rows in the file")
-    bss = sorted(by_bs)
-    fig, axes = plt.subplots(1, len(bss), figsize=(5 * len(bss), 4), squeeze=False)
-    for ax, bs in zip(axes[0], bss):
-        for variant, pts in sorted(by_bs[bs].items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
-        dense = data.get("dense", {}).get(f"bs{bs}_page32")
-        if dense is not None:
-            ax.axhline(1e3 * dense, color="k", linestyle="--", label="dense FlashInfer, full context")
-        ax.set_title(f"batch {bs}")
-        ax.set_xlabel("consecutive-query cosine")
-        ax.set_ylabel("GPU µs per layer")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+
+    def dense(bs):
+        ms = data.get("dense", {}).get(f"bs{bs}_page32")
+        return None if ms is None else (1e3 * ms, "dense FlashInfer, full context")
+
     ctx = data.get("args", {}).get("context", "?")
-    fig.suptitle(f"{data.get('device', '?')}: FreeKV decode step per layer, {ctx}-token contexts")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    _panels(by_bs, lambda b: f"batch {b}", "consecutive-query cosine", "GPU µs per layer",
+            f"{data.get('device', '?')}: FreeKV decode step per layer, {ctx}-token contexts", out, hline=dense)
 
 
 def main(argv=None) -> int:
