@@ -271,16 +271,20 @@ if triton is not None:
         hk_ptr, hv_ptr, wk_ptr, wv_ptr, rslot_ptr, rpage_ptr, rows_ptr, r2t_ptr, r2t_stride,
         n_pieces, n_iters, n_programs,
         HKV: tl.constexpr, K: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-        SLOT_BASE: tl.constexpr, SLOT0: tl.constexpr, ITERS: tl.constexpr,
+        SLOT_BASE: tl.constexpr, SLOT0: tl.constexpr, CH: tl.constexpr, ITERS: tl.constexpr,
     ):
-        # Persistent grid: program pid copies list entries pid, pid + n_programs, ... of the
-        # flattened [B * Hkv, K] lists; entries with slot < 0 do nothing. A small grid leaves
-        # the other SMs to the compute stream while PCIe does the work.
+        # Persistent grid over chunks of CH consecutive entries of the flattened [B * Hkv, K]
+        # lists: program pid takes chunks pid, pid + n_programs, ... One chunk is one
+        # [CH * PAGE, D] tile, so the list lookups of its CH pieces and their host reads are
+        # issued together (one latency chain per chunk, not per piece). Entries with slot < 0
+        # move nothing. A small grid leaves the other SMs to the compute stream.
         pid = tl.program_id(0)
-        r = tl.arange(0, PAGE)
+        rr = tl.arange(0, CH * PAGE)
+        j = rr // PAGE
+        r = (rr % PAGE).to(tl.int64)
         d = tl.arange(0, D)
         for it in range(0, ITERS if ITERS > 0 else n_iters):
-            e = (pid + it * n_programs).to(tl.int64)
+            e = (pid + it * n_programs).to(tl.int64) * CH + j  # entry of each tile row
             inr = e < n_pieces
             slot = tl.load(rslot_ptr + e, mask=inr, other=-1).to(tl.int64)
             ok = slot >= 0
@@ -292,9 +296,9 @@ if triton is not None:
             tok = tl.load(r2t_ptr + row * r2t_stride + page * PAGE, mask=ok, other=0).to(tl.int64)
             hpage = tok // PAGE
             dst_slot = row * SLOT_BASE + SLOT0 + slot
-            m = ok & (r[:, None] >= 0)
-            src = ((hpage * HKV + h) * PAGE + r[:, None]) * D + d[None, :]
-            dst = ((dst_slot * PAGE + r[:, None]) * HKV + h) * D + d[None, :]
+            m = ok[:, None] & (d[None, :] >= 0)
+            src = (((hpage * HKV + h) * PAGE + r) * D)[:, None] + d[None, :]
+            dst = (((dst_slot * PAGE + r) * HKV + h) * D)[:, None] + d[None, :]
             kx = tl.load(hk_ptr + src, mask=m, eviction_policy="evict_first")
             vx = tl.load(hv_ptr + src, mask=m, eviction_policy="evict_first")
             tl.store(wk_ptr + dst, kx, mask=m)
@@ -348,10 +352,12 @@ def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
     check_head_dim(d)
     check_page_size(p)
     n = b * hkv * k
-    n_prog = min(n, num_programs or selected_recall_programs(ws_k.device))
-    n_iters = cdiv(n, n_prog)
+    ch = max(1, 128 // p)  # pieces per tile: 128-row tiles (4 pieces at P=32)
+    n_chunks = cdiv(n, ch)
+    n_prog = min(n_chunks, num_programs or selected_recall_programs(ws_k.device))
+    n_iters = cdiv(n_chunks, n_prog)
     _recall_selected_kernel[(n_prog,)](
         kernel_arg(host_k), kernel_arg(host_v), ws_k, ws_v, recall_slot, recall_page, rows, req_to_token,
         req_to_token.stride(0), n, n_iters, n_prog, HKV=hkv, K=k, PAGE=p, D=d, SLOT_BASE=slot_base,
-        SLOT0=select_slot0, ITERS=n_iters if interpreter_forced() else 0, num_warps=4,
+        SLOT0=select_slot0, CH=ch, ITERS=n_iters if interpreter_forced() else 0, num_warps=8,
     )

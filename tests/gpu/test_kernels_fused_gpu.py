@@ -18,6 +18,7 @@ def test_prologue_gpu(dtype, group, head_dim):
 @pytest.mark.parametrize("k", [4, 32])
 def test_select_recall_gpu(dtype, head_dim, k):
     check_select_recall("cuda", dtype, head_dim, page=32, k=k)
+    check_select_recall("cuda", dtype, head_dim, page=32, k=k, num_programs=2)  # several chunks per program
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
