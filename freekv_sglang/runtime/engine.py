@@ -136,16 +136,25 @@ class FreeKVRuntime:
             logger.warning("%s=%s: decode queries are replaced by synthetic ones with that consecutive cosine; "
                            "generated tokens are meaningless (benchmarks only)", SYNTHETIC_ENV, cos)
 
-        self.side_stream = torch.cuda.Stream(device=dev) if self.is_cuda and settings.speculative else None
-        self.attn_done = [torch.cuda.Event() for _ in range(L)] if self.side_stream is not None else None
+        # speculation runs on two side streams: selection (after each layer's attention) and recall
+        # (after that layer's selection), so layer l+1's selection overlaps layer l's PCIe transfer
+        two_streams = self.is_cuda and settings.speculative
+        self.side_stream = torch.cuda.Stream(device=dev) if two_streams else None
+        self.recall_stream = torch.cuda.Stream(device=dev) if two_streams else None
+        self.attn_done = [torch.cuda.Event() for _ in range(L)] if two_streams else None
+        self.select_done = [torch.cuda.Event() for _ in range(L)] if two_streams else None
+        # per-layer recall lists of the speculative selection (read by the recall stream)
+        self.side_lists = (torch.empty((2, L, max_batch, hkv, lay.n_select), dtype=torch.int32, device=dev)
+                           if two_streams else None)
         self.step: DecodeStep | None = None
         self.attention = WorkingSetAttention(self.device, max_batch, S, workspace=workspace)
 
     # ------------------------------------------------------------------ sizes
     @property
     def gpu_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ws, self.digests, self.resident, self.q_prev,
-                                                           self.q_valid, self.keys_main, self.keys_side))
+        parts = (self.ws, self.digests, self.resident, self.q_prev, self.q_valid, self.keys_main, self.keys_side,
+                 self.side_lists)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k, v)`` working-set page slots of one layer, ``[(R+1)*S, P, Hkv, D]`` each (NHD)."""
@@ -191,16 +200,21 @@ class FreeKVRuntime:
         """Select with ``q [B,Hq,D]`` (or ``q[q_index]``) over the candidates of ``n_ctx`` for the
         heads in ``head_mask`` (all if None), update their resident sets in place, recall what is
         missing. ``counter`` (an int64 scalar view) accumulates the recalled pieces of real rows."""
-        lay = self.layout
-        b = rows.shape[0]
-        shape = (b, self.shape.n_kv_heads, lay.n_select)
+        shape = (rows.shape[0], self.shape.n_kv_heads, self.layout.n_select)
         r_slot = torch.empty(shape, dtype=torch.int32, device=self.device)
         r_page = torch.empty(shape, dtype=torch.int32, device=self.device)
+        self._select(layer, q, rows, n_ctx, head_mask, keys, counter, q_index, r_slot, r_page)
+        self._recall_selection(layer, r_slot, r_page, rows)
+
+    def _select(self, layer: int, q: torch.Tensor, rows: torch.Tensor, n_ctx: torch.Tensor,
+                head_mask: torch.Tensor | None, keys: torch.Tensor, counter: torch.Tensor | None,
+                q_index: torch.Tensor | None, r_slot: torch.Tensor, r_page: torch.Tensor) -> None:
+        """Selection + residency update only; the recall lists go to ``r_slot, r_page [B, Hkv, k]``."""
+        lay = self.layout
         score_and_select(q, self.digests[layer], self.req_to_token, rows, n_ctx, head_mask, self.resident[layer],
                          lay.n_select, r_slot, r_page, counter, max_pages=self.max_pages, page_size=lay.page_size,
                          n_sink=lay.n_sink, n_window=lay.n_window, aggregation=self.settings.gqa_aggregation,
                          q_index=q_index, keys=keys)
-        self._recall_selection(layer, r_slot, r_page, rows)
 
     # ------------------------------------------------------------------ prefill
     def prefill_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
@@ -335,12 +349,17 @@ class FreeKVRuntime:
         #    whose pages the correction did not already choose with q_t (see decode_prologue)
         if cfg.speculative:
             if self.side_stream is not None:
-                ev = self.attn_done[layer]
+                ev, sel = self.attn_done[layer], self.select_done[layer]
+                r_slot, r_page = self.side_lists[0, layer, :b], self.side_lists[1, layer, :b]
                 ev.record()
                 with torch.cuda.stream(self.side_stream):
                     self.side_stream.wait_event(ev)
-                    self._select_and_recall(layer, self.q_prev[layer], st.rows, st.n_next, spec, self.keys_side,
-                                            self.counters[3], q_index=st.rows)
+                    self._select(layer, self.q_prev[layer], st.rows, st.n_next, spec, self.keys_side,
+                                 self.counters[3], st.rows, r_slot, r_page)
+                    sel.record()
+                with torch.cuda.stream(self.recall_stream):
+                    self.recall_stream.wait_event(sel)
+                    self._recall_selection(layer, r_slot, r_page, st.rows)
             else:
                 self._select_and_recall(layer, q, st.rows, st.n_next, spec, self.keys_side, self.counters[3])
         return o
@@ -371,9 +390,11 @@ class FreeKVRuntime:
                 f"{100 * st['recalled_before_attention_share']:.0f}% of them before attention")
 
     def finish_decode_step(self) -> None:
-        """Join the side stream (call after the last layer of a decode step)."""
+        """Join the speculation streams (call after the last layer of a decode step)."""
         if self.side_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_stream(self.side_stream)
+            cur.wait_stream(self.recall_stream)
 
     def close(self):
         self.host.close()

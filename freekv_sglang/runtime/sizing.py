@@ -72,6 +72,17 @@ class MemoryPlan:
                 f"max running requests {self.max_running_requests}")
 
 
+def scratch_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout, max_context_len: int) -> int:
+    """Per-request decode scratch: selection keys of the two selection passes and the
+    per-layer recall lists of the speculative pass (int32 slot + page)."""
+    from freekv_sglang.kernels.score_select import selection_scratch_size
+
+    max_pages = max(1, max_context_len // layout.page_size)
+    keys = 2 * selection_scratch_size(1, shape.n_kv_heads, max_pages, layout.n_select) * 8
+    lists = 2 * shape.n_layers * shape.n_kv_heads * layout.n_select * 4
+    return keys + lists
+
+
 def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gpu_bytes: int,
                 max_context_len: int, user_max_total_tokens: int | None = None,
                 user_max_running_requests: int | None = None) -> MemoryPlan:
@@ -92,7 +103,7 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
         raise FreeKVMemoryError(f"host memory {host_bytes / 2**30:.2f} GiB holds no KV page "
                                 f"({per_page_host} bytes each); raise --freekv-host-memory-gb")
     digest = (pages + 1) * digest_bytes_per_page(shape)
-    per_req = working_set_bytes_per_row(shape, layout) + 2 * shape.n_kv_heads * (-(-max_context_len // P)) * 4
+    per_req = working_set_bytes_per_row(shape, layout) + scratch_bytes_per_row(shape, layout, max_context_len)
     left = gpu_bytes - digest - per_req  # row 0 is the padding row
     max_reqs = left // per_req
     if user_max_running_requests is not None:
