@@ -19,7 +19,8 @@ have cosine about ``--similarity``; ``0`` gives unrelated queries (what dummy we
 the worst case for FreeKV). Keys are random.
 
 Variants: ``freekv`` (defaults), ``sync`` (speculation off), ``skip`` (no host transfers);
-``name@N`` runs the selected-page recall on a persistent grid of ``N`` programs.
+``name@N`` runs the selected-page recall on a persistent grid of ``N`` programs; ``name/2`` runs
+speculation on two side streams (selection, then recall), ``FREEKV_SPEC_STREAMS=2``.
 ``--profile`` adds a torch.profiler table of CUDA kernels per step for each variant at the
 largest batch.
 
@@ -97,11 +98,14 @@ class Case:
 
     def __init__(self, args, variant: str, bs: int):
         self.args, self.bs = args, bs
-        variant, _, programs = variant.partition("@")  # "freekv@64": recall grid of 64 programs
-        if programs:
-            os.environ["FREEKV_RECALL_PROGRAMS"] = programs
-        else:
-            os.environ.pop("FREEKV_RECALL_PROGRAMS", None)
+        # "freekv@64": recall grid of 64 programs; "freekv/2": speculation on two side streams
+        variant, _, streams = variant.partition("/")
+        variant, _, programs = variant.partition("@")
+        for env, val in (("FREEKV_RECALL_PROGRAMS", programs), ("FREEKV_SPEC_STREAMS", streams)):
+            if val:
+                os.environ[env] = val
+            else:
+                os.environ.pop(env, None)
         L, hq, hkv, d = args.layers, args.q_heads, args.kv_heads, args.head_dim
         dtype = torch.bfloat16
         P = args.page_size

@@ -136,16 +136,20 @@ class FreeKVRuntime:
             logger.warning("%s=%s: decode queries are replaced by synthetic ones with that consecutive cosine; "
                            "generated tokens are meaningless (benchmarks only)", SYNTHETIC_ENV, cos)
 
-        # speculation runs on two side streams: selection (after each layer's attention) and recall
-        # (after that layer's selection), so layer l+1's selection overlaps layer l's PCIe transfer
-        two_streams = self.is_cuda and settings.speculative
-        self.side_stream = torch.cuda.Stream(device=dev) if two_streams else None
-        self.recall_stream = torch.cuda.Stream(device=dev) if two_streams else None
-        self.attn_done = [torch.cuda.Event() for _ in range(L)] if two_streams else None
-        self.select_done = [torch.cuda.Event() for _ in range(L)] if two_streams else None
+        # Speculation runs on a side stream after each layer's attention. With
+        # FREEKV_SPEC_STREAMS=2 the recall moves to a second side stream (after an event recorded
+        # after that layer's selection), so layer l+1's selection overlaps layer l's transfer.
+        spec_streams = int(os.environ.get("FREEKV_SPEC_STREAMS", "1"))
+        if spec_streams not in (1, 2):
+            raise ValueError(f"FREEKV_SPEC_STREAMS must be 1 or 2, got {spec_streams}")
+        side = self.is_cuda and settings.speculative
+        self.side_stream = torch.cuda.Stream(device=dev) if side else None
+        self.recall_stream = torch.cuda.Stream(device=dev) if side and spec_streams == 2 else None
+        self.attn_done = [torch.cuda.Event() for _ in range(L)] if side else None
+        self.select_done = [torch.cuda.Event() for _ in range(L)] if self.recall_stream is not None else None
         # per-layer recall lists of the speculative selection (read by the recall stream)
         self.side_lists = (torch.empty((2, L, max_batch, hkv, lay.n_select), dtype=torch.int32, device=dev)
-                           if two_streams else None)
+                           if self.recall_stream is not None else None)
         self.step: DecodeStep | None = None
         self.attention = WorkingSetAttention(self.device, max_batch, S, workspace=workspace)
 
@@ -348,7 +352,7 @@ class FreeKVRuntime:
         # 4. speculative selection + recall for the next step, on the side stream, for the heads
         #    whose pages the correction did not already choose with q_t (see decode_prologue)
         if cfg.speculative:
-            if self.side_stream is not None:
+            if self.recall_stream is not None:
                 ev, sel = self.attn_done[layer], self.select_done[layer]
                 r_slot, r_page = self.side_lists[0, layer, :b], self.side_lists[1, layer, :b]
                 ev.record()
@@ -360,6 +364,13 @@ class FreeKVRuntime:
                 with torch.cuda.stream(self.recall_stream):
                     self.recall_stream.wait_event(sel)
                     self._recall_selection(layer, r_slot, r_page, st.rows)
+            elif self.side_stream is not None:
+                ev = self.attn_done[layer]
+                ev.record()
+                with torch.cuda.stream(self.side_stream):
+                    self.side_stream.wait_event(ev)
+                    self._select_and_recall(layer, self.q_prev[layer], st.rows, st.n_next, spec, self.keys_side,
+                                            self.counters[3], q_index=st.rows)
             else:
                 self._select_and_recall(layer, q, st.rows, st.n_next, spec, self.keys_side, self.counters[3])
         return o
@@ -394,7 +405,8 @@ class FreeKVRuntime:
         if self.side_stream is not None:
             cur = torch.cuda.current_stream(self.device)
             cur.wait_stream(self.side_stream)
-            cur.wait_stream(self.recall_stream)
+            if self.recall_stream is not None:
+                cur.wait_stream(self.recall_stream)
 
     def close(self):
         self.host.close()
