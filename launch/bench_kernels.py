@@ -30,7 +30,6 @@ Usage: ``python launch/bench_kernels.py --json bench_kernels.json [--sections a,
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -43,22 +42,11 @@ from pathlib import Path
 import torch
 
 
-def _import_kernels():
-    try:
-        import freekv_sglang.kernels as k
-        return k
-    except ImportError:
-        root = Path(__file__).resolve().parents[1]
-        sys.path.insert(0, str(root))
-        spec = importlib.util.spec_from_file_location(
-            "freekv_sglang.kernels", root / "kernels" / "__init__.py", submodule_search_locations=[str(root / "kernels")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["freekv_sglang.kernels"] = mod
-        spec.loader.exec_module(mod)
-        return mod
-
-
-K = _import_kernels()
+try:
+    import freekv_sglang.kernels as K
+except ImportError:  # run from a checkout without installing it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import freekv_sglang.kernels as K
 from freekv_sglang.algorithm import WorkingSetLayout  # noqa: E402
 from freekv_sglang.kernels import recall as recall_mod  # noqa: E402
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import K, graph_ms  # noqa: E402,F401  (K: freekv_sglang.kernels importable from a checkout)
+from bench_kernels import graph_ms  # noqa: E402  (also makes freekv_sglang importable from a checkout)
 
 from freekv_sglang.algorithm import WorkingSetLayout  # noqa: E402
 from freekv_sglang.runtime.engine import FreeKVRuntime, RuntimeSettings  # noqa: E402
@@ -88,9 +88,7 @@ def dense_layer_ms(bs: int, ctx: int, hq: int, hkv: int, d: int, page: int, dtyp
     last = torch.full((bs,), ctx - (n_pages - 1) * page, dtype=torch.int32, device=DEV)
     w.plan(indptr, indices, last, hq, hkv, d, page, q_data_type=dtype, kv_data_type=dtype)
     q = torch.randn(bs, hq, d, device=DEV, dtype=dtype)
-    ms = gpu_ms(lambda: w.run(q, (k, v)), 50)  # long enough that launch cost does not matter
-    del k, v
-    return ms
+    return gpu_ms(lambda: w.run(q, (k, v)), 50)  # long enough that launch cost does not matter
 
 
 class Case:

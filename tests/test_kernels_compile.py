@@ -8,10 +8,7 @@ group sizes).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,22 +18,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("kernels are interpreted in this process", allow_module_level=True)
 
 
-def _import_kernels():
-    try:
-        import freekv_sglang.kernels as k
-        return k
-    except ImportError:
-        root = Path(__file__).resolve().parents[1]
-        sys.path.insert(0, str(root))
-        spec = importlib.util.spec_from_file_location(
-            "freekv_sglang.kernels", root / "kernels" / "__init__.py", submodule_search_locations=[str(root / "kernels")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["freekv_sglang.kernels"] = mod
-        spec.loader.exec_module(mod)
-        return mod
-
-
-K = _import_kernels()
 from freekv_sglang.kernels import (digests, kv_store, page_table, recall, score_select, scores,  # noqa: E402
                                    select)
 

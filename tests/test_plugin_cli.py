@@ -9,10 +9,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import importlib.metadata
-import json
 import os
 import pickle
-import sys
 import textwrap
 import time
 

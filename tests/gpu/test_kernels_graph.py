@@ -6,30 +6,12 @@ torch references run on copies of the same state.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 
-def _import_kernels():
-    try:
-        import freekv_sglang.kernels as k
-        return k
-    except ImportError:
-        root = Path(__file__).resolve().parents[2]
-        sys.path.insert(0, str(root))
-        spec = importlib.util.spec_from_file_location(
-            "freekv_sglang.kernels", root / "kernels" / "__init__.py", submodule_search_locations=[str(root / "kernels")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["freekv_sglang.kernels"] = mod
-        spec.loader.exec_module(mod)
-        return mod
-
-
-K = _import_kernels()
+import freekv_sglang.kernels as K  # noqa: E402
 from freekv_sglang.algorithm import WorkingSetLayout, page_digests  # noqa: E402
 
 DEV = torch.device("cuda")
