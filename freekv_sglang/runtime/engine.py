@@ -144,12 +144,15 @@ class FreeKVRuntime:
             raise ValueError(f"FREEKV_SPEC_STREAMS must be 1 or 2, got {spec_streams}")
         side = self.is_cuda and settings.speculative
         self.side_stream = torch.cuda.Stream(device=dev) if side else None
-        self.recall_stream = torch.cuda.Stream(device=dev) if side and spec_streams == 2 else None
+        self.recall_stream = torch.cuda.Stream(device=dev) if side and spec_streams == 2 else self.side_stream
         self.attn_done = [torch.cuda.Event() for _ in range(L)] if side else None
-        self.select_done = [torch.cuda.Event() for _ in range(L)] if self.recall_stream is not None else None
-        # per-layer recall lists of the speculative selection (read by the recall stream)
+        two = side and self.recall_stream is not self.side_stream
+        self.select_done = [torch.cuda.Event() for _ in range(L)] if two else None
+        # recall lists (int32 slot, page): one set for the compute stream, one per layer for the
+        # speculative pass (a layer's lists stay valid until its recall ran on the recall stream)
+        self.main_lists = torch.empty((2, max_batch, hkv, lay.n_select), dtype=torch.int32, device=dev)
         self.side_lists = (torch.empty((2, L, max_batch, hkv, lay.n_select), dtype=torch.int32, device=dev)
-                           if self.recall_stream is not None else None)
+                           if side else None)
         self.step: DecodeStep | None = None
         self.attention = WorkingSetAttention(self.device, max_batch, S, workspace=workspace)
 
@@ -157,7 +160,7 @@ class FreeKVRuntime:
     @property
     def gpu_bytes(self) -> int:
         parts = (self.ws, self.digests, self.resident, self.q_prev, self.q_valid, self.keys_main, self.keys_side,
-                 self.side_lists)
+                 self.main_lists, self.side_lists)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,9 +207,8 @@ class FreeKVRuntime:
         """Select with ``q [B,Hq,D]`` (or ``q[q_index]``) over the candidates of ``n_ctx`` for the
         heads in ``head_mask`` (all if None), update their resident sets in place, recall what is
         missing. ``counter`` (an int64 scalar view) accumulates the recalled pieces of real rows."""
-        shape = (rows.shape[0], self.shape.n_kv_heads, self.layout.n_select)
-        r_slot = torch.empty(shape, dtype=torch.int32, device=self.device)
-        r_page = torch.empty(shape, dtype=torch.int32, device=self.device)
+        b = rows.shape[0]
+        r_slot, r_page = self.main_lists[0, :b], self.main_lists[1, :b]
         self._select(layer, q, rows, n_ctx, head_mask, keys, counter, q_index, r_slot, r_page)
         self._recall_selection(layer, r_slot, r_page, rows)
 
@@ -352,25 +354,21 @@ class FreeKVRuntime:
         # 4. speculative selection + recall for the next step, on the side stream, for the heads
         #    whose pages the correction did not already choose with q_t (see decode_prologue)
         if cfg.speculative:
-            if self.recall_stream is not None:
-                ev, sel = self.attn_done[layer], self.select_done[layer]
+            if self.side_stream is not None:
+                ev = self.attn_done[layer]
+                sel = self.select_done[layer] if self.select_done is not None else None
                 r_slot, r_page = self.side_lists[0, layer, :b], self.side_lists[1, layer, :b]
                 ev.record()
                 with torch.cuda.stream(self.side_stream):
                     self.side_stream.wait_event(ev)
                     self._select(layer, self.q_prev[layer], st.rows, st.n_next, spec, self.keys_side,
                                  self.counters[3], st.rows, r_slot, r_page)
-                    sel.record()
-                with torch.cuda.stream(self.recall_stream):
+                    if sel is not None:
+                        sel.record()
+                if sel is not None:
                     self.recall_stream.wait_event(sel)
+                with torch.cuda.stream(self.recall_stream):
                     self._recall_selection(layer, r_slot, r_page, st.rows)
-            elif self.side_stream is not None:
-                ev = self.attn_done[layer]
-                ev.record()
-                with torch.cuda.stream(self.side_stream):
-                    self.side_stream.wait_event(ev)
-                    self._select_and_recall(layer, self.q_prev[layer], st.rows, st.n_next, spec, self.keys_side,
-                                            self.counters[3], q_index=st.rows)
             else:
                 self._select_and_recall(layer, q, st.rows, st.n_next, spec, self.keys_side, self.counters[3])
         return o
@@ -405,7 +403,7 @@ class FreeKVRuntime:
         if self.side_stream is not None:
             cur = torch.cuda.current_stream(self.device)
             cur.wait_stream(self.side_stream)
-            if self.recall_stream is not None:
+            if self.recall_stream is not self.side_stream:
                 cur.wait_stream(self.recall_stream)
 
     def close(self):

@@ -74,12 +74,12 @@ class MemoryPlan:
 
 def scratch_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout, max_context_len: int) -> int:
     """Per-request decode scratch: selection keys of the two selection passes and the
-    per-layer recall lists of the speculative pass (int32 slot + page)."""
+    recall lists (int32 slot + page): per layer for the speculative pass, one set for the compute stream."""
     from freekv_sglang.kernels.score_select import selection_scratch_size
 
     max_pages = max(1, max_context_len // layout.page_size)
     keys = 2 * selection_scratch_size(1, shape.n_kv_heads, max_pages, layout.n_select) * 8
-    lists = 2 * shape.n_layers * shape.n_kv_heads * layout.n_select * 4
+    lists = 2 * (shape.n_layers + 1) * shape.n_kv_heads * layout.n_select * 4  # per-layer side + main
     return keys + lists
 
 
