@@ -19,8 +19,8 @@ have cosine about ``--similarity``; ``0`` gives unrelated queries (what dummy we
 the worst case for FreeKV). Keys are random.
 
 Variants: ``freekv`` (defaults), ``sync`` (speculation off), ``skip`` (no host transfers);
-``name@N`` runs the selected-page recall on a persistent grid of ``N`` programs; ``name/2`` runs
-speculation on two side streams (selection, then recall), ``FREEKV_SPEC_STREAMS=2``.
+``name@N`` runs the selected-page recall on a persistent grid of ``N`` programs; ``name/1`` runs
+speculation on one side stream (``FREEKV_SPEC_STREAMS=1``; the default is two: selection, then recall).
 ``--profile`` adds a torch.profiler table of CUDA kernels per step for each variant at the
 largest batch.
 
@@ -96,7 +96,7 @@ class Case:
 
     def __init__(self, args, variant: str, bs: int):
         self.args, self.bs = args, bs
-        # "freekv@64": recall grid of 64 programs; "freekv/2": speculation on two side streams
+        # "freekv@64": recall grid of 64 programs; "freekv/1": speculation on one side stream
         variant, _, streams = variant.partition("/")
         variant, _, programs = variant.partition("@")
         for env, val in (("FREEKV_RECALL_PROGRAMS", programs), ("FREEKV_SPEC_STREAMS", streams)):

@@ -136,10 +136,10 @@ class FreeKVRuntime:
             logger.warning("%s=%s: decode queries are replaced by synthetic ones with that consecutive cosine; "
                            "generated tokens are meaningless (benchmarks only)", SYNTHETIC_ENV, cos)
 
-        # Speculation runs on a side stream after each layer's attention. With
-        # FREEKV_SPEC_STREAMS=2 the recall moves to a second side stream (after an event recorded
-        # after that layer's selection), so layer l+1's selection overlaps layer l's transfer.
-        spec_streams = int(os.environ.get("FREEKV_SPEC_STREAMS", "1"))
+        # Speculation runs after each layer's attention on two side streams: selection on one,
+        # recall on the other (after an event recorded after that layer's selection), so layer
+        # l+1's selection overlaps layer l's transfer. FREEKV_SPEC_STREAMS=1 runs both on one.
+        spec_streams = int(os.environ.get("FREEKV_SPEC_STREAMS", "2"))
         if spec_streams not in (1, 2):
             raise ValueError(f"FREEKV_SPEC_STREAMS must be 1 or 2, got {spec_streams}")
         side = self.is_cuda and settings.speculative
