@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 
@@ -32,10 +33,12 @@ def _panels(groups: dict, title, xlabel: str, ylabel: str, suptitle: str, out: s
     plt = _plt()
     keys = sorted(groups)
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    names = sorted({name for g in groups.values() for name in g})
+    color = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one colour per line in every panel
     for ax, key in zip(axes[0], keys):
         for name, pts in sorted(groups[key].items()):
             pts = sorted(pts)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, color=color[name])
         if hline is not None and hline(key) is not None:
             y, label = hline(key)
             ax.axhline(y, color="k", linestyle="--", label=label)
@@ -46,7 +49,9 @@ def _panels(groups: dict, title, xlabel: str, ylabel: str, suptitle: str, out: s
             ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(suptitle)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(suptitle, 40 * len(keys) + 20)), fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -64,7 +69,8 @@ def plot_decode(data: dict, out: str) -> None:
     loc = data.get("args", {}).get("query_cosine")
     note = "random-weight queries" if loc is None else f"synthetic query cosine {loc}"
     _panels(by_ctx, lambda c: f"context {c} tokens", "batch size", "output tokens/s (decode)",
-            f"{data.get('card', '?')}, {data.get('args', {}).get('model', '?')}, {note}", out, logx=True)
+            f"{data.get('card', '?')}, {os.path.basename(str(data.get('args', {}).get('model', '?')).rstrip('/'))}, "
+            f"{note}", out, logx=True)
 
 
 def plot_profile(data: dict, out: str) -> None:
