@@ -17,6 +17,14 @@ Modes:
              staging buffers + scatter kernel (eager: host-side lists)
   skip       FreeKV with transfers skipped (upper bound; outputs are wrong)
 
+Variants of a FreeKV mode: ``MODE@N`` runs the selected-page recall on a persistent grid of ``N``
+programs (``FREEKV_RECALL_PROGRAMS``), ``MODE/S`` runs speculation on ``S`` side streams
+(``FREEKV_SPEC_STREAMS``, 1 or 2), e.g. ``freekv@32`` or ``freekv@16/1``.
+
+Cells that do not fit are skipped by SGLang's benchmark (its token pool bounds batch x context):
+dense uses SGLang's default memory settings; FreeKV's host tier is sized for the largest cell
+(``--host-gb auto``) up to 80% of the machine's available memory.
+
 Query locality: with random weights consecutive decode queries are unrelated (FreeKV's worst
 case). ``--query-cosine C`` makes FreeKV modes replace each decode query so consecutive ones have
 cosine about C (benchmark only, outputs meaningless), to time the data path at a real model's
@@ -47,6 +55,74 @@ MODES = {
 }
 
 
+def parse_mode(name: str) -> tuple[str, dict]:
+    """``"freekv@32/1"`` -> ``("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1"})``."""
+    base, _, streams = name.partition("/")
+    base, _, programs = base.partition("@")
+    if base not in MODES:
+        raise argparse.ArgumentTypeError(f"unknown mode {base!r} in {name!r}; choose from {sorted(MODES)}")
+    env = {}
+    if programs or streams:
+        if base == "dense":
+            raise argparse.ArgumentTypeError(f"{name!r}: recall grid and stream variants apply to FreeKV modes only")
+        if programs:
+            if not programs.isdigit() or int(programs) < 1:
+                raise argparse.ArgumentTypeError(f"{name!r}: the recall grid after '@' must be a positive integer")
+            env["FREEKV_RECALL_PROGRAMS"] = programs
+        if streams:
+            if streams not in ("1", "2"):
+                raise argparse.ArgumentTypeError(f"{name!r}: the stream count after '/' must be 1 or 2")
+            env["FREEKV_SPEC_STREAMS"] = streams
+    return base, env
+
+
+def mode_name(name: str) -> str:
+    parse_mode(name)
+    return name
+
+
+def kv_bytes_per_token(model: str) -> int:
+    """Bytes of K and V per token over all layers, from the model folder's ``config.json`` (bf16/fp16)."""
+    with open(os.path.join(model, "config.json")) as f:
+        cfg = json.load(f)
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads", heads)
+    d = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return cfg["num_hidden_layers"] * kv * d * 2 * 2
+
+
+def auto_host_gb(model: str, batch_sizes, contexts, output_len: int) -> float:
+    """Host tier for the largest cell (plus 5%), at most 80% of the available memory."""
+    need = max(batch_sizes) * (max(contexts) + output_len + 64) * kv_bytes_per_token(model) * 1.05 / 2**30
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    gb = need if avail is None else min(need, 0.8 * avail)
+    return round(max(gb, 1.0), 1)
+
+
+def memory_fields(model_runner, rt, batch: int, tokens: int, model: str) -> dict:
+    """KV memory of one cell in GiB: what the batch occupies on the GPU and in the host tier, and the
+    GPU pool reserved for KV (dense: SGLang's token pool; FreeKV: working sets + digests + scratch)."""
+    g = 2**30
+    if rt is None:  # dense: the whole KV on the GPU
+        try:
+            k, v = model_runner.token_to_kv_pool.get_kv_size_bytes()
+            pool = (k + v) / g
+        except Exception:  # noqa: BLE001 - a pool without the accessor: leave it out
+            pool = None
+        return {"kv_gpu_gib": batch * tokens * kv_bytes_per_token(model) / g, "kv_gpu_pool_gib": pool,
+                "kv_host_gib": 0.0}
+    gpu, host = rt.used_bytes(batch, tokens)
+    return {"kv_gpu_gib": gpu / g, "kv_gpu_pool_gib": rt.gpu_bytes / g, "kv_host_gib": host / g}
+
+
 def worker(argv: list[str]) -> None:
     """Run SGLang's one-batch benchmark in this process with FreeKV's hooks installed."""
     from sglang.srt.plugins import load_plugins
@@ -65,12 +141,16 @@ def worker(argv: list[str]) -> None:
 
     run_once = one_batch.latency_test_run_once
 
+    model = argv[argv.index("--model-path") + 1]
+
     def run_once_with_stats(*args, **kwargs):
-        """One (batch, context) measurement plus FreeKV's decode statistics for it."""
+        """One (batch, context) measurement plus FreeKV's decode statistics and the cell's KV memory."""
         rt = current_runtime()
         if rt is not None:
             rt.reset_stats()
         ret = run_once(*args, **kwargs)
+        if ret is not None:
+            ret.update(memory_fields(args[1], rt, ret["batch_size"], ret["input_len"] + ret["output_len"], model))
         if rt is not None and ret is not None:
             ret.update({f"freekv_{k}": v for k, v in rt.stats().items()})
         return ret
@@ -81,19 +161,19 @@ def worker(argv: list[str]) -> None:
 
 
 def run_mode(mode: str, a, out_dir: str) -> list[dict]:
-    res = os.path.join(out_dir, f"one_batch-{mode}.jsonl")
+    base, mode_env = parse_mode(mode)
+    safe = mode.replace("/", "-s").replace("@", "-g")
+    res = os.path.join(out_dir, f"one_batch-{safe}.jsonl")
     if os.path.exists(res):
         os.remove(res)
     args = ["--model-path", a.model, "--load-format", "dummy", "--run-name", mode,
             "--batch-size", *map(str, a.batch_sizes), "--input-len", *map(str, a.contexts),
             "--output-len", str(a.output_len), "--result-filename", res,
-            "--cuda-graph-max-bs", str(max(a.batch_sizes)), *MODES[mode]]
-    if mode == "dense":
-        args += ["--max-total-tokens", str(max(a.batch_sizes) * max(a.contexts) + 4096)]
-    else:
+            "--cuda-graph-max-bs", str(max(a.batch_sizes)), *MODES[base]]
+    if base != "dense":  # dense: SGLang's default pool; cells beyond it are skipped by the benchmark
         args += ["--freekv-host-memory-gb", str(a.host_gb), "--max-running-requests", str(max(a.batch_sizes))]
     args += a.extra
-    log = os.path.join(out_dir, f"one_batch-{mode}.log")
+    log = os.path.join(out_dir, f"one_batch-{safe}.log")
     t0 = time.time()
     with open(log, "w") as f:
         f.write("args: " + " ".join(args) + "\n")
@@ -101,7 +181,8 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
         try:
             env = dict(os.environ, FREEKV_LOG_STATS_EVERY="0")  # statistics are collected per measurement
             env.pop("FREEKV_BENCH_QUERY_COSINE", None)
-            if a.query_cosine is not None and mode != "dense":
+            env.update(mode_env)
+            if a.query_cosine is not None and base != "dense":
                 env["FREEKV_BENCH_QUERY_COSINE"] = str(a.query_cosine)
             rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], stdout=f,
                                 stderr=subprocess.STDOUT, timeout=a.timeout, env=env).returncode
@@ -123,19 +204,31 @@ def _decode_ms(r: dict) -> float | None:
     return None if v is None else 1000 * v
 
 
-def table(results: dict[str, list[dict]]) -> str:
+def _gib(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def table(results: dict[str, list[dict]], contexts=(), batch_sizes=()) -> str:
+    """Markdown table, one line per measured cell; requested cells without a result are listed as skipped."""
     lines = ["| mode | context | batch | decode ms/step (median) | tokens/s | prefill s | correction rate "
-             "| recall MiB/request/step |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| recall MiB/request/step | KV on GPU GiB (pool) | KV in host GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode, rows in results.items():
         for r in rows:
             d = _decode_ms(r)
             corr = r.get("freekv_correction_rate")
             mib = r.get("freekv_recall_bytes_per_request_step")
             extra = (f"{corr:.3f} | {mib / 2**20:.2f} |" if corr is not None and mib is not None else "- | - |")
+            mem = f" {_gib(r.get('kv_gpu_gib'))} ({_gib(r.get('kv_gpu_pool_gib'))}) | {_gib(r.get('kv_host_gib'))} |"
             lines.append(f"| {mode} | {r['input_len']} | {r['batch_size']} | {d:.2f} | {r['batch_size'] * 1000 / d:.0f} "
-                         f"| {r.get('prefill_latency', float('nan')):.2f} | {extra}" if d else
-                         f"| {mode} | {r['input_len']} | {r['batch_size']} | - | - | - | {extra}")
+                         f"| {r.get('prefill_latency', float('nan')):.2f} | {extra}{mem}" if d else
+                         f"| {mode} | {r['input_len']} | {r['batch_size']} | - | - | - | {extra}{mem}")
+        done = {(r["input_len"], r["batch_size"]) for r in rows}
+        for c in contexts:
+            for b in batch_sizes:
+                if (c, b) not in done:
+                    lines.append(f"| {mode} | {c} | {b} | skipped (does not fit, or the mode failed / timed out: "
+                                 f"see its log) | | | | | | |")
     return "\n".join(lines)
 
 
@@ -143,7 +236,7 @@ def ratios(results: dict[str, list[dict]]) -> str:
     key = {m: {(r["input_len"], r["batch_size"]): _decode_ms(r) for r in rows} for m, rows in results.items()}
     if "freekv" not in key:
         return ""
-    others = [m for m in ("dense", "sync", "arkvale", "staged", "skip") if m in key]
+    others = [m for m in key if m != "freekv"]
     lines = ["| context | batch | " + " | ".join(f"speed-up vs {m}" for m in others) + " |",
              "|---:|---:|" + "---:|" * len(others)]
     for (c, b), ours in sorted(key["freekv"].items()):
@@ -164,8 +257,9 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--modes", nargs="+", default=["dense", "freekv", "sync", "arkvale", "staged", "skip"],
-                   choices=sorted(MODES))
-    p.add_argument("--host-gb", type=float, default=48.0, help="FreeKV host tier per run")
+                   type=mode_name, help=f"modes {sorted(MODES)}, FreeKV ones optionally with @N (recall grid) "
+                                        f"and /S (side streams)")
+    p.add_argument("--host-gb", default="auto", help="FreeKV host tier per run (GiB, or auto: the largest cell)")
     p.add_argument("--timeout", type=float, default=900.0, help="per mode, seconds")
     p.add_argument("--query-cosine", type=float, default=None,
                    help="FreeKV modes only: replace decode queries so that consecutive ones have this cosine "
@@ -174,6 +268,8 @@ def main() -> None:
     p.add_argument("--out", default="bench-out", help="folder for logs and results")
     p.add_argument("extra", nargs="*", help="extra SGLang arguments after --")
     a = p.parse_args()
+    a.host_gb = (auto_host_gb(a.model, a.batch_sizes, a.contexts, a.output_len) if a.host_gb == "auto"
+                 else float(a.host_gb))
     os.makedirs(a.out, exist_ok=True)
     import torch
 
@@ -185,7 +281,7 @@ def main() -> None:
             json.dump({"card": card, "args": vars(a), "results": results}, f, indent=1)
     loc = ("random-weight queries" if a.query_cosine is None else
            f"FreeKV modes with synthetic consecutive-query cosine {a.query_cosine}")
-    out = (f"card: {card}; model: {a.model}; output_len {a.output_len}; {loc}\n\n{table(results)}\n\n"
+    out = (f"card: {card}; model: {a.model}; output_len {a.output_len}; {loc}\n\n{table(results, a.contexts, a.batch_sizes)}\n\n"
            f"{ratios(results)}\n")
     with open(os.path.join(a.out, "bench_decode.md"), "w") as f:
         f.write(out)

@@ -25,3 +25,15 @@ def test_cpu_runtime_has_no_side_streams(monkeypatch):
     monkeypatch.setenv("FREEKV_SPEC_STREAMS", "2")
     rt = _runtime()
     assert rt.side_stream is None and rt.recall_stream is None and rt.side_lists is None
+
+
+def test_used_bytes_counts_working_sets_digests_and_host_pages():
+    """Memory a set of requests occupies: per-request rows plus per-page digests on the GPU, whole KV on the host."""
+    rt = _runtime()  # 1 layer, 1 KV head, D=16, P=4, fp32; 5 working-set pages
+    gpu1, host1 = rt.used_bytes(1, 10)  # 10 tokens: 3 pages
+    ws_row = 1 * 2 * 5 * 4 * 1 * 16 * 4  # [L, K/V, S, P, Hkv, D] fp32
+    resident_row, q_row, valid_row = 1 * 1 * 2 * 8, 1 * 2 * 16 * 4, 1 * 1 * 1
+    digest_page = 1 * 1 * 2 * 16 * 4  # [L, Hkv, min/max, D]
+    assert gpu1 == ws_row + resident_row + q_row + valid_row + 3 * digest_page
+    assert host1 == 3 * 1 * 2 * 1 * 4 * 16 * 4  # pages x [L, K/V, Hkv, P, D] fp32
+    assert rt.used_bytes(2, 10) == (2 * gpu1, 2 * host1)

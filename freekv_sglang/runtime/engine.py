@@ -163,6 +163,17 @@ class FreeKVRuntime:
                  self.main_lists, self.side_lists)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
+    def used_bytes(self, n_requests: int, tokens_each: int) -> tuple[int, int]:
+        """``(gpu, host)`` bytes that ``n_requests`` requests of ``tokens_each`` tokens occupy: their
+        working sets, resident lists and previous queries plus the digests of their pages on the GPU,
+        their whole KV in the host tier (scratch shared by all requests not counted)."""
+        rows = self.max_rows + 1
+        per_row = sum(t.numel() * t.element_size() for t in (self.ws, self.resident, self.q_prev, self.q_valid)) // rows
+        pages = -(-tokens_each // self.layout.page_size)
+        per_page_gpu = self.digests.numel() * self.digests.element_size() // self.digests.shape[1]
+        return (n_requests * (per_row + pages * per_page_gpu),
+                n_requests * pages * self.host.nbytes // self.host.n_pages)
+
     def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k, v)`` working-set page slots of one layer, ``[(R+1)*S, P, Hkv, D]`` each (NHD)."""
         return self.ws[layer, 0], self.ws[layer, 1]

@@ -1,0 +1,50 @@
+"""launch/bench_decode.py: mode variants, host-tier sizing and the result table (CPU, no SGLang run)."""
+
+import argparse
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_decode", os.path.join(ROOT, "launch", "bench_decode.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mode_variants(bench):
+    assert bench.parse_mode("freekv") == ("freekv", {})
+    assert bench.parse_mode("freekv@32/1") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1"})
+    assert bench.parse_mode("sync@16") == ("sync", {"FREEKV_RECALL_PROGRAMS": "16"})
+    for bad in ("dense@16", "freekv@0", "freekv@x", "freekv/3", "quest"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_mode(bad)
+
+
+def test_kv_bytes_and_auto_host_tier(bench, tmp_path):
+    cfg = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert bench.kv_bytes_per_token(str(tmp_path)) == 32 * 8 * 128 * 2 * 2  # 128 KiB per token, bf16
+    small = bench.auto_host_gb(str(tmp_path), [1, 2], [1000], 32)
+    assert small == pytest.approx(max(1.0, 2 * 1096 * 131072 * 1.05 / 2**30), abs=0.06)
+    huge = bench.auto_host_gb(str(tmp_path), [32], [131072], 32)  # 512 GiB needed: capped by the machine
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
+    assert huge <= 0.8 * avail + 0.1
+
+
+def test_table_lists_skipped_cells_and_memory(bench):
+    row = {"input_len": 32000, "batch_size": 4, "median_decode_latency": 0.008, "prefill_latency": 4.7,
+           "kv_gpu_gib": 1.5, "kv_gpu_pool_gib": 6.0, "kv_host_gib": 15.6, "freekv_correction_rate": 0.03,
+           "freekv_recall_bytes_per_request_step": 27 * 2**20}
+    md = bench.table({"freekv": [row]}, [32000, 131072], [4])
+    assert "| freekv | 32000 | 4 | 8.00 | 500 | 4.70 | 0.030 | 27.00 | 1.50 (6.00) | 15.60 |" in md
+    assert "| freekv | 131072 | 4 | skipped" in md
+    ratios = bench.ratios({"freekv": [row], "freekv@16": [dict(row, median_decode_latency=0.010)]})
+    assert "speed-up vs freekv@16" in ratios and "1.25x" in ratios
