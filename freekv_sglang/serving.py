@@ -44,12 +44,14 @@ class Server:
     started: float = 0.0
     ready_after: float | None = None
     env: dict = field(default_factory=dict)
+    start_timeout: float = 300.0  # seconds until /health answers (``with Server(...)``)
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 300.0) -> "Server":
+    def start(self, timeout: float | None = None) -> "Server":
+        timeout = self.start_timeout if timeout is None else timeout
         if port_in_use(self.port):
             # another server (e.g. a leftover of an interrupted run) would answer our requests
             raise RuntimeError(f"port {self.port} on 127.0.0.1 is already in use; stop the process listening there "

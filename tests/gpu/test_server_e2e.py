@@ -35,7 +35,8 @@ PORT = int(os.environ.get("FREEKV_TEST_PORT", "30011"))
 def server(name, *extra, port=PORT, model=MODEL):
     # the shape-only model folders share the llama folder's tokenizer
     args = ["--model-path", model, "--tokenizer-path", MODEL, "--load-format", "dummy", "--trust-remote-code", *extra]
-    return Server(args, port=port, log_path=os.path.join(LOGDIR, f"server-{name}.log"))
+    return Server(args, port=port, log_path=os.path.join(LOGDIR, f"server-{name}.log"),
+                  start_timeout=float(os.environ.get("FREEKV_TEST_SERVER_TIMEOUT", "600")))
 
 
 def freekv_args(*extra):
