@@ -1,0 +1,29 @@
+"""launch/bench_overlap.py: the report of the overlap-scheduler cost (CPU, no server)."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_overlap", os.path.join(ROOT, "launch", "bench_overlap.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_report_ratios(bench):
+    res = {"dense": [{"context": 32000, "batch": 8, "decode_ms_per_step": 14.0}],
+           "dense-no-overlap": [{"context": 32000, "batch": 8, "decode_ms_per_step": 15.4}],
+           "freekv": [{"context": 32000, "batch": 8, "decode_ms_per_step": 11.0}, {"error": "x"}]}
+    md = bench.report(res)
+    assert "| 32000 | 8 | 14.00 | 15.40 | 11.00 | 1.10x | 1.27x | 1.40x |" in md
+
+
+def test_long_must_exceed_short(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--short", "64", "--long", "16"])
