@@ -10,8 +10,8 @@ Entries with ``dst_slot < 0`` are skipped. Three strategies, same result:
   sync, CUDA-graph capturable; a persistent grid of ``num_programs`` programs walks the
   flattened ``N * P`` rows, so only a few SMs are held while PCIe does the work.
 * :func:`recall_staged`: the paper's design. The piece list goes to the host (a sync), each
-  piece is one ``cudaMemcpyAsync`` (``copy_(non_blocking=True)``) into one of two staging
-  buffers on a copy stream, while the gather kernel scatters the other buffer into the
+  piece is one ``cudaMemcpyAsync`` (issued through ``ctypes`` by :mod:`.host_copy`, falling
+  back to ``copy_(non_blocking=True)``) into one of two staging buffers on a copy stream, while the gather kernel scatters the other buffer into the
   slots on the caller's stream (double buffering across chunks). Eager only.
 * :func:`recall_per_page`: the ArkVale-style baseline, one synchronous copy per piece
   straight into the (strided) slot, then a stream sync. Eager only.
@@ -21,13 +21,17 @@ Entries with ``dst_slot < 0`` are skipped. Three strategies, same result:
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from .common import (check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced, sm_count, tl,
                      triton, use_triton)
+from .host_copy import PieceCopier, cuda_memcpy_h2d, cudart
 from .uva import kernel_arg
+
+logger = logging.getLogger(__name__)
 
 #: Default persistent-grid size of :func:`recall_gather` (see the kernel benchmark).
 DEFAULT_NUM_PROGRAMS = 64
@@ -141,7 +145,7 @@ class StagedRecall:
     """Double-buffered staged recall (the paper's strategy); one instance per device/shape.
 
     Two staging buffers ``[chunk, P, D]`` for K and V each; per chunk of pieces, H2D copies
-    (one ``copy_(non_blocking=True)`` per contiguous host block) run on ``copy_stream``
+    (one ``cudaMemcpyAsync`` per contiguous host block) run on ``copy_stream``
     into buffer ``c % 2`` while the scatter of the previous chunk (the gather kernel with
     the staging buffer as its source) runs on the caller's stream.
     """
@@ -154,6 +158,10 @@ class StagedRecall:
         self.copied = [torch.cuda.Event() for _ in range(2)]
         self.scattered = [torch.cuda.Event() for _ in range(2)]
         self.rows = torch.arange(chunk, dtype=torch.int32, device=device)
+        self.memcpy = cuda_memcpy_h2d(self.copy_stream.cuda_stream) if cudart() is not None else None
+        if self.memcpy is None:
+            logger.warning("FreeKV staged recall: libcudart not found through ctypes; copies are issued "
+                           "with tensor copy_ (slower)")
 
     def __call__(self, host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, *, num_programs=None) -> None:
         if torch.cuda.is_current_stream_capturing():
@@ -174,9 +182,13 @@ class StagedRecall:
                 self.copy_stream.wait_event(self.scattered[buf])
             with torch.cuda.stream(self.copy_stream):
                 sk, sv = self.stage_k[buf], self.stage_v[buf]
-                for j in range(start, end):
-                    sk[j - start].copy_(host_k[pages[j], heads[j]], non_blocking=True)
-                    sv[j - start].copy_(host_v[pages[j], heads[j]], non_blocking=True)
+                if self.memcpy is not None:
+                    PieceCopier.copy(host_k, sk, pages[start:end], heads[start:end], self.memcpy)
+                    PieceCopier.copy(host_v, sv, pages[start:end], heads[start:end], self.memcpy)
+                else:
+                    for j in range(start, end):
+                        sk[j - start].copy_(host_k[pages[j], heads[j]], non_blocking=True)
+                        sv[j - start].copy_(host_v[pages[j], heads[j]], non_blocking=True)
                 self.copied[buf].record(self.copy_stream)
             cur.wait_event(self.copied[buf])
             m = end - start
