@@ -1,21 +1,16 @@
 """launch/bench_decode.py: mode variants, host-tier sizing and the result table (CPU, no SGLang run)."""
 
 import argparse
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_launch_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_decode", os.path.join(ROOT, "launch", "bench_decode.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_launch_script("bench_decode")
 
 
 def test_mode_variants(bench):

@@ -1,19 +1,13 @@
 """launch/bench_overlap.py: the report of the overlap-scheduler cost (CPU, no server)."""
 
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_launch_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_overlap", os.path.join(ROOT, "launch", "bench_overlap.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_launch_script("bench_overlap")
 
 
 def test_report_ratios(bench):
