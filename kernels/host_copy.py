@@ -5,7 +5,9 @@ host store. Issuing each one as ``dst[i].copy_(src[p, h], non_blocking=True)`` c
 views and a dispatch (about 20 µs per piece), which caps such a recall far below what the copy
 engine does with 8-16 KiB copies (about 3-6 GB/s when issued from C). :class:`PieceCopier`
 computes the addresses itself and calls ``cudaMemcpyAsync`` of the CUDA runtime that torch has
-already loaded, through ``ctypes`` (about 1 µs per call).
+already loaded, through ``ctypes`` (about 1 µs per call). :meth:`PieceCopier.copy_to_slots` does
+the same with one ``cudaMemcpy2DAsync`` per block straight into the strided NHD slot rows (the
+ArkVale-style baseline's one copy per page and head).
 
 ``memcpy`` is injectable: the CPU tests pass a ``ctypes.memmove``-based function and check the
 address arithmetic against a plain-torch copy.
@@ -36,6 +38,10 @@ def cudart():
                 continue
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
             fn.restype = ctypes.c_int
+            fn2 = lib.cudaMemcpy2DAsync  # dst, dpitch, src, spitch, width, height, kind, stream
+            fn2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                            ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+            fn2.restype = ctypes.c_int
             _CUDART = lib
             break
         else:
@@ -57,6 +63,22 @@ def cuda_memcpy_h2d(stream: int):
             raise RuntimeError(f"cudaMemcpyAsync failed with CUDA error {rc}")
 
     return memcpy
+
+
+def cuda_memcpy2d_h2d(stream: int):
+    """A ``memcpy2d(dst, dpitch, src, spitch, width, height)`` issuing ``cudaMemcpy2DAsync``
+    host-to-device on ``stream``; raises if the runtime is unavailable or a call fails."""
+    lib = cudart()
+    if lib is None:
+        raise RuntimeError("the CUDA runtime library (libcudart) was not found in this process")
+    fn = lib.cudaMemcpy2DAsync
+
+    def memcpy2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
+        rc = fn(dst, dpitch, src, spitch, width, height, _H2D, stream)
+        if rc != 0:
+            raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {rc}")
+
+    return memcpy2d
 
 
 class PieceCopier:
@@ -83,3 +105,22 @@ class PieceCopier:
         d0, dr = dst.data_ptr(), dst.stride(0) * el
         for j, (p, h) in enumerate(zip(pages, heads)):
             memcpy(d0 + j * dr, s0 + p * sp + h * sh, block)
+
+    @staticmethod
+    def copy_to_slots(src: torch.Tensor, ws: torch.Tensor, pages: list[int], slots: list[int], heads: list[int],
+                      memcpy2d) -> None:
+        """``ws[slots[j], :, heads[j], :] = src[pages[j], heads[j]]``, one 2-D ``memcpy2d`` per block.
+
+        ``src [n_pages, Hkv, P, D]`` (each ``[P, D]`` block contiguous), ``ws [slots, P, Hkv, D]``
+        (NHD working-set slots; rows of a head are ``D`` elements every ``Hkv * D``).
+        """
+        if src.stride(3) != 1 or src.stride(2) != src.shape[3]:
+            raise ValueError("each [P, D] block of the host store must be contiguous")
+        if ws.stride(3) != 1:
+            raise ValueError("working-set rows must be contiguous along the head dimension")
+        el = src.element_size()
+        rows, width = src.shape[2], src.shape[3] * el
+        s0, sp, sh = src.data_ptr(), src.stride(0) * el, src.stride(1) * el
+        w0, ws_slot, ws_row, ws_head = ws.data_ptr(), ws.stride(0) * el, ws.stride(1) * el, ws.stride(2) * el
+        for p, slot, h in zip(pages, slots, heads):
+            memcpy2d(w0 + slot * ws_slot + h * ws_head, ws_row, s0 + p * sp + h * sh, width, width, rows)

@@ -13,8 +13,9 @@ Entries with ``dst_slot < 0`` are skipped. Three strategies, same result:
   piece is one ``cudaMemcpyAsync`` (issued through ``ctypes`` by :mod:`.host_copy`, falling
   back to ``copy_(non_blocking=True)``) into one of two staging buffers on a copy stream, while the gather kernel scatters the other buffer into the
   slots on the caller's stream (double buffering across chunks). Eager only.
-* :func:`recall_per_page`: the ArkVale-style baseline, one synchronous copy per piece
-  straight into the (strided) slot, then a stream sync. Eager only.
+* :func:`recall_per_page`: the ArkVale-style baseline, one copy per piece straight into the
+  (strided) slot rows (``cudaMemcpy2DAsync`` through :mod:`.host_copy`), then a stream sync.
+  Eager only.
 
 :func:`pieces_from_selection` turns the selection outputs into a flat, compacted piece list.
 """
@@ -28,7 +29,7 @@ import torch
 
 from .common import (check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced, sm_count, tl,
                      triton, use_triton)
-from .host_copy import PieceCopier, cuda_memcpy_h2d, cudart
+from .host_copy import PieceCopier, cuda_memcpy2d_h2d, cuda_memcpy_h2d, cudart
 from .uva import kernel_arg
 
 logger = logging.getLogger(__name__)
@@ -229,11 +230,17 @@ def recall_per_page(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
         return recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
     _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
     lists = torch.stack([host_page.long(), dst_slot.long(), head.long()]).cpu()  # host sync
-    lists = lists[:, lists[1] >= 0].tolist()
-    for pg, s, h in zip(*lists):
-        ws_k[s, :, h, :].copy_(host_k[pg, h], non_blocking=True)
-        ws_v[s, :, h, :].copy_(host_v[pg, h], non_blocking=True)
-    torch.cuda.current_stream(ws_k.device).synchronize()
+    pages, slots, heads = lists[:, lists[1] >= 0].tolist()
+    stream = torch.cuda.current_stream(ws_k.device)
+    if cudart() is not None:  # one 2-D cudaMemcpyAsync per (page, head) into its strided slot rows
+        memcpy2d = cuda_memcpy2d_h2d(stream.cuda_stream)
+        PieceCopier.copy_to_slots(host_k, ws_k, pages, slots, heads, memcpy2d)
+        PieceCopier.copy_to_slots(host_v, ws_v, pages, slots, heads, memcpy2d)
+    else:
+        for pg, sl, h in zip(pages, slots, heads):
+            ws_k[sl, :, h, :].copy_(host_k[pg, h], non_blocking=True)
+            ws_v[sl, :, h, :].copy_(host_v[pg, h], non_blocking=True)
+    stream.synchronize()
 
 
 def pieces_from_selection(recall_slot: torch.Tensor, recall_page: torch.Tensor, n_recall: torch.Tensor | None,

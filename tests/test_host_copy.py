@@ -34,3 +34,22 @@ def test_piece_copier_refuses_bad_layouts():
         PieceCopier.copy(src, torch.empty(8, 16, 4).permute(2, 0, 1), [0], [0], _memmove)
     with pytest.raises(ValueError, match="do not fit"):
         PieceCopier.copy(src, torch.empty(1, 8, 16), [0, 1], [0, 1], _memmove)
+
+
+def _memmove2d(dst, dpitch, src, spitch, width, height):
+    for r in range(height):
+        ctypes.memmove(dst + r * dpitch, src + r * spitch, width)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_copy_to_slots_matches_indexing(dtype):
+    g = torch.Generator().manual_seed(4)
+    store = torch.randn((2, 2, 30, 3, 8, 16), generator=g).to(dtype)  # [L, K/V, pages, Hkv, P, D]
+    src = store[0, 1]
+    ws = torch.randn((12, 8, 3, 16), generator=g).to(dtype)  # [slots, P, Hkv, D] (NHD)
+    want = ws.clone()
+    pages, slots, heads = [5, 17, 29, 1, 5], [0, 3, 11, 7, 3], [2, 0, 1, 1, 2]
+    for p, s, h in zip(pages, slots, heads):
+        want[s, :, h, :] = src[p, h]
+    PieceCopier.copy_to_slots(src, ws, pages, slots, heads, _memmove2d)
+    assert torch.equal(ws, want)
