@@ -92,17 +92,22 @@ def kv_bytes_per_token(model: str) -> int:
     return cfg["num_hidden_layers"] * kv * d * 2 * 2
 
 
-def auto_host_gb(model: str, batch_sizes, contexts, output_len: int) -> float:
-    """Host tier for the largest cell (plus 5%), at most 80% of the available memory."""
-    need = max(batch_sizes) * (max(contexts) + output_len + 64) * kv_bytes_per_token(model) * 1.05 / 2**30
-    avail = None
+def available_gib() -> float | None:
+    """The machine's available memory (``MemAvailable``) in GiB, None where unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) / 2**20
+                    return int(line.split()[1]) / 2**20
     except OSError:
         pass
+    return None
+
+
+def auto_host_gb(model: str, batch_sizes, contexts, output_len: int) -> float:
+    """Host tier for the largest cell (plus 5%), at most 80% of the available memory."""
+    need = max(batch_sizes) * (max(contexts) + output_len + 64) * kv_bytes_per_token(model) * 1.05 / 2**30
+    avail = available_gib()
     gb = need if avail is None else min(need, 0.8 * avail)
     return round(max(gb, 1.0), 1)
 
@@ -248,6 +253,44 @@ def ratios(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def run_capacity(a) -> list[dict]:
+    """Concurrent ``a.capacity``-token requests served by dense and FreeKV (see bench_capacity.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_capacity", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_capacity.py"))
+    cap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cap)
+    host_gb = a.capacity_host_gb or round(0.8 * (available_gib() or 16.0), 1)
+    ns = argparse.Namespace(model=a.model, context=a.capacity, new_tokens=a.output_len, host_gb=host_gb,
+                            max_requests=a.capacity_max_requests, timeout=max(a.timeout, 1200.0), port=30031,
+                            out=a.out)
+    rows = []
+    for mode in ("dense", "freekv"):
+        try:
+            rows.append(cap.run(mode, ns))
+        except Exception as e:  # noqa: BLE001 - report it, keep the decode results
+            rows.append({"mode": mode, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print(f"[bench] capacity {mode}: {rows[-1]}", flush=True)
+    return rows
+
+
+def capacity_table(rows: list[dict], context: int) -> str:
+    lines = [f"| mode | concurrent {context}-token requests (peak running) | completed/submitted | token capacity |",
+             "|---|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | error: {r['error'][:80]} | | |")
+        else:
+            lines.append(f"| {r['mode']} | {r['peak_running']} | {r['completed']}/{r['submitted']} | "
+                         f"{r['token_capacity']} |")
+    by = {r["mode"]: r for r in rows if "error" not in r}
+    if by.get("dense", {}).get("peak_running") and "freekv" in by:
+        lines.append(f"\nFreeKV / dense concurrent requests: "
+                     f"{by['freekv']['peak_running'] / by['dense']['peak_running']:.2f}x")
+    return "\n".join(lines)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         return worker(sys.argv[2:])
@@ -265,6 +308,12 @@ def main() -> None:
                    help="FreeKV modes only: replace decode queries so that consecutive ones have this cosine "
                         "(random weights give ~0, FreeKV's worst case; outputs become meaningless; see "
                         "freekv_sglang/runtime/synthetic.py)")
+    p.add_argument("--capacity", type=int, default=None, metavar="CONTEXT",
+                   help="also measure how many CONTEXT-token requests dense and FreeKV serve at once "
+                        "(launch/bench_capacity.py: a server per mode)")
+    p.add_argument("--capacity-max-requests", type=int, default=64)
+    p.add_argument("--capacity-host-gb", type=float, default=None,
+                   help="FreeKV host tier for the capacity run (default: 80%% of the available memory)")
     p.add_argument("--out", default="bench-out", help="folder for logs and results")
     p.add_argument("extra", nargs="*", help="extra SGLang arguments after --")
     a = p.parse_args()
@@ -279,10 +328,14 @@ def main() -> None:
         results[mode] = run_mode(mode, a, a.out)
         with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
             json.dump({"card": card, "args": vars(a), "results": results}, f, indent=1)
+    capacity = run_capacity(a) if a.capacity else None
+    if capacity is not None:
+        with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
+            json.dump({"card": card, "args": vars(a), "results": results, "capacity": capacity}, f, indent=1)
     loc = ("random-weight queries" if a.query_cosine is None else
            f"FreeKV modes with synthetic consecutive-query cosine {a.query_cosine}")
     out = (f"card: {card}; model: {a.model}; output_len {a.output_len}; {loc}\n\n{table(results, a.contexts, a.batch_sizes)}\n\n"
-           f"{ratios(results)}\n")
+           f"{ratios(results)}\n" + (f"\n{capacity_table(capacity, a.capacity)}\n" if capacity else ""))
     with open(os.path.join(a.out, "bench_decode.md"), "w") as f:
         f.write(out)
     print(out)

@@ -43,3 +43,11 @@ def test_table_lists_skipped_cells_and_memory(bench):
     assert "| freekv | 131072 | 4 | skipped" in md
     ratios = bench.ratios({"freekv": [row], "freekv@16": [dict(row, median_decode_latency=0.010)]})
     assert "speed-up vs freekv@16" in ratios and "1.25x" in ratios
+
+
+def test_capacity_table(bench):
+    rows = [{"mode": "dense", "peak_running": 24, "completed": 26, "submitted": 26, "token_capacity": 800000},
+            {"mode": "freekv", "peak_running": 22, "completed": 24, "submitted": 24, "token_capacity": 720000}]
+    md = bench.capacity_table(rows, 32000)
+    assert "| dense | 24 | 26/26 | 800000 |" in md and "0.92x" in md
+    assert "error: boom" in bench.capacity_table([{"mode": "freekv", "error": "boom"}], 32000)
