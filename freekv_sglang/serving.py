@@ -130,6 +130,11 @@ class Server:
                 "ignore_eos": True}
         return _post(self.base + "/v1/completions", body, timeout)
 
+    def chat(self, messages: list[dict], max_tokens: int, timeout: float = 600.0) -> dict:
+        """Greedy OpenAI-style ``/v1/chat/completions``."""
+        body = {"model": "default", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        return _post(self.base + "/v1/chat/completions", body, timeout)
+
     def server_info(self) -> dict:
         code, text = _get(self.base + "/get_server_info", 10)
         return json.loads(text) if code == 200 and text else {}

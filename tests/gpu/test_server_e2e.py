@@ -49,21 +49,42 @@ def dense_args(*extra):
             "--disable-overlap-schedule", "--page-size", "32", *extra]
 
 
+def frontend_and_chat(srv) -> tuple[str, str]:
+    """Text of an SGLang frontend program and of an OpenAI chat completion (greedy) on server ``srv``."""
+    import sglang as sgl
+
+    @sgl.function
+    def qa(s, question):  # SGLang requires the state argument to be named "s"
+        s += "Question: " + question + "\n"
+        s += "Answer:" + sgl.gen("answer", max_tokens=24, temperature=0)
+
+    state = qa.run(question="Which layout does the host tier use?", backend=sgl.RuntimeEndpoint(srv.base))
+    chat = srv.chat([{"role": "user", "content": "Say something about KV caches."}], 24)
+    return state["answer"], chat["choices"][0]["message"]["content"]
+
+
 @pytest.mark.parametrize("model", [MODEL, QWEN], ids=["llama8b-shape", "qwen7b-shape"])
 def test_budget_covers_context_matches_dense(model):
-    """Budget >= context: FreeKV's greedy tokens equal dense SGLang's, for a batch of prompts."""
+    """Budget >= context: FreeKV's greedy tokens equal dense SGLang's, for a batch of prompts; with the
+    Llama shape also the text of an SGLang frontend program and of /v1/chat/completions."""
     if not os.path.isdir(model):
         pytest.skip(f"{model} not found")
     ps = prompts([300, 1000, 2500, 77, 3900], seed=1)
     new = 32
+    with_frontend = model == MODEL
     with server("dense-small", *dense_args(), model=model) as s:
         want = [output_ids(r) for r in s.generate_many(ps, new)]
+        want_text = frontend_and_chat(s) if with_frontend else None
     with server("freekv-covering", *freekv_args("--freekv-select-tokens", "8192"), model=model) as s:
         got = [output_ids(r) for r in s.generate_many(ps, new)]
+        got_text = frontend_and_chat(s) if with_frontend else None
     matches = [common_prefix(a, b) for a, b in zip(got, want)]
     print(f"{model}: matching prefix per prompt {matches} of {new}")
     assert all(len(g) == new for g in got)
     assert matches == [new] * len(ps)
+    if with_frontend:
+        print("frontend program / chat completion text equal to dense:", got_text == want_text)
+        assert all(got_text) and got_text == want_text
 
 
 def test_cuda_graph_matches_eager():
