@@ -72,7 +72,7 @@ class SparseDecode:
 
     def plan(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor,
              num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, q_dtype: torch.dtype,
-             kv_dtype: torch.dtype, *, sm_scale: float | None = None) -> None:
+             kv_dtype: torch.dtype, *, sm_scale: float | None = None, split_pages: int | None = None) -> None:
         """Plan one batch (host side; not capturable).
 
         Args:
@@ -82,7 +82,12 @@ class SparseDecode:
             num_qo_heads, num_kv_heads, head_dim, page_size: shapes (``page_size`` = ``P``).
             q_dtype, kv_dtype: bf16/fp16.
             sm_scale: softmax scale used by :meth:`run` (default ``1/sqrt(head_dim)``).
+            split_pages: split every request's pages into chunks of this many pages, each its own
+                program, merged afterwards (FlashInfer's ``fixed_split_size``; tensor cores only);
+                ``None`` lets FlashInfer choose.
         """
+        if split_pages is not None and (split_pages < 1 or not self.wrapper.use_tensor_cores):
+            raise ValueError(f"split_pages={split_pages}: needs a positive page count and use_tensor_cores")
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads {num_qo_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -92,6 +97,7 @@ class SparseDecode:
         self.wrapper.plan(
             kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
             q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=self.sm_scale,
+            **({"fixed_split_size": int(split_pages)} if split_pages is not None else {}),
         )
 
     def run(self, q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor, sm_scale: float | None = None,

@@ -465,6 +465,18 @@ def sec_decode(r: Runner, out: dict, quick: bool):
         sd = K.SparseDecode(DEV)
         sd.plan(K.page_table_indptr_host(seq, LAYOUT), ix, K.last_page_len_host(seq, LAYOUT), HQ, HKV, D, P, BF16, BF16)
         res["sparse_ms"] = bench_ms(lambda: sd.run(q, ws_k, ws_v))
+        for sp in (4, 8, 16):  # fixed KV splits (pages per program) against FlashInfer's own choice
+            def split(sp=sp):
+                w = K.SparseDecode(DEV)
+                w.plan(K.page_table_indptr_host(seq, LAYOUT), ix, K.last_page_len_host(seq, LAYOUT), HQ, HKV, D, P,
+                       BF16, BF16, split_pages=sp)
+                return bench_ms(lambda: w.run(q, ws_k, ws_v))
+
+            t = safe(r, "decode", f"sparse split {sp} pages b={b}", split)
+            if t is not None:
+                res[f"sparse_split{sp}_ms"] = t
+                r.row("decode", f"SparseDecode, KV split every {sp} pages, b={b}", 1e3 * t, "us",
+                      f"{res['sparse_ms'] / t:.2f}x FlashInfer's own split")
         seq_dev, rows = seq.to(DEV), torch.arange(b, device=DEV)
         t = safe(r, "decode", "page table graph", lambda: graph_ms(lambda: K.build_page_table(
             seq_dev, rows, ip, ix, lp, layout=LAYOUT, slot_base=LAYOUT.slots)))

@@ -56,6 +56,26 @@ def test_sparse_decode_eager(dtype, d, grp):
     _check(sd.run(q, ws_k, ws_v, sm_scale=0.3 * scale), q, ws_k, ws_v, ip, ix, lp, 0.3 * scale)
 
 
+@pytest.mark.parametrize("split_pages", [1, 4, 16])
+@pytest.mark.parametrize("grp", [3, 4])
+def test_sparse_decode_fixed_split(split_pages, grp):
+    """A fixed KV split (FREEKV_DECODE_SPLIT_PAGES) gives the same attention as FlashInfer's own choice."""
+    lay = WorkingSetLayout(32, 4, 8, 4)
+    seq = [1, 33, 16 * 32 + 1, 5000, 12345]
+    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(torch.bfloat16, grp, 128, lay, seq, seed=2)
+    b = len(seq)
+    ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
+    ix = torch.empty(b * lay.slots, dtype=torch.int32, device=DEV)
+    lp = torch.empty(b, dtype=torch.int32, device=DEV)
+    K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
+    sd = K.SparseDecode(DEV)
+    scale = 1.0 / math.sqrt(128)
+    sd.plan(K.page_table_indptr_host(seq_lens.cpu(), lay), ix, K.last_page_len_host(seq_lens.cpu(), lay),
+            hkv * grp, hkv, 128, lay.page_size, torch.bfloat16, torch.bfloat16, sm_scale=scale,
+            split_pages=split_pages)
+    _check(sd.run(q, ws_k, ws_v), q, ws_k, ws_v, ip, ix, lp, scale)
+
+
 @pytest.mark.parametrize("p", [16, 64])
 def test_sparse_decode_page_sizes(p):
     lay = WorkingSetLayout(p, 2, 4, 3)

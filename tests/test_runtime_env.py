@@ -1,4 +1,4 @@
-"""FREEKV_SPEC_STREAMS is validated when the runtime is built (CPU: no side streams either way)."""
+"""Runtime environment knobs are validated when built (CPU: no side streams either way), and memory accounting."""
 
 import pytest
 import torch
@@ -37,3 +37,13 @@ def test_used_bytes_counts_working_sets_digests_and_host_pages():
     assert gpu1 == ws_row + resident_row + q_row + valid_row + 3 * digest_page
     assert host1 == 3 * 1 * 2 * 1 * 4 * 16 * 4  # pages x [L, K/V, Hkv, P, D] fp32
     assert rt.used_bytes(2, 10) == (2 * gpu1, 2 * host1)
+
+
+def test_decode_split_env_is_validated(monkeypatch):
+    from freekv_sglang.runtime.attention import WorkingSetAttention
+
+    monkeypatch.setenv("FREEKV_DECODE_SPLIT_PAGES", "0")
+    with pytest.raises(ValueError, match="FREEKV_DECODE_SPLIT_PAGES"):
+        WorkingSetAttention(torch.device("cpu"), 2, 8)
+    monkeypatch.setenv("FREEKV_DECODE_SPLIT_PAGES", "8")
+    assert WorkingSetAttention(torch.device("cpu"), 2, 8).split_pages == 8
