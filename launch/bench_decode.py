@@ -19,7 +19,8 @@ Modes:
 
 Variants of a FreeKV mode: ``MODE@N`` runs the selected-page recall on a persistent grid of ``N``
 programs (``FREEKV_RECALL_PROGRAMS``), ``MODE/S`` runs speculation on ``S`` side streams
-(``FREEKV_SPEC_STREAMS``, 1 or 2), e.g. ``freekv@32`` or ``freekv@16/1``.
+(``FREEKV_SPEC_STREAMS``, 1 or 2), ``MODE~K`` splits the working-set attention every ``K`` pages
+(``FREEKV_DECODE_SPLIT_PAGES``), e.g. ``freekv@32`` or ``freekv@16/1~8``.
 
 Cells that do not fit are skipped by SGLang's benchmark (its token pool bounds batch x context):
 dense uses SGLang's default memory settings; FreeKV's host tier is sized for the largest cell
@@ -57,22 +58,16 @@ MODES = {
 
 def parse_mode(name: str) -> tuple[str, dict]:
     """``"freekv@32/1"`` -> ``("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1"})``."""
-    base, _, streams = name.partition("/")
-    base, _, programs = base.partition("@")
+    from freekv_sglang.runtime.variants import parse_variant
+
+    try:
+        base, env = parse_variant(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if base not in MODES:
         raise argparse.ArgumentTypeError(f"unknown mode {base!r} in {name!r}; choose from {sorted(MODES)}")
-    env = {}
-    if programs or streams:
-        if base == "dense":
-            raise argparse.ArgumentTypeError(f"{name!r}: recall grid and stream variants apply to FreeKV modes only")
-        if programs:
-            if not programs.isdigit() or int(programs) < 1:
-                raise argparse.ArgumentTypeError(f"{name!r}: the recall grid after '@' must be a positive integer")
-            env["FREEKV_RECALL_PROGRAMS"] = programs
-        if streams:
-            if streams not in ("1", "2"):
-                raise argparse.ArgumentTypeError(f"{name!r}: the stream count after '/' must be 1 or 2")
-            env["FREEKV_SPEC_STREAMS"] = streams
+    if env and base == "dense":
+        raise argparse.ArgumentTypeError(f"{name!r}: variants apply to FreeKV modes only")
     return base, env
 
 
@@ -166,8 +161,10 @@ def worker(argv: list[str]) -> None:
 
 
 def run_mode(mode: str, a, out_dir: str) -> list[dict]:
+    from freekv_sglang.runtime.variants import apply_variant_env
+
     base, mode_env = parse_mode(mode)
-    safe = mode.replace("/", "-s").replace("@", "-g")
+    safe = mode.replace("/", "-s").replace("@", "-g").replace("~", "-k")
     res = os.path.join(out_dir, f"one_batch-{safe}.jsonl")
     if os.path.exists(res):
         os.remove(res)
@@ -186,7 +183,7 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
         try:
             env = dict(os.environ, FREEKV_LOG_STATS_EVERY="0")  # statistics are collected per measurement
             env.pop("FREEKV_BENCH_QUERY_COSINE", None)
-            env.update(mode_env)
+            apply_variant_env(mode_env, env)
             if a.query_cosine is not None and base != "dense":
                 env["FREEKV_BENCH_QUERY_COSINE"] = str(a.query_cosine)
             rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], stdout=f,

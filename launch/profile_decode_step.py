@@ -20,7 +20,8 @@ the worst case for FreeKV). Keys are random.
 
 Variants: ``freekv`` (defaults), ``sync`` (speculation off), ``skip`` (no host transfers);
 ``name@N`` runs the selected-page recall on a persistent grid of ``N`` programs; ``name/1`` runs
-speculation on one side stream (``FREEKV_SPEC_STREAMS=1``; the default is two: selection, then recall).
+speculation on one side stream (``FREEKV_SPEC_STREAMS=1``; the default is two: selection, then recall);
+``name~K`` splits the working-set attention every ``K`` pages (see ``freekv_sglang/runtime/variants.py``).
 ``--profile`` adds a torch.profiler table of CUDA kernels per step for each variant at the
 largest batch.
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +45,7 @@ from bench_kernels import graph_ms  # noqa: E402  (also makes freekv_sglang impo
 from freekv_sglang.algorithm import WorkingSetLayout  # noqa: E402
 from freekv_sglang.runtime.engine import FreeKVRuntime, RuntimeSettings  # noqa: E402
 from freekv_sglang.runtime.sizing import ModelShape  # noqa: E402
+from freekv_sglang.runtime.variants import apply_variant_env, parse_variant  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -96,14 +97,9 @@ class Case:
 
     def __init__(self, args, variant: str, bs: int):
         self.args, self.bs = args, bs
-        # "freekv@64": recall grid of 64 programs; "freekv/1": speculation on one side stream
-        variant, _, streams = variant.partition("/")
-        variant, _, programs = variant.partition("@")
-        for env, val in (("FREEKV_RECALL_PROGRAMS", programs), ("FREEKV_SPEC_STREAMS", streams)):
-            if val:
-                os.environ[env] = val
-            else:
-                os.environ.pop(env, None)
+        # "freekv@64": recall grid of 64 programs; "freekv/1": one side stream; "freekv~8": KV split
+        variant, env = parse_variant(variant)
+        apply_variant_env(env)
         L, hq, hkv, d = args.layers, args.q_heads, args.kv_heads, args.head_dim
         dtype = torch.bfloat16
         P = args.page_size

@@ -47,3 +47,17 @@ def test_decode_split_env_is_validated(monkeypatch):
         WorkingSetAttention(torch.device("cpu"), 2, 8)
     monkeypatch.setenv("FREEKV_DECODE_SPLIT_PAGES", "8")
     assert WorkingSetAttention(torch.device("cpu"), 2, 8).split_pages == 8
+
+
+def test_variant_names():
+    from freekv_sglang.runtime.variants import apply_variant_env, parse_variant
+
+    assert parse_variant("freekv") == ("freekv", {})
+    assert parse_variant("freekv@32/1~8") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1",
+                                                         "FREEKV_DECODE_SPLIT_PAGES": "8"})
+    assert parse_variant("sync~4")[1] == {"FREEKV_DECODE_SPLIT_PAGES": "4"}
+    for bad in ("freekv@0", "freekv@x", "freekv/3", "freekv@8@16", "@8", "freekv~"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+    env = {"FREEKV_SPEC_STREAMS": "1", "OTHER": "x"}
+    assert apply_variant_env({"FREEKV_RECALL_PROGRAMS": "16"}, env) == {"OTHER": "x", "FREEKV_RECALL_PROGRAMS": "16"}

@@ -1,0 +1,49 @@
+"""Benchmark variants of the FreeKV runtime, named ``BASE[@N][/S][~K]``.
+
+``@N``: persistent grid of ``N`` programs for the selected-page recall (``FREEKV_RECALL_PROGRAMS``);
+``/S``: ``S`` side streams for speculation, 1 or 2 (``FREEKV_SPEC_STREAMS``);
+``~K``: fixed KV split of ``K`` pages in the working-set attention (``FREEKV_DECODE_SPLIT_PAGES``).
+E.g. ``freekv@32/1~8``. The launch scripts set these variables for the variant's run only.
+"""
+
+from __future__ import annotations
+
+import re
+
+VARIANT_ENV = {"@": "FREEKV_RECALL_PROGRAMS", "/": "FREEKV_SPEC_STREAMS", "~": "FREEKV_DECODE_SPLIT_PAGES"}
+_NAME = re.compile(r"^([A-Za-z][\w-]*)((?:[@/~][^@/~]*)*)$")
+
+
+def parse_variant(name: str) -> tuple[str, dict[str, str]]:
+    """``"freekv@32/1"`` -> ``("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1"})``.
+
+    Raises ``ValueError`` with the reason for a malformed name or value.
+    """
+    m = _NAME.match(name)
+    if m is None:
+        raise ValueError(f"{name!r}: expected BASE[@programs][/streams][~split_pages]")
+    base, rest = m.group(1), m.group(2)
+    env: dict[str, str] = {}
+    for sep, val in re.findall(r"([@/~])([^@/~]*)", rest):
+        var = VARIANT_ENV[sep]
+        if var in env:
+            raise ValueError(f"{name!r}: {sep!r} given twice")
+        if not val.isdigit() or int(val) < 1:
+            raise ValueError(f"{name!r}: the value after {sep!r} must be a positive integer")
+        if sep == "/" and val not in ("1", "2"):
+            raise ValueError(f"{name!r}: the stream count after '/' must be 1 or 2")
+        env[var] = val
+    return base, env
+
+
+def apply_variant_env(env: dict[str, str], target: dict | None = None) -> dict:
+    """Set the variant's variables in ``target`` (default ``os.environ``) and clear the others."""
+    import os
+
+    target = os.environ if target is None else target
+    for var in VARIANT_ENV.values():
+        if var in env:
+            target[var] = env[var]
+        else:
+            target.pop(var, None)
+    return target
