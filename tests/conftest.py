@@ -97,13 +97,3 @@ def run_python():
     """``run_python(args, env_extra=None, timeout=180)``: a subprocess ``python ARGS``."""
     return _run_python
 
-
-def load_launch_script(name: str):
-    """Import ``launch/<name>.py`` (scripts, not part of the installed package) as a module."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "launch" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import load_launch_script
+from launch_scripts import load_launch_script
 
 
 @pytest.fixture(scope="module")

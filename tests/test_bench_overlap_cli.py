@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import load_launch_script
+from launch_scripts import load_launch_script
 
 
 @pytest.fixture(scope="module")

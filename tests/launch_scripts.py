@@ -1,0 +1,12 @@
+"""Import ``launch/<name>.py`` (scripts, not part of the installed package) as a module in tests."""
+
+import importlib.util
+from pathlib import Path
+
+
+def load_launch_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "launch" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
