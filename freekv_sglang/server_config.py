@@ -154,6 +154,15 @@ def check_requested_args(values: MutableMapping[str, Any], cfg: FreeKVConfig) ->
     _check_args(lambda k, d: values.get(k, d), cfg, resolved=False)
 
 
+OVERLAP_ENV = "FREEKV_EXPERIMENTAL_OVERLAP_SCHEDULE"
+
+
+def overlap_schedule_allowed() -> bool:
+    """``FREEKV_EXPERIMENTAL_OVERLAP_SCHEDULE=1``: leave SGLang's overlap scheduler as configured
+    (not yet validated with FreeKV; by default the plugin turns it off)."""
+    return os.environ.get(OVERLAP_ENV, "") == "1"
+
+
 def apply_base_overrides(values: MutableMapping[str, Any], cfg: FreeKVConfig) -> list[str]:
     """Rewrite the ServerArgs values FreeKV depends on; returns one note per change.
 
@@ -168,6 +177,10 @@ def apply_base_overrides(values: MutableMapping[str, Any], cfg: FreeKVConfig) ->
         "disable_overlap_schedule": True,
     }
     wanted.update(CUDA_GRAPH_OVERRIDES)
+    notes = []
+    if overlap_schedule_allowed():
+        del wanted["disable_overlap_schedule"]
+        notes.append(f"{OVERLAP_ENV}=1: the overlap scheduler stays as configured (experimental with FreeKV)")
     reasons = {
         "attention_backend": "FreeKV attention backend",
         "page_size": "= --freekv-page-size",
@@ -176,7 +189,6 @@ def apply_base_overrides(values: MutableMapping[str, Any], cfg: FreeKVConfig) ->
         "disable_overlap_schedule": "the overlap scheduler is not supported with FreeKV yet",
         "disable_prefill_cuda_graph": "FreeKV prefill runs eagerly (decode steps are captured)",
     }
-    notes = []
     for key, value in wanted.items():
         old = values.get(key)
         if old != value:
@@ -230,6 +242,8 @@ def finalize_server_args(sa: Any, cfg: FreeKVConfig) -> Any:
         "chunked_prefill_size": -1,
         "disable_overlap_schedule": True,
     }
+    if overlap_schedule_allowed():
+        del expected["disable_overlap_schedule"]
     for key, value in expected.items():
         if getattr(sa, key, value) != value:
             raise FreeKVConfigError(

@@ -21,3 +21,12 @@ def test_report_ratios(bench):
 def test_long_must_exceed_short(bench):
     with pytest.raises(SystemExit):
         bench.main(["--short", "64", "--long", "16"])
+
+
+def test_report_with_freekv_overlap(bench):
+    res = {"dense": [{"context": 8000, "batch": 1, "decode_ms_per_step": 7.0}],
+           "freekv": [{"context": 8000, "batch": 1, "decode_ms_per_step": 6.0}],
+           "freekv-overlap": [{"context": 8000, "batch": 1, "decode_ms_per_step": 5.0}]}
+    md = bench.report(res)
+    assert "FreeKV overlap off / on" in md
+    assert md.splitlines()[-1].endswith("| 1.20x |")

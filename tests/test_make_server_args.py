@@ -172,3 +172,21 @@ def test_override_notes_describe_each_change():
     assert "cleared cuda_graph_backend_prefill (was 'breakable')" in text
     assert "page_size" not in text  # already right: no note
     assert server_config.apply_base_overrides(values, FreeKVConfig(enabled=True)) == []
+
+
+def test_overlap_scheduler_opt_in(monkeypatch):
+    """FREEKV_EXPERIMENTAL_OVERLAP_SCHEDULE=1 leaves the overlap scheduler alone and says so."""
+    monkeypatch.setenv(server_config.OVERLAP_ENV, "1")
+    values = {"disable_overlap_schedule": False}
+    notes = server_config.apply_base_overrides(values, FreeKVConfig(enabled=True))
+    assert values["disable_overlap_schedule"] is False
+    assert any("overlap scheduler stays as configured" in n for n in notes)
+    monkeypatch.setenv(server_config.OVERLAP_ENV, "0")
+    server_config.apply_base_overrides(values, FreeKVConfig(enabled=True))
+    assert values["disable_overlap_schedule"] is True
+
+
+def test_overlap_scheduler_opt_in_end_to_end(base_kwargs, monkeypatch):
+    monkeypatch.setenv(server_config.OVERLAP_ENV, "1")
+    sa = freekv_sglang.make_server_args(**base_kwargs, kv_retrieval="freekv")
+    assert sa.disable_overlap_schedule is False

@@ -104,6 +104,23 @@ def test_cuda_graph_matches_eager():
     assert got == want and got3 == want3
 
 
+def test_overlap_scheduler_opt_in_matches_default():
+    """Experimental: with FREEKV_EXPERIMENTAL_OVERLAP_SCHEDULE=1 the overlap scheduler stays on; sparse
+    decoding (contexts beyond the working set, decode CUDA graphs) must give the same tokens as without it."""
+    ps = prompts([3000, 4100, 5200, 2600, 6000], seed=5)
+    news = [40, 16, 33, 40, 7]
+    with server("freekv-default") as s:
+        want = [output_ids(r) for r in s.generate_many(ps, news)]
+    srv = server("freekv-overlap")
+    srv.env = {"FREEKV_EXPERIMENTAL_OVERLAP_SCHEDULE": "1"}
+    with srv as s:
+        got = [output_ids(r) for r in s.generate_many(ps, news)]
+        log = open(s.log_path).read()
+    assert "overlap scheduler stays as configured" in log
+    print("overlap vs default matching prefixes:", [common_prefix(a, b) for a, b in zip(got, want)])
+    assert got == want
+
+
 def _gpu_used_mib(pid: int) -> int | None:
     """GPU memory (MiB) nvidia-smi reports for the process tree of ``pid`` (None if unavailable)."""
     import subprocess
