@@ -35,13 +35,10 @@ def _check(out, q, ws_k, ws_v, ip, ix, lp, scale):
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("grp", [1, 3, 4, 7])
-def test_sparse_decode_eager(dtype, d, grp):
+def _eager_case(dtype, grp, d, seq, seed=0, split_pages=None):
+    """Plan + run over ``seq`` contexts and check against the reference; returns what ``run`` needs."""
     lay = WorkingSetLayout(32, 4, 8, 4)
-    seq = [1, 31, 33, 200, 16 * 32, 16 * 32 + 1, 5000, 12345]
-    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq)
+    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=seed)
     b = len(seq)
     ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
     ix = torch.empty(b * lay.slots, dtype=torch.int32, device=DEV)
@@ -50,8 +47,17 @@ def test_sparse_decode_eager(dtype, d, grp):
     sd = K.SparseDecode(DEV)
     scale = 1.0 / math.sqrt(d)
     sd.plan(K.page_table_indptr_host(seq_lens.cpu(), lay), ix, K.last_page_len_host(seq_lens.cpu(), lay),
-            hkv * grp, hkv, d, lay.page_size, dtype, dtype, sm_scale=scale)
+            hkv * grp, hkv, d, lay.page_size, dtype, dtype, sm_scale=scale, split_pages=split_pages)
     _check(sd.run(q, ws_k, ws_v), q, ws_k, ws_v, ip, ix, lp, scale)
+    return sd, (q, ws_k, ws_v, ip, ix, lp), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("grp", [1, 3, 4, 7])
+def test_sparse_decode_eager(dtype, d, grp):
+    sd, (q, ws_k, ws_v, ip, ix, lp), scale = _eager_case(dtype, grp, d, [1, 31, 33, 200, 16 * 32, 16 * 32 + 1,
+                                                                         5000, 12345])
     # another scale at run time (through FlashInfer's q_scale)
     _check(sd.run(q, ws_k, ws_v, sm_scale=0.3 * scale), q, ws_k, ws_v, ip, ix, lp, 0.3 * scale)
 
@@ -60,20 +66,7 @@ def test_sparse_decode_eager(dtype, d, grp):
 @pytest.mark.parametrize("grp", [3, 4])
 def test_sparse_decode_fixed_split(split_pages, grp):
     """A fixed KV split (FREEKV_DECODE_SPLIT_PAGES) gives the same attention as FlashInfer's own choice."""
-    lay = WorkingSetLayout(32, 4, 8, 4)
-    seq = [1, 33, 16 * 32 + 1, 5000, 12345]
-    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(torch.bfloat16, grp, 128, lay, seq, seed=2)
-    b = len(seq)
-    ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
-    ix = torch.empty(b * lay.slots, dtype=torch.int32, device=DEV)
-    lp = torch.empty(b, dtype=torch.int32, device=DEV)
-    K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
-    sd = K.SparseDecode(DEV)
-    scale = 1.0 / math.sqrt(128)
-    sd.plan(K.page_table_indptr_host(seq_lens.cpu(), lay), ix, K.last_page_len_host(seq_lens.cpu(), lay),
-            hkv * grp, hkv, 128, lay.page_size, torch.bfloat16, torch.bfloat16, sm_scale=scale,
-            split_pages=split_pages)
-    _check(sd.run(q, ws_k, ws_v), q, ws_k, ws_v, ip, ix, lp, scale)
+    _eager_case(torch.bfloat16, grp, 128, [1, 33, 16 * 32 + 1, 5000, 12345], seed=2, split_pages=split_pages)
 
 
 @pytest.mark.parametrize("p", [16, 64])
