@@ -36,7 +36,7 @@ def peak_running(log_path: str) -> int:
     best = 0
     with open(log_path, errors="replace") as f:
         for line in f:
-            m = re.search(r"Decode batch, #running-req: (\d+)", line)
+            m = re.search(r"Decode batch(?: \[\d+\])?, #running-req: (\d+)", line)
             if m:
                 best = max(best, int(m.group(1)))
     return best

@@ -52,3 +52,11 @@ def test_capacity_table(bench):
     md = bench.capacity_table(rows, 32000)
     assert "| dense | 24 | 26/26 | 800000 |" in md and "0.92x" in md
     assert "error: boom" in bench.capacity_table([{"mode": "freekv", "error": "boom"}], 32000)
+
+
+def test_capacity_reads_peak_running_from_sglang_log(tmp_path):
+    cap = load_launch_script("bench_capacity")
+    log = tmp_path / "server.log"
+    log.write_text("[x] Decode batch, #running-req: 7, #token: 1\n[x] Prefill batch, #running-req: 30\n"
+                   "[x] Decode batch [120], #running-req: 12, #token: 2\n[x] Decode batch, #running-req: 9\n")
+    assert cap.peak_running(str(log)) == 12
