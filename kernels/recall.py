@@ -10,8 +10,8 @@ Entries with ``dst_slot < 0`` are skipped. Three strategies, same result:
   sync, CUDA-graph capturable; a persistent grid of ``num_programs`` programs walks the
   flattened ``N * P`` rows, so only a few SMs are held while PCIe does the work.
 * :func:`recall_staged`: the paper's design. The piece list goes to the host (a sync), each
-  piece is one ``cudaMemcpyAsync`` (issued through ``ctypes`` by :mod:`.host_copy`, falling
-  back to ``copy_(non_blocking=True)``) into one of two staging buffers on a copy stream, while the gather kernel scatters the other buffer into the
+  piece is one block copy (issued through ``ctypes`` by :mod:`.host_copy`) into one of two
+  staging buffers on a copy stream, while the gather kernel scatters the other buffer into the
   slots on the caller's stream (double buffering across chunks). Eager only.
 * :func:`recall_per_page`: the ArkVale-style baseline, one copy per piece straight into the
   (strided) slot rows (``cudaMemcpy2DAsync`` through :mod:`.host_copy`), then a stream sync.
@@ -22,17 +22,14 @@ Entries with ``dst_slot < 0`` are skipped. Three strategies, same result:
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
 from .common import (check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced, sm_count, tl,
                      triton, use_triton)
-from .host_copy import PieceCopier, cuda_memcpy2d_h2d, cuda_memcpy_h2d, cudart
+from .host_copy import copy_blocks, cuda_memcpy2d_h2d
 from .uva import kernel_arg
-
-logger = logging.getLogger(__name__)
 
 #: Default persistent-grid size of :func:`recall_gather` (see the kernel benchmark).
 DEFAULT_NUM_PROGRAMS = 64
@@ -146,7 +143,7 @@ class StagedRecall:
     """Double-buffered staged recall (the paper's strategy); one instance per device/shape.
 
     Two staging buffers ``[chunk, P, D]`` for K and V each; per chunk of pieces, H2D copies
-    (one ``cudaMemcpyAsync`` per contiguous host block) run on ``copy_stream``
+    (one block copy per (page, head), :func:`.host_copy.copy_blocks`) run on ``copy_stream``
     into buffer ``c % 2`` while the scatter of the previous chunk (the gather kernel with
     the staging buffer as its source) runs on the caller's stream.
     """
@@ -159,10 +156,7 @@ class StagedRecall:
         self.copied = [torch.cuda.Event() for _ in range(2)]
         self.scattered = [torch.cuda.Event() for _ in range(2)]
         self.rows = torch.arange(chunk, dtype=torch.int32, device=device)
-        self.memcpy = cuda_memcpy_h2d(self.copy_stream.cuda_stream) if cudart() is not None else None
-        if self.memcpy is None:
-            logger.warning("FreeKV staged recall: libcudart not found through ctypes; copies are issued "
-                           "with tensor copy_ (slower)")
+        self.memcpy2d = cuda_memcpy2d_h2d(self.copy_stream.cuda_stream)
 
     def __call__(self, host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, *, num_programs=None) -> None:
         if torch.cuda.is_current_stream_capturing():
@@ -183,13 +177,10 @@ class StagedRecall:
                 self.copy_stream.wait_event(self.scattered[buf])
             with torch.cuda.stream(self.copy_stream):
                 sk, sv = self.stage_k[buf], self.stage_v[buf]
-                if self.memcpy is not None:
-                    PieceCopier.copy(host_k, sk, pages[start:end], heads[start:end], self.memcpy)
-                    PieceCopier.copy(host_v, sv, pages[start:end], heads[start:end], self.memcpy)
-                else:
-                    for j in range(start, end):
-                        sk[j - start].copy_(host_k[pages[j], heads[j]], non_blocking=True)
-                        sv[j - start].copy_(host_v[pages[j], heads[j]], non_blocking=True)
+                hkv = host_k.shape[1]
+                for src, stage in ((host_k, sk), (host_v, sv)):  # block j -> staging row j (head stride 0)
+                    copy_blocks(src, stage[:, :, None, :].expand(-1, -1, hkv, -1), pages[start:end],
+                                heads[start:end], range(end - start), self.memcpy2d)
                 self.copied[buf].record(self.copy_stream)
             cur.wait_event(self.copied[buf])
             m = end - start
@@ -232,14 +223,9 @@ def recall_per_page(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
     lists = torch.stack([host_page.long(), dst_slot.long(), head.long()]).cpu()  # host sync
     pages, slots, heads = lists[:, lists[1] >= 0].tolist()
     stream = torch.cuda.current_stream(ws_k.device)
-    if cudart() is not None:  # one 2-D cudaMemcpyAsync per (page, head) into its strided slot rows
-        memcpy2d = cuda_memcpy2d_h2d(stream.cuda_stream)
-        PieceCopier.copy_to_slots(host_k, ws_k, pages, slots, heads, memcpy2d)
-        PieceCopier.copy_to_slots(host_v, ws_v, pages, slots, heads, memcpy2d)
-    else:
-        for pg, sl, h in zip(pages, slots, heads):
-            ws_k[sl, :, h, :].copy_(host_k[pg, h], non_blocking=True)
-            ws_v[sl, :, h, :].copy_(host_v[pg, h], non_blocking=True)
+    memcpy2d = cuda_memcpy2d_h2d(stream.cuda_stream)  # one 2-D copy per (page, head) into its slot rows
+    copy_blocks(host_k, ws_k, pages, heads, slots, memcpy2d)
+    copy_blocks(host_v, ws_v, pages, heads, slots, memcpy2d)
     stream.synchronize()
 
 

@@ -86,8 +86,8 @@ class SparseDecode:
                 program, merged afterwards (FlashInfer's ``fixed_split_size``; tensor cores only);
                 ``None`` lets FlashInfer choose.
         """
-        if split_pages is not None and (split_pages < 1 or not self.wrapper.use_tensor_cores):
-            raise ValueError(f"split_pages={split_pages}: needs a positive page count and use_tensor_cores")
+        if split_pages is not None and split_pages < 1:  # (FlashInfer refuses it without tensor cores)
+            raise ValueError(f"split_pages={split_pages}: must be a positive page count")
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads {num_qo_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(head_dim)

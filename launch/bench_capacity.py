@@ -67,6 +67,23 @@ def run(mode: str, a) -> dict:
             "freekv_memory": mem[-1] if mem else None}
 
 
+def table(rows: list[dict], context: int) -> str:
+    """Markdown table of :func:`run` results (rows with ``error`` shown as such) and the FreeKV / dense ratio."""
+    lines = [f"| mode | token capacity | concurrent {context}-token requests (computed) | peak running (measured) "
+             f"| completed/submitted |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | error: {r['error'][:80]} | | | |")
+        else:
+            lines.append(f"| {r['mode']} | {r['token_capacity']} | {r['computed_concurrent']} | {r['peak_running']} | "
+                         f"{r['completed']}/{r['submitted']} |")
+    by = {r["mode"]: r for r in rows if "error" not in r}
+    if by.get("dense", {}).get("peak_running") and "freekv" in by:
+        lines.append(f"\nFreeKV / dense concurrent {context}-token requests: "
+                     f"{by['freekv']['peak_running'] / by['dense']['peak_running']:.2f}x")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=".gpu-bundle/models/llama-8b-shape")
@@ -92,15 +109,7 @@ def main():
     for r in rows:
         if r.get("freekv_memory"):
             print(r["freekv_memory"])
-    print("| mode | token capacity | concurrent requests (computed) | peak running (measured) | completed/submitted |")
-    print("|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['mode']} | {r['token_capacity']} | {r['computed_concurrent']} | {r['peak_running']} | "
-              f"{r['completed']}/{r['submitted']} |")
-    by = {r["mode"]: r for r in rows}
-    if "dense" in by and "freekv" in by and by["dense"]["peak_running"]:
-        print(f"\nFreeKV / dense concurrent {a.context}-token requests: "
-              f"{by['freekv']['peak_running'] / by['dense']['peak_running']:.2f}x")
+    print(table(rows, a.context))
 
 
 if __name__ == "__main__":

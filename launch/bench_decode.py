@@ -45,6 +45,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_capacity  # noqa: E402  (its server runs for --capacity)
+
 MODES = {
     "dense": ["--attention-backend", "flashinfer"],
     "freekv": ["--kv-retrieval", "freekv"],
@@ -78,8 +81,11 @@ def mode_name(name: str) -> str:
 
 def kv_bytes_per_token(model: str) -> int:
     """Bytes of K and V per token over all layers, from the model folder's ``config.json`` (bf16/fp16)."""
-    with open(os.path.join(model, "config.json")) as f:
-        cfg = json.load(f)
+    from freekv_sglang.server_config import read_hf_config
+
+    cfg = read_hf_config(model)
+    if cfg is None:
+        raise ValueError(f"no config.json for {model}")
     cfg = cfg.get("text_config", cfg)
     heads = cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads", heads)
@@ -89,14 +95,10 @@ def kv_bytes_per_token(model: str) -> int:
 
 def available_gib() -> float | None:
     """The machine's available memory (``MemAvailable``) in GiB, None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
+    from freekv_sglang.config import read_meminfo
+
+    avail = read_meminfo().get("MemAvailable")
+    return None if avail is None else avail / 2**30
 
 
 def auto_host_gb(model: str, batch_sizes, contexts, output_len: int) -> float:
@@ -251,13 +253,7 @@ def ratios(results: dict[str, list[dict]]) -> str:
 
 
 def run_capacity(a) -> list[dict]:
-    """Concurrent ``a.capacity``-token requests served by dense and FreeKV (see bench_capacity.py)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_capacity", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_capacity.py"))
-    cap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cap)
+    """Concurrent ``a.capacity``-token requests served by dense and FreeKV (bench_capacity.py's servers)."""
     host_gb = a.capacity_host_gb or round(0.8 * (available_gib() or 16.0), 1)
     ns = argparse.Namespace(model=a.model, context=a.capacity, new_tokens=a.output_len, host_gb=host_gb,
                             max_requests=a.capacity_max_requests, timeout=max(a.timeout, 1200.0), port=30031,
@@ -265,27 +261,11 @@ def run_capacity(a) -> list[dict]:
     rows = []
     for mode in ("dense", "freekv"):
         try:
-            rows.append(cap.run(mode, ns))
+            rows.append(bench_capacity.run(mode, ns))
         except Exception as e:  # noqa: BLE001 - report it, keep the decode results
             rows.append({"mode": mode, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(f"[bench] capacity {mode}: {rows[-1]}", flush=True)
     return rows
-
-
-def capacity_table(rows: list[dict], context: int) -> str:
-    lines = [f"| mode | concurrent {context}-token requests (peak running) | completed/submitted | token capacity |",
-             "|---|---:|---:|---:|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['mode']} | error: {r['error'][:80]} | | |")
-        else:
-            lines.append(f"| {r['mode']} | {r['peak_running']} | {r['completed']}/{r['submitted']} | "
-                         f"{r['token_capacity']} |")
-    by = {r["mode"]: r for r in rows if "error" not in r}
-    if by.get("dense", {}).get("peak_running") and "freekv" in by:
-        lines.append(f"\nFreeKV / dense concurrent requests: "
-                     f"{by['freekv']['peak_running'] / by['dense']['peak_running']:.2f}x")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -297,8 +277,8 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--modes", nargs="+", default=["dense", "freekv", "sync", "arkvale", "staged", "skip"],
-                   type=mode_name, help=f"modes {sorted(MODES)}, FreeKV ones optionally with @N (recall grid) "
-                                        f"and /S (side streams)")
+                   type=mode_name, help=f"modes {sorted(MODES)}, FreeKV ones optionally with @N (recall grid), "
+                                        f"/S (side streams) and ~K (attention split pages)")
     p.add_argument("--host-gb", default="auto", help="FreeKV host tier per run (GiB, or auto: the largest cell)")
     p.add_argument("--timeout", type=float, default=900.0, help="per mode, seconds")
     p.add_argument("--query-cosine", type=float, default=None,
@@ -332,7 +312,7 @@ def main() -> None:
     loc = ("random-weight queries" if a.query_cosine is None else
            f"FreeKV modes with synthetic consecutive-query cosine {a.query_cosine}")
     out = (f"card: {card}; model: {a.model}; output_len {a.output_len}; {loc}\n\n{table(results, a.contexts, a.batch_sizes)}\n\n"
-           f"{ratios(results)}\n" + (f"\n{capacity_table(capacity, a.capacity)}\n" if capacity else ""))
+           f"{ratios(results)}\n" + (f"\n{bench_capacity.table(capacity, a.capacity)}\n" if capacity else ""))
     with open(os.path.join(a.out, "bench_decode.md"), "w") as f:
         f.write(out)
     print(out)

@@ -46,12 +46,15 @@ def test_table_lists_skipped_cells_and_memory(bench):
     assert "speed-up vs freekv@16" in ratios and "1.25x" in ratios
 
 
-def test_capacity_table(bench):
-    rows = [{"mode": "dense", "peak_running": 24, "completed": 26, "submitted": 26, "token_capacity": 800000},
-            {"mode": "freekv", "peak_running": 22, "completed": 24, "submitted": 24, "token_capacity": 720000}]
-    md = bench.capacity_table(rows, 32000)
-    assert "| dense | 24 | 26/26 | 800000 |" in md and "0.92x" in md
-    assert "error: boom" in bench.capacity_table([{"mode": "freekv", "error": "boom"}], 32000)
+def test_capacity_table():
+    cap = load_launch_script("bench_capacity")
+    rows = [{"mode": "dense", "peak_running": 24, "completed": 26, "submitted": 26, "token_capacity": 800000,
+             "computed_concurrent": 24},
+            {"mode": "freekv", "peak_running": 22, "completed": 24, "submitted": 24, "token_capacity": 720000,
+             "computed_concurrent": 22}]
+    md = cap.table(rows, 32000)
+    assert "| dense | 800000 | 24 | 24 | 26/26 |" in md and "0.92x" in md
+    assert "error: boom" in cap.table([{"mode": "freekv", "error": "boom"}], 32000)
 
 
 def test_capacity_reads_peak_running_from_sglang_log(tmp_path):

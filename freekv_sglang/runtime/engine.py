@@ -43,7 +43,7 @@ from freekv_sglang.kernels.score_select import score_and_select, selection_scrat
 
 from .attention import WorkingSetAttention
 from .host_store import HostKVStore
-from .sizing import ModelShape
+from .sizing import ModelShape, digest_bytes_per_page, host_bytes_per_page, working_set_bytes_per_row
 from .synthetic import ENV as SYNTHETIC_ENV
 from .synthetic import SyntheticQueries, cosine_from_env
 
@@ -167,12 +167,10 @@ class FreeKVRuntime:
         """``(gpu, host)`` bytes that ``n_requests`` requests of ``tokens_each`` tokens occupy: their
         working sets, resident lists and previous queries plus the digests of their pages on the GPU,
         their whole KV in the host tier (scratch shared by all requests not counted)."""
-        rows = self.max_rows + 1
-        per_row = sum(t.numel() * t.element_size() for t in (self.ws, self.resident, self.q_prev, self.q_valid)) // rows
-        pages = -(-tokens_each // self.layout.page_size)
-        per_page_gpu = self.digests.numel() * self.digests.element_size() // self.digests.shape[1]
-        return (n_requests * (per_row + pages * per_page_gpu),
-                n_requests * pages * self.host.nbytes // self.host.n_pages)
+        sh, lay = self.shape, self.layout
+        pages = -(-tokens_each // lay.page_size)
+        return (n_requests * (working_set_bytes_per_row(sh, lay) + pages * digest_bytes_per_page(sh)),
+                n_requests * pages * host_bytes_per_page(sh, lay.page_size))
 
     def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k, v)`` working-set page slots of one layer, ``[(R+1)*S, P, Hkv, D]`` each (NHD)."""

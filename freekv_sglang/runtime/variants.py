@@ -8,6 +8,7 @@ E.g. ``freekv@32/1~8``. The launch scripts set these variables for the variant's
 
 from __future__ import annotations
 
+import os
 import re
 
 VARIANT_ENV = {"@": "FREEKV_RECALL_PROGRAMS", "/": "FREEKV_SPEC_STREAMS", "~": "FREEKV_DECODE_SPLIT_PAGES"}
@@ -38,8 +39,6 @@ def parse_variant(name: str) -> tuple[str, dict[str, str]]:
 
 def apply_variant_env(env: dict[str, str], target: dict | None = None) -> dict:
     """Set the variant's variables in ``target`` (default ``os.environ``) and clear the others."""
-    import os
-
     target = os.environ if target is None else target
     for var in VARIANT_ENV.values():
         if var in env:
