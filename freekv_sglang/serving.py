@@ -58,6 +58,7 @@ class Server:
                                f"or choose another port")
         cmd = [sys.executable, "-m", "sglang.launch_server", *self.args, "--host", "127.0.0.1", "--port",
                str(self.port)]
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         self.log = open(self.log_path, "w")
         self.log.write("$ " + " ".join(cmd) + "\n")
         self.log.flush()

@@ -23,8 +23,10 @@ programs (``FREEKV_RECALL_PROGRAMS``), ``MODE/S`` runs speculation on ``S`` side
 (``FREEKV_DECODE_SPLIT_PAGES``), e.g. ``freekv@32`` or ``freekv@16/1~8``.
 
 Cells that do not fit are skipped by SGLang's benchmark (its token pool bounds batch x context):
-dense uses SGLang's default memory settings; FreeKV's host tier is sized for the largest cell
-(``--host-gb auto``) up to 80% of the machine's available memory.
+dense's token pool is sized for the largest cell (``--max-total-tokens``; SGLang's memory fraction
+still bounds it), leaving the rest of the GPU to the benchmark's whole-batch prefill; FreeKV's host
+tier is sized for the largest cell (``--host-gb auto``) up to 80% of the machine's available memory.
+Each cell's result is kept as soon as it is measured.
 
 Query locality: with random weights consecutive decode queries are unrelated (FreeKV's worst
 case). ``--query-cosine C`` makes FreeKV modes replace each decode query so consecutive ones have
@@ -109,6 +111,11 @@ def auto_host_gb(model: str, batch_sizes, contexts, output_len: int) -> float:
     return round(max(gb, 1.0), 1)
 
 
+def dense_pool_tokens(a) -> int:
+    """Token-pool size for dense: the largest cell plus one page of slack per request."""
+    return max(a.batch_sizes) * (max(a.contexts) + a.output_len + 64)
+
+
 def memory_fields(model_runner, rt, batch: int, tokens: int, model: str) -> dict:
     """KV memory of one cell in GiB: what the batch occupies on the GPU and in the host tier, and the
     GPU pool reserved for KV (dense: SGLang's token pool; FreeKV: working sets + digests + scratch)."""
@@ -123,6 +130,27 @@ def memory_fields(model_runner, rt, batch: int, tokens: int, model: str) -> dict
                 "kv_host_gib": 0.0}
     gpu, host = rt.used_bytes(batch, tokens)
     return {"kv_gpu_gib": gpu / g, "kv_gpu_pool_gib": rt.gpu_bytes / g, "kv_host_gib": host / g}
+
+
+def recording(run_once, result_file: str, model: str, current_runtime):
+    """Wrap the benchmark's ``latency_test_run_once``: each measured cell gets FreeKV's decode statistics and
+    its KV memory, and is appended to ``result_file`` (JSON lines) right away."""
+
+    def run_once_with_stats(*args, **kwargs):
+        rt = current_runtime()
+        if rt is not None:
+            rt.reset_stats()
+        ret = run_once(*args, **kwargs)
+        if ret is None:  # a cell the benchmark skipped
+            return ret
+        ret.update(memory_fields(args[1], rt, ret["batch_size"], ret["input_len"] + ret["output_len"], model))
+        if rt is not None:
+            ret.update({f"freekv_{k}": v for k, v in rt.stats().items()})
+        with open(result_file, "a") as f:
+            f.write(json.dumps(ret) + "\n")
+        return ret
+
+    return run_once_with_stats
 
 
 def worker(argv: list[str]) -> None:
@@ -141,22 +169,12 @@ def worker(argv: list[str]) -> None:
 
     from freekv_sglang.runtime.integration import current_runtime
 
-    run_once = one_batch.latency_test_run_once
-
     model = argv[argv.index("--model-path") + 1]
-
-    def run_once_with_stats(*args, **kwargs):
-        """One (batch, context) measurement plus FreeKV's decode statistics and the cell's KV memory."""
-        rt = current_runtime()
-        if rt is not None:
-            rt.reset_stats()
-        ret = run_once(*args, **kwargs)
-        if ret is not None:
-            ret.update(memory_fields(args[1], rt, ret["batch_size"], ret["input_len"] + ret["output_len"], model))
-        if rt is not None and ret is not None:
-            ret.update({f"freekv_{k}": v for k, v in rt.stats().items()})
-        return ret
-
+    # each cell's result is appended as soon as it is measured (the benchmark itself writes all of them
+    # at the end, so a later cell running out of memory would lose the earlier ones)
+    i = argv.index("--result-filename")
+    result_file, argv = argv[i + 1], [*argv[: i + 1], "", *argv[i + 2:]]
+    run_once_with_stats = recording(one_batch.latency_test_run_once, result_file, model, current_runtime)
     one_batch.latency_test_run_once = run_once_with_stats
     sys.argv = ["one_batch", *argv]
     one_batch.cli_main()
@@ -174,7 +192,13 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
             "--batch-size", *map(str, a.batch_sizes), "--input-len", *map(str, a.contexts),
             "--output-len", str(a.output_len), "--result-filename", res,
             "--cuda-graph-max-bs", str(max(a.batch_sizes)), *MODES[base]]
-    if base != "dense":  # dense: SGLang's default pool; cells beyond it are skipped by the benchmark
+    if base == "dense":
+        # the token pool sized for the largest cell (as one would set it for this workload): the rest of
+        # the GPU stays free for the benchmark's prefill, which runs a whole batch x context in one forward
+        # (SGLang's default pool leaves too little for that at 4 x 32K on a 141 GB card). Cells beyond
+        # what the GPU holds are skipped by the benchmark.
+        args += ["--max-total-tokens", str(dense_pool_tokens(a))]
+    else:
         args += ["--freekv-host-memory-gb", str(a.host_gb), "--max-running-requests", str(max(a.batch_sizes))]
     args += a.extra
     log = os.path.join(out_dir, f"one_batch-{safe}.log")

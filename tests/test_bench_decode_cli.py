@@ -63,3 +63,32 @@ def test_capacity_reads_peak_running_from_sglang_log(tmp_path):
     log.write_text("[x] Decode batch, #running-req: 7, #token: 1\n[x] Prefill batch, #running-req: 30\n"
                    "[x] Decode batch [120], #running-req: 12, #token: 2\n[x] Decode batch, #running-req: 9\n")
     assert cap.peak_running(str(log)) == 12
+
+
+def test_cells_are_kept_as_measured(bench, tmp_path):
+    """Each measured cell is written at once with its KV memory, so a later cell that fails loses nothing;
+    skipped cells (None) are not written."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_key_value_heads": 2,
+                                                   "hidden_size": 64, "num_hidden_layers": 3}))
+    out = tmp_path / "cells.jsonl"
+
+    class Pool:
+        def get_kv_size_bytes(self):
+            return 2**30, 2**30
+
+    runner = argparse.Namespace(token_to_kv_pool=Pool())
+    cells = iter([{"batch_size": 2, "input_len": 100, "output_len": 4}, None])
+    wrapped = bench.recording(lambda *a, **k: next(cells), str(out), str(model), lambda: None)
+    assert wrapped("dense", runner)["kv_gpu_pool_gib"] == 2.0
+    assert wrapped("dense", runner) is None
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["batch_size"] == 2
+    assert rows[0]["kv_gpu_gib"] == pytest.approx(2 * 104 * 3 * 2 * 16 * 2 * 2 / 2**30)
+    assert rows[0]["kv_host_gib"] == 0.0
+
+
+def test_dense_pool_holds_the_largest_cell(bench):
+    a = argparse.Namespace(batch_sizes=[1, 8, 4], contexts=[8000, 32000], output_len=32)
+    assert bench.dense_pool_tokens(a) == 8 * (32000 + 32 + 64)

@@ -61,3 +61,27 @@ def test_variant_names():
             parse_variant(bad)
     env = {"FREEKV_SPEC_STREAMS": "1", "OTHER": "x"}
     assert apply_variant_env({"FREEKV_RECALL_PROGRAMS": "16"}, env) == {"OTHER": "x", "FREEKV_RECALL_PROGRAMS": "16"}
+
+
+def test_decode_split_applies_to_eager_steps_only(monkeypatch):
+    """A fixed split goes into eager plans; a captured step's plan keeps FlashInfer's own split (a fixed
+    split of a large batch overflows the plan FlashInfer sizes for CUDA graphs)."""
+    from freekv_sglang.runtime.attention import WorkingSetAttention
+
+    planned = []
+
+    class Recorder:
+        def __init__(self, **kw):
+            self.kv_indices = torch.zeros(8, dtype=torch.int32)
+
+        def plan(self, *args, split_pages=None, **kw):
+            planned.append(split_pages)
+
+    monkeypatch.setenv("FREEKV_DECODE_SPLIT_PAGES", "4")
+    att = WorkingSetAttention(torch.device("cpu"), 2, 4)
+    att.eager, att._cls = Recorder(), Recorder
+    ip, lpl = torch.tensor([0, 2]), torch.tensor([3])
+    kw = dict(num_qo_heads=2, num_kv_heads=1, head_dim=16, page_size=4, dtype=torch.bfloat16)
+    att.plan(1, ip, lpl, graph=False, **kw)
+    att.plan(1, ip, lpl, graph=True, **kw)
+    assert planned == [4, None]

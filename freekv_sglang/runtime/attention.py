@@ -9,11 +9,14 @@ size gets its own FlashInfer wrapper with static buffers, as SGLang's own backen
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from freekv_sglang.algorithm.attention import paged_attention
+
+logger = logging.getLogger(__name__)
 
 
 class WorkingSetAttention:
@@ -44,11 +47,16 @@ class WorkingSetAttention:
             self.eager = SparseDecode(device=device, workspace=workspace)
         self.active = None
         self._tables = None
-        # optional fixed KV split of FlashInfer's plan, in pages (unset: FlashInfer chooses)
+        # optional fixed KV split of FlashInfer's plan, in pages (unset: FlashInfer chooses). Eager
+        # steps only: FlashInfer sizes a captured plan for its own split, and a fixed split of a
+        # larger batch exceeds that size ("new batch size should not exceed padded batch size").
         split = os.environ.get("FREEKV_DECODE_SPLIT_PAGES")
         self.split_pages = int(split) if split else None
         if self.split_pages is not None and self.split_pages < 1:
             raise ValueError(f"FREEKV_DECODE_SPLIT_PAGES must be a positive page count, got {split}")
+        if self.split_pages is not None:
+            logger.info("FREEKV_DECODE_SPLIT_PAGES=%d applies to eager decode steps; CUDA-graph steps keep "
+                        "FlashInfer's own split", self.split_pages)
 
     def _graph_wrapper(self, bs: int):
         w = self.graph_wrappers.get(bs)
@@ -84,7 +92,7 @@ class WorkingSetAttention:
         w = self._graph_wrapper(bs) if graph else self.eager
         indices = w.kv_indices if graph else self.eager_buffers[1]
         w.plan(indptr_host, indices, last_page_len_host, num_qo_heads, num_kv_heads, head_dim, page_size,
-               dtype, dtype, split_pages=self.split_pages)
+               dtype, dtype, split_pages=None if graph else self.split_pages)
         self.active = w
 
     def __call__(self, q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor,

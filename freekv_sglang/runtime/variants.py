@@ -2,7 +2,8 @@
 
 ``@N``: persistent grid of ``N`` programs for the selected-page recall (``FREEKV_RECALL_PROGRAMS``);
 ``/S``: ``S`` side streams for speculation, 1 or 2 (``FREEKV_SPEC_STREAMS``);
-``~K``: fixed KV split of ``K`` pages in the working-set attention (``FREEKV_DECODE_SPLIT_PAGES``).
+``~K``: fixed KV split of ``K`` pages in the working-set attention of eager steps (``FREEKV_DECODE_SPLIT_PAGES``;
+CUDA-graph steps keep FlashInfer's split, which a fixed one of a larger batch would overflow).
 E.g. ``freekv@32/1~8``. The launch scripts set these variables for the variant's run only.
 """
 
