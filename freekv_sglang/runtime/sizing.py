@@ -72,6 +72,29 @@ class MemoryPlan:
                 f"max running requests {self.max_running_requests}")
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def digest_warning(plan: MemoryPlan, gpu_bytes: int, page_size: int) -> str | None:
+    """A hint when the host tier's digests take most of the GPU pool.
+
+    Digests are kept on the GPU for every host page, so a host tier far larger than the running
+    requests' KV takes GPU memory from working sets: fewer requests run at once than a smaller tier
+    would allow. Returns ``None`` when digests take at most half of ``gpu_bytes``.
+    """
+    if plan.digest_bytes * 2 <= gpu_bytes:
+        return None
+    per_req = plan.working_set_bytes_per_request
+    # context length at which the host tier and the working sets fill up together
+    balanced = plan.host_tokens // max(1, plan.max_running_requests)
+    return (f"FreeKV: digests of the {_size(plan.host_bytes)} host tier take {_size(plan.digest_bytes)} of "
+            f"{_size(gpu_bytes)} GPU memory, leaving working sets ({_size(per_req)} each) for "
+            f"{plan.max_running_requests} running requests; the host tier fills with them only at contexts of about "
+            f"{balanced - balanced % page_size} tokens. For shorter requests a smaller --freekv-host-memory-gb "
+            f"lets more run at once (launch/capacity_plan.py projects it).")
+
+
 def scratch_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout, max_context_len: int) -> int:
     """Per-request decode scratch: selection keys of the two selection passes and the
     recall lists (int32 slot + page): per layer for the speculative pass, one set for the compute stream."""
@@ -122,3 +145,34 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
     return MemoryPlan(host_tokens=pages * P, host_pages=pages + 1, max_running_requests=int(max_reqs),
                       host_bytes=(pages + 1) * per_page_host, digest_bytes=digest,
                       working_set_bytes_per_request=per_req, gpu_bytes=digest + (max_reqs + 1) * per_req)
+
+
+def kv_bytes_per_token(shape: ModelShape) -> int:
+    """Dense KV bytes of one token, all layers (K and V)."""
+    return host_bytes_per_page(shape, 1)
+
+
+def concurrent_requests(shape: ModelShape, layout: WorkingSetLayout, *, gpu_kv_bytes: int, host_bytes: int,
+                        request_tokens: int, max_context_len: int) -> dict:
+    """How many ``request_tokens``-token requests fit at once, dense vs FreeKV, from the sizing formulas.
+
+    Args:
+        gpu_kv_bytes: GPU memory SGLang gives its KV pool (dense: the whole pool; FreeKV: digests,
+            working sets and scratch, as :func:`plan_memory` splits it).
+        host_bytes: FreeKV's pinned host tier.
+        request_tokens: prompt plus generated tokens of each request.
+        max_context_len: the model's context length (sizes FreeKV's per-request scratch).
+    Returns ``{"dense": n, "freekv": n, "freekv_bound": "host" | "gpu"}``; a projection, not a measurement.
+    """
+    P = layout.page_size
+    dense = gpu_kv_bytes // (request_tokens * kv_bytes_per_token(shape))
+    try:
+        plan = plan_memory(shape, layout, host_bytes, gpu_kv_bytes, max_context_len)
+    except FreeKVMemoryError:
+        return {"dense": int(dense), "freekv": 0, "freekv_bound": "gpu"}
+    by_host = plan.host_tokens // (-(-request_tokens // P) * P)
+    # the GPU bound without the host-tier cap plan_memory applies by default
+    per_req = plan.working_set_bytes_per_request
+    by_gpu = (gpu_kv_bytes - plan.digest_bytes - per_req) // per_req
+    n = min(by_host, by_gpu)
+    return {"dense": int(dense), "freekv": int(max(n, 0)), "freekv_bound": "host" if by_host <= by_gpu else "gpu"}

@@ -1,0 +1,78 @@
+"""Projected concurrent long requests, dense SGLang vs FreeKV, for given GPU and host memory.
+
+A planning aid computed from FreeKV's sizing formulas (``freekv_sglang.runtime.sizing``), not a
+measurement (``launch/bench_capacity.py`` measures it on a running server). Dense keeps every
+request's whole KV in the GPU pool; FreeKV keeps it in the pinned host tier and spends GPU memory
+on page digests (1/P of the KV) and one working set per running request, so its capacity is the
+smaller of what the host tier holds and what the GPU pool holds in digests plus working sets.
+
+Usage (any machine; MODEL is a folder with ``config.json``):
+  python launch/capacity_plan.py --model MODEL --context 32000 --gpu-kv-gb 55 110 --host-gb 90 400 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from freekv_sglang.algorithm.layout import WorkingSetLayout  # noqa: E402
+from freekv_sglang.config import FreeKVConfig  # noqa: E402
+from freekv_sglang.runtime.sizing import ModelShape, concurrent_requests, kv_bytes_per_token  # noqa: E402
+from freekv_sglang.server_config import read_hf_config  # noqa: E402
+
+
+def model_shape(model: str) -> tuple[ModelShape, int]:
+    """Attention shape (one GPU, bf16) and context length from the model folder's ``config.json``."""
+    cfg = read_hf_config(model)
+    if cfg is None:
+        raise SystemExit(f"no config.json in {model}")
+    cfg = cfg.get("text_config", cfg)
+    hq = cfg["num_attention_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // hq
+    shape = ModelShape(cfg["num_hidden_layers"], hq, cfg.get("num_key_value_heads", hq), d, torch.bfloat16)
+    return shape, int(cfg.get("max_position_embeddings", 131072))
+
+
+def table(shape: ModelShape, layout: WorkingSetLayout, max_ctx: int, context: int, new_tokens: int,
+          gpu_kv_gb, host_gb) -> str:
+    g = 2**30
+    tokens = context + new_tokens
+    lines = [f"{context}+{new_tokens}-token requests; dense KV {tokens * kv_bytes_per_token(shape) / g:.2f} GiB each",
+             "", "| GPU KV pool GiB | host tier GiB | dense | FreeKV | FreeKV / dense | FreeKV bounded by |",
+             "|---:|---:|---:|---:|---:|---|"]
+    for gk in gpu_kv_gb:
+        for hg in host_gb:
+            r = concurrent_requests(shape, layout, gpu_kv_bytes=int(gk * g), host_bytes=int(hg * g),
+                                    request_tokens=tokens, max_context_len=max_ctx)
+            ratio = f"{r['freekv'] / r['dense']:.1f}x" if r["dense"] else "-"
+            lines.append(f"| {gk:g} | {hg:g} | {r['dense']} | {r['freekv']} | {ratio} | {r['freekv_bound']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder with config.json")
+    p.add_argument("--context", type=int, default=32000)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--gpu-kv-gb", type=float, nargs="+", required=True,
+                   help="GPU memory SGLang gives its KV pool (GiB; the 'KV Cache is allocated' log line)")
+    p.add_argument("--host-gb", type=float, nargs="+", required=True, help="FreeKV host tier (GiB)")
+    d = FreeKVConfig()
+    p.add_argument("--page-size", type=int, default=d.page_size)
+    p.add_argument("--sink-tokens", type=int, default=d.sink_tokens)
+    p.add_argument("--select-tokens", type=int, default=d.select_tokens)
+    p.add_argument("--window-tokens", type=int, default=d.window_tokens)
+    a = p.parse_args()
+    shape, max_ctx = model_shape(a.model)
+    layout = WorkingSetLayout.from_tokens(a.page_size, a.sink_tokens, a.select_tokens, a.window_tokens)
+    print(table(shape, layout, max_ctx, a.context, a.new_tokens, a.gpu_kv_gb, a.host_gb))
+    print("\n(projection from the sizing formulas; launch/bench_capacity.py measures a running server)")
+
+
+if __name__ == "__main__":
+    main()

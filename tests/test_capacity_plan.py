@@ -1,0 +1,67 @@
+"""Projected concurrent requests (sizing formulas) and launch/capacity_plan.py's table (CPU)."""
+
+import json
+
+import torch
+
+from freekv_sglang.algorithm.layout import WorkingSetLayout
+from freekv_sglang.runtime.sizing import ModelShape, concurrent_requests, plan_memory
+from launch_scripts import load_launch_script
+
+SHAPE = ModelShape(n_layers=2, n_q_heads=4, n_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
+LAYOUT = WorkingSetLayout.from_tokens(8, 8, 16, 16)  # P=8: 1 sink + 2 selected + 2 window pages
+KV_TOKEN = 2 * 2 * 2 * 16 * 2  # layers x K/V x heads x D x bf16 = 256 bytes
+
+
+def test_dense_holds_whole_requests_in_the_gpu_pool():
+    r = concurrent_requests(SHAPE, LAYOUT, gpu_kv_bytes=100 * 1000 * KV_TOKEN + 5, host_bytes=2**20,
+                            request_tokens=1000, max_context_len=4096)
+    assert r["dense"] == 100
+
+
+def test_freekv_is_bounded_by_the_host_tier_when_the_gpu_has_room():
+    host = 50 * 1000 * KV_TOKEN
+    r = concurrent_requests(SHAPE, LAYOUT, gpu_kv_bytes=2**30, host_bytes=host, request_tokens=1000,
+                            max_context_len=4096)
+    plan = plan_memory(SHAPE, LAYOUT, host, 2**30, 4096)
+    assert r["freekv"] == plan.host_tokens // 1000 and r["freekv_bound"] == "host"
+    assert 48 <= r["freekv"] <= 50  # 1000 tokens = 125 pages; one page of the tier is padding
+
+
+def test_freekv_is_bounded_by_digests_and_working_sets_when_the_host_is_large():
+    host, gpu = 400 * 2**20, 52 * 2**20  # digests (1/8 of the KV at P=8) take 50 MiB of the GPU pool
+    r = concurrent_requests(SHAPE, LAYOUT, gpu_kv_bytes=gpu, host_bytes=host, request_tokens=1000,
+                            max_context_len=4096)
+    plan = plan_memory(SHAPE, LAYOUT, host, 2**40, 4096)  # same digests and per-request bytes
+    per_req = plan.working_set_bytes_per_request
+    assert r["freekv_bound"] == "gpu"
+    assert r["freekv"] == (gpu - plan.digest_bytes - per_req) // per_req > 100
+    # a host tier whose digests alone exceed the GPU pool serves nothing
+    none = concurrent_requests(SHAPE, LAYOUT, gpu_kv_bytes=40 * 2**20, host_bytes=host, request_tokens=1000,
+                               max_context_len=4096)
+    assert none["freekv"] == 0
+
+
+def test_capacity_plan_table(tmp_path):
+    mod = load_launch_script("capacity_plan")
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_key_value_heads": 2,
+                                                      "hidden_size": 64, "num_hidden_layers": 2,
+                                                      "max_position_embeddings": 4096}))
+    shape, max_ctx = mod.model_shape(str(tmp_path))
+    assert shape == SHAPE and max_ctx == 4096
+    out = mod.table(shape, LAYOUT, max_ctx, 992, 8, [100 * 1000 * KV_TOKEN / 2**30], [0.05])
+    row = [c.strip() for c in out.splitlines()[-1].split("|")]
+    assert row[3] == "100"  # dense
+    pages = int(0.05 * 2**30) // (8 * KV_TOKEN) - 1  # host pages of 8 tokens, less the padding page
+    assert row[4] == str(pages * 8 // 1000) and row[6] == "host"
+
+
+def test_digests_taking_most_of_the_gpu_are_reported():
+    from freekv_sglang.runtime.sizing import digest_warning
+
+    small = plan_memory(SHAPE, LAYOUT, 100 * 2**20, 52 * 2**20, 4096)  # 12.5 MiB of digests
+    assert digest_warning(small, 52 * 2**20, 8) is None
+    big = plan_memory(SHAPE, LAYOUT, 400 * 2**20, 52 * 2**20, 4096)  # 50 MiB of digests
+    hint = digest_warning(big, 52 * 2**20, 8)
+    assert "take 50.0 MiB of 52.0 MiB GPU memory" in hint and "--freekv-host-memory-gb" in hint
+    assert f"for {big.max_running_requests} running requests" in hint
