@@ -2,7 +2,8 @@
 # GPU check of a checkout on a CUDA machine: kernel + runtime tests, then end-to-end server tests.
 # Usage (repo root): bash launch/gpu_check.sh [pytest -k expression for the e2e tests]
 # The unit tests run as three parallel pytest processes (Triton compilation is CPU-bound): about
-# 4 minutes on an H200 with 16 cores. The e2e tests start about ten servers one after the other
+# 4 minutes on an H200 with 16 cores. The e2e tests (server tests and SGLang's load generator against
+# a FreeKV server) start about ten servers one after the other
 # (about 10 minutes). Logs go to $OUT (default ./gpu-check-out). Assumes SGLang 0.5.17 + FlashInfer
 # are importable and this project is installed (pip install .).
 set -uo pipefail
@@ -31,7 +32,7 @@ echo "[gpu_check] unit tests rc=$unit_rc in $(( $(date +%s) - t0 ))s"
 e2e_rc=0
 if [[ "${SKIP_E2E:-0}" != 1 ]]; then
   t1=$(date +%s)
-  timeout "${E2E_TIMEOUT:-1200}" "${PT[@]}" -s tests/gpu/test_server_e2e.py ${K:+-k "$K"} \
+  timeout "${E2E_TIMEOUT:-1500}" "${PT[@]}" -s tests/gpu/test_server_e2e.py tests/gpu/test_server_traffic.py ${K:+-k "$K"} \
     2>&1 | tee "$OUT/gpu-e2e.log" | grep -v "^\s*$" | tail -40
   e2e_rc=${PIPESTATUS[0]}
   echo "[gpu_check] e2e rc=$e2e_rc in $(( $(date +%s) - t1 ))s"

@@ -1,0 +1,64 @@
+"""Serving traffic on a GPU: SGLang's own load generator against ``--kv-retrieval freekv``.
+
+``python -m sglang.bench_serving`` sends Poisson-timed requests of random token ids whose prompt
+lengths spread from a few hundred tokens (shorter than a working set: attended exactly) to 24K,
+with output lengths that vary too, more at once than the server runs (so requests queue). Every
+request must complete, the server must stay up, and SGLang's strict idle check (every token slot
+returned) must stay silent. The figures it prints (throughput, TTFT, TPOT) are for the record, not
+a benchmark. Model: ``FREEKV_TEST_MODEL`` (default ``.gpu-bundle/models/llama-8b-shape``, dummy
+weights). Logs go to ``$OUT`` (or a temp dir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from freekv_sglang.serving import Server
+
+MODEL = os.environ.get("FREEKV_TEST_MODEL", ".gpu-bundle/models/llama-8b-shape")
+LOGDIR = os.environ.get("OUT") or tempfile.mkdtemp(prefix="freekv-traffic-")
+HOST_GB = os.environ.get("FREEKV_TEST_HOST_GB", "40")
+PORT = int(os.environ.get("FREEKV_TEST_PORT", "30013"))
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(MODEL), reason=f"test model folder {MODEL} not found")
+
+
+def bench_serving(base: str, out_file: str, *, num_prompts: int, input_len: int, output_len: int, ratio: float,
+                  rate: float, log_path: str) -> dict:
+    """One ``sglang.bench_serving`` run; returns its JSON result line."""
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--base-url", base,
+           "--model", MODEL, "--tokenizer", MODEL, "--dataset-name", "random-ids",
+           "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+           "--random-range-ratio", str(ratio), "--num-prompts", str(num_prompts), "--request-rate", str(rate),
+           "--seed", "1", "--output-file", out_file, "--disable-tqdm"]
+    with open(log_path, "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=1500).returncode
+    assert rc == 0, f"bench_serving exited with {rc} (see {log_path})"
+    with open(out_file) as f:
+        return json.loads(f.read().strip().splitlines()[-1])
+
+
+def test_mixed_length_traffic_completes():
+    args = ["--model-path", MODEL, "--load-format", "dummy", "--kv-retrieval", "freekv", "--freekv-host-memory-gb",
+            HOST_GB, "--max-running-requests", "16", "--cuda-graph-max-bs", "16"]
+    srv = Server(args, port=PORT, log_path=os.path.join(LOGDIR, "server-traffic.log"),
+                 start_timeout=float(os.environ.get("FREEKV_TEST_SERVER_TIMEOUT", "600")),
+                 env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"})
+    n = int(os.environ.get("FREEKV_TRAFFIC_PROMPTS", "48"))
+    with srv as s:
+        res = bench_serving(s.base, os.path.join(LOGDIR, "traffic.jsonl"), num_prompts=n, input_len=24000,
+                            output_len=128, ratio=0.02, rate=4.0, log_path=os.path.join(LOGDIR, "traffic.log"))
+        print(f"{res['completed']}/{n} requests, {res['total_input_tokens']} prompt and {res['total_output_tokens']} "
+              f"output tokens in {res['duration']:.1f}s: {res['request_throughput']:.2f} req/s, "
+              f"{res['output_throughput']:.0f} output tok/s, median TTFT {res['median_ttft_ms']:.0f} ms, "
+              f"median TPOT {res['median_tpot_ms']:.1f} ms")
+        assert res["completed"] == n
+        assert s.proc.poll() is None, "server died (see its log)"
+        log = open(s.log_path, errors="replace").read()
+        assert "memory leak detected" not in log and "Traceback" not in log
