@@ -236,27 +236,49 @@ def _gib(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def table(results: dict[str, list[dict]], contexts=(), batch_sizes=()) -> str:
-    """Markdown table, one line per measured cell; requested cells without a result are listed as skipped."""
+def h2d_ceiling_gbps(mib: int = 256, repeats: int = 5) -> float | None:
+    """Best pinned host-to-device copy rate of ``mib`` MiB in GB/s (the PCIe ceiling); None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device="cuda")
+    best = float("inf")
+    for _ in range(repeats):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        dst.copy_(src, non_blocking=True)
+        t1.record()
+        t1.synchronize()
+        best = min(best, t0.elapsed_time(t1) / 1e3)
+    return src.numel() / best / 1e9
+
+
+def table(results: dict[str, list[dict]], contexts=(), batch_sizes=(), h2d_gbps: float | None = None) -> str:
+    """Markdown table, one line per measured cell; requested cells without a result are listed as skipped.
+    With ``h2d_gbps`` (the PCIe ceiling), a column gives the time one step's recall takes at that rate."""
     lines = ["| mode | context | batch | decode ms/step (median) | tokens/s | prefill s | correction rate "
-             "| recall MiB/request/step | KV on GPU GiB (pool) | KV in host GiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| recall MiB/request/step | recall at PCIe ceiling ms/step | KV on GPU GiB (pool) | KV in host GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode, rows in results.items():
         for r in rows:
             d = _decode_ms(r)
             corr = r.get("freekv_correction_rate")
             mib = r.get("freekv_recall_bytes_per_request_step")
             extra = (f"{corr:.3f} | {mib / 2**20:.2f} |" if corr is not None and mib is not None else "- | - |")
+            pcie = (f" {r['batch_size'] * mib / (h2d_gbps * 1e9) * 1e3:.2f} |"
+                    if mib is not None and h2d_gbps and not mode.startswith("skip") else " - |")
             mem = f" {_gib(r.get('kv_gpu_gib'))} ({_gib(r.get('kv_gpu_pool_gib'))}) | {_gib(r.get('kv_host_gib'))} |"
             lines.append(f"| {mode} | {r['input_len']} | {r['batch_size']} | {d:.2f} | {r['batch_size'] * 1000 / d:.0f} "
-                         f"| {r.get('prefill_latency', float('nan')):.2f} | {extra}{mem}" if d else
-                         f"| {mode} | {r['input_len']} | {r['batch_size']} | - | - | - | {extra}{mem}")
+                         f"| {r.get('prefill_latency', float('nan')):.2f} | {extra}{pcie}{mem}" if d else
+                         f"| {mode} | {r['input_len']} | {r['batch_size']} | - | - | - | {extra}{pcie}{mem}")
         done = {(r["input_len"], r["batch_size"]) for r in rows}
         for c in contexts:
             for b in batch_sizes:
                 if (c, b) not in done:
                     lines.append(f"| {mode} | {c} | {b} | skipped (does not fit, or the mode failed / timed out: "
-                                 f"see its log) | | | | | | |")
+                                 f"see its log) | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -324,18 +346,24 @@ def main() -> None:
     import torch
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    h2d = h2d_ceiling_gbps()  # measured in this process before the modes run (no SGLang process alive)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    head = {"card": card, "h2d_gbps": h2d, "args": vars(a)}
     results = {}
     for mode in a.modes:
         results[mode] = run_mode(mode, a, a.out)
         with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
-            json.dump({"card": card, "args": vars(a), "results": results}, f, indent=1)
+            json.dump({**head, "results": results}, f, indent=1)
     capacity = run_capacity(a) if a.capacity else None
     if capacity is not None:
         with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
-            json.dump({"card": card, "args": vars(a), "results": results, "capacity": capacity}, f, indent=1)
+            json.dump({**head, "results": results, "capacity": capacity}, f, indent=1)
     loc = ("random-weight queries" if a.query_cosine is None else
            f"FreeKV modes with synthetic consecutive-query cosine {a.query_cosine}")
-    out = (f"card: {card}; model: {a.model}; output_len {a.output_len}; {loc}\n\n{table(results, a.contexts, a.batch_sizes)}\n\n"
+    ceiling = f"pinned H2D ceiling {h2d:.1f} GB/s" if h2d else "no H2D ceiling measured"
+    out = (f"card: {card}; model: {a.model}; output_len {a.output_len}; {loc}; {ceiling}\n\n"
+           f"{table(results, a.contexts, a.batch_sizes, h2d)}\n\n"
            f"{ratios(results)}\n" + (f"\n{bench_capacity.table(capacity, a.capacity)}\n" if capacity else ""))
     with open(os.path.join(a.out, "bench_decode.md"), "w") as f:
         f.write(out)

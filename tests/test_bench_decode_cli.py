@@ -40,8 +40,13 @@ def test_table_lists_skipped_cells_and_memory(bench):
            "kv_gpu_gib": 1.5, "kv_gpu_pool_gib": 6.0, "kv_host_gib": 15.6, "freekv_correction_rate": 0.03,
            "freekv_recall_bytes_per_request_step": 27 * 2**20}
     md = bench.table({"freekv": [row]}, [32000, 131072], [4])
-    assert "| freekv | 32000 | 4 | 8.00 | 500 | 4.70 | 0.030 | 27.00 | 1.50 (6.00) | 15.60 |" in md
+    assert "| freekv | 32000 | 4 | 8.00 | 500 | 4.70 | 0.030 | 27.00 | - | 1.50 (6.00) | 15.60 |" in md
     assert "| freekv | 131072 | 4 | skipped" in md
+    # with the PCIe ceiling: 4 requests x 27 MiB at 56.6 GB/s = 2.00 ms; transfers-skipped modes move nothing
+    md = bench.table({"freekv": [row], "skip": [row]}, [32000], [4], h2d_gbps=4 * 27 * 2**20 / 2e-3 / 1e9)
+    assert "| freekv | 32000 | 4 | 8.00 | 500 | 4.70 | 0.030 | 27.00 | 2.00 | 1.50 (6.00) | 15.60 |" in md
+    assert "| skip | 32000 | 4 | 8.00 | 500 | 4.70 | 0.030 | 27.00 | - |" in md
+    assert md.splitlines()[0].count("|") == md.splitlines()[2].count("|")
     ratios = bench.ratios({"freekv": [row], "freekv@16": [dict(row, median_decode_latency=0.010)]})
     assert "speed-up vs freekv@16" in ratios and "1.25x" in ratios
 
