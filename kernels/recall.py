@@ -26,8 +26,8 @@ import os
 
 import torch
 
-from .common import (check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced, sm_count, tl,
-                     triton, use_triton)
+from .common import (check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced, next_pow2, sm_count,
+                     tl, triton, use_triton)
 from .host_copy import copy_blocks, cuda_memcpy2d_h2d
 from .uva import kernel_arg
 
@@ -274,27 +274,34 @@ if triton is not None:
     @triton.jit
     def _recall_selected_kernel(
         hk_ptr, hv_ptr, wk_ptr, wv_ptr, rslot_ptr, rpage_ptr, rows_ptr, r2t_ptr, r2t_stride,
-        n_pieces, n_iters, n_programs,
+        n_lists, n_iters, n_programs,
         HKV: tl.constexpr, K: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
         SLOT_BASE: tl.constexpr, SLOT0: tl.constexpr, CH: tl.constexpr, ITERS: tl.constexpr,
     ):
-        # Persistent grid over chunks of CH consecutive entries of the flattened [B * Hkv, K]
-        # lists: program pid takes chunks pid, pid + n_programs, ... One chunk is one
-        # [CH * PAGE, D] tile, so the list lookups of its CH pieces and their host reads are
-        # issued together (one latency chain per chunk, not per piece). Entries with slot < 0
-        # move nothing. A small grid leaves the other SMs to the compute stream.
+        # Persistent grid over chunks of CH consecutive entries of one (request, KV head) list
+        # (``n_lists`` = B * Hkv lists of K entries, valid entries first). Chunks are numbered
+        # position-major: chunk c is chunk c // n_lists of list c % n_lists, so the first
+        # chunks of all lists (where the valid entries are) come first and program pid, taking
+        # chunks pid, pid + n_programs, ..., gets its share of them whatever the grid size (list-
+        # major numbering would leave a grid that is a multiple of the chunks per list with most
+        # programs idle). One chunk is one [CH * PAGE, D] tile: the list lookups of its CH pieces
+        # and their host reads are issued together. Entries with slot < 0 move nothing. A small
+        # grid leaves the other SMs to the compute stream.
         pid = tl.program_id(0)
         rr = tl.arange(0, CH * PAGE)
         j = rr // PAGE
         r = (rr % PAGE).to(tl.int64)
         d = tl.arange(0, D)
+        n_chunks = n_lists * ((K + CH - 1) // CH)
         for it in range(0, ITERS if ITERS > 0 else n_iters):
-            e = (pid + it * n_programs).to(tl.int64) * CH + j  # entry of each tile row
-            inr = e < n_pieces
+            c = (pid + it * n_programs).to(tl.int64)
+            bh = c % n_lists + 0 * j  # the tile rows' list (one per chunk)
+            t = (c // n_lists) * CH + j  # position of each tile row's entry in its list
+            inr = (c < n_chunks) & (t < K)
+            e = bh * K + t
             slot = tl.load(rslot_ptr + e, mask=inr, other=-1).to(tl.int64)
             ok = slot >= 0
             page = tl.load(rpage_ptr + e, mask=ok, other=0).to(tl.int64)
-            bh = e // K
             b = bh // HKV
             h = bh % HKV
             row = tl.load(rows_ptr + b, mask=ok, other=0).to(tl.int64)
@@ -310,11 +317,21 @@ if triton is not None:
             tl.store(wv_ptr + dst, vx, mask=m)
 
 
+DEFAULT_RECALL_PROGRAMS = 32
+
+
 def selected_recall_programs(device: torch.device) -> int:
-    """Default grid of :func:`recall_selected`: one program per SM (``FREEKV_RECALL_PROGRAMS``
-    overrides), enough loads in flight for PCIe while leaving most of each SM to other streams."""
+    """Default grid of :func:`recall_selected`: 32 programs (at most one per SM;
+    ``FREEKV_RECALL_PROGRAMS`` overrides). Measured on an H200: 8 to 1024 programs move an all-missing
+    batch at the same 51 GB/s, while a concurrent matmul slows by 29% beside 16 programs and by 174%
+    beside one per SM (a program holds its SM's slot for the whole transfer); inside SGLang's decode
+    step 32 programs beat one per SM by 1.16-1.18x at batch 8-16 (docs/BENCHMARKS.md, run C)."""
     env = os.environ.get("FREEKV_RECALL_PROGRAMS")
-    return int(env) if env else sm_count(device)
+    if not env:
+        return min(DEFAULT_RECALL_PROGRAMS, sm_count(device))
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"FREEKV_RECALL_PROGRAMS must be a positive number of programs, got {env!r}")
+    return int(env)
 
 
 def recall_selected_pieces(recall_slot, recall_page, req_to_token, rows, *, page_size, slot_base, select_slot0):
@@ -356,13 +373,12 @@ def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
     p, d = host_k.shape[2], host_k.shape[3]  # host pages are [n_pages, Hkv, P, D]
     check_head_dim(d)
     check_page_size(p)
-    n = b * hkv * k
-    ch = max(1, 128 // p)  # pieces per tile: 128-row tiles (4 pieces at P=32)
-    n_chunks = cdiv(n, ch)
+    ch = min(max(1, 128 // p), next_pow2(k))  # pieces per tile: 128-row tiles (4 pieces at P=32)
+    n_chunks = b * hkv * cdiv(k, ch)
     n_prog = min(n_chunks, num_programs or selected_recall_programs(ws_k.device))
     n_iters = cdiv(n_chunks, n_prog)
     _recall_selected_kernel[(n_prog,)](
         kernel_arg(host_k), kernel_arg(host_v), ws_k, ws_v, recall_slot, recall_page, rows, req_to_token,
-        req_to_token.stride(0), n, n_iters, n_prog, HKV=hkv, K=k, PAGE=p, D=d, SLOT_BASE=slot_base,
+        req_to_token.stride(0), b * hkv, n_iters, n_prog, HKV=hkv, K=k, PAGE=p, D=d, SLOT_BASE=slot_base,
         SLOT0=select_slot0, CH=ch, ITERS=n_iters if interpreter_forced() else 0, num_warps=8,
     )

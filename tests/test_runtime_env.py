@@ -85,3 +85,14 @@ def test_decode_split_applies_to_eager_steps_only(monkeypatch):
     att.plan(1, ip, lpl, graph=False, **kw)
     att.plan(1, ip, lpl, graph=True, **kw)
     assert planned == [4, None]
+
+
+def test_recall_programs_env(monkeypatch):
+    from freekv_sglang.kernels.recall import selected_recall_programs
+
+    for bad in ("0", "-4", "x", "1.5"):
+        monkeypatch.setenv("FREEKV_RECALL_PROGRAMS", bad)
+        with pytest.raises(ValueError, match="FREEKV_RECALL_PROGRAMS"):
+            selected_recall_programs(torch.device("cpu"))
+    monkeypatch.setenv("FREEKV_RECALL_PROGRAMS", "16")
+    assert selected_recall_programs(torch.device("cpu")) == 16
