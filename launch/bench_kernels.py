@@ -289,6 +289,16 @@ def sec_recall(r: Runner, out: dict, quick: bool):
             r.row("recall", f"gather grid={nprog:<5} b={b} {'all' if frac == 1.0 else '15%'} missing", sweep[nprog],
                   "GB/s", f"{nprog / sms:.2f} programs/SM")
         out[f"grid_sweep_b{b}_{'all' if frac == 1.0 else 'p15'}"] = sweep
+    # the runtime's selected-page recall over per-(request, head) lists, by grid size
+    for b, frac in ((8, 1.0), (8, 0.15)):
+        sel, n_sel, sel_bytes = work.selected_lists(b, frac, seed=200 + b)
+        sweep = {}
+        for nprog in sorted({8, 16, 32, 64, sms}):
+            t = graph_ms(lambda: work.selected(sel, num_programs=nprog))
+            sweep[nprog] = gbps(sel_bytes, t)
+            r.row("recall", f"selected grid={nprog:<5} b={b} {'all' if frac == 1.0 else '15%'} missing, graph",
+                  sweep[nprog], "GB/s", f"{sweep[nprog] / h2d:.2f}x H2D" if h2d else "")
+        out[f"selected_grid_sweep_b{b}_{'all' if frac == 1.0 else 'p15'}"] = sweep
     # graph replay (how the runtime launches it)
     lists, n_valid, nbytes = work.pieces(8, 1.0, seed=7)
     t = graph_ms(lambda: work.gather(lists))
