@@ -153,7 +153,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                      recall_slot: torch.Tensor, recall_page: torch.Tensor, counter: torch.Tensor | None = None, *,
                      max_pages: int, page_size: int, n_sink: int, n_window: int, aggregation: str,
                      q_index: torch.Tensor | None = None, keys: torch.Tensor | None = None,
-                     impl: str | None = None) -> None:
+                     impl: str | None = None, block_n: int | None = None, num_warps: int = 4) -> None:
     """Select the top-``k`` candidate pages per (request, KV head) and update residency, in place.
 
     Args:
@@ -167,6 +167,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         counter: optional int64 scalar view accumulating recalled pieces of real rows.
         max_pages: candidate pages considered (``max_pages * P <= max_ctx``).
         keys: optional int64 scratch ``[B * Hkv * n_blocks * KB]`` (allocated when ``None``).
+        block_n, num_warps: pages per scoring program (a power of two, at least ``KB``; default
+            :func:`block_size`) and its warps (tuning; the result does not depend on them).
     No host synchronisation; CUDA-graph capturable.
     """
     if not use_triton(impl, q, digests, resident):
@@ -204,9 +206,11 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     if q.stride(2) != 1:
         q = q.contiguous()
     kb = max(16, next_pow2(k))
-    bn = block_size(max_pages, k)
+    bn = block_size(max_pages, k) if block_n is None else block_n
+    if bn < kb or bn & (bn - 1):
+        raise ValueError(f"block_n={bn} must be a power of two of at least {kb} (the per-block top-k)")
     nb = cdiv(max_pages, bn)
-    need = selection_scratch_size(b, hkv, max_pages, k)
+    need = b * hkv * nb * kb
     if keys is None:
         keys = torch.empty(need, dtype=torch.int64, device=q.device)
     elif keys.numel() < need or keys.dtype != torch.int64:
@@ -224,7 +228,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         q.stride(0), q.stride(1), req_to_token.stride(0), n_sink, n_window,
         HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d, PAGE=page_size, BLOCK_N=bn, KB=kb, NB=nb,
         AGG=0 if aggregation == "mean" else 1, HAS_MASK=head_mask is not None, Q_BY_ROW=q_index is not None,
-        F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, num_warps=4,
+        F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, num_warps=num_warps,
     )
     _merge_select_kernel[(b * hkv,)](
         keys, n_ctx, resident, rows, hm, recall_slot, recall_page,

@@ -450,6 +450,26 @@ def sec_scores(r: Runner, out: dict, quick: bool):
             r.row("scores", f"select Triton / torch ref, graph  {tag}", 1e3 * res["select_graph_ms"], "us",
                   f"torch ref {1e3 * res['select_torch_graph_ms']:.0f} us graph, "
                   f"{1e3 * res['select_torch_eager_ms']:.0f} us eager")
+            if b >= 8:  # tuning sweep of the fused path's scoring program (block pages x warps)
+                sweep = {}
+                for bn in (32, 64, 128, 256):
+                    if bn > max(32, 1 << (n_pages - 1).bit_length()):
+                        continue
+                    for nw in (2, 4, 8):
+                        kk = torch.empty(b * HKV * math.ceil(n_pages / bn) * NSEL, dtype=torch.int64, device=DEV)
+
+                        def tuned(bn=bn, nw=nw, kk=kk):
+                            K.score_and_select(q, dig, r2t, rpi, n_ctx, None, res_f, NSEL, rs, rp, max_pages=n_pages,
+                                               aggregation="mean", keys=kk, block_n=bn, num_warps=nw, **kw)
+
+                        t = m(f"fused block {bn} warps {nw}", lambda: graph_ms(tuned))
+                        if t == t:  # not nan
+                            sweep[f"block{bn}_warps{nw}"] = t
+                if sweep:
+                    best = min(sweep, key=sweep.get)
+                    res["fused_sweep_ms"] = sweep
+                    r.row("scores", f"score_and_select best of {len(sweep)} configs ({best}), graph  {tag}",
+                          1e3 * sweep[best], "us", f"{sweep[best] / ideal:.2f}x HBM ideal" if ideal else "")
             out[f"ctx{ctx}_b{b}"] = res
             r.save()
 

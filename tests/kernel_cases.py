@@ -114,7 +114,7 @@ def check_select_recall(device, dtype, head_dim, page=8, k=4, seed=0, num_progra
 
 
 def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean", page=8, max_pages=40,
-                       masked=True, by_row=False, seed=0):
+                       masked=True, by_row=False, seed=0, **tuning):
     """Fused scoring + top-k + residency update vs the unfused torch reference.
 
     The kernel's scores may differ from the reference in the last bits, which can swap two
@@ -158,7 +158,7 @@ def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean
     dv = lambda t: None if t is None else t.to(device)  # noqa: E731
     score_and_select(q_all.to(device), digests.to(device), r2t.to(device), rows.to(device), n_ctx.to(device),
                      dv(mask), res, k, rs, rp, cnt[1], max_pages=max_pages, page_size=page, n_sink=n_sink,
-                     n_window=n_window, aggregation=aggregation, q_index=dv(q_index))
+                     n_window=n_window, aggregation=aggregation, q_index=dv(q_index), **tuning)
     res, rs, rp, cnt = res.cpu(), rs.cpu(), rp.cpu(), cnt.cpu()
 
     scores = torch.empty(B, hkv, max_pages)

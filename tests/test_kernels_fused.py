@@ -27,6 +27,12 @@ def test_fused_kernels_under_interpreter():
         "                                    ('mean', 4, 16, True, True)):\n"
         "    check_score_select('cpu', torch.float16, grp, 16, k=k, aggregation=agg, masked=masked, by_row=by_row)\n"
         "check_score_select('cpu', torch.bfloat16, 2, 32, k=4, max_pages=300)\n"
+        "check_score_select('cpu', torch.float16, 4, 16, k=4, block_n=16, num_warps=2)  # tuning: 3 blocks\n"
+        "try:\n"
+        "    check_score_select('cpu', torch.float16, 1, 16, k=4, block_n=24)\n"
+        "    raise AssertionError('block_n=24 accepted')\n"
+        "except ValueError as e:\n"
+        "    assert 'block_n=24' in str(e)\n"
         "print('ok')\n"
     )
     here = os.path.dirname(os.path.abspath(__file__))  # not the repository root: kernels/ would shadow HF kernels

@@ -19,6 +19,7 @@ def test_prologue_gpu(dtype, group, head_dim):
 def test_select_recall_gpu(dtype, head_dim, k):
     check_select_recall("cuda", dtype, head_dim, page=32, k=k)
     check_select_recall("cuda", dtype, head_dim, page=32, k=k, num_programs=2)  # several chunks per program
+    check_select_recall("cuda", dtype, head_dim, page=32, k=k, num_programs=3)  # not a divisor of the chunks
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -31,3 +32,10 @@ def test_select_recall_gpu(dtype, head_dim, k):
 def test_score_select_gpu(dtype, group, head_dim, aggregation, k, max_pages, masked, by_row):
     check_score_select("cuda", dtype, group, head_dim, k=k, aggregation=aggregation, page=32, max_pages=max_pages,
                        masked=masked, by_row=by_row)
+
+
+@pytest.mark.parametrize("block_n,num_warps", [(32, 2), (256, 8)])
+def test_score_select_tuning_gpu(block_n, num_warps):
+    """The scoring program's size and warps (bench_kernels' sweep) do not change the selection."""
+    check_score_select("cuda", torch.bfloat16, 4, 128, k=32, page=32, max_pages=1000, block_n=block_n,
+                       num_warps=num_warps)
