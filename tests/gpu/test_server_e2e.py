@@ -109,9 +109,10 @@ def test_overlap_scheduler_opt_in_matches_default():
     decoding (contexts beyond the working set, decode CUDA graphs) must give the same tokens as without it."""
     ps = prompts([3000, 4100, 5200, 2600, 6000], seed=5)
     news = [40, 16, 33, 40, 7]
-    with server("freekv-default") as s:
+    with server("freekv-default", *freekv_args()) as s:
         want = [output_ids(r) for r in s.generate_many(ps, news)]
-    srv = server("freekv-overlap")
+        assert "overlap scheduler" in open(s.log_path).read()  # the plugin's note that it turns it off
+    srv = server("freekv-overlap", *freekv_args())
     srv.env = {"FREEKV_EXPERIMENTAL_OVERLAP_SCHEDULE": "1"}
     with srv as s:
         got = [output_ids(r) for r in s.generate_many(ps, news)]
