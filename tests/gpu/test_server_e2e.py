@@ -87,6 +87,21 @@ def test_budget_covers_context_matches_dense(model):
         assert all(got_text) and got_text == want_text
 
 
+def test_default_flags_just_work():
+    """Only ``--kv-retrieval freekv``: host tier, running requests, page size and CUDA graphs from the
+    defaults; a long and a short prompt served together."""
+    import re
+
+    ps = prompts([20000, 500], seed=6)
+    with server("freekv-defaults", "--kv-retrieval", "freekv") as s:
+        res = s.generate_many(ps, 16, timeout=900)
+        log = open(s.log_path).read()
+    assert [len(output_ids(r)) for r in res] == [16, 16]
+    m = re.search(r"FreeKV memory: .*", log)
+    print("defaults:", m.group(0) if m else "(no FreeKV memory line)")
+    assert m is not None and "cuda graph: True" in log
+
+
 def test_cuda_graph_matches_eager():
     """Sparse decoding (contexts beyond the working set) with decode CUDA graphs equals eager decoding;
     batch sizes change between steps (requests stop at different lengths) and are padded to graph sizes."""
