@@ -339,7 +339,7 @@ def sec_overlap(r: Runner, out: dict):
     out["matmul_alone_ms"] = statistics.median(alone)
     r.row("overlap", "8192^3 bf16 matmul alone", out["matmul_alone_ms"], "ms",
           f"{2 * 8192**3 / out['matmul_alone_ms'] / 1e9:.0f} TFLOP/s")
-    for nprog in sorted({16, recall_mod.DEFAULT_NUM_PROGRAMS, sms, n_blocks}):
+    for nprog in sorted({8, 16, 32, recall_mod.DEFAULT_NUM_PROGRAMS, sms, n_blocks}):
         if nprog > n_blocks:
             continue
         n_calls = 3
