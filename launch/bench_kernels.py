@@ -507,6 +507,27 @@ def sec_decode(r: Runner, out: dict, quick: bool):
                 res[f"sparse_split{sp}_ms"] = t
                 r.row("decode", f"SparseDecode, KV split every {sp} pages, b={b}", 1e3 * t, "us",
                       f"{res['sparse_ms'] / t:.2f}x FlashInfer's own split")
+        # the same attention with each (slot, head) page contiguous (HND), and with FlashInfer's decode kernels
+        ws_k_hnd, ws_v_hnd = ws_k.transpose(1, 2).contiguous(), ws_v.transpose(1, 2).contiguous()
+        for name, kw_sd, kv in (("HND working sets", dict(kv_layout="HND"), (ws_k_hnd, ws_v_hnd)),
+                                ("decode kernels (no tensor cores)", dict(use_tensor_cores=False), (ws_k, ws_v))):
+            def alt(kw_sd=kw_sd, kv=kv):
+                w = K.SparseDecode(DEV, **kw_sd)
+                w.plan(K.page_table_indptr_host(seq, LAYOUT), ix, K.last_page_len_host(seq, LAYOUT), HQ, HKV, D, P,
+                       BF16, BF16)
+                ref = sd.run(q, ws_k, ws_v)
+                got = w.run(q, *kv)
+                err = (got.float() - ref.float()).abs().max().item()
+                if err > 2e-2:
+                    raise RuntimeError(f"differs from the NHD tensor-core result by {err}")
+                return bench_ms(lambda: w.run(q, *kv))
+
+            t = safe(r, "decode", f"sparse {name} b={b}", alt)
+            if t is not None:
+                res[f"sparse_{name.split()[0].lower()}_ms"] = t
+                r.row("decode", f"SparseDecode, {name}, b={b}", 1e3 * t, "us",
+                      f"{res['sparse_ms'] / t:.2f}x the runtime's (NHD, tensor cores)")
+        del ws_k_hnd, ws_v_hnd
         seq_dev, rows = seq.to(DEV), torch.arange(b, device=DEV)
         t = safe(r, "decode", "page table graph", lambda: graph_ms(lambda: K.build_page_table(
             seq_dev, rows, ip, ix, lp, layout=LAYOUT, slot_base=LAYOUT.slots)))

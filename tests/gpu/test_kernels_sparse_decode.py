@@ -69,6 +69,21 @@ def test_sparse_decode_fixed_split(split_pages, grp):
     _eager_case(torch.bfloat16, grp, 128, [1, 33, 16 * 32 + 1, 5000, 12345], seed=2, split_pages=split_pages)
 
 
+@pytest.mark.parametrize("use_tensor_cores", [True, False])
+def test_sparse_decode_hnd_layout(use_tensor_cores):
+    """Working sets with each (slot, head) page contiguous (``kv_layout="HND"``, bench_kernels' layout
+    experiment) give the same attention as the runtime's NHD slots."""
+    sd, (q, ws_k, ws_v, ip, ix, lp), scale = _eager_case(torch.bfloat16, 4, 128, [1, 33, 16 * 32 + 1, 5000, 12345],
+                                                         seed=3)
+    lay = WorkingSetLayout(32, 4, 8, 4)
+    w = K.SparseDecode(DEV, kv_layout="HND", use_tensor_cores=use_tensor_cores)
+    w.plan(ip.cpu(), ix, lp.cpu(), q.shape[1], ws_k.shape[2], 128, lay.page_size, q.dtype, q.dtype, sm_scale=scale)
+    _check(w.run(q, ws_k.transpose(1, 2).contiguous(), ws_v.transpose(1, 2).contiguous()), q, ws_k, ws_v, ip, ix, lp,
+           scale)
+    with pytest.raises(ValueError, match="kv_layout"):
+        K.SparseDecode(DEV, kv_layout="NDH")
+
+
 @pytest.mark.parametrize("p", [16, 64])
 def test_sparse_decode_page_sizes(p):
     lay = WorkingSetLayout(p, 2, 4, 3)
