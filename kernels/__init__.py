@@ -13,6 +13,7 @@ Modules (one op each):
 * :mod:`.page_table`   ``build_page_table``        FlashInfer metadata of the working sets
 * :mod:`.sparse_decode` ``SparseDecode``           FlashInfer paged decode over the slots
 * :mod:`.uva`          zero-copy pinned-memory kernel arguments
+* :mod:`.synthetic_query` ``mix_queries``          benchmark-only synthetic decode queries, one launch
 
 Wrappers run Triton on CUDA tensors and the reference otherwise (``impl=`` forces one).
 """

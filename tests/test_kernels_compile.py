@@ -19,7 +19,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 from freekv_sglang.kernels import (digests, kv_store, page_table, recall, score_select, scores,  # noqa: E402
-                                   select)
+                                   select, synthetic_query)
 
 TY = {"bf16": "*bf16", "fp16": "*fp16"}
 
@@ -139,3 +139,12 @@ def test_compile_recall_selected(dt, p, d):
     _compile(recall._recall_selected_kernel, sig,
              dict(HKV=8, K=32, PAGE=p, D=d, SLOT_BASE=64, SLOT0=16, CH=max(1, 128 // p), ITERS=0),
              num_warps=8, div16=("r2t_stride",))
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+@pytest.mark.parametrize("hq,d", [(32, 128), (9, 64), (28, 128)])
+def test_compile_synthetic_query(dt, hq, d):
+    t = TY[dt]
+    sig = dict(q_ptr=t, u_ptr="*fp32", rows_ptr="*i64", out_ptr=t, stride_qb="i32", stride_qh="i32",
+               stride_ob="i32", stride_oh="i32", n_slots="i32", sigma="fp32")
+    _compile(synthetic_query._mix_kernel, sig, dict(HQ=hq, BLOCK_H=1 << (hq - 1).bit_length(), D=d))

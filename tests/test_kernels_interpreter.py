@@ -220,3 +220,22 @@ else:
         for x, y in zip(*outs):
             assert torch.equal(x, y)
         assert (outs[0][1][int(outs[0][0][-1]):] == -9).all()
+
+    # ------------------------------------------------------------------ synthetic queries
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("hq,d", [(9, 64), (32, 128), (28, 128)])
+    def test_synthetic_query_mix(dtype, hq, d):
+        from freekv_sglang.kernels.synthetic_query import mix_queries, mix_queries_reference
+
+        g = _g(23)
+        b, slots = 5, 4
+        q = _randn(g, b, hq, d, dtype=dtype) * 3
+        q[1, 2] = 0  # a zero query: the norm is clamped
+        u = torch.randn(slots, hq, d, generator=g)
+        rows = torch.tensor([0, 7, 2, 4, 1])
+        got = mix_queries(q, u, rows, 0.23, impl="triton")
+        want = mix_queries_reference(q, u, rows, 0.23)
+        assert got.dtype == dtype and got.shape == q.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+        assert torch.isfinite(got).all()  # the zero query's norm is clamped: its output is u
+        torch.testing.assert_close(got[1, 2].float(), u[7 % slots, 2], rtol=1e-2, atol=1e-2)

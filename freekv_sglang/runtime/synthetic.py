@@ -44,8 +44,7 @@ class SyntheticQueries:
 
     def apply(self, layer: int, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``q [B, Hq, D]`` -> ``u[layer, rows % ROW_SLOTS] + sigma * sqrt(D) * q / |q|`` (q's dtype).
-        Device ops only (CUDA-graph safe)."""
-        d = q.shape[-1]
-        qf = q.float()
-        e = qf / qf.norm(dim=-1, keepdim=True).clamp_min(1e-6) * math.sqrt(d)
-        return (self.u[layer][rows.long() % ROW_SLOTS] + self.sigma * e).to(q.dtype)
+        One kernel on CUDA (:func:`freekv_sglang.kernels.synthetic_query.mix_queries`), CUDA-graph safe."""
+        from freekv_sglang.kernels.synthetic_query import mix_queries
+
+        return mix_queries(q, self.u[layer], rows, self.sigma)

@@ -259,3 +259,17 @@ def test_build_page_table(lay):
         assert torch.equal(x, y)
     assert torch.equal(outs[0][0], K.page_table_indptr_host(seq, lay))
     assert torch.equal(outs[0][2], K.last_page_len_host(seq, lay))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,d", [(9, 64), (32, 128), (28, 128)])
+def test_synthetic_query_mix(dtype, hq, d):
+    """The benchmark's synthetic queries (one launch) against the torch expression."""
+    from freekv_sglang.kernels.synthetic_query import mix_queries, mix_queries_reference
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = (torch.randn(6, hq, d, generator=g, device="cuda") * 3).to(dtype)
+    u = torch.randn(64, hq, d, generator=g, device="cuda")
+    rows = torch.tensor([0, 70, 2, 130, 1, 9], device="cuda")
+    got = mix_queries(q, u, rows, 0.23)
+    torch.testing.assert_close(got.float(), mix_queries_reference(q, u, rows, 0.23).float(), rtol=1e-2, atol=1e-2)
