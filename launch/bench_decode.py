@@ -314,6 +314,40 @@ def run_capacity(a) -> list[dict]:
     return rows
 
 
+def versions() -> str:
+    """Versions of the stack the benchmark runs on (missing packages are named as such)."""
+    from importlib import metadata
+
+    out = []
+    for pkg in ("torch", "triton", "flashinfer-python", "sglang", "freekv-sglang"):
+        try:
+            out.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{pkg} (not installed)")
+    return ", ".join(out)
+
+
+def header(card: str, a, h2d: float | None, argv: list[str]) -> str:
+    """First lines of the Markdown report: card, versions, model shape, locality, PCIe ceiling, command."""
+    import shlex
+
+    loc = ("random-weight queries" if a.query_cosine is None else
+           f"FreeKV modes with synthetic consecutive-query cosine {a.query_cosine}")
+    ceiling = f"pinned H2D ceiling {h2d:.1f} GB/s" if h2d else "no H2D ceiling measured"
+    try:
+        from freekv_sglang.server_config import read_hf_config
+
+        cfg = read_hf_config(a.model) or {}
+        cfg = cfg.get("text_config", cfg)
+        hq = cfg.get("num_attention_heads")
+        shape = (f"{cfg.get('num_hidden_layers')} layers, {hq} query / {cfg.get('num_key_value_heads', hq)} KV "
+                 f"heads, head dim {cfg.get('head_dim') or (cfg['hidden_size'] // hq if hq else '?')}")
+    except Exception:  # noqa: BLE001 - the report still names the folder
+        shape = "shape unknown"
+    return (f"card: {card}; {versions()}\n\nmodel: {a.model} ({shape}, dummy weights); output_len {a.output_len}; "
+            f"{loc}; {ceiling}\n\ncommand: `python launch/bench_decode.py {shlex.join(argv)}`")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         return worker(sys.argv[2:])
@@ -359,15 +393,20 @@ def main() -> None:
     if capacity is not None:
         with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
             json.dump({**head, "results": results, "capacity": capacity}, f, indent=1)
-    loc = ("random-weight queries" if a.query_cosine is None else
-           f"FreeKV modes with synthetic consecutive-query cosine {a.query_cosine}")
-    ceiling = f"pinned H2D ceiling {h2d:.1f} GB/s" if h2d else "no H2D ceiling measured"
-    out = (f"card: {card}; model: {a.model}; output_len {a.output_len}; {loc}; {ceiling}\n\n"
+    out = (f"{header(card, a, h2d, sys.argv[1:])}\n\n"
            f"{table(results, a.contexts, a.batch_sizes, h2d)}\n\n"
            f"{ratios(results)}\n" + (f"\n{bench_capacity.table(capacity, a.capacity)}\n" if capacity else ""))
     with open(os.path.join(a.out, "bench_decode.md"), "w") as f:
         f.write(out)
     print(out)
+    png = os.path.join(a.out, "bench_decode.png")
+    try:  # tokens/s vs batch, one panel per context (matplotlib may be missing on a GPU machine)
+        import plot_bench
+
+        plot_bench.plot_decode({**head, "results": results}, png)
+        print(f"plot: {png}")
+    except (ImportError, ValueError):  # no matplotlib, or no decode result to draw
+        print(f"plot: python launch/plot_bench.py --decode {os.path.join(a.out, 'bench_decode.json')} --out {png}")
 
 
 if __name__ == "__main__":

@@ -97,3 +97,15 @@ def test_cells_are_kept_as_measured(bench, tmp_path):
 def test_dense_pool_holds_the_largest_cell(bench):
     a = argparse.Namespace(batch_sizes=[1, 8, 4], contexts=[8000, 32000], output_len=32)
     assert bench.dense_pool_tokens(a) == 8 * (32000 + 32 + 64)
+
+
+def test_report_header_names_card_versions_shape_and_command(bench, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 32, "num_attention_heads": 32,
+                                                      "num_key_value_heads": 8, "hidden_size": 4096}))
+    a = argparse.Namespace(model=str(tmp_path), query_cosine=0.95, output_len=64)
+    h = bench.header("NVIDIA H200", a, 55.4, ["--contexts", "32000", "--modes", "dense", "freekv@32"])
+    assert h.startswith("card: NVIDIA H200; torch ")
+    assert "sglang " in h and "freekv-sglang " in h
+    assert "32 layers, 32 query / 8 KV heads, head dim 128" in h
+    assert "pinned H2D ceiling 55.4 GB/s" in h and "synthetic consecutive-query cosine 0.95" in h
+    assert "command: `python launch/bench_decode.py --contexts 32000 --modes dense freekv@32`" in h
