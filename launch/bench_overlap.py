@@ -133,7 +133,13 @@ def main(argv=None) -> int:
         results[mode] = run_mode(mode, a)
         with open(os.path.join(a.out, "bench_overlap.json"), "w") as f:
             json.dump({"args": vars(a), "results": results}, f, indent=1)
-    out = report(results)
+    import shlex
+
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    out = (f"card: {card}; model: {a.model} (dummy weights)\n\ncommand: `python launch/bench_overlap.py "
+           f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n{report(results)}")
     with open(os.path.join(a.out, "bench_overlap.md"), "w") as f:
         f.write(out + "\n")
     print(out)
