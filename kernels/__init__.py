@@ -35,6 +35,7 @@ __all__ = [
     "kernel_arg", "last_page_len_host", "page_digests_from_rows", "page_digests_from_rows_reference",
     "page_table_indptr_host", "pieces_from_selection", "recall_gather", "recall_gather_reference", "recall_per_page",
     "recall_reference", "recall_selected", "recall_selected_reference",
-    "recall_staged", "score_and_select", "score_and_select_reference", "score_pages", "score_pages_reference", "select_and_diff", "select_and_diff_reference",
+    "recall_staged", "score_and_select", "score_and_select_reference", "score_pages", "score_pages_reference",
+    "select_and_diff", "select_and_diff_reference",
     "sparse_decode_reference", "store_kv_host", "store_kv_host_reference",
 ]

@@ -131,9 +131,11 @@ def block_size(max_pages: int, k: int) -> int:
     return max(64, 2 * kb, min(512, next_pow2(cdiv(max_pages, 32))))
 
 
-def selection_scratch_size(batch: int, n_kv_heads: int, max_pages: int, k: int) -> int:
-    """int64 entries of the ``keys`` scratch :func:`score_and_select` needs for ``batch`` requests."""
-    return batch * n_kv_heads * cdiv(max_pages, block_size(max_pages, k)) * max(16, next_pow2(k))
+def selection_scratch_size(batch: int, n_kv_heads: int, max_pages: int, k: int, block_n: int | None = None) -> int:
+    """int64 entries of the ``keys`` scratch :func:`score_and_select` needs for ``batch`` requests
+    (with ``block_n`` pages per scoring program; default :func:`block_size`)."""
+    bn = block_size(max_pages, k) if block_n is None else block_n
+    return batch * n_kv_heads * cdiv(max_pages, bn) * max(16, next_pow2(k))
 
 
 def score_and_select_reference(q, digests, req_to_token, rows, n_ctx, head_mask, resident, k, recall_slot,
@@ -210,7 +212,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     if bn < kb or bn & (bn - 1):
         raise ValueError(f"block_n={bn} must be a power of two of at least {kb} (the per-block top-k)")
     nb = cdiv(max_pages, bn)
-    need = b * hkv * nb * kb
+    need = selection_scratch_size(b, hkv, max_pages, k, bn)
     if keys is None:
         keys = torch.empty(need, dtype=torch.int64, device=q.device)
     elif keys.numel() < need or keys.dtype != torch.int64:

@@ -67,7 +67,6 @@ class SparseDecode:
             self.kv_last_page_len = torch.ones(batch_size, dtype=torch.int32, device=self.device)
         if kv_layout not in ("NHD", "HND"):
             raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
-        self.kv_layout = kv_layout
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, kv_layout, use_cuda_graph=use_cuda_graph, use_tensor_cores=use_tensor_cores,
             paged_kv_indptr_buffer=self.kv_indptr, paged_kv_indices_buffer=self.kv_indices,
@@ -109,9 +108,10 @@ class SparseDecode:
     def run(self, q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor, sm_scale: float | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of ``q`` ``[B, Hq, D]`` over the planned slots of ``ws_k``/``ws_v``
-        (``[n_slots, P, Hkv, D]``, or ``[n_slots, Hkv, P, D]`` with ``kv_layout="HND"``). Returns ``[B, Hq, D]`` in ``q``'s dtype (into ``out`` if
-        given). ``sm_scale`` other than the planned one is applied through FlashInfer's
-        ``q_scale`` (a multiplier of the planned scale). Capturable after :meth:`plan`.
+        (``[n_slots, P, Hkv, D]``, or ``[n_slots, Hkv, P, D]`` with ``kv_layout="HND"``). Returns
+        ``[B, Hq, D]`` in ``q``'s dtype (into ``out`` if given). ``sm_scale`` other than the planned
+        one is applied through FlashInfer's ``q_scale`` (a multiplier of the planned scale).
+        Capturable after :meth:`plan`.
         """
         if self.sm_scale is None:
             raise RuntimeError("SparseDecode.run before plan")

@@ -49,6 +49,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_capacity  # noqa: E402  (its server runs for --capacity)
+import capacity_plan  # noqa: E402
 
 MODES = {
     "dense": ["--attention-backend", "flashinfer"],
@@ -83,16 +84,9 @@ def mode_name(name: str) -> str:
 
 def kv_bytes_per_token(model: str) -> int:
     """Bytes of K and V per token over all layers, from the model folder's ``config.json`` (bf16/fp16)."""
-    from freekv_sglang.server_config import read_hf_config
+    from freekv_sglang.runtime.sizing import kv_bytes_per_token as per_token
 
-    cfg = read_hf_config(model)
-    if cfg is None:
-        raise ValueError(f"no config.json for {model}")
-    cfg = cfg.get("text_config", cfg)
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads", heads)
-    d = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return cfg["num_hidden_layers"] * kv * d * 2 * 2
+    return per_token(capacity_plan.model_shape(model)[0])
 
 
 def available_gib() -> float | None:
@@ -236,23 +230,16 @@ def _gib(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def h2d_ceiling_gbps(mib: int = 256, repeats: int = 5) -> float | None:
-    """Best pinned host-to-device copy rate of ``mib`` MiB in GB/s (the PCIe ceiling); None without CUDA."""
+def h2d_ceiling_gbps() -> float | None:
+    """Pinned host-to-device copy rate in GB/s (the PCIe ceiling, ``bench_kernels.py``'s measurement);
+    None without CUDA."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    src = torch.empty(mib * 2**20, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty_like(src, device="cuda")
-    best = float("inf")
-    for _ in range(repeats):
-        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0.record()
-        dst.copy_(src, non_blocking=True)
-        t1.record()
-        t1.synchronize()
-        best = min(best, t0.elapsed_time(t1) / 1e3)
-    return src.numel() / best / 1e9
+    import bench_kernels
+
+    return bench_kernels.pinned_copy_gbps()[0]
 
 
 def table(results: dict[str, list[dict]], contexts=(), batch_sizes=(), h2d_gbps: float | None = None) -> str:
@@ -335,14 +322,9 @@ def header(card: str, a, h2d: float | None, argv: list[str]) -> str:
            f"FreeKV modes with synthetic consecutive-query cosine {a.query_cosine}")
     ceiling = f"pinned H2D ceiling {h2d:.1f} GB/s" if h2d else "no H2D ceiling measured"
     try:
-        from freekv_sglang.server_config import read_hf_config
-
-        cfg = read_hf_config(a.model) or {}
-        cfg = cfg.get("text_config", cfg)
-        hq = cfg.get("num_attention_heads")
-        shape = (f"{cfg.get('num_hidden_layers')} layers, {hq} query / {cfg.get('num_key_value_heads', hq)} KV "
-                 f"heads, head dim {cfg.get('head_dim') or (cfg['hidden_size'] // hq if hq else '?')}")
-    except Exception:  # noqa: BLE001 - the report still names the folder
+        sh = capacity_plan.model_shape(a.model)[0]
+        shape = f"{sh.n_layers} layers, {sh.n_q_heads} query / {sh.n_kv_heads} KV heads, head dim {sh.head_dim}"
+    except (ValueError, KeyError):  # the report still names the folder
         shape = "shape unknown"
     return (f"card: {card}; {versions()}\n\nmodel: {a.model} ({shape}, dummy weights); output_len {a.output_len}; "
             f"{loc}; {ceiling}\n\ncommand: `python launch/bench_decode.py {shlex.join(argv)}`")

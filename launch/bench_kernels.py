@@ -159,13 +159,19 @@ def sec_info(r: Runner, out: dict):
         r.row("info", k, v)
 
 
-def sec_ceilings(r: Runner, out: dict):
-    n = 256 * MIB
+def pinned_copy_gbps(n: int = 256 * MIB) -> tuple[float, float]:
+    """``(host-to-device, device-to-host)`` GB/s of ``n``-byte copies between pinned host memory and
+    the GPU: the PCIe ceilings (also measured by ``bench_decode.py`` before its modes)."""
     host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     host.fill_(7)
     dev = torch.empty(n, dtype=torch.uint8, device=DEV)
-    out["h2d_gbps"] = gbps(n, bench_ms(lambda: dev.copy_(host, non_blocking=True)))
-    out["d2h_gbps"] = gbps(n, bench_ms(lambda: host.copy_(dev, non_blocking=True)))
+    return (gbps(n, bench_ms(lambda: dev.copy_(host, non_blocking=True))),
+            gbps(n, bench_ms(lambda: host.copy_(dev, non_blocking=True))))
+
+
+def sec_ceilings(r: Runner, out: dict):
+    n = 256 * MIB
+    out["h2d_gbps"], out["d2h_gbps"] = pinned_copy_gbps(n)
     a = torch.empty(4 * n, dtype=torch.uint8, device=DEV)
     b = torch.empty_like(a)
     out["hbm_copy_gbps"] = gbps(2 * a.numel(), bench_ms(lambda: b.copy_(a)))  # read + write bytes
@@ -456,7 +462,8 @@ def sec_scores(r: Runner, out: dict, quick: bool):
                     if bn > max(32, 1 << (n_pages - 1).bit_length()):
                         continue
                     for nw in (2, 4, 8):
-                        kk = torch.empty(b * HKV * math.ceil(n_pages / bn) * NSEL, dtype=torch.int64, device=DEV)
+                        kk = torch.empty(K.score_select.selection_scratch_size(b, HKV, n_pages, NSEL, bn),
+                                         dtype=torch.int64, device=DEV)
 
                         def tuned(bn=bn, nw=nw, kk=kk):
                             K.score_and_select(q, dig, r2t, rpi, n_ctx, None, res_f, NSEL, rs, rp, max_pages=n_pages,

@@ -18,11 +18,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
 from freekv_sglang.algorithm.layout import WorkingSetLayout  # noqa: E402
 from freekv_sglang.config import FreeKVConfig  # noqa: E402
-from freekv_sglang.runtime.sizing import ModelShape, concurrent_requests, kv_bytes_per_token  # noqa: E402
+from freekv_sglang.runtime.sizing import (ModelShape, concurrent_requests, kv_bytes_per_token,  # noqa: E402
+                                          shape_from_hf_config)
 from freekv_sglang.server_config import read_hf_config  # noqa: E402
 
 
@@ -30,12 +29,8 @@ def model_shape(model: str) -> tuple[ModelShape, int]:
     """Attention shape (one GPU, bf16) and context length from the model folder's ``config.json``."""
     cfg = read_hf_config(model)
     if cfg is None:
-        raise SystemExit(f"no config.json in {model}")
-    cfg = cfg.get("text_config", cfg)
-    hq = cfg["num_attention_heads"]
-    d = cfg.get("head_dim") or cfg["hidden_size"] // hq
-    shape = ModelShape(cfg["num_hidden_layers"], hq, cfg.get("num_key_value_heads", hq), d, torch.bfloat16)
-    return shape, int(cfg.get("max_position_embeddings", 131072))
+        raise ValueError(f"no config.json in {model}")
+    return shape_from_hf_config(cfg), int(cfg.get("text_config", cfg).get("max_position_embeddings", 131072))
 
 
 def table(shape: ModelShape, layout: WorkingSetLayout, max_ctx: int, context: int, new_tokens: int,
@@ -68,7 +63,10 @@ def main() -> None:
     p.add_argument("--select-tokens", type=int, default=d.select_tokens)
     p.add_argument("--window-tokens", type=int, default=d.window_tokens)
     a = p.parse_args()
-    shape, max_ctx = model_shape(a.model)
+    try:
+        shape, max_ctx = model_shape(a.model)
+    except ValueError as e:
+        p.error(str(e))
     layout = WorkingSetLayout.from_tokens(a.page_size, a.sink_tokens, a.select_tokens, a.window_tokens)
     print(table(shape, layout, max_ctx, a.context, a.new_tokens, a.gpu_kv_gb, a.host_gb))
     print("\n(projection from the sizing formulas; launch/bench_capacity.py measures a running server)")

@@ -30,6 +30,14 @@ class ModelShape:
         return self.n_q_heads // self.n_kv_heads
 
 
+def shape_from_hf_config(cfg: dict, dtype: torch.dtype = torch.bfloat16) -> ModelShape:
+    """Attention shape of a Hugging Face ``config.json`` (one GPU; ``text_config`` of multimodal models)."""
+    cfg = cfg.get("text_config", cfg)
+    hq = cfg["num_attention_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // hq
+    return ModelShape(cfg["num_hidden_layers"], hq, cfg.get("num_key_value_heads", hq), d, dtype)
+
+
 def working_set_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout) -> int:
     """GPU bytes one request row costs: working-set K/V, resident map, previous query."""
     elt = torch.empty(0, dtype=shape.dtype).element_size()
@@ -166,13 +174,11 @@ def concurrent_requests(shape: ModelShape, layout: WorkingSetLayout, *, gpu_kv_b
     """
     P = layout.page_size
     dense = gpu_kv_bytes // (request_tokens * kv_bytes_per_token(shape))
-    try:
-        plan = plan_memory(shape, layout, host_bytes, gpu_kv_bytes, max_context_len)
+    try:  # an unbounded user cap: the rows the GPU holds, not the host-tier cap plan_memory applies by default
+        plan = plan_memory(shape, layout, host_bytes, gpu_kv_bytes, max_context_len, user_max_running_requests=2**62)
     except FreeKVMemoryError:
         return {"dense": int(dense), "freekv": 0, "freekv_bound": "gpu"}
     by_host = plan.host_tokens // (-(-request_tokens // P) * P)
-    # the GPU bound without the host-tier cap plan_memory applies by default
-    per_req = plan.working_set_bytes_per_request
-    by_gpu = (gpu_kv_bytes - plan.digest_bytes - per_req) // per_req
-    n = min(by_host, by_gpu)
-    return {"dense": int(dense), "freekv": int(max(n, 0)), "freekv_bound": "host" if by_host <= by_gpu else "gpu"}
+    by_gpu = plan.max_running_requests
+    return {"dense": int(dense), "freekv": int(min(by_host, by_gpu)),
+            "freekv_bound": "host" if by_host <= by_gpu else "gpu"}
