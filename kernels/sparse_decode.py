@@ -88,11 +88,14 @@ class SparseDecode:
             q_dtype, kv_dtype: bf16/fp16.
             sm_scale: softmax scale used by :meth:`run` (default ``1/sqrt(head_dim)``).
             split_pages: split every request's pages into chunks of this many pages, each its own
-                program, merged afterwards (FlashInfer's ``fixed_split_size``; tensor cores only);
-                ``None`` lets FlashInfer choose.
+                program, merged afterwards (FlashInfer's ``fixed_split_size``; tensor cores, eager
+                wrappers only); ``None`` lets FlashInfer choose.
         """
         if split_pages is not None and split_pages < 1:  # (FlashInfer refuses it without tensor cores)
             raise ValueError(f"split_pages={split_pages}: must be a positive page count")
+        if split_pages is not None and self.use_cuda_graph:
+            raise ValueError("split_pages with use_cuda_graph: FlashInfer sizes a captured plan for its own split, "
+                             "which a fixed split of a larger batch overflows")
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads {num_qo_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(head_dim)

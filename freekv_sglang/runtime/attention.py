@@ -47,9 +47,8 @@ class WorkingSetAttention:
             self.eager = SparseDecode(device=device, workspace=workspace)
         self.active = None
         self._tables = None
-        # optional fixed KV split of FlashInfer's plan, in pages (unset: FlashInfer chooses). Eager
-        # steps only: FlashInfer sizes a captured plan for its own split, and a fixed split of a
-        # larger batch exceeds that size ("new batch size should not exceed padded batch size").
+        # optional fixed KV split of FlashInfer's plan, in pages (unset: FlashInfer chooses); eager
+        # steps only (SparseDecode refuses it for CUDA-graph wrappers)
         split = os.environ.get("FREEKV_DECODE_SPLIT_PAGES")
         self.split_pages = int(split) if split else None
         if self.split_pages is not None and self.split_pages < 1:

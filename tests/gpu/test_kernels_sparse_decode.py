@@ -138,3 +138,10 @@ def test_sparse_decode_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         _check(out, q, ws_k, ws_v, sd.kv_indptr, sd.kv_indices, sd.kv_last_page_len, scale)
+
+
+def test_sparse_decode_fixed_split_refused_for_graphs():
+    w = K.SparseDecode(DEV, use_cuda_graph=True, batch_size=2, max_slots=4)
+    ip, lp = torch.tensor([0, 2, 4], dtype=torch.int32), torch.tensor([32, 32], dtype=torch.int32)
+    with pytest.raises(ValueError, match="use_cuda_graph"):
+        w.plan(ip, w.kv_indices, lp, 8, 2, 128, 32, torch.bfloat16, torch.bfloat16, split_pages=2)
