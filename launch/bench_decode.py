@@ -28,6 +28,12 @@ still bounds it), leaving the rest of the GPU to the benchmark's whole-batch pre
 tier is sized for the largest cell (``--host-gb auto``) up to 80% of the machine's available memory.
 Each cell's result is kept as soon as it is measured.
 
+Prefill: SGLang's benchmark prefills a whole batch in one forward, whose activations (16 x 32K tokens of
+the 8B shape: a 13.7 GiB MLP buffer among others) no longer fit beside dense's KV pool. A batch longer
+than ``--prefill-tokens-per-forward`` is prefilled in groups of whole requests, one forward per group,
+merged into one decode batch as SGLang's scheduler merges prefilled requests into its running batch
+(every mode alike; decode steps are unchanged; the prefill column is the time of all groups).
+
 Query locality: with random weights consecutive decode queries are unrelated (FreeKV's worst
 case). ``--query-cosine C`` makes FreeKV modes replace each decode query so consecutive ones have
 cosine about C (benchmark only, outputs meaningless), to time the data path at a real model's
@@ -147,6 +153,50 @@ def recording(run_once, result_file: str, model: str, current_runtime):
     return run_once_with_stats
 
 
+PREFILL_TOKENS_ENV = "FREEKV_BENCH_PREFILL_TOKENS_PER_FORWARD"  # set by run_mode for its worker
+
+
+def prefill_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive groups of request indices whose prompt lengths sum to at most ``max_tokens`` (a
+    longer request forms its own group); ``max_tokens <= 0``: one group."""
+    if max_tokens <= 0 or sum(lengths) <= max_tokens:
+        return [list(range(len(lengths)))]
+    groups, cur, n = [], [], 0
+    for i, length in enumerate(lengths):
+        if cur and n + length > max_tokens:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(i)
+        n += length
+    groups.append(cur)
+    return groups
+
+
+def grouped_extend(extend, max_tokens: int):
+    """Wrap the benchmark's ``extend(reqs, model_runner) -> (next_token_ids, logits, batch)``: prefill in
+    :func:`prefill_groups`, then merge the groups' batches into one (``ScheduleBatch.merge_batch``, as the
+    scheduler does with newly prefilled requests) and concatenate their next tokens. The logits of a
+    grouped prefill are not kept (``None``; the latency benchmark does not read them)."""
+
+    def run(reqs, model_runner):
+        groups = prefill_groups([len(r.origin_input_ids) for r in reqs], max_tokens)
+        if len(groups) == 1:
+            return extend(reqs, model_runner)
+        import torch
+
+        ids, batch = [], None
+        for g in groups:
+            nxt, _, b = extend([reqs[i] for i in g], model_runner)
+            ids.append(nxt)
+            if batch is None:
+                batch = b
+            else:
+                batch.merge_batch(b)
+        return torch.cat(ids), None, batch
+
+    return run
+
+
 def worker(argv: list[str]) -> None:
     """Run SGLang's one-batch benchmark in this process with FreeKV's hooks installed."""
     from sglang.srt.plugins import load_plugins
@@ -170,6 +220,7 @@ def worker(argv: list[str]) -> None:
     result_file, argv = argv[i + 1], [*argv[: i + 1], "", *argv[i + 2:]]
     run_once_with_stats = recording(one_batch.latency_test_run_once, result_file, model, current_runtime)
     one_batch.latency_test_run_once = run_once_with_stats
+    one_batch.extend = grouped_extend(one_batch.extend, int(os.environ.get(PREFILL_TOKENS_ENV, "0")))
     sys.argv = ["one_batch", *argv]
     one_batch.cli_main()
 
@@ -203,6 +254,7 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
         try:
             env = dict(os.environ, FREEKV_LOG_STATS_EVERY="0")  # statistics are collected per measurement
             env.pop("FREEKV_BENCH_QUERY_COSINE", None)
+            env[PREFILL_TOKENS_ENV] = str(a.prefill_tokens_per_forward)
             apply_variant_env(mode_env, env)
             if a.query_cosine is not None and base != "dense":
                 env["FREEKV_BENCH_QUERY_COSINE"] = str(a.query_cosine)
@@ -353,6 +405,9 @@ def main() -> None:
     p.add_argument("--capacity-max-requests", type=int, default=64)
     p.add_argument("--capacity-host-gb", type=float, default=None,
                    help="FreeKV host tier for the capacity run (default: 80%% of the available memory)")
+    p.add_argument("--prefill-tokens-per-forward", type=int, default=262144,
+                   help="prefill a batch longer than this in groups of whole requests, one forward each "
+                        "(every mode; 0: the whole batch in one forward, as SGLang's benchmark does)")
     p.add_argument("--out", default="bench-out", help="folder for logs and results")
     p.add_argument("extra", nargs="*", help="extra SGLang arguments after --")
     a = p.parse_args()

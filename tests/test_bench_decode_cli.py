@@ -109,3 +109,43 @@ def test_report_header_names_card_versions_shape_and_command(bench, tmp_path):
     assert "32 layers, 32 query / 8 KV heads, head dim 128" in h
     assert "pinned H2D ceiling 55.4 GB/s" in h and "synthetic consecutive-query cosine 0.95" in h
     assert "command: `python launch/bench_decode.py --contexts 32000 --modes dense freekv@32`" in h
+
+
+def test_prefill_groups(bench):
+    assert bench.prefill_groups([32000] * 16, 262144) == [list(range(8)), list(range(8, 16))]
+    assert bench.prefill_groups([32000] * 8, 262144) == [list(range(8))]  # fits: one forward
+    assert bench.prefill_groups([32000] * 3, 0) == [[0, 1, 2]]  # 0: whole batch
+    assert bench.prefill_groups([5, 20, 5, 5], 10) == [[0], [1], [2, 3]]  # a longer request alone
+    groups = bench.prefill_groups([7, 3, 9, 1, 4, 4, 8], 10)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    assert all(sum([7, 3, 9, 1, 4, 4, 8][i] for i in g) <= 10 for g in groups)
+
+
+def test_grouped_extend_merges_groups_into_one_decode_batch(bench):
+    torch = pytest.importorskip("torch")
+
+    class Req:
+        def __init__(self, n, rid):
+            self.origin_input_ids, self.rid = [1] * n, rid
+
+    class Batch:
+        def __init__(self, reqs):
+            self.reqs = list(reqs)
+
+        def merge_batch(self, other):
+            self.reqs += other.reqs
+
+    calls = []
+
+    def extend(reqs, runner):
+        calls.append([r.rid for r in reqs])
+        return torch.tensor([r.rid for r in reqs]), torch.zeros(len(reqs), 3), Batch(reqs)
+
+    reqs = [Req(100, i) for i in range(5)]
+    ids, logits, batch = bench.grouped_extend(extend, 250)(reqs, "runner")
+    assert calls == [[0, 1], [2, 3], [4]]
+    assert ids.tolist() == [0, 1, 2, 3, 4] and logits is None
+    assert [r.rid for r in batch.reqs] == [0, 1, 2, 3, 4]
+    calls.clear()
+    ids, logits, batch = bench.grouped_extend(extend, 0)(reqs, "runner")  # one forward, untouched result
+    assert calls == [[0, 1, 2, 3, 4]] and logits.shape == (5, 3)
