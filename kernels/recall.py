@@ -317,17 +317,16 @@ if triton is not None:
             tl.store(wv_ptr + dst, vx, mask=m)
 
 
-DEFAULT_RECALL_PROGRAMS = 8
+DEFAULT_RECALL_PROGRAMS = 32
 
 
 def selected_recall_programs(device: torch.device) -> int:
-    """Default grid of :func:`recall_selected`: 8 programs (at most one per SM;
+    """Default grid of :func:`recall_selected`: 32 programs (at most one per SM;
     ``FREEKV_RECALL_PROGRAMS`` overrides). Measured on an H200: 8 to 1024 programs move an all-missing
     batch at the same 51 GB/s, while a concurrent matmul slows by 29% beside 16 programs and by 174%
     beside one per SM (a program holds its SM's slot for the whole transfer). Inside SGLang's decode
-    step the fewer programs carried the recall, the faster the step at batch 8-16: about 8 busy programs
-    (run C's 32-program grid, when chunks were dealt list by list) 9.74/12.39 ms, 32 busy programs
-    10.63/14.20 ms, 132 programs 11.46-11.90/14.39-15.93 ms (docs/BENCHMARKS.md, runs C and D)."""
+    step 32 programs beat one per SM by 1.04-1.12x at batch 4-16 (docs/BENCHMARKS.md, run D); fewer
+    busy programs were faster still at batch 8-16 in run C (grids of 8 and 16 are to be timed)."""
     env = os.environ.get("FREEKV_RECALL_PROGRAMS")
     if not env:
         return min(DEFAULT_RECALL_PROGRAMS, sm_count(device))
