@@ -335,6 +335,22 @@ def selected_recall_programs(device: torch.device) -> int:
     return int(env)
 
 
+DEFAULT_RECALL_WARPS = 8
+RECALL_WARPS_CHOICES = (1, 2, 4, 8, 16)
+
+
+def selected_recall_warps() -> int:
+    """Warps per program of :func:`recall_selected`: 8 (``FREEKV_RECALL_WARPS`` overrides, one of
+    1, 2, 4, 8, 16). Fewer warps hold fewer registers and warp slots of an SM, which a compute
+    kernel sharing the SM can use; each warp then has more of the tile's loads in flight."""
+    env = os.environ.get("FREEKV_RECALL_WARPS")
+    if not env:
+        return DEFAULT_RECALL_WARPS
+    if not env.isdigit() or int(env) not in RECALL_WARPS_CHOICES:
+        raise ValueError(f"FREEKV_RECALL_WARPS must be one of {RECALL_WARPS_CHOICES}, got {env!r}")
+    return int(env)
+
+
 def recall_selected_pieces(recall_slot, recall_page, req_to_token, rows, *, page_size, slot_base, select_slot0):
     """The flat ``(host_page, dst_slot, head)`` lists of :func:`recall_selected` (torch ops)."""
     return pieces_from_selection(recall_slot.long(), recall_page.long(), None, req_to_token, rows,
@@ -352,8 +368,9 @@ def recall_selected_reference(host_k, host_v, ws_k, ws_v, recall_slot, recall_pa
 def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor,
                     recall_slot: torch.Tensor, recall_page: torch.Tensor, req_to_token: torch.Tensor,
                     rows: torch.Tensor, *, page_size: int, slot_base: int, select_slot0: int,
-                    num_programs: int | None = None, impl: str | None = None) -> None:
-    """Recall the pieces listed by :func:`.select.select_update`, one program per listed piece.
+                    num_programs: int | None = None, num_warps: int | None = None,
+                    impl: str | None = None) -> None:
+    """Recall the pieces listed by :func:`.select.select_update` on a persistent grid of programs.
 
     Args:
         host_k, host_v: ``[n_host_pages, Hkv, P, D]`` pinned host tier of the layer.
@@ -363,8 +380,11 @@ def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
         page_size, slot_base (= slots per row), select_slot0 (= first selected slot in a row).
     Piece ``(b, h, t)`` copies ``host[req_to_token[rows[b], page*P] // P, h]`` into
     ``ws[rows[b]*slot_base + select_slot0 + slot, :, h, :]``. Graph-capturable, no host sync.
-    ``num_programs``: persistent grid size (default :func:`selected_recall_programs`).
+    ``num_programs``: persistent grid size (default :func:`selected_recall_programs`);
+    ``num_warps``: warps per program (default :func:`selected_recall_warps`).
     """
+    if num_warps is not None and num_warps not in RECALL_WARPS_CHOICES:
+        raise ValueError(f"num_warps must be one of {RECALL_WARPS_CHOICES}, got {num_warps}")
     if not use_triton(impl, ws_k, recall_slot):
         return recall_selected_reference(host_k, host_v, ws_k, ws_v, recall_slot, recall_page, req_to_token, rows,
                                          page_size=page_size, slot_base=slot_base, select_slot0=select_slot0)
@@ -381,5 +401,6 @@ def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
     _recall_selected_kernel[(n_prog,)](
         kernel_arg(host_k), kernel_arg(host_v), ws_k, ws_v, recall_slot, recall_page, rows, req_to_token,
         req_to_token.stride(0), b * hkv, n_iters, n_prog, HKV=hkv, K=k, PAGE=p, D=d, SLOT_BASE=slot_base,
-        SLOT0=select_slot0, CH=ch, ITERS=n_iters if interpreter_forced() else 0, num_warps=8,
+        SLOT0=select_slot0, CH=ch, ITERS=n_iters if interpreter_forced() else 0,
+        num_warps=num_warps or selected_recall_warps(),
     )

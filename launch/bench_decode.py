@@ -18,9 +18,10 @@ Modes:
   skip       FreeKV with transfers skipped (upper bound; outputs are wrong)
 
 Variants of a FreeKV mode: ``MODE@N`` runs the selected-page recall on a persistent grid of ``N``
-programs (``FREEKV_RECALL_PROGRAMS``), ``MODE/S`` runs speculation on ``S`` side streams
+programs (``FREEKV_RECALL_PROGRAMS``), ``MODE+W`` gives each recall program ``W`` warps
+(``FREEKV_RECALL_WARPS``), ``MODE/S`` runs speculation on ``S`` side streams
 (``FREEKV_SPEC_STREAMS``, 1 or 2), ``MODE~K`` splits the working-set attention every ``K`` pages
-(``FREEKV_DECODE_SPLIT_PAGES``), e.g. ``freekv@32`` or ``freekv@16/1~8``.
+(``FREEKV_DECODE_SPLIT_PAGES``), e.g. ``freekv@32``, ``freekv@16+2`` or ``freekv@16/1~8``.
 
 Cells that do not fit are skipped by SGLang's benchmark (its token pool bounds batch x context):
 dense's token pool is sized for the largest cell (``--max-total-tokens``; SGLang's memory fraction
@@ -229,7 +230,7 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
     from freekv_sglang.runtime.variants import apply_variant_env
 
     base, mode_env = parse_mode(mode)
-    safe = mode.replace("/", "-s").replace("@", "-g").replace("~", "-k")
+    safe = mode.replace("/", "-s").replace("@", "-g").replace("+", "-w").replace("~", "-k")
     res = os.path.join(out_dir, f"one_batch-{safe}.jsonl")
     if os.path.exists(res):
         os.remove(res)

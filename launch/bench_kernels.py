@@ -12,6 +12,10 @@ file is rewritten after every section):
                   the gather's persistent grid size;
 * ``overlap``     SMs held by the gather (grid vs SM count) and the slowdown of a concurrent
                   8192^3 bf16 matmul on another stream;
+* ``interfere``   the runtime's recall (``recall_selected``) by grid size and warps per program,
+                  beside a decode-like memory-bound victim on another stream (16 x 4096 @ 4096 x
+                  28672 bf16 matmuls: weight streaming, as a decode step at batch 16 does): the
+                  victim's slowdown and the recall's GB/s, to choose the recall's shape;
 * ``offload``     ``store_kv_host`` for a 32K-token prefill layer vs the D2H ceiling, and a
                   decode-sized store;
 * ``scores``      ``score_and_select`` (the runtime's fused scoring + top-k + residency) and the
@@ -367,6 +371,67 @@ def sec_overlap(r: Runner, out: dict):
         r.save()
 
 
+def _run_on(stream, fn, n=1):
+    """Record events around ``n`` calls of ``fn`` on ``stream``: ``(start, end)``."""
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        e0.record()
+        for _ in range(n):
+            fn()
+        e1.record()
+    return e0, e1
+
+
+def sec_interfere(r: Runner, out: dict):
+    work = r.state.get("recall_work") or RecallWork(8192, 32)
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    sel, n_sel, sel_bytes = work.selected_lists(16, 0.25, seed=300)  # batch 16, a quarter of the slots missing
+    x = torch.randn(16, 4096, device=DEV, dtype=BF16)
+    w = torch.randn(4096, 28672, device=DEV, dtype=BF16)
+    y = torch.empty(16, 28672, device=DEV, dtype=BF16)
+    reps = 20
+
+    def victim():
+        for _ in range(reps):
+            torch.matmul(x, w, out=y)
+
+    s_v, s_r = torch.cuda.Stream(), torch.cuda.Stream()
+    victim()
+    torch.cuda.synchronize()
+    alone = []
+    for _ in range(7):
+        e = _run_on(s_v, victim)
+        torch.cuda.synchronize()
+        alone.append(e[0].elapsed_time(e[1]))
+    v_alone = statistics.median(alone)
+    out["victim_alone_ms"] = v_alone
+    r.row("interfere", f"victim: {reps} x (16x4096 @ 4096x28672) bf16 alone", v_alone, "ms",
+          f"{reps * w.numel() * 2 / v_alone / 1e6:.0f} GB/s weight streaming")
+    for nprog in (8, 16, 32, 64, sms):
+        for warps in (2, 4, 8):
+            def rec():
+                work.selected(sel, num_programs=nprog, num_warps=warps)
+
+            t_alone = bench_ms(rec)
+            n_calls = max(1, round(v_alone / t_alone))
+            v_t, r_t = [], []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                er = _run_on(s_r, rec, n_calls)
+                ev = _run_on(s_v, victim)
+                torch.cuda.synchronize()
+                v_t.append(ev[0].elapsed_time(ev[1]))
+                r_t.append(er[0].elapsed_time(er[1]))
+            res = dict(programs=nprog, warps=warps, recall_gbps_alone=gbps(sel_bytes, t_alone),
+                       recall_gbps_concurrent=gbps(n_calls * sel_bytes, statistics.median(r_t)),
+                       victim_ms=statistics.median(v_t))
+            res["victim_slowdown"] = res["victim_ms"] / v_alone - 1
+            out[f"p{nprog}_w{warps}"] = res
+            r.row("interfere", f"recall {nprog:>3} programs x {warps} warps: victim slowdown", 100 * res["victim_slowdown"],
+                  "%", f"recall {res['recall_gbps_concurrent']:.1f} GB/s concurrent, {res['recall_gbps_alone']:.1f} alone")
+        r.save()
+
+
 def sec_offload(r: Runner, out: dict):
     t_tok = 32768
     g = torch.Generator(device=DEV).manual_seed(0)
@@ -563,7 +628,7 @@ def sec_decode(r: Runner, out: dict, quick: bool):
         r.save()
 
 
-SECTIONS = ("info", "ceilings", "recall", "overlap", "offload", "scores", "decode")
+SECTIONS = ("info", "ceilings", "recall", "overlap", "interfere", "offload", "scores", "decode")
 
 
 def main(argv=None):
@@ -582,7 +647,7 @@ def main(argv=None):
     r = Runner(args.json)
     sec_info_fn = {
         "info": (sec_info,), "ceilings": (sec_ceilings,), "recall": (sec_recall, args.quick), "overlap": (sec_overlap,),
-        "offload": (sec_offload,), "scores": (sec_scores, args.quick), "decode": (sec_decode, args.quick),
+        "interfere": (sec_interfere,), "offload": (sec_offload,), "scores": (sec_scores, args.quick), "decode": (sec_decode, args.quick),
     }
     if "ceilings" not in wanted and any(s in wanted for s in ("recall", "offload", "scores")):
         wanted.insert(0, "ceilings")  # the ratios need the ceilings

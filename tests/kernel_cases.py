@@ -68,7 +68,7 @@ def check_prologue(device, dtype, group, head_dim, page=8, seed=0):
             assert bool(flags.all())
 
 
-def check_select_recall(device, dtype, head_dim, page=8, k=4, seed=0, num_programs=None):
+def check_select_recall(device, dtype, head_dim, page=8, k=4, seed=0, num_programs=None, num_warps=None):
     g = torch.Generator().manual_seed(seed)
     B, hkv, R, ns = 4, 3, 6, 2
     S = ns + k + 4
@@ -106,7 +106,8 @@ def check_select_recall(device, dtype, head_dim, page=8, k=4, seed=0, num_progra
         wk = torch.full(((R + 1) * S, page, hkv, head_dim), float("nan"), dtype=dtype, device=device)
         wv = wk.clone()
         recall_selected(host_k, host_v, wk, wv, outs[1][1], outs[1][2], r2t.to(device), rows.to(device),
-                        page_size=page, slot_base=S, select_slot0=ns, num_programs=num_programs, impl=impl)
+                        page_size=page, slot_base=S, select_slot0=ns, num_programs=num_programs,
+                        num_warps=num_warps if impl == "triton" else None, impl=impl)
         ws.append((wk, wv))
     for a, b in zip(ws[0], ws[1]):
         assert torch.equal(torch.nan_to_num(a, nan=-7.0).cpu(), torch.nan_to_num(b, nan=-7.0).cpu()), "recall"

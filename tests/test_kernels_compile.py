@@ -130,15 +130,16 @@ def test_compile_merge_select(k, kb, nb, has_mask):
              num_warps=4 if nb * kb <= 1024 else 8)
 
 
-@pytest.mark.parametrize("dt", ["bf16", "fp16"])
-@pytest.mark.parametrize("p,d", [(32, 128), (16, 64), (256, 128)])
-def test_compile_recall_selected(dt, p, d):
+@pytest.mark.parametrize("dt,p,d,w", [("bf16", 32, 128, 8), ("fp16", 32, 128, 8), ("bf16", 16, 64, 8),
+                                      ("fp16", 16, 64, 8), ("bf16", 256, 128, 8), ("fp16", 256, 128, 8),
+                                      ("bf16", 32, 128, 2), ("bf16", 32, 128, 1)])
+def test_compile_recall_selected(dt, p, d, w):
     t = TY[dt]
     sig = dict(hk_ptr=t, hv_ptr=t, wk_ptr=t, wv_ptr=t, rslot_ptr="*i32", rpage_ptr="*i32", rows_ptr="*i64",
                r2t_ptr="*i32", r2t_stride="i32", n_lists="i32", n_iters="i32", n_programs="i32")
     _compile(recall._recall_selected_kernel, sig,
              dict(HKV=8, K=32, PAGE=p, D=d, SLOT_BASE=64, SLOT0=16, CH=max(1, 128 // p), ITERS=0),
-             num_warps=8, div16=("r2t_stride",))
+             num_warps=w, div16=("r2t_stride",))
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])

@@ -56,10 +56,11 @@ def test_variant_names():
     assert parse_variant("freekv@32/1~8") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1",
                                                          "FREEKV_DECODE_SPLIT_PAGES": "8"})
     assert parse_variant("sync~4")[1] == {"FREEKV_DECODE_SPLIT_PAGES": "4"}
-    for bad in ("freekv@0", "freekv@x", "freekv/3", "freekv@8@16", "@8", "freekv~"):
+    assert parse_variant("freekv@16+2") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "16", "FREEKV_RECALL_WARPS": "2"})
+    for bad in ("freekv@0", "freekv@x", "freekv/3", "freekv@8@16", "@8", "freekv~", "freekv+3", "freekv+32"):
         with pytest.raises(ValueError):
             parse_variant(bad)
-    env = {"FREEKV_SPEC_STREAMS": "1", "OTHER": "x"}
+    env = {"FREEKV_SPEC_STREAMS": "1", "FREEKV_RECALL_WARPS": "2", "OTHER": "x"}
     assert apply_variant_env({"FREEKV_RECALL_PROGRAMS": "16"}, env) == {"OTHER": "x", "FREEKV_RECALL_PROGRAMS": "16"}
 
 
@@ -96,3 +97,19 @@ def test_recall_programs_env(monkeypatch):
             selected_recall_programs(torch.device("cpu"))
     monkeypatch.setenv("FREEKV_RECALL_PROGRAMS", "16")
     assert selected_recall_programs(torch.device("cpu")) == 16
+
+
+def test_recall_warps_env(monkeypatch):
+    from freekv_sglang.kernels.recall import DEFAULT_RECALL_WARPS, recall_selected, selected_recall_warps
+
+    monkeypatch.delenv("FREEKV_RECALL_WARPS", raising=False)
+    assert selected_recall_warps() == DEFAULT_RECALL_WARPS
+    for bad in ("0", "3", "32", "x"):
+        monkeypatch.setenv("FREEKV_RECALL_WARPS", bad)
+        with pytest.raises(ValueError, match="FREEKV_RECALL_WARPS"):
+            selected_recall_warps()
+    monkeypatch.setenv("FREEKV_RECALL_WARPS", "2")
+    assert selected_recall_warps() == 2
+    t = torch.zeros(1)
+    with pytest.raises(ValueError, match="num_warps"):
+        recall_selected(t, t, t, t, t, t, t, t, page_size=32, slot_base=1, select_slot0=0, num_warps=3)

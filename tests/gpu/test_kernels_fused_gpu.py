@@ -20,6 +20,8 @@ def test_select_recall_gpu(dtype, head_dim, k):
     check_select_recall("cuda", dtype, head_dim, page=32, k=k)
     check_select_recall("cuda", dtype, head_dim, page=32, k=k, num_programs=2)  # several chunks per program
     check_select_recall("cuda", dtype, head_dim, page=32, k=k, num_programs=3)  # not a divisor of the chunks
+    for warps in (1, 2, 16):  # FREEKV_RECALL_WARPS choices besides the default
+        check_select_recall("cuda", dtype, head_dim, page=32, k=k, num_programs=4, num_warps=warps)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
