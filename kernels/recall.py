@@ -394,13 +394,15 @@ def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
     p, d = host_k.shape[2], host_k.shape[3]  # host pages are [n_pages, Hkv, P, D]
     check_head_dim(d)
     check_page_size(p)
-    ch = min(max(1, 128 // p), next_pow2(k))  # pieces per tile: 128-row tiles (4 pieces at P=32)
+    warps = num_warps or selected_recall_warps()
+    # pieces per tile: 16 rows per warp (128-row tiles, 4 pieces at P=32, with the default 8 warps), so a
+    # thread holds the same share of the tile whatever the warp count (fewer warps, smaller tiles: no spills)
+    ch = min(max(1, 16 * warps // p), next_pow2(k))
     n_chunks = b * hkv * cdiv(k, ch)
     n_prog = min(n_chunks, num_programs or selected_recall_programs(ws_k.device))
     n_iters = cdiv(n_chunks, n_prog)
     _recall_selected_kernel[(n_prog,)](
         kernel_arg(host_k), kernel_arg(host_v), ws_k, ws_v, recall_slot, recall_page, rows, req_to_token,
         req_to_token.stride(0), b * hkv, n_iters, n_prog, HKV=hkv, K=k, PAGE=p, D=d, SLOT_BASE=slot_base,
-        SLOT0=select_slot0, CH=ch, ITERS=n_iters if interpreter_forced() else 0,
-        num_warps=num_warps or selected_recall_warps(),
+        SLOT0=select_slot0, CH=ch, ITERS=n_iters if interpreter_forced() else 0, num_warps=warps,
     )

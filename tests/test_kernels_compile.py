@@ -138,7 +138,7 @@ def test_compile_recall_selected(dt, p, d, w):
     sig = dict(hk_ptr=t, hv_ptr=t, wk_ptr=t, wv_ptr=t, rslot_ptr="*i32", rpage_ptr="*i32", rows_ptr="*i64",
                r2t_ptr="*i32", r2t_stride="i32", n_lists="i32", n_iters="i32", n_programs="i32")
     _compile(recall._recall_selected_kernel, sig,
-             dict(HKV=8, K=32, PAGE=p, D=d, SLOT_BASE=64, SLOT0=16, CH=max(1, 128 // p), ITERS=0),
+             dict(HKV=8, K=32, PAGE=p, D=d, SLOT_BASE=64, SLOT0=16, CH=max(1, 16 * w // p), ITERS=0),
              num_warps=w, div16=("r2t_stride",))
 
 

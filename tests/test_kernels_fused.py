@@ -23,6 +23,8 @@ def test_fused_kernels_under_interpreter():
         "    check_select_recall('cpu', torch.float16, 16, page=4, k=7, num_programs=nprog)\n"
         "for nprog in (1, 3, 4, 64):  # page 32: 4 entries per chunk, 3 chunks per list (the last partial)\n"
         "    check_select_recall('cpu', torch.float16, 16, page=32, k=10, num_programs=nprog)\n"
+        "for warps in (1, 2, 16):  # tiles of 16 rows per warp: 1, 1 and 8 pieces of 32 tokens\n"
+        "    check_select_recall('cpu', torch.float16, 16, page=32, k=10, num_programs=3, num_warps=warps)\n"
         "for agg, grp, k, masked, by_row in (('mean', 1, 4, True, False), ('max', 3, 5, False, True),\n"
         "                                    ('mean', 4, 16, True, True)):\n"
         "    check_score_select('cpu', torch.float16, grp, 16, k=k, aggregation=agg, masked=masked, by_row=by_row)\n"
