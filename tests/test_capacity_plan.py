@@ -65,3 +65,17 @@ def test_digests_taking_most_of_the_gpu_are_reported():
     hint = digest_warning(big, 52 * 2**20, 8)
     assert "take 50.0 MiB of 52.0 MiB GPU memory" in hint and "--freekv-host-memory-gb" in hint
     assert f"for {big.max_running_requests} running requests" in hint
+
+
+def test_host_tier_smaller_than_the_dense_pool_is_reported():
+    from freekv_sglang.runtime.sizing import capacity_warning, kv_bytes_per_token
+
+    gpu = 52 * 2**20
+    dense_tokens = gpu // kv_bytes_per_token(SHAPE)
+    small = plan_memory(SHAPE, LAYOUT, gpu // 2, gpu, 4096)
+    assert small.host_tokens < dense_tokens
+    hint = capacity_warning(small, gpu, SHAPE)
+    assert f"holds {small.host_tokens} tokens" in hint and f"the {dense_tokens} tokens" in hint
+    assert "--freekv-host-memory-gb" in hint
+    big = plan_memory(SHAPE, LAYOUT, 4 * gpu, gpu, 4096)
+    assert big.host_tokens >= dense_tokens and capacity_warning(big, gpu, SHAPE) is None

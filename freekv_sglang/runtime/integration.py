@@ -75,7 +75,7 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
 
     from freekv_sglang.config import resolve_host_memory_bytes
 
-    from .sizing import digest_warning, plan_memory
+    from .sizing import capacity_warning, digest_warning, plan_memory
 
     sched = get_schedule()
     gpu_bytes = self._profile_available_bytes(pre_model_load_memory)
@@ -87,9 +87,10 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
     _PLAN = plan_memory(_model_shape(self), _settings(cfg).layout, host_bytes, gpu_bytes,
                         self.model_config.context_len, sched.max_total_tokens, sched.max_running_requests)
     logger.info(_PLAN.summary())
-    hint = digest_warning(_PLAN, gpu_bytes, cfg.page_size)
-    if hint:
-        logger.warning(hint)
+    for hint in (digest_warning(_PLAN, gpu_bytes, cfg.page_size),
+                 capacity_warning(_PLAN, gpu_bytes, _model_shape(self))):
+        if hint:
+            logger.warning(hint)
     return MemoryPoolConfig(max_total_num_tokens=_PLAN.host_tokens,
                             max_running_requests=_PLAN.max_running_requests,
                             mem_fraction_static=sched.mem_fraction_static)

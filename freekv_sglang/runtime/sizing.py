@@ -103,6 +103,24 @@ def digest_warning(plan: MemoryPlan, gpu_bytes: int, page_size: int) -> str | No
             f"lets more run at once (launch/capacity_plan.py projects it).")
 
 
+def capacity_warning(plan: MemoryPlan, gpu_bytes: int, shape: ModelShape) -> str | None:
+    """A hint when FreeKV holds fewer tokens than SGLang's own GPU pool would.
+
+    FreeKV keeps every request's whole KV in the host tier, so the tokens it can hold are the host
+    tier's; SGLang without FreeKV would give ``gpu_bytes`` to a dense pool. When the host tier is the
+    smaller of the two, fewer long requests fit at once than with dense attention. Returns ``None``
+    otherwise.
+    """
+    dense_tokens = gpu_bytes // kv_bytes_per_token(shape)
+    if plan.host_tokens >= dense_tokens:
+        return None
+    return (f"FreeKV: the host tier holds {plan.host_tokens} tokens ({_size(plan.host_bytes)}), fewer than the "
+            f"{dense_tokens} tokens SGLang's GPU KV pool holds without FreeKV ({_size(gpu_bytes)}): fewer long "
+            f"requests fit at once than with dense attention. FreeKV serves more concurrent long requests "
+            f"only with more host memory than GPU KV memory (--freekv-host-memory-gb; "
+            f"launch/capacity_plan.py projects it).")
+
+
 def scratch_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout, max_context_len: int) -> int:
     """Per-request decode scratch: selection keys of the two selection passes and the
     recall lists (int32 slot + page): per layer for the speculative pass, one set for the compute stream."""
