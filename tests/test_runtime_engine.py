@@ -85,8 +85,9 @@ def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean"
                 want = ref[l][b].decode(q[b], keys[l][b], vals[l][b], scale)
                 torch.testing.assert_close(out[b].float().cpu(), want, atol=atol, rtol=atol,
                                            msg=lambda m: f"step {t} layer {l} request {b}: {m}")
-                got_res = rt.resident[l, rows[b]].cpu()
-                assert torch.equal(got_res, ref[l][b].resident), (t, l, b)
+                if l < rt.defer_from:  # a deferred layer selects for the next step at that step's start
+                    got_res = rt.resident[l, rows[b]].cpu()
+                    assert torch.equal(got_res, ref[l][b].resident), (t, l, b)
         rt.finish_decode_step()
     return rt, ref
 
@@ -118,6 +119,29 @@ def test_runtime_budget_covers_context_is_dense_cpu():
     for row in ref:
         for st in row:
             assert not any(s.sparse for s in st.stats)
+
+
+@pytest.mark.parametrize("defer", [1, 2])
+def test_deferred_speculation_matches_reference_cpu(defer, monkeypatch):
+    """FREEKV_DEFER_LAYERS: the last layers' speculation runs at the next step's start; every output
+    still equals the spec's (which speculates right after attention)."""
+    monkeypatch.setenv("FREEKV_DEFER_LAYERS", str(defer))
+    rt, ref = run_against_reference("cpu", torch.float32, speculative=True, tau=0.9)
+    assert rt.defer_from == 2 - defer
+    assert sum(s.corrected_heads for row in ref for st in row for s in st.stats) > 0
+
+
+def test_deferred_layers_env_is_validated(monkeypatch):
+    from freekv_sglang.runtime.engine import deferred_layers_from_env
+
+    monkeypatch.delenv("FREEKV_DEFER_LAYERS", raising=False)
+    assert deferred_layers_from_env(32) == 0
+    for bad in ("-1", "33", "x", "1.5"):
+        monkeypatch.setenv("FREEKV_DEFER_LAYERS", bad)
+        with pytest.raises(ValueError, match="FREEKV_DEFER_LAYERS"):
+            deferred_layers_from_env(32)
+    monkeypatch.setenv("FREEKV_DEFER_LAYERS", "16")
+    assert deferred_layers_from_env(32) == 16
 
 
 def test_runtime_with_triton_kernels_under_interpreter():

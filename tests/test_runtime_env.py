@@ -57,7 +57,8 @@ def test_variant_names():
                                                          "FREEKV_DECODE_SPLIT_PAGES": "8"})
     assert parse_variant("sync~4")[1] == {"FREEKV_DECODE_SPLIT_PAGES": "4"}
     assert parse_variant("freekv@16+2") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "16", "FREEKV_RECALL_WARPS": "2"})
-    for bad in ("freekv@0", "freekv@x", "freekv/3", "freekv@8@16", "@8", "freekv~", "freekv+3", "freekv+32"):
+    assert parse_variant("freekv%16@8") == ("freekv", {"FREEKV_DEFER_LAYERS": "16", "FREEKV_RECALL_PROGRAMS": "8"})
+    for bad in ("freekv@0", "freekv@x", "freekv/3", "freekv@8@16", "@8", "freekv~", "freekv+3", "freekv+32", "freekv%x"):
         with pytest.raises(ValueError):
             parse_variant(bad)
     env = {"FREEKV_SPEC_STREAMS": "1", "FREEKV_RECALL_WARPS": "2", "OTHER": "x"}

@@ -148,6 +148,16 @@ class FreeKVRuntime:
         self.attn_done = [torch.cuda.Event() for _ in range(L)] if side else None
         two = side and self.recall_stream is not self.side_stream
         self.select_done = [torch.cuda.Event() for _ in range(L)] if two else None
+        # Deferred speculation (FREEKV_DEFER_LAYERS=m): the last m layers' speculative selection and
+        # recall run at the start of the next decode step instead of after their attention, so their
+        # transfers overlap that step's first layers rather than waiting at the end of this one (a
+        # CUDA graph must join its side streams before it ends). Same selection: it uses the per-row
+        # previous query, context and speculation mask, none of which changes in between.
+        n_defer = deferred_layers_from_env(L) if settings.speculative else 0
+        self.defer_from = L - n_defer
+        self.spec_row = torch.zeros((L, max_rows + 1, hkv), dtype=torch.bool, device=dev) if n_defer else None
+        self.defer_done = [torch.cuda.Event() for _ in range(L)] if side and n_defer else None
+        self.step_start = torch.cuda.Event() if side and n_defer else None
         # recall lists (int32 slot, page): one set for the compute stream, one per layer for the
         # speculative pass (a layer's lists stay valid until its recall ran on the recall stream)
         self.main_lists = torch.empty((2, max_batch, hkv, lay.n_select), dtype=torch.int32, device=dev)
@@ -160,7 +170,7 @@ class FreeKVRuntime:
     @property
     def gpu_bytes(self) -> int:
         parts = (self.ws, self.digests, self.resident, self.q_prev, self.q_valid, self.keys_main, self.keys_side,
-                 self.main_lists, self.side_lists)
+                 self.main_lists, self.side_lists, self.spec_row)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def used_bytes(self, n_requests: int, tokens_each: int) -> tuple[int, int]:
@@ -289,6 +299,8 @@ class FreeKVRuntime:
             sl = slice(i, i + self.max_batch)
             self._select_and_recall(layer, q_last[sl], rows[sl], n1[sl], None, self.keys_main)
         self.q_valid[layer].index_fill_(0, rows, False)
+        if self.spec_row is not None:  # nothing deferred from the row's previous request
+            self.spec_row[layer].index_fill_(0, rows, False)
 
     # ------------------------------------------------------------------ decode
     def plan_decode_device(self, rows: torch.Tensor, seq_lens: torch.Tensor, graph: bool = False) -> DecodeStep:
@@ -346,6 +358,10 @@ class FreeKVRuntime:
         """
         st, cfg = self.step, self.settings
         b = q.shape[0]
+        if layer == 0 and self.spec_row is not None:
+            self._deferred_speculation(st)
+        if layer >= self.defer_from and self.defer_done is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.defer_done[layer])
         if self.synthetic is not None:
             q = self.synthetic.apply(layer, q, st.rows)
         wk, wv = self.layer_slots(layer)
@@ -361,8 +377,11 @@ class FreeKVRuntime:
         # 3. attention over the working set (sink + selected + window)
         o = self.attention(q, wk, wv, scale)
         # 4. speculative selection + recall for the next step, on the side stream, for the heads
-        #    whose pages the correction did not already choose with q_t (see decode_prologue)
-        if cfg.speculative:
+        #    whose pages the correction did not already choose with q_t (see decode_prologue);
+        #    a deferred layer keeps that mask per row for the next step's start
+        if cfg.speculative and layer >= self.defer_from:
+            self.spec_row[layer].index_copy_(0, st.rows, spec)
+        elif cfg.speculative:
             if self.side_stream is not None:
                 ev = self.attn_done[layer]
                 sel = self.select_done[layer] if self.select_done is not None else None
@@ -381,6 +400,34 @@ class FreeKVRuntime:
             else:
                 self._select_and_recall(layer, q, st.rows, st.n_next, spec, self.keys_side, self.counters[3])
         return o
+
+    def _deferred_speculation(self, st: DecodeStep) -> None:
+        """Speculative selection + recall of the deferred layers, for this step, at its start (see
+        ``FREEKV_DEFER_LAYERS``): per layer with the rows' previous query over this step's context,
+        for the heads their last step marked; layer ``l``'s attention waits for its recall."""
+        b = st.rows.shape[0]
+        L = self.shape.n_layers
+        if self.side_stream is None:  # CPU: in order, on the compute stream
+            for layer in range(self.defer_from, L):
+                self._select_and_recall(layer, self.q_prev[layer], st.rows, st.n, self.spec_row[layer][st.rows],
+                                        self.keys_side, self.counters[3], q_index=st.rows)
+            return
+        self.step_start.record()
+        self.side_stream.wait_event(self.step_start)
+        for layer in range(self.defer_from, L):
+            sel = self.select_done[layer] if self.select_done is not None else None
+            r_slot, r_page = self.side_lists[0, layer, :b], self.side_lists[1, layer, :b]
+            with torch.cuda.stream(self.side_stream):
+                mask = self.spec_row[layer][st.rows]
+                self._select(layer, self.q_prev[layer], st.rows, st.n, mask, self.keys_side, self.counters[3],
+                             st.rows, r_slot, r_page)
+                if sel is not None:
+                    sel.record()
+            if sel is not None:
+                self.recall_stream.wait_event(sel)
+            with torch.cuda.stream(self.recall_stream):
+                self._recall_selection(layer, r_slot, r_page, st.rows)
+                self.defer_done[layer].record()
 
     def stats(self) -> dict:
         """Decode statistics since start (reads GPU counters: a host sync, call outside steps)."""
@@ -417,6 +464,15 @@ class FreeKVRuntime:
 
     def close(self):
         self.host.close()
+
+
+def deferred_layers_from_env(n_layers: int) -> int:
+    """``FREEKV_DEFER_LAYERS``: how many of the last layers defer their speculation to the next step's
+    start (0, the default: none; at most ``n_layers``)."""
+    env = os.environ.get("FREEKV_DEFER_LAYERS", "0")
+    if not env.isdigit() or int(env) > n_layers:
+        raise ValueError(f"FREEKV_DEFER_LAYERS must be a number of layers from 0 to {n_layers}, got {env!r}")
+    return int(env)
 
 
 def default_scale(head_dim: int) -> float:

@@ -26,10 +26,21 @@ def test_one_speculation_stream_matches_reference_gpu(group, head_dim, monkeypat
                           atol=2e-2)
 
 
-def test_decode_layer_has_no_host_sync():
+@pytest.mark.parametrize("streams,defer", [("2", "1"), ("2", "2"), ("1", "1")])
+def test_deferred_speculation_matches_reference_gpu(streams, defer, monkeypatch):
+    """FREEKV_DEFER_LAYERS: the deferred layers' selection and recall run on the side streams at the next
+    step's start, and their attention waits for them."""
+    monkeypatch.setenv("FREEKV_SPEC_STREAMS", streams)
+    monkeypatch.setenv("FREEKV_DEFER_LAYERS", defer)
+    run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=128, atol=2e-2)
+
+
+@pytest.mark.parametrize("defer", ["0", "1"])
+def test_decode_layer_has_no_host_sync(defer, monkeypatch):
     """A decode step of the runtime must not synchronise the host (CUDA-graph prerequisite)."""
     import freekv_sglang.runtime.engine as eng
 
+    monkeypatch.setenv("FREEKV_DEFER_LAYERS", defer)
     calls = {}
     orig = eng.FreeKVRuntime.decode_layer
 
