@@ -18,8 +18,9 @@ def make_runtime(shape, lay, req_to_token, n_pages, rows_cap, speculative=True):
     return FreeKVRuntime(shape, settings, n_pages, rows_cap, req_to_token, max_batch=8, device="cuda")
 
 
-@pytest.mark.parametrize("streams,defer", [("1", "0"), ("2", "0"), ("2", "2"), ("1", "1")])
-@pytest.mark.parametrize("bs_real,bs_graph", [(3, 4), (4, 4), (5, 8)])
+@pytest.mark.parametrize("bs_real,bs_graph,streams,defer", [
+    *[(r, g, s, "0") for r, g in ((3, 4), (4, 4), (5, 8)) for s in ("1", "2")],
+    (3, 4, "2", "2"), (5, 8, "2", "2"), (5, 8, "1", "1")])
 def test_graph_replay_matches_eager(bs_real, bs_graph, streams, defer, monkeypatch):
     monkeypatch.setenv("FREEKV_SPEC_STREAMS", streams)
     monkeypatch.setenv("FREEKV_DEFER_LAYERS", defer)  # the last layers speculate at the next step's start
