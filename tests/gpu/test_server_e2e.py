@@ -137,6 +137,23 @@ def test_overlap_scheduler_opt_in_matches_default():
     assert got == want
 
 
+def test_deferred_speculation_matches_default():
+    """FREEKV_DEFER_LAYERS (the last layers speculate at the next step's start, inside the decode CUDA
+    graphs) selects the same pages as the default, so greedy tokens over sparse contexts are equal."""
+    ps = prompts([3000, 4100, 5200, 2600, 6000], seed=6)
+    news = [40, 16, 33, 40, 7]
+    with server("freekv-default-d", *freekv_args()) as s:
+        want = [output_ids(r) for r in s.generate_many(ps, news)]
+    srv = server("freekv-deferred", *freekv_args())
+    srv.env = {"FREEKV_DEFER_LAYERS": "16"}
+    with srv as s:
+        got = [output_ids(r) for r in s.generate_many(ps, news)]
+        log = open(s.log_path).read()
+    assert "cuda graph: True" in log
+    print("deferred vs default matching prefixes:", [common_prefix(a, b) for a, b in zip(got, want)])
+    assert got == want
+
+
 def _gpu_used_mib(pid: int) -> int | None:
     """GPU memory (MiB) nvidia-smi reports for the process tree of ``pid`` (None if unavailable)."""
     import subprocess
