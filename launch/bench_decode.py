@@ -20,7 +20,8 @@ Modes:
 Variants of a FreeKV mode: ``MODE@N`` runs the selected-page recall on a persistent grid of ``N``
 programs (``FREEKV_RECALL_PROGRAMS``), ``MODE+W`` gives each recall program ``W`` warps
 (``FREEKV_RECALL_WARPS``), ``MODE%M`` runs the last ``M`` layers' speculation at the next step's
-start (``FREEKV_DEFER_LAYERS``), ``MODE/S`` runs speculation on ``S`` side streams
+start (``FREEKV_DEFER_LAYERS``), ``MODE^1`` offloads prefill layers on a side stream
+(``FREEKV_ASYNC_PREFILL``), ``MODE/S`` runs speculation on ``S`` side streams
 (``FREEKV_SPEC_STREAMS``, 1 or 2), ``MODE~K`` splits the working-set attention every ``K`` pages
 (``FREEKV_DECODE_SPLIT_PAGES``), e.g. ``freekv@32``, ``freekv@16+2`` or ``freekv@16/1~8``.
 
@@ -231,7 +232,9 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
     from freekv_sglang.runtime.variants import apply_variant_env
 
     base, mode_env = parse_mode(mode)
-    safe = mode.replace("/", "-s").replace("@", "-g").replace("+", "-w").replace("%", "-d").replace("~", "-k")
+    safe = mode
+    for sep, tag in (("/", "-s"), ("@", "-g"), ("+", "-w"), ("%", "-d"), ("^", "-a"), ("~", "-k")):
+        safe = safe.replace(sep, tag)
     res = os.path.join(out_dir, f"one_batch-{safe}.jsonl")
     if os.path.exists(res):
         os.remove(res)

@@ -20,7 +20,8 @@ from freekv_sglang.runtime.sizing import ModelShape
 
 
 def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean", group=3, head_dim=16,
-                          prompt_lens=(13, 30, 7, 45), rows=(2, 1, 4, 5), steps=24, seed=0, atol=2e-5):
+                          prompt_lens=(13, 30, 7, 45), rows=(2, 1, 4, 5), steps=24, seed=0, atol=2e-5,
+                          offload_api=False):
     g = torch.Generator().manual_seed(seed)
     L, hkv = 2, 2
     hq = hkv * group
@@ -56,8 +57,11 @@ def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean"
     q_prev = [None] * L
     for l in range(L):
         q, k, v = rnd(T, hq, head_dim), rnd(T, hkv, head_dim), rnd(T, hkv, head_dim)
-        rt.store_tokens(l, k.to(device), v.to(device), loc)
-        rt.prefill_layer(l, q.to(device), k.to(device), rows_t, list(prompt_lens), loc)
+        if offload_api:  # what the attention backend calls (on the prefill stream if there is one)
+            rt.prefill_layer_offload(l, q.to(device), k.to(device), v.to(device), rows_t, list(prompt_lens), loc)
+        else:
+            rt.store_tokens(l, k.to(device), v.to(device), loc)
+            rt.prefill_layer(l, q.to(device), k.to(device), rows_t, list(prompt_lens), loc)
         s = 0
         for b, n0 in enumerate(prompt_lens):
             keys[l][b], vals[l][b] = k[s:s + n0], v[s:s + n0]
@@ -65,6 +69,7 @@ def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean"
             s += n0
         q_prev[l] = torch.stack([q[s0 + n0 - 1] for s0, n0 in zip(
             [sum(prompt_lens[:i]) for i in range(B)], prompt_lens)])
+    rt.finish_prefill()
     # decode: queries drift slowly, with occasional sign flips of one KV head's group
     lens = list(prompt_lens)
     for t in range(steps):
@@ -129,6 +134,11 @@ def test_deferred_speculation_matches_reference_cpu(defer, monkeypatch):
     rt, ref = run_against_reference("cpu", torch.float32, speculative=True, tau=0.9)
     assert rt.defer_from == 2 - defer
     assert sum(s.corrected_heads for row in ref for st in row for s in st.stats) > 0
+
+
+def test_prefill_offload_entry_matches_reference_cpu():
+    """The backend's one-call prefill per layer (store + digests + first working set) on the CPU."""
+    run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, steps=6, offload_api=True)
 
 
 def test_deferred_layers_env_is_validated(monkeypatch):

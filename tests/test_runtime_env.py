@@ -58,7 +58,8 @@ def test_variant_names():
     assert parse_variant("sync~4")[1] == {"FREEKV_DECODE_SPLIT_PAGES": "4"}
     assert parse_variant("freekv@16+2") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "16", "FREEKV_RECALL_WARPS": "2"})
     assert parse_variant("freekv%16@8") == ("freekv", {"FREEKV_DEFER_LAYERS": "16", "FREEKV_RECALL_PROGRAMS": "8"})
-    for bad in ("freekv@0", "freekv@x", "freekv/3", "freekv@8@16", "@8", "freekv~", "freekv+3", "freekv+32", "freekv%x"):
+    assert parse_variant("freekv^1") == ("freekv", {"FREEKV_ASYNC_PREFILL": "1"})
+    for bad in ("freekv@0", "freekv@x", "freekv/3", "freekv@8@16", "@8", "freekv~", "freekv+3", "freekv+32", "freekv%x", "freekv^0", "freekv^2"):
         with pytest.raises(ValueError):
             parse_variant(bad)
     env = {"FREEKV_SPEC_STREAMS": "1", "FREEKV_RECALL_WARPS": "2", "OTHER": "x"}
@@ -114,3 +115,16 @@ def test_recall_warps_env(monkeypatch):
     t = torch.zeros(1)
     with pytest.raises(ValueError, match="num_warps"):
         recall_selected(t, t, t, t, t, t, t, t, page_size=32, slot_base=1, select_slot0=0, num_warps=3)
+
+
+def test_async_prefill_env(monkeypatch):
+    from freekv_sglang.runtime.engine import async_prefill_from_env
+
+    monkeypatch.delenv("FREEKV_ASYNC_PREFILL", raising=False)
+    assert async_prefill_from_env() is False
+    monkeypatch.setenv("FREEKV_ASYNC_PREFILL", "1")
+    assert async_prefill_from_env() is True
+    for bad in ("2", "yes", ""):
+        monkeypatch.setenv("FREEKV_ASYNC_PREFILL", bad)
+        with pytest.raises(ValueError, match="FREEKV_ASYNC_PREFILL"):
+            async_prefill_from_env()

@@ -85,6 +85,22 @@ class FreeKVAttnBackend(FlashInferAttnBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         if layer.logit_cap and layer.logit_cap > 0:
             raise NotImplementedError("FreeKV does not support attention logit soft-capping yet")
+        rt = self.runtime
+        if rt.prefill_stream is not None:  # FREEKV_ASYNC_PREFILL=1: offload on the prefill stream
+            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache=False)
+            if save_kv_cache:
+                rt.prefill_layer_offload(
+                    layer.layer_id - self.start_layer,
+                    q.view(-1, layer.tp_q_head_num, layer.head_dim),
+                    k.view(-1, layer.tp_k_head_num, layer.head_dim),
+                    v.view(-1, layer.tp_v_head_num, layer.head_dim),
+                    forward_batch.req_pool_indices.long(),
+                    list(forward_batch.extend_seq_lens_cpu),
+                    forward_batch.out_cache_loc,
+                )
+            if layer.layer_id == self.last_layer:
+                rt.finish_prefill()
+            return o
         o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         if save_kv_cache:
             self.runtime.prefill_layer(

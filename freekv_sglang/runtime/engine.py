@@ -165,6 +165,9 @@ class FreeKVRuntime:
                            if side else None)
         self.step: DecodeStep | None = None
         self.attention = WorkingSetAttention(self.device, max_batch, S, workspace=workspace)
+        # FREEKV_ASYNC_PREFILL=1: a prefill layer's offload to the host tier and its digests / first
+        # working set run on a side stream while the next layers compute (joined by finish_prefill)
+        self.prefill_stream = torch.cuda.Stream(device=dev) if self.is_cuda and async_prefill_from_env() else None
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -301,6 +304,28 @@ class FreeKVRuntime:
         self.q_valid[layer].index_fill_(0, rows, False)
         if self.spec_row is not None:  # nothing deferred from the row's previous request
             self.spec_row[layer].index_fill_(0, rows, False)
+
+    def prefill_layer_offload(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              rows: torch.Tensor, prompt_lens: list[int], loc: torch.Tensor) -> None:
+        """:meth:`store_tokens` then :meth:`prefill_layer` for one layer of a prefill (same arguments:
+        ``q [T, Hq, D]``, ``k, v [T, Hkv, D]``, ``rows [B]``, ``loc [T]``). With a prefill stream they run
+        on it, after the work already queued on the current stream, so the layer's transfer to the host
+        tier overlaps the next layers' compute; call :meth:`finish_prefill` after the last layer."""
+        if self.prefill_stream is None:
+            self.store_tokens(layer, k, v, loc)
+            self.prefill_layer(layer, q, k, rows, prompt_lens, loc)
+            return
+        self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
+        for t in (q, k, v, rows, loc):  # made on the compute stream, read on the prefill stream
+            t.record_stream(self.prefill_stream)
+        with torch.cuda.stream(self.prefill_stream):
+            self.store_tokens(layer, k, v, loc)
+            self.prefill_layer(layer, q, k, rows, prompt_lens, loc)
+
+    def finish_prefill(self) -> None:
+        """Join the prefill stream (after the last layer of a prefill forward)."""
+        if self.prefill_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.prefill_stream)
 
     # ------------------------------------------------------------------ decode
     def plan_decode_device(self, rows: torch.Tensor, seq_lens: torch.Tensor, graph: bool = False) -> DecodeStep:
@@ -473,6 +498,14 @@ def deferred_layers_from_env(n_layers: int) -> int:
     if not env.isdigit() or int(env) > n_layers:
         raise ValueError(f"FREEKV_DEFER_LAYERS must be a number of layers from 0 to {n_layers}, got {env!r}")
     return int(env)
+
+
+def async_prefill_from_env() -> bool:
+    """``FREEKV_ASYNC_PREFILL``: ``1`` offloads each prefill layer on a side stream, ``0`` (default) in line."""
+    env = os.environ.get("FREEKV_ASYNC_PREFILL", "0")
+    if env not in ("0", "1"):
+        raise ValueError(f"FREEKV_ASYNC_PREFILL must be 0 or 1, got {env!r}")
+    return env == "1"
 
 
 def default_scale(head_dim: int) -> float:

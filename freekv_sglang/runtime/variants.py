@@ -1,9 +1,10 @@
-"""Benchmark variants of the FreeKV runtime, named ``BASE[@N][+W][/S][%M][~K]``.
+"""Benchmark variants of the FreeKV runtime, named ``BASE[@N][+W][/S][%M][^1][~K]``.
 
 ``@N``: persistent grid of ``N`` programs for the selected-page recall (``FREEKV_RECALL_PROGRAMS``);
 ``+W``: ``W`` warps per recall program, one of 1, 2, 4, 8, 16 (``FREEKV_RECALL_WARPS``);
 ``/S``: ``S`` side streams for speculation, 1 or 2 (``FREEKV_SPEC_STREAMS``);
 ``%M``: the last ``M`` layers speculate at the next step's start (``FREEKV_DEFER_LAYERS``);
+``^1``: prefill layers are offloaded on a side stream (``FREEKV_ASYNC_PREFILL``);
 ``~K``: fixed KV split of ``K`` pages in the working-set attention of eager steps (``FREEKV_DECODE_SPLIT_PAGES``;
 CUDA-graph steps keep FlashInfer's split, which a fixed one of a larger batch would overflow).
 E.g. ``freekv@32/1~8``, ``freekv@16+2`` or ``freekv%16``. The launch scripts set these variables for the variant's run only.
@@ -15,8 +16,8 @@ import os
 import re
 
 VARIANT_ENV = {"@": "FREEKV_RECALL_PROGRAMS", "+": "FREEKV_RECALL_WARPS", "/": "FREEKV_SPEC_STREAMS",
-               "%": "FREEKV_DEFER_LAYERS", "~": "FREEKV_DECODE_SPLIT_PAGES"}
-_NAME = re.compile(r"^([A-Za-z][\w-]*)((?:[@+/%~][^@+/%~]*)*)$")
+               "%": "FREEKV_DEFER_LAYERS", "^": "FREEKV_ASYNC_PREFILL", "~": "FREEKV_DECODE_SPLIT_PAGES"}
+_NAME = re.compile(r"^([A-Za-z][\w-]*)((?:[@+/%^~][^@+/%^~]*)*)$")
 
 
 def parse_variant(name: str) -> tuple[str, dict[str, str]]:
@@ -26,10 +27,10 @@ def parse_variant(name: str) -> tuple[str, dict[str, str]]:
     """
     m = _NAME.match(name)
     if m is None:
-        raise ValueError(f"{name!r}: expected BASE[@programs][+warps][/streams][%deferred_layers][~split_pages]")
+        raise ValueError(f"{name!r}: expected BASE[@programs][+warps][/streams][%deferred_layers][^1][~split_pages]")
     base, rest = m.group(1), m.group(2)
     env: dict[str, str] = {}
-    for sep, val in re.findall(r"([@+/%~])([^@+/%~]*)", rest):
+    for sep, val in re.findall(r"([@+/%^~])([^@+/%^~]*)", rest):
         var = VARIANT_ENV[sep]
         if var in env:
             raise ValueError(f"{name!r}: {sep!r} given twice")
@@ -37,6 +38,8 @@ def parse_variant(name: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"{name!r}: the value after {sep!r} must be a positive integer")
         if sep == "/" and val not in ("1", "2"):
             raise ValueError(f"{name!r}: the stream count after '/' must be 1 or 2")
+        if sep == "^" and val != "1":
+            raise ValueError(f"{name!r}: '^' takes 1 (asynchronous prefill offload; off is the default)")
         if sep == "+" and val not in ("1", "2", "4", "8", "16"):
             raise ValueError(f"{name!r}: the warp count after '+' must be 1, 2, 4, 8 or 16")
         env[var] = val

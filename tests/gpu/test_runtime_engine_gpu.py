@@ -35,6 +35,15 @@ def test_deferred_speculation_matches_reference_gpu(streams, defer, monkeypatch)
     run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=128, atol=2e-2)
 
 
+@pytest.mark.parametrize("group,head_dim", [(4, 128), (7, 64)])
+def test_async_prefill_matches_reference_gpu(group, head_dim, monkeypatch):
+    """FREEKV_ASYNC_PREFILL=1: each prefill layer's offload, digests and first working set run on the
+    prefill stream while the next layers are queued; decoding afterwards still follows the spec."""
+    monkeypatch.setenv("FREEKV_ASYNC_PREFILL", "1")
+    run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group, head_dim=head_dim,
+                          atol=2e-2, offload_api=True, steps=8)
+
+
 @pytest.mark.parametrize("defer", ["0", "1"])
 def test_decode_layer_has_no_host_sync(defer, monkeypatch):
     """A decode step of the runtime must not synchronise the host (CUDA-graph prerequisite)."""

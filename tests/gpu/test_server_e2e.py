@@ -137,21 +137,32 @@ def test_overlap_scheduler_opt_in_matches_default():
     assert got == want
 
 
-def test_deferred_speculation_matches_default():
-    """FREEKV_DEFER_LAYERS (the last layers speculate at the next step's start, inside the decode CUDA
-    graphs) selects the same pages as the default, so greedy tokens over sparse contexts are equal."""
-    ps = prompts([3000, 4100, 5200, 2600, 6000], seed=6)
-    news = [40, 16, 33, 40, 7]
-    with server("freekv-default-d", *freekv_args()) as s:
-        want = [output_ids(r) for r in s.generate_many(ps, news)]
-    srv = server("freekv-deferred", *freekv_args())
-    srv.env = {"FREEKV_DEFER_LAYERS": "16"}
+VARIANT_PROMPTS = dict(lengths=[3000, 4100, 5200, 2600, 6000], news=[40, 16, 33, 40, 7], seed=6)
+
+
+@pytest.fixture(scope="module")
+def default_tokens():
+    """Greedy tokens of a default FreeKV server (sparse contexts, decode CUDA graphs) for VARIANT_PROMPTS."""
+    ps = prompts(VARIANT_PROMPTS["lengths"], seed=VARIANT_PROMPTS["seed"])
+    with server("freekv-default-v", *freekv_args()) as s:
+        return [output_ids(r) for r in s.generate_many(ps, VARIANT_PROMPTS["news"])]
+
+
+@pytest.mark.parametrize("name,env", [("deferred", {"FREEKV_DEFER_LAYERS": "16"}),
+                                      ("async-prefill", {"FREEKV_ASYNC_PREFILL": "1"})])
+def test_runtime_variant_matches_default(name, env, default_tokens):
+    """Variants that reorder work without changing what is computed give the default's greedy tokens:
+    FREEKV_DEFER_LAYERS (the last layers speculate at the next step's start, inside the decode graphs)
+    and FREEKV_ASYNC_PREFILL (prefill layers offloaded on a side stream)."""
+    ps = prompts(VARIANT_PROMPTS["lengths"], seed=VARIANT_PROMPTS["seed"])
+    srv = server(f"freekv-{name}", *freekv_args())
+    srv.env = dict(env)
     with srv as s:
-        got = [output_ids(r) for r in s.generate_many(ps, news)]
+        got = [output_ids(r) for r in s.generate_many(ps, VARIANT_PROMPTS["news"])]
         log = open(s.log_path).read()
     assert "cuda graph: True" in log
-    print("deferred vs default matching prefixes:", [common_prefix(a, b) for a, b in zip(got, want)])
-    assert got == want
+    print(f"{name} vs default matching prefixes:", [common_prefix(a, b) for a, b in zip(got, default_tokens)])
+    assert got == default_tokens
 
 
 def _gpu_used_mib(pid: int) -> int | None:
