@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of a checkout on a CUDA machine: kernel + runtime tests, then end-to-end server tests.
 # Usage (repo root): bash launch/gpu_check.sh [pytest -k expression for the e2e tests]
-# The unit tests run as three parallel pytest processes (Triton compilation is CPU-bound): about
+# The unit tests run as four parallel pytest processes (Triton compilation is CPU-bound): about
 # 4 minutes on an H200 with 16 cores. The e2e tests (server tests and SGLang's load generator against
 # a FreeKV server) start about ten servers one after the other
 # (about 10 minutes). Logs go to $OUT (default ./gpu-check-out). Assumes SGLang 0.5.17 + FlashInfer
@@ -13,9 +13,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, flashinfer, sglang; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__, 'sglang', sglang.__version__)" | tee -a "$OUT/card.txt"
 t0=$(date +%s)
 PT=(python3 -m pytest -q -p no:cacheprovider --durations=8 --tb=short)
-groups=("tests/gpu/test_kernels_gpu.py"
-        "tests/gpu/test_kernels_graph.py tests/gpu/test_kernels_sparse_decode.py tests/gpu/test_kernels_fused_gpu.py"
-        "tests/gpu/test_runtime_engine_gpu.py tests/gpu/test_runtime_graph.py")
+groups=("tests/gpu/test_kernels_gpu.py tests/gpu/test_kernels_fused_gpu.py"
+        "tests/gpu/test_kernels_graph.py tests/gpu/test_kernels_sparse_decode.py"
+        "tests/gpu/test_runtime_engine_gpu.py"
+        "tests/gpu/test_runtime_graph.py")
 pids=()
 for i in "${!groups[@]}"; do
   # shellcheck disable=SC2086
