@@ -408,29 +408,38 @@ class FreeKVRuntime:
             self.spec_row[layer].index_copy_(0, st.rows, spec)
         elif cfg.speculative:
             if self.side_stream is not None:
-                ev = self.attn_done[layer]
-                sel = self.select_done[layer] if self.select_done is not None else None
-                r_slot, r_page = self.side_lists[0, layer, :b], self.side_lists[1, layer, :b]
-                ev.record()
-                with torch.cuda.stream(self.side_stream):
-                    self.side_stream.wait_event(ev)
-                    self._select(layer, self.q_prev[layer], st.rows, st.n_next, spec, self.keys_side,
-                                 self.counters[3], st.rows, r_slot, r_page)
-                    if sel is not None:
-                        sel.record()
-                if sel is not None:
-                    self.recall_stream.wait_event(sel)
-                with torch.cuda.stream(self.recall_stream):
-                    self._recall_selection(layer, r_slot, r_page, st.rows)
+                self.attn_done[layer].record()
+                self.side_stream.wait_event(self.attn_done[layer])
+                self._speculate_on_side_streams(layer, st.rows, st.n_next, spec)
             else:
                 self._select_and_recall(layer, q, st.rows, st.n_next, spec, self.keys_side, self.counters[3])
         return o
+
+    def _speculate_on_side_streams(self, layer: int, rows: torch.Tensor, n_ctx: torch.Tensor,
+                                   head_mask: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
+        """Speculative selection with the rows' previous query (``q_prev``) over the candidates of
+        ``n_ctx [B]`` for the heads in ``head_mask [B, Hkv]``, on the side stream, then the recall of
+        its per-layer lists on the recall stream (after the selection); ``done`` is recorded after the
+        recall. The caller orders the side stream after what the selection reads."""
+        b = rows.shape[0]
+        sel = self.select_done[layer] if self.select_done is not None else None
+        r_slot, r_page = self.side_lists[0, layer, :b], self.side_lists[1, layer, :b]
+        with torch.cuda.stream(self.side_stream):
+            self._select(layer, self.q_prev[layer], rows, n_ctx, head_mask, self.keys_side, self.counters[3],
+                         rows, r_slot, r_page)
+            if sel is not None:
+                sel.record()
+        if sel is not None:
+            self.recall_stream.wait_event(sel)
+        with torch.cuda.stream(self.recall_stream):
+            self._recall_selection(layer, r_slot, r_page, rows)
+            if done is not None:
+                done.record()
 
     def _deferred_speculation(self, st: DecodeStep) -> None:
         """Speculative selection + recall of the deferred layers, for this step, at its start (see
         ``FREEKV_DEFER_LAYERS``): per layer with the rows' previous query over this step's context,
         for the heads their last step marked; layer ``l``'s attention waits for its recall."""
-        b = st.rows.shape[0]
         L = self.shape.n_layers
         if self.side_stream is None:  # CPU: in order, on the compute stream
             for layer in range(self.defer_from, L):
@@ -439,20 +448,10 @@ class FreeKVRuntime:
             return
         self.step_start.record()
         self.side_stream.wait_event(self.step_start)
-        for layer in range(self.defer_from, L):
-            sel = self.select_done[layer] if self.select_done is not None else None
-            r_slot, r_page = self.side_lists[0, layer, :b], self.side_lists[1, layer, :b]
-            with torch.cuda.stream(self.side_stream):
-                mask = self.spec_row[layer][st.rows]
-                self._select(layer, self.q_prev[layer], st.rows, st.n, mask, self.keys_side, self.counters[3],
-                             st.rows, r_slot, r_page)
-                if sel is not None:
-                    sel.record()
-            if sel is not None:
-                self.recall_stream.wait_event(sel)
-            with torch.cuda.stream(self.recall_stream):
-                self._recall_selection(layer, r_slot, r_page, st.rows)
-                self.defer_done[layer].record()
+        with torch.cuda.stream(self.side_stream):
+            masks = self.spec_row[self.defer_from:][:, st.rows]  # [m, B, Hkv], one gather for all layers
+        for i, layer in enumerate(range(self.defer_from, L)):
+            self._speculate_on_side_streams(layer, st.rows, st.n, masks[i], self.defer_done[layer])
 
     def stats(self) -> dict:
         """Decode statistics since start (reads GPU counters: a host sync, call outside steps)."""
