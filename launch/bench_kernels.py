@@ -316,6 +316,41 @@ def sec_recall(r: Runner, out: dict, quick: bool):
     r.row("recall", "gather b=8 all missing, CUDA-graph replay", out["gather_graph_b8_all_gbps"], "GB/s")
 
 
+def _run_on(stream, fn, n=1):
+    """Record events around ``n`` calls of ``fn`` on ``stream``: ``(start, end)``."""
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        e0.record()
+        for _ in range(n):
+            fn()
+        e1.record()
+    return e0, e1
+
+
+def stream_ms(stream, fn, reps=5) -> float:
+    """Median GPU ms of ``fn`` alone on ``stream``."""
+    times = []
+    for _ in range(reps):
+        e = _run_on(stream, fn)
+        torch.cuda.synchronize()
+        times.append(e[0].elapsed_time(e[1]))
+    return statistics.median(times)
+
+
+def concurrent_ms(fg_stream, fg, bg_stream, bg, n_bg, reps=5) -> tuple[float, float]:
+    """Median GPU ms of ``fg`` on ``fg_stream`` while ``n_bg`` calls of ``bg`` run on ``bg_stream`` (launched
+    first), and of those ``n_bg`` calls: ``(fg_ms, bg_ms)``."""
+    fg_t, bg_t = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        eb = _run_on(bg_stream, bg, n_bg)
+        ef = _run_on(fg_stream, fg)
+        torch.cuda.synchronize()
+        fg_t.append(ef[0].elapsed_time(ef[1]))
+        bg_t.append(eb[0].elapsed_time(eb[1]))
+    return statistics.median(fg_t), statistics.median(bg_t)
+
+
 def sec_overlap(r: Runner, out: dict):
     work = r.state.get("recall_work") or RecallWork(8192, 32)
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
@@ -328,25 +363,11 @@ def sec_overlap(r: Runner, out: dict):
     def mm():
         torch.matmul(a, bm, out=c)
 
-    def timed(stream, fn, n=1):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            e0.record()
-            for _ in range(n):
-                fn()
-            e1.record()
-        return e0, e1
-
     s_mm, s_g = torch.cuda.Stream(), torch.cuda.Stream()
     for _ in range(3):
         mm()
     torch.cuda.synchronize()
-    alone = []
-    for _ in range(5):
-        e = timed(s_mm, mm)
-        torch.cuda.synchronize()
-        alone.append(e[0].elapsed_time(e[1]))
-    out["matmul_alone_ms"] = statistics.median(alone)
+    out["matmul_alone_ms"] = stream_ms(s_mm, mm)
     r.row("overlap", "8192^3 bf16 matmul alone", out["matmul_alone_ms"], "ms",
           f"{2 * 8192**3 / out['matmul_alone_ms'] / 1e9:.0f} TFLOP/s")
     for nprog in sorted({8, 16, 32, recall_mod.DEFAULT_NUM_PROGRAMS, sms, n_blocks}):
@@ -354,32 +375,14 @@ def sec_overlap(r: Runner, out: dict):
             continue
         n_calls = 3
         g_alone = bench_ms(lambda: work.gather(lists, num_programs=nprog))
-        mm_t, g_t = [], []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            eg = timed(s_g, lambda: work.gather(lists, num_programs=nprog), n_calls)
-            em = timed(s_mm, mm)
-            torch.cuda.synchronize()
-            mm_t.append(em[0].elapsed_time(em[1]))
-            g_t.append(eg[0].elapsed_time(eg[1]))
-        res = dict(grid=nprog, sm_count=sms, matmul_ms=statistics.median(mm_t),
-                   gather_gbps_alone=gbps(nbytes, g_alone), gather_gbps_concurrent=gbps(n_calls * nbytes, statistics.median(g_t)))
+        mm_ms, g_ms = concurrent_ms(s_mm, mm, s_g, lambda: work.gather(lists, num_programs=nprog), n_calls)
+        res = dict(grid=nprog, sm_count=sms, matmul_ms=mm_ms,
+                   gather_gbps_alone=gbps(nbytes, g_alone), gather_gbps_concurrent=gbps(n_calls * nbytes, g_ms))
         res["matmul_slowdown"] = res["matmul_ms"] / out["matmul_alone_ms"] - 1
         out[f"grid_{nprog}"] = res
         r.row("overlap", f"gather grid {nprog} ({min(nprog, sms)}/{sms} SMs): matmul slowdown", 100 * res["matmul_slowdown"],
               "%", f"gather {res['gather_gbps_concurrent']:.1f} GB/s concurrent, {res['gather_gbps_alone']:.1f} alone")
         r.save()
-
-
-def _run_on(stream, fn, n=1):
-    """Record events around ``n`` calls of ``fn`` on ``stream``: ``(start, end)``."""
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch.cuda.stream(stream):
-        e0.record()
-        for _ in range(n):
-            fn()
-        e1.record()
-    return e0, e1
 
 
 def sec_interfere(r: Runner, out: dict):
@@ -398,12 +401,7 @@ def sec_interfere(r: Runner, out: dict):
     s_v, s_r = torch.cuda.Stream(), torch.cuda.Stream()
     victim()
     torch.cuda.synchronize()
-    alone = []
-    for _ in range(7):
-        e = _run_on(s_v, victim)
-        torch.cuda.synchronize()
-        alone.append(e[0].elapsed_time(e[1]))
-    v_alone = statistics.median(alone)
+    v_alone = stream_ms(s_v, victim, reps=7)
     out["victim_alone_ms"] = v_alone
     r.row("interfere", f"victim: {reps} x (16x4096 @ 4096x28672) bf16 alone", v_alone, "ms",
           f"{reps * w.numel() * 2 / v_alone / 1e6:.0f} GB/s weight streaming")
@@ -414,17 +412,9 @@ def sec_interfere(r: Runner, out: dict):
 
             t_alone = bench_ms(rec)
             n_calls = max(1, round(v_alone / t_alone))
-            v_t, r_t = [], []
-            for _ in range(5):
-                torch.cuda.synchronize()
-                er = _run_on(s_r, rec, n_calls)
-                ev = _run_on(s_v, victim)
-                torch.cuda.synchronize()
-                v_t.append(ev[0].elapsed_time(ev[1]))
-                r_t.append(er[0].elapsed_time(er[1]))
+            v_ms, r_ms = concurrent_ms(s_v, victim, s_r, rec, n_calls)
             res = dict(programs=nprog, warps=warps, recall_gbps_alone=gbps(sel_bytes, t_alone),
-                       recall_gbps_concurrent=gbps(n_calls * sel_bytes, statistics.median(r_t)),
-                       victim_ms=statistics.median(v_t))
+                       recall_gbps_concurrent=gbps(n_calls * sel_bytes, r_ms), victim_ms=v_ms)
             res["victim_slowdown"] = res["victim_ms"] / v_alone - 1
             out[f"p{nprog}_w{warps}"] = res
             r.row("interfere", f"recall {nprog:>3} programs x {warps} warps: victim slowdown", 100 * res["victim_slowdown"],
