@@ -1,7 +1,7 @@
 """SGLang attention backend ``freekv``.
 
-Prefill is SGLang's own FlashInfer ragged prefill (dense, on the GPU); the pool writes the
-prompt's K/V into the host tier and the runtime builds digests and seeds working sets.
+Prefill is SGLang's own FlashInfer ragged prefill (dense, on the GPU); then the runtime writes the
+prompt's K/V into the host tier, builds digests and seeds working sets.
 Decode runs :meth:`FreeKVRuntime.decode_layer` per layer: the new token goes to the host
 tier and the window page, correction, FlashInfer paged decode (page size P) over the
 working set, then the speculative selection and recall for the next step on a side stream.
@@ -85,32 +85,21 @@ class FreeKVAttnBackend(FlashInferAttnBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         if layer.logit_cap and layer.logit_cap > 0:
             raise NotImplementedError("FreeKV does not support attention logit soft-capping yet")
-        rt = self.runtime
-        if rt.prefill_stream is not None:  # FREEKV_ASYNC_PREFILL=1: offload on the prefill stream
-            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache=False)
-            if save_kv_cache:
-                rt.prefill_layer_offload(
-                    layer.layer_id - self.start_layer,
-                    q.view(-1, layer.tp_q_head_num, layer.head_dim),
-                    k.view(-1, layer.tp_k_head_num, layer.head_dim),
-                    v.view(-1, layer.tp_v_head_num, layer.head_dim),
-                    forward_batch.req_pool_indices.long(),
-                    list(forward_batch.extend_seq_lens_cpu),
-                    forward_batch.out_cache_loc,
-                )
-            if layer.layer_id == self.last_layer:
-                rt.finish_prefill()
-            return o
-        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        # the layer's K/V goes to the host tier with its digests and first working set, in line or on
+        # the prefill stream (FREEKV_ASYNC_PREFILL=1), after FlashInfer's ragged prefill over q, k, v
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache=False)
         if save_kv_cache:
-            self.runtime.prefill_layer(
+            self.runtime.prefill_layer_offload(
                 layer.layer_id - self.start_layer,
                 q.view(-1, layer.tp_q_head_num, layer.head_dim),
                 k.view(-1, layer.tp_k_head_num, layer.head_dim),
+                v.view(-1, layer.tp_v_head_num, layer.head_dim),
                 forward_batch.req_pool_indices.long(),
                 list(forward_batch.extend_seq_lens_cpu),
                 forward_batch.out_cache_loc,
             )
+        if layer.layer_id == self.last_layer:
+            self.runtime.finish_prefill()
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
