@@ -270,12 +270,23 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
     rows = []
     if os.path.exists(res):
         with open(res) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            rows = measured_rows([json.loads(line) for line in f if line.strip()], a.output_len)
     print(f"[bench] {mode}: rc={rc}, {len(rows)} results in {time.time() - t0:.0f}s (log {log})", flush=True)
     if rc != 0 or not rows:
         with open(log, errors="replace") as f:
             print("".join(f.readlines()[-15:]), flush=True)
     return rows
+
+
+def measured_rows(rows: list[dict], output_len: int) -> list[dict]:
+    """The cells ``one_batch`` measured, without its warm-up pass: the warm-up runs the first cell with a
+    shorter output and is written to the same file. Rows of another output length are dropped, and of
+    two rows for one (context, batch) cell the later one is kept."""
+    cells: dict[tuple[int, int], dict] = {}
+    for r in rows:
+        if r.get("output_len", output_len) == output_len:
+            cells[(r["input_len"], r["batch_size"])] = r
+    return list(cells.values())
 
 
 def _decode_ms(r: dict) -> float | None:

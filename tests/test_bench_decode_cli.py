@@ -149,3 +149,14 @@ def test_grouped_extend_merges_groups_into_one_decode_batch(bench):
     calls.clear()
     ids, logits, batch = bench.grouped_extend(extend, 0)(reqs, "runner")  # one forward, untouched result
     assert calls == [[0, 1, 2, 3, 4]] and logits.shape == (5, 3)
+
+
+def test_warm_up_pass_is_not_a_measured_cell(bench):
+    warm = {"input_len": 32000, "batch_size": 1, "output_len": 32, "median_decode_latency": 0.0070}
+    first = {"input_len": 32000, "batch_size": 1, "output_len": 64, "median_decode_latency": 0.0065}
+    second = {"input_len": 32000, "batch_size": 4, "output_len": 64, "median_decode_latency": 0.0099}
+    rows = bench.measured_rows([warm, first, second], 64)
+    assert rows == [first, second]
+    # a warm-up of the same output length is replaced by the measured row of its cell
+    again = dict(first, median_decode_latency=0.0064)
+    assert bench.measured_rows([first, again, second], 64) == [again, second]
