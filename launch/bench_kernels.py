@@ -618,7 +618,51 @@ def sec_decode(r: Runner, out: dict, quick: bool):
         r.save()
 
 
-SECTIONS = ("info", "ceilings", "recall", "overlap", "interfere", "offload", "scores", "decode")
+def sec_hostalloc(r: Runner, out: dict, quick: bool):
+    """Start-up cost of the host tier: page-locking a large buffer with each allocator (the server pays
+    it once; a 1 TB tier at 2 GB/s would take over 8 minutes)."""
+    import os
+
+    from freekv_sglang.runtime import host_store
+
+    gib = 4 if quick else int(os.environ.get("FREEKV_BENCH_HOSTALLOC_GIB", "32"))
+    page_bytes = 2 * HKV * P * D * 2  # K and V of one (page, layer), bf16
+    n_pages = gib * 2**30 // (32 * page_bytes)
+    old = os.environ.get(host_store.HOST_ALLOC_ENV)
+    try:
+        for how in ("parallel", "sglang", "parallel"):
+            os.environ[host_store.HOST_ALLOC_ENV] = how
+            t0 = time.perf_counter()
+            st = host_store.HostKVStore(32, n_pages, HKV, P, D, BF16, pin=True)
+            sec = time.perf_counter() - t0
+            ok = st.allocator == how and st.buffer.is_pinned()
+            probe = torch.empty(16 * MIB, dtype=torch.uint8, device=DEV)
+            tail = st.buffer.view(-1).view(torch.uint8)[-16 * MIB:]
+            tail.fill_(3)
+            probe.copy_(tail, non_blocking=True)
+            torch.cuda.synchronize()
+            ok = ok and int(probe.sum()) == 3 * 16 * MIB
+            t1 = time.perf_counter()
+            st.close()
+            del st, tail
+            free_s = time.perf_counter() - t1
+            out.setdefault(how, []).append(dict(gib=st_gib(n_pages), seconds=sec, release_seconds=free_s, ok=ok))
+            r.row("hostalloc", f"{how}: pin {st_gib(n_pages):.1f} GiB host tier", sec, "s",
+                  f"{st_gib(n_pages) * 2**30 / sec / 1e9:.1f} GB/s; release {free_s:.1f} s; "
+                  f"{'pinned, readable' if ok else 'NOT the allocator asked for or unreadable'}")
+            r.save()
+    finally:
+        if old is None:
+            os.environ.pop(host_store.HOST_ALLOC_ENV, None)
+        else:
+            os.environ[host_store.HOST_ALLOC_ENV] = old
+
+
+def st_gib(n_pages: int) -> float:
+    return 32 * n_pages * 2 * HKV * P * D * 2 / 2**30
+
+
+SECTIONS = ("info", "ceilings", "recall", "overlap", "interfere", "offload", "scores", "decode", "hostalloc")
 
 
 def main(argv=None):
@@ -638,6 +682,7 @@ def main(argv=None):
     sec_info_fn = {
         "info": (sec_info,), "ceilings": (sec_ceilings,), "recall": (sec_recall, args.quick), "overlap": (sec_overlap,),
         "interfere": (sec_interfere,), "offload": (sec_offload,), "scores": (sec_scores, args.quick), "decode": (sec_decode, args.quick),
+        "hostalloc": (sec_hostalloc, args.quick),
     }
     if "ceilings" not in wanted and any(s in wanted for s in ("recall", "offload", "scores")):
         wanted.insert(0, "ceilings")  # the ratios need the ceilings

@@ -16,7 +16,7 @@ PT=(python3 -m pytest -q -p no:cacheprovider --durations=8 --tb=short)
 groups=("tests/gpu/test_kernels_gpu.py tests/gpu/test_kernels_fused_gpu.py"
         "tests/gpu/test_kernels_graph.py tests/gpu/test_kernels_sparse_decode.py"
         "tests/gpu/test_runtime_engine_gpu.py"
-        "tests/gpu/test_runtime_graph.py")
+        "tests/gpu/test_runtime_graph.py tests/gpu/test_host_store_gpu.py")
 pids=()
 for i in "${!groups[@]}"; do
   # shellcheck disable=SC2086
