@@ -85,3 +85,58 @@ def sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+# --------------------------------------------------------------------------- KV tiers
+# The full KV lives in the pinned host tier (pages 0 .. n_host-1, page 0 the padding page) and,
+# optionally, in a GPU tier that extends it (pages n_host .. n_host+n_gpu-1, GPU memory of the same
+# [n_gpu, Hkv, P, D] layout). Kernels take both and route every page by its number.
+
+
+def check_gpu_tier(host_k: torch.Tensor, gpu_k: torch.Tensor | None, gpu_v: torch.Tensor | None) -> None:
+    """``gpu_k``/``gpu_v`` are both None or both ``[n_gpu, Hkv, P, D]`` contiguous CUDA tensors of the
+    host tier's dtype and page shape."""
+    if (gpu_k is None) != (gpu_v is None):
+        raise ValueError("gpu_k and gpu_v go together")
+    if gpu_k is None:
+        return
+    if gpu_k.shape != gpu_v.shape or gpu_k.shape[1:] != host_k.shape[1:] or gpu_k.dtype != host_k.dtype:
+        raise ValueError(f"GPU tier {tuple(gpu_k.shape)} {gpu_k.dtype} does not match the host tier's pages "
+                         f"{tuple(host_k.shape[1:])} {host_k.dtype}")
+    if not (gpu_k.is_contiguous() and gpu_v.is_contiguous()):
+        raise ValueError("GPU tier tensors must be contiguous")
+
+
+def tier_write_reference(host: torch.Tensor, gpu: torch.Tensor | None, page: torch.Tensor, head, row,
+                         values: torch.Tensor) -> None:
+    """``tier[page, head, row, :] = values`` over the two tiers (plain torch; ``page`` int64 on any device,
+    ``head`` and ``row`` index tensors or slices broadcast like the tiers' advanced indexing)."""
+    n_host = host.shape[0]
+    in_gpu = page >= n_host
+    def on(x, dev):
+        return x.to(dev) if torch.is_tensor(x) else x
+
+    if gpu is None or not bool(in_gpu.any()):
+        host[page.to(host.device), on(head, host.device), on(row, host.device)] = values.to(host.device, host.dtype)
+        return
+    ih = ~in_gpu
+    hh = head[ih] if torch.is_tensor(head) else head
+    hr = row[ih] if torch.is_tensor(row) else row
+    gh = head[in_gpu] if torch.is_tensor(head) else head
+    gr = row[in_gpu] if torch.is_tensor(row) else row
+    host[page[ih].to(host.device), on(hh, host.device), on(hr, host.device)] = values[ih].to(host.device, host.dtype)
+    gpu[(page[in_gpu] - n_host).to(gpu.device), on(gh, gpu.device), on(gr, gpu.device)] = \
+        values[in_gpu].to(gpu.device, gpu.dtype)
+
+
+def tier_read_reference(host: torch.Tensor, gpu: torch.Tensor | None, page: torch.Tensor, head: torch.Tensor,
+                        device: torch.device) -> torch.Tensor:
+    """``tier[page, head]`` (``[N, P, D]`` on ``device``) over the two tiers (plain torch)."""
+    n_host = host.shape[0]
+    out = torch.empty((page.shape[0], *host.shape[2:]), dtype=host.dtype, device=device)
+    in_gpu = page >= n_host if gpu is not None else torch.zeros_like(page, dtype=torch.bool)
+    ih = ~in_gpu
+    out[ih.to(device)] = host[page[ih].to(host.device), head[ih].to(host.device)].to(device)
+    if gpu is not None and bool(in_gpu.any()):
+        out[in_gpu.to(device)] = gpu[(page[in_gpu] - n_host).to(gpu.device), head[in_gpu].to(gpu.device)].to(device)
+    return out

@@ -27,7 +27,8 @@ import torch
 from freekv_sglang.algorithm.correction import correction_flags
 from freekv_sglang.algorithm.digests import page_digests
 
-from .common import check_head_dim, check_kv_dtype, check_page_size, next_pow2, tl, triton, use_triton
+from .common import (check_gpu_tier, check_head_dim, check_kv_dtype, check_page_size, next_pow2, tier_write_reference,
+                     tl, triton, use_triton)
 from .uva import kernel_arg
 
 if triton is not None:
@@ -35,10 +36,10 @@ if triton is not None:
     @triton.jit
     def _decode_prologue_kernel(
         q_ptr, k_ptr, v_ptr, loc_ptr, rows_ptr, n_ptr, slot_ptr,
-        hk_ptr, hv_ptr, wk_ptr, wv_ptr, dig_ptr, qprev_ptr, qvalid_ptr, flags_ptr, spec_ptr, cnt_ptr,
-        tau,
+        hk_ptr, hv_ptr, gk_ptr, gv_ptr, wk_ptr, wv_ptr, dig_ptr, qprev_ptr, qvalid_ptr, flags_ptr, spec_ptr, cnt_ptr,
+        tau, n_host,
         HKV: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-        HAS_TAU: tl.constexpr, SPECULATIVE: tl.constexpr, COUNT: tl.constexpr,
+        HAS_TAU: tl.constexpr, SPECULATIVE: tl.constexpr, COUNT: tl.constexpr, TIERED: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
@@ -53,8 +54,16 @@ if triton is not None:
         kx = tl.load(k_ptr + (b * HKV + h) * D + d)
         vx = tl.load(v_ptr + (b * HKV + h) * D + d)
         hofs = ((page * HKV + h) * PAGE + off) * D
-        tl.store(hk_ptr + hofs + d, kx)
-        tl.store(hv_ptr + hofs + d, vx)
+        if TIERED:  # pages from n_host on live in the GPU tier
+            to_host = page < n_host
+            gofs = (((page - n_host) * HKV + h) * PAGE + off) * D
+            tl.store(gk_ptr + gofs + d, kx, mask=(d >= 0) & (to_host == 0))
+            tl.store(gv_ptr + gofs + d, vx, mask=(d >= 0) & (to_host == 0))
+            tl.store(hk_ptr + hofs + d, kx, mask=(d >= 0) & to_host)
+            tl.store(hv_ptr + hofs + d, vx, mask=(d >= 0) & to_host)
+        else:
+            tl.store(hk_ptr + hofs + d, kx)
+            tl.store(hv_ptr + hofs + d, vx)
         wofs = ((slot * PAGE + off) * HKV + h) * D
         tl.store(wk_ptr + wofs + d, kx)
         tl.store(wv_ptr + wofs + d, vx)
@@ -98,14 +107,14 @@ if triton is not None:
 
 
 def decode_prologue_reference(q, k, v, loc, rows, n, cur_slot, host_k, host_v, ws_k, ws_v, digests, q_prev,
-                              q_valid, flags, spec, *, tau, speculative, counters=None) -> None:
+                              q_valid, flags, spec, *, tau, speculative, counters=None, gpu_k=None,
+                              gpu_v=None) -> None:
     """Plain torch (any device): same effects as :func:`decode_prologue`."""
     p = ws_k.shape[1]
     hkv = ws_k.shape[2]
     loc, rows, n, cur_slot = loc.long(), rows.long(), n.long(), cur_slot.long()
-    hl = loc.to(host_k.device)
-    host_k[hl // p, :, hl % p, :] = k.to(host_k.device, host_k.dtype)
-    host_v[hl // p, :, hl % p, :] = v.to(host_v.device, host_v.dtype)
+    tier_write_reference(host_k, gpu_k, loc // p, slice(None), loc % p, k)
+    tier_write_reference(host_v, gpu_v, loc // p, slice(None), loc % p, v)
     off = (n - 1) % p
     ws_k[cur_slot, off] = k.to(ws_k.dtype)
     ws_v[cur_slot, off] = v.to(ws_v.dtype)
@@ -130,7 +139,8 @@ def decode_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loc: torc
                     n: torch.Tensor, cur_slot: torch.Tensor, host_k: torch.Tensor, host_v: torch.Tensor,
                     ws_k: torch.Tensor, ws_v: torch.Tensor, digests: torch.Tensor, q_prev: torch.Tensor,
                     q_valid: torch.Tensor, flags: torch.Tensor, spec: torch.Tensor, *, tau: float | None,
-                    speculative: bool, counters: torch.Tensor | None = None, impl: str | None = None) -> None:
+                    speculative: bool, counters: torch.Tensor | None = None, gpu_k: torch.Tensor | None = None,
+                    gpu_v: torch.Tensor | None = None, impl: str | None = None) -> None:
     """One launch for the per-layer decode prologue (see module docstring).
 
     Args:
@@ -141,12 +151,14 @@ def decode_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loc: torc
         flags, spec: bool ``[B, Hkv]`` outputs.
         tau: correction threshold or ``None`` (off); speculative: speculation on.
         counters: optional int64 ``[4]``; ``counters[1]`` accumulates corrected heads of real rows.
+        gpu_k, gpu_v: optional GPU tier ``[n_gpu, Hkv, P, D]`` holding pages ``n_host_pages`` and up.
     No host synchronisation; CUDA-graph capturable.
     """
+    check_gpu_tier(host_k, gpu_k, gpu_v)
     if not use_triton(impl, q, ws_k):
         return decode_prologue_reference(q, k, v, loc, rows, n, cur_slot, host_k, host_v, ws_k, ws_v, digests,
                                          q_prev, q_valid, flags, spec, tau=tau, speculative=speculative,
-                                         counters=counters)
+                                         counters=counters, gpu_k=gpu_k, gpu_v=gpu_v)
     b, hq, d = q.shape
     _, p, hkv, _ = ws_k.shape
     check_head_dim(d)
@@ -159,10 +171,11 @@ def decode_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loc: torc
         if not t.is_contiguous():
             raise ValueError("decode_prologue needs contiguous tensors")
     _decode_prologue_kernel[(b, hkv)](
-        q, k, v, loc, rows, n, cur_slot, kernel_arg(host_k), kernel_arg(host_v), ws_k, ws_v, digests, q_prev,
+        q, k, v, loc, rows, n, cur_slot, kernel_arg(host_k), kernel_arg(host_v),
+        gpu_k if gpu_k is not None else ws_k, gpu_v if gpu_v is not None else ws_v, ws_k, ws_v, digests, q_prev,
         q_valid.view(torch.uint8), flags.view(torch.int8), spec.view(torch.int8),
         counters if counters is not None else flags,
-        float(tau) if tau is not None else 0.0,
+        float(tau) if tau is not None else 0.0, host_k.shape[0],
         HKV=hkv, G=g, GB=max(2, next_pow2(g)), D=d, PAGE=p, HAS_TAU=tau is not None, SPECULATIVE=speculative,
-        COUNT=counters is not None, num_warps=4,
+        COUNT=counters is not None, TIERED=gpu_k is not None, num_warps=4,
     )

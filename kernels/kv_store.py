@@ -7,23 +7,25 @@ Token slot ``loc`` (SGLang's KV index) lives in host page ``loc // P`` at offset
 Used after prefill (``T`` up to the whole prompt) and at every decode step (``T`` = batch).
 The kernel stores straight into pinned host memory through unified addressing (see
 :mod:`.uva`): no staging buffer, no copy engine, no host synchronisation; CUDA-graph safe.
-Entries with ``loc < 0`` are skipped.
+Entries with ``loc < 0`` are skipped. With a GPU tier (``gpu_k``, ``gpu_v``), pages from
+``n_host_pages`` on are written there instead (:mod:`.common`, KV tiers).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import check_head_dim, check_kv_dtype, check_page_size, cdiv, tl, triton, use_triton
+from .common import (check_gpu_tier, check_head_dim, check_kv_dtype, check_page_size, cdiv, tier_write_reference, tl,
+                     triton, use_triton)
 from .uva import kernel_arg
 
 if triton is not None:
 
     @triton.jit
     def _store_kv_host_kernel(
-        k_ptr, v_ptr, loc_ptr, hk_ptr, hv_ptr,
-        T, stride_kt, stride_kh, stride_vt, stride_vh,
-        HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+        k_ptr, v_ptr, loc_ptr, hk_ptr, hv_ptr, gk_ptr, gv_ptr,
+        T, stride_kt, stride_kh, stride_vt, stride_vh, n_host,
+        HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, TIERED: tl.constexpr,
     ):
         # grid: (cdiv(T, BLOCK_T), Hkv). One program: BLOCK_T tokens x one KV head.
         pid_t = tl.program_id(0)
@@ -40,23 +42,31 @@ if triton is not None:
         m = valid[:, None]
         kx = tl.load(k_ptr + (t64 * stride_kt + h * stride_kh)[:, None] + d[None, :], mask=m)
         vx = tl.load(v_ptr + (t64 * stride_vt + h * stride_vh)[:, None] + d[None, :], mask=m)
+        if TIERED:  # pages from n_host on live in the GPU tier
+            in_gpu = (page >= n_host)[:, None]
+            gdst = (((page - n_host) * HKV + h) * PAGE + off) * D
+            tl.store(gk_ptr + gdst[:, None] + d[None, :], kx, mask=m & in_gpu)
+            tl.store(gv_ptr + gdst[:, None] + d[None, :], vx, mask=m & in_gpu)
+            m = m & (in_gpu == 0)
         tl.store(hk_ptr + dst[:, None] + d[None, :], kx, mask=m)
         tl.store(hv_ptr + dst[:, None] + d[None, :], vx, mask=m)
 
 
 def store_kv_host_reference(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            loc: torch.Tensor) -> None:
-    """Plain-torch :func:`store_kv_host` (any devices; host tensors are written in place)."""
+                            loc: torch.Tensor, gpu_k: torch.Tensor | None = None,
+                            gpu_v: torch.Tensor | None = None) -> None:
+    """Plain-torch :func:`store_kv_host` (any devices; the tiers are written in place)."""
     p = host_k.shape[2]
-    loc = loc.to(host_k.device).long()
+    loc = loc.long()
     valid = loc >= 0
     sel = loc[valid]
-    host_k[sel // p, :, sel % p, :] = k.to(device=host_k.device, dtype=host_k.dtype)[valid]
-    host_v[sel // p, :, sel % p, :] = v.to(device=host_v.device, dtype=host_v.dtype)[valid]
+    tier_write_reference(host_k, gpu_k, sel // p, slice(None), sel % p, k[valid])
+    tier_write_reference(host_v, gpu_v, sel // p, slice(None), sel % p, v[valid])
 
 
 def store_kv_host(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  loc: torch.Tensor, *, block_t: int = 32, num_warps: int = 4, impl: str | None = None) -> None:
+                  loc: torch.Tensor, *, gpu_k: torch.Tensor | None = None, gpu_v: torch.Tensor | None = None,
+                  block_t: int = 32, num_warps: int = 4, impl: str | None = None) -> None:
     """Write ``k``, ``v`` into the host store at token slots ``loc``.
 
     Args:
@@ -64,11 +74,14 @@ def store_kv_host(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v
             (or CUDA memory; any memory for the reference).
         k, v: ``[T, Hkv, D]`` same dtype, on the GPU; rows may be strided, channels contiguous.
         loc: int32/int64 ``[T]`` on the GPU: token slot of each row; ``< 0`` = skip.
+        gpu_k, gpu_v: optional GPU tier ``[n_gpu, Hkv, P, D]``: pages ``n_host_pages`` and up live there
+            (page ``n_host_pages + i`` is ``gpu_k[i]``).
         impl: ``None`` (auto), ``"triton"`` or ``"torch"`` (see :mod:`.common`).
     Writes ``host[loc // P, :, loc % P, :] = k`` (and ``v``); returns nothing. No host sync.
     """
+    check_gpu_tier(host_k, gpu_k, gpu_v)
     if not use_triton(impl, k, v, loc):
-        return store_kv_host_reference(host_k, host_v, k, v, loc)
+        return store_kv_host_reference(host_k, host_v, k, v, loc, gpu_k, gpu_v)
     n_pages, hkv, p, d = host_k.shape
     t = k.shape[0]
     if host_v.shape != host_k.shape or k.shape != (t, hkv, d) or v.shape != (t, hkv, d) or loc.shape != (t,):
@@ -90,6 +103,7 @@ def store_kv_host(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v
     grid = (cdiv(t, block_t), hkv)
     _store_kv_host_kernel[grid](
         k, v, loc, kernel_arg(host_k), kernel_arg(host_v),
-        t, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        HKV=hkv, PAGE=p, D=d, BLOCK_T=block_t, num_warps=num_warps,
+        gpu_k if gpu_k is not None else k, gpu_v if gpu_v is not None else v,
+        t, k.stride(0), k.stride(1), v.stride(0), v.stride(1), n_pages,
+        HKV=hkv, PAGE=p, D=d, BLOCK_T=block_t, TIERED=gpu_k is not None, num_warps=num_warps,
     )

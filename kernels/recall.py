@@ -26,8 +26,8 @@ import os
 
 import torch
 
-from .common import (check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced, next_pow2, sm_count,
-                     tl, triton, use_triton)
+from .common import (check_gpu_tier, check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced,
+                     next_pow2, sm_count, tier_read_reference, tl, triton, use_triton)
 from .host_copy import copy_blocks, cuda_memcpy2d_h2d
 from .uva import kernel_arg
 
@@ -38,9 +38,9 @@ if triton is not None:
 
     @triton.jit
     def _recall_rows_kernel(
-        src_k, src_v, dst_k, dst_v, page_ptr, slot_ptr, head_ptr,
-        n_rows, n_iters, n_programs, src_page_stride, src_head_stride, dst_slot_stride, dst_row_stride,
-        PAGE: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, ITERS: tl.constexpr,
+        src_k, src_v, dst_k, dst_v, page_ptr, slot_ptr, head_ptr, gk_ptr, gv_ptr,
+        n_rows, n_iters, n_programs, src_page_stride, src_head_stride, dst_slot_stride, dst_row_stride, n_host,
+        PAGE: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, ITERS: tl.constexpr, TIERED: tl.constexpr,
     ):
         # ITERS: 0 on the GPU (runtime trip count n_iters); the trip count under the CPU
         # interpreter, whose loops over runtime scalars break with numpy >= 2.
@@ -63,8 +63,18 @@ if triton is not None:
             dst = (slot * dst_slot_stride + row * dst_row_stride + head * D)[:, None] + d[None, :]
             m = ok[:, None]
             # read once: don't let the streamed pieces push the working set out of L2
-            kx = tl.load(src_k + src, mask=m, eviction_policy="evict_first")
-            vx = tl.load(src_v + src, mask=m, eviction_policy="evict_first")
+            if TIERED:  # pages from n_host on come from the GPU tier
+                in_gpu = (page >= n_host)[:, None]
+                gsrc = src - n_host * src_page_stride
+                kg = tl.load(gk_ptr + gsrc, mask=m & in_gpu)
+                vg = tl.load(gv_ptr + gsrc, mask=m & in_gpu)
+                kx = tl.load(src_k + src, mask=m & (in_gpu == 0), eviction_policy="evict_first")
+                vx = tl.load(src_v + src, mask=m & (in_gpu == 0), eviction_policy="evict_first")
+                kx = tl.where(in_gpu, kg, kx)
+                vx = tl.where(in_gpu, vg, vx)
+            else:
+                kx = tl.load(src_k + src, mask=m, eviction_policy="evict_first")
+                vx = tl.load(src_v + src, mask=m, eviction_policy="evict_first")
             tl.store(dst_k + dst, kx, mask=m)
             tl.store(dst_v + dst, vx, mask=m)
 
@@ -86,7 +96,7 @@ def _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head):
 
 
 def _launch_rows(src_k, src_v, ws_k, ws_v, page, slot, head, src_page_stride, src_head_stride, num_programs,
-                 block_rows):
+                 block_rows, gpu_k=None, gpu_v=None):
     p, hkv, d = ws_k.shape[1:]
     n_rows = slot.shape[0] * p
     if n_rows == 0:
@@ -98,20 +108,22 @@ def _launch_rows(src_k, src_v, ws_k, ws_v, page, slot, head, src_page_stride, sr
     n_iters = cdiv(n_blocks, n_prog)
     _recall_rows_kernel[(n_prog,)](
         kernel_arg(src_k), kernel_arg(src_v), ws_k, ws_v, page, slot, head,
-        n_rows, n_iters, n_prog, src_page_stride, src_head_stride, ws_k.stride(0), ws_k.stride(1),
-        PAGE=p, D=d, BLOCK_R=block_rows, ITERS=n_iters if interpreter_forced() else 0, num_warps=4,
+        gpu_k if gpu_k is not None else ws_k, gpu_v if gpu_v is not None else ws_v,
+        n_rows, n_iters, n_prog, src_page_stride, src_head_stride, ws_k.stride(0), ws_k.stride(1), src_k.shape[0],
+        PAGE=p, D=d, BLOCK_R=block_rows, ITERS=n_iters if interpreter_forced() else 0, TIERED=gpu_k is not None,
+        num_warps=4,
     )
 
 
-def recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head) -> None:
-    """Plain-torch recall (any devices): ``ws[dst_slot, :, head, :] = host[host_page, head]``."""
-    dev = host_k.device
-    slot = dst_slot.to(dev).long()
+def recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, gpu_k=None, gpu_v=None) -> None:
+    """Plain-torch recall (any devices): ``ws[dst_slot, :, head, :] = tier[host_page, head]`` (pages from
+    ``n_host_pages`` on read from the GPU tier ``gpu_k``/``gpu_v`` when given)."""
+    slot = dst_slot.long()
     valid = slot >= 0
-    s, pg, h = slot[valid], host_page.to(dev).long()[valid], head.to(dev).long()[valid]
+    s, pg, h = slot[valid], host_page.to(slot.device).long()[valid], head.to(slot.device).long()[valid]
     wdev = ws_k.device
-    ws_k[s.to(wdev), :, h.to(wdev), :] = host_k[pg, h].to(wdev)
-    ws_v[s.to(wdev), :, h.to(wdev), :] = host_v[pg, h].to(wdev)
+    ws_k[s.to(wdev), :, h.to(wdev), :] = tier_read_reference(host_k, gpu_k, pg, h, wdev)
+    ws_v[s.to(wdev), :, h.to(wdev), :] = tier_read_reference(host_v, gpu_v, pg, h, wdev)
 
 
 #: The reference of every recall strategy (they all compute the same result).
@@ -120,7 +132,8 @@ recall_gather_reference = recall_staged_reference = recall_per_page_reference = 
 
 def recall_gather(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor,
                   host_page: torch.Tensor, dst_slot: torch.Tensor, head: torch.Tensor, *,
-                  num_programs: int | None = None, block_rows: int | None = None, impl: str | None = None) -> None:
+                  num_programs: int | None = None, block_rows: int | None = None, gpu_k: torch.Tensor | None = None,
+                  gpu_v: torch.Tensor | None = None, impl: str | None = None) -> None:
     """Recall the listed pieces with one zero-copy gather kernel (graph-capturable).
 
     Args:
@@ -130,13 +143,16 @@ def recall_gather(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tensor
         num_programs: persistent grid size (default :data:`DEFAULT_NUM_PROGRAMS`); each
             program keeps ``block_rows * D`` elements of K and of V in flight.
         block_rows: rows per program iteration (default ``8192 // D``).
+        gpu_k, gpu_v: optional GPU tier ``[n_gpu, Hkv, P, D]``: pages from ``n_host_pages`` on are read there.
     Runs on the current stream (the runtime sets a side stream); no host synchronisation.
     """
+    check_gpu_tier(host_k, gpu_k, gpu_v)
     if not use_triton(impl, ws_k, dst_slot):
-        return recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
+        return recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, gpu_k, gpu_v)
     _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
     hkv, p, d = host_k.shape[1:]
-    _launch_rows(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, hkv * p * d, p * d, num_programs, block_rows)
+    _launch_rows(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, hkv * p * d, p * d, num_programs, block_rows,
+                 gpu_k, gpu_v)
 
 
 class StagedRecall:
@@ -273,10 +289,10 @@ if triton is not None:
 
     @triton.jit
     def _recall_selected_kernel(
-        hk_ptr, hv_ptr, wk_ptr, wv_ptr, rslot_ptr, rpage_ptr, rows_ptr, r2t_ptr, r2t_stride,
-        n_lists, n_iters, n_programs,
+        hk_ptr, hv_ptr, wk_ptr, wv_ptr, rslot_ptr, rpage_ptr, rows_ptr, r2t_ptr, r2t_stride, gk_ptr, gv_ptr,
+        n_lists, n_iters, n_programs, n_host,
         HKV: tl.constexpr, K: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-        SLOT_BASE: tl.constexpr, SLOT0: tl.constexpr, CH: tl.constexpr, ITERS: tl.constexpr,
+        SLOT_BASE: tl.constexpr, SLOT0: tl.constexpr, CH: tl.constexpr, ITERS: tl.constexpr, TIERED: tl.constexpr,
     ):
         # Persistent grid over chunks of CH consecutive entries of one (request, KV head) list
         # (``n_lists`` = B * Hkv lists of K entries, valid entries first). Chunks are numbered
@@ -311,8 +327,18 @@ if triton is not None:
             m = ok[:, None] & (d[None, :] >= 0)
             src = (((hpage * HKV + h) * PAGE + r) * D)[:, None] + d[None, :]
             dst = (((dst_slot * PAGE + r) * HKV + h) * D)[:, None] + d[None, :]
-            kx = tl.load(hk_ptr + src, mask=m, eviction_policy="evict_first")
-            vx = tl.load(hv_ptr + src, mask=m, eviction_policy="evict_first")
+            if TIERED:  # pages from n_host on come from the GPU tier
+                in_gpu = (hpage >= n_host)[:, None]
+                gsrc = src - n_host * (HKV * PAGE * D)
+                kg = tl.load(gk_ptr + gsrc, mask=m & in_gpu)
+                vg = tl.load(gv_ptr + gsrc, mask=m & in_gpu)
+                kx = tl.load(hk_ptr + src, mask=m & (in_gpu == 0), eviction_policy="evict_first")
+                vx = tl.load(hv_ptr + src, mask=m & (in_gpu == 0), eviction_policy="evict_first")
+                kx = tl.where(in_gpu, kg, kx)
+                vx = tl.where(in_gpu, vg, vx)
+            else:
+                kx = tl.load(hk_ptr + src, mask=m, eviction_policy="evict_first")
+                vx = tl.load(hv_ptr + src, mask=m, eviction_policy="evict_first")
             tl.store(wk_ptr + dst, kx, mask=m)
             tl.store(wv_ptr + dst, vx, mask=m)
 
@@ -358,17 +384,18 @@ def recall_selected_pieces(recall_slot, recall_page, req_to_token, rows, *, page
 
 
 def recall_selected_reference(host_k, host_v, ws_k, ws_v, recall_slot, recall_page, req_to_token, rows, *,
-                              page_size, slot_base, select_slot0) -> None:
+                              page_size, slot_base, select_slot0, gpu_k=None, gpu_v=None) -> None:
     """Plain torch :func:`recall_selected` (any device)."""
     hp, ds, hd = recall_selected_pieces(recall_slot, recall_page, req_to_token, rows, page_size=page_size,
                                         slot_base=slot_base, select_slot0=select_slot0)
-    recall_reference(host_k, host_v, ws_k, ws_v, hp, ds, hd)
+    recall_reference(host_k, host_v, ws_k, ws_v, hp, ds, hd, gpu_k, gpu_v)
 
 
 def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor,
                     recall_slot: torch.Tensor, recall_page: torch.Tensor, req_to_token: torch.Tensor,
                     rows: torch.Tensor, *, page_size: int, slot_base: int, select_slot0: int,
                     num_programs: int | None = None, num_warps: int | None = None,
+                    gpu_k: torch.Tensor | None = None, gpu_v: torch.Tensor | None = None,
                     impl: str | None = None) -> None:
     """Recall the pieces listed by :func:`.select.select_update` on a persistent grid of programs.
 
@@ -382,12 +409,15 @@ def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
     ``ws[rows[b]*slot_base + select_slot0 + slot, :, h, :]``. Graph-capturable, no host sync.
     ``num_programs``: persistent grid size (default :func:`selected_recall_programs`);
     ``num_warps``: warps per program (default :func:`selected_recall_warps`).
+    ``gpu_k``, ``gpu_v``: optional GPU tier ``[n_gpu, Hkv, P, D]`` holding pages ``n_host_pages`` and up.
     """
     if num_warps is not None and num_warps not in RECALL_WARPS_CHOICES:
         raise ValueError(f"num_warps must be one of {RECALL_WARPS_CHOICES}, got {num_warps}")
+    check_gpu_tier(host_k, gpu_k, gpu_v)
     if not use_triton(impl, ws_k, recall_slot):
         return recall_selected_reference(host_k, host_v, ws_k, ws_v, recall_slot, recall_page, req_to_token, rows,
-                                         page_size=page_size, slot_base=slot_base, select_slot0=select_slot0)
+                                         page_size=page_size, slot_base=slot_base, select_slot0=select_slot0,
+                                         gpu_k=gpu_k, gpu_v=gpu_v)
     b, hkv, k = recall_slot.shape
     if b == 0:
         return
@@ -403,6 +433,8 @@ def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
     n_iters = cdiv(n_chunks, n_prog)
     _recall_selected_kernel[(n_prog,)](
         kernel_arg(host_k), kernel_arg(host_v), ws_k, ws_v, recall_slot, recall_page, rows, req_to_token,
-        req_to_token.stride(0), b * hkv, n_iters, n_prog, HKV=hkv, K=k, PAGE=p, D=d, SLOT_BASE=slot_base,
-        SLOT0=select_slot0, CH=ch, ITERS=n_iters if interpreter_forced() else 0, num_warps=warps,
+        req_to_token.stride(0), gpu_k if gpu_k is not None else ws_k, gpu_v if gpu_v is not None else ws_v,
+        b * hkv, n_iters, n_prog, host_k.shape[0], HKV=hkv, K=k, PAGE=p, D=d, SLOT_BASE=slot_base,
+        SLOT0=select_slot0, CH=ch, ITERS=n_iters if interpreter_forced() else 0, TIERED=gpu_k is not None,
+        num_warps=warps,
     )

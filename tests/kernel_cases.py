@@ -60,6 +60,24 @@ def check_prologue(device, dtype, group, head_dim, page=8, seed=0):
                 _same(outs[0][key][1:], outs[1][key][1:], f"{key} tau={tau}")
             else:
                 _same(outs[0][key], outs[1][key], f"{key} tau={tau}")
+        # with a GPU tier holding pages from 8 on (request 2's token lands there): the tiers together
+        # hold what the single host tier held
+        for impl in ("triton", "torch"):
+            st = {kk: vv.clone().to(device) for kk, vv in state.items()}
+            hk, hv = state["host_k"][:8].clone(), state["host_v"][:8].clone()  # host tier stays on the CPU
+            if device != "cpu":
+                hk, hv = hk.pin_memory(), hv.pin_memory()
+            gk, gv = st["host_k"][8:].clone(), st["host_v"][8:].clone()
+            decode_prologue(q.to(device), k.to(device), v.to(device), loc.to(device), rows.to(device),
+                            n.to(device), slot.to(device), hk, hv, st["ws_k"], st["ws_v"],
+                            st["digests"], st["q_prev"], st["q_valid"], st["flags"], st["spec"], tau=tau,
+                            speculative=spec_on, counters=st["counters"], gpu_k=gk, gpu_v=gv, impl=impl)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            _same(torch.cat([hk, gk.cpu()]), outs[1]["host_k"], f"tiered host_k {impl} tau={tau}")
+            _same(torch.cat([hv, gv.cpu()]), outs[1]["host_v"], f"tiered host_v {impl} tau={tau}")
+            _same(st["ws_k"], outs[1]["ws_k"], f"tiered ws_k {impl}")
+            _same(st["digests"], outs[1]["digests"], f"tiered digests {impl}")
         flags = outs[1]["flags"].cpu()
         if spec_on:
             assert not bool(flags[1].any())  # same query as before: trusted
@@ -112,6 +130,21 @@ def check_select_recall(device, dtype, head_dim, page=8, k=4, seed=0, num_progra
     for a, b in zip(ws[0], ws[1]):
         assert torch.equal(torch.nan_to_num(a, nan=-7.0).cpu(), torch.nan_to_num(b, nan=-7.0).cpu()), "recall"
     assert int(outs[1][3][2]) > 0
+    # the same pages split over a host tier (pages < 30) and a GPU tier (pages >= 30)
+    split = 30
+    hk, hv = host_k[:split].clone(), host_v[:split].clone()
+    if device != "cpu":
+        hk, hv = hk.pin_memory(), hv.pin_memory()
+    gk, gv = host_k[split:].to(device), host_v[split:].to(device)
+    for impl in ("triton", "torch"):
+        wk = torch.full(((R + 1) * S, page, hkv, head_dim), float("nan"), dtype=dtype, device=device)
+        wv = wk.clone()
+        recall_selected(hk, hv, wk, wv, outs[1][1], outs[1][2], r2t.to(device), rows.to(device),
+                        page_size=page, slot_base=S, select_slot0=ns, num_programs=num_programs,
+                        num_warps=num_warps if impl == "triton" else None, gpu_k=gk, gpu_v=gv, impl=impl)
+        for a, b in zip((wk, wv), ws[1]):
+            assert torch.equal(torch.nan_to_num(a, nan=-7.0).cpu(), torch.nan_to_num(b, nan=-7.0).cpu()), \
+                f"tiered recall {impl}"
 
 
 def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean", page=8, max_pages=40,

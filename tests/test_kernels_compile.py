@@ -47,12 +47,12 @@ def _compile(fn, sig: dict, constexprs: dict, num_warps=4, div16=()):
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
-@pytest.mark.parametrize("p,d", [(32, 128), (8, 64), (256, 128)])
-def test_compile_store(dt, p, d):
+@pytest.mark.parametrize("p,d,tiered", [(32, 128, False), (8, 64, False), (256, 128, False), (32, 128, True)])
+def test_compile_store(dt, p, d, tiered):
     t = TY[dt]
-    sig = dict(k_ptr=t, v_ptr=t, loc_ptr="*i64", hk_ptr=t, hv_ptr=t, T="i32", stride_kt="i32", stride_kh="i32",
-               stride_vt="i32", stride_vh="i32")
-    _compile(kv_store._store_kv_host_kernel, sig, dict(HKV=8, PAGE=p, D=d, BLOCK_T=32),
+    sig = dict(k_ptr=t, v_ptr=t, loc_ptr="*i64", hk_ptr=t, hv_ptr=t, gk_ptr=t, gv_ptr=t, T="i32", stride_kt="i32",
+               stride_kh="i32", stride_vt="i32", stride_vh="i32", n_host="i32")
+    _compile(kv_store._store_kv_host_kernel, sig, dict(HKV=8, PAGE=p, D=d, BLOCK_T=32, TIERED=tiered),
              div16=("stride_kt", "stride_kh", "stride_vt", "stride_vh"))
 
 
@@ -88,13 +88,14 @@ def test_compile_residency(k, kb, has_mask):
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
-@pytest.mark.parametrize("p,d", [(32, 128), (8, 64), (256, 128)])
-def test_compile_recall(dt, p, d):
+@pytest.mark.parametrize("p,d,tiered", [(32, 128, False), (8, 64, False), (256, 128, False), (32, 128, True)])
+def test_compile_recall(dt, p, d, tiered):
     t = TY[dt]
-    sig = dict(src_k=t, src_v=t, dst_k=t, dst_v=t, page_ptr="*i32", slot_ptr="*i32", head_ptr="*i32",
-               n_rows="i32", n_iters="i32", n_programs="i32", src_page_stride="i64", src_head_stride="i32",
-               dst_slot_stride="i32", dst_row_stride="i32")
-    _compile(recall._recall_rows_kernel, sig, dict(PAGE=p, D=d, BLOCK_R=min(8192 // d, 256), ITERS=0),
+    sig = dict(src_k=t, src_v=t, dst_k=t, dst_v=t, page_ptr="*i32", slot_ptr="*i32", head_ptr="*i32", gk_ptr=t,
+               gv_ptr=t, n_rows="i32", n_iters="i32", n_programs="i32", src_page_stride="i64", src_head_stride="i32",
+               dst_slot_stride="i32", dst_row_stride="i32", n_host="i32")
+    _compile(recall._recall_rows_kernel, sig,
+             dict(PAGE=p, D=d, BLOCK_R=min(8192 // d, 256), ITERS=0, TIERED=tiered),
              div16=("src_page_stride", "src_head_stride", "dst_slot_stride", "dst_row_stride"))
 
 
@@ -133,12 +134,15 @@ def test_compile_merge_select(k, kb, nb, has_mask):
 @pytest.mark.parametrize("dt,p,d,w", [("bf16", 32, 128, 8), ("fp16", 32, 128, 8), ("bf16", 16, 64, 8),
                                       ("fp16", 16, 64, 8), ("bf16", 256, 128, 8), ("fp16", 256, 128, 8),
                                       ("bf16", 32, 128, 2), ("bf16", 32, 128, 1)])
-def test_compile_recall_selected(dt, p, d, w):
+@pytest.mark.parametrize("tiered", [False, True])
+def test_compile_recall_selected(dt, p, d, w, tiered):
     t = TY[dt]
     sig = dict(hk_ptr=t, hv_ptr=t, wk_ptr=t, wv_ptr=t, rslot_ptr="*i32", rpage_ptr="*i32", rows_ptr="*i64",
-               r2t_ptr="*i32", r2t_stride="i32", n_lists="i32", n_iters="i32", n_programs="i32")
+               r2t_ptr="*i32", r2t_stride="i32", gk_ptr=t, gv_ptr=t, n_lists="i32", n_iters="i32",
+               n_programs="i32", n_host="i32")
     _compile(recall._recall_selected_kernel, sig,
-             dict(HKV=8, K=32, PAGE=p, D=d, SLOT_BASE=64, SLOT0=16, CH=max(1, 16 * w // p), ITERS=0),
+             dict(HKV=8, K=32, PAGE=p, D=d, SLOT_BASE=64, SLOT0=16, CH=max(1, 16 * w // p), ITERS=0,
+                  TIERED=tiered),
              num_warps=w, div16=("r2t_stride",))
 
 

@@ -76,6 +76,24 @@ else:
         assert torch.equal(hv.nan_to_num(5.0), rv.nan_to_num(5.0))
         assert int((~hk.isnan()).sum()) == int((loc >= 0).sum()) * hkv * d
 
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_store_with_gpu_tier(dtype):
+        """Pages from n_host on go to the GPU tier: host + tier equal one store of all pages."""
+        g = _g(21)
+        p, hkv, d, n_host, n_gpu, t = 8, 2, 64, 4, 3, 41
+        k, v = _randn(g, t, hkv, d, dtype=dtype), _randn(g, t, hkv, d, dtype=dtype)
+        loc = torch.randperm((n_host + n_gpu) * p, generator=g)[:t]
+        loc[3::7] = -1
+        for impl in ("triton", "torch"):
+            hk, hv = (torch.full((n_host, hkv, p, d), float("nan"), dtype=dtype) for _ in range(2))
+            gk, gv = (torch.full((n_gpu, hkv, p, d), float("nan"), dtype=dtype) for _ in range(2))
+            K.store_kv_host(hk, hv, k, v, loc, gpu_k=gk, gpu_v=gv, impl=impl)
+            ak, av = (torch.full((n_host + n_gpu, hkv, p, d), float("nan"), dtype=dtype) for _ in range(2))
+            K.store_kv_host(ak, av, k, v, loc, impl="torch")
+            assert torch.equal(torch.cat([hk, gk]).nan_to_num(5.0), ak.nan_to_num(5.0)), impl
+            assert torch.equal(torch.cat([hv, gv]).nan_to_num(5.0), av.nan_to_num(5.0)), impl
+            assert not gk.isnan().all() and not hk.isnan().all()
+
     # --------------------------------------------------------------------------- digests
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("p,hkv,d", [(8, 2, 64), (32, 3, 128), (256, 1, 16)])
@@ -172,6 +190,37 @@ else:
         assert torch.equal(wk.nan_to_num(2.0), rk.nan_to_num(2.0))
         assert torch.equal(wv.nan_to_num(2.0), rv.nan_to_num(2.0))
         assert int((~wk.isnan()).sum()) == int((slot >= 0).sum()) * p * d
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("split", [1, 4, 8])
+    def test_recall_gather_with_gpu_tier(dtype, split):
+        """Pages from ``split`` on come from the GPU tier; the result equals a recall from one store."""
+        g = _g(16)
+        p, hkv, d, n_pages, n_slots, n = 8, 3, 64, 9, 7, 15
+        ak = _randn(g, n_pages, hkv, p, d, dtype=dtype)
+        av = _randn(g, n_pages, hkv, p, d, dtype=dtype)
+        pairs = torch.randperm(n_slots * hkv, generator=g)[:n]
+        slot, head = (pairs // hkv), (pairs % hkv)
+        page = torch.randint(0, n_pages, (n,), generator=g)
+        page[0], page[1] = 0, n_pages - 1  # both ends of both tiers
+        slot[2::5] = -1
+        want = [torch.full((n_slots, p, hkv, d), float("nan"), dtype=dtype) for _ in range(2)]
+        K.recall_gather(ak, av, *want, page, slot, head, impl="torch")
+        for impl in ("triton", "torch"):
+            got = [torch.full((n_slots, p, hkv, d), float("nan"), dtype=dtype) for _ in range(2)]
+            K.recall_gather(ak[:split], av[:split], *got, page, slot, head, gpu_k=ak[split:], gpu_v=av[split:],
+                            num_programs=3, impl=impl)
+            for a, b in zip(got, want):
+                assert torch.equal(a.nan_to_num(2.0), b.nan_to_num(2.0)), impl
+
+    def test_gpu_tier_must_match_the_host_pages():
+        hk = torch.zeros(4, 2, 8, 16, dtype=torch.bfloat16)
+        ws = torch.zeros(3, 8, 2, 16, dtype=torch.bfloat16)
+        i = torch.zeros(1, dtype=torch.int64)
+        with pytest.raises(ValueError, match="together"):
+            K.recall_gather(hk, hk, ws, ws, i, i, i, gpu_k=hk)
+        with pytest.raises(ValueError, match="does not match"):
+            K.recall_gather(hk, hk, ws, ws, i, i, i, gpu_k=hk[:, :1].contiguous(), gpu_v=hk[:, :1].contiguous())
 
     def test_recall_from_selection():
         """select -> pieces -> gather moves exactly the missing pages into their slots."""
