@@ -116,6 +116,13 @@ def add_freekv_arguments(parser: argparse.ArgumentParser) -> None:
         "auto, a safe fraction of the currently available RAM. Must not exceed total RAM.",
     )
     g.add_argument(
+        "--freekv-gpu-tier-gb", dest=dest_of_field("gpu_tier_gb"), type=float,
+        default=_D.gpu_tier_gb, metavar="GIB",
+        help="GPU memory, in GiB, that holds more requests' full KV beside the host tier (used once the "
+        "host tier is full; recall from it stays on the GPU). Taken from SGLang's KV budget, so fewer "
+        "working sets fit. Default: 0 (none).",
+    )
+    g.add_argument(
         "--freekv-min-context-tokens", dest=dest_of_field("min_context_tokens"), type=int,
         default=_D.min_context_tokens, metavar="TOKENS",
         help="Requests whose context is shorter run dense. Requests whose context fits "

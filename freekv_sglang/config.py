@@ -57,6 +57,7 @@ FLAG_OF_FIELD = {
     "gqa_aggregation": "--freekv-gqa-aggregation",
     "host_memory_gb": "--freekv-host-memory-gb",
     "min_context_tokens": "--freekv-min-context-tokens",
+    "gpu_tier_gb": "--freekv-gpu-tier-gb",
     "recall": "--freekv-recall",
 }
 
@@ -136,6 +137,8 @@ class FreeKVConfig:
         host_memory_gb: pinned host memory for the full KV, GiB; ``None`` = auto.
         min_context_tokens: requests with shorter contexts run dense.
         recall: host-to-GPU transfer strategy (``auto`` = ``gather``).
+        gpu_tier_gb: GPU memory (GiB) that extends the host tier with more full-KV pages, filled
+            after the host tier; 0 = none.
     """
 
     enabled: bool = False
@@ -149,6 +152,7 @@ class FreeKVConfig:
     host_memory_gb: Optional[float] = None
     min_context_tokens: int = 0
     recall: str = "auto"
+    gpu_tier_gb: float = 0.0
 
     def __post_init__(self) -> None:
         self._validate()
@@ -211,6 +215,14 @@ class FreeKVConfig:
             )
         if self.recall not in RECALL_CHOICES:
             raise _fail("recall", self.recall, f"expected one of {', '.join(RECALL_CHOICES)}")
+
+        gt = self.gpu_tier_gb
+        if isinstance(gt, bool) or not isinstance(gt, (int, float)) or math.isnan(gt) or math.isinf(gt):
+            raise _fail("gpu_tier_gb", gt, "expected a number of GiB")
+        if gt < 0:
+            raise _fail("gpu_tier_gb", gt, "must be >= 0")
+        if gt > 0 and self.recall in ("staged", "per-page"):
+            raise _fail("gpu_tier_gb", gt, f"a GPU tier needs --freekv-recall gather (got {self.recall})")
 
         hm = self.host_memory_gb
         if hm is not None:
@@ -354,6 +366,7 @@ class FreeKVConfig:
             f"speculative={'on' if self.speculative else 'off'} "
             f"gqa_aggregation={self.gqa_aggregation} recall={recall} "
             f"host_memory={mem} min_context_tokens={self.min_context_tokens}"
+            + (f" gpu_tier={self.gpu_tier_gb:g}GiB" if self.gpu_tier_gb else "")
         )
 
 

@@ -29,6 +29,7 @@ from freekv_sglang.serving import Server, output_ids  # noqa: E402
 MODES = {
     "dense": ["--attention-backend", "flashinfer"],
     "freekv": ["--kv-retrieval", "freekv"],
+    "freekv-tier": ["--kv-retrieval", "freekv"],  # plus --freekv-gpu-tier-gb (--gpu-tier-gb)
 }
 
 
@@ -45,8 +46,12 @@ def peak_running(log_path: str) -> int:
 def run(mode: str, a) -> dict:
     args = ["--model-path", a.model, "--load-format", "dummy", *MODES[mode], "--max-running-requests",
             str(a.max_requests)]
-    if mode == "freekv":
+    if mode.startswith("freekv"):
         args += ["--freekv-host-memory-gb", str(a.host_gb)]
+    if mode == "freekv-tier":
+        if not a.gpu_tier_gb:
+            raise ValueError("mode freekv-tier needs --gpu-tier-gb (launch/capacity_plan.py suggests a size)")
+        args += ["--freekv-gpu-tier-gb", str(a.gpu_tier_gb)]
     srv = Server(args, port=a.port, log_path=os.path.join(a.out, f"capacity-{mode}.log"))
     rng = random.Random(0)
     with srv:
@@ -78,10 +83,19 @@ def table(rows: list[dict], context: int) -> str:
             lines.append(f"| {r['mode']} | {r['token_capacity']} | {r['computed_concurrent']} | {r['peak_running']} | "
                          f"{r['completed']}/{r['submitted']} |")
     by = {r["mode"]: r for r in rows if "error" not in r}
-    if by.get("dense", {}).get("peak_running") and "freekv" in by:
-        lines.append(f"\nFreeKV / dense concurrent {context}-token requests: "
-                     f"{by['freekv']['peak_running'] / by['dense']['peak_running']:.2f}x")
+    for m in ("freekv", "freekv-tier"):
+        if by.get("dense", {}).get("peak_running") and m in by:
+            lines.append(f"\n{m} / dense concurrent {context}-token requests: "
+                         f"{by[m]['peak_running'] / by['dense']['peak_running']:.2f}x")
     return "\n".join(lines)
+
+
+def run_or_error(mode: str, a) -> dict:
+    """:func:`run`, or the mode's error (the other modes still run)."""
+    try:
+        return run(mode, a)
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return {"mode": mode, "error": f"{type(e).__name__}: {e}"}
 
 
 def main():
@@ -93,19 +107,20 @@ def main():
     p.add_argument("--max-requests", type=int, default=64)
     p.add_argument("--timeout", type=float, default=1200.0)
     p.add_argument("--port", type=int, default=30021)
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--gpu-tier-gb", type=float, default=0.0, help="--freekv-gpu-tier-gb of mode freekv-tier")
+    p.add_argument("--modes", nargs="+", default=["dense", "freekv"], choices=list(MODES))
     p.add_argument("--out", default="bench-out")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     import torch
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    rows = [run(m, a) for m in a.modes]
+    rows = [run_or_error(m, a) for m in a.modes]
     with open(os.path.join(a.out, "bench_capacity.json"), "w") as f:
         json.dump({"card": card, "args": vars(a), "results": rows}, f, indent=1)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     print(f"card: {card}; host RAM {ram:.0f} GiB; context {a.context} + {a.new_tokens} new tokens; "
-          f"FreeKV host tier {a.host_gb} GiB\n")
+          f"FreeKV host tier {a.host_gb} GiB" + (f", GPU tier {a.gpu_tier_gb} GiB" if a.gpu_tier_gb else "") + "\n")
     for r in rows:
         if r.get("freekv_memory"):
             print(r["freekv_memory"])

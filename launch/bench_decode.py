@@ -358,9 +358,9 @@ def run_capacity(a) -> list[dict]:
     host_gb = a.capacity_host_gb or round(0.8 * (available_gib() or 16.0), 1)
     ns = argparse.Namespace(model=a.model, context=a.capacity, new_tokens=a.output_len, host_gb=host_gb,
                             max_requests=a.capacity_max_requests, timeout=max(a.timeout, 1200.0), port=30031,
-                            out=a.out)
+                            out=a.out, gpu_tier_gb=a.capacity_gpu_tier_gb)
     rows = []
-    for mode in ("dense", "freekv"):
+    for mode in ("dense", "freekv") + (("freekv-tier",) if a.capacity_gpu_tier_gb else ()):
         try:
             rows.append(bench_capacity.run(mode, ns))
         except Exception as e:  # noqa: BLE001 - report it, keep the decode results
@@ -421,6 +421,8 @@ def main() -> None:
     p.add_argument("--capacity-max-requests", type=int, default=64)
     p.add_argument("--capacity-host-gb", type=float, default=None,
                    help="FreeKV host tier for the capacity run (default: 80%% of the available memory)")
+    p.add_argument("--capacity-gpu-tier-gb", type=float, default=0.0,
+                   help="also run FreeKV with this --freekv-gpu-tier-gb in the capacity run (0: not)")
     p.add_argument("--prefill-tokens-per-forward", type=int, default=262144,
                    help="prefill a batch longer than this in groups of whole requests, one forward each "
                         "(every mode; 0: the whole batch in one forward, as SGLang's benchmark does)")

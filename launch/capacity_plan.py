@@ -38,15 +38,34 @@ def table(shape: ModelShape, layout: WorkingSetLayout, max_ctx: int, context: in
     g = 2**30
     tokens = context + new_tokens
     lines = [f"{context}+{new_tokens}-token requests; dense KV {tokens * kv_bytes_per_token(shape) / g:.2f} GiB each",
-             "", "| GPU KV pool GiB | host tier GiB | dense | FreeKV | FreeKV / dense | FreeKV bounded by |",
-             "|---:|---:|---:|---:|---:|---|"]
+             "", "| GPU KV pool GiB | host tier GiB | dense | FreeKV | FreeKV / dense | FreeKV bounded by "
+             "| FreeKV + GPU tier | GPU tier GiB | with tier / dense |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for gk in gpu_kv_gb:
         for hg in host_gb:
             r = concurrent_requests(shape, layout, gpu_kv_bytes=int(gk * g), host_bytes=int(hg * g),
                                     request_tokens=tokens, max_context_len=max_ctx)
             ratio = f"{r['freekv'] / r['dense']:.1f}x" if r["dense"] else "-"
-            lines.append(f"| {gk:g} | {hg:g} | {r['dense']} | {r['freekv']} | {ratio} | {r['freekv_bound']} |")
+            n_tier, tier_gb = best_gpu_tier(shape, layout, gk, hg, tokens, max_ctx)
+            tratio = f"{n_tier / r['dense']:.1f}x" if r["dense"] else "-"
+            lines.append(f"| {gk:g} | {hg:g} | {r['dense']} | {r['freekv']} | {ratio} | {r['freekv_bound']} "
+                         f"| {n_tier} | {tier_gb:.1f} | {tratio} |")
     return "\n".join(lines)
+
+
+def best_gpu_tier(shape: ModelShape, layout: WorkingSetLayout, gpu_kv_gb: float, host_gb: float, tokens: int,
+                  max_ctx: int, steps: int = 100) -> tuple[int, float]:
+    """The ``--freekv-gpu-tier-gb`` (searched in ``steps`` even steps of the GPU pool) that fits the most
+    requests, and that number."""
+    g = 2**30
+    best = (-1, 0.0)
+    for i in range(steps):
+        tier = gpu_kv_gb * i / steps
+        r = concurrent_requests(shape, layout, gpu_kv_bytes=int(gpu_kv_gb * g), host_bytes=int(host_gb * g),
+                                request_tokens=tokens, max_context_len=max_ctx, gpu_tier_bytes=int(tier * g))
+        if r["freekv"] > best[0]:
+            best = (r["freekv"], tier)
+    return best
 
 
 def main() -> None:

@@ -79,3 +79,43 @@ def test_host_tier_smaller_than_the_dense_pool_is_reported():
     assert "--freekv-host-memory-gb" in hint
     big = plan_memory(SHAPE, LAYOUT, 4 * gpu, gpu, 4096)
     assert big.host_tokens >= dense_tokens and capacity_warning(big, gpu, SHAPE) is None
+
+
+def test_gpu_tier_adds_pages_after_the_host_tier_and_is_paid_from_the_gpu_pool():
+    host, gpu = 50 * 1000 * KV_TOKEN, 2**30
+    base = plan_memory(SHAPE, LAYOUT, host, gpu, 4096)
+    tier = plan_memory(SHAPE, LAYOUT, host, gpu, 4096, gpu_tier_bytes=30 * 1000 * KV_TOKEN)
+    page_bytes = 8 * KV_TOKEN
+    assert tier.host_tokens == base.host_tokens and tier.host_pages == base.host_pages
+    assert tier.gpu_tier_pages == 30 * 1000 * KV_TOKEN // page_bytes and tier.gpu_tier_tokens == tier.gpu_tier_pages * 8
+    assert tier.total_tokens == base.host_tokens + tier.gpu_tier_tokens
+    assert tier.gpu_tier_bytes == tier.gpu_tier_pages * page_bytes
+    # the tier's KV and its digests come out of the GPU budget
+    per_page_digest = (base.digest_bytes // base.host_pages)
+    assert tier.digest_bytes == base.digest_bytes + tier.gpu_tier_pages * per_page_digest
+    assert tier.gpu_bytes >= tier.gpu_tier_bytes + tier.digest_bytes
+    assert "GPU tier" in tier.summary() and "GPU tier" not in base.summary()
+    # more whole requests fit
+    more = concurrent_requests(SHAPE, LAYOUT, gpu_kv_bytes=gpu, host_bytes=host, request_tokens=1000,
+                               max_context_len=4096, gpu_tier_bytes=30 * 1000 * KV_TOKEN)
+    less = concurrent_requests(SHAPE, LAYOUT, gpu_kv_bytes=gpu, host_bytes=host, request_tokens=1000,
+                               max_context_len=4096)
+    assert more["freekv"] >= less["freekv"] + 29
+
+
+def test_gpu_tier_larger_than_the_gpu_pool_is_refused():
+    import pytest
+
+    from freekv_sglang.runtime.sizing import FreeKVMemoryError
+
+    with pytest.raises(FreeKVMemoryError, match="--freekv-gpu-tier-gb"):
+        plan_memory(SHAPE, LAYOUT, 50 * 1000 * KV_TOKEN, 2**24, 4096, gpu_tier_bytes=2**24)
+
+
+def test_capacity_plan_finds_the_best_gpu_tier():
+    mod = load_launch_script("capacity_plan")
+    gpu_gb, host_gb = 100 * 1000 * KV_TOKEN / 2**30, 20 * 1000 * KV_TOKEN / 2**30
+    n, tier_gb = mod.best_gpu_tier(SHAPE, LAYOUT, gpu_gb, host_gb, 1000, 4096)
+    plain = concurrent_requests(SHAPE, LAYOUT, gpu_kv_bytes=int(gpu_gb * 2**30), host_bytes=int(host_gb * 2**30),
+                                request_tokens=1000, max_context_len=4096)["freekv"]
+    assert tier_gb > 0 and n > plain

@@ -74,6 +74,9 @@ def test_frozen():
         ({"min_context_tokens": -1}, "--freekv-min-context-tokens", "-1"),
         ({"gqa_aggregation": "median"}, "--freekv-gqa-aggregation", "median"),
         ({"recall": "dma"}, "--freekv-recall", "dma"),
+        ({"gpu_tier_gb": -1.0}, "--freekv-gpu-tier-gb", "-1.0"),
+        ({"gpu_tier_gb": float("inf")}, "--freekv-gpu-tier-gb", "inf"),
+        ({"gpu_tier_gb": 4, "recall": "staged"}, "--freekv-gpu-tier-gb", "4"),
         ({"page_size": "32"}, "--freekv-page-size", "32"),
     ],
 )
@@ -121,6 +124,13 @@ def test_resolve_host_memory_auto_fails_without_memory():
         resolve_host_memory_bytes(FreeKVConfig(), meminfo={"MemAvailable": 1 * GIB})
     with pytest.raises(FreeKVConfigError, match="MemAvailable"):
         resolve_host_memory_bytes(FreeKVConfig(), meminfo={})
+
+
+def test_gpu_tier_round_trips_and_shows_in_summary():
+    cfg = FreeKVConfig(enabled=True, gpu_tier_gb=12.5, host_memory_gb=2)
+    assert FreeKVConfig.from_json(cfg.to_json()) == cfg
+    assert "gpu_tier=12.5GiB" in cfg.summary()
+    assert "gpu_tier" not in FreeKVConfig(enabled=True, host_memory_gb=2).summary()
 
 
 def test_json_round_trip_and_env():

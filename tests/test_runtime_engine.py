@@ -21,7 +21,7 @@ from freekv_sglang.runtime.sizing import ModelShape
 
 def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean", group=3, head_dim=16,
                           prompt_lens=(13, 30, 7, 45), rows=(2, 1, 4, 5), steps=24, seed=0, atol=2e-5,
-                          offload_api=False):
+                          offload_api=False, gpu_pages=0):
     g = torch.Generator().manual_seed(seed)
     L, hkv = 2, 2
     hq = hkv * group
@@ -38,7 +38,9 @@ def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean"
         pages = perm[(r - 1) * per_row: r * per_row]
         req_to_token[r] = (pages[:, None] * lay.page_size + torch.arange(lay.page_size)).flatten()[:max_ctx].int()
     req_to_token = req_to_token.to(device)
-    rt = FreeKVRuntime(shape, settings, n_pages, R, req_to_token, max_batch=8, device=device)
+    # with gpu_pages, the highest-numbered pages are the GPU tier's (the rows' random pages use both tiers)
+    rt = FreeKVRuntime(shape, settings, n_pages - gpu_pages, R, req_to_token, max_batch=8, device=device,
+                       n_gpu_pages=gpu_pages)
     scale = 1 / math.sqrt(head_dim)
     B = len(rows)
     rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
@@ -141,6 +143,25 @@ def test_prefill_offload_entry_matches_reference_cpu():
     run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, steps=6, offload_api=True)
 
 
+@pytest.mark.parametrize("offload_api", [False, True])
+def test_runtime_with_gpu_tier_matches_reference_cpu(offload_api):
+    """A GPU tier holding the highest-numbered pages: the same outputs as one host tier."""
+    rt, ref = run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, steps=12,
+                                    offload_api=offload_api, gpu_pages=60)
+    assert rt.n_gpu_pages == 60 and rt.gpu_tier.shape[2] == 60 and rt.host.n_pages == rt.digests.shape[1] - 60
+    assert float(rt.gpu_tier.abs().sum()) > 0  # the rows' pages really live in both tiers
+
+
+def test_gpu_tier_needs_the_gather_recall():
+    lay = WorkingSetLayout(page_size=4, n_sink=1, n_select=3, n_window=2)
+    shape = ModelShape(2, 4, 2, 16, torch.float32)
+    r2t = torch.zeros((3, 64), dtype=torch.int32)
+    for how in ("staged", "per-page"):
+        with pytest.raises(ValueError, match="gather"):
+            FreeKVRuntime(shape, RuntimeSettings(lay, "mean", 0.9, True, how), 10, 2, r2t, max_batch=2,
+                          device="cpu", n_gpu_pages=4)
+
+
 def test_deferred_layers_env_is_validated(monkeypatch):
     from freekv_sglang.runtime.engine import deferred_layers_from_env
 
@@ -168,6 +189,8 @@ def test_runtime_with_triton_kernels_under_interpreter():
         "for spec, tau in ((True, 0.9), (False, None)):\n"
         "    run_against_reference('cpu', torch.float16, speculative=spec, tau=tau, steps=6, atol=3e-2,\n"
         "                          prompt_lens=(13, 30, 7), rows=(2, 1, 4))\n"
+        "run_against_reference('cpu', torch.float16, speculative=True, tau=0.9, steps=6, atol=3e-2,\n"
+        "                      prompt_lens=(13, 30, 7), rows=(2, 1, 4), gpu_pages=60)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -85,7 +85,10 @@ class FreeKVRuntime:
     Args:
         shape: local attention shape.
         settings: algorithm/data-path settings.
-        n_host_pages: host pages incl. the padding page 0 (SGLang's token capacity / P + 1).
+        n_host_pages: host pages incl. the padding page 0 (SGLang's token capacity / P + 1, less the GPU tier).
+        n_gpu_pages: full-KV pages in GPU memory after the host tier's (``--freekv-gpu-tier-gb``): page
+            ``n_host_pages + i`` is GPU-tier page ``i``; SGLang's allocator hands them out once the host
+            tier's lower-numbered pages are taken.
         max_rows: request rows ``R`` (SGLang's ``req_to_token_pool.size``); rows ``0..R`` exist.
         req_to_token: int32 ``[R + 1, max_ctx]`` SGLang's row -> token-slot map (shared, not copied).
         max_batch: largest decode batch (fixed scratch sizes for CUDA graphs).
@@ -95,7 +98,7 @@ class FreeKVRuntime:
 
     def __init__(self, shape: ModelShape, settings: RuntimeSettings, n_host_pages: int, max_rows: int,
                  req_to_token: torch.Tensor, max_batch: int, device: torch.device | str,
-                 workspace: torch.Tensor | None = None):
+                 workspace: torch.Tensor | None = None, n_gpu_pages: int = 0):
         self.shape = shape
         self.settings = settings
         self.layout = lay = settings.layout
@@ -111,8 +114,16 @@ class FreeKVRuntime:
 
         self.host = HostKVStore(L, n_host_pages, hkv, P, d, dt, pin=self.is_cuda)
         dev = self.device
+        if n_gpu_pages < 0:
+            raise ValueError(f"n_gpu_pages must be >= 0, got {n_gpu_pages}")
+        if n_gpu_pages and settings.recall in ("staged", "per-page"):
+            raise ValueError(f"a GPU tier needs the gather recall, not {settings.recall!r}")
+        self.n_gpu_pages = n_gpu_pages
+        # GPU tier: more full-KV pages, same layout as the host tier's, numbered after them
+        self.gpu_tier = (torch.empty((L, 2, n_gpu_pages, hkv, P, d), dtype=dt, device=dev) if n_gpu_pages
+                         else None)
         self.ws = torch.zeros((L, 2, (max_rows + 1) * S, P, hkv, d), dtype=dt, device=dev)
-        self.digests = torch.zeros((L, n_host_pages, hkv, 2, d), dtype=dt, device=dev)
+        self.digests = torch.zeros((L, n_host_pages + n_gpu_pages, hkv, 2, d), dtype=dt, device=dev)
         self.resident = torch.full((L, max_rows + 1, hkv, lay.n_select), -1, dtype=torch.int64, device=dev)
         self.q_prev = torch.zeros((L, max_rows + 1, hq, d), dtype=dt, device=dev)
         self.q_valid = torch.zeros((L, max_rows + 1, hkv), dtype=torch.bool, device=dev)
@@ -173,7 +184,7 @@ class FreeKVRuntime:
     @property
     def gpu_bytes(self) -> int:
         parts = (self.ws, self.digests, self.resident, self.q_prev, self.q_valid, self.keys_main, self.keys_side,
-                 self.main_lists, self.side_lists, self.spec_row)
+                 self.main_lists, self.side_lists, self.spec_row, self.gpu_tier)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def used_bytes(self, n_requests: int, tokens_each: int) -> tuple[int, int]:
@@ -185,6 +196,12 @@ class FreeKVRuntime:
         return (n_requests * (working_set_bytes_per_row(sh, lay) + pages * digest_bytes_per_page(sh)),
                 n_requests * pages * host_bytes_per_page(sh, lay.page_size))
 
+    def tier_kw(self, layer: int) -> dict:
+        """The GPU tier of one layer as the kernels' ``gpu_k``/``gpu_v`` (empty without a tier)."""
+        if self.gpu_tier is None:
+            return {}
+        return {"gpu_k": self.gpu_tier[layer, 0], "gpu_v": self.gpu_tier[layer, 1]}
+
     def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k, v)`` working-set page slots of one layer, ``[(R+1)*S, P, Hkv, D]`` each (NHD)."""
         return self.ws[layer, 0], self.ws[layer, 1]
@@ -192,7 +209,7 @@ class FreeKVRuntime:
     # ------------------------------------------------------------------ writes
     def store_tokens(self, layer: int, k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor) -> None:
         """Write new tokens ``k, v [T, Hkv, D]`` at token slots ``loc [T]`` into the host tier."""
-        store_kv_host(self.host.k(layer), self.host.v(layer), k, v, loc)
+        store_kv_host(self.host.k(layer), self.host.v(layer), k, v, loc, **self.tier_kw(layer))
 
     # ------------------------------------------------------------------ recall
     def _recall_pieces(self, layer: int, host_page: torch.Tensor, dst_slot: torch.Tensor, head: torch.Tensor) -> None:
@@ -203,7 +220,7 @@ class FreeKVRuntime:
         hk, hv = self.host.k(layer), self.host.v(layer)
         wk, wv = self.layer_slots(layer)
         if how == "gather" or not self.is_cuda:
-            recall_gather(hk, hv, wk, wv, host_page, dst_slot, head)
+            recall_gather(hk, hv, wk, wv, host_page, dst_slot, head, **self.tier_kw(layer))
         elif how == "staged":
             recall_staged(hk, hv, wk, wv, host_page, dst_slot, head)
         else:
@@ -219,7 +236,7 @@ class FreeKVRuntime:
         if how == "gather" or not self.is_cuda:
             wk, wv = self.layer_slots(layer)
             recall_selected(self.host.k(layer), self.host.v(layer), wk, wv, r_slot, r_page, self.req_to_token,
-                            rows, **kw)
+                            rows, **kw, **self.tier_kw(layer))
         else:
             self._recall_pieces(layer, *recall_selected_pieces(r_slot, r_page, self.req_to_token, rows, **kw))
 
@@ -396,7 +413,7 @@ class FreeKVRuntime:
         decode_prologue(q.contiguous(), k.contiguous(), v.contiguous(), loc, st.rows, st.n, st.cur_slot,
                         self.host.k(layer), self.host.v(layer), wk, wv, self.digests[layer], self.q_prev[layer],
                         self.q_valid[layer], flags, spec, tau=cfg.correction_threshold,
-                        speculative=cfg.speculative, counters=self.counters)
+                        speculative=cfg.speculative, counters=self.counters, **self.tier_kw(layer))
         # 2. heads that must not trust the speculative pages: reselect with q_t before attention
         self._select_and_recall(layer, q, st.rows, st.n, flags, self.keys_main, self.counters[2])
         # 3. attention over the working set (sink + selected + window)

@@ -85,13 +85,14 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
 
     host_bytes = resolve_host_memory_bytes(cfg) // max(1, get_parallel().attn_tp_size)
     _PLAN = plan_memory(_model_shape(self), _settings(cfg).layout, host_bytes, gpu_bytes,
-                        self.model_config.context_len, sched.max_total_tokens, sched.max_running_requests)
+                        self.model_config.context_len, sched.max_total_tokens, sched.max_running_requests,
+                        gpu_tier_bytes=int(cfg.gpu_tier_gb * 2**30))
     logger.info(_PLAN.summary())
     for hint in (digest_warning(_PLAN, gpu_bytes, cfg.page_size),
                  capacity_warning(_PLAN, gpu_bytes, _model_shape(self))):
         if hint:
             logger.warning(hint)
-    return MemoryPoolConfig(max_total_num_tokens=_PLAN.host_tokens,
+    return MemoryPoolConfig(max_total_num_tokens=_PLAN.total_tokens,
                             max_running_requests=_PLAN.max_running_requests,
                             mem_fraction_static=sched.mem_fraction_static)
 
@@ -131,15 +132,20 @@ def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, r
     graph_cfg = getattr(self.server_args, "cuda_graph_config", None)
     graph_max_bs = getattr(getattr(graph_cfg, "decode", None), "max_bs", None) or 0
     max_batch = max(rows, graph_max_bs)
-    runtime = FreeKVRuntime(shape, _settings(cfg), n_host_pages=sizes.max_total_num_tokens // cfg.page_size + 1,
+    # SGLang's token capacity covers both tiers; the host tier takes the lower page numbers (the
+    # allocator hands those out first) and the GPU tier, if any, the rest
+    n_pages = sizes.max_total_num_tokens // cfg.page_size + 1
+    n_host = min(n_pages, _PLAN.host_pages) if _PLAN is not None else n_pages
+    runtime = FreeKVRuntime(shape, _settings(cfg), n_host_pages=n_host,
                             max_rows=rows, req_to_token=req_to_token_pool.req_to_token, max_batch=max_batch,
                             device=torch.device(self.device, self.gpu_id) if self.device == "cuda" else self.device,
-                            workspace=workspace)
+                            workspace=workspace, n_gpu_pages=n_pages - n_host)
     pool.runtime = runtime
     global _RUNTIME
     _RUNTIME = runtime
-    logger.info("FreeKV runtime ready: %d request rows x %d layers, working sets + digests %.2f GiB GPU, "
+    logger.info("FreeKV runtime ready: %d request rows x %d layers, working sets + digests%s %.2f GiB GPU, "
                 "host tier %.2f GiB pinned; %s; avail GPU mem %.2f GB", rows, shape.n_layers,
+                f" + GPU tier ({runtime.n_gpu_pages} pages)" if runtime.n_gpu_pages else "",
                 runtime.gpu_bytes / 2**30, runtime.host.nbytes / 2**30, cfg.summary(),
                 get_available_gpu_memory(self.device, self.gpu_id))
     return pool

@@ -70,11 +70,21 @@ class MemoryPlan:
     host_bytes: int
     digest_bytes: int
     working_set_bytes_per_request: int
-    gpu_bytes: int  # digests + working sets + score scratch
+    gpu_bytes: int  # digests + working sets + score scratch (+ the GPU tier)
+    gpu_tier_pages: int = 0  # full-KV pages in GPU memory, numbered after the host tier's
+    gpu_tier_bytes: int = 0
+    gpu_tier_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Token slots of both tiers: SGLang's ``max_total_num_tokens``."""
+        return self.host_tokens + self.gpu_tier_tokens
 
     def summary(self) -> str:
         gib = 2**30
-        return (f"FreeKV memory: host tier {self.host_tokens} tokens ({self.host_bytes / gib:.2f} GiB pinned); "
+        tier = (f"; GPU tier {self.gpu_tier_pages} pages ({self.gpu_tier_bytes / gib:.2f} GiB), "
+                f"{self.total_tokens} tokens in all" if self.gpu_tier_pages else "")
+        return (f"FreeKV memory: host tier {self.host_tokens} tokens ({self.host_bytes / gib:.2f} GiB pinned){tier}; "
                 f"GPU: digests {self.digest_bytes / gib:.2f} GiB + {self.max_running_requests} working sets x "
                 f"{self.working_set_bytes_per_request / 2**20:.1f} MiB = {self.gpu_bytes / gib:.2f} GiB; "
                 f"max running requests {self.max_running_requests}")
@@ -112,13 +122,16 @@ def capacity_warning(plan: MemoryPlan, gpu_bytes: int, shape: ModelShape) -> str
     otherwise.
     """
     dense_tokens = gpu_bytes // kv_bytes_per_token(shape)
-    if plan.host_tokens >= dense_tokens:
+    if plan.total_tokens >= dense_tokens:
         return None
-    return (f"FreeKV: the host tier holds {plan.host_tokens} tokens ({_size(plan.host_bytes)}), fewer than the "
+    held = (f"the host tier holds {plan.host_tokens} tokens ({_size(plan.host_bytes)})" if not plan.gpu_tier_pages
+            else f"the host tier and the GPU tier hold {plan.total_tokens} tokens "
+                 f"({_size(plan.host_bytes)} + {_size(plan.gpu_tier_bytes)})")
+    return (f"FreeKV: {held}, fewer than the "
             f"{dense_tokens} tokens SGLang's GPU KV pool holds without FreeKV ({_size(gpu_bytes)}): fewer long "
-            f"requests fit at once than with dense attention. FreeKV serves more concurrent long requests "
-            f"only with more host memory than GPU KV memory (--freekv-host-memory-gb; "
-            f"launch/capacity_plan.py projects it).")
+            f"requests fit at once than with dense attention. More host memory (--freekv-host-memory-gb) or a "
+            f"GPU tier for the GPU memory the working sets leave (--freekv-gpu-tier-gb) fits more; "
+            f"launch/capacity_plan.py projects it.")
 
 
 def scratch_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout, max_context_len: int) -> int:
@@ -134,7 +147,7 @@ def scratch_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout, max_conte
 
 def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gpu_bytes: int,
                 max_context_len: int, user_max_total_tokens: int | None = None,
-                user_max_running_requests: int | None = None) -> MemoryPlan:
+                user_max_running_requests: int | None = None, gpu_tier_bytes: int = 0) -> MemoryPlan:
     """Split the host and GPU budgets.
 
     Args:
@@ -142,6 +155,8 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
         gpu_bytes: GPU memory SGLang would have given its KV pool.
         max_context_len: longest context a request may have (score scratch per request).
         user_max_total_tokens / user_max_running_requests: SGLang's caps, if given.
+        gpu_tier_bytes: GPU memory for full-KV pages beyond the host tier (``--freekv-gpu-tier-gb``),
+            taken from ``gpu_bytes`` together with their digests.
     """
     P = layout.page_size
     per_page_host = host_bytes_per_page(shape, P)
@@ -151,9 +166,13 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
     if pages < 1:
         raise FreeKVMemoryError(f"host memory {host_bytes / 2**30:.2f} GiB holds no KV page "
                                 f"({per_page_host} bytes each); raise --freekv-host-memory-gb")
-    digest = (pages + 1) * digest_bytes_per_page(shape)
+    gpu_pages = max(0, gpu_tier_bytes // per_page_host)
+    if user_max_total_tokens is not None:
+        gpu_pages = min(gpu_pages, max(0, user_max_total_tokens // P - pages))
+    tier = gpu_pages * per_page_host
+    digest = (pages + 1 + gpu_pages) * digest_bytes_per_page(shape)
     per_req = working_set_bytes_per_row(shape, layout) + scratch_bytes_per_row(shape, layout, max_context_len)
-    left = gpu_bytes - digest - per_req  # row 0 is the padding row
+    left = gpu_bytes - tier - digest - per_req  # row 0 is the padding row
     max_reqs = left // per_req
     if user_max_running_requests is not None:
         max_reqs = min(max_reqs, user_max_running_requests)
@@ -161,16 +180,19 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
         # Without a user cap, size the rows to the host tier: as many working sets as the host
         # holds working-set-sized histories. Shorter requests queue; the GPU memory not spent on
         # idle working sets stays free for prefill activations.
-        max_reqs = min(max_reqs, max(1, pages // layout.slots))
-    max_reqs = min(max_reqs, pages)  # each running request owns at least one page
+        max_reqs = min(max_reqs, max(1, (pages + gpu_pages) // layout.slots))
+    max_reqs = min(max_reqs, pages + gpu_pages)  # each running request owns at least one page
     if max_reqs < 1:
+        with_tier = f" and a {tier / 2**30:.2f} GiB GPU tier" if tier else ""
         raise FreeKVMemoryError(
-            f"GPU memory for KV ({gpu_bytes / 2**30:.2f} GiB) cannot hold the digests of {pages} host pages "
-            f"({digest / 2**30:.2f} GiB) plus one working set ({per_req / 2**20:.1f} MiB); lower "
-            f"--freekv-host-memory-gb or the working-set budgets, or raise --mem-fraction-static")
+            f"GPU memory for KV ({gpu_bytes / 2**30:.2f} GiB) cannot hold the digests of {pages + gpu_pages} pages "
+            f"({digest / 2**30:.2f} GiB){with_tier} plus one working set ({per_req / 2**20:.1f} MiB); lower "
+            f"--freekv-host-memory-gb{', --freekv-gpu-tier-gb' if tier else ''} or the working-set budgets, "
+            f"or raise --mem-fraction-static")
     return MemoryPlan(host_tokens=pages * P, host_pages=pages + 1, max_running_requests=int(max_reqs),
                       host_bytes=(pages + 1) * per_page_host, digest_bytes=digest,
-                      working_set_bytes_per_request=per_req, gpu_bytes=digest + (max_reqs + 1) * per_req)
+                      working_set_bytes_per_request=per_req, gpu_bytes=tier + digest + (max_reqs + 1) * per_req,
+                      gpu_tier_pages=int(gpu_pages), gpu_tier_bytes=int(tier), gpu_tier_tokens=int(gpu_pages) * P)
 
 
 def kv_bytes_per_token(shape: ModelShape) -> int:
@@ -179,7 +201,7 @@ def kv_bytes_per_token(shape: ModelShape) -> int:
 
 
 def concurrent_requests(shape: ModelShape, layout: WorkingSetLayout, *, gpu_kv_bytes: int, host_bytes: int,
-                        request_tokens: int, max_context_len: int) -> dict:
+                        request_tokens: int, max_context_len: int, gpu_tier_bytes: int = 0) -> dict:
     """How many ``request_tokens``-token requests fit at once, dense vs FreeKV, from the sizing formulas.
 
     Args:
@@ -188,15 +210,17 @@ def concurrent_requests(shape: ModelShape, layout: WorkingSetLayout, *, gpu_kv_b
         host_bytes: FreeKV's pinned host tier.
         request_tokens: prompt plus generated tokens of each request.
         max_context_len: the model's context length (sizes FreeKV's per-request scratch).
+        gpu_tier_bytes: FreeKV's GPU tier (``--freekv-gpu-tier-gb``), out of ``gpu_kv_bytes``.
     Returns ``{"dense": n, "freekv": n, "freekv_bound": "host" | "gpu"}``; a projection, not a measurement.
     """
     P = layout.page_size
     dense = gpu_kv_bytes // (request_tokens * kv_bytes_per_token(shape))
     try:  # an unbounded user cap: the rows the GPU holds, not the host-tier cap plan_memory applies by default
-        plan = plan_memory(shape, layout, host_bytes, gpu_kv_bytes, max_context_len, user_max_running_requests=2**62)
+        plan = plan_memory(shape, layout, host_bytes, gpu_kv_bytes, max_context_len, user_max_running_requests=2**62,
+                           gpu_tier_bytes=gpu_tier_bytes)
     except FreeKVMemoryError:
         return {"dense": int(dense), "freekv": 0, "freekv_bound": "gpu"}
-    by_host = plan.host_tokens // (-(-request_tokens // P) * P)
+    by_host = plan.total_tokens // (-(-request_tokens // P) * P)
     by_gpu = plan.max_running_requests
     return {"dense": int(dense), "freekv": int(min(by_host, by_gpu)),
             "freekv_bound": "host" if by_host <= by_gpu else "gpu"}

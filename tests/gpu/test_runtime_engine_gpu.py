@@ -68,3 +68,11 @@ def test_decode_layer_has_no_host_sync(defer, monkeypatch):
     finally:
         eng.FreeKVRuntime.decode_layer = orig
     assert calls["n"] > 0
+
+
+@pytest.mark.parametrize("offload_api", [False, True])
+def test_runtime_with_gpu_tier_matches_reference_gpu(offload_api):
+    """A GPU tier holding the highest-numbered pages (pinned host tier below them): same outputs."""
+    rt, _ = run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=128,
+                                  atol=2e-2, offload_api=offload_api, gpu_pages=60)
+    assert rt.gpu_tier.is_cuda and rt.host.buffer.is_pinned()

@@ -165,6 +165,19 @@ def test_runtime_variant_matches_default(name, env, default_tokens):
     assert got == default_tokens
 
 
+def test_runtime_variant_gpu_tier_matches_default(default_tokens):
+    """A host tier too small for the batch and a GPU tier for the rest (--freekv-gpu-tier-gb): the later
+    requests' KV lives in GPU memory, and the greedy tokens are the default server's."""
+    ps = prompts(VARIANT_PROMPTS["lengths"], seed=VARIANT_PROMPTS["seed"])
+    # 1.5 GiB = 12288 tokens of this shape on the host; the five prompts take about 21K tokens
+    with server("freekv-gpu-tier", *freekv_args("--freekv-host-memory-gb", "1.5", "--freekv-gpu-tier-gb", "4")) as s:
+        got = [output_ids(r) for r in s.generate_many(ps, VARIANT_PROMPTS["news"])]
+        log = open(s.log_path).read()
+    assert "GPU tier" in log and "cuda graph: True" in log
+    print("gpu-tier vs default matching prefixes:", [common_prefix(a, b) for a, b in zip(got, default_tokens)])
+    assert got == default_tokens
+
+
 def _gpu_used_mib(pid: int) -> int | None:
     """GPU memory (MiB) nvidia-smi reports for the process tree of ``pid`` (None if unavailable)."""
     import subprocess
