@@ -153,3 +153,17 @@ def test_compile_synthetic_query(dt, hq, d):
     sig = dict(q_ptr=t, u_ptr="*fp32", rows_ptr="*i64", out_ptr=t, stride_qb="i32", stride_qh="i32",
                stride_ob="i32", stride_oh="i32", n_slots="i32", sigma="fp32")
     _compile(synthetic_query._mix_kernel, sig, dict(HQ=hq, BLOCK_H=1 << (hq - 1).bit_length(), D=d))
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+@pytest.mark.parametrize("g,d,tiered", [(4, 128, False), (4, 128, True), (7, 64, True), (1, 64, False)])
+def test_compile_decode_prologue(dt, g, d, tiered):
+    from freekv_sglang.kernels import decode_prologue
+
+    t = TY[dt]
+    sig = dict(q_ptr=t, k_ptr=t, v_ptr=t, loc_ptr="*i64", rows_ptr="*i64", n_ptr="*i64", slot_ptr="*i64",
+               hk_ptr=t, hv_ptr=t, gk_ptr=t, gv_ptr=t, wk_ptr=t, wv_ptr=t, dig_ptr=t, qprev_ptr=t, qvalid_ptr="*u8",
+               flags_ptr="*i8", spec_ptr="*i8", cnt_ptr="*i64", tau="fp32", n_host="i32")
+    _compile(decode_prologue._decode_prologue_kernel, sig,
+             dict(HKV=8, G=g, GB=max(2, 1 << (g - 1).bit_length()), D=d, PAGE=32, HAS_TAU=True, SPECULATIVE=True,
+                  COUNT=True, TIERED=tiered))
