@@ -309,6 +309,24 @@ def sec_recall(r: Runner, out: dict, quick: bool):
             r.row("recall", f"selected grid={nprog:<5} b={b} {'all' if frac == 1.0 else '15%'} missing, graph",
                   sweep[nprog], "GB/s", f"{sweep[nprog] / h2d:.2f}x H2D" if h2d else "")
         out[f"selected_grid_sweep_b{b}_{'all' if frac == 1.0 else 'p15'}"] = sweep
+    # the runtime's recall with a GPU tier (--freekv-gpu-tier-gb): pages past the host tier's come from HBM
+    gk = torch.empty_like(work.host_k, device=DEV)
+    gv = torch.empty_like(work.host_v, device=DEV)
+    sel, n_sel, sel_bytes = work.selected_lists(8, 1.0, seed=300)
+    for split, what in ((1, "all pages in the GPU tier"), (work.n_host // 2, "half the pages in the GPU tier")):
+        def tiered(split=split):
+            slot, page, r2t, rows = sel
+            K.recall_selected(work.host_k[:split], work.host_v[:split], work.ws_k, work.ws_v, slot, page, r2t, rows,
+                              page_size=P, slot_base=LAYOUT.slots, select_slot0=LAYOUT.n_sink,
+                              gpu_k=gk[: work.n_host - split], gpu_v=gv[: work.n_host - split])
+
+        t = safe(r, "recall", f"selected with GPU tier ({what})", lambda: graph_ms(tiered))
+        if t is not None:
+            key = "selected_gpu_tier_all" if split == 1 else "selected_gpu_tier_half"
+            out[key + "_gbps"] = gbps(sel_bytes, t)
+            r.row("recall", f"selected (runtime path), graph b=8 all missing, {what}", out[key + "_gbps"], "GB/s",
+                  f"{out[key + '_gbps'] / h2d:.2f}x H2D" if h2d else "")
+    del gk, gv
     # graph replay (how the runtime launches it)
     lists, n_valid, nbytes = work.pieces(8, 1.0, seed=7)
     t = graph_ms(lambda: work.gather(lists))
