@@ -608,6 +608,24 @@ def sec_decode(r: Runner, out: dict, quick: bool):
                 r.row("decode", f"SparseDecode, {name}, b={b}", 1e3 * t, "us",
                       f"{res['sparse_ms'] / t:.2f}x the runtime's (NHD, tensor cores)")
         del ws_k_hnd, ws_v_hnd
+
+        # FlashInfer's XQA kernels (TensorRT-LLM's GQA decode) over a block table derived from the same
+        # page table: no plan (first call compiles the kernel)
+        def xqa():
+            xd = K.XqaDecode(DEV, b, LAYOUT.slots)
+            xd.fill(ip, ix, lp, P)
+            ref = sd.run(q, ws_k, ws_v)
+            got = xd.run(q, ws_k, ws_v)
+            err = (got.float() - ref.float()).abs().max().item()
+            if err > 2e-2:
+                raise RuntimeError(f"differs from FlashInfer's paged decode by {err}")
+            return bench_ms(lambda: xd.run(q, ws_k, ws_v)), graph_ms(lambda: xd.run(q, ws_k, ws_v))
+
+        t = safe(r, "decode", f"sparse XQA b={b}", xqa)
+        if t is not None:
+            res["sparse_xqa_ms"], res["sparse_xqa_graph_ms"] = t
+            r.row("decode", f"SparseDecode via XQA kernels, b={b}", 1e3 * t[0], "us",
+                  f"{res['sparse_ms'] / t[0]:.2f}x the runtime's (NHD, tensor cores); {1e3 * t[1]:.1f} us in a graph")
         seq_dev, rows = seq.to(DEV), torch.arange(b, device=DEV)
         t = safe(r, "decode", "page table graph", lambda: graph_ms(lambda: K.build_page_table(
             seq_dev, rows, ip, ix, lp, layout=LAYOUT, slot_base=LAYOUT.slots)))
@@ -632,7 +650,8 @@ def sec_decode(r: Runner, out: dict, quick: bool):
               f"page table build {res['page_table_graph_us']:.1f} us (graph)")
         for ps in (1, 32):
             r.row("decode", f"dense FlashInfer decode 32K tokens, page {ps}, b={b}", 1e3 * res[f"dense_p{ps}_ms"], "us",
-                  f"sparse is {res[f'dense_p{ps}_ms'] / res['sparse_ms']:.1f}x faster")
+                  f"sparse is {res[f'dense_p{ps}_ms'] / res['sparse_ms']:.1f}x faster"
+                  + (f", via XQA {res[f'dense_p{ps}_ms'] / res['sparse_xqa_ms']:.1f}x" if "sparse_xqa_ms" in res else ""))
         r.save()
 
 

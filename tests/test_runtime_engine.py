@@ -21,14 +21,14 @@ from freekv_sglang.runtime.sizing import ModelShape
 
 def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean", group=3, head_dim=16,
                           prompt_lens=(13, 30, 7, 45), rows=(2, 1, 4, 5), steps=24, seed=0, atol=2e-5,
-                          offload_api=False, gpu_pages=0):
+                          offload_api=False, gpu_pages=0, page_size=4):
     g = torch.Generator().manual_seed(seed)
     L, hkv = 2, 2
     hq = hkv * group
-    lay = WorkingSetLayout(page_size=4, n_sink=1, n_select=3, n_window=2)
+    lay = WorkingSetLayout(page_size=page_size, n_sink=1, n_select=3, n_window=2)
     shape = ModelShape(L, hq, hkv, head_dim, dtype)
     settings = RuntimeSettings(lay, aggregation, tau, speculative, "gather")
-    R, max_ctx = 6, 130  # not a multiple of the page size, like SGLang (context + 4)
+    R, max_ctx = 6, 32 * page_size + 2  # not a multiple of the page size, like SGLang (context + 4)
     per_row = -(-max_ctx // lay.page_size)
     n_pages = R * per_row + 1
     # req_to_token: every row gets its own random host pages (page 0 is the padding page)
@@ -150,6 +150,17 @@ def test_runtime_with_gpu_tier_matches_reference_cpu(offload_api):
                                     offload_api=offload_api, gpu_pages=60)
     assert rt.n_gpu_pages == 60 and rt.gpu_tier.shape[2] == 60 and rt.host.n_pages == rt.digests.shape[1] - 60
     assert float(rt.gpu_tier.abs().sum()) > 0  # the rows' pages really live in both tiers
+
+
+def test_decode_attention_kernel_env_is_validated(monkeypatch):
+    from freekv_sglang.runtime.attention import WorkingSetAttention
+
+    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", "cudnn")
+    with pytest.raises(ValueError, match="FREEKV_DECODE_ATTENTION"):
+        WorkingSetAttention(torch.device("cpu"), 2, 6)
+    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", "xqa")  # CPU: the reference attention either way
+    run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, steps=4, page_size=16,
+                          prompt_lens=(200, 300, 90), rows=(2, 1, 4))
 
 
 def test_gpu_tier_needs_the_gather_recall():

@@ -18,6 +18,9 @@ from freekv_sglang.algorithm.attention import paged_attention
 
 logger = logging.getLogger(__name__)
 
+ATTENTION_ENV = "FREEKV_DECODE_ATTENTION"
+ATTENTION_KERNELS = ("flashinfer", "xqa")
+
 
 class WorkingSetAttention:
     """Paged decode attention with page size ``P`` over working-set slots.
@@ -40,11 +43,22 @@ class WorkingSetAttention:
                               torch.ones(max_batch, dtype=torch.int32, device=device))
         self.eager = None
         self.graph_wrappers = {}
+        # FREEKV_DECODE_ATTENTION=xqa: FlashInfer's XQA kernels over a block table derived on the GPU
+        # (no host-side plan); default: FlashInfer's paged decode wrapper
+        self.kernel = os.environ.get(ATTENTION_ENV, "flashinfer")
+        if self.kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"{ATTENTION_ENV} must be one of {ATTENTION_KERNELS}, got {self.kernel!r}")
+        self.xqa = None
         if device.type == "cuda":
             from freekv_sglang.kernels.sparse_decode import SparseDecode
 
             self._cls = SparseDecode
             self.eager = SparseDecode(device=device, workspace=workspace)
+            if self.kernel == "xqa":
+                from freekv_sglang.kernels.xqa_decode import XqaDecode
+
+                self.xqa = XqaDecode(device, max_batch, slots_per_request)
+                logger.info("%s=xqa: working-set attention through FlashInfer's XQA kernels", ATTENTION_ENV)
         self.active = None
         self._tables = None
         # optional fixed KV split of FlashInfer's plan, in pages (unset: FlashInfer chooses); eager
@@ -67,13 +81,19 @@ class WorkingSetAttention:
 
     def device_buffers(self, bs: int, graph: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(kv_indptr [bs+1], kv_indices [bs*S], kv_last_page_len [bs])`` int32 device buffers to fill."""
-        if graph:
+        if graph and self.xqa is None:
             w = self.graph_wrappers[bs]
             return w.kv_indptr, w.kv_indices, w.kv_last_page_len
         if bs > self.max_batch:
             raise ValueError(f"decode batch {bs} exceeds the working-set capacity of {self.max_batch} requests")
         ip, idx, lpl = self.eager_buffers
         return ip[: bs + 1], idx, lpl[:bs]
+
+    def finish_device(self, bs: int, page_size: int) -> None:
+        """Device work after the page table is filled (graph-recordable): XQA's block table and lengths."""
+        if self.xqa is not None:
+            ip, idx, lpl = self.eager_buffers
+            self.xqa.fill(ip[: bs + 1], idx, lpl[:bs], page_size)
 
     def plan(self, bs: int, indptr_host: torch.Tensor, last_page_len_host: torch.Tensor, *, graph: bool,
              num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype):
@@ -87,6 +107,9 @@ class WorkingSetAttention:
             ip = indptr_host.tolist()
             idx = self.eager_buffers[1].tolist()
             self._tables = ([idx[ip[b]:ip[b + 1]] for b in range(bs)], last_page_len_host.tolist())
+            return
+        if self.xqa is not None:  # XQA reads the device table: nothing to plan on the host
+            self.active = self.xqa
             return
         w = self._graph_wrapper(bs) if graph else self.eager
         indices = w.kv_indices if graph else self.eager_buffers[1]

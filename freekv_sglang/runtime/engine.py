@@ -364,6 +364,7 @@ class FreeKVRuntime:
         digest_row0 = torch.where(complete, cur_slot * P, torch.full_like(cur_slot, -1))
         indptr, indices, last = self.attention.device_buffers(b, graph)
         build_page_table(n, rows, indptr, indices, last, layout=lay, slot_base=lay.slots)
+        self.attention.finish_device(b, P)
         self.step = DecodeStep(rows, n, n + 1, cur_slot, (n - 1) % P, digest_row0)
         return self.step
 

@@ -145,3 +145,36 @@ def test_sparse_decode_fixed_split_refused_for_graphs():
     ip, lp = torch.tensor([0, 2, 4], dtype=torch.int32), torch.tensor([32, 32], dtype=torch.int32)
     with pytest.raises(ValueError, match="use_cuda_graph"):
         w.plan(ip, w.kv_indices, lp, 8, 2, 128, 32, torch.bfloat16, torch.bfloat16, split_pages=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grp,d", [(4, 128), (7, 128), (3, 64), (1, 64)])
+def test_xqa_decode_matches_reference(dtype, grp, d):
+    """FlashInfer's XQA kernels over a block table derived from the working sets' page table: the same
+    attention as the reference, eager and replayed in a CUDA graph (its table filled inside the graph)."""
+    lay = WorkingSetLayout(32, 4, 8, 4)
+    seq = [1, 31, 33, 200, 16 * 32 + 1, 5000, 12345]
+    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=5)
+    b = len(seq)
+    ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
+    ix = torch.empty(b * lay.slots, dtype=torch.int32, device=DEV)
+    lp = torch.empty(b, dtype=torch.int32, device=DEV)
+    xd = K.XqaDecode(DEV, max_batch=b + 1, slots_per_request=lay.slots)
+    scale = 1.0 / math.sqrt(d)
+
+    def step():
+        K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
+        xd.fill(ip, ix, lp, lay.page_size)
+        return xd.run(q, ws_k, ws_v, scale)
+
+    _check(step(), q, ws_k, ws_v, ip, ix, lp, scale)
+    out = step()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    rpi.copy_(torch.roll(rpi, 1))  # other rows, same shapes: the graph's table follows
+    seq_lens.copy_(torch.roll(seq_lens, 2))
+    g.replay()
+    torch.cuda.synchronize()
+    _check(out, q, ws_k, ws_v, ip, ix, lp, scale)

@@ -76,3 +76,12 @@ def test_runtime_with_gpu_tier_matches_reference_gpu(offload_api):
     rt, _ = run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=128,
                                   atol=2e-2, offload_api=offload_api, gpu_pages=60)
     assert rt.gpu_tier.is_cuda and rt.host.buffer.is_pinned()
+
+
+@pytest.mark.parametrize("group,head_dim", [(4, 128), (3, 64)])
+def test_xqa_attention_matches_reference_gpu(group, head_dim, monkeypatch):
+    """FREEKV_DECODE_ATTENTION=xqa: the working-set attention through FlashInfer's XQA kernels (page 16)."""
+    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", "xqa")
+    rt, _ = run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group,
+                                  head_dim=head_dim, atol=2e-2, page_size=16, prompt_lens=(200, 300, 90, 400))
+    assert rt.attention.xqa is not None
