@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import (check_gpu_tier, check_head_dim, check_kv_dtype, check_page_size, cdiv, tier_write_reference, tl,
-                     triton, use_triton)
+from .common import (check_gpu_tier, check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced,
+                     tier_write_reference, tl, triton, use_triton)
 from .uva import kernel_arg
 
 if triton is not None:
@@ -24,32 +24,39 @@ if triton is not None:
     @triton.jit
     def _store_kv_host_kernel(
         k_ptr, v_ptr, loc_ptr, hk_ptr, hv_ptr, gk_ptr, gv_ptr,
-        T, stride_kt, stride_kh, stride_vt, stride_vh, n_host,
+        T, stride_kt, stride_kh, stride_vt, stride_vh, n_host, n_items, n_iters, n_programs,
         HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, TIERED: tl.constexpr,
+        ITERS: tl.constexpr,
     ):
-        # grid: (cdiv(T, BLOCK_T), Hkv). One program: BLOCK_T tokens x one KV head.
-        pid_t = tl.program_id(0)
-        h = tl.program_id(1)
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        # Items are (block of BLOCK_T tokens, KV head) pairs, item = block * HKV + head; program pid takes
+        # items pid, pid + n_programs, ... (one item each with the default grid of n_items programs; a
+        # small persistent grid leaves the other SMs to concurrent compute). ITERS: the trip count under
+        # the CPU interpreter, 0 on the GPU (runtime n_iters).
+        pid = tl.program_id(0)
         d = tl.arange(0, D)
-        in_range = t < T
-        loc = tl.load(loc_ptr + t, mask=in_range, other=-1).to(tl.int64)
-        valid = in_range & (loc >= 0)
-        page = loc // PAGE
-        off = loc % PAGE
-        dst = ((page * HKV + h) * PAGE + off) * D  # int64 element offset in the host store
-        t64 = t.to(tl.int64)
-        m = valid[:, None]
-        kx = tl.load(k_ptr + (t64 * stride_kt + h * stride_kh)[:, None] + d[None, :], mask=m)
-        vx = tl.load(v_ptr + (t64 * stride_vt + h * stride_vh)[:, None] + d[None, :], mask=m)
-        if TIERED:  # pages from n_host on live in the GPU tier
-            in_gpu = (page >= n_host)[:, None]
-            gdst = (((page - n_host) * HKV + h) * PAGE + off) * D
-            tl.store(gk_ptr + gdst[:, None] + d[None, :], kx, mask=m & in_gpu)
-            tl.store(gv_ptr + gdst[:, None] + d[None, :], vx, mask=m & in_gpu)
-            m = m & (in_gpu == 0)
-        tl.store(hk_ptr + dst[:, None] + d[None, :], kx, mask=m)
-        tl.store(hv_ptr + dst[:, None] + d[None, :], vx, mask=m)
+        for it in range(0, ITERS if ITERS > 0 else n_iters):
+            item = pid + it * n_programs
+            blk = item // HKV
+            h = item % HKV
+            t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+            in_range = (t < T) & (item < n_items)
+            loc = tl.load(loc_ptr + t, mask=in_range, other=-1).to(tl.int64)
+            valid = in_range & (loc >= 0)
+            page = loc // PAGE
+            off = loc % PAGE
+            dst = ((page * HKV + h) * PAGE + off) * D  # int64 element offset in the host store
+            t64 = t.to(tl.int64)
+            m = valid[:, None]
+            kx = tl.load(k_ptr + (t64 * stride_kt + h * stride_kh)[:, None] + d[None, :], mask=m)
+            vx = tl.load(v_ptr + (t64 * stride_vt + h * stride_vh)[:, None] + d[None, :], mask=m)
+            if TIERED:  # pages from n_host on live in the GPU tier
+                in_gpu = (page >= n_host)[:, None]
+                gdst = (((page - n_host) * HKV + h) * PAGE + off) * D
+                tl.store(gk_ptr + gdst[:, None] + d[None, :], kx, mask=m & in_gpu)
+                tl.store(gv_ptr + gdst[:, None] + d[None, :], vx, mask=m & in_gpu)
+                m = m & (in_gpu == 0)
+            tl.store(hk_ptr + dst[:, None] + d[None, :], kx, mask=m)
+            tl.store(hv_ptr + dst[:, None] + d[None, :], vx, mask=m)
 
 
 def store_kv_host_reference(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -66,7 +73,8 @@ def store_kv_host_reference(host_k: torch.Tensor, host_v: torch.Tensor, k: torch
 
 def store_kv_host(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   loc: torch.Tensor, *, gpu_k: torch.Tensor | None = None, gpu_v: torch.Tensor | None = None,
-                  block_t: int = 32, num_warps: int = 4, impl: str | None = None) -> None:
+                  block_t: int = 32, num_warps: int = 4, num_programs: int | None = None,
+                  impl: str | None = None) -> None:
     """Write ``k``, ``v`` into the host store at token slots ``loc``.
 
     Args:
@@ -76,6 +84,9 @@ def store_kv_host(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v
         loc: int32/int64 ``[T]`` on the GPU: token slot of each row; ``< 0`` = skip.
         gpu_k, gpu_v: optional GPU tier ``[n_gpu, Hkv, P, D]``: pages ``n_host_pages`` and up live there
             (page ``n_host_pages + i`` is ``gpu_k[i]``).
+        num_programs: persistent grid (each program walks ``(token block, head)`` items); ``None``: one
+            program per item. A small grid holds few SMs while the link does the work (an offload
+            beside compute, e.g. the asynchronous prefill offload).
         impl: ``None`` (auto), ``"triton"`` or ``"torch"`` (see :mod:`.common`).
     Writes ``host[loc // P, :, loc % P, :] = k`` (and ``v``); returns nothing. No host sync.
     """
@@ -100,10 +111,15 @@ def store_kv_host(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v
         v = v.contiguous()
     if t == 0:
         return
-    grid = (cdiv(t, block_t), hkv)
-    _store_kv_host_kernel[grid](
+    if num_programs is not None and num_programs < 1:
+        raise ValueError(f"num_programs must be positive, got {num_programs}")
+    n_items = cdiv(t, block_t) * hkv
+    n_prog = min(n_items, num_programs or n_items)
+    n_iters = cdiv(n_items, n_prog)
+    _store_kv_host_kernel[(n_prog,)](
         k, v, loc, kernel_arg(host_k), kernel_arg(host_v),
         gpu_k if gpu_k is not None else k, gpu_v if gpu_v is not None else v,
-        t, k.stride(0), k.stride(1), v.stride(0), v.stride(1), n_pages,
-        HKV=hkv, PAGE=p, D=d, BLOCK_T=block_t, TIERED=gpu_k is not None, num_warps=num_warps,
+        t, k.stride(0), k.stride(1), v.stride(0), v.stride(1), n_pages, n_items, n_iters, n_prog,
+        HKV=hkv, PAGE=p, D=d, BLOCK_T=block_t, TIERED=gpu_k is not None,
+        ITERS=n_iters if interpreter_forced() else 0, num_warps=num_warps,
     )

@@ -454,6 +454,11 @@ def sec_offload(r: Runner, out: dict):
     d2h = _ceil(r, "d2h_gbps")
     r.row("offload", f"store_kv_host 32K-token layer ({nbytes / MIB:.0f} MiB)", out["prefill_32k_gbps"], "GB/s",
           f"{out['prefill_32k_gbps'] / d2h:.2f}x D2H" if d2h else "")
+    for nprog in (16, 32, 64):  # persistent grids (the asynchronous prefill offload uses 32)
+        t = bench_ms(lambda: K.store_kv_host(host_k, host_v, k, v, loc, num_programs=nprog))
+        out[f"prefill_32k_p{nprog}_gbps"] = gbps(nbytes, t)
+        r.row("offload", f"store_kv_host 32K-token layer, {nprog} programs", out[f"prefill_32k_p{nprog}_gbps"],
+              "GB/s", f"{out[f'prefill_32k_p{nprog}_gbps'] / d2h:.2f}x D2H" if d2h else "")
     loc_d = torch.randperm(t_tok, generator=g, device=DEV)[:32] + P
     t = bench_ms(lambda: K.store_kv_host(host_k, host_v, k[:32], v[:32], loc_d))
     out["decode_b32_us"] = 1e3 * t

@@ -51,8 +51,9 @@ def _compile(fn, sig: dict, constexprs: dict, num_warps=4, div16=()):
 def test_compile_store(dt, p, d, tiered):
     t = TY[dt]
     sig = dict(k_ptr=t, v_ptr=t, loc_ptr="*i64", hk_ptr=t, hv_ptr=t, gk_ptr=t, gv_ptr=t, T="i32", stride_kt="i32",
-               stride_kh="i32", stride_vt="i32", stride_vh="i32", n_host="i32")
-    _compile(kv_store._store_kv_host_kernel, sig, dict(HKV=8, PAGE=p, D=d, BLOCK_T=32, TIERED=tiered),
+               stride_kh="i32", stride_vt="i32", stride_vh="i32", n_host="i32", n_items="i32", n_iters="i32",
+               n_programs="i32")
+    _compile(kv_store._store_kv_host_kernel, sig, dict(HKV=8, PAGE=p, D=d, BLOCK_T=32, TIERED=tiered, ITERS=0),
              div16=("stride_kt", "stride_kh", "stride_vt", "stride_vh"))
 
 

@@ -59,8 +59,9 @@ else:
 
     # ----------------------------------------------------------------------------- store
     @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("p,hkv,d", [(8, 1, 64), (16, 3, 128), (32, 2, 16)])
-    def test_store(dtype, p, hkv, d):
+    @pytest.mark.parametrize("p,hkv,d,nprog", [(8, 1, 64, None), (16, 3, 128, None), (32, 2, 16, None),
+                                               (16, 3, 128, 2), (8, 2, 64, 5)])
+    def test_store(dtype, p, hkv, d, nprog):
         g = _g(11)
         n_pages, t, hq = 6, 37, 2 * hkv
         qkv = _randn(g, t, hq + 2 * hkv, d, dtype=dtype)
@@ -70,7 +71,7 @@ else:
         hk = torch.full((n_pages, hkv, p, d), float("nan"), dtype=dtype)
         hv = hk.clone()
         rk, rv = hk.clone(), hv.clone()
-        K.store_kv_host(hk, hv, k, v, loc, impl="triton")
+        K.store_kv_host(hk, hv, k, v, loc, num_programs=nprog, impl="triton")  # nprog: a persistent grid
         K.store_kv_host(rk, rv, k, v, loc, impl="torch")
         assert torch.equal(hk.nan_to_num(5.0), rk.nan_to_num(5.0))
         assert torch.equal(hv.nan_to_num(5.0), rv.nan_to_num(5.0))

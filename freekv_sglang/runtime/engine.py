@@ -79,6 +79,11 @@ class DecodeStep:
     digest_row0: torch.Tensor  # int64 [B] first row (in the slot-row view) of a just-completed page, -1 if none
 
 
+#: Persistent grid of the asynchronous prefill offload (FREEKV_ASYNC_PREFILL=1): as the recall's, a few
+#: programs keep the link busy (bench_kernels: 8 programs read pinned memory at the full rate).
+ASYNC_OFFLOAD_PROGRAMS = 32
+
+
 class FreeKVRuntime:
     """Host tier + GPU working sets + the prefill/decode steps of FreeKV.
 
@@ -207,9 +212,12 @@ class FreeKVRuntime:
         return self.ws[layer, 0], self.ws[layer, 1]
 
     # ------------------------------------------------------------------ writes
-    def store_tokens(self, layer: int, k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor) -> None:
-        """Write new tokens ``k, v [T, Hkv, D]`` at token slots ``loc [T]`` into the host tier."""
-        store_kv_host(self.host.k(layer), self.host.v(layer), k, v, loc, **self.tier_kw(layer))
+    def store_tokens(self, layer: int, k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor,
+                     num_programs: int | None = None) -> None:
+        """Write new tokens ``k, v [T, Hkv, D]`` at token slots ``loc [T]`` into the host tier
+        (``num_programs``: a persistent grid of that many programs instead of one per token block and head)."""
+        store_kv_host(self.host.k(layer), self.host.v(layer), k, v, loc, num_programs=num_programs,
+                      **self.tier_kw(layer))
 
     # ------------------------------------------------------------------ recall
     def _recall_pieces(self, layer: int, host_page: torch.Tensor, dst_slot: torch.Tensor, head: torch.Tensor) -> None:
@@ -336,7 +344,8 @@ class FreeKVRuntime:
         for t in (q, k, v, rows, loc):  # made on the compute stream, read on the prefill stream
             t.record_stream(self.prefill_stream)
         with torch.cuda.stream(self.prefill_stream):
-            self.store_tokens(layer, k, v, loc)
+            # a small grid: the offload is bound by the link, and the next layers' compute needs the SMs
+            self.store_tokens(layer, k, v, loc, num_programs=ASYNC_OFFLOAD_PROGRAMS)
             self.prefill_layer(layer, q, k, rows, prompt_lens, loc)
 
     def finish_prefill(self) -> None:
