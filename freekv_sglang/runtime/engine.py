@@ -125,7 +125,7 @@ class FreeKVRuntime:
             raise ValueError(f"a GPU tier needs the gather recall, not {settings.recall!r}")
         self.n_gpu_pages = n_gpu_pages
         # GPU tier: more full-KV pages, same layout as the host tier's, numbered after them
-        self.gpu_tier = (torch.empty((L, 2, n_gpu_pages, hkv, P, d), dtype=dt, device=dev) if n_gpu_pages
+        self.gpu_tier = (torch.zeros((L, 2, n_gpu_pages, hkv, P, d), dtype=dt, device=dev) if n_gpu_pages
                          else None)
         self.ws = torch.zeros((L, 2, (max_rows + 1) * S, P, hkv, d), dtype=dt, device=dev)
         self.digests = torch.zeros((L, n_host_pages + n_gpu_pages, hkv, 2, d), dtype=dt, device=dev)
