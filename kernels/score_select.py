@@ -131,6 +131,32 @@ def block_size(max_pages: int, k: int) -> int:
     return max(64, 2 * kb, min(512, next_pow2(cdiv(max_pages, 32))))
 
 
+SCORE_BLOCK_ENV = "FREEKV_SCORE_BLOCK"
+SCORE_WARPS_ENV = "FREEKV_SCORE_WARPS"
+
+
+def score_tuning_from_env(k: int) -> tuple[int | None, int]:
+    """``(block_n, num_warps)`` of :func:`score_and_select` from ``FREEKV_SCORE_BLOCK`` (pages per scoring
+    program: a power of two of at least the per-block top-k, at most 1024; unset: :func:`block_size`) and
+    ``FREEKV_SCORE_WARPS`` (1, 2, 4 or 8; default 4). Tuning only: the selection does not depend on them."""
+    import os
+
+    kb = max(16, next_pow2(k))
+    env = os.environ.get(SCORE_BLOCK_ENV)
+    block = None
+    if env:
+        if not env.isdigit() or int(env) < kb or int(env) > 1024 or int(env) & (int(env) - 1):
+            raise ValueError(f"{SCORE_BLOCK_ENV} must be a power of two in [{kb}, 1024], got {env!r}")
+        block = int(env)
+    env = os.environ.get(SCORE_WARPS_ENV)
+    warps = 4
+    if env:
+        if env not in ("1", "2", "4", "8"):
+            raise ValueError(f"{SCORE_WARPS_ENV} must be 1, 2, 4 or 8, got {env!r}")
+        warps = int(env)
+    return block, warps
+
+
 def selection_scratch_size(batch: int, n_kv_heads: int, max_pages: int, k: int, block_n: int | None = None) -> int:
     """int64 entries of the ``keys`` scratch :func:`score_and_select` needs for ``batch`` requests
     (with ``block_n`` pages per scoring program; default :func:`block_size`)."""

@@ -233,7 +233,8 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
 
     base, mode_env = parse_mode(mode)
     safe = mode
-    for sep, tag in (("/", "-s"), ("@", "-g"), ("+", "-w"), ("%", "-d"), ("^", "-a"), ("~", "-k")):
+    for sep, tag in (("/", "-s"), ("@", "-g"), ("+", "-w"), ("%", "-d"), ("^", "-a"), ("~", "-k"), ("#", "-b"),
+                     (":", "-")):
         safe = safe.replace(sep, tag)
     res = os.path.join(out_dir, f"one_batch-{safe}.jsonl")
     if os.path.exists(res):

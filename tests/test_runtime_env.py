@@ -59,7 +59,10 @@ def test_variant_names():
     assert parse_variant("freekv@16+2") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "16", "FREEKV_RECALL_WARPS": "2"})
     assert parse_variant("freekv%16@8") == ("freekv", {"FREEKV_DEFER_LAYERS": "16", "FREEKV_RECALL_PROGRAMS": "8"})
     assert parse_variant("freekv^1") == ("freekv", {"FREEKV_ASYNC_PREFILL": "1"})
-    for bad in ("freekv@0", "freekv@x", "freekv/3", "freekv@8@16", "@8", "freekv~", "freekv+3", "freekv+32", "freekv%x", "freekv^0", "freekv^2"):
+    assert parse_variant("freekv#64:xqa@8") == ("freekv", {"FREEKV_SCORE_BLOCK": "64", "FREEKV_DECODE_ATTENTION": "xqa",
+                                                           "FREEKV_RECALL_PROGRAMS": "8"})
+    for bad in ("freekv@0", "freekv@x", "freekv/3", "freekv@8@16", "@8", "freekv~", "freekv+3", "freekv+32",
+                "freekv%x", "freekv^0", "freekv^2", "freekv#48", "freekv#0", "freekv:", "freekv:fa3"):
         with pytest.raises(ValueError):
             parse_variant(bad)
     env = {"FREEKV_SPEC_STREAMS": "1", "FREEKV_RECALL_WARPS": "2", "OTHER": "x"}
@@ -128,3 +131,31 @@ def test_async_prefill_env(monkeypatch):
         monkeypatch.setenv("FREEKV_ASYNC_PREFILL", bad)
         with pytest.raises(ValueError, match="FREEKV_ASYNC_PREFILL"):
             async_prefill_from_env()
+
+
+def test_score_tuning_env(monkeypatch):
+    from freekv_sglang.kernels.score_select import score_tuning_from_env
+
+    monkeypatch.delenv("FREEKV_SCORE_BLOCK", raising=False)
+    monkeypatch.delenv("FREEKV_SCORE_WARPS", raising=False)
+    assert score_tuning_from_env(32) == (None, 4)
+    monkeypatch.setenv("FREEKV_SCORE_BLOCK", "64")
+    monkeypatch.setenv("FREEKV_SCORE_WARPS", "8")
+    assert score_tuning_from_env(32) == (64, 8)
+    for var, bad in (("FREEKV_SCORE_BLOCK", "16"), ("FREEKV_SCORE_BLOCK", "96"), ("FREEKV_SCORE_BLOCK", "2048"),
+                     ("FREEKV_SCORE_WARPS", "3")):
+        monkeypatch.setenv("FREEKV_SCORE_BLOCK", "64")
+        monkeypatch.setenv("FREEKV_SCORE_WARPS", "4")
+        monkeypatch.setenv(var, bad)
+        with pytest.raises(ValueError, match=var):
+            score_tuning_from_env(32)
+
+
+def test_runtime_with_a_score_block_matches_reference_cpu(monkeypatch):
+    """FREEKV_SCORE_BLOCK sizes the selection scratch and the scoring blocks; the result does not change."""
+    import torch
+    from test_runtime_engine import run_against_reference
+
+    monkeypatch.setenv("FREEKV_SCORE_BLOCK", "16")
+    rt, _ = run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, steps=6)
+    assert rt.score_block == 16

@@ -39,7 +39,7 @@ from freekv_sglang.kernels.kv_store import store_kv_host
 from freekv_sglang.kernels.page_table import build_page_table, last_page_len_host, page_table_indptr_host
 from freekv_sglang.kernels.recall import (recall_gather, recall_per_page, recall_selected, recall_selected_pieces,
                                           recall_staged)
-from freekv_sglang.kernels.score_select import score_and_select, selection_scratch_size
+from freekv_sglang.kernels.score_select import score_and_select, score_tuning_from_env, selection_scratch_size
 
 from .attention import WorkingSetAttention
 from .host_store import HostKVStore
@@ -133,7 +133,8 @@ class FreeKVRuntime:
         self.q_prev = torch.zeros((L, max_rows + 1, hq, d), dtype=dt, device=dev)
         self.q_valid = torch.zeros((L, max_rows + 1, hkv), dtype=torch.bool, device=dev)
         # selection scratch: one for the correction on the compute stream, one for the side stream
-        n_keys = selection_scratch_size(max_batch, hkv, self.max_pages, lay.n_select)
+        self.score_block, self.score_warps = score_tuning_from_env(lay.n_select)
+        n_keys = selection_scratch_size(max_batch, hkv, self.max_pages, lay.n_select, self.score_block)
         self.keys_main = torch.empty(n_keys, dtype=torch.int64, device=dev)
         self.keys_side = torch.empty_like(self.keys_main)
         self.head_ids = torch.arange(hkv, device=dev)
@@ -267,7 +268,7 @@ class FreeKVRuntime:
         score_and_select(q, self.digests[layer], self.req_to_token, rows, n_ctx, head_mask, self.resident[layer],
                          lay.n_select, r_slot, r_page, counter, max_pages=self.max_pages, page_size=lay.page_size,
                          n_sink=lay.n_sink, n_window=lay.n_window, aggregation=self.settings.gqa_aggregation,
-                         q_index=q_index, keys=keys)
+                         q_index=q_index, keys=keys, block_n=self.score_block, num_warps=self.score_warps)
 
     # ------------------------------------------------------------------ prefill
     def prefill_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,

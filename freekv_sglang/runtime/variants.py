@@ -16,24 +16,32 @@ import os
 import re
 
 VARIANT_ENV = {"@": "FREEKV_RECALL_PROGRAMS", "+": "FREEKV_RECALL_WARPS", "/": "FREEKV_SPEC_STREAMS",
-               "%": "FREEKV_DEFER_LAYERS", "^": "FREEKV_ASYNC_PREFILL", "~": "FREEKV_DECODE_SPLIT_PAGES"}
-_NAME = re.compile(r"^([A-Za-z][\w-]*)((?:[@+/%^~][^@+/%^~]*)*)$")
+               "%": "FREEKV_DEFER_LAYERS", "^": "FREEKV_ASYNC_PREFILL", "~": "FREEKV_DECODE_SPLIT_PAGES",
+               "#": "FREEKV_SCORE_BLOCK", ":": "FREEKV_DECODE_ATTENTION"}
+_NAME = re.compile(r"^([A-Za-z][\w-]*)((?:[@+/%^~#:][^@+/%^~#:]*)*)$")
 
 
 def parse_variant(name: str) -> tuple[str, dict[str, str]]:
-    """``"freekv@32/1"`` -> ``("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1"})``.
+    """``"freekv@32/1"`` -> ``("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1"})``;
+    ``"freekv#64:xqa"`` -> 64 pages per scoring program, XQA working-set attention.
 
     Raises ``ValueError`` with the reason for a malformed name or value.
     """
     m = _NAME.match(name)
     if m is None:
-        raise ValueError(f"{name!r}: expected BASE[@programs][+warps][/streams][%deferred_layers][^1][~split_pages]")
+        raise ValueError(f"{name!r}: expected BASE[@programs][+warps][/streams][%deferred_layers][^1][~split_pages]"
+                         "[#score_block][:attention]")
     base, rest = m.group(1), m.group(2)
     env: dict[str, str] = {}
-    for sep, val in re.findall(r"([@+/%^~])([^@+/%^~]*)", rest):
+    for sep, val in re.findall(r"([@+/%^~#:])([^@+/%^~#:]*)", rest):
         var = VARIANT_ENV[sep]
         if var in env:
             raise ValueError(f"{name!r}: {sep!r} given twice")
+        if sep == ":":
+            if val not in ("flashinfer", "xqa"):
+                raise ValueError(f"{name!r}: the attention kernel after ':' must be flashinfer or xqa")
+            env[var] = val
+            continue
         if not val.isdigit() or int(val) < 1:
             raise ValueError(f"{name!r}: the value after {sep!r} must be a positive integer")
         if sep == "/" and val not in ("1", "2"):
@@ -42,6 +50,8 @@ def parse_variant(name: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"{name!r}: '^' takes 1 (asynchronous prefill offload; off is the default)")
         if sep == "+" and val not in ("1", "2", "4", "8", "16"):
             raise ValueError(f"{name!r}: the warp count after '+' must be 1, 2, 4, 8 or 16")
+        if sep == "#" and int(val) & (int(val) - 1):
+            raise ValueError(f"{name!r}: the pages per scoring program after '#' must be a power of two")
         env[var] = val
     return base, env
 
