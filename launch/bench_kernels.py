@@ -595,7 +595,9 @@ def sec_decode(r: Runner, out: dict, quick: bool):
         # the same attention with each (slot, head) page contiguous (HND), and with FlashInfer's decode kernels
         ws_k_hnd, ws_v_hnd = ws_k.transpose(1, 2).contiguous(), ws_v.transpose(1, 2).contiguous()
         for name, kw_sd, kv in (("HND working sets", dict(kv_layout="HND"), (ws_k_hnd, ws_v_hnd)),
-                                ("decode kernels (no tensor cores)", dict(use_tensor_cores=False), (ws_k, ws_v))):
+                                ("decode kernels (no tensor cores)", dict(use_tensor_cores=False), (ws_k, ws_v)),
+                                ("FA2 backend", dict(backend="fa2"), (ws_k, ws_v)),
+                                ("FA3 backend", dict(backend="fa3"), (ws_k, ws_v))):
             def alt(kw_sd=kw_sd, kv=kv):
                 w = K.SparseDecode(DEV, **kw_sd)
                 w.plan(K.page_table_indptr_host(seq, LAYOUT), ix, K.last_page_len_host(seq, LAYOUT), HQ, HKV, D, P,
