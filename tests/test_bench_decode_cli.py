@@ -161,3 +161,14 @@ def test_warm_up_pass_is_not_a_measured_cell(bench):
     # a warm-up of the same output length is replaced by the measured row of its cell
     again = dict(first, median_decode_latency=0.0064)
     assert bench.measured_rows([first, again, second], 64) == [again, second]
+
+
+def test_benchmarks_script_parses_and_refuses_unknown_sections(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "benchmarks.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    r = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True,
+                       env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "unknown section everything" in r.stdout

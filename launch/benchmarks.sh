@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The benchmarks behind docs/BENCHMARKS.md, one section per argument (default: all, in this order).
+# Run on a CUDA machine with SGLang and FlashInfer, from the repository root:
+#
+#   OUT=results MODEL=path/to/llama-8b-shape bash launch/benchmarks.sh kernels decode32k long capacity
+#
+# Sections:
+#   kernels    launch/bench_kernels.py (ceilings, recall, interference, offload, scoring, attention, host allocation)
+#   decode32k  bench_decode at 32K, batch 1-16: dense, FreeKV, speculation off, ArkVale-style, paper's recall,
+#              transfers skipped (the headline table and its ratios)
+#   long       bench_decode at 8K / 64K / 128K, batch 1-32 where they fit: dense, FreeKV, sync, skip
+#   capacity   bench_capacity: concurrent 32K requests, dense vs FreeKV (host tier) vs FreeKV + GPU tier
+#   overlap    bench_overlap: SGLang's overlap scheduler on/off, served end to end
+#   qwen       bench_decode at 32K on the Qwen2.5-7B shape
+# Each writes its log, JSON, Markdown table and plot under $OUT/<section>/.
+set -uo pipefail
+OUT="${OUT:-bench-out}"
+MODEL="${MODEL:-.gpu-bundle/models/llama-8b-shape}"
+QWEN="${QWEN:-.gpu-bundle/models/qwen2.5-7b-shape}"
+HOST_GB="${HOST_GB:-90}"          # capacity: FreeKV's host tier
+GPU_TIER_GB="${GPU_TIER_GB:-80}"  # capacity: the GPU tier of mode freekv-tier (launch/capacity_plan.py suggests one)
+COS="${COS:-0.95}"                # synthetic consecutive-query cosine of the FreeKV modes
+BD=(python3 launch/bench_decode.py --model "$MODEL" --output-len 64 --query-cosine "$COS")
+
+run() {  # section name, command...
+  local name=$1; shift
+  mkdir -p "$OUT/$name"
+  echo "[benchmarks] $name: $*"
+  local t0=$SECONDS
+  "$@" > "$OUT/$name/$name.log" 2>&1
+  local rc=$?
+  echo "[benchmarks] $name: rc=$rc in $((SECONDS - t0)) s (log $OUT/$name/$name.log)"
+  tail -20 "$OUT/$name/$name.log"
+  return $rc
+}
+
+sections=("$@")
+[[ ${#sections[@]} -eq 0 ]] && sections=(kernels decode32k long capacity overlap qwen)
+status=0
+for s in "${sections[@]}"; do
+  case "$s" in
+    kernels) run kernels python3 launch/bench_kernels.py --json "$OUT/kernels/bench_kernels.json" ;;
+    decode32k) run decode32k "${BD[@]}" --contexts 32000 --batch-sizes 1 4 8 16 \
+        --modes dense freekv sync arkvale staged skip --timeout 330 --out "$OUT/decode32k" ;;
+    long) run long "${BD[@]}" --contexts 8000 65536 131072 --batch-sizes 1 4 8 16 32 \
+        --prefill-tokens-per-forward 131072 --modes dense freekv sync skip --timeout 330 --out "$OUT/long" ;;
+    capacity) run capacity python3 launch/bench_capacity.py --model "$MODEL" --context 32000 --host-gb "$HOST_GB" \
+        --modes dense freekv freekv-tier --gpu-tier-gb "$GPU_TIER_GB" --out "$OUT/capacity" ;;
+    overlap) run overlap python3 launch/bench_overlap.py --model "$MODEL" --contexts 32000 --batch-sizes 1 8 \
+        --modes dense dense-no-overlap freekv freekv-overlap --query-cosine "$COS" --out "$OUT/overlap" ;;
+    qwen) run qwen python3 launch/bench_decode.py --model "$QWEN" --output-len 64 --query-cosine "$COS" \
+        --contexts 32000 --batch-sizes 1 4 8 --modes dense freekv sync skip --timeout 200 --out "$OUT/qwen" \
+        -- --tokenizer-path "$MODEL" ;;
+    *) echo "unknown section $s (kernels decode32k long capacity overlap qwen)"; exit 2 ;;
+  esac
+  rc=$?
+  [[ $rc -ne 0 ]] && status=$rc
+done
+exit $status
