@@ -428,6 +428,9 @@ def main() -> None:
                    help="prefill a batch longer than this in groups of whole requests, one forward each "
                         "(every mode; 0: the whole batch in one forward, as SGLang's benchmark does)")
     p.add_argument("--out", default="bench-out", help="folder for logs and results")
+    p.add_argument("--docs", default=None, metavar="DIR",
+                   help="also copy the Markdown table, the plot and the JSON into DIR (e.g. docs/results), named "
+                        "by card and date")
     p.add_argument("extra", nargs="*", help="extra SGLang arguments after --")
     a = p.parse_args()
     a.host_gb = (auto_host_gb(a.model, a.batch_sizes, a.contexts, a.output_len) if a.host_gb == "auto"
@@ -463,6 +466,38 @@ def main() -> None:
         print(f"plot: {png}")
     except (ImportError, ValueError):  # no matplotlib, or no decode result to draw
         print(f"plot: python launch/plot_bench.py --decode {os.path.join(a.out, 'bench_decode.json')} --out {png}")
+    if a.docs:
+        for path in publish(a.out, a.docs, card):
+            print(f"docs: {path}")
+
+
+def docs_stem(card: str, day: str | None = None) -> str:
+    """``bench_decode-<card>-<date>``: e.g. ``bench_decode-nvidia-h200-2026-11-28``."""
+    import datetime
+    import re
+
+    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "card"
+    return f"bench_decode-{slug}-{day or datetime.date.today().isoformat()}"
+
+
+def publish(out_dir: str, docs_dir: str, card: str) -> list[str]:
+    """Copy ``bench_decode.{md,png,json}`` of ``out_dir`` into ``docs_dir`` under :func:`docs_stem`'s name
+    (a second run of the day gets ``-2``, ``-3``, ...). Returns the written paths."""
+    import shutil
+
+    os.makedirs(docs_dir, exist_ok=True)
+    stem, n = docs_stem(card), 1
+    while any(os.path.exists(os.path.join(docs_dir, f"{stem}{'' if n == 1 else f'-{n}'}.{e}")) for e in ("md", "json")):
+        n += 1
+    name = stem if n == 1 else f"{stem}-{n}"
+    written = []
+    for ext in ("md", "png", "json"):
+        src = os.path.join(out_dir, f"bench_decode.{ext}")
+        if os.path.exists(src):
+            dst = os.path.join(docs_dir, f"{name}.{ext}")
+            shutil.copyfile(src, dst)
+            written.append(dst)
+    return written
 
 
 if __name__ == "__main__":

@@ -172,3 +172,16 @@ def test_benchmarks_script_parses_and_refuses_unknown_sections(tmp_path):
     r = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True,
                        env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "unknown section everything" in r.stdout
+
+
+def test_results_are_published_into_docs_by_card_and_date(bench, tmp_path):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    out.mkdir()
+    (out / "bench_decode.md").write_text("| table |")
+    (out / "bench_decode.json").write_text("{}")
+    assert bench.docs_stem("NVIDIA H200", "2026-11-28") == "bench_decode-nvidia-h200-2026-11-28"
+    first = bench.publish(str(out), str(docs), "NVIDIA H200")
+    second = bench.publish(str(out), str(docs), "NVIDIA H200")
+    assert [p.rsplit(".", 1)[1] for p in first] == ["md", "json"]  # no plot was made: none copied
+    assert first[0] != second[0] and second[0].endswith("-2.md")
+    assert (docs / first[0].rsplit("/", 1)[1]).read_text() == "| table |"
