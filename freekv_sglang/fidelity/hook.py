@@ -25,7 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 import math
 
 from ..algorithm import LayerState, dense_attention, topk_pages
-from .rows import RowSpec
+from .rows import RowSpec, fp8_roundtrip
 
 ATTN_NAME = "freekv"
 _ATTR = "_freekv_row_decoder"
@@ -97,6 +97,8 @@ class RowDecoder:
                 keys, q_last = self._prefill[layer]
                 if layer in row.dense_layers:
                     continue
+                if row.kv_fp8:
+                    keys = fp8_roundtrip(keys)
                 cls = ExactSelectLayerState if row.mode == "exact" else LayerState
                 st = cls(settings, self.n_kv_heads)
                 recalled += st.prefill(keys, q_last)
@@ -128,6 +130,8 @@ class RowDecoder:
                 outs.append(dense_attention(q, k, v, scale))
             elif st is None:
                 raise RuntimeError(f"row {self.rows[r].label} layer {layer} was not seeded (no prefill?)")
+            elif self.rows[r].kv_fp8:  # what FreeKV stores (tiers, working sets, digests) is FP8
+                outs.append(st.decode(q, fp8_roundtrip(k), fp8_roundtrip(v), scale))
             else:
                 outs.append(st.decode(q, k, v, scale))
         if layer == self.n_layers - 1:

@@ -41,13 +41,16 @@ class RowSpec:
     window_tokens: int = WINDOW_TOKENS
     gqa_aggregation: str = "mean"
     dense_layers: tuple = ()
+    kv_fp8: bool = False  # FreeKV's stored K/V (tiers, working sets, digests) in FP8 e4m3
 
     @property
     def mode_name(self) -> str:
-        """``dense``, ``oracle``, ``speculative``, ``exact`` or ``corrected@<tau>`` (+ dense layers)."""
+        """``dense``, ``oracle``, ``speculative``, ``exact`` or ``corrected@<tau>`` (+ dense layers, + fp8)."""
         name = f"corrected@{self.tau:g}" if self.mode == "corrected" else self.mode
         if self.dense_layers and self.mode != "dense":
             name += "+dense" + ",".join(f"L{i}" for i in self.dense_layers)
+        if self.kv_fp8 and self.mode != "dense":
+            name += "+fp8"
         return name
 
     @property
@@ -84,11 +87,27 @@ def parse_mode(name: str) -> tuple[str, float | None]:
 def build_rows(modes, budgets, page_size: int = PAGE_SIZE, sink_tokens: int = SINK_TOKENS,
                window_tokens: int = WINDOW_TOKENS, gqa_aggregation: str = "mean",
                dense_layers=()) -> list[RowSpec]:
-    """Row 0 dense, then every sparse mode at every budget (budget-major order)."""
+    """Row 0 dense, then every sparse mode at every budget (budget-major order). A mode name ending in
+    ``+fp8`` (``corrected@0.9+fp8``) stores FreeKV's K/V in FP8 e4m3 (:func:`fp8_roundtrip`)."""
     rows = [RowSpec("dense", page_size=page_size, sink_tokens=sink_tokens, window_tokens=window_tokens)]
-    sparse = [parse_mode(m) for m in modes if m != "dense"]
+    sparse = []
+    for m in modes:
+        if m == "dense":
+            continue
+        fp8 = m.endswith("+fp8")
+        sparse.append((*parse_mode(m[: -len("+fp8")] if fp8 else m), fp8))
     for b in budgets:
-        for mode, tau in sparse:
+        for mode, tau, fp8 in sparse:
             rows.append(RowSpec(mode, int(b), tau, page_size, sink_tokens, window_tokens, gqa_aggregation,
-                                tuple(dense_layers)))
+                                tuple(dense_layers), fp8))
     return rows
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_roundtrip(t):
+    """``t`` stored in FP8 e4m3 and read back (saturating at +-448), in ``t``'s dtype."""
+    import torch
+
+    return t.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(t.dtype)
