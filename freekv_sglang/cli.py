@@ -15,6 +15,7 @@ from freekv_sglang.config import (
     FLAG_OF_FIELD,
     GQA_AGGREGATION_CHOICES,
     KV_RETRIEVAL_CHOICES,
+    KV_STORAGE_CHOICES,
     RECALL_CHOICES,
     FreeKVConfig,
     dest_of_field,
@@ -121,6 +122,13 @@ def add_freekv_arguments(parser: argparse.ArgumentParser) -> None:
         help="GPU memory, in GiB, that holds more requests' full KV beside the host tier (used once the "
         "host tier is full; recall from it stays on the GPU). Taken from SGLang's KV budget, so fewer "
         "working sets fit. Default: 0 (none).",
+    )
+    g.add_argument(
+        "--freekv-kv-storage", dest=dest_of_field("kv_storage"), choices=KV_STORAGE_CHOICES,
+        default=_D.kv_storage,
+        help="dtype of the full KV cache in the host (and GPU) tier: auto = the model's KV dtype; fp8_e4m3 = "
+        "FP8 (half the memory, so twice the tokens, and half the recall traffic; values saturate at +-448, "
+        "and what attention sees is the rounded K/V). Default: auto.",
     )
     g.add_argument(
         "--freekv-min-context-tokens", dest=dest_of_field("min_context_tokens"), type=int,

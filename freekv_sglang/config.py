@@ -25,6 +25,7 @@ ENV_VAR = "SGLANG_FREEKV_CONFIG"
 KV_RETRIEVAL_CHOICES = ("none", "freekv")
 GQA_AGGREGATION_CHOICES = ("mean", "softmax-mean", "max")
 RECALL_CHOICES = ("auto", "gather", "staged", "per-page", "skip")
+KV_STORAGE_CHOICES = ("auto", "fp8_e4m3")
 #: What ``--freekv-recall auto`` resolves to.
 AUTO_RECALL = "gather"
 #: Strings accepted by ``--freekv-correction-threshold`` to turn correction off.
@@ -58,6 +59,7 @@ FLAG_OF_FIELD = {
     "host_memory_gb": "--freekv-host-memory-gb",
     "min_context_tokens": "--freekv-min-context-tokens",
     "gpu_tier_gb": "--freekv-gpu-tier-gb",
+    "kv_storage": "--freekv-kv-storage",
     "recall": "--freekv-recall",
 }
 
@@ -139,6 +141,8 @@ class FreeKVConfig:
         recall: host-to-GPU transfer strategy (``auto`` = ``gather``).
         gpu_tier_gb: GPU memory (GiB) that extends the host tier with more full-KV pages, filled
             after the host tier; 0 = none.
+        kv_storage: dtype of the full KV in the tiers: ``auto`` = the model's KV dtype, ``fp8_e4m3`` = FP8
+            (half the bytes, half the recall traffic; working sets and digests see the rounded values).
     """
 
     enabled: bool = False
@@ -153,6 +157,7 @@ class FreeKVConfig:
     min_context_tokens: int = 0
     recall: str = "auto"
     gpu_tier_gb: float = 0.0
+    kv_storage: str = "auto"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -216,6 +221,10 @@ class FreeKVConfig:
         if self.recall not in RECALL_CHOICES:
             raise _fail("recall", self.recall, f"expected one of {', '.join(RECALL_CHOICES)}")
 
+        if self.kv_storage not in KV_STORAGE_CHOICES:
+            raise _fail("kv_storage", self.kv_storage, f"expected one of {', '.join(KV_STORAGE_CHOICES)}")
+        if self.kv_storage == "fp8_e4m3" and self.recall in ("staged", "per-page"):
+            raise _fail("kv_storage", self.kv_storage, f"FP8 tiers need --freekv-recall gather (got {self.recall})")
         gt = self.gpu_tier_gb
         if isinstance(gt, bool) or not isinstance(gt, (int, float)) or math.isnan(gt) or math.isinf(gt):
             raise _fail("gpu_tier_gb", gt, "expected a number of GiB")
@@ -367,6 +376,7 @@ class FreeKVConfig:
             f"gqa_aggregation={self.gqa_aggregation} recall={recall} "
             f"host_memory={mem} min_context_tokens={self.min_context_tokens}"
             + (f" gpu_tier={self.gpu_tier_gb:g}GiB" if self.gpu_tier_gb else "")
+            + (f" kv_storage={self.kv_storage}" if self.kv_storage != "auto" else "")
         )
 
 

@@ -70,6 +70,30 @@ def check_kv_dtype(dtype: torch.dtype) -> None:
         raise NotImplementedError(f"KV dtype {dtype} is not supported by the Triton kernels: use bf16 or fp16")
 
 
+#: Storage dtype of an FP8 KV tier (``--freekv-kv-storage fp8_e4m3``) and its largest finite value.
+FP8_STORAGE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def check_tier_dtype(tier: torch.dtype, compute: torch.dtype) -> None:
+    """A KV tier holds the model's dtype (bf16/fp16) or FP8 e4m3 beside a bf16/fp16 model."""
+    check_kv_dtype(compute)
+    if tier != compute and tier != FP8_STORAGE:
+        raise NotImplementedError(f"KV tier dtype {tier} beside KV dtype {compute}: use {compute} or {FP8_STORAGE}")
+
+
+def fp8_roundtrip(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as an FP8 tier stores it and a recall reads it back (saturating at +-448), in ``t``'s dtype."""
+    return t.clamp(-FP8_MAX, FP8_MAX).to(FP8_STORAGE).to(t.dtype)
+
+
+def to_tier(values: torch.Tensor, tier: torch.Tensor) -> torch.Tensor:
+    """``values`` converted for storing in ``tier`` (saturating into FP8's range for an FP8 tier)."""
+    if tier.dtype == FP8_STORAGE:
+        values = values.float().clamp(-FP8_MAX, FP8_MAX)
+    return values.to(device=tier.device, dtype=tier.dtype)
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -117,16 +141,15 @@ def tier_write_reference(host: torch.Tensor, gpu: torch.Tensor | None, page: tor
         return x.to(dev) if torch.is_tensor(x) else x
 
     if gpu is None or not bool(in_gpu.any()):
-        host[page.to(host.device), on(head, host.device), on(row, host.device)] = values.to(host.device, host.dtype)
+        host[page.to(host.device), on(head, host.device), on(row, host.device)] = to_tier(values, host)
         return
     ih = ~in_gpu
     hh = head[ih] if torch.is_tensor(head) else head
     hr = row[ih] if torch.is_tensor(row) else row
     gh = head[in_gpu] if torch.is_tensor(head) else head
     gr = row[in_gpu] if torch.is_tensor(row) else row
-    host[page[ih].to(host.device), on(hh, host.device), on(hr, host.device)] = values[ih].to(host.device, host.dtype)
-    gpu[(page[in_gpu] - n_host).to(gpu.device), on(gh, gpu.device), on(gr, gpu.device)] = \
-        values[in_gpu].to(gpu.device, gpu.dtype)
+    host[page[ih].to(host.device), on(hh, host.device), on(hr, host.device)] = to_tier(values[ih], host)
+    gpu[(page[in_gpu] - n_host).to(gpu.device), on(gh, gpu.device), on(gr, gpu.device)] = to_tier(values[in_gpu], gpu)
 
 
 def tier_read_reference(host: torch.Tensor, gpu: torch.Tensor | None, page: torch.Tensor, head: torch.Tensor,

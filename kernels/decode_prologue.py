@@ -27,8 +27,8 @@ import torch
 from freekv_sglang.algorithm.correction import correction_flags
 from freekv_sglang.algorithm.digests import page_digests
 
-from .common import (check_gpu_tier, check_head_dim, check_kv_dtype, check_page_size, next_pow2, tier_write_reference,
-                     tl, triton, use_triton)
+from .common import (FP8_STORAGE, check_gpu_tier, check_head_dim, check_page_size, check_tier_dtype, fp8_roundtrip,
+                     next_pow2, tier_write_reference, tl, triton, use_triton)
 from .uva import kernel_arg
 
 if triton is not None:
@@ -40,6 +40,7 @@ if triton is not None:
         tau, n_host,
         HKV: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
         HAS_TAU: tl.constexpr, SPECULATIVE: tl.constexpr, COUNT: tl.constexpr, TIERED: tl.constexpr,
+        FP8: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
@@ -53,17 +54,25 @@ if triton is not None:
         # 1. token -> host tier (HND) and current window page (NHD)
         kx = tl.load(k_ptr + (b * HKV + h) * D + d)
         vx = tl.load(v_ptr + (b * HKV + h) * D + d)
+        if FP8:  # an FP8 tier stores the token saturated and rounded; the window and digest use the same values
+            kq = tl.minimum(tl.maximum(kx.to(tl.float32), -448.0), 448.0).to(hk_ptr.dtype.element_ty)
+            vq = tl.minimum(tl.maximum(vx.to(tl.float32), -448.0), 448.0).to(hk_ptr.dtype.element_ty)
+            kx = kq.to(wk_ptr.dtype.element_ty)
+            vx = vq.to(wk_ptr.dtype.element_ty)
+        else:
+            kq = kx
+            vq = vx
         hofs = ((page * HKV + h) * PAGE + off) * D
         if TIERED:  # pages from n_host on live in the GPU tier
             to_host = page < n_host
             gofs = (((page - n_host) * HKV + h) * PAGE + off) * D
-            tl.store(gk_ptr + gofs + d, kx, mask=(d >= 0) & (to_host == 0))
-            tl.store(gv_ptr + gofs + d, vx, mask=(d >= 0) & (to_host == 0))
-            tl.store(hk_ptr + hofs + d, kx, mask=(d >= 0) & to_host)
-            tl.store(hv_ptr + hofs + d, vx, mask=(d >= 0) & to_host)
+            tl.store(gk_ptr + gofs + d, kq, mask=(d >= 0) & (to_host == 0))
+            tl.store(gv_ptr + gofs + d, vq, mask=(d >= 0) & (to_host == 0))
+            tl.store(hk_ptr + hofs + d, kq, mask=(d >= 0) & to_host)
+            tl.store(hv_ptr + hofs + d, vq, mask=(d >= 0) & to_host)
         else:
-            tl.store(hk_ptr + hofs + d, kx)
-            tl.store(hv_ptr + hofs + d, vx)
+            tl.store(hk_ptr + hofs + d, kq)
+            tl.store(hv_ptr + hofs + d, vq)
         wofs = ((slot * PAGE + off) * HKV + h) * D
         tl.store(wk_ptr + wofs + d, kx)
         tl.store(wv_ptr + wofs + d, vx)
@@ -113,6 +122,8 @@ def decode_prologue_reference(q, k, v, loc, rows, n, cur_slot, host_k, host_v, w
     p = ws_k.shape[1]
     hkv = ws_k.shape[2]
     loc, rows, n, cur_slot = loc.long(), rows.long(), n.long(), cur_slot.long()
+    if host_k.dtype == FP8_STORAGE:  # everything below sees the token as the FP8 tier stores it
+        k, v = fp8_roundtrip(k), fp8_roundtrip(v)
     tier_write_reference(host_k, gpu_k, loc // p, slice(None), loc % p, k)
     tier_write_reference(host_v, gpu_v, loc // p, slice(None), loc % p, v)
     off = (n - 1) % p
@@ -145,7 +156,8 @@ def decode_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loc: torc
 
     Args:
         q: ``[B, Hq, D]``; k, v: ``[B, Hkv, D]`` (contiguous); loc, rows, n, cur_slot: int ``[B]``.
-        host_k, host_v: ``[n_pages, Hkv, P, D]`` pinned host tier of the layer.
+        host_k, host_v: ``[n_pages, Hkv, P, D]`` pinned host tier of the layer, the KV dtype or FP8 e4m3 (then
+            the token is saturated to +-448 and rounded to FP8, and the window page and digest get those values).
         ws_k, ws_v: ``[n_slots, P, Hkv, D]`` working-set slots of the layer.
         digests: ``[n_pages, Hkv, 2, D]``; q_prev: ``[R+1, Hq, D]``; q_valid: bool ``[R+1, Hkv]``.
         flags, spec: bool ``[B, Hkv]`` outputs.
@@ -163,7 +175,7 @@ def decode_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loc: torc
     _, p, hkv, _ = ws_k.shape
     check_head_dim(d)
     check_page_size(p)
-    check_kv_dtype(ws_k.dtype)
+    check_tier_dtype(host_k.dtype, ws_k.dtype)
     if b == 0:
         return
     g = hq // hkv
@@ -177,5 +189,5 @@ def decode_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loc: torc
         counters if counters is not None else flags,
         float(tau) if tau is not None else 0.0, host_k.shape[0],
         HKV=hkv, G=g, GB=max(2, next_pow2(g)), D=d, PAGE=p, HAS_TAU=tau is not None, SPECULATIVE=speculative,
-        COUNT=counters is not None, TIERED=gpu_k is not None, num_warps=4,
+        COUNT=counters is not None, TIERED=gpu_k is not None, FP8=host_k.dtype == FP8_STORAGE, num_warps=4,
     )

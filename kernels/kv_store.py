@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import (check_gpu_tier, check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced,
-                     tier_write_reference, tl, triton, use_triton)
+from .common import (FP8_STORAGE, check_gpu_tier, check_head_dim, check_page_size, check_tier_dtype, cdiv,
+                     interpreter_forced, tier_write_reference, tl, triton, use_triton)
 from .uva import kernel_arg
 
 if triton is not None:
@@ -26,7 +26,7 @@ if triton is not None:
         k_ptr, v_ptr, loc_ptr, hk_ptr, hv_ptr, gk_ptr, gv_ptr,
         T, stride_kt, stride_kh, stride_vt, stride_vh, n_host, n_items, n_iters, n_programs,
         HKV: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, TIERED: tl.constexpr,
-        ITERS: tl.constexpr,
+        ITERS: tl.constexpr, FP8: tl.constexpr,
     ):
         # Items are (block of BLOCK_T tokens, KV head) pairs, item = block * HKV + head; program pid takes
         # items pid, pid + n_programs, ... (one item each with the default grid of n_items programs; a
@@ -49,6 +49,9 @@ if triton is not None:
             m = valid[:, None]
             kx = tl.load(k_ptr + (t64 * stride_kt + h * stride_kh)[:, None] + d[None, :], mask=m)
             vx = tl.load(v_ptr + (t64 * stride_vt + h * stride_vh)[:, None] + d[None, :], mask=m)
+            if FP8:  # an FP8 tier: saturate into its range, then the store converts
+                kx = tl.minimum(tl.maximum(kx.to(tl.float32), -448.0), 448.0).to(hk_ptr.dtype.element_ty)
+                vx = tl.minimum(tl.maximum(vx.to(tl.float32), -448.0), 448.0).to(hk_ptr.dtype.element_ty)
             if TIERED:  # pages from n_host on live in the GPU tier
                 in_gpu = (page >= n_host)[:, None]
                 gdst = (((page - n_host) * HKV + h) * PAGE + off) * D
@@ -78,7 +81,8 @@ def store_kv_host(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v
     """Write ``k``, ``v`` into the host store at token slots ``loc``.
 
     Args:
-        host_k, host_v: ``[n_host_pages, Hkv, P, D]`` contiguous, bf16/fp16, pinned host memory
+        host_k, host_v: ``[n_host_pages, Hkv, P, D]`` contiguous, the KV dtype or FP8 e4m3 (values saturate
+            at +-448), pinned host memory
             (or CUDA memory; any memory for the reference).
         k, v: ``[T, Hkv, D]`` same dtype, on the GPU; rows may be strided, channels contiguous.
         loc: int32/int64 ``[T]`` on the GPU: token slot of each row; ``< 0`` = skip.
@@ -100,8 +104,8 @@ def store_kv_host(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, loc {tuple(loc.shape)}")
     check_head_dim(d)
     check_page_size(p)
-    check_kv_dtype(host_k.dtype)
-    if not (k.dtype == v.dtype == host_k.dtype == host_v.dtype):
+    check_tier_dtype(host_k.dtype, k.dtype)
+    if not (k.dtype == v.dtype and host_k.dtype == host_v.dtype):
         raise ValueError(f"dtype mismatch: k {k.dtype}, v {v.dtype}, host {host_k.dtype}/{host_v.dtype}")
     if not (host_k.is_contiguous() and host_v.is_contiguous()):
         raise ValueError("host store tensors must be contiguous")
@@ -121,5 +125,5 @@ def store_kv_host(host_k: torch.Tensor, host_v: torch.Tensor, k: torch.Tensor, v
         gpu_k if gpu_k is not None else k, gpu_v if gpu_v is not None else v,
         t, k.stride(0), k.stride(1), v.stride(0), v.stride(1), n_pages, n_items, n_iters, n_prog,
         HKV=hkv, PAGE=p, D=d, BLOCK_T=block_t, TIERED=gpu_k is not None,
-        ITERS=n_iters if interpreter_forced() else 0, num_warps=num_warps,
+        ITERS=n_iters if interpreter_forced() else 0, FP8=host_k.dtype == FP8_STORAGE, num_warps=num_warps,
     )

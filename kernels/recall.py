@@ -26,8 +26,8 @@ import os
 
 import torch
 
-from .common import (check_gpu_tier, check_head_dim, check_kv_dtype, check_page_size, cdiv, interpreter_forced,
-                     next_pow2, sm_count, tier_read_reference, tl, triton, use_triton)
+from .common import (check_gpu_tier, check_head_dim, check_kv_dtype, check_page_size, check_tier_dtype, cdiv,
+                     interpreter_forced, next_pow2, sm_count, tier_read_reference, tl, triton, use_triton)
 from .host_copy import copy_blocks, cuda_memcpy2d_h2d
 from .uva import kernel_arg
 
@@ -75,16 +75,21 @@ if triton is not None:
             else:
                 kx = tl.load(src_k + src, mask=m, eviction_policy="evict_first")
                 vx = tl.load(src_v + src, mask=m, eviction_policy="evict_first")
-            tl.store(dst_k + dst, kx, mask=m)
-            tl.store(dst_v + dst, vx, mask=m)
+            tl.store(dst_k + dst, kx.to(dst_k.dtype.element_ty), mask=m)  # FP8 tier: widened
+            tl.store(dst_v + dst, vx.to(dst_v.dtype.element_ty), mask=m)
 
 
-def _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head):
+def _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, widen: bool = True):
     n_pages, hkv, p, d = host_k.shape
     if host_v.shape != host_k.shape or ws_k.shape[1:] != (p, hkv, d) or ws_v.shape != ws_k.shape:
         raise ValueError(f"shape mismatch: host {tuple(host_k.shape)}, ws {tuple(ws_k.shape)}/{tuple(ws_v.shape)}")
-    if not (host_k.dtype == host_v.dtype == ws_k.dtype == ws_v.dtype):
-        raise ValueError("host store and working set must have one dtype")
+    if not (host_k.dtype == host_v.dtype and ws_k.dtype == ws_v.dtype):
+        raise ValueError("K and V must have one dtype in the host store and in the working set")
+    if widen:  # the gather kernels widen an FP8 tier into the working set's dtype
+        check_tier_dtype(host_k.dtype, ws_k.dtype)
+    elif host_k.dtype != ws_k.dtype:  # byte copies (staged, per-page)
+        raise ValueError(f"this recall copies bytes: the host store ({host_k.dtype}) and the working set "
+                         f"({ws_k.dtype}) must have one dtype")
     if not (host_k.is_contiguous() and host_v.is_contiguous() and ws_k.is_contiguous() and ws_v.is_contiguous()):
         raise ValueError("host store and working set must be contiguous")
     n = dst_slot.shape[0]
@@ -122,8 +127,8 @@ def recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, gpu_
     valid = slot >= 0
     s, pg, h = slot[valid], host_page.to(slot.device).long()[valid], head.to(slot.device).long()[valid]
     wdev = ws_k.device
-    ws_k[s.to(wdev), :, h.to(wdev), :] = tier_read_reference(host_k, gpu_k, pg, h, wdev)
-    ws_v[s.to(wdev), :, h.to(wdev), :] = tier_read_reference(host_v, gpu_v, pg, h, wdev)
+    ws_k[s.to(wdev), :, h.to(wdev), :] = tier_read_reference(host_k, gpu_k, pg, h, wdev).to(ws_k.dtype)
+    ws_v[s.to(wdev), :, h.to(wdev), :] = tier_read_reference(host_v, gpu_v, pg, h, wdev).to(ws_v.dtype)
 
 
 #: The reference of every recall strategy (they all compute the same result).
@@ -220,7 +225,7 @@ def recall_staged(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tensor
     """
     if not use_triton(impl, ws_k, dst_slot) or not ws_k.is_cuda:  # streams and async copies need CUDA
         return recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
-    _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
+    _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, widen=False)
     p, d = host_k.shape[2:]
     key = (ws_k.device, ws_k.dtype, p, d, chunk)
     if key not in _STAGED:
@@ -235,7 +240,7 @@ def recall_per_page(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
     stream sync. Same arguments and result as :func:`recall_gather`; eager only."""
     if not use_triton(impl, ws_k, dst_slot) or not ws_k.is_cuda:
         return recall_reference(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
-    _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head)
+    _check(host_k, host_v, ws_k, ws_v, host_page, dst_slot, head, widen=False)
     lists = torch.stack([host_page.long(), dst_slot.long(), head.long()]).cpu()  # host sync
     pages, slots, heads = lists[:, lists[1] >= 0].tolist()
     stream = torch.cuda.current_stream(ws_k.device)
@@ -339,8 +344,8 @@ if triton is not None:
             else:
                 kx = tl.load(hk_ptr + src, mask=m, eviction_policy="evict_first")
                 vx = tl.load(hv_ptr + src, mask=m, eviction_policy="evict_first")
-            tl.store(wk_ptr + dst, kx, mask=m)
-            tl.store(wv_ptr + dst, vx, mask=m)
+            tl.store(wk_ptr + dst, kx.to(wk_ptr.dtype.element_ty), mask=m)  # FP8 tier: widened
+            tl.store(wv_ptr + dst, vx.to(wv_ptr.dtype.element_ty), mask=m)
 
 
 DEFAULT_RECALL_PROGRAMS = 32

@@ -78,6 +78,33 @@ def check_prologue(device, dtype, group, head_dim, page=8, seed=0):
             _same(torch.cat([hv, gv.cpu()]), outs[1]["host_v"], f"tiered host_v {impl} tau={tau}")
             _same(st["ws_k"], outs[1]["ws_k"], f"tiered ws_k {impl}")
             _same(st["digests"], outs[1]["digests"], f"tiered digests {impl}")
+        # with an FP8 host tier: the Triton kernel and the reference store the same bytes and see the same
+        # (rounded) token in the window and digests
+        fp8 = []
+        k40, v8 = 40 * k, v  # 40 * k saturates some entries
+        if device == "cpu":  # Triton's CPU interpreter rounds to FP8 unlike torch: feed exact values
+            def exact(x):
+                y = x.float().to(torch.float8_e4m3fn).float()
+                return torch.where(y.abs() < 2.0 ** -6, torch.zeros_like(y), y).to(x.dtype)
+
+            k40, v8 = exact(k40), exact(v)
+        for impl in ("triton", "torch"):
+            st = {kk: vv.clone().to(device) for kk, vv in state.items()}
+            hk = state["host_k"].to(torch.float8_e4m3fn)
+            hv = state["host_v"].to(torch.float8_e4m3fn)
+            if device != "cpu":
+                hk, hv = hk.pin_memory(), hv.pin_memory()
+            decode_prologue(q.to(device), k40.to(device), v8.to(device), loc.to(device), rows.to(device),
+                            n.to(device), slot.to(device), hk, hv, st["ws_k"], st["ws_v"],
+                            st["digests"], st["q_prev"], st["q_valid"], st["flags"], st["spec"], tau=tau,
+                            speculative=spec_on, counters=st["counters"], impl=impl)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            fp8.append((hk.view(torch.uint8).clone(), hv.view(torch.uint8).clone(), st["ws_k"].cpu(), st["ws_v"].cpu(),
+                        st["digests"].cpu()))
+        for a, b, what in zip(fp8[0], fp8[1], ("fp8 host_k bytes", "fp8 host_v bytes", "fp8 ws_k", "fp8 ws_v",
+                                               "fp8 digests")):
+            _same(a, b, f"{what} tau={tau}")
         flags = outs[1]["flags"].cpu()
         if spec_on:
             assert not bool(flags[1].any())  # same query as before: trusted

@@ -119,3 +119,11 @@ def test_capacity_plan_finds_the_best_gpu_tier():
     plain = concurrent_requests(SHAPE, LAYOUT, gpu_kv_bytes=int(gpu_gb * 2**30), host_bytes=int(host_gb * 2**30),
                                 request_tokens=1000, max_context_len=4096)["freekv"]
     assert tier_gb > 0 and n > plain
+
+
+def test_fp8_tiers_hold_twice_the_tokens():
+    host, gpu = 50 * 1000 * KV_TOKEN, 2**30
+    bf16 = plan_memory(SHAPE, LAYOUT, host, gpu, 4096)
+    fp8 = plan_memory(SHAPE, LAYOUT, host, gpu, 4096, kv_fp8=True)
+    assert fp8.host_pages == 2 * (bf16.host_pages - 1) + 1 or fp8.host_pages == 2 * bf16.host_pages
+    assert fp8.host_bytes <= host and fp8.digest_bytes > bf16.digest_bytes  # digests stay in the model's dtype

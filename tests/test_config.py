@@ -77,6 +77,8 @@ def test_frozen():
         ({"gpu_tier_gb": -1.0}, "--freekv-gpu-tier-gb", "-1.0"),
         ({"gpu_tier_gb": float("inf")}, "--freekv-gpu-tier-gb", "inf"),
         ({"gpu_tier_gb": 4, "recall": "staged"}, "--freekv-gpu-tier-gb", "4"),
+        ({"kv_storage": "fp4"}, "--freekv-kv-storage", "fp4"),
+        ({"kv_storage": "fp8_e4m3", "recall": "per-page"}, "--freekv-kv-storage", "fp8_e4m3"),
         ({"page_size": "32"}, "--freekv-page-size", "32"),
     ],
 )
@@ -127,9 +129,9 @@ def test_resolve_host_memory_auto_fails_without_memory():
 
 
 def test_gpu_tier_round_trips_and_shows_in_summary():
-    cfg = FreeKVConfig(enabled=True, gpu_tier_gb=12.5, host_memory_gb=2)
+    cfg = FreeKVConfig(enabled=True, gpu_tier_gb=12.5, host_memory_gb=2, kv_storage="fp8_e4m3")
     assert FreeKVConfig.from_json(cfg.to_json()) == cfg
-    assert "gpu_tier=12.5GiB" in cfg.summary()
+    assert "gpu_tier=12.5GiB" in cfg.summary() and "kv_storage=fp8_e4m3" in cfg.summary()
     assert "gpu_tier" not in FreeKVConfig(enabled=True, host_memory_gb=2).summary()
 
 

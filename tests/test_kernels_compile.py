@@ -47,13 +47,16 @@ def _compile(fn, sig: dict, constexprs: dict, num_warps=4, div16=()):
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
-@pytest.mark.parametrize("p,d,tiered", [(32, 128, False), (8, 64, False), (256, 128, False), (32, 128, True)])
-def test_compile_store(dt, p, d, tiered):
+@pytest.mark.parametrize("p,d,tiered,fp8", [(32, 128, False, False), (8, 64, False, False), (256, 128, False, False),
+                                            (32, 128, True, False), (32, 128, True, True), (32, 64, False, True)])
+def test_compile_store(dt, p, d, tiered, fp8):
     t = TY[dt]
-    sig = dict(k_ptr=t, v_ptr=t, loc_ptr="*i64", hk_ptr=t, hv_ptr=t, gk_ptr=t, gv_ptr=t, T="i32", stride_kt="i32",
+    h = "*fp8e4nv" if fp8 else t
+    sig = dict(k_ptr=t, v_ptr=t, loc_ptr="*i64", hk_ptr=h, hv_ptr=h, gk_ptr=h, gv_ptr=h, T="i32", stride_kt="i32",
                stride_kh="i32", stride_vt="i32", stride_vh="i32", n_host="i32", n_items="i32", n_iters="i32",
                n_programs="i32")
-    _compile(kv_store._store_kv_host_kernel, sig, dict(HKV=8, PAGE=p, D=d, BLOCK_T=32, TIERED=tiered, ITERS=0),
+    _compile(kv_store._store_kv_host_kernel, sig,
+             dict(HKV=8, PAGE=p, D=d, BLOCK_T=32, TIERED=tiered, ITERS=0, FP8=fp8),
              div16=("stride_kt", "stride_kh", "stride_vt", "stride_vh"))
 
 
@@ -89,11 +92,13 @@ def test_compile_residency(k, kb, has_mask):
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
-@pytest.mark.parametrize("p,d,tiered", [(32, 128, False), (8, 64, False), (256, 128, False), (32, 128, True)])
-def test_compile_recall(dt, p, d, tiered):
+@pytest.mark.parametrize("p,d,tiered,fp8", [(32, 128, False, False), (8, 64, False, False), (256, 128, False, False),
+                                            (32, 128, True, False), (32, 128, True, True)])
+def test_compile_recall(dt, p, d, tiered, fp8):
     t = TY[dt]
-    sig = dict(src_k=t, src_v=t, dst_k=t, dst_v=t, page_ptr="*i32", slot_ptr="*i32", head_ptr="*i32", gk_ptr=t,
-               gv_ptr=t, n_rows="i32", n_iters="i32", n_programs="i32", src_page_stride="i64", src_head_stride="i32",
+    h = "*fp8e4nv" if fp8 else t
+    sig = dict(src_k=h, src_v=h, dst_k=t, dst_v=t, page_ptr="*i32", slot_ptr="*i32", head_ptr="*i32", gk_ptr=h,
+               gv_ptr=h, n_rows="i32", n_iters="i32", n_programs="i32", src_page_stride="i64", src_head_stride="i32",
                dst_slot_stride="i32", dst_row_stride="i32", n_host="i32")
     _compile(recall._recall_rows_kernel, sig,
              dict(PAGE=p, D=d, BLOCK_R=min(8192 // d, 256), ITERS=0, TIERED=tiered),
@@ -135,11 +140,12 @@ def test_compile_merge_select(k, kb, nb, has_mask):
 @pytest.mark.parametrize("dt,p,d,w", [("bf16", 32, 128, 8), ("fp16", 32, 128, 8), ("bf16", 16, 64, 8),
                                       ("fp16", 16, 64, 8), ("bf16", 256, 128, 8), ("fp16", 256, 128, 8),
                                       ("bf16", 32, 128, 2), ("bf16", 32, 128, 1)])
-@pytest.mark.parametrize("tiered", [False, True])
-def test_compile_recall_selected(dt, p, d, w, tiered):
+@pytest.mark.parametrize("tiered,fp8", [(False, False), (True, False), (True, True)])
+def test_compile_recall_selected(dt, p, d, w, tiered, fp8):
     t = TY[dt]
-    sig = dict(hk_ptr=t, hv_ptr=t, wk_ptr=t, wv_ptr=t, rslot_ptr="*i32", rpage_ptr="*i32", rows_ptr="*i64",
-               r2t_ptr="*i32", r2t_stride="i32", gk_ptr=t, gv_ptr=t, n_lists="i32", n_iters="i32",
+    h = "*fp8e4nv" if fp8 else t
+    sig = dict(hk_ptr=h, hv_ptr=h, wk_ptr=t, wv_ptr=t, rslot_ptr="*i32", rpage_ptr="*i32", rows_ptr="*i64",
+               r2t_ptr="*i32", r2t_stride="i32", gk_ptr=h, gv_ptr=h, n_lists="i32", n_iters="i32",
                n_programs="i32", n_host="i32")
     _compile(recall._recall_selected_kernel, sig,
              dict(HKV=8, K=32, PAGE=p, D=d, SLOT_BASE=64, SLOT0=16, CH=max(1, 16 * w // p), ITERS=0,
@@ -157,14 +163,16 @@ def test_compile_synthetic_query(dt, hq, d):
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
-@pytest.mark.parametrize("g,d,tiered", [(4, 128, False), (4, 128, True), (7, 64, True), (1, 64, False)])
-def test_compile_decode_prologue(dt, g, d, tiered):
+@pytest.mark.parametrize("g,d,tiered,fp8", [(4, 128, False, False), (4, 128, True, False), (7, 64, True, False),
+                                            (1, 64, False, False), (4, 128, True, True), (3, 64, False, True)])
+def test_compile_decode_prologue(dt, g, d, tiered, fp8):
     from freekv_sglang.kernels import decode_prologue
 
     t = TY[dt]
+    h = "*fp8e4nv" if fp8 else t
     sig = dict(q_ptr=t, k_ptr=t, v_ptr=t, loc_ptr="*i64", rows_ptr="*i64", n_ptr="*i64", slot_ptr="*i64",
-               hk_ptr=t, hv_ptr=t, gk_ptr=t, gv_ptr=t, wk_ptr=t, wv_ptr=t, dig_ptr=t, qprev_ptr=t, qvalid_ptr="*u8",
+               hk_ptr=h, hv_ptr=h, gk_ptr=h, gv_ptr=h, wk_ptr=t, wv_ptr=t, dig_ptr=t, qprev_ptr=t, qvalid_ptr="*u8",
                flags_ptr="*i8", spec_ptr="*i8", cnt_ptr="*i64", tau="fp32", n_host="i32")
     _compile(decode_prologue._decode_prologue_kernel, sig,
              dict(HKV=8, G=g, GB=max(2, 1 << (g - 1).bit_length()), D=d, PAGE=32, HAS_TAU=True, SPECULATIVE=True,
-                  COUNT=True, TIERED=tiered))
+                  COUNT=True, TIERED=tiered, FP8=fp8))

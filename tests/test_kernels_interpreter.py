@@ -95,6 +95,57 @@ else:
             assert torch.equal(torch.cat([hv, gv]).nan_to_num(5.0), av.nan_to_num(5.0)), impl
             assert not gk.isnan().all() and not hk.isnan().all()
 
+    def fp8_exact(x):
+        """Values an FP8 e4m3 tier holds exactly, without subnormals: Triton's CPU interpreter converts to
+        FP8 without carrying a rounded mantissa into the exponent and flushes subnormals (the GPU converts
+        like torch), so interpreter tests feed values that need no rounding; the GPU tests feed raw ones."""
+        y = x.float().to(torch.float8_e4m3fn).float()
+        return torch.where(y.abs() < 2.0 ** -6, torch.zeros_like(y), y).to(x.dtype)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("nprog", [None, 3])
+    def test_store_fp8_tier(dtype, nprog):
+        """An FP8 host tier (and GPU tier): values saturate at +-448 and are stored as torch stores them."""
+        g = _g(22)
+        p, hkv, d, n_host, n_gpu, t = 8, 2, 64, 4, 3, 41
+        k, v = fp8_exact(30 * _randn(g, t, hkv, d, dtype=dtype)), fp8_exact(_randn(g, t, hkv, d, dtype=dtype))
+        k[0, 0, :4] = torch.tensor([1000.0, -1000.0, 448.0, 0.125])
+        loc = torch.randperm((n_host + n_gpu) * p, generator=g)[:t]
+        loc[3::7] = -1
+        outs = []
+        for impl in ("triton", "torch"):
+            tiers = [torch.zeros((n, hkv, p, d), dtype=torch.float8_e4m3fn) for n in (n_host, n_host, n_gpu, n_gpu)]
+            K.store_kv_host(tiers[0], tiers[1], k, v, loc, gpu_k=tiers[2], gpu_v=tiers[3], num_programs=nprog,
+                            impl=impl)
+            outs.append([x.view(torch.uint8) for x in tiers])
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+        full = torch.cat([outs[0][0], outs[0][2]]).view(torch.float8_e4m3fn).float()
+        i = int(loc[0])
+        assert full[i // p, 0, i % p, :4].tolist() == [448.0, -448.0, 448.0, 0.125]
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_recall_gather_widens_an_fp8_tier(dtype):
+        g = _g(23)
+        p, hkv, d, n_pages, n_slots, n, split = 8, 3, 64, 9, 7, 15, 5
+        ak = fp8_exact(_randn(g, n_pages, hkv, p, d)).to(torch.float8_e4m3fn)
+        av = fp8_exact(_randn(g, n_pages, hkv, p, d)).to(torch.float8_e4m3fn)
+        pairs = torch.randperm(n_slots * hkv, generator=g)[:n]
+        slot, head = (pairs // hkv), (pairs % hkv)
+        page = torch.randint(0, n_pages, (n,), generator=g)
+        want = [torch.full((n_slots, p, hkv, d), float("nan"), dtype=dtype) for _ in range(2)]
+        K.recall_gather(ak.to(dtype), av.to(dtype), *want, page, slot, head, impl="torch")
+        for impl in ("triton", "torch"):
+            got = [torch.full((n_slots, p, hkv, d), float("nan"), dtype=dtype) for _ in range(2)]
+            K.recall_gather(ak[:split], av[:split], *got, page, slot, head, gpu_k=ak[split:], gpu_v=av[split:],
+                            impl=impl)
+            for a, b in zip(got, want):
+                assert torch.equal(a.nan_to_num(2.0), b.nan_to_num(2.0)), impl
+        from freekv_sglang.kernels.recall import _check as recall_check
+
+        with pytest.raises(ValueError, match="copies bytes"):  # staged / per-page copy bytes: no FP8 tier
+            recall_check(ak, av, want[0], want[1], page, slot, head, widen=False)
+
     # --------------------------------------------------------------------------- digests
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("p,hkv,d", [(8, 2, 64), (32, 3, 128), (256, 1, 16)])

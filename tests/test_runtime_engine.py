@@ -16,18 +16,21 @@ import torch
 
 from freekv_sglang.algorithm import LayerState, RetrievalSettings, WorkingSetLayout
 from freekv_sglang.runtime.engine import FreeKVRuntime, RuntimeSettings
+from freekv_sglang.kernels.common import fp8_roundtrip
 from freekv_sglang.runtime.sizing import ModelShape
 
 
 def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean", group=3, head_dim=16,
                           prompt_lens=(13, 30, 7, 45), rows=(2, 1, 4, 5), steps=24, seed=0, atol=2e-5,
-                          offload_api=False, gpu_pages=0, page_size=4):
+                          offload_api=False, gpu_pages=0, page_size=4, kv_fp8=False):
     g = torch.Generator().manual_seed(seed)
     L, hkv = 2, 2
     hq = hkv * group
     lay = WorkingSetLayout(page_size=page_size, n_sink=1, n_select=3, n_window=2)
     shape = ModelShape(L, hq, hkv, head_dim, dtype)
-    settings = RuntimeSettings(lay, aggregation, tau, speculative, "gather")
+    settings = RuntimeSettings(lay, aggregation, tau, speculative, "gather", kv_fp8=kv_fp8)
+    # with FP8 tiers the runtime attends over K/V as FP8 stores them: the spec gets those values
+    seen = fp8_roundtrip if kv_fp8 else (lambda t: t)
     R, max_ctx = 6, 32 * page_size + 2  # not a multiple of the page size, like SGLang (context + 4)
     per_row = -(-max_ctx // lay.page_size)
     n_pages = R * per_row + 1
@@ -66,7 +69,7 @@ def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean"
             rt.prefill_layer(l, q.to(device), k.to(device), rows_t, list(prompt_lens), loc)
         s = 0
         for b, n0 in enumerate(prompt_lens):
-            keys[l][b], vals[l][b] = k[s:s + n0], v[s:s + n0]
+            keys[l][b], vals[l][b] = seen(k[s:s + n0]), seen(v[s:s + n0])
             ref[l][b].prefill(keys[l][b], q[s + n0 - 1])
             s += n0
         q_prev[l] = torch.stack([q[s0 + n0 - 1] for s0, n0 in zip(
@@ -87,8 +90,8 @@ def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean"
             k, v = rnd(B, hkv, head_dim), rnd(B, hkv, head_dim)
             out = rt.decode_layer(l, q.to(device), k.to(device), v.to(device), loc, scale)
             for b in range(B):
-                keys[l][b] = torch.cat([keys[l][b], k[b:b + 1]])
-                vals[l][b] = torch.cat([vals[l][b], v[b:b + 1]])
+                keys[l][b] = torch.cat([keys[l][b], seen(k[b:b + 1])])
+                vals[l][b] = torch.cat([vals[l][b], seen(v[b:b + 1])])
                 want = ref[l][b].decode(q[b], keys[l][b], vals[l][b], scale)
                 torch.testing.assert_close(out[b].float().cpu(), want, atol=atol, rtol=atol,
                                            msg=lambda m: f"step {t} layer {l} request {b}: {m}")
@@ -161,6 +164,16 @@ def test_decode_attention_kernel_env_is_validated(monkeypatch):
     monkeypatch.setenv("FREEKV_DECODE_ATTENTION", "xqa")  # CPU: the reference attention either way
     run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, steps=4, page_size=16,
                           prompt_lens=(200, 300, 90), rows=(2, 1, 4))
+
+
+@pytest.mark.parametrize("gpu_pages,offload_api", [(0, False), (60, True)])
+def test_runtime_with_fp8_tiers_matches_reference_cpu(gpu_pages, offload_api):
+    """FP8 host (and GPU) tiers: the runtime equals the spec run over the K/V as FP8 stores them."""
+    rt, ref = run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, steps=12, gpu_pages=gpu_pages,
+                                    offload_api=offload_api, kv_fp8=True)
+    assert rt.host.buffer.dtype == torch.float8_e4m3fn
+    assert rt.gpu_tier is None or rt.gpu_tier.dtype == torch.float8_e4m3fn
+    assert sum(s.corrected_heads for row in ref for st in row for s in st.stats) > 0
 
 
 def test_gpu_tier_needs_the_gather_recall():

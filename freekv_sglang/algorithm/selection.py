@@ -33,12 +33,15 @@ def topk_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         int64 ``[..., k]``: chosen page indices ascending, then ``-1`` for missing ones
         (fewer than ``k`` finite scores, or ``Np < k``).
+    Equal scores go to the lower page index (as the GPU kernels order them): a stable sort, not
+    ``torch.topk``, whose order among ties is unspecified (ties are common with FP8 tiers).
     """
     np_ = scores.shape[-1]
     if np_ < k:
         pad = scores.new_full((*scores.shape[:-1], k - np_), float("-inf"))
         scores = torch.cat([scores, pad], dim=-1)
-    val, idx = torch.topk(scores, k, dim=-1)
+    val, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
+    val, idx = val[..., :k], idx[..., :k]
     idx = torch.where(torch.isfinite(val), idx, torch.full_like(idx, -1))
     # ascending page order, -1 last: sort with -1 mapped to +inf.
     big = torch.iinfo(torch.int64).max

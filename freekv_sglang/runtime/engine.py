@@ -35,6 +35,7 @@ import torch
 from freekv_sglang.algorithm.layout import WorkingSetLayout
 from freekv_sglang.kernels.decode_prologue import decode_prologue
 from freekv_sglang.kernels.digests import page_digests_from_rows
+from freekv_sglang.kernels.common import fp8_roundtrip
 from freekv_sglang.kernels.kv_store import store_kv_host
 from freekv_sglang.kernels.page_table import build_page_table, last_page_len_host, page_table_indptr_host
 from freekv_sglang.kernels.recall import (recall_gather, recall_per_page, recall_selected, recall_selected_pieces,
@@ -61,10 +62,13 @@ class RuntimeSettings:
     correction_threshold: float | None = 0.9
     speculative: bool = True
     recall: str = "gather"
+    kv_fp8: bool = False  # the tiers hold FP8 e4m3 K/V; working sets and digests see the same rounded values
 
     def __post_init__(self):
         if self.recall not in RECALL_STRATEGIES:
             raise ValueError(f"unknown recall strategy {self.recall!r}; choose one of {RECALL_STRATEGIES}")
+        if self.kv_fp8 and self.recall in ("staged", "per-page"):
+            raise ValueError(f"FP8 KV tiers need the gather recall, not {self.recall!r}")
 
 
 @dataclass
@@ -117,7 +121,8 @@ class FreeKVRuntime:
         L, hq, hkv, d, dt = shape.n_layers, shape.n_q_heads, shape.n_kv_heads, shape.head_dim, shape.dtype
         P, S = lay.page_size, lay.slots
 
-        self.host = HostKVStore(L, n_host_pages, hkv, P, d, dt, pin=self.is_cuda)
+        tier_dt = torch.float8_e4m3fn if settings.kv_fp8 else dt  # dtype of the full KV (host and GPU tiers)
+        self.host = HostKVStore(L, n_host_pages, hkv, P, d, tier_dt, pin=self.is_cuda)
         dev = self.device
         if n_gpu_pages < 0:
             raise ValueError(f"n_gpu_pages must be >= 0, got {n_gpu_pages}")
@@ -125,7 +130,7 @@ class FreeKVRuntime:
             raise ValueError(f"a GPU tier needs the gather recall, not {settings.recall!r}")
         self.n_gpu_pages = n_gpu_pages
         # GPU tier: more full-KV pages, same layout as the host tier's, numbered after them
-        self.gpu_tier = (torch.zeros((L, 2, n_gpu_pages, hkv, P, d), dtype=dt, device=dev) if n_gpu_pages
+        self.gpu_tier = (torch.zeros((L, 2, n_gpu_pages, hkv, P, d), dtype=tier_dt, device=dev) if n_gpu_pages
                          else None)
         self.ws = torch.zeros((L, 2, (max_rows + 1) * S, P, hkv, d), dtype=dt, device=dev)
         self.digests = torch.zeros((L, n_host_pages + n_gpu_pages, hkv, 2, d), dtype=dt, device=dev)
@@ -200,7 +205,7 @@ class FreeKVRuntime:
         sh, lay = self.shape, self.layout
         pages = -(-tokens_each // lay.page_size)
         return (n_requests * (working_set_bytes_per_row(sh, lay) + pages * digest_bytes_per_page(sh)),
-                n_requests * pages * host_bytes_per_page(sh, lay.page_size))
+                n_requests * pages * host_bytes_per_page(sh, lay.page_size, self.settings.kv_fp8))
 
     def tier_kw(self, layer: int) -> dict:
         """The GPU tier of one layer as the kernels' ``gpu_k``/``gpu_v`` (empty without a tier)."""
@@ -294,6 +299,8 @@ class FreeKVRuntime:
         for n0 in prompt_lens:
             starts.append(acc)
             acc += n0
+        if self.settings.kv_fp8:  # the digests describe the keys as the FP8 tiers store them
+            k = fp8_roundtrip(k)
         # 1. digests of every full page, from the fresh keys
         row0 = [s + p * P for s, n0 in zip(starts, prompt_lens) for p in range(n0 // P)]
         if row0:

@@ -62,7 +62,7 @@ def _settings(cfg):
     recall = cfg.effective_recall
     return RuntimeSettings(layout=layout, gqa_aggregation=cfg.gqa_aggregation,
                            correction_threshold=cfg.correction_threshold, speculative=cfg.speculative,
-                           recall=recall)
+                           recall=recall, kv_fp8=cfg.kv_storage == "fp8_e4m3")
 
 
 def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
@@ -86,7 +86,7 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
     host_bytes = resolve_host_memory_bytes(cfg) // max(1, get_parallel().attn_tp_size)
     _PLAN = plan_memory(_model_shape(self), _settings(cfg).layout, host_bytes, gpu_bytes,
                         self.model_config.context_len, sched.max_total_tokens, sched.max_running_requests,
-                        gpu_tier_bytes=int(cfg.gpu_tier_gb * 2**30))
+                        gpu_tier_bytes=int(cfg.gpu_tier_gb * 2**30), kv_fp8=cfg.kv_storage == "fp8_e4m3")
     logger.info(_PLAN.summary())
     for hint in (digest_warning(_PLAN, gpu_bytes, cfg.page_size),
                  capacity_warning(_PLAN, gpu_bytes, _model_shape(self))):

@@ -53,8 +53,9 @@ def digest_bytes_per_page(shape: ModelShape) -> int:
     return shape.n_layers * shape.n_kv_heads * 2 * shape.head_dim * elt
 
 
-def host_bytes_per_page(shape: ModelShape, page_size: int) -> int:
-    elt = torch.empty(0, dtype=shape.dtype).element_size()
+def host_bytes_per_page(shape: ModelShape, page_size: int, kv_fp8: bool = False) -> int:
+    """Bytes of one page of the full KV (all layers, K and V): the model's dtype, or 1 byte with FP8 tiers."""
+    elt = 1 if kv_fp8 else torch.empty(0, dtype=shape.dtype).element_size()
     return shape.n_layers * 2 * shape.n_kv_heads * page_size * shape.head_dim * elt
 
 
@@ -147,7 +148,8 @@ def scratch_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout, max_conte
 
 def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gpu_bytes: int,
                 max_context_len: int, user_max_total_tokens: int | None = None,
-                user_max_running_requests: int | None = None, gpu_tier_bytes: int = 0) -> MemoryPlan:
+                user_max_running_requests: int | None = None, gpu_tier_bytes: int = 0,
+                kv_fp8: bool = False) -> MemoryPlan:
     """Split the host and GPU budgets.
 
     Args:
@@ -157,9 +159,10 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
         user_max_total_tokens / user_max_running_requests: SGLang's caps, if given.
         gpu_tier_bytes: GPU memory for full-KV pages beyond the host tier (``--freekv-gpu-tier-gb``),
             taken from ``gpu_bytes`` together with their digests.
+        kv_fp8: the tiers hold FP8 K/V (``--freekv-kv-storage fp8_e4m3``): a page takes half the bytes of bf16.
     """
     P = layout.page_size
-    per_page_host = host_bytes_per_page(shape, P)
+    per_page_host = host_bytes_per_page(shape, P, kv_fp8)
     pages = host_bytes // per_page_host - 1
     if user_max_total_tokens is not None:
         pages = min(pages, user_max_total_tokens // P)
@@ -201,7 +204,8 @@ def kv_bytes_per_token(shape: ModelShape) -> int:
 
 
 def concurrent_requests(shape: ModelShape, layout: WorkingSetLayout, *, gpu_kv_bytes: int, host_bytes: int,
-                        request_tokens: int, max_context_len: int, gpu_tier_bytes: int = 0) -> dict:
+                        request_tokens: int, max_context_len: int, gpu_tier_bytes: int = 0,
+                        kv_fp8: bool = False) -> dict:
     """How many ``request_tokens``-token requests fit at once, dense vs FreeKV, from the sizing formulas.
 
     Args:
@@ -217,7 +221,7 @@ def concurrent_requests(shape: ModelShape, layout: WorkingSetLayout, *, gpu_kv_b
     dense = gpu_kv_bytes // (request_tokens * kv_bytes_per_token(shape))
     try:  # an unbounded user cap: the rows the GPU holds, not the host-tier cap plan_memory applies by default
         plan = plan_memory(shape, layout, host_bytes, gpu_kv_bytes, max_context_len, user_max_running_requests=2**62,
-                           gpu_tier_bytes=gpu_tier_bytes)
+                           gpu_tier_bytes=gpu_tier_bytes, kv_fp8=kv_fp8)
     except FreeKVMemoryError:
         return {"dense": int(dense), "freekv": 0, "freekv_bound": "gpu"}
     by_host = plan.total_tokens // (-(-request_tokens // P) * P)

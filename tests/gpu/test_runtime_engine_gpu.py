@@ -86,3 +86,12 @@ def test_xqa_attention_matches_reference_gpu(group, head_dim, monkeypatch):
     rt, _ = run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group,
                                   head_dim=head_dim, atol=2e-2, page_size=32, prompt_lens=(300, 500, 90, 800))
     assert rt.attention.xqa is not None
+
+
+@pytest.mark.parametrize("gpu_pages", [0, 60])
+def test_runtime_with_fp8_tiers_matches_reference_gpu(gpu_pages):
+    """FP8 host (and GPU) tiers on the GPU: the kernels round like torch, so the runtime equals the spec
+    run over the K/V as FP8 stores them."""
+    rt, _ = run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=128,
+                                  atol=2e-2, gpu_pages=gpu_pages, kv_fp8=True)
+    assert rt.host.buffer.dtype == torch.float8_e4m3fn and rt.host.buffer.is_pinned()
