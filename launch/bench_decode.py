@@ -68,6 +68,7 @@ MODES = {
                 "--disable-cuda-graph"],
     "staged": ["--kv-retrieval", "freekv", "--freekv-recall", "staged", "--disable-cuda-graph"],
     "skip": ["--kv-retrieval", "freekv", "--freekv-recall", "skip"],
+    "freekv-fp8": ["--kv-retrieval", "freekv", "--freekv-kv-storage", "fp8_e4m3"],  # FP8 tiers
 }
 
 
