@@ -30,6 +30,8 @@ MODES = {
     "dense": ["--attention-backend", "flashinfer"],
     "freekv": ["--kv-retrieval", "freekv"],
     "freekv-tier": ["--kv-retrieval", "freekv"],  # plus --freekv-gpu-tier-gb (--gpu-tier-gb)
+    "freekv-fp8": ["--kv-retrieval", "freekv", "--freekv-kv-storage", "fp8_e4m3"],
+    "freekv-fp8-tier": ["--kv-retrieval", "freekv", "--freekv-kv-storage", "fp8_e4m3"],  # plus the GPU tier
 }
 
 
@@ -48,7 +50,7 @@ def run(mode: str, a) -> dict:
             str(a.max_requests)]
     if mode.startswith("freekv"):
         args += ["--freekv-host-memory-gb", str(a.host_gb)]
-    if mode == "freekv-tier":
+    if mode.endswith("-tier"):
         if not a.gpu_tier_gb:
             raise ValueError("mode freekv-tier needs --gpu-tier-gb (launch/capacity_plan.py suggests a size)")
         args += ["--freekv-gpu-tier-gb", str(a.gpu_tier_gb)]
@@ -83,7 +85,7 @@ def table(rows: list[dict], context: int) -> str:
             lines.append(f"| {r['mode']} | {r['token_capacity']} | {r['computed_concurrent']} | {r['peak_running']} | "
                          f"{r['completed']}/{r['submitted']} |")
     by = {r["mode"]: r for r in rows if "error" not in r}
-    for m in ("freekv", "freekv-tier"):
+    for m in ("freekv", "freekv-tier", "freekv-fp8", "freekv-fp8-tier"):
         if by.get("dense", {}).get("peak_running") and m in by:
             lines.append(f"\n{m} / dense concurrent {context}-token requests: "
                          f"{by[m]['peak_running'] / by['dense']['peak_running']:.2f}x")

@@ -34,7 +34,7 @@ def model_shape(model: str) -> tuple[ModelShape, int]:
 
 
 def table(shape: ModelShape, layout: WorkingSetLayout, max_ctx: int, context: int, new_tokens: int,
-          gpu_kv_gb, host_gb) -> str:
+          gpu_kv_gb, host_gb, kv_fp8: bool = False) -> str:
     g = 2**30
     tokens = context + new_tokens
     lines = [f"{context}+{new_tokens}-token requests; dense KV {tokens * kv_bytes_per_token(shape) / g:.2f} GiB each",
@@ -44,9 +44,9 @@ def table(shape: ModelShape, layout: WorkingSetLayout, max_ctx: int, context: in
     for gk in gpu_kv_gb:
         for hg in host_gb:
             r = concurrent_requests(shape, layout, gpu_kv_bytes=int(gk * g), host_bytes=int(hg * g),
-                                    request_tokens=tokens, max_context_len=max_ctx)
+                                    request_tokens=tokens, max_context_len=max_ctx, kv_fp8=kv_fp8)
             ratio = f"{r['freekv'] / r['dense']:.1f}x" if r["dense"] else "-"
-            n_tier, tier_gb = best_gpu_tier(shape, layout, gk, hg, tokens, max_ctx)
+            n_tier, tier_gb = best_gpu_tier(shape, layout, gk, hg, tokens, max_ctx, kv_fp8=kv_fp8)
             tratio = f"{n_tier / r['dense']:.1f}x" if r["dense"] else "-"
             lines.append(f"| {gk:g} | {hg:g} | {r['dense']} | {r['freekv']} | {ratio} | {r['freekv_bound']} "
                          f"| {n_tier} | {tier_gb:.1f} | {tratio} |")
@@ -54,7 +54,7 @@ def table(shape: ModelShape, layout: WorkingSetLayout, max_ctx: int, context: in
 
 
 def best_gpu_tier(shape: ModelShape, layout: WorkingSetLayout, gpu_kv_gb: float, host_gb: float, tokens: int,
-                  max_ctx: int, steps: int = 100) -> tuple[int, float]:
+                  max_ctx: int, steps: int = 100, kv_fp8: bool = False) -> tuple[int, float]:
     """The ``--freekv-gpu-tier-gb`` (searched in ``steps`` even steps of the GPU pool) that fits the most
     requests, and that number."""
     g = 2**30
@@ -62,7 +62,8 @@ def best_gpu_tier(shape: ModelShape, layout: WorkingSetLayout, gpu_kv_gb: float,
     for i in range(steps):
         tier = gpu_kv_gb * i / steps
         r = concurrent_requests(shape, layout, gpu_kv_bytes=int(gpu_kv_gb * g), host_bytes=int(host_gb * g),
-                                request_tokens=tokens, max_context_len=max_ctx, gpu_tier_bytes=int(tier * g))
+                                request_tokens=tokens, max_context_len=max_ctx, gpu_tier_bytes=int(tier * g),
+                                kv_fp8=kv_fp8)
         if r["freekv"] > best[0]:
             best = (r["freekv"], tier)
     return best
@@ -81,13 +82,15 @@ def main() -> None:
     p.add_argument("--sink-tokens", type=int, default=d.sink_tokens)
     p.add_argument("--select-tokens", type=int, default=d.select_tokens)
     p.add_argument("--window-tokens", type=int, default=d.window_tokens)
+    p.add_argument("--kv-storage", choices=("auto", "fp8_e4m3"), default="auto",
+                   help="FreeKV's tiers in the model's dtype or FP8 (--freekv-kv-storage)")
     a = p.parse_args()
     try:
         shape, max_ctx = model_shape(a.model)
     except ValueError as e:
         p.error(str(e))
     layout = WorkingSetLayout.from_tokens(a.page_size, a.sink_tokens, a.select_tokens, a.window_tokens)
-    print(table(shape, layout, max_ctx, a.context, a.new_tokens, a.gpu_kv_gb, a.host_gb))
+    print(table(shape, layout, max_ctx, a.context, a.new_tokens, a.gpu_kv_gb, a.host_gb, a.kv_storage == "fp8_e4m3"))
     print("\n(projection from the sizing formulas; launch/bench_capacity.py measures a running server)")
 
 
