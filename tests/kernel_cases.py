@@ -172,6 +172,28 @@ def check_select_recall(device, dtype, head_dim, page=8, k=4, seed=0, num_progra
         for a, b in zip((wk, wv), ws[1]):
             assert torch.equal(torch.nan_to_num(a, nan=-7.0).cpu(), torch.nan_to_num(b, nan=-7.0).cpu()), \
                 f"tiered recall {impl}"
+    # FP8 tiers: the recall widens into the working set; the values are FP8-exact, so the result equals
+    # the recall of the same values stored in the working set's dtype (normal FP8 values only: Triton's CPU
+    # interpreter flushes FP8 subnormals)
+    def fp8_exact(x):
+        y = x.float().to(torch.float8_e4m3fn).float()
+        return torch.where(y.abs() < 2.0 ** -6, torch.zeros_like(y), y)
+
+    ek, ev = fp8_exact(host_k), fp8_exact(host_v)
+    want = []
+    for src_k, src_v in ((ek.to(dtype), ev.to(dtype)), (ek.to(torch.float8_e4m3fn), ev.to(torch.float8_e4m3fn))):
+        hk, hv = src_k[:split].clone(), src_v[:split].clone()
+        if device != "cpu":
+            hk, hv = hk.pin_memory(), hv.pin_memory()
+        gk, gv = src_k[split:].to(device), src_v[split:].to(device)
+        wk = torch.full(((R + 1) * S, page, hkv, head_dim), float("nan"), dtype=dtype, device=device)
+        wv = wk.clone()
+        recall_selected(hk, hv, wk, wv, outs[1][1], outs[1][2], r2t.to(device), rows.to(device), page_size=page,
+                        slot_base=S, select_slot0=ns, num_programs=num_programs, num_warps=num_warps,
+                        gpu_k=gk, gpu_v=gv, impl="triton")
+        want.append((wk, wv))
+    for a, b in zip(*want):
+        assert torch.equal(torch.nan_to_num(a, nan=-7.0).cpu(), torch.nan_to_num(b, nan=-7.0).cpu()), "fp8 recall"
 
 
 def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean", page=8, max_pages=40,
