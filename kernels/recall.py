@@ -37,6 +37,25 @@ DEFAULT_NUM_PROGRAMS = 64
 if triton is not None:
 
     @triton.jit
+    def _load_pieces(hk_ptr, hv_ptr, gk_ptr, gv_ptr, src, m, page, n_host, page_stride, TIERED: tl.constexpr):
+        """K and V at element offsets ``src`` ``[N, D]`` (mask ``m``) of the host tier, or of the GPU tier
+        for the rows whose ``page`` ``[N]`` is ``n_host`` or above (``page_stride`` elements per page).
+        Host reads are streamed once: evict-first, so they don't push the working set out of L2."""
+        if TIERED:
+            in_gpu = (page >= n_host)[:, None]
+            gsrc = src - n_host * page_stride
+            kg = tl.load(gk_ptr + gsrc, mask=m & in_gpu)
+            vg = tl.load(gv_ptr + gsrc, mask=m & in_gpu)
+            kx = tl.load(hk_ptr + src, mask=m & (in_gpu == 0), eviction_policy="evict_first")
+            vx = tl.load(hv_ptr + src, mask=m & (in_gpu == 0), eviction_policy="evict_first")
+            kx = tl.where(in_gpu, kg, kx)
+            vx = tl.where(in_gpu, vg, vx)
+        else:
+            kx = tl.load(hk_ptr + src, mask=m, eviction_policy="evict_first")
+            vx = tl.load(hv_ptr + src, mask=m, eviction_policy="evict_first")
+        return kx, vx
+
+    @triton.jit
     def _recall_rows_kernel(
         src_k, src_v, dst_k, dst_v, page_ptr, slot_ptr, head_ptr, gk_ptr, gv_ptr,
         n_rows, n_iters, n_programs, src_page_stride, src_head_stride, dst_slot_stride, dst_row_stride, n_host,
@@ -62,19 +81,7 @@ if triton is not None:
             src = (page * src_page_stride + head * src_head_stride + row * D)[:, None] + d[None, :]
             dst = (slot * dst_slot_stride + row * dst_row_stride + head * D)[:, None] + d[None, :]
             m = ok[:, None]
-            # read once: don't let the streamed pieces push the working set out of L2
-            if TIERED:  # pages from n_host on come from the GPU tier
-                in_gpu = (page >= n_host)[:, None]
-                gsrc = src - n_host * src_page_stride
-                kg = tl.load(gk_ptr + gsrc, mask=m & in_gpu)
-                vg = tl.load(gv_ptr + gsrc, mask=m & in_gpu)
-                kx = tl.load(src_k + src, mask=m & (in_gpu == 0), eviction_policy="evict_first")
-                vx = tl.load(src_v + src, mask=m & (in_gpu == 0), eviction_policy="evict_first")
-                kx = tl.where(in_gpu, kg, kx)
-                vx = tl.where(in_gpu, vg, vx)
-            else:
-                kx = tl.load(src_k + src, mask=m, eviction_policy="evict_first")
-                vx = tl.load(src_v + src, mask=m, eviction_policy="evict_first")
+            kx, vx = _load_pieces(src_k, src_v, gk_ptr, gv_ptr, src, m, page, n_host, src_page_stride, TIERED)
             tl.store(dst_k + dst, kx.to(dst_k.dtype.element_ty), mask=m)  # FP8 tier: widened
             tl.store(dst_v + dst, vx.to(dst_v.dtype.element_ty), mask=m)
 
@@ -332,18 +339,7 @@ if triton is not None:
             m = ok[:, None] & (d[None, :] >= 0)
             src = (((hpage * HKV + h) * PAGE + r) * D)[:, None] + d[None, :]
             dst = (((dst_slot * PAGE + r) * HKV + h) * D)[:, None] + d[None, :]
-            if TIERED:  # pages from n_host on come from the GPU tier
-                in_gpu = (hpage >= n_host)[:, None]
-                gsrc = src - n_host * (HKV * PAGE * D)
-                kg = tl.load(gk_ptr + gsrc, mask=m & in_gpu)
-                vg = tl.load(gv_ptr + gsrc, mask=m & in_gpu)
-                kx = tl.load(hk_ptr + src, mask=m & (in_gpu == 0), eviction_policy="evict_first")
-                vx = tl.load(hv_ptr + src, mask=m & (in_gpu == 0), eviction_policy="evict_first")
-                kx = tl.where(in_gpu, kg, kx)
-                vx = tl.where(in_gpu, vg, vx)
-            else:
-                kx = tl.load(hk_ptr + src, mask=m, eviction_policy="evict_first")
-                vx = tl.load(hv_ptr + src, mask=m, eviction_policy="evict_first")
+            kx, vx = _load_pieces(hk_ptr, hv_ptr, gk_ptr, gv_ptr, src, m, hpage, n_host, HKV * PAGE * D, TIERED)
             tl.store(wk_ptr + dst, kx.to(wk_ptr.dtype.element_ty), mask=m)  # FP8 tier: widened
             tl.store(wv_ptr + dst, vx.to(wv_ptr.dtype.element_ty), mask=m)
 
