@@ -34,6 +34,9 @@ CORRECTION_OFF_WORDS = ("off", "none")
 MIN_PAGE_SIZE = 8
 MAX_PAGE_SIZE = 256
 
+#: ``0`` skips the check that ``--freekv-host-memory-gb`` fits in MemTotal (virtual machines whose
+#: MemTotal grows as memory is touched report far less at start-up than they can hold).
+RAM_CHECK_ENV = "FREEKV_HOST_MEMORY_CHECK"
 #: Auto host-memory sizing: this fraction of MemAvailable, minus the reserve.
 AUTO_HOST_MEMORY_FRACTION = 0.6
 AUTO_HOST_MEMORY_RESERVE_BYTES = 4 * 2**30
@@ -240,10 +243,11 @@ class FreeKVConfig:
             if hm <= 0:
                 raise _fail("host_memory_gb", hm, "must be > 0")
             total = read_meminfo().get("MemTotal")
-            if total is not None and hm * GIB > total:
+            if total is not None and hm * GIB > total and os.environ.get(RAM_CHECK_ENV, "1") != "0":
                 raise _fail(
                     "host_memory_gb", hm,
-                    f"exceeds this machine's total RAM ({total / GIB:.1f} GiB)",
+                    f"exceeds this machine's total RAM ({total / GIB:.1f} GiB); on a virtual machine whose "
+                    f"MemTotal grows as memory is used, {RAM_CHECK_ENV}=0 skips this check",
                 )
 
     # ------------------------------------------------------- derived, read-only

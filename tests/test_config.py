@@ -103,6 +103,8 @@ def test_host_memory_limit_uses_memtotal(monkeypatch):
     FreeKVConfig(host_memory_gb=7.5)
     with pytest.raises(FreeKVConfigError, match="total RAM"):
         FreeKVConfig(host_memory_gb=8.5)
+    monkeypatch.setenv(config_mod.RAM_CHECK_ENV, "0")  # a VM whose MemTotal grows: the user vouches for it
+    assert FreeKVConfig(host_memory_gb=8.5).host_memory_gb == 8.5
 
 
 def test_read_meminfo_parses_kb(tmp_path):
