@@ -108,22 +108,28 @@ class Server:
 
     # ------------------------------------------------------------------ requests
     def generate(self, input_ids: list[int], max_new_tokens: int, timeout: float = 600.0, rid: str | None = None,
-                 **sampling) -> dict:
-        """Greedy ``/generate`` (``ignore_eos``); ``rid`` names the request (for ``/abort_request``)."""
+                 top_logprobs: int = 0, **sampling) -> dict:
+        """Greedy ``/generate`` (``ignore_eos``); ``rid`` names the request (for ``/abort_request``);
+        ``top_logprobs > 0`` also returns each generated token's log-probability and the ``top_logprobs``
+        most likely tokens at each step (``meta_info``; read with
+        :func:`freekv_sglang.testing.greedy_compare.GreedyTrace.from_response`)."""
         params = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True, **sampling}
         body = {"input_ids": input_ids, "sampling_params": params}
         if rid is not None:
             body["rid"] = rid
+        if top_logprobs:
+            body.update(return_logprob=True, top_logprobs_num=top_logprobs)
         return _post(self.base + "/generate", body, timeout)
 
-    def generate_many(self, prompts: list[list[int]], max_new_tokens, timeout: float = 900.0) -> list[dict]:
+    def generate_many(self, prompts: list[list[int]], max_new_tokens, timeout: float = 900.0,
+                      top_logprobs: int = 0) -> list[dict]:
         """Send all prompts at once (concurrently), return the responses in order.
 
         ``max_new_tokens``: one int for all, or one per prompt.
         """
         news = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
         with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as ex:
-            futs = [ex.submit(self.generate, p, n, timeout) for p, n in zip(prompts, news)]
+            futs = [ex.submit(self.generate, p, n, timeout, top_logprobs=top_logprobs) for p, n in zip(prompts, news)]
             return [f.result() for f in futs]
 
     def completion(self, prompt: list[int] | str, max_tokens: int, timeout: float = 600.0) -> dict:
