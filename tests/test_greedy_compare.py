@@ -70,3 +70,12 @@ def test_from_response_reads_sglang_meta_info():
 def test_from_response_without_logprobs_says_how_to_ask():
     with pytest.raises(ValueError, match="top_logprobs_num"):
         GreedyTrace.from_response({"meta_info": {"output_ids": [1, 2]}})
+
+
+def test_nan_logprobs_never_agree():
+    nan = float("nan")
+    a = trace([5, 6], [-0.1, nan])
+    assert not compare_greedy(a, a).ok
+    b = trace([5, 7], [-0.1, nan], gaps=[2.0, nan], runner_up=[1, 6])
+    c = trace([5, 6], [-0.1, nan], gaps=[2.0, nan], runner_up=[1, 7])
+    assert not compare_greedy(b, c).ok

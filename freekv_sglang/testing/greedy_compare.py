@@ -17,6 +17,7 @@ rounding does (checked on the GPU by the negative controls in ``tests/gpu/test_s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -69,25 +70,35 @@ class Agreement:
                 f"{self.max_logprob_diff:.3f}, top-2 gap at divergence {gap}{'' if self.ok else ': ' + self.reason})")
 
 
+def _diff(x: float, y: float) -> float:
+    """``|x - y|``, with equal infinities 0 apart and NaN infinitely far from everything."""
+    if math.isnan(x) or math.isnan(y):
+        return math.inf
+    return 0.0 if x == y else abs(x - y)
+
+
 def compare_greedy(a: GreedyTrace, b: GreedyTrace, logprob_tol: float = 0.15, tie_tol: float = 0.3) -> Agreement:
-    """Do ``a`` and ``b`` agree up to rounding (module docstring)? Both must have the same length."""
+    """Do ``a`` and ``b`` agree up to rounding (module docstring)? Both must have the same length; a NaN
+    log-probability never agrees."""
     if len(a.tokens) != len(b.tokens):
         return Agreement(0, max(len(a.tokens), len(b.tokens)), 0.0, None, False,
                          f"lengths differ ({len(a.tokens)} vs {len(b.tokens)})")
     n = len(a.tokens)
     k = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), n)
-    dl = max((abs(x - y) for x, y in zip(a.logprobs[:k], b.logprobs[:k])), default=0.0)
+    dl = max((_diff(x, y) for x, y in zip(a.logprobs[:k], b.logprobs[:k])), default=0.0)
     if dl > logprob_tol:
         gap = min(a.gaps[k], b.gaps[k]) if k < n else None
         return Agreement(k, n, dl, gap, False, f"log-probabilities differ by {dl:.3f} > {logprob_tol}")
     if k == n:
         return Agreement(k, n, dl, None, True, "")
     gap = min(a.gaps[k], b.gaps[k])
+    if math.isnan(gap):
+        return Agreement(k, n, dl, gap, False, f"NaN log-probabilities at step {k}")
     ta, tb = dict(a.top[k][:2]), dict(b.top[k][:2])
     if set(ta) != set(tb):
         return Agreement(k, n, dl, gap, False, f"at step {k} the two most likely tokens differ "
                                                f"({sorted(ta)} vs {sorted(tb)})")
-    dk = max(abs(ta[t] - tb[t]) for t in ta)
+    dk = max(_diff(ta[t], tb[t]) for t in ta)
     if dk > logprob_tol:
         return Agreement(k, n, max(dl, dk), gap, False, f"at step {k} the top-two log-probabilities differ by "
                                                         f"{dk:.3f} > {logprob_tol}")
