@@ -54,7 +54,9 @@ def run(mode: str, a) -> dict:
         if not a.gpu_tier_gb:
             raise ValueError("mode freekv-tier needs --gpu-tier-gb (launch/capacity_plan.py suggests a size)")
         args += ["--freekv-gpu-tier-gb", str(a.gpu_tier_gb)]
-    srv = Server(args, port=a.port, log_path=os.path.join(a.out, f"capacity-{mode}.log"))
+    # a large host tier takes minutes to page-lock at start-up (docs/TUNING.md, FREEKV_HOST_ALLOC)
+    srv = Server(args, port=a.port, log_path=os.path.join(a.out, f"capacity-{mode}.log"),
+                 start_timeout=max(300.0, min(a.timeout, 900.0)))
     rng = random.Random(0)
     with srv:
         info = srv.server_info()
