@@ -8,7 +8,8 @@
 #   kernels    launch/bench_kernels.py (ceilings, recall, interference, offload, scoring, attention, host allocation)
 #   decode32k  bench_decode at 32K, batch 1-16: dense, FreeKV, speculation off, ArkVale-style, paper's recall,
 #              transfers skipped (the headline table and its ratios)
-#   long       bench_decode at 8K / 64K / 128K, batch 1-32 where they fit: dense, FreeKV, sync, skip
+#   long       bench_decode at 8K / 64K / 128K, batch 1-32 where they fit: dense, FreeKV, sync, skip (static
+#              memory fraction 0.7 for every mode: dense prefills a 128K prompt in one forward)
 #   capacity   bench_capacity: concurrent 32K requests, dense vs FreeKV (host tier) vs FreeKV + GPU tier
 #   overlap    bench_overlap: SGLang's overlap scheduler on/off, served end to end
 #   qwen       bench_decode at 32K on the Qwen2.5-7B shape
@@ -19,6 +20,7 @@ MODEL="${MODEL:-.gpu-bundle/models/llama-8b-shape}"
 QWEN="${QWEN:-.gpu-bundle/models/qwen2.5-7b-shape}"
 HOST_GB="${HOST_GB:-90}"          # capacity: FreeKV's host tier
 GPU_TIER_GB="${GPU_TIER_GB:-80}"  # capacity: the GPU tier of mode freekv-tier (launch/capacity_plan.py suggests one)
+LONG_HOST_GB="${LONG_HOST_GB:-auto}"  # long: FreeKV's host tier (auto: the largest cell, up to 80% of free memory)
 COS="${COS:-0.95}"                # synthetic consecutive-query cosine of the FreeKV modes
 BD=(python3 launch/bench_decode.py --model "$MODEL" --output-len 64 --query-cosine "$COS")
 
@@ -42,14 +44,16 @@ for s in "${sections[@]}"; do
     kernels) run kernels python3 launch/bench_kernels.py --json "$OUT/kernels/bench_kernels.json" ;;
     decode32k) run decode32k "${BD[@]}" --contexts 32000 --batch-sizes 1 4 8 16 \
         --modes dense freekv sync arkvale staged skip --timeout 330 --out "$OUT/decode32k" ;;
-    long) run long "${BD[@]}" --contexts 8000 65536 131072 --batch-sizes 1 4 8 16 32 \
-        --prefill-tokens-per-forward 131072 --modes dense freekv sync skip --timeout 330 --out "$OUT/long" ;;
+    long) run long "${BD[@]}" --contexts 8000 65536 131072 --batch-sizes 1 2 4 8 16 32 --host-gb "$LONG_HOST_GB" \
+        --prefill-tokens-per-forward 131072 --modes dense freekv sync skip --timeout 480 --out "$OUT/long" \
+        -- --mem-fraction-static 0.7 ;;
     capacity) run capacity python3 launch/bench_capacity.py --model "$MODEL" --context 32000 --host-gb "$HOST_GB" \
-        --modes dense freekv freekv-tier --gpu-tier-gb "$GPU_TIER_GB" --out "$OUT/capacity" ;;
+        --max-requests 96 --new-tokens 256 --modes dense freekv freekv-tier --gpu-tier-gb "$GPU_TIER_GB" \
+        --out "$OUT/capacity" ;;
     overlap) run overlap python3 launch/bench_overlap.py --model "$MODEL" --contexts 32000 --batch-sizes 1 8 \
         --modes dense dense-no-overlap freekv freekv-overlap --query-cosine "$COS" --out "$OUT/overlap" ;;
     qwen) run qwen python3 launch/bench_decode.py --model "$QWEN" --output-len 64 --query-cosine "$COS" \
-        --contexts 32000 --batch-sizes 1 4 8 --modes dense freekv sync skip --timeout 200 --out "$OUT/qwen" \
+        --contexts 32000 --batch-sizes 1 4 8 16 --modes dense freekv sync arkvale skip --timeout 200 --out "$OUT/qwen" \
         -- --tokenizer-path "$MODEL" ;;
     *) echo "unknown section $s (kernels decode32k long capacity overlap qwen)"; exit 2 ;;
   esac
