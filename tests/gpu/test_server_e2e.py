@@ -42,8 +42,10 @@ PORT = int(os.environ.get("FREEKV_TEST_PORT", "30011"))
 
 
 def server(name, *extra, port=PORT, model=MODEL):
-    # the shape-only model folders share the llama folder's tokenizer
-    args = ["--model-path", model, "--tokenizer-path", MODEL, "--load-format", "dummy", "--trust-remote-code", *extra]
+    # the shape-only model folders (no weight files: dummy weights) share the llama folder's tokenizer
+    weights = os.path.exists(os.path.join(model, "model.safetensors"))
+    args = ["--model-path", model, "--tokenizer-path", MODEL, *([] if weights else ["--load-format", "dummy"]),
+            "--trust-remote-code", *extra]
     return Server(args, port=port, log_path=os.path.join(LOGDIR, f"server-{name}.log"),
                   start_timeout=float(os.environ.get("FREEKV_TEST_SERVER_TIMEOUT", "600")))
 
