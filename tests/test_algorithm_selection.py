@@ -152,3 +152,52 @@ def test_growing_candidates_fill_first_slots_in_page_order(seed):
             else:
                 assert -1 not in row
         resident = upd.resident
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_sticky_selection_matches_brute_force(seed):
+    """sticky_scores + topk_pages == keep every resident page ranked within the top k + margin, then the best
+    remaining pages by score (ties to the lower page)."""
+    from freekv_sglang.algorithm.selection import sticky_scores
+
+    g = torch.Generator().manual_seed(seed)
+    np_, k, margin = 40, 8, 3
+    scores = torch.randn((2, np_), generator=g)
+    scores[:, torch.randperm(np_, generator=g)[:5]] = float("-inf")  # non-candidates
+    resident = torch.stack([torch.randperm(np_, generator=g)[:k] for _ in range(2)])
+    resident[0, 2] = -1
+    got = topk_pages(sticky_scores(scores, resident, k, margin), k)
+    for r in range(2):
+        s = scores[r].tolist()
+        ranked = sorted(range(np_), key=lambda p: (-s[p], p))
+        top = set(ranked[: k + margin])
+        kept = [p for p in resident[r].tolist() if p >= 0 and p in top and s[p] != float("-inf")]
+        rest = [p for p in ranked if p not in kept and s[p] != float("-inf")][: k - len(kept)]
+        assert got[r].tolist() == sorted(kept + rest)
+
+
+def test_sticky_selection_with_zero_margin_is_plain_top_k():
+    from freekv_sglang.algorithm.selection import sticky_scores
+
+    scores = torch.randn(3, 30)
+    resident = torch.randint(0, 30, (3, 6))
+    assert sticky_scores(scores, resident, 6, 0) is scores
+
+
+def test_sticky_selection_recalls_less_on_a_drifting_query():
+    """On slowly drifting scores, hysteresis changes fewer pages per step than plain top-k."""
+    from freekv_sglang.algorithm.selection import sticky_scores
+
+    g = torch.Generator().manual_seed(0)
+    np_, k = 64, 16
+    base = torch.randn((1, np_), generator=g)
+    moved = {0: 0, 4: 0}
+    for margin in moved:
+        resident = topk_pages(base, k)
+        s = base.clone()
+        for _ in range(50):
+            s = s + 0.15 * torch.randn((1, np_), generator=g)
+            upd = residency_update(resident, topk_pages(sticky_scores(s, resident, k, margin), k))
+            moved[margin] += int(upd.n_recall.sum())
+            resident = upd.resident
+    assert moved[4] < 0.7 * moved[0], moved

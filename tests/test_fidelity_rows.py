@@ -17,6 +17,14 @@ def test_fp8_mode_names_and_rows():
         build_rows(["bogus+fp8"], [64])
 
 
+def test_keep_margin_mode_names_and_rows():
+    rows = build_rows(["corrected@0.9+keep8", "corrected@0.9+fp8+keep4"], [64])
+    assert [r.label for r in rows[1:]] == ["corrected@0.9+keep8/64", "corrected@0.9+fp8+keep4/64"]
+    assert rows[1].keep_margin == 8 and rows[1].settings().keep_margin == 8 and rows[2].kv_fp8
+    with pytest.raises(ValueError, match="suffix"):
+        build_rows(["corrected@0.9+keepX"], [64])
+
+
 def test_fp8_roundtrip_saturates_and_keeps_dtype():
     x = torch.tensor([0.1, -3.3, 1000.0, -5e6], dtype=torch.float32)
     y = fp8_roundtrip(x)

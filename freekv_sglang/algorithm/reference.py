@@ -32,7 +32,7 @@ from .correction import correction_flags
 from .digests import append_page_digest, page_digests
 from .layout import WorkingSetLayout
 from .scores import aggregate_gqa, quest_scores
-from .selection import residency_update, topk_pages
+from .selection import residency_update, sticky_scores, topk_pages
 
 MODES = ("dense", "oracle", "speculative", "corrected")
 
@@ -45,17 +45,19 @@ class RetrievalSettings:
     gqa_aggregation: str = "mean"
     correction_threshold: float | None = 0.9  # None: correction off
     speculative: bool = True
+    keep_margin: int = 0  # residency hysteresis in pages (selection.sticky_scores); reference only
 
     @classmethod
-    def for_mode(cls, mode: str, layout: WorkingSetLayout, tau: float | None = 0.9, gqa_aggregation: str = "mean"):
+    def for_mode(cls, mode: str, layout: WorkingSetLayout, tau: float | None = 0.9, gqa_aggregation: str = "mean",
+                 keep_margin: int = 0):
         """``oracle``: select with the current query; ``speculative``: no correction;
         ``corrected``: speculation with correction at ``tau``. (``dense`` needs no settings.)"""
         if mode == "oracle":
-            return cls(layout, gqa_aggregation, None, False)
+            return cls(layout, gqa_aggregation, None, False, keep_margin)
         if mode == "speculative":
-            return cls(layout, gqa_aggregation, None, True)
+            return cls(layout, gqa_aggregation, None, True, keep_margin)
         if mode == "corrected":
-            return cls(layout, gqa_aggregation, tau, True)
+            return cls(layout, gqa_aggregation, tau, True, keep_margin)
         raise ValueError(f"mode {mode!r} has no retrieval settings; modes: {MODES}")
 
 
@@ -95,6 +97,7 @@ class LayerState:
         s = quest_scores(q[None], dig[None])  # [1, Hq, Np]
         valid = lay.candidate_mask(torch.tensor([n]), n_pages)
         agg = aggregate_gqa(s, self.n_kv_heads, self.settings.gqa_aggregation, valid, head_dim=q.shape[-1])
+        agg = sticky_scores(agg[0], self.resident, lay.n_select, self.settings.keep_margin)[None]
         return topk_pages(agg, lay.n_select)[0]
 
     def _apply(self, selected: torch.Tensor, mask: torch.Tensor | None) -> int:

@@ -50,6 +50,33 @@ def topk_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(key == big, torch.full_like(key, -1), key)
 
 
+def sticky_scores(scores: torch.Tensor, resident: torch.Tensor, k: int, margin: int) -> torch.Tensor:
+    """Scores with residency hysteresis: a resident page that ranks within the top ``k + margin`` of its
+    row is kept (its score becomes the largest finite value); :func:`topk_pages` then fills the other
+slots by score.
+
+    Fewer pages change per step (fewer recalls) at the price of attending, instead of a page ranked
+    ``<= k``, a resident one ranked ``<= k + margin``. ``margin = 0`` returns ``scores`` unchanged.
+    Plain-torch reference only (the GPU kernels select without hysteresis).
+
+    Args:
+        scores: float ``[..., Np]`` (``-inf`` = not a candidate); resident: int ``[..., k]`` (-1 empty).
+    Returns:
+        float ``[..., Np]``.
+    """
+    if margin <= 0:
+        return scores
+    np_ = scores.shape[-1]
+    _, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    top = order[..., : min(np_, k + margin)]  # [..., k + margin] page ids
+    res = resident.long()
+    hit = (res[..., :, None] == top[..., None, :]) & (res[..., :, None] >= 0)  # [..., k, k + margin]
+    keep = hit.any(dim=-1) & torch.isfinite(torch.gather(scores, -1, res.clamp(min=0)))  # [..., k]
+    pages = torch.arange(np_, device=scores.device)
+    kept = ((res[..., :, None] == pages) & keep[..., :, None]).any(dim=-2)  # [..., Np]
+    return torch.where(kept, torch.full_like(scores, torch.finfo(scores.dtype).max), scores)
+
+
 class ResidencyUpdate(NamedTuple):
     resident: torch.Tensor  # int64 [..., k] new resident page per slot (-1 empty)
     recall_slot: torch.Tensor  # int64 [..., k] slot index to fill, -1 padded

@@ -42,6 +42,7 @@ class RowSpec:
     gqa_aggregation: str = "mean"
     dense_layers: tuple = ()
     kv_fp8: bool = False  # FreeKV's stored K/V (tiers, working sets, digests) in FP8 e4m3
+    keep_margin: int = 0  # residency hysteresis in pages (algorithm.selection.sticky_scores)
 
     @property
     def mode_name(self) -> str:
@@ -51,6 +52,8 @@ class RowSpec:
             name += "+dense" + ",".join(f"L{i}" for i in self.dense_layers)
         if self.kv_fp8 and self.mode != "dense":
             name += "+fp8"
+        if self.keep_margin and self.mode != "dense":
+            name += f"+keep{self.keep_margin}"
         return name
 
     @property
@@ -71,7 +74,8 @@ class RowSpec:
         if self.mode == "dense":
             return None
         mode = "oracle" if self.mode == "exact" else self.mode
-        return RetrievalSettings.for_mode(mode, self.layout, tau=self.tau, gqa_aggregation=self.gqa_aggregation)
+        return RetrievalSettings.for_mode(mode, self.layout, tau=self.tau, gqa_aggregation=self.gqa_aggregation,
+                                          keep_margin=self.keep_margin)
 
 
 def parse_mode(name: str) -> tuple[str, float | None]:
@@ -87,19 +91,28 @@ def parse_mode(name: str) -> tuple[str, float | None]:
 def build_rows(modes, budgets, page_size: int = PAGE_SIZE, sink_tokens: int = SINK_TOKENS,
                window_tokens: int = WINDOW_TOKENS, gqa_aggregation: str = "mean",
                dense_layers=()) -> list[RowSpec]:
-    """Row 0 dense, then every sparse mode at every budget (budget-major order). A mode name ending in
-    ``+fp8`` (``corrected@0.9+fp8``) stores FreeKV's K/V in FP8 e4m3 (:func:`fp8_roundtrip`)."""
+    """Row 0 dense, then every sparse mode at every budget (budget-major order). Suffixes of a mode name:
+    ``+fp8`` (``corrected@0.9+fp8``) stores FreeKV's K/V in FP8 e4m3 (:func:`fp8_roundtrip`); ``+keepM``
+    (``corrected@0.9+keep8``) keeps a resident page while it ranks within the top ``budget/page + M``."""
     rows = [RowSpec("dense", page_size=page_size, sink_tokens=sink_tokens, window_tokens=window_tokens)]
     sparse = []
     for m in modes:
         if m == "dense":
             continue
-        fp8 = m.endswith("+fp8")
-        sparse.append((*parse_mode(m[: -len("+fp8")] if fp8 else m), fp8))
+        base, *suffixes = m.split("+")
+        fp8, keep = False, 0
+        for sfx in suffixes:
+            if sfx == "fp8":
+                fp8 = True
+            elif sfx.startswith("keep") and sfx[4:].isdigit():
+                keep = int(sfx[4:])
+            else:
+                raise ValueError(f"unknown suffix +{sfx} in mode {m!r}; use +fp8 or +keepM")
+        sparse.append((*parse_mode(base), fp8, keep))
     for b in budgets:
-        for mode, tau, fp8 in sparse:
+        for mode, tau, fp8, keep in sparse:
             rows.append(RowSpec(mode, int(b), tau, page_size, sink_tokens, window_tokens, gqa_aggregation,
-                                tuple(dense_layers), fp8))
+                                tuple(dense_layers), fp8, keep))
     return rows
 
 
