@@ -131,6 +131,13 @@ def add_freekv_arguments(parser: argparse.ArgumentParser) -> None:
         "and what attention sees is the rounded K/V). Default: auto.",
     )
     g.add_argument(
+        "--freekv-keep-margin", dest=dest_of_field("keep_margin"), type=int, default=_D.keep_margin,
+        metavar="PAGES",
+        help="Residency hysteresis: a page already on the GPU stays selected while it ranks within the top "
+        "(selected pages + PAGES) of its KV head, so fewer pages are recalled per step, at the price of "
+        "attending such a page instead of one ranked just inside the budget. Default: 0 (plain top-k).",
+    )
+    g.add_argument(
         "--freekv-min-context-tokens", dest=dest_of_field("min_context_tokens"), type=int,
         default=_D.min_context_tokens, metavar="TOKENS",
         help="Requests whose context is shorter run dense. Requests whose context fits "

@@ -64,6 +64,7 @@ FLAG_OF_FIELD = {
     "gpu_tier_gb": "--freekv-gpu-tier-gb",
     "kv_storage": "--freekv-kv-storage",
     "recall": "--freekv-recall",
+    "keep_margin": "--freekv-keep-margin",
 }
 
 
@@ -146,6 +147,8 @@ class FreeKVConfig:
             after the host tier; 0 = none.
         kv_storage: dtype of the full KV in the tiers: ``auto`` = the model's KV dtype, ``fp8_e4m3`` = FP8
             (half the bytes, half the recall traffic; working sets and digests see the rounded values).
+        keep_margin: residency hysteresis, in pages: a resident page ranked within the top
+            ``select_tokens / page_size + keep_margin`` stays selected (fewer recalls; 0 = plain top-k).
     """
 
     enabled: bool = False
@@ -161,6 +164,7 @@ class FreeKVConfig:
     recall: str = "auto"
     gpu_tier_gb: float = 0.0
     kv_storage: str = "auto"
+    keep_margin: int = 0
 
     def __post_init__(self) -> None:
         self._validate()
@@ -170,7 +174,7 @@ class FreeKVConfig:
         if not isinstance(self.enabled, bool):
             raise _fail("enabled", self.enabled, "expected a boolean")
         for name in ("page_size", "sink_tokens", "window_tokens", "select_tokens",
-                     "min_context_tokens"):
+                     "min_context_tokens", "keep_margin"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise _fail(name, value, "expected an integer")
@@ -199,6 +203,9 @@ class FreeKVConfig:
             )
         if self.min_context_tokens < 0:
             raise _fail("min_context_tokens", self.min_context_tokens, "must be >= 0")
+        if not 0 <= self.keep_margin <= self.select_tokens // ps:
+            raise _fail("keep_margin", self.keep_margin,
+                        f"must be between 0 and the selected pages per KV head ({self.select_tokens // ps})")
         ws_tokens = self.sink_tokens + self.select_tokens + self.window_tokens
         if self.min_context_tokens > ws_tokens:
             # requests whose context fits the working set already attend densely; a dense path
@@ -381,6 +388,7 @@ class FreeKVConfig:
             f"host_memory={mem} min_context_tokens={self.min_context_tokens}"
             + (f" gpu_tier={self.gpu_tier_gb:g}GiB" if self.gpu_tier_gb else "")
             + (f" kv_storage={self.kv_storage}" if self.kv_storage != "auto" else "")
+            + (f" keep_margin={self.keep_margin}" if self.keep_margin else "")
         )
 
 

@@ -25,6 +25,8 @@ import torch
 from .common import (cdiv, check_head_dim, check_kv_dtype, check_page_size, interpreter_forced, next_pow2, tl, triton,
                      use_triton)
 from .scores import score_pages, score_pages_reference
+from freekv_sglang.algorithm.selection import sticky_scores
+
 from .select import _residency_row, select_update, select_update_reference
 
 if triton is not None:
@@ -85,6 +87,7 @@ if triton is not None:
         n_sink, n_window,
         HKV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_MASK: tl.constexpr, COUNT: tl.constexpr,
+        MARGIN: tl.constexpr, KR: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         b = pid // HKV
@@ -106,6 +109,14 @@ if triton is not None:
             keys = tl.load(keys_ptr + pid * NB * KB + j, mask=(blk < n_live) & (blk < NB),
                            other=-9223372036854775807 - 1)
             top = tl.topk(keys, KB)  # descending
+            if MARGIN > 0:  # hysteresis: a resident page among the top K + MARGIN outranks every other page
+                pg = 4294967295 - (top & 4294967295)
+                r = tl.arange(0, KR)
+                res = tl.load(res_ptr + (row * HKV + h) * K + r, mask=r < K, other=-1).to(tl.int64)
+                hit = (pg[:, None] == res[None, :]) & (res[None, :] >= 0)
+                kept = (tl.max(hit.to(tl.int32), axis=1) > 0) & (i < K + MARGIN) & (top != -9223372036854775807 - 1)
+                # above every real key (scores' monotone bits stay below 0x7FFFFFFF); low bits keep the page order
+                top = tl.topk(tl.where(kept, 9223372032559808512 | (top & 4294967295), top), KB)
             fin = inb & (top != -9223372036854775807 - 1)
             idx = tl.where(fin, 4294967295 - (top & 4294967295), -1)
             _residency_row(fin, idx, i, inb, act, res_ptr + (row * HKV + h) * K, rslot_ptr + pid * K,
@@ -157,22 +168,26 @@ def score_tuning_from_env(k: int) -> tuple[int | None, int]:
     return block, warps
 
 
-def selection_scratch_size(batch: int, n_kv_heads: int, max_pages: int, k: int, block_n: int | None = None) -> int:
+def selection_scratch_size(batch: int, n_kv_heads: int, max_pages: int, k: int, block_n: int | None = None,
+                           margin: int = 0) -> int:
     """int64 entries of the ``keys`` scratch :func:`score_and_select` needs for ``batch`` requests
-    (with ``block_n`` pages per scoring program; default :func:`block_size`)."""
-    bn = block_size(max_pages, k) if block_n is None else block_n
-    return batch * n_kv_heads * cdiv(max_pages, bn) * max(16, next_pow2(k))
+    (with ``block_n`` pages per scoring program; default :func:`block_size`; ``margin`` as there)."""
+    bn = block_size(max_pages, k + margin) if block_n is None else block_n
+    return batch * n_kv_heads * cdiv(max_pages, bn) * max(16, next_pow2(k + margin))
 
 
 def score_and_select_reference(q, digests, req_to_token, rows, n_ctx, head_mask, resident, k, recall_slot,
                                recall_page, counter=None, *, max_pages, page_size, n_sink, n_window, aggregation,
-                               q_index=None):
-    """Plain torch: :func:`.scores.score_pages_reference` then :func:`.select.select_update_reference`."""
+                               q_index=None, margin=0):
+    """Plain torch: :func:`.scores.score_pages_reference`, the hysteresis of
+    :func:`freekv_sglang.algorithm.selection.sticky_scores` (``margin > 0``), then
+    :func:`.select.select_update_reference`."""
     if q_index is not None:
         q = q[q_index.long()]
     out = torch.empty((q.shape[0], digests.shape[1], max_pages), dtype=torch.float32, device=q.device)
     score_pages_reference(q, digests, req_to_token, rows, n_ctx, head_mask, out, page_size=page_size,
                           n_sink=n_sink, n_window=n_window, aggregation=aggregation)
+    out = sticky_scores(out, resident[rows.long()], k, margin)
     select_update_reference(out, resident, rows, head_mask, k, recall_slot, recall_page, counter)
 
 
@@ -181,7 +196,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                      recall_slot: torch.Tensor, recall_page: torch.Tensor, counter: torch.Tensor | None = None, *,
                      max_pages: int, page_size: int, n_sink: int, n_window: int, aggregation: str,
                      q_index: torch.Tensor | None = None, keys: torch.Tensor | None = None,
-                     impl: str | None = None, block_n: int | None = None, num_warps: int = 4) -> None:
+                     impl: str | None = None, block_n: int | None = None, num_warps: int = 4,
+                     margin: int = 0) -> None:
     """Select the top-``k`` candidate pages per (request, KV head) and update residency, in place.
 
     Args:
@@ -197,13 +213,18 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         keys: optional int64 scratch ``[B * Hkv * n_blocks * KB]`` (allocated when ``None``).
         block_n, num_warps: pages per scoring program (a power of two, at least ``KB``; default
             :func:`block_size`) and its warps (tuning; the result does not depend on them).
+        margin: residency hysteresis in pages: a resident page ranked within the top ``k + margin``
+            stays selected (:func:`freekv_sglang.algorithm.selection.sticky_scores`); 0 = plain top-k.
+            The blocks then keep their top ``k + margin`` keys.
     No host synchronisation; CUDA-graph capturable.
     """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
     if not use_triton(impl, q, digests, resident):
         return score_and_select_reference(q, digests, req_to_token, rows, n_ctx, head_mask, resident, k,
                                           recall_slot, recall_page, counter, max_pages=max_pages,
                                           page_size=page_size, n_sink=n_sink, n_window=n_window,
-                                          aggregation=aggregation, q_index=q_index)
+                                          aggregation=aggregation, q_index=q_index, margin=margin)
     b = rows.shape[0]
     _, hkv, two, d = digests.shape
     hq = q.shape[1]
@@ -214,6 +235,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         out = torch.empty((b, hkv, max_pages), dtype=torch.float32, device=q.device)
         score_pages(qq, digests, req_to_token, rows, n_ctx, head_mask, out, page_size=page_size, n_sink=n_sink,
                     n_window=n_window, aggregation=aggregation, impl=impl)
+        out = sticky_scores(out, resident[rows.long()], k, margin)  # torch ops: no host sync
         select_update(out, resident, rows, head_mask, k, recall_slot, recall_page, counter, impl=impl)
         return
     if aggregation not in ("mean", "max"):
@@ -233,12 +255,12 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         raise ValueError("digests and resident must be contiguous, req_to_token rows contiguous")
     if q.stride(2) != 1:
         q = q.contiguous()
-    kb = max(16, next_pow2(k))
-    bn = block_size(max_pages, k) if block_n is None else block_n
+    kb = max(16, next_pow2(k + margin))
+    bn = block_size(max_pages, k + margin) if block_n is None else block_n
     if bn < kb or bn & (bn - 1):
         raise ValueError(f"block_n={bn} must be a power of two of at least {kb} (the per-block top-k)")
     nb = cdiv(max_pages, bn)
-    need = selection_scratch_size(b, hkv, max_pages, k, bn)
+    need = selection_scratch_size(b, hkv, max_pages, k, bn, margin)
     if keys is None:
         keys = torch.empty(need, dtype=torch.int64, device=q.device)
     elif keys.numel() < need or keys.dtype != torch.int64:
@@ -262,5 +284,6 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         keys, n_ctx, resident, rows, hm, recall_slot, recall_page,
         counter if counter is not None else recall_slot, n_sink, n_window,
         HKV=hkv, K=k, KB=kb, NB=nb, NBP=next_pow2(nb), BLOCK_N=bn, PAGE=page_size,
-        HAS_MASK=head_mask is not None, COUNT=counter is not None, num_warps=4 if nb * kb <= 1024 else 8,
+        HAS_MASK=head_mask is not None, COUNT=counter is not None, MARGIN=margin, KR=max(16, next_pow2(k)),
+        num_warps=4 if nb * kb <= 1024 else 8,
     )

@@ -16,6 +16,7 @@ Modes:
   staged     FreeKV with the paper's recall: cudaMemcpyAsync per (head, page) into two
              staging buffers + scatter kernel (eager: host-side lists)
   skip       FreeKV with transfers skipped (upper bound; outputs are wrong)
+  freekv-fp8 FreeKV with FP8 tiers; freekv-keep4: with --freekv-keep-margin 4 (residency hysteresis)
 
 Variants of a FreeKV mode: ``MODE@N`` runs the selected-page recall on a persistent grid of ``N``
 programs (``FREEKV_RECALL_PROGRAMS``), ``MODE+W`` gives each recall program ``W`` warps
@@ -69,6 +70,7 @@ MODES = {
     "staged": ["--kv-retrieval", "freekv", "--freekv-recall", "staged", "--disable-cuda-graph"],
     "skip": ["--kv-retrieval", "freekv", "--freekv-recall", "skip"],
     "freekv-fp8": ["--kv-retrieval", "freekv", "--freekv-kv-storage", "fp8_e4m3"],  # FP8 tiers
+    "freekv-keep4": ["--kv-retrieval", "freekv", "--freekv-keep-margin", "4"],  # residency hysteresis
 }
 
 

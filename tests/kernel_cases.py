@@ -197,8 +197,9 @@ def check_select_recall(device, dtype, head_dim, page=8, k=4, seed=0, num_progra
 
 
 def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean", page=8, max_pages=40,
-                       masked=True, by_row=False, seed=0, **tuning):
-    """Fused scoring + top-k + residency update vs the unfused torch reference.
+                       masked=True, by_row=False, seed=0, margin=0, **tuning):
+    """Fused scoring + top-k + residency update vs the unfused torch reference. With ``margin`` (residency
+    hysteresis) the chosen set must be exactly the reference's sticky selection.
 
     The kernel's scores may differ from the reference in the last bits, which can swap two
     pages of nearly equal score at the top-k boundary. So: (1) the kernel's chosen set must be
@@ -241,7 +242,7 @@ def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean
     dv = lambda t: None if t is None else t.to(device)  # noqa: E731
     score_and_select(q_all.to(device), digests.to(device), r2t.to(device), rows.to(device), n_ctx.to(device),
                      dv(mask), res, k, rs, rp, cnt[1], max_pages=max_pages, page_size=page, n_sink=n_sink,
-                     n_window=n_window, aggregation=aggregation, q_index=dv(q_index), **tuning)
+                     n_window=n_window, aggregation=aggregation, q_index=dv(q_index), margin=margin, **tuning)
     res, rs, rp, cnt = res.cpu(), rs.cpu(), rp.cpu(), cnt.cpu()
 
     scores = torch.empty(B, hkv, max_pages)
@@ -260,7 +261,19 @@ def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean
             fin = torch.isfinite(s)
             assert len(chosen) == min(k, int(fin.sum())), (b, h, chosen, int(fin.sum()))
             assert bool(fin[chosen].all()), "a non-candidate page was chosen"
-            if len(chosen):
+            if margin:
+                from freekv_sglang.algorithm.selection import sticky_scores, topk_pages
+
+                want = topk_pages(sticky_scores(s, resident[rows[b], h], k, margin), k)
+                diff = set(chosen.tolist()) ^ set(want[want >= 0].tolist())
+                # the kernel's scores may differ in the last bits: a page may only swap with one of (nearly)
+                # equal score, at the top-k or the top-(k + margin) boundary
+                km = torch.sort(s[fin], descending=True).values[min(k + margin, int(fin.sum())) - 1]
+                for p_ in diff:
+                    others = [float(s[q]) for q in diff if q != p_] + [float(km)]
+                    gap = min(abs(float(s[p_]) - o) for o in others)
+                    assert gap <= 1e-3 * (1 + abs(float(s[p_]))), (b, h, chosen, want, p_)
+            elif len(chosen):
                 kth = torch.topk(s[fin], len(chosen)).values[-1]
                 assert float(s[chosen].min()) >= float(kth) - 1e-3 * (1 + abs(float(kth))), "not a top-k"
             boosted[b, h, chosen] += 1e6

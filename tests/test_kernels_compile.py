@@ -127,13 +127,16 @@ def test_compile_score_block_topk(dt, agg, g, d, bn, kb, by_row):
     assert "mma" in k.asm["ptx"]
 
 
-@pytest.mark.parametrize("k,kb,nb,has_mask", [(32, 32, 32, True), (5, 16, 7, False), (64, 64, 16, True)])
-def test_compile_merge_select(k, kb, nb, has_mask):
+@pytest.mark.parametrize("k,kb,nb,has_mask,margin", [(32, 32, 32, True, 0), (5, 16, 7, False, 0),
+                                                     (64, 64, 16, True, 0), (32, 64, 16, True, 8),
+                                                     (5, 16, 7, False, 3)])
+def test_compile_merge_select(k, kb, nb, has_mask, margin):
     sig = dict(keys_ptr="*i64", nctx_ptr="*i64", res_ptr="*i64", rows_ptr="*i64", hmask_ptr="*u8",
                rslot_ptr="*i32", rpage_ptr="*i32", cnt_ptr="*i64", n_sink="i32", n_window="i32")
     nbp = 1 << (nb - 1).bit_length()
     _compile(score_select._merge_select_kernel, sig,
-             dict(HKV=8, K=k, KB=kb, NB=nb, NBP=nbp, BLOCK_N=128, PAGE=32, HAS_MASK=has_mask, COUNT=True),
+             dict(HKV=8, K=k, KB=kb, NB=nb, NBP=nbp, BLOCK_N=128, PAGE=32, HAS_MASK=has_mask, COUNT=True,
+                  MARGIN=margin, KR=max(16, 1 << (k - 1).bit_length())),
              num_warps=4 if nb * kb <= 1024 else 8)
 
 

@@ -22,13 +22,13 @@ from freekv_sglang.runtime.sizing import ModelShape
 
 def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean", group=3, head_dim=16,
                           prompt_lens=(13, 30, 7, 45), rows=(2, 1, 4, 5), steps=24, seed=0, atol=2e-5,
-                          offload_api=False, gpu_pages=0, page_size=4, kv_fp8=False):
+                          offload_api=False, gpu_pages=0, page_size=4, kv_fp8=False, keep_margin=0):
     g = torch.Generator().manual_seed(seed)
     L, hkv = 2, 2
     hq = hkv * group
     lay = WorkingSetLayout(page_size=page_size, n_sink=1, n_select=3, n_window=2)
     shape = ModelShape(L, hq, hkv, head_dim, dtype)
-    settings = RuntimeSettings(lay, aggregation, tau, speculative, "gather", kv_fp8=kv_fp8)
+    settings = RuntimeSettings(lay, aggregation, tau, speculative, "gather", kv_fp8=kv_fp8, keep_margin=keep_margin)
     # with FP8 tiers the runtime attends over K/V as FP8 stores them: the spec gets those values
     seen = fp8_roundtrip if kv_fp8 else (lambda t: t)
     R, max_ctx = 6, 32 * page_size + 2  # not a multiple of the page size, like SGLang (context + 4)
@@ -54,7 +54,7 @@ def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean"
     # per (layer, request) histories and reference states
     keys = [[None] * B for _ in range(L)]
     vals = [[None] * B for _ in range(L)]
-    ref = [[LayerState(RetrievalSettings(lay, aggregation, tau, speculative), hkv) for _ in range(B)]
+    ref = [[LayerState(RetrievalSettings(lay, aggregation, tau, speculative, keep_margin), hkv) for _ in range(B)]
            for _ in range(L)]
     # prefill
     loc = torch.cat([req_to_token[r, :n].long() for r, n in zip(rows, prompt_lens)])
@@ -114,6 +114,22 @@ def test_runtime_matches_reference_cpu(speculative, tau):
     assert stats["correction_rate"] == pytest.approx(corrected / checks)
     recalled = sum(s.recalled_pages for row in ref for st in row for s in st.stats)
     assert stats["recalled_pieces_per_request_step"] * rt.step_requests == pytest.approx(recalled)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "softmax-mean"])
+def test_runtime_keep_margin_matches_reference_cpu(aggregation):
+    """Residency hysteresis (--freekv-keep-margin): the runtime keeps the same pages as the spec, and its
+    recall counter agrees with the spec's."""
+    rt, ref = run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, aggregation=aggregation,
+                                    keep_margin=2, steps=16)
+    recalled = sum(s.recalled_pages for row in ref for st in row for s in st.stats)
+    assert rt.stats()["recalled_pieces_per_request_step"] * rt.step_requests == pytest.approx(recalled)
+
+
+def test_keep_margin_is_validated():
+    lay = WorkingSetLayout(page_size=4, n_sink=1, n_select=3, n_window=2)
+    with pytest.raises(ValueError, match="keep_margin"):
+        RuntimeSettings(lay, "mean", 0.9, True, "gather", keep_margin=4)
 
 
 @pytest.mark.parametrize("aggregation", ["max", "softmax-mean"])
@@ -215,6 +231,8 @@ def test_runtime_with_triton_kernels_under_interpreter():
         "                          prompt_lens=(13, 30, 7), rows=(2, 1, 4))\n"
         "run_against_reference('cpu', torch.float16, speculative=True, tau=0.9, steps=6, atol=3e-2,\n"
         "                      prompt_lens=(13, 30, 7), rows=(2, 1, 4), gpu_pages=60)\n"
+        "run_against_reference('cpu', torch.float16, speculative=True, tau=0.9, steps=6, atol=3e-2,\n"
+        "                      prompt_lens=(13, 30, 7), rows=(2, 1, 4), keep_margin=2)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -63,12 +63,15 @@ class RuntimeSettings:
     speculative: bool = True
     recall: str = "gather"
     kv_fp8: bool = False  # the tiers hold FP8 e4m3 K/V; working sets and digests see the same rounded values
+    keep_margin: int = 0  # residency hysteresis in pages (kernels.score_select.score_and_select ``margin``)
 
     def __post_init__(self):
         if self.recall not in RECALL_STRATEGIES:
             raise ValueError(f"unknown recall strategy {self.recall!r}; choose one of {RECALL_STRATEGIES}")
         if self.kv_fp8 and self.recall in ("staged", "per-page"):
             raise ValueError(f"FP8 KV tiers need the gather recall, not {self.recall!r}")
+        if not 0 <= self.keep_margin <= self.layout.n_select:
+            raise ValueError(f"keep_margin must be in [0, {self.layout.n_select}] pages, got {self.keep_margin}")
 
 
 @dataclass
@@ -138,8 +141,9 @@ class FreeKVRuntime:
         self.q_prev = torch.zeros((L, max_rows + 1, hq, d), dtype=dt, device=dev)
         self.q_valid = torch.zeros((L, max_rows + 1, hkv), dtype=torch.bool, device=dev)
         # selection scratch: one for the correction on the compute stream, one for the side stream
-        self.score_block, self.score_warps = score_tuning_from_env(lay.n_select)
-        n_keys = selection_scratch_size(max_batch, hkv, self.max_pages, lay.n_select, self.score_block)
+        self.score_block, self.score_warps = score_tuning_from_env(lay.n_select + settings.keep_margin)
+        n_keys = selection_scratch_size(max_batch, hkv, self.max_pages, lay.n_select, self.score_block,
+                                        settings.keep_margin)
         self.keys_main = torch.empty(n_keys, dtype=torch.int64, device=dev)
         self.keys_side = torch.empty_like(self.keys_main)
         self.head_ids = torch.arange(hkv, device=dev)
@@ -273,7 +277,8 @@ class FreeKVRuntime:
         score_and_select(q, self.digests[layer], self.req_to_token, rows, n_ctx, head_mask, self.resident[layer],
                          lay.n_select, r_slot, r_page, counter, max_pages=self.max_pages, page_size=lay.page_size,
                          n_sink=lay.n_sink, n_window=lay.n_window, aggregation=self.settings.gqa_aggregation,
-                         q_index=q_index, keys=keys, block_n=self.score_block, num_warps=self.score_warps)
+                         q_index=q_index, keys=keys, block_n=self.score_block, num_warps=self.score_warps,
+                         margin=self.settings.keep_margin)
 
     # ------------------------------------------------------------------ prefill
     def prefill_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,

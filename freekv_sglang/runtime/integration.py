@@ -62,7 +62,7 @@ def _settings(cfg):
     recall = cfg.effective_recall
     return RuntimeSettings(layout=layout, gqa_aggregation=cfg.gqa_aggregation,
                            correction_threshold=cfg.correction_threshold, speculative=cfg.speculative,
-                           recall=recall, kv_fp8=cfg.kv_storage == "fp8_e4m3")
+                           recall=recall, kv_fp8=cfg.kv_storage == "fp8_e4m3", keep_margin=cfg.keep_margin)
 
 
 def _resolve_memory_pool_config(orig, self, pre_model_load_memory):

@@ -36,6 +36,14 @@ def test_score_select_gpu(dtype, group, head_dim, aggregation, k, max_pages, mas
                        masked=masked, by_row=by_row)
 
 
+@pytest.mark.parametrize("k,margin,max_pages,aggregation", [(32, 4, 4096, "mean"), (32, 8, 1000, "max"),
+                                                           (5, 3, 300, "softmax-mean")])
+def test_score_select_keep_margin_gpu(k, margin, max_pages, aggregation):
+    """Residency hysteresis: the chosen sets are exactly the reference's sticky selections."""
+    check_score_select("cuda", torch.bfloat16, 4, 128, k=k, aggregation=aggregation, page=32, max_pages=max_pages,
+                       margin=margin)
+
+
 @pytest.mark.parametrize("block_n,num_warps", [(32, 2), (256, 8)])
 def test_score_select_tuning_gpu(block_n, num_warps):
     """The scoring program's size and warps (bench_kernels' sweep) do not change the selection."""

@@ -95,3 +95,10 @@ def test_runtime_with_fp8_tiers_matches_reference_gpu(gpu_pages):
     rt, _ = run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=128,
                                   atol=2e-2, gpu_pages=gpu_pages, kv_fp8=True)
     assert rt.host.buffer.dtype == torch.float8_e4m3fn and rt.host.buffer.is_pinned()
+
+
+@pytest.mark.parametrize("group,head_dim", [(4, 128), (7, 64)])
+def test_keep_margin_matches_reference_gpu(group, head_dim):
+    """--freekv-keep-margin: the runtime keeps the spec's pages (residency hysteresis in the fused kernel)."""
+    run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group, head_dim=head_dim,
+                          atol=2e-2, keep_margin=2)
