@@ -187,7 +187,8 @@ def score_and_select_reference(q, digests, req_to_token, rows, n_ctx, head_mask,
     out = torch.empty((q.shape[0], digests.shape[1], max_pages), dtype=torch.float32, device=q.device)
     score_pages_reference(q, digests, req_to_token, rows, n_ctx, head_mask, out, page_size=page_size,
                           n_sink=n_sink, n_window=n_window, aggregation=aggregation)
-    out = sticky_scores(out, resident[rows.long()], k, margin)
+    if margin:
+        out = sticky_scores(out, resident[rows.long()], k, margin)
     select_update_reference(out, resident, rows, head_mask, k, recall_slot, recall_page, counter)
 
 
@@ -235,7 +236,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         out = torch.empty((b, hkv, max_pages), dtype=torch.float32, device=q.device)
         score_pages(qq, digests, req_to_token, rows, n_ctx, head_mask, out, page_size=page_size, n_sink=n_sink,
                     n_window=n_window, aggregation=aggregation, impl=impl)
-        out = sticky_scores(out, resident[rows.long()], k, margin)  # torch ops: no host sync
+        if margin:
+            out = sticky_scores(out, resident[rows.long()], k, margin)  # torch ops: no host sync
         select_update(out, resident, rows, head_mask, k, recall_slot, recall_page, counter, impl=impl)
         return
     if aggregation not in ("mean", "max"):
