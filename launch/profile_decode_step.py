@@ -18,7 +18,8 @@ Query locality is synthetic: each (layer, request, query head) has a fixed rando
 have cosine about ``--similarity``; ``0`` gives unrelated queries (what dummy weights produce,
 the worst case for FreeKV). Keys are random.
 
-Variants: ``freekv`` (defaults), ``sync`` (speculation off), ``skip`` (no host transfers);
+Variants: ``freekv`` (defaults), ``freekv-keepM`` (residency hysteresis of ``M`` pages), ``sync``
+(speculation off), ``skip`` (no host transfers);
 ``name@N`` runs the selected-page recall on a persistent grid of ``N`` programs; ``name/1`` runs
 speculation on one side stream (``FREEKV_SPEC_STREAMS=1``; the default is two: selection, then recall);
 ``name~K`` splits the working-set attention every ``K`` pages (see ``freekv_sglang/runtime/variants.py``).
@@ -115,7 +116,13 @@ class Case:
             pages = perm[(r - 1) * per_row: r * per_row]
             r2t[r, :per_row * P] = (pages[:, None] * P + torch.arange(P)).flatten().int()
         self.r2t = r2t.to(DEV)
-        settings = RuntimeSettings(lay, "mean", 0.9, variant != "sync", "skip" if variant == "skip" else "gather")
+        keep = 0
+        if variant.startswith("freekv-keep"):  # "freekv-keep4": residency hysteresis of 4 pages
+            keep, variant = int(variant[len("freekv-keep"):]), "freekv"
+        if variant not in ("freekv", "sync", "skip"):
+            raise ValueError(f"unknown variant base {variant!r}: freekv, freekv-keepM, sync or skip")
+        settings = RuntimeSettings(lay, "mean", 0.9, variant != "sync", "skip" if variant == "skip" else "gather",
+                                   keep_margin=keep)
         self.rt = FreeKVRuntime(self.shape, settings, n_pages, R, self.r2t, max_batch=bs, device=DEV)
         self.scale = 1 / math.sqrt(d)
         self.rows = torch.arange(1, bs + 1, device=DEV)
