@@ -16,7 +16,7 @@ Modes:
   staged     FreeKV with the paper's recall: cudaMemcpyAsync per (head, page) into two
              staging buffers + scatter kernel (eager: host-side lists)
   skip       FreeKV with transfers skipped (upper bound; outputs are wrong)
-  freekv-fp8 FreeKV with FP8 tiers; freekv-keep4: with --freekv-keep-margin 4 (residency hysteresis)
+  freekv-fp8 FreeKV with FP8 tiers; freekv-keepM: with --freekv-keep-margin M (residency hysteresis)
 
 Variants of a FreeKV mode: ``MODE@N`` runs the selected-page recall on a persistent grid of ``N``
 programs (``FREEKV_RECALL_PROGRAMS``), ``MODE+W`` gives each recall program ``W`` warps
@@ -70,8 +70,15 @@ MODES = {
     "staged": ["--kv-retrieval", "freekv", "--freekv-recall", "staged", "--disable-cuda-graph"],
     "skip": ["--kv-retrieval", "freekv", "--freekv-recall", "skip"],
     "freekv-fp8": ["--kv-retrieval", "freekv", "--freekv-kv-storage", "fp8_e4m3"],  # FP8 tiers
-    "freekv-keep4": ["--kv-retrieval", "freekv", "--freekv-keep-margin", "4"],  # residency hysteresis
 }
+
+
+def mode_args(base: str) -> list[str]:
+    """SGLang arguments of a base mode; ``freekv-keepM`` is ``freekv`` with ``--freekv-keep-margin M``."""
+    from freekv_sglang.runtime.variants import keep_margin_of
+
+    plain, keep = keep_margin_of(base)
+    return MODES[plain] + (["--freekv-keep-margin", str(keep)] if keep else [])
 
 
 def parse_mode(name: str) -> tuple[str, dict]:
@@ -82,7 +89,9 @@ def parse_mode(name: str) -> tuple[str, dict]:
         base, env = parse_variant(name)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if base not in MODES:
+    from freekv_sglang.runtime.variants import keep_margin_of
+
+    if keep_margin_of(base)[0] not in MODES:
         raise argparse.ArgumentTypeError(f"unknown mode {base!r} in {name!r}; choose from {sorted(MODES)}")
     if env and base == "dense":
         raise argparse.ArgumentTypeError(f"{name!r}: variants apply to FreeKV modes only")
@@ -245,7 +254,7 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
     args = ["--model-path", a.model, "--load-format", "dummy", "--run-name", mode,
             "--batch-size", *map(str, a.batch_sizes), "--input-len", *map(str, a.contexts),
             "--output-len", str(a.output_len), "--result-filename", res,
-            "--cuda-graph-max-bs", str(max(a.batch_sizes)), *MODES[base]]
+            "--cuda-graph-max-bs", str(max(a.batch_sizes)), *mode_args(base)]
     if base == "dense":
         # the token pool sized for the largest cell (as one would set it for this workload): the rest of
         # the GPU stays free for the benchmark's prefill, which runs a whole batch x context in one forward

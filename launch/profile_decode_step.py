@@ -46,7 +46,7 @@ from bench_kernels import graph_ms  # noqa: E402  (also makes freekv_sglang impo
 from freekv_sglang.algorithm import WorkingSetLayout  # noqa: E402
 from freekv_sglang.runtime.engine import FreeKVRuntime, RuntimeSettings  # noqa: E402
 from freekv_sglang.runtime.sizing import ModelShape  # noqa: E402
-from freekv_sglang.runtime.variants import apply_variant_env, parse_variant  # noqa: E402
+from freekv_sglang.runtime.variants import apply_variant_env, keep_margin_of, parse_variant  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -116,9 +116,7 @@ class Case:
             pages = perm[(r - 1) * per_row: r * per_row]
             r2t[r, :per_row * P] = (pages[:, None] * P + torch.arange(P)).flatten().int()
         self.r2t = r2t.to(DEV)
-        keep = 0
-        if variant.startswith("freekv-keep"):  # "freekv-keep4": residency hysteresis of 4 pages
-            keep, variant = int(variant[len("freekv-keep"):]), "freekv"
+        variant, keep = keep_margin_of(variant)  # "freekv-keep4": residency hysteresis of 4 pages
         if variant not in ("freekv", "sync", "skip"):
             raise ValueError(f"unknown variant base {variant!r}: freekv, freekv-keepM, sync or skip")
         settings = RuntimeSettings(lay, "mean", 0.9, variant != "sync", "skip" if variant == "skip" else "gather",

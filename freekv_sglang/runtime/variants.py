@@ -21,6 +21,13 @@ VARIANT_ENV = {"@": "FREEKV_RECALL_PROGRAMS", "+": "FREEKV_RECALL_WARPS", "/": "
 _NAME = re.compile(r"^([A-Za-z][\w-]*)((?:[@+/%^~#:][^@+/%^~#:]*)*)$")
 
 
+def keep_margin_of(base: str) -> tuple[str, int]:
+    """``"freekv-keep4"`` -> ``("freekv", 4)`` (residency hysteresis, ``--freekv-keep-margin 4``); any
+    other base -> ``(base, 0)``."""
+    m = re.fullmatch(r"freekv-keep(\d+)", base)
+    return ("freekv", int(m.group(1))) if m else (base, 0)
+
+
 def parse_variant(name: str) -> tuple[str, dict[str, str]]:
     """``"freekv@32/1"`` -> ``("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1"})``;
     ``"freekv#64:xqa"`` -> 64 pages per scoring program, XQA working-set attention.
