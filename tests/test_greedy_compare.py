@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from freekv_sglang.testing.greedy_compare import GreedyTrace, compare_greedy
+from freekv_sglang.testing.greedy_compare import GreedyTrace, compare_greedy, compare_runs
 
 
 def trace(tokens, logprobs=None, gaps=None, runner_up=None):
@@ -79,3 +79,29 @@ def test_nan_logprobs_never_agree():
     b = trace([5, 7], [-0.1, nan], gaps=[2.0, nan], runner_up=[1, 6])
     c = trace([5, 6], [-0.1, nan], gaps=[2.0, nan], runner_up=[1, 7])
     assert not compare_greedy(b, c).ok
+
+
+def test_runs_agree_when_every_prompt_agrees_and_the_mean_is_small():
+    a = [trace([5, 6, 7], [-0.5, -1.0, -0.2]), trace([1, 2], [-0.3, -0.4])]
+    b = [trace([5, 6, 7], [-0.52, -1.01, -0.2]), trace([1, 2], [-0.3, -0.41])]
+    r = compare_runs(a, b)
+    assert r.ok and r.mean_logprob_diff == pytest.approx(0.04 / 5) and len(r.results) == 2
+    assert "agree: mean |dlogp| 0.0080 over 5 steps" in str(r)
+
+
+def test_runs_with_every_step_moved_a_little_differ():
+    """Each step within the per-step tolerance, but all moved the same way: not rounding."""
+    a = [trace([5, 6, 7, 8], [-0.5, -1.0, -0.2, -0.9])]
+    b = [trace([5, 6, 7, 8], [-0.6, -1.1, -0.3, -1.0])]
+    assert compare_greedy(a[0], b[0]).ok
+    r = compare_runs(a, b)
+    assert not r.ok and "mean |dlogp| 0.1000 > 0.05" in r.reason
+
+
+def test_runs_differ_when_one_prompt_differs_or_counts_differ():
+    a = [trace([5, 6]), trace([1, 2])]
+    b = [trace([5, 6]), trace([1, 2], [-1.0, -2.0])]
+    r = compare_runs(a, b)
+    assert not r.ok and "1 of 2 prompts differ" in r.reason
+    assert not compare_runs(a, a[:1]).ok
+    assert not compare_runs([trace([5, 6], [-0.1, float("nan")])], [trace([5, 6], [-0.1, float("nan")])]).ok

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from freekv_sglang.testing.greedy_compare import GreedyTrace, compare_greedy
+from freekv_sglang.testing.greedy_compare import GreedyTrace, compare_greedy, compare_runs
 from freekv_sglang.testing.random_llama import RandomLlamaSpec, random_llama_state_dict, write_random_llama
 
 transformers = pytest.importorskip("transformers")
@@ -77,6 +77,25 @@ def test_tokens_depend_on_distant_context_and_survive_rounding(folder):
     print("bf16 vs float32:", *rounding, sep="\n  ")
     assert all(not r.ok for r in changed)  # the comparison sees a different context
     assert all(r.ok for r in rounding)  # and accepts bf16 rounding
+
+
+def test_batch_comparison_sees_one_wrong_page(folder):
+    """Over a batch of prompts, one page (32 tokens) replaced deep in each 1000-token context is caught
+    (pooled mean), while bf16 rounding of the same runs is not."""
+    m32, m16 = load(folder, torch.float32), load(folder, torch.bfloat16)
+    r = random.Random(9)
+    ref, page, bf16 = [], [], []
+    for _ in range(5):
+        a = [r.randrange(100, 49000) for _ in range(1000)]
+        b = list(a)
+        s = r.randrange(64, 1000 - 128)
+        b[s:s + 32] = [r.randrange(100, 49000) for _ in range(32)]
+        ref.append(greedy(m32, a))
+        page.append(greedy(m32, b))
+        bf16.append(greedy(m16, a))
+    one_page, rounding = compare_runs(page, ref), compare_runs(bf16, ref)
+    print(f"one page replaced: {one_page}\nbf16 vs float32: {rounding}")
+    assert not one_page.ok and rounding.ok
 
 
 def test_sglang_dummy_weights_ignore_the_context(tmp_path):

@@ -6,7 +6,7 @@ compares the outputs of two servers, a small random Llama whose greedy tokens de
 cache (:mod:`freekv_sglang.testing.random_llama`, written once per machine; head dim 128, GQA group 4).
 SGLang's dummy weights make the next token a function of the current token alone, so two servers
 agree on their tokens whatever their attention computes. Runs are compared up to rounding
-(:func:`freekv_sglang.testing.greedy_compare.compare_greedy`), and a negative control shows that
+(:func:`freekv_sglang.testing.greedy_compare.compare_runs`), and a negative control shows that
 the comparison catches a server that attends to the wrong pages. Server logs go to ``$OUT`` (or a
 temp dir).
 """
@@ -21,7 +21,7 @@ import time
 import pytest
 
 from freekv_sglang.serving import Server, output_ids
-from freekv_sglang.testing.greedy_compare import GreedyTrace, compare_greedy
+from freekv_sglang.testing.greedy_compare import GreedyTrace, compare_runs
 from freekv_sglang.testing.random_llama import write_random_llama
 
 MODEL = os.environ.get("FREEKV_TEST_MODEL", ".gpu-bundle/models/llama-8b-shape")
@@ -63,11 +63,11 @@ def traces(srv, ps, news) -> list[GreedyTrace]:
 
 
 def assert_agree(name: str, got: list[GreedyTrace], want: list[GreedyTrace]):
-    """Every prompt's run agrees up to rounding (prints one line per prompt)."""
-    res = [compare_greedy(g, w) for g, w in zip(got, want)]
-    print(f"{name}:", *[str(r) for r in res], sep="\n  ")
-    assert len(got) == len(want) and all(r.ok for r in res), f"{name}: runs disagree beyond rounding"
-    return res
+    """The runs agree up to rounding (:func:`compare_runs`; prints the pooled mean and one line per prompt)."""
+    runs = compare_runs(got, want)
+    print(f"{name}: {runs}")
+    assert runs.ok, f"{name}: runs disagree beyond rounding ({runs.reason})"
+    return runs.results
 
 
 def freekv_args(*extra):
@@ -226,18 +226,18 @@ def test_runtime_variant_fp8_tiers_serve(sensitive_model, default_traces):
         log = open(s.log_path).read()
     assert "kv_storage=fp8_e4m3" in log and "cuda graph: True" in log
     assert [len(t.tokens) for t in got] == VARIANT_PROMPTS["news"]
-    print("fp8 tiers vs default:", *[str(compare_greedy(g, w)) for g, w in zip(got, default_traces[0])], sep="\n  ")
+    print(f"fp8 tiers vs default: {compare_runs(got, default_traces[0])}")
 
 
 def test_comparison_catches_wrong_pages(sensitive_model, default_traces):
     """Negative control: with transfers skipped (--freekv-recall skip: selected pages are never brought to
-    the GPU, so attention reads whatever the slots held) at least one prompt disagrees with the default.
-    If this fails, the comparisons above cannot see attention errors."""
+    the GPU, so attention reads whatever the slots held) the runs disagree with the default
+    (:func:`compare_runs`). If this fails, the comparisons above cannot see attention errors."""
     with server("freekv-skip", *freekv_args("--freekv-recall", "skip"), model=sensitive_model) as s:
         got = traces(s, variant_prompts(), VARIANT_PROMPTS["news"])
-    res = [compare_greedy(g, w) for g, w in zip(got, default_traces[0])]
-    print("skip (wrong pages) vs default:", *[str(r) for r in res], sep="\n  ")
-    assert not all(r.ok for r in res)
+    runs = compare_runs(got, default_traces[0])
+    print(f"skip (wrong pages) vs default: {runs}")
+    assert not runs.ok
 
 
 def _gpu_used_mib(pid: int) -> int | None:
