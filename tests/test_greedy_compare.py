@@ -4,7 +4,11 @@ import math
 
 import pytest
 
-from freekv_sglang.testing.greedy_compare import GreedyTrace, compare_greedy, compare_runs
+from freekv_sglang.testing.greedy_compare import (
+    GreedyTrace,
+    compare_greedy,
+    compare_runs,
+)
 
 
 def trace(tokens, logprobs=None, gaps=None, runner_up=None):

@@ -8,8 +8,16 @@ import random
 import pytest
 import torch
 
-from freekv_sglang.testing.greedy_compare import GreedyTrace, compare_greedy, compare_runs
-from freekv_sglang.testing.random_llama import RandomLlamaSpec, random_llama_state_dict, write_random_llama
+from freekv_sglang.testing.greedy_compare import (
+    GreedyTrace,
+    compare_greedy,
+    compare_runs,
+)
+from freekv_sglang.testing.random_llama import (
+    RandomLlamaSpec,
+    random_llama_state_dict,
+    write_random_llama,
+)
 
 transformers = pytest.importorskip("transformers")
 

@@ -44,7 +44,7 @@ class GreedyTrace:
         return [t[0][1] - t[1][1] if len(t) >= 2 else float("inf") for t in self.top]
 
     @classmethod
-    def from_response(cls, resp: dict) -> "GreedyTrace":
+    def from_response(cls, resp: dict) -> GreedyTrace:
         """From a ``/generate`` response requested with ``return_logprob`` and ``top_logprobs_num >= 2``
         (``Server.generate(..., top_logprobs=2)``)."""
         meta = resp.get("meta_info", {})
