@@ -110,6 +110,30 @@ def kv_bytes_per_token(model: str) -> int:
     return per_token(capacity_plan.model_shape(model)[0])
 
 
+def context_limit(model: str, extra) -> int:
+    """Positions a request may use: ``--context-length`` among the SGLang arguments, else the model's
+    ``max_position_embeddings``."""
+    for i, x in enumerate(extra):
+        if x == "--context-length" and i + 1 < len(extra):
+            return int(extra[i + 1])
+        if x.startswith("--context-length="):
+            return int(x.split("=", 1)[1])
+    return capacity_plan.model_shape(model)[1]
+
+
+def check_contexts(model: str, contexts, output_len: int, extra) -> str | None:
+    """Why a context cannot run (None if all can): a prompt plus its output beyond the model's positions
+    makes SGLang's benchmark index past its rotary table, a device-side assert that ends the mode's
+    remaining cells too."""
+    limit = context_limit(model, extra)
+    bad = [c for c in contexts if c + output_len > limit]
+    if bad:
+        return (f"contexts {bad} + {output_len} output tokens exceed the model's {limit} positions; the longest "
+                f"context that fits is {limit - output_len} (e.g. --contexts {limit - output_len - 1024} for "
+                f"'128K' at this limit)")
+    return None
+
+
 def available_gib() -> float | None:
     """The machine's available memory (``MemAvailable``) in GiB, None where unknown."""
     from freekv_sglang.config import read_meminfo
@@ -445,6 +469,10 @@ def main() -> None:
                         "by card and date")
     p.add_argument("extra", nargs="*", help="extra SGLang arguments after --")
     a = p.parse_args()
+    if os.path.exists(os.path.join(a.model, "config.json")):
+        why = check_contexts(a.model, a.contexts, a.output_len, a.extra)
+        if why:
+            p.error(why)
     a.host_gb = (auto_host_gb(a.model, a.batch_sizes, a.contexts, a.output_len) if a.host_gb == "auto"
                  else float(a.host_gb))
     os.makedirs(a.out, exist_ok=True)

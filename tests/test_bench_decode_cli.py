@@ -185,3 +185,15 @@ def test_results_are_published_into_docs_by_card_and_date(bench, tmp_path):
     assert [p.rsplit(".", 1)[1] for p in first] == ["md", "json"]  # no plot was made: none copied
     assert first[0] != second[0] and second[0].endswith("-2.md")
     assert (docs / first[0].rsplit("/", 1)[1]).read_text() == "| table |"
+
+
+def test_contexts_beyond_the_models_positions_are_refused(bench, tmp_path):
+    cfg = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256,
+           "max_position_embeddings": 131072}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = str(tmp_path)
+    assert bench.check_contexts(m, [8000, 131072 - 64], 64, []) is None
+    why = bench.check_contexts(m, [8000, 131072], 64, [])
+    assert "[131072]" in why and "longest context that fits is 131008" in why
+    assert bench.check_contexts(m, [8000], 64, ["--context-length", "8000"]) is not None
+    assert bench.check_contexts(m, [200000], 64, ["--context-length=262144"]) is None
