@@ -30,7 +30,9 @@ Cells that do not fit are skipped by SGLang's benchmark (its token pool bounds b
 dense's token pool is sized for the largest cell (``--max-total-tokens``; SGLang's memory fraction
 still bounds it), leaving the rest of the GPU to the benchmark's whole-batch prefill; FreeKV's host
 tier is sized for the largest cell (``--host-gb auto``) up to 80% of the machine's available memory.
-Each cell's result is kept as soon as it is measured.
+Each cell's result is kept as soon as it is measured. A cell that crashes the benchmark process (an
+out-of-memory prefill, a device-side assert) is reported as failed and the cells after it run in new
+processes (``--relaunches``); contexts whose prompt and output exceed the model's positions are refused.
 
 Prefill: SGLang's benchmark prefills a whole batch in one forward, whose activations (16 x 32K tokens of
 the 8B shape: a 13.7 GiB MLP buffer among others) no longer fit beside dense's KV pool. A batch longer
@@ -53,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -264,7 +267,42 @@ def worker(argv: list[str]) -> None:
     one_batch.cli_main()
 
 
+def cell_order(batch_sizes, contexts) -> list[tuple[int, int]]:
+    """(batch, context) cells in the order SGLang's one-batch benchmark runs them (batch outermost)."""
+    return [(b, c) for b in batch_sizes for c in contexts]
+
+
+_SKIP_RE = re.compile(r"skipping \((\d+), (\d+), (\d+)\) due to max batch size limit")
+
+
+def skipped_cells(log_text: str) -> set[tuple[int, int]]:
+    """(batch, context) cells the benchmark skipped because they do not fit its token pool."""
+    return {(int(b), int(c)) for b, c, _ in _SKIP_RE.findall(log_text)}
+
+
+def relaunch_plan(batch_sizes, contexts, done, skipped):
+    """After a launch over ``batch_sizes x contexts`` ended with an error: the cell it died in (the
+    first in run order neither measured nor skipped; None if there is none) and the launches
+    ``(batch_sizes, contexts)`` that cover every cell after it, so that one failing cell (an
+    out-of-memory prefill, a device-side assert) does not take the rest of the mode with it."""
+    failed = next((cell for cell in cell_order(batch_sizes, contexts) if cell not in done and cell not in skipped),
+                  None)
+    if failed is None:
+        return None, []
+    b, c = failed
+    launches = []
+    rest_c = list(contexts)[list(contexts).index(c) + 1:]
+    if rest_c:
+        launches.append(([b], rest_c))
+    rest_b = list(batch_sizes)[list(batch_sizes).index(b) + 1:]
+    if rest_b:
+        launches.append((rest_b, list(contexts)))
+    return failed, launches
+
+
 def run_mode(mode: str, a, out_dir: str) -> list[dict]:
+    """All cells of one mode: SGLang's one-batch benchmark in a fresh process (``--worker``), relaunched
+    (at most ``a.relaunches`` times) for the cells after one that crashed it."""
     from freekv_sglang.runtime.variants import apply_variant_env
 
     base, mode_env = parse_mode(mode)
@@ -275,44 +313,69 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
     res = os.path.join(out_dir, f"one_batch-{safe}.jsonl")
     if os.path.exists(res):
         os.remove(res)
-    args = ["--model-path", a.model, "--load-format", "dummy", "--run-name", mode,
-            "--batch-size", *map(str, a.batch_sizes), "--input-len", *map(str, a.contexts),
-            "--output-len", str(a.output_len), "--result-filename", res,
-            "--cuda-graph-max-bs", str(max(a.batch_sizes)), *mode_args(base)]
+    common = ["--model-path", a.model, "--load-format", "dummy", "--run-name", mode,
+              "--output-len", str(a.output_len), "--result-filename", res,
+              "--cuda-graph-max-bs", str(max(a.batch_sizes)), *mode_args(base)]
     if base == "dense":
         # the token pool sized for the largest cell (as one would set it for this workload): the rest of
         # the GPU stays free for the benchmark's prefill, which runs a whole batch x context in one forward
         # (SGLang's default pool leaves too little for that at 4 x 32K on a 141 GB card). Cells beyond
         # what the GPU holds are skipped by the benchmark.
-        args += ["--max-total-tokens", str(dense_pool_tokens(a))]
+        common += ["--max-total-tokens", str(dense_pool_tokens(a))]
     else:
-        args += ["--freekv-host-memory-gb", str(a.host_gb), "--max-running-requests", str(max(a.batch_sizes))]
-    args += a.extra
+        common += ["--freekv-host-memory-gb", str(a.host_gb), "--max-running-requests", str(max(a.batch_sizes))]
+    common += a.extra
+    env = dict(os.environ, FREEKV_LOG_STATS_EVERY="0")  # statistics are collected per measurement
+    env.pop("FREEKV_BENCH_QUERY_COSINE", None)
+    env[PREFILL_TOKENS_ENV] = str(a.prefill_tokens_per_forward)
+    apply_variant_env(mode_env, env)
+    if a.query_cosine is not None and base != "dense":
+        env["FREEKV_BENCH_QUERY_COSINE"] = str(a.query_cosine)
     log = os.path.join(out_dir, f"one_batch-{safe}.log")
+    open(log, "w").close()
     t0 = time.time()
-    with open(log, "w") as f:
-        f.write("args: " + " ".join(args) + "\n")
-        f.flush()
-        try:
-            env = dict(os.environ, FREEKV_LOG_STATS_EVERY="0")  # statistics are collected per measurement
-            env.pop("FREEKV_BENCH_QUERY_COSINE", None)
-            env[PREFILL_TOKENS_ENV] = str(a.prefill_tokens_per_forward)
-            apply_variant_env(mode_env, env)
-            if a.query_cosine is not None and base != "dense":
-                env["FREEKV_BENCH_QUERY_COSINE"] = str(a.query_cosine)
-            rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], stdout=f,
-                                stderr=subprocess.STDOUT, timeout=a.timeout, env=env).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"  # keep what the finished batch sizes wrote
-    rows = []
-    if os.path.exists(res):
-        with open(res) as f:
-            rows = measured_rows([json.loads(line) for line in f if line.strip()], a.output_len)
-    print(f"[bench] {mode}: rc={rc}, {len(rows)} results in {time.time() - t0:.0f}s (log {log})", flush=True)
+    queue, relaunches, failed = [(list(a.batch_sizes), list(a.contexts))], 0, []
+    while queue:
+        batch_sizes, contexts = queue.pop(0)
+        args = ["--batch-size", *map(str, batch_sizes), "--input-len", *map(str, contexts), *common]
+        start = os.path.getsize(log)
+        with open(log, "a") as f:
+            f.write("args: " + " ".join(args) + "\n")
+            f.flush()
+            try:
+                rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args], stdout=f,
+                                    stderr=subprocess.STDOUT, timeout=a.timeout, env=env).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"  # keep what the finished cells wrote
+        if rc in (0, "timeout"):
+            continue
+        with open(log, errors="replace") as f:
+            f.seek(start)
+            skipped = skipped_cells(f.read())
+        cell, more = relaunch_plan(batch_sizes, contexts, {(r["batch_size"], r["input_len"]) for r in
+                                                           read_rows(res, a.output_len)}, skipped)
+        if cell is not None:
+            failed.append(cell)
+        if more and relaunches < a.relaunches:
+            relaunches += len(more)
+            print(f"[bench] {mode}: the run died in cell batch {cell[0]} x context {cell[1]} (rc={rc}); "
+                  f"relaunching for the cells after it: {more}", flush=True)
+            queue = more + queue
+    rows = read_rows(res, a.output_len)
+    note = f"; failed cells (batch, context): {failed}" if failed else ""
+    print(f"[bench] {mode}: rc={rc}, {len(rows)} results in {time.time() - t0:.0f}s (log {log}){note}", flush=True)
     if rc != 0 or not rows:
         with open(log, errors="replace") as f:
             print("".join(f.readlines()[-15:]), flush=True)
     return rows
+
+
+def read_rows(path: str, output_len: int) -> list[dict]:
+    """The measured cells in a results file (none if it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return measured_rows([json.loads(line) for line in f if line.strip()], output_len)
 
 
 def measured_rows(rows: list[dict], output_len: int) -> list[dict]:
@@ -447,7 +510,9 @@ def main() -> None:
                    type=mode_name, help=f"modes {sorted(MODES)}, FreeKV ones optionally with @N (recall grid), "
                                         f"/S (side streams) and ~K (attention split pages)")
     p.add_argument("--host-gb", default="auto", help="FreeKV host tier per run (GiB, or auto: the largest cell)")
-    p.add_argument("--timeout", type=float, default=900.0, help="per mode, seconds")
+    p.add_argument("--timeout", type=float, default=900.0, help="per launch of a mode, seconds")
+    p.add_argument("--relaunches", type=int, default=3,
+                   help="per mode: extra launches for the cells after one that crashed the benchmark")
     p.add_argument("--query-cosine", type=float, default=None,
                    help="FreeKV modes only: replace decode queries so that consecutive ones have this cosine "
                         "(random weights give ~0, FreeKV's worst case; outputs become meaningless; see "

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import types
 
 import pytest
 
@@ -197,3 +198,59 @@ def test_contexts_beyond_the_models_positions_are_refused(bench, tmp_path):
     assert "[131072]" in why and "longest context that fits is 131008" in why
     assert bench.check_contexts(m, [8000], 64, ["--context-length", "8000"]) is not None
     assert bench.check_contexts(m, [200000], 64, ["--context-length=262144"]) is None
+
+
+def test_a_crashed_cell_does_not_take_the_rest_of_the_mode(bench):
+    """One-batch runs cells batch-major; after a crash the cells after the failing one get new launches."""
+    log = ("skipping (32, 65536, 64) due to max batch size limit\n"
+           "skipping (32, 130000, 64) due to max batch size limit\n")
+    skipped = bench.skipped_cells(log)
+    assert skipped == {(32, 65536), (32, 130000)}
+    bs, ctx = [1, 4, 32], [8000, 65536, 130000]
+    done = {(1, 8000), (1, 65536)}
+    failed, launches = bench.relaunch_plan(bs, ctx, done, skipped)
+    assert failed == (1, 130000) and launches == [([4, 32], ctx)]
+    failed, launches = bench.relaunch_plan(bs, ctx, {(1, 8000)}, skipped)
+    assert failed == (1, 65536) and launches == [([1], [130000]), ([4, 32], ctx)]
+    # the cells the launches cover are exactly those after the failed one
+    covered = {c for b_, c_ in launches for c in bench.cell_order(b_, c_)}
+    order = bench.cell_order(bs, ctx)
+    assert covered == set(order[order.index(failed) + 1:])
+    assert bench.relaunch_plan(bs, ctx, set(order) - skipped, skipped) == (None, [])
+    assert bench.relaunch_plan([4, 32], ctx, set(), skipped)[0] == (4, 8000)  # died in the warm-up
+
+
+def test_run_mode_relaunches_after_a_crash(bench, tmp_path, monkeypatch):
+    """run_mode with a stand-in for the benchmark process: the first launch measures one cell and dies
+    in the next; the relaunches measure the rest, and every launch appends to the mode's log."""
+    launches = []
+
+    def fake_run(cmd, stdout, stderr, timeout, env):
+        argv = cmd[cmd.index("--worker") + 1:]
+        bs = [int(x) for x in argv[argv.index("--batch-size") + 1:argv.index("--input-len")]]
+        ctx = [int(x) for x in argv[argv.index("--input-len") + 1:argv.index("--model-path")]]
+        res = argv[argv.index("--result-filename") + 1]
+        launches.append((bs, ctx))
+        stdout.write(f"launch {len(launches)}\n")
+        rc = 0
+        with open(res, "a") as f:
+            for b, c in bench.cell_order(bs, ctx):
+                if (b, c) == (1, 65536):
+                    rc = 1  # a device-side assert in this cell
+                    break
+                f.write(json.dumps({"batch_size": b, "input_len": c, "output_len": 64,
+                                    "median_decode_latency": 0.01}) + "\n")
+        return types.SimpleNamespace(returncode=rc)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    a = argparse.Namespace(model="m", output_len=64, batch_sizes=[1, 4], contexts=[8000, 65536, 130000], extra=[],
+                           host_gb=10.0, prefill_tokens_per_forward=0, query_cosine=None, timeout=10, relaunches=3)
+    rows = bench.run_mode("freekv", a, str(tmp_path))
+    assert launches == [([1, 4], [8000, 65536, 130000]), ([1], [130000]), ([4], [8000, 65536, 130000])]
+    assert sorted((r["batch_size"], r["input_len"]) for r in rows) == [(1, 8000), (1, 130000), (4, 8000),
+                                                                        (4, 65536), (4, 130000)]
+    log = (tmp_path / "one_batch-freekv.log").read_text()
+    assert log.count("args: ") == 3 and "launch 3" in log
+    a.relaunches = 0
+    launches.clear()
+    assert len(bench.run_mode("freekv", a, str(tmp_path))) == 1 and len(launches) == 1
