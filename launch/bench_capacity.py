@@ -119,9 +119,11 @@ def main():
     import torch
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    rows = [run_or_error(m, a) for m in a.modes]
-    with open(os.path.join(a.out, "bench_capacity.json"), "w") as f:
-        json.dump({"card": card, "args": vars(a), "results": rows}, f, indent=1)
+    rows = []
+    for m in a.modes:  # the file is rewritten after each mode: a run cut short keeps what it measured
+        rows.append(run_or_error(m, a))
+        with open(os.path.join(a.out, "bench_capacity.json"), "w") as f:
+            json.dump({"card": card, "args": vars(a), "results": rows}, f, indent=1)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     print(f"card: {card}; host RAM {ram:.0f} GiB; context {a.context} + {a.new_tokens} new tokens; "
           f"FreeKV host tier {a.host_gb} GiB" + (f", GPU tier {a.gpu_tier_gb} GiB" if a.gpu_tier_gb else "") + "\n")
