@@ -347,8 +347,10 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
                                     stderr=subprocess.STDOUT, timeout=a.timeout, env=env).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"  # keep what the finished cells wrote
-        if rc in (0, "timeout"):
+        if rc == 0:
             continue
+        if rc == "timeout":  # the mode's time is up: no relaunches
+            break
         with open(log, errors="replace") as f:
             f.seek(start)
             skipped = skipped_cells(f.read())
