@@ -53,11 +53,11 @@ def topk_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
 def sticky_scores(scores: torch.Tensor, resident: torch.Tensor, k: int, margin: int) -> torch.Tensor:
     """Scores with residency hysteresis: a resident page that ranks within the top ``k + margin`` of its
     row is kept (its score becomes the largest finite value); :func:`topk_pages` then fills the other
-slots by score.
+    slots by score.
 
     Fewer pages change per step (fewer recalls) at the price of attending, instead of a page ranked
     ``<= k``, a resident one ranked ``<= k + margin``. ``margin = 0`` returns ``scores`` unchanged.
-    Plain-torch reference only (the GPU kernels select without hysteresis).
+    The fused selection kernel (``kernels/score_select.py``, ``MARGIN``) implements the same rule.
 
     Args:
         scores: float ``[..., Np]`` (``-inf`` = not a candidate); resident: int ``[..., k]`` (-1 empty).
@@ -72,8 +72,8 @@ slots by score.
     res = resident.long()
     hit = (res[..., :, None] == top[..., None, :]) & (res[..., :, None] >= 0)  # [..., k, k + margin]
     keep = hit.any(dim=-1) & torch.isfinite(torch.gather(scores, -1, res.clamp(min=0)))  # [..., k]
-    pages = torch.arange(np_, device=scores.device)
-    kept = ((res[..., :, None] == pages) & keep[..., :, None]).any(dim=-2)  # [..., Np]
+    kept = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
+    kept = kept.scatter_add_(-1, res.clamp(min=0), keep.int()) > 0  # [..., Np]; empty slots add 0
     return torch.where(kept, torch.full_like(scores, torch.finfo(scores.dtype).max), scores)
 
 
