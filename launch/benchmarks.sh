@@ -44,7 +44,7 @@ for s in "${sections[@]}"; do
     kernels) run kernels python3 launch/bench_kernels.py --json "$OUT/kernels/bench_kernels.json" ;;
     decode32k) run decode32k "${BD[@]}" --contexts 32000 --batch-sizes 1 4 8 16 \
         --modes dense freekv sync arkvale staged skip --timeout 330 --out "$OUT/decode32k" ;;
-    long) run long "${BD[@]}" --contexts 8000 65536 130000 --batch-sizes 1 2 4 8 16 32 --host-gb "$LONG_HOST_GB" \
+    long) run long "${BD[@]}" --contexts 8000 65536 130000 --batch-sizes 1 4 8 16 32 --host-gb "$LONG_HOST_GB" \
         --prefill-tokens-per-forward 131072 --modes dense freekv sync skip --timeout 480 --out "$OUT/long" \
         -- --mem-fraction-static 0.7 ;;
     capacity) run capacity python3 launch/bench_capacity.py --model "$MODEL" --context 32000 --host-gb "$HOST_GB" \

@@ -16,7 +16,7 @@ changes the continuation within 2-14 tokens, and its log-probabilities before th
 nats; running in bf16 instead of float32 moves them by at most 0.10 nats, and where the two
 continuations split the top two tokens were tied. Random networks are chaotic, so two correct
 implementations that round differently can still split at such a tie: compare runs with
-:func:`freekv_sglang.testing.greedy_compare.compare_greedy`, not by token equality.
+:func:`freekv_sglang.testing.greedy_compare.compare_runs`, not by token equality.
 ``tests/test_random_llama.py`` checks these properties on the CPU.
 
 The files are a plain Hugging Face folder (``config.json``, ``model.safetensors`` in bf16) that
