@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
+from freekv_sglang.algorithm.selection import sticky_scores
+
 from .common import (cdiv, check_head_dim, check_kv_dtype, check_page_size, interpreter_forced, next_pow2, tl, triton,
                      use_triton)
 from .scores import score_pages, score_pages_reference
-from freekv_sglang.algorithm.selection import sticky_scores
-
 from .select import _residency_row, select_update, select_update_reference
 
 if triton is not None:

@@ -86,14 +86,12 @@ def mode_args(base: str) -> list[str]:
 
 def parse_mode(name: str) -> tuple[str, dict]:
     """``"freekv@32/1"`` -> ``("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1"})``."""
-    from freekv_sglang.runtime.variants import parse_variant
+    from freekv_sglang.runtime.variants import keep_margin_of, parse_variant
 
     try:
         base, env = parse_variant(name)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    from freekv_sglang.runtime.variants import keep_margin_of
-
     if keep_margin_of(base)[0] not in MODES:
         raise argparse.ArgumentTypeError(f"unknown mode {base!r} in {name!r}; choose from {sorted(MODES)}")
     if env and base == "dense":

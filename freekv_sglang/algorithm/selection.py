@@ -66,14 +66,13 @@ def sticky_scores(scores: torch.Tensor, resident: torch.Tensor, k: int, margin: 
     """
     if margin <= 0:
         return scores
-    np_ = scores.shape[-1]
-    _, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    top = order[..., : min(np_, k + margin)]  # [..., k + margin] page ids
-    res = resident.long()
-    hit = (res[..., :, None] == top[..., None, :]) & (res[..., :, None] >= 0)  # [..., k, k + margin]
-    keep = hit.any(dim=-1) & torch.isfinite(torch.gather(scores, -1, res.clamp(min=0)))  # [..., k]
+    _, order = torch.sort(scores, dim=-1, descending=True, stable=True)  # ties: lower page first
+    top = order[..., : k + margin]  # [..., k + margin] page ids
+    in_top = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, top, True)
+    res = resident.long().clamp(min=0)
+    keep = (resident >= 0) & torch.gather(in_top, -1, res) & torch.isfinite(torch.gather(scores, -1, res))
     kept = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
-    kept = kept.scatter_add_(-1, res.clamp(min=0), keep.int()) > 0  # [..., Np]; empty slots add 0
+    kept = kept.scatter_add_(-1, res, keep.int()) > 0  # [..., Np]; empty slots add 0
     return torch.where(kept, torch.full_like(scores, torch.finfo(scores.dtype).max), scores)
 
 
