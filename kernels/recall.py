@@ -43,7 +43,9 @@ if triton is not None:
         Host reads are streamed once: evict-first, so they don't push the working set out of L2."""
         if TIERED:
             in_gpu = (page >= n_host)[:, None]
-            gsrc = src - n_host * page_stride
+            # (page - n_host) is int64 like page: an int32 n_host * page_stride wraps once the host
+            # tier passes 2**31 elements (4 GiB of bf16 per layer's K), far below real tier sizes
+            gsrc = src + ((page - n_host) - page)[:, None] * page_stride
             kg = tl.load(gk_ptr + gsrc, mask=m & in_gpu)
             vg = tl.load(gv_ptr + gsrc, mask=m & in_gpu)
             kx = tl.load(hk_ptr + src, mask=m & (in_gpu == 0), eviction_policy="evict_first")

@@ -265,6 +265,60 @@ else:
             for a, b in zip(got, want):
                 assert torch.equal(a.nan_to_num(2.0), b.nan_to_num(2.0)), impl
 
+    def _tiers_past_2g_elements(g, dtype):
+        """A host tier of more than 2**31 elements (4 GiB, allocated but untouched except the pages
+        the caller reads) beside a 4-page GPU tier: GPU-tier element offsets pass int32's range, as
+        a 390 GiB host tier does on a server."""
+        p, hkv, d = 16, 2, 16
+        n_host = 2**31 // (hkv * p * d) + 2
+        hk = torch.empty((n_host, hkv, p, d), dtype=dtype)
+        hv = torch.empty((n_host, hkv, p, d), dtype=dtype)
+        used = torch.tensor([0, 1, n_host - 2, n_host - 1])
+        hk[used] = _randn(g, 4, hkv, p, d, dtype=dtype)
+        hv[used] = _randn(g, 4, hkv, p, d, dtype=dtype)
+        gk = _randn(g, 4, hkv, p, d, dtype=dtype)
+        gv = _randn(g, 4, hkv, p, d, dtype=dtype)
+        return hk, hv, gk, gv, used
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_recall_gather_gpu_tier_behind_a_large_host_tier(dtype):
+        g = _g(31)
+        hk, hv, gk, gv, used = _tiers_past_2g_elements(g, dtype)
+        n_host, hkv, p, d = hk.shape
+        page = torch.cat([used, n_host + torch.arange(4)])
+        n = page.numel()
+        slot = torch.arange(n)
+        head = torch.arange(n) % hkv
+        ref = [torch.full((n, p, hkv, d), float("nan"), dtype=dtype) for _ in range(2)]
+        K.recall_gather(hk, hv, *ref, page, slot, head, gpu_k=gk, gpu_v=gv, impl="torch")
+        assert torch.equal(ref[0][n - 1, :, head[-1]], gk[3, head[-1]])  # the reference reads the GPU tier
+        got = [torch.full((n, p, hkv, d), float("nan"), dtype=dtype) for _ in range(2)]
+        K.recall_gather(hk, hv, *got, page, slot, head, gpu_k=gk, gpu_v=gv, num_programs=3, impl="triton")
+        for a, b in zip(got, ref):
+            assert torch.equal(a.nan_to_num(2.0), b.nan_to_num(2.0))
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_recall_selected_gpu_tier_behind_a_large_host_tier(dtype):
+        g = _g(32)
+        hk, hv, gk, gv, used = _tiers_past_2g_elements(g, dtype)
+        n_host, hkv, p, d = hk.shape
+        k, n_logical = 4, 8  # one request, 8 logical pages: host pages then GPU-tier pages
+        host_pages = torch.cat([used, n_host + torch.arange(4)])
+        r2t = (host_pages[:, None] * p + torch.arange(p)).reshape(1, n_logical * p).int()
+        rows = torch.zeros(1, dtype=torch.long)
+        recall_page = torch.stack([torch.tensor([1, 3, 4, 7]), torch.tensor([0, 2, 5, 6])])[None]  # [1, Hkv, k]
+        recall_slot = torch.arange(k).expand(1, hkv, k).clone()
+        recall_slot[0, 1, 3] = -1
+        outs = []
+        for impl in ("torch", "triton"):
+            ws = [torch.full((k + 1, p, hkv, d), float("nan"), dtype=dtype) for _ in range(2)]
+            K.recall_selected(hk, hv, *ws, recall_slot, recall_page, r2t, rows, page_size=p, slot_base=k + 1,
+                              select_slot0=1, gpu_k=gk, gpu_v=gv, impl=impl)
+            outs.append(ws)
+        assert torch.equal(outs[0][1][1 + 2, :, 0], gv[0, 0])  # logical page 4 = first GPU-tier page
+        for a, b in zip(*outs):
+            assert torch.equal(a.nan_to_num(2.0), b.nan_to_num(2.0))
+
     def test_gpu_tier_must_match_the_host_pages():
         hk = torch.zeros(4, 2, 8, 16, dtype=torch.bfloat16)
         ws = torch.zeros(3, 8, 2, 16, dtype=torch.bfloat16)

@@ -211,6 +211,38 @@ def test_recall_gather_grid_sizes(nprog):
     assert _same(wk, rk) and _same(wv, rv)
 
 
+@pytest.mark.parametrize("method", ["recall_gather", "recall_selected"])
+def test_recall_gpu_tier_behind_a_large_host_tier(method):
+    """A host tier past 2**31 elements (4 GiB pinned, as every real one is): GPU-tier pages are still
+    read from the right place (their element offset once wrapped at int32 and crashed a server)."""
+    g = _gen(9)
+    p, hkv, d, dtype = 32, 8, 128, torch.bfloat16
+    n_host = 2**31 // (hkv * p * d) + 2
+    host = torch.empty((n_host, hkv, p, d), dtype=dtype, pin_memory=True)  # K and V share it
+    used = torch.tensor([0, 1, n_host - 2, n_host - 1])
+    host[used] = _randn(g, 4, hkv, p, d, dtype=dtype).cpu()
+    gk, gv = _randn(g, 4, hkv, p, d, dtype=dtype), _randn(g, 4, hkv, p, d, dtype=dtype)
+    pages = torch.cat([used, n_host + torch.arange(4)]).to(DEV)  # 4 host pages, then the 4 GPU-tier pages
+    n = pages.numel()
+    if method == "recall_gather":
+        slot, head = torch.arange(n, device=DEV), torch.arange(n, device=DEV) % hkv
+        ws = [torch.full((n, p, hkv, d), float("nan"), dtype=dtype, device=DEV) for _ in range(4)]
+        K.recall_gather(host, host, ws[0], ws[1], pages, slot, head, gpu_k=gk, gpu_v=gv)
+        K.recall_reference(host, host, ws[2], ws[3], pages, slot, head, gk, gv)
+    else:
+        r2t = (pages[:, None] * p + torch.arange(p, device=DEV)).reshape(1, n * p).int()
+        rows = torch.zeros(1, dtype=torch.long, device=DEV)
+        recall_page = torch.stack([torch.randperm(n, device=DEV, generator=g) for _ in range(hkv)])[None]
+        recall_slot = torch.arange(n, device=DEV).expand(1, hkv, n).contiguous()
+        ws = [torch.full((n + 1, p, hkv, d), float("nan"), dtype=dtype, device=DEV) for _ in range(4)]
+        for impl, (wk, wv) in (("triton", ws[:2]), ("torch", ws[2:])):
+            K.recall_selected(host, host, wk, wv, recall_slot, recall_page, r2t, rows, page_size=p, slot_base=n + 1,
+                              select_slot0=1, gpu_k=gk, gpu_v=gv, impl=impl)
+    torch.cuda.synchronize()
+    assert int((~ws[2].isnan()).sum()) == n * p * d * (hkv if method == "recall_selected" else 1)
+    assert _same(ws[0], ws[2]) and _same(ws[1], ws[3])
+
+
 def test_recall_gather_uva_wrapper(monkeypatch):
     monkeypatch.setenv("FREEKV_UVA_WRAP", "1")
     g = _gen(8)
