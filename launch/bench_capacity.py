@@ -45,6 +45,30 @@ def peak_running(log_path: str) -> int:
     return best
 
 
+def computed_concurrent(token_capacity: int | None, max_running: int | None, request_tokens: int) -> int | None:
+    """Requests of ``request_tokens`` tokens the server can run at once by its own limits: the token
+    capacity it reports (host tier plus GPU tier for FreeKV) and its ``max_running_requests`` (for
+    FreeKV, the working sets that fit beside the digests and the GPU tier)."""
+    if not token_capacity:
+        return None
+    by_tokens = token_capacity // request_tokens
+    return min(by_tokens, max_running) if max_running else by_tokens
+
+
+def server_failure(log_path: str) -> str | None:
+    """The last exception line a server log shows (``torch.AcceleratorError: CUDA error: ...``), or None."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        if re.match(r"^[\w.]*(Error|Exception)\b.*:", line.strip()) and not line.startswith(" "):
+            found = line.strip()
+    return found
+
+
 def run(mode: str, a) -> dict:
     args = ["--model-path", a.model, "--load-format", "dummy", *MODES[mode], "--max-running-requests",
             str(a.max_requests)]
@@ -61,7 +85,7 @@ def run(mode: str, a) -> dict:
     with srv:
         info = srv.server_info()
         cap_tokens = info.get("max_total_num_tokens")
-        computed = cap_tokens // (a.context + a.new_tokens) if cap_tokens else None
+        computed = computed_concurrent(cap_tokens, info.get("max_running_requests"), a.context + a.new_tokens)
         n = min(a.max_requests, (computed or a.max_requests) + 2)
         prompts = [[rng.randrange(100, 49000) for _ in range(a.context)] for _ in range(n)]
         t0 = time.time()
@@ -82,7 +106,7 @@ def table(rows: list[dict], context: int) -> str:
              f"| completed/submitted |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['mode']} | error: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['mode']} | error: {r['error'][:240]} | | | |")
         else:
             lines.append(f"| {r['mode']} | {r['token_capacity']} | {r['computed_concurrent']} | {r['peak_running']} | "
                          f"{r['completed']}/{r['submitted']} |")
@@ -99,7 +123,8 @@ def run_or_error(mode: str, a) -> dict:
     try:
         return run(mode, a)
     except Exception as e:  # noqa: BLE001 - reported in the table
-        return {"mode": mode, "error": f"{type(e).__name__}: {e}"}
+        cause = server_failure(os.path.join(a.out, f"capacity-{mode}.log"))
+        return {"mode": mode, "error": f"{type(e).__name__}: {e}" + (f" (server: {cause})" if cause else "")}
 
 
 def main():

@@ -64,6 +64,31 @@ def test_capacity_table():
     assert "error: boom" in cap.table([{"mode": "freekv", "error": "boom"}], 32000)
 
 
+def test_capacity_computed_is_bounded_by_tokens_and_running_requests():
+    cap = load_launch_script("bench_capacity")
+    assert cap.computed_concurrent(3_743_712, 75, 32_256) == 75  # working sets bound it, not the tiers' tokens
+    assert cap.computed_concurrent(915_939, 120, 32_256) == 28
+    assert cap.computed_concurrent(915_939, None, 32_256) == 28
+    assert cap.computed_concurrent(None, 75, 32_256) is None
+
+
+def test_capacity_reports_why_the_server_died(tmp_path):
+    cap = load_launch_script("bench_capacity")
+    log = tmp_path / "capacity-freekv.log"
+    log.write_text("[x] Prefill batch, #running-req: 98\n[x] Scheduler hit an exception: Traceback (most recent call "
+                   "last):\n  File \"s.py\", line 1, in f\n    x.tolist()\ntorch.AcceleratorError: CUDA error: an "
+                   "illegal memory access was encountered\nSearch for `cudaErrorIllegalAddress' in the docs\n")
+    assert cap.server_failure(str(log)) == "torch.AcceleratorError: CUDA error: an illegal memory access was encountered"
+    assert cap.server_failure(str(tmp_path / "missing.log")) is None
+
+    def boom(mode, a):
+        raise ConnectionError("Remote end closed connection without response")
+
+    cap.run = boom
+    r = cap.run_or_error("freekv", argparse.Namespace(out=str(tmp_path)))
+    assert r["error"].startswith("ConnectionError: Remote end closed") and "illegal memory access" in r["error"]
+
+
 def test_capacity_reads_peak_running_from_sglang_log(tmp_path):
     cap = load_launch_script("bench_capacity")
     log = tmp_path / "server.log"
