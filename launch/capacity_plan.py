@@ -34,21 +34,28 @@ def model_shape(model: str) -> tuple[ModelShape, int]:
 
 
 def table(shape: ModelShape, layout: WorkingSetLayout, max_ctx: int, context: int, new_tokens: int,
-          gpu_kv_gb, host_gb, kv_fp8: bool = False) -> str:
+          gpu_kv_gb, host_gb, kv_fp8: bool = False, freekv_gpu_kv_gb=None) -> str:
+    """One row per (GPU pool, host tier); ``freekv_gpu_kv_gb`` (same length as ``gpu_kv_gb``, default
+    the same values) is FreeKV's own GPU budget beside each dense pool."""
     g = 2**30
     tokens = context + new_tokens
+    fk_pools = list(freekv_gpu_kv_gb) if freekv_gpu_kv_gb else list(gpu_kv_gb)
+    if len(fk_pools) != len(gpu_kv_gb):
+        raise ValueError(f"--freekv-gpu-kv-gb needs one value per --gpu-kv-gb ({len(gpu_kv_gb)}), got {len(fk_pools)}")
     lines = [f"{context}+{new_tokens}-token requests; dense KV {tokens * kv_bytes_per_token(shape) / g:.2f} GiB each",
-             "", "| GPU KV pool GiB | host tier GiB | dense | FreeKV | FreeKV / dense | FreeKV bounded by "
-             "| FreeKV + GPU tier | GPU tier GiB | with tier / dense |",
+             "", "| GPU KV pool GiB (dense / FreeKV) | host tier GiB | dense | FreeKV | FreeKV / dense "
+             "| FreeKV bounded by | FreeKV + GPU tier | GPU tier GiB | with tier / dense |",
              "|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
-    for gk in gpu_kv_gb:
+    for gk, fk in zip(gpu_kv_gb, fk_pools):
         for hg in host_gb:
             r = concurrent_requests(shape, layout, gpu_kv_bytes=int(gk * g), host_bytes=int(hg * g),
-                                    request_tokens=tokens, max_context_len=max_ctx, kv_fp8=kv_fp8)
+                                    request_tokens=tokens, max_context_len=max_ctx, kv_fp8=kv_fp8,
+                                    freekv_gpu_kv_bytes=int(fk * g))
             ratio = f"{r['freekv'] / r['dense']:.1f}x" if r["dense"] else "-"
-            n_tier, tier_gb = best_gpu_tier(shape, layout, gk, hg, tokens, max_ctx, kv_fp8=kv_fp8)
+            n_tier, tier_gb = best_gpu_tier(shape, layout, fk, hg, tokens, max_ctx, kv_fp8=kv_fp8)
             tratio = f"{n_tier / r['dense']:.1f}x" if r["dense"] else "-"
-            lines.append(f"| {gk:g} | {hg:g} | {r['dense']} | {r['freekv']} | {ratio} | {r['freekv_bound']} "
+            pool = f"{gk:g}" if fk == gk else f"{gk:g} / {fk:g}"
+            lines.append(f"| {pool} | {hg:g} | {r['dense']} | {r['freekv']} | {ratio} | {r['freekv_bound']} "
                          f"| {n_tier} | {tier_gb:.1f} | {tratio} |")
     return "\n".join(lines)
 
@@ -76,6 +83,11 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--gpu-kv-gb", type=float, nargs="+", required=True,
                    help="GPU memory SGLang gives its KV pool (GiB; the 'KV Cache is allocated' log line)")
+    p.add_argument("--freekv-gpu-kv-gb", type=float, nargs="+", default=None,
+                   help="FreeKV's GPU budget beside each --gpu-kv-gb (GiB; the last figure of a FreeKV server's "
+                        "'FreeKV memory:' log line). A FreeKV server prefills without chunking, so SGLang reserves "
+                        "more activation memory and leaves less for KV than for dense (H200, Llama-3.1-8B shape: "
+                        "100.3 against 112.4). Default: the --gpu-kv-gb values, which overstates FreeKV's GPU bound")
     p.add_argument("--host-gb", type=float, nargs="+", required=True, help="FreeKV host tier (GiB)")
     d = FreeKVConfig()
     p.add_argument("--page-size", type=int, default=d.page_size)
@@ -90,7 +102,11 @@ def main() -> None:
     except ValueError as e:
         p.error(str(e))
     layout = WorkingSetLayout.from_tokens(a.page_size, a.sink_tokens, a.select_tokens, a.window_tokens)
-    print(table(shape, layout, max_ctx, a.context, a.new_tokens, a.gpu_kv_gb, a.host_gb, a.kv_storage == "fp8_e4m3"))
+    try:
+        print(table(shape, layout, max_ctx, a.context, a.new_tokens, a.gpu_kv_gb, a.host_gb,
+                    a.kv_storage == "fp8_e4m3", a.freekv_gpu_kv_gb))
+    except ValueError as e:
+        p.error(str(e))
     print("\n(projection from the sizing formulas; launch/bench_capacity.py measures a running server)")
 
 

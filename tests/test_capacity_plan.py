@@ -127,3 +127,38 @@ def test_fp8_tiers_hold_twice_the_tokens():
     fp8 = plan_memory(SHAPE, LAYOUT, host, gpu, 4096, kv_fp8=True)
     assert fp8.host_pages == 2 * (bf16.host_pages - 1) + 1 or fp8.host_pages == 2 * bf16.host_pages
     assert fp8.host_bytes <= host and fp8.digest_bytes > bf16.digest_bytes  # digests stay in the model's dtype
+
+
+def test_freekv_gpu_budget_can_differ_from_dense():
+    """A FreeKV server's GPU budget is smaller than dense's pool (no chunked prefill: SGLang reserves more
+    activation memory); the projection takes it separately and only FreeKV's bound moves."""
+    host = 400 * 1000 * KV_TOKEN
+    same = concurrent_requests(SHAPE, LAYOUT, gpu_kv_bytes=40 * 2**20, host_bytes=host, request_tokens=1000,
+                               max_context_len=4096)
+    less = concurrent_requests(SHAPE, LAYOUT, gpu_kv_bytes=40 * 2**20, host_bytes=host, request_tokens=1000,
+                               max_context_len=4096, freekv_gpu_kv_bytes=13 * 2**20)  # 12.5 MiB of digests
+    assert less["dense"] == same["dense"] and less["freekv_bound"] == "gpu"
+    assert 0 < less["freekv"] < same["freekv"]
+
+
+def test_capacity_plan_table_with_freekv_budget(tmp_path):
+    import pytest
+
+    mod = load_launch_script("capacity_plan")
+    out = mod.table(SHAPE, LAYOUT, 4096, 992, 8, [0.05], [0.4], freekv_gpu_kv_gb=[0.02])
+    assert "| 0.05 / 0.02 | 0.4 |" in out
+    with pytest.raises(ValueError, match="one value per --gpu-kv-gb"):
+        mod.table(SHAPE, LAYOUT, 4096, 992, 8, [0.05, 0.1], [0.4], freekv_gpu_kv_gb=[0.02])
+
+
+def test_h200_capacity_run_matches_the_server_plan():
+    """Campaign on an H200 (Llama-3.1-8B shape, 32000 + 256 tokens): the server's plan with a 390 GiB host
+    tier and a 67 GiB GPU tier in a 100.3 GiB FreeKV budget ran at most 75 requests, as the sizing says;
+    55 GiB of GPU tier in the same budget fits 113 (the measured dense SGLang ran 28)."""
+    shape = ModelShape(32, 32, 8, 128, torch.bfloat16)
+    lay = WorkingSetLayout.from_tokens(32, 512, 1024, 512)
+    kw = dict(gpu_kv_bytes=int(112.4 * 2**30), host_bytes=390 * 2**30, request_tokens=32256, max_context_len=131072,
+              freekv_gpu_kv_bytes=int(100.32 * 2**30))
+    assert concurrent_requests(shape, lay, gpu_tier_bytes=67 * 2**30, **kw)["freekv"] == 75
+    r = concurrent_requests(shape, lay, gpu_tier_bytes=55 * 2**30, **kw)
+    assert r["freekv"] == 113 and r["dense"] == 28

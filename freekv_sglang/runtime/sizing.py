@@ -205,7 +205,7 @@ def kv_bytes_per_token(shape: ModelShape) -> int:
 
 def concurrent_requests(shape: ModelShape, layout: WorkingSetLayout, *, gpu_kv_bytes: int, host_bytes: int,
                         request_tokens: int, max_context_len: int, gpu_tier_bytes: int = 0,
-                        kv_fp8: bool = False) -> dict:
+                        kv_fp8: bool = False, freekv_gpu_kv_bytes: int | None = None) -> dict:
     """How many ``request_tokens``-token requests fit at once, dense vs FreeKV, from the sizing formulas.
 
     Args:
@@ -214,13 +214,18 @@ def concurrent_requests(shape: ModelShape, layout: WorkingSetLayout, *, gpu_kv_b
         host_bytes: FreeKV's pinned host tier.
         request_tokens: prompt plus generated tokens of each request.
         max_context_len: the model's context length (sizes FreeKV's per-request scratch).
-        gpu_tier_bytes: FreeKV's GPU tier (``--freekv-gpu-tier-gb``), out of ``gpu_kv_bytes``.
+        gpu_tier_bytes: FreeKV's GPU tier (``--freekv-gpu-tier-gb``), out of FreeKV's GPU budget.
+        freekv_gpu_kv_bytes: FreeKV's GPU budget when it differs from dense's pool (default
+            ``gpu_kv_bytes``): a FreeKV server prefills without chunking, so SGLang reserves activation
+            memory for its whole prefill budget and leaves less for KV (H200, Llama-3.1-8B shape: 100.3
+            GiB against dense's 112.4).
     Returns ``{"dense": n, "freekv": n, "freekv_bound": "host" | "gpu"}``; a projection, not a measurement.
     """
     P = layout.page_size
     dense = gpu_kv_bytes // (request_tokens * kv_bytes_per_token(shape))
     try:  # an unbounded user cap: the rows the GPU holds, not the host-tier cap plan_memory applies by default
-        plan = plan_memory(shape, layout, host_bytes, gpu_kv_bytes, max_context_len, user_max_running_requests=2**62,
+        fk_bytes = gpu_kv_bytes if freekv_gpu_kv_bytes is None else freekv_gpu_kv_bytes
+        plan = plan_memory(shape, layout, host_bytes, fk_bytes, max_context_len, user_max_running_requests=2**62,
                            gpu_tier_bytes=gpu_tier_bytes, kv_fp8=kv_fp8)
     except FreeKVMemoryError:
         return {"dense": int(dense), "freekv": 0, "freekv_bound": "gpu"}
