@@ -55,6 +55,21 @@ def computed_concurrent(token_capacity: int | None, max_running: int | None, req
     return min(by_tokens, max_running) if max_running else by_tokens
 
 
+def scheduler_max_running(log_path: str) -> int | None:
+    """``max_running_requests`` as SGLang's scheduler settled it at start-up (its log line), which for
+    FreeKV is the plan's working-set bound rather than the command-line cap ``/get_server_info`` reports."""
+    found = None
+    try:
+        with open(log_path, errors="replace") as f:
+            for line in f:
+                m = re.search(r"max_total_num_tokens=\d+, .*max_running_requests=(\d+)", line)
+                if m:
+                    found = int(m.group(1))
+    except OSError:
+        return None
+    return found
+
+
 def server_failure(log_path: str) -> str | None:
     """The last exception line a server log shows (``torch.AcceleratorError: CUDA error: ...``), or None."""
     try:
@@ -85,7 +100,8 @@ def run(mode: str, a) -> dict:
     with srv:
         info = srv.server_info()
         cap_tokens = info.get("max_total_num_tokens")
-        computed = computed_concurrent(cap_tokens, info.get("max_running_requests"), a.context + a.new_tokens)
+        running_cap = scheduler_max_running(srv.log_path) or info.get("max_running_requests")
+        computed = computed_concurrent(cap_tokens, running_cap, a.context + a.new_tokens)
         n = min(a.max_requests, (computed or a.max_requests) + 2)
         prompts = [[rng.randrange(100, 49000) for _ in range(a.context)] for _ in range(n)]
         t0 = time.time()
@@ -94,7 +110,7 @@ def run(mode: str, a) -> dict:
         dt = time.time() - t0
     with open(srv.log_path, errors="replace") as f:
         mem = re.findall(r"FreeKV memory: .*", f.read())
-    return {"mode": mode, "token_capacity": cap_tokens, "max_running_requests": info.get("max_running_requests"),
+    return {"mode": mode, "token_capacity": cap_tokens, "max_running_requests": running_cap,
             "computed_concurrent": computed, "submitted": n, "completed": ok,
             "peak_running": peak_running(srv.log_path), "seconds": round(dt, 1),
             "freekv_memory": mem[-1] if mem else None}

@@ -72,6 +72,16 @@ def test_capacity_computed_is_bounded_by_tokens_and_running_requests():
     assert cap.computed_concurrent(None, 75, 32_256) is None
 
 
+def test_capacity_reads_the_schedulers_running_cap(tmp_path):
+    cap = load_launch_script("bench_capacity")
+    log = tmp_path / "capacity-freekv-tier.log"
+    log.write_text("[x] FreeKV memory: ...; max running requests 75\n[x] max_total_num_tokens=3743712, "
+                   "chunked_prefill_size=-1, max_prefill_tokens=16384, max_running_requests=75, context_len=131072, "
+                   "available_gpu_mem=20.10 GB\n")
+    assert cap.scheduler_max_running(str(log)) == 75
+    assert cap.scheduler_max_running(str(tmp_path / "none.log")) is None
+
+
 def test_capacity_reports_why_the_server_died(tmp_path):
     cap = load_launch_script("bench_capacity")
     log = tmp_path / "capacity-freekv.log"
