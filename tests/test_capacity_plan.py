@@ -162,3 +162,18 @@ def test_h200_capacity_run_matches_the_server_plan():
     assert concurrent_requests(shape, lay, gpu_tier_bytes=67 * 2**30, **kw)["freekv"] == 75
     r = concurrent_requests(shape, lay, gpu_tier_bytes=55 * 2**30, **kw)
     assert r["freekv"] == 113 and r["dense"] == 28
+
+
+def test_gpu_tier_note_gives_the_balance_point():
+    from freekv_sglang.runtime.sizing import gpu_tier_note
+
+    shape = ModelShape(32, 32, 8, 128, torch.bfloat16)
+    lay = WorkingSetLayout.from_tokens(32, 512, 1024, 512)
+    gpu = int(100.32 * 2**30)
+    plan = plan_memory(shape, lay, 390 * 2**30, gpu, 131072, user_max_running_requests=120,
+                       gpu_tier_bytes=67 * 2**30)
+    assert plan.max_running_requests == 75 and plan.total_tokens == 3743712  # run H's server plan
+    note = gpu_tier_note(plan, gpu, 32)
+    assert "allow 75 running requests" in note and "about 49888 tokens per request" in note
+    assert "--gpu-kv-gb 100.3 --host-gb 390" in note
+    assert gpu_tier_note(plan_memory(shape, lay, 390 * 2**30, gpu, 131072), gpu, 32) is None

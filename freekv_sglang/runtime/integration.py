@@ -75,7 +75,7 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
 
     from freekv_sglang.config import resolve_host_memory_bytes
 
-    from .sizing import capacity_warning, digest_warning, plan_memory
+    from .sizing import capacity_warning, digest_warning, gpu_tier_note, plan_memory
 
     sched = get_schedule()
     gpu_bytes = self._profile_available_bytes(pre_model_load_memory)
@@ -88,6 +88,9 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
                         self.model_config.context_len, sched.max_total_tokens, sched.max_running_requests,
                         gpu_tier_bytes=int(cfg.gpu_tier_gb * 2**30), kv_fp8=cfg.kv_storage == "fp8_e4m3")
     logger.info(_PLAN.summary())
+    note = gpu_tier_note(_PLAN, gpu_bytes, cfg.page_size)
+    if note:
+        logger.info(note)
     for hint in (digest_warning(_PLAN, gpu_bytes, cfg.page_size),
                  capacity_warning(_PLAN, gpu_bytes, _model_shape(self))):
         if hint:

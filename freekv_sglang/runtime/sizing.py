@@ -114,6 +114,25 @@ def digest_warning(plan: MemoryPlan, gpu_bytes: int, page_size: int) -> str | No
             f"lets more run at once (launch/capacity_plan.py projects it).")
 
 
+def gpu_tier_note(plan: MemoryPlan, gpu_bytes: int, page_size: int) -> str | None:
+    """With a GPU tier: the context length at which tiers and working sets fill together, or None.
+
+    The GPU tier and the working sets share one GPU budget. Requests shorter than the balance point
+    queue for working sets while part of the tier stays empty (a smaller tier runs more of them at
+    once); longer ones fill the tiers first.
+    """
+    if not plan.gpu_tier_pages:
+        return None
+    balanced = plan.total_tokens // max(1, plan.max_running_requests)
+    balanced -= balanced % page_size
+    return (f"FreeKV: the host and GPU tiers hold {plan.total_tokens} tokens and the working sets left beside the "
+            f"{_size(plan.gpu_tier_bytes)} GPU tier allow {plan.max_running_requests} running requests: the two fill "
+            f"together at about {balanced} tokens per request. Shorter requests queue for working sets while part "
+            f"of the tier stays empty; `python launch/capacity_plan.py --model MODEL --gpu-kv-gb {gpu_bytes / 2**30:.1f} "
+            f"--host-gb {plan.host_bytes / 2**30:.0f} --context C` gives the tier size that runs the most requests "
+            f"of C tokens.")
+
+
 def capacity_warning(plan: MemoryPlan, gpu_bytes: int, shape: ModelShape) -> str | None:
     """A hint when FreeKV holds fewer tokens than SGLang's own GPU pool would.
 
