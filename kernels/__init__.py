@@ -13,6 +13,7 @@ Modules (one op each):
 * :mod:`.page_table`   ``build_page_table``        FlashInfer metadata of the working sets
 * :mod:`.sparse_decode` ``SparseDecode``           FlashInfer paged decode over the slots
 * :mod:`.xqa_decode`    ``XqaDecode``              FlashInfer's XQA decode kernels over the slots (no plan)
+* :mod:`.split_decode`  ``split_decode_attention`` Triton decode over the slots, split along them (no plan)
 * :mod:`.uva`          zero-copy pinned-memory kernel arguments
 * :mod:`.synthetic_query` ``mix_queries``          benchmark-only synthetic decode queries, one launch
 
@@ -29,16 +30,17 @@ from .score_select import score_and_select, score_and_select_reference
 from .scores import score_pages, score_pages_reference
 from .select import select_and_diff, select_and_diff_reference
 from .sparse_decode import SparseDecode, sparse_decode_reference
+from .split_decode import SplitDecode, split_decode_attention
 from .xqa_decode import XqaDecode, block_table_from_page_table
 from .uva import HostPointer, kernel_arg
 
 __all__ = [
-    "HostPointer", "SparseDecode", "StagedRecall", "XqaDecode", "block_table_from_page_table", "build_page_table",
+    "HostPointer", "SparseDecode", "SplitDecode", "StagedRecall", "XqaDecode", "block_table_from_page_table", "build_page_table",
     "build_page_table_reference",
     "kernel_arg", "last_page_len_host", "page_digests_from_rows", "page_digests_from_rows_reference",
     "page_table_indptr_host", "pieces_from_selection", "recall_gather", "recall_gather_reference", "recall_per_page",
     "recall_reference", "recall_selected", "recall_selected_reference",
     "recall_staged", "score_and_select", "score_and_select_reference", "score_pages", "score_pages_reference",
     "select_and_diff", "select_and_diff_reference",
-    "sparse_decode_reference", "store_kv_host", "store_kv_host_reference",
+    "sparse_decode_reference", "split_decode_attention", "store_kv_host", "store_kv_host_reference",
 ]

@@ -633,6 +633,24 @@ def sec_decode(r: Runner, out: dict, quick: bool):
             res["sparse_xqa_ms"], res["sparse_xqa_graph_ms"] = t
             r.row("decode", f"SparseDecode via XQA kernels, b={b}", 1e3 * t[0], "us",
                   f"{res['sparse_ms'] / t[0]:.2f}x the runtime's (NHD, tensor cores); {1e3 * t[1]:.1f} us in a graph")
+        # the Triton split decode over the same page table (no plan): default chunk count and a sweep
+        for n_split in (None, 2, 4, 8, 16):
+            def split(n_split=n_split):
+                def run():
+                    return K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=LAYOUT.slots,
+                                                    n_split=n_split)
+                err = (run().float() - sd.run(q, ws_k, ws_v).float()).abs().max().item()
+                if err > 2e-2:
+                    raise RuntimeError(f"differs from FlashInfer's paged decode by {err}")
+                return bench_ms(run), graph_ms(run)
+
+            label = "default" if n_split is None else str(n_split)
+            t = safe(r, "decode", f"sparse Triton split {label} b={b}", split)
+            if t is not None:
+                if n_split is None:
+                    res["sparse_split_ms"], res["sparse_split_graph_ms"] = t
+                r.row("decode", f"Triton split decode, {label} chunks per (request, KV head), b={b}", 1e3 * t[0], "us",
+                      f"{1e3 * t[1]:.1f} us in a graph")
         seq_dev, rows = seq.to(DEV), torch.arange(b, device=DEV)
         t = safe(r, "decode", "page table graph", lambda: graph_ms(lambda: K.build_page_table(
             seq_dev, rows, ip, ix, lp, layout=LAYOUT, slot_base=LAYOUT.slots)))
@@ -690,6 +708,9 @@ def sec_decode(r: Runner, out: dict, quick: bool):
         r.row("decode", f"in CUDA graphs: sparse {1e3 * res['sparse_graph_ms']:.1f} us, dense page 32 "
               f"{1e3 * res['dense_p32_graph_ms']:.1f} us, b={b}", res["dense_p32_graph_ms"] / res["sparse_graph_ms"], "x",
               "the speed-up a captured decode step sees")
+        if "sparse_split_graph_ms" in res:
+            r.row("decode", f"in CUDA graphs: Triton split decode {1e3 * res['sparse_split_graph_ms']:.1f} us, b={b}",
+                  res["dense_p32_graph_ms"] / res["sparse_split_graph_ms"], "x", "speed-up over dense page 32 in a graph")
         r.save()
 
 

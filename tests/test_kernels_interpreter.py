@@ -355,6 +355,42 @@ else:
                     assert torch.equal(wk[r * lay.slots + lay.n_sink + j, :, h], hk[hp, h])
                     assert torch.equal(wv[r * lay.slots + lay.n_sink + j, :, h], hv[hp, h])
 
+    # ------------------------------------------------------------------ split decode
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("grp,d", [(1, 64), (3, 64), (4, 128), (7, 64)])
+    @pytest.mark.parametrize("n_split", [1, 8])
+    def test_split_decode(dtype, grp, d, n_split):
+        """Working-set attention split along the slots and merged equals paged attention over the
+        same page table: requests of different lengths, partial last pages, a one-slot request."""
+        g = _g(40 + grp)
+        lay = WorkingSetLayout(page_size=16, n_sink=1, n_select=3, n_window=2)
+        S, hkv = lay.slots, 2
+        lens = torch.tensor([5, 200, 16, 77])
+        rows = torch.tensor([3, 1, 0, 2])
+        b = len(lens)
+        ip = torch.zeros(b + 1, dtype=torch.int32)
+        ix = torch.zeros(b * S, dtype=torch.int32)
+        lp = torch.zeros(b, dtype=torch.int32)
+        K.build_page_table(lens, rows, ip, ix, lp, layout=lay, slot_base=S)
+        q = _randn(g, b, hkv * grp, d, dtype=dtype)
+        wk = _randn(g, 4 * S, 16, hkv, d, dtype=dtype)
+        wv = _randn(g, 4 * S, 16, hkv, d, dtype=dtype)
+        scale = 1.0 / d ** 0.5
+        want = K.sparse_decode_reference(q, wk, wv, ip, ix, lp, scale)
+        got = K.split_decode_attention(q, wk, wv, ip, ix, lp, max_slots=S, sm_scale=scale, n_split=n_split)
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+        # the table's first rows only: a smaller batch reads a prefix of the same buffers
+        sd = K.SplitDecode(ip, ix, lp, S)
+        torch.testing.assert_close(sd.run(q[:2], wk, wv, scale).float(), want[:2], atol=2e-2, rtol=2e-2)
+
+    def test_split_decode_refuses_small_pages():
+        q = torch.zeros(1, 2, 64, dtype=torch.bfloat16)
+        ws = torch.zeros(3, 8, 1, 64, dtype=torch.bfloat16)
+        i = torch.zeros(2, dtype=torch.int32)
+        with pytest.raises(NotImplementedError, match="page size >= 16"):
+            K.split_decode_attention(q, ws, ws, i, i, i[:1], max_slots=3)
+
     # ------------------------------------------------------------------------ page table
     @pytest.mark.parametrize("lay", [WorkingSetLayout(8, 3, 4, 3), WorkingSetLayout(32, 16, 32, 16),
                                      WorkingSetLayout(16, 0, 2, 2)])

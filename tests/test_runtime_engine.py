@@ -177,9 +177,10 @@ def test_decode_attention_kernel_env_is_validated(monkeypatch):
     monkeypatch.setenv("FREEKV_DECODE_ATTENTION", "cudnn")
     with pytest.raises(ValueError, match="FREEKV_DECODE_ATTENTION"):
         WorkingSetAttention(torch.device("cpu"), 2, 6)
-    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", "xqa")  # CPU: the reference attention either way
-    run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, steps=4, page_size=16,
-                          prompt_lens=(200, 300, 90), rows=(2, 1, 4))
+    for kernel in ("xqa", "triton"):  # CPU: the reference attention either way
+        monkeypatch.setenv("FREEKV_DECODE_ATTENTION", kernel)
+        run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, steps=4, page_size=16,
+                              prompt_lens=(200, 300, 90), rows=(2, 1, 4))
 
 
 @pytest.mark.parametrize("gpu_pages,offload_api", [(0, False), (60, True)])

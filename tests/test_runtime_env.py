@@ -53,6 +53,7 @@ def test_variant_names():
     from freekv_sglang.runtime.variants import apply_variant_env, parse_variant
 
     assert parse_variant("freekv") == ("freekv", {})
+    assert parse_variant("freekv:triton") == ("freekv", {"FREEKV_DECODE_ATTENTION": "triton"})
     assert parse_variant("freekv@32/1~8") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1",
                                                          "FREEKV_DECODE_SPLIT_PAGES": "8"})
     assert parse_variant("sync~4")[1] == {"FREEKV_DECODE_SPLIT_PAGES": "4"}

@@ -19,7 +19,7 @@ from freekv_sglang.algorithm.attention import paged_attention
 logger = logging.getLogger(__name__)
 
 ATTENTION_ENV = "FREEKV_DECODE_ATTENTION"
-ATTENTION_KERNELS = ("flashinfer", "xqa")
+ATTENTION_KERNELS = ("flashinfer", "xqa", "triton")
 
 
 class WorkingSetAttention:
@@ -43,12 +43,14 @@ class WorkingSetAttention:
                               torch.ones(max_batch, dtype=torch.int32, device=device))
         self.eager = None
         self.graph_wrappers = {}
-        # FREEKV_DECODE_ATTENTION=xqa: FlashInfer's XQA kernels over a block table derived on the GPU
-        # (no host-side plan); default: FlashInfer's paged decode wrapper
+        # FREEKV_DECODE_ATTENTION=xqa: FlashInfer's XQA kernels over a block table derived on the GPU;
+        # =triton: the Triton split decode over the page table itself (neither needs a host-side
+        # plan); default: FlashInfer's paged decode wrapper
         self.kernel = os.environ.get(ATTENTION_ENV, "flashinfer")
         if self.kernel not in ATTENTION_KERNELS:
             raise ValueError(f"{ATTENTION_ENV} must be one of {ATTENTION_KERNELS}, got {self.kernel!r}")
         self.xqa = None
+        self.split = None  # the Triton split decode (FREEKV_DECODE_ATTENTION=triton)
         if device.type == "cuda":
             from freekv_sglang.kernels.sparse_decode import SparseDecode
 
@@ -59,6 +61,11 @@ class WorkingSetAttention:
 
                 self.xqa = XqaDecode(device, max_batch, slots_per_request)
                 logger.info("%s=xqa: working-set attention through FlashInfer's XQA kernels", ATTENTION_ENV)
+            elif self.kernel == "triton":
+                from freekv_sglang.kernels.split_decode import SplitDecode
+
+                self.split = SplitDecode(*self.eager_buffers, slots_per_request)
+                logger.info("%s=triton: working-set attention through the Triton split decode", ATTENTION_ENV)
         self.active = None
         self._tables = None
         # optional fixed KV split of FlashInfer's plan, in pages (unset: FlashInfer chooses); eager
@@ -71,6 +78,12 @@ class WorkingSetAttention:
             logger.info("FREEKV_DECODE_SPLIT_PAGES=%d applies to eager decode steps; CUDA-graph steps keep "
                         "FlashInfer's own split", self.split_pages)
 
+    @property
+    def _planned_on_host(self) -> bool:
+        """FlashInfer's paged decode wrapper (the default) needs a host-side plan and, for CUDA graphs,
+        a wrapper with static buffers per batch size; XQA and the split decode read the eager table."""
+        return self.xqa is None and self.split is None
+
     def _graph_wrapper(self, bs: int):
         w = self.graph_wrappers.get(bs)
         if w is None:
@@ -81,7 +94,7 @@ class WorkingSetAttention:
 
     def device_buffers(self, bs: int, graph: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(kv_indptr [bs+1], kv_indices [bs*S], kv_last_page_len [bs])`` int32 device buffers to fill."""
-        if graph and self.xqa is None:
+        if graph and self._planned_on_host:
             w = self.graph_wrappers[bs]
             return w.kv_indptr, w.kv_indices, w.kv_last_page_len
         if bs > self.max_batch:
@@ -108,8 +121,8 @@ class WorkingSetAttention:
             idx = self.eager_buffers[1].tolist()
             self._tables = ([idx[ip[b]:ip[b + 1]] for b in range(bs)], last_page_len_host.tolist())
             return
-        if self.xqa is not None:  # XQA reads the device table: nothing to plan on the host
-            self.active = self.xqa
+        if not self._planned_on_host:  # XQA / the split decode read the device table: no host plan
+            self.active = self.xqa if self.xqa is not None else self.split
             return
         w = self._graph_wrapper(bs) if graph else self.eager
         indices = w.kv_indices if graph else self.eager_buffers[1]

@@ -45,8 +45,8 @@ def parse_variant(name: str) -> tuple[str, dict[str, str]]:
         if var in env:
             raise ValueError(f"{name!r}: {sep!r} given twice")
         if sep == ":":
-            if val not in ("flashinfer", "xqa"):
-                raise ValueError(f"{name!r}: the attention kernel after ':' must be flashinfer or xqa")
+            if val not in ("flashinfer", "xqa", "triton"):
+                raise ValueError(f"{name!r}: the attention kernel after ':' must be flashinfer, xqa or triton")
             env[var] = val
             continue
         if not val.isdigit() or int(val) < 1:

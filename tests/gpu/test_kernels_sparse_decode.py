@@ -178,3 +178,60 @@ def test_xqa_decode_matches_reference(dtype, grp, d):
     g.replay()
     torch.cuda.synchronize()
     _check(out, q, ws_k, ws_v, ip, ix, lp, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("grp", [1, 3, 4, 7])
+@pytest.mark.parametrize("p,n_split", [(32, None), (32, 1), (16, 5), (64, 64)])
+def test_split_decode_matches_reference(dtype, d, grp, p, n_split):
+    """The Triton split decode over the working sets' page table: the reference's attention for any
+    chunk count (1, the default, one per slot and more chunks than slots)."""
+    lay = WorkingSetLayout(p, 4, 8, 4)
+    seq = [1, 31, 33, 200, 16 * p, 16 * p + 1, 5000, 12345]
+    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=7)
+    b = len(seq)
+    ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
+    ix = torch.empty(b * lay.slots, dtype=torch.int32, device=DEV)
+    lp = torch.empty(b, dtype=torch.int32, device=DEV)
+    K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
+    scale = 1.0 / math.sqrt(d)
+    out = K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=lay.slots, sm_scale=scale, n_split=n_split)
+    _check(out, q, ws_k, ws_v, ip, ix, lp, scale)
+
+
+def test_split_decode_cuda_graph():
+    """Page table and split decode recorded in one graph, replayed with new lengths, queries and keys."""
+    dtype, grp, d = torch.bfloat16, 4, 128
+    lay = WorkingSetLayout(32, 4, 8, 4)
+    seq = [40, 700, 5000, 1]
+    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=4)
+    b = len(seq)
+    ip = torch.zeros(b + 2, dtype=torch.int32, device=DEV)  # a larger table: the first b rows are read
+    ix = torch.zeros((b + 1) * lay.slots, dtype=torch.int32, device=DEV)
+    lp = torch.ones(b + 1, dtype=torch.int32, device=DEV)
+    sd = K.SplitDecode(ip, ix, lp, lay.slots)
+    scale = 1 / math.sqrt(d)
+    out = torch.empty_like(q)
+
+    def step():
+        K.build_page_table(seq_lens, rpi, ip[: b + 1], ix, lp[:b], layout=lay, slot_base=lay.slots)
+        sd.run(q, ws_k, ws_v, scale, out=out)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    _check(out, q, ws_k, ws_v, ip[: b + 1], ix, lp[:b], scale)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    g = torch.Generator(device=DEV).manual_seed(5)
+    for new_seq in ([41, 701, 5001, 2], [33 * 32, 15, 2 * 32 + 1, 9000]):
+        seq_lens.copy_(torch.tensor(new_seq, dtype=torch.int32, device=DEV))
+        q.copy_(torch.randn(q.shape, generator=g, device=DEV).to(dtype))
+        ws_k.copy_(torch.randn(ws_k.shape, generator=g, device=DEV).to(dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, q, ws_k, ws_v, ip[: b + 1], ix, lp[:b], scale)

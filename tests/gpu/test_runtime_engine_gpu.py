@@ -88,6 +88,15 @@ def test_xqa_attention_matches_reference_gpu(group, head_dim, monkeypatch):
     assert rt.attention.xqa is not None
 
 
+@pytest.mark.parametrize("group,head_dim", [(4, 128), (3, 64)])
+def test_triton_split_attention_matches_reference_gpu(group, head_dim, monkeypatch):
+    """FREEKV_DECODE_ATTENTION=triton: the working-set attention through the Triton split decode."""
+    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", "triton")
+    rt, _ = run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group,
+                                  head_dim=head_dim, atol=2e-2, page_size=32, prompt_lens=(300, 500, 90, 800))
+    assert rt.attention.split is not None
+
+
 @pytest.mark.parametrize("gpu_pages", [0, 60])
 def test_runtime_with_fp8_tiers_matches_reference_gpu(gpu_pages):
     """FP8 host (and GPU) tiers on the GPU: the kernels round like torch, so the runtime equals the spec

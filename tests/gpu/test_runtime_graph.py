@@ -21,7 +21,7 @@ def make_runtime(shape, lay, req_to_token, n_pages, rows_cap, speculative=True):
 @pytest.mark.parametrize("bs_real,bs_graph,streams,defer,attention", [
     *[(r, g, s, "0", "flashinfer") for r, g in ((3, 4), (4, 4), (5, 8)) for s in ("1", "2")],
     (3, 4, "2", "2", "flashinfer"), (5, 8, "2", "2", "flashinfer"), (5, 8, "1", "1", "flashinfer"),
-    (5, 8, "2", "0", "xqa")])
+    (5, 8, "2", "0", "xqa"), (5, 8, "2", "0", "triton")])
 def test_graph_replay_matches_eager(bs_real, bs_graph, streams, defer, attention, monkeypatch):
     monkeypatch.setenv("FREEKV_SPEC_STREAMS", streams)
     monkeypatch.setenv("FREEKV_DEFER_LAYERS", defer)  # the last layers speculate at the next step's start
