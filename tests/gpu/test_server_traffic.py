@@ -1,6 +1,6 @@
 """Serving traffic on a GPU: SGLang's own load generator against ``--kv-retrieval freekv``.
 
-``python -m sglang.bench_serving`` sends Poisson-timed requests of random token ids whose prompt
+``python -m sglang.benchmark.serving`` (SGLang's ``bench_serving``) sends Poisson-timed requests of random token ids whose prompt
 lengths spread from a few hundred tokens (shorter than a working set: attended exactly) to 24K,
 with output lengths that vary too, more at once than the server runs (so requests queue). Every
 request must complete, the server must stay up, and SGLang's strict idle check (every token slot
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(MODEL), reason=f"test model fo
 
 def bench_serving(base: str, out_file: str, *, num_prompts: int, input_len: int, output_len: int, ratio: float,
                   rate: float, log_path: str) -> dict:
-    """One ``sglang.bench_serving`` run; returns its JSON result line."""
-    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--base-url", base,
+    """One ``sglang.benchmark.serving`` run; returns its JSON result line."""
+    cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--base-url", base,
            "--model", MODEL, "--tokenizer", MODEL, "--dataset-name", "random-ids",
            "--random-input-len", str(input_len), "--random-output-len", str(output_len),
            "--random-range-ratio", str(ratio), "--num-prompts", str(num_prompts), "--request-rate", str(rate),
