@@ -1,9 +1,9 @@
 """Serving traffic on a GPU: SGLang's own load generator against ``--kv-retrieval freekv``.
 
 ``python -m sglang.benchmark.serving`` (SGLang's ``bench_serving``) sends Poisson-timed requests of
-random token ids whose prompt lengths spread from a few hundred tokens (shorter than a working set: attended exactly) to 24K,
-with output lengths that vary too, more at once than the server runs (so requests queue). Every
-request must complete, the server must stay up, and SGLang's strict idle check (every token slot
+random token ids whose prompt lengths spread from a few hundred tokens (shorter than a working set:
+attended exactly) to 24K, with output lengths that vary too, more at once than the server runs (so
+requests queue). Every request must complete, the server must stay up, and SGLang's strict idle check (every token slot
 returned) must stay silent. The figures it prints (throughput, TTFT, TPOT) are for the record, not
 a benchmark. Model: ``FREEKV_TEST_MODEL`` (default ``.gpu-bundle/models/llama-8b-shape``, dummy
 weights). Logs go to ``$OUT`` (or a temp dir).
