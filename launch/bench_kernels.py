@@ -651,6 +651,21 @@ def sec_decode(r: Runner, out: dict, quick: bool):
                     res["sparse_split_ms"], res["sparse_split_graph_ms"] = t
                 r.row("decode", f"Triton split decode, {label} chunks per (request, KV head), b={b}", 1e3 * t[0], "us",
                       f"{1e3 * t[1]:.1f} us in a graph")
+        if b == 8:  # launch shape of the split decode at the batch: warps x pipeline stages
+            best = None
+            for warps in (2, 4, 8):
+                for stages in (1, 2, 3):
+                    def cfg(warps=warps, stages=stages):
+                        return graph_ms(lambda: K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp,
+                                                                         max_slots=LAYOUT.slots, num_warps=warps,
+                                                                         num_stages=stages))
+                    t = safe(r, "decode", f"sparse Triton split warps={warps} stages={stages}", cfg)
+                    if t is not None and (best is None or t < best[0]):
+                        best = (t, warps, stages)
+            if best is not None:
+                res["sparse_split_best_graph_ms"] = best[0]
+                r.row("decode", f"Triton split decode, best of warps x stages ({best[1]} warps, {best[2]} stages), "
+                      f"b={b}", 1e3 * best[0], "us", "in a graph")
         seq_dev, rows = seq.to(DEV), torch.arange(b, device=DEV)
         t = safe(r, "decode", "page table graph", lambda: graph_ms(lambda: K.build_page_table(
             seq_dev, rows, ip, ix, lp, layout=LAYOUT, slot_base=LAYOUT.slots)))
