@@ -35,14 +35,20 @@ MODES = {
 }
 
 
+def _log_matches(log_path: str, pattern: str) -> list[re.Match]:
+    """Matches of ``pattern`` (``re.search``) in a server log, line by line, in order; none if the log
+    does not exist."""
+    try:
+        with open(log_path, errors="replace") as f:
+            return [m for m in map(re.compile(pattern).search, f) if m]
+    except OSError:
+        return []
+
+
 def peak_running(log_path: str) -> int:
-    best = 0
-    with open(log_path, errors="replace") as f:
-        for line in f:
-            m = re.search(r"Decode batch(?: \[\d+\])?, #running-req: (\d+)", line)
-            if m:
-                best = max(best, int(m.group(1)))
-    return best
+    """The most requests SGLang's decode log lines show running at once."""
+    return max((int(m.group(1)) for m in _log_matches(log_path, r"Decode batch(?: \[\d+\])?, #running-req: (\d+)")),
+               default=0)
 
 
 def computed_concurrent(token_capacity: int | None, max_running: int | None, request_tokens: int) -> int | None:
@@ -58,30 +64,14 @@ def computed_concurrent(token_capacity: int | None, max_running: int | None, req
 def scheduler_max_running(log_path: str) -> int | None:
     """``max_running_requests`` as SGLang's scheduler settled it at start-up (its log line), which for
     FreeKV is the plan's working-set bound rather than the command-line cap ``/get_server_info`` reports."""
-    found = None
-    try:
-        with open(log_path, errors="replace") as f:
-            for line in f:
-                m = re.search(r"max_total_num_tokens=\d+, .*max_running_requests=(\d+)", line)
-                if m:
-                    found = int(m.group(1))
-    except OSError:
-        return None
-    return found
+    found = _log_matches(log_path, r"max_total_num_tokens=\d+, .*max_running_requests=(\d+)")
+    return int(found[-1].group(1)) if found else None
 
 
 def server_failure(log_path: str) -> str | None:
     """The last exception line a server log shows (``torch.AcceleratorError: CUDA error: ...``), or None."""
-    try:
-        with open(log_path, errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    found = None
-    for line in lines:
-        if re.match(r"^[\w.]*(Error|Exception)\b.*:", line.strip()) and not line.startswith(" "):
-            found = line.strip()
-    return found
+    found = _log_matches(log_path, r"^[\w.]*(Error|Exception)\b.*:")  # unindented: not a traceback's code line
+    return found[-1].string.strip() if found else None
 
 
 def run(mode: str, a) -> dict:
@@ -108,8 +98,7 @@ def run(mode: str, a) -> dict:
         res = srv.generate_many(prompts, a.new_tokens, timeout=a.timeout)
         ok = sum(len(output_ids(r)) == a.new_tokens for r in res)
         dt = time.time() - t0
-    with open(srv.log_path, errors="replace") as f:
-        mem = re.findall(r"FreeKV memory: .*", f.read())
+    mem = [m.group(0).strip() for m in _log_matches(srv.log_path, r"FreeKV memory: .*")]
     return {"mode": mode, "token_capacity": cap_tokens, "max_running_requests": running_cap,
             "computed_concurrent": computed, "submitted": n, "completed": ok,
             "peak_running": peak_running(srv.log_path), "seconds": round(dt, 1),
