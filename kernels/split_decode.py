@@ -117,10 +117,22 @@ def default_split(batch: int, n_kv_heads: int, slots: int, device: torch.device)
     return max(1, min(next_pow2(want), next_pow2(slots)))
 
 
+def _partials(rows: int, d: int, device: torch.device, workspace: torch.Tensor | None):
+    """float32 ``[rows, D]`` partial outputs and ``[rows]`` log-sum-exps, carved from ``workspace`` when it
+    is large enough (no allocation in a decode step)."""
+    need = rows * (d + 1) * 4
+    if workspace is None or workspace.numel() < need:
+        return (torch.empty((rows, d), dtype=torch.float32, device=device),
+                torch.empty((rows,), dtype=torch.float32, device=device))
+    buf = workspace[:need].view(torch.float32)
+    return buf[: rows * d].view(rows, d), buf[rows * d:]
+
+
 def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor, kv_indptr: torch.Tensor,
-                 kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, *, max_slots: int,
-                 sm_scale: float | None = None, n_split: int | None = None, out: torch.Tensor | None = None,
-                 num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                           kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, *, max_slots: int,
+                           sm_scale: float | None = None, n_split: int | None = None, out: torch.Tensor | None = None,
+                           workspace: torch.Tensor | None = None, num_warps: int = 4,
+                           num_stages: int = 2) -> torch.Tensor:
     """Attention of ``q`` over each request's working-set slots, split along the slots.
 
     Args:
@@ -132,6 +144,9 @@ def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tens
         sm_scale: softmax scale (default ``1/sqrt(D)``).
         n_split: chunks per (request, KV head) (default :func:`default_split`).
         out: optional ``[B, Hq, D]`` output.
+        workspace: optional uint8 scratch on ``q``'s device for the chunks' partial results
+            (``B * Hq * n_split * (D + 1) * 4`` bytes; FlashInfer's float workspace fits any decode
+            batch); without it, or when it is too small, they are allocated.
     Returns ``[B, Hq, D]`` in ``q``'s dtype. Requests with an empty slot list get zeros.
     """
     b, hq, d = q.shape
@@ -151,34 +166,35 @@ def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tens
     g = hq // hkv
     n_split = n_split or default_split(b, hkv, max_slots, q.device)
     per_split = -(-max_slots // n_split)
-    po = torch.empty((b * hq * n_split, d), dtype=torch.float32, device=q.device)
-    plse = torch.empty((b * hq * n_split,), dtype=torch.float32, device=q.device)
+    po, plse = _partials(b * hq * n_split, d, q.device, workspace)
     scale = (float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)) * math.log2(math.e)
-    extra = {} if interpreter_forced() else {"num_warps": num_warps, "num_stages": num_stages}
+    interp = interpreter_forced()  # the interpreter takes no launch options
     _split_decode_kernel[(b, hkv, n_split)](
         q, ws_k, ws_v, kv_indptr, kv_indices, kv_last_page_len, po, plse, scale, q.stride(0), q.stride(1),
         HKV=hkv, G=g, G_PAD=max(16, next_pow2(g)), PAGE=p, D=d, N_SPLIT=n_split, PER_SPLIT=per_split,
-        DOT_F32=interpreter_forced(), **extra)
+        DOT_F32=interp, **({} if interp else {"num_warps": num_warps, "num_stages": num_stages}))
     _merge_kernel[(b, hq)](po, plse, out, out.stride(0), out.stride(1), HQ=hq, D=d, N_SPLIT=n_split,
-                           SPLIT_PAD=max(2, next_pow2(n_split)), **({} if interpreter_forced() else {"num_warps": 4}))
+                           SPLIT_PAD=max(2, next_pow2(n_split)), **({} if interp else {"num_warps": 4}))
     return out
 
 
 class SplitDecode:
-    """:func:`split_decode_attention` over a fixed CSR page table (the runtime's eager buffers).
+    """:func:`split_decode_attention` over a fixed CSR page table (the runtime's eager buffers), with its
+    partial results in ``workspace`` (e.g. FlashInfer's float workspace, unused by this kernel's runs).
 
     No host plan: :meth:`run` reads the table's first ``B`` rows on the GPU, so it is
     recordable in a CUDA graph for any batch size up to the table's.
     """
 
     def __init__(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor,
-                 max_slots: int):
+                 max_slots: int, workspace: torch.Tensor | None = None):
         self.kv_indptr, self.kv_indices, self.kv_last_page_len = kv_indptr, kv_indices, kv_last_page_len
         self.max_slots = max_slots
+        self.workspace = workspace  # uint8 scratch for the partial results (see split_decode_attention)
 
     def run(self, q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor, sm_scale: float | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
         b = q.shape[0]
         return split_decode_attention(q, ws_k, ws_v, self.kv_indptr[: b + 1], self.kv_indices,
                                       self.kv_last_page_len[:b], max_slots=self.max_slots, sm_scale=sm_scale,
-                                      out=out)
+                                      out=out, workspace=self.workspace)

@@ -380,8 +380,10 @@ else:
         got = K.split_decode_attention(q, wk, wv, ip, ix, lp, max_slots=S, sm_scale=scale, n_split=n_split)
         assert got.dtype == dtype and got.shape == want.shape
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
-        # the table's first rows only: a smaller batch reads a prefix of the same buffers
-        sd = K.SplitDecode(ip, ix, lp, S)
+        # the table's first rows only: a smaller batch reads a prefix of the same buffers; partial results
+        # in a workspace (filled with NaN first: every value read must have been written)
+        ws = torch.full((1 << 20,), 255, dtype=torch.uint8)
+        sd = K.SplitDecode(ip, ix, lp, S, workspace=ws)
         torch.testing.assert_close(sd.run(q[:2], wk, wv, scale).float(), want[:2], atol=2e-2, rtol=2e-2)
 
     def test_split_decode_refuses_small_pages():

@@ -64,7 +64,8 @@ class WorkingSetAttention:
             elif self.kernel == "triton":
                 from freekv_sglang.kernels.split_decode import SplitDecode
 
-                self.split = SplitDecode(*self.eager_buffers, slots_per_request)
+                # its scratch in the FlashInfer wrapper's float workspace, which this choice leaves idle
+                self.split = SplitDecode(*self.eager_buffers, slots_per_request, workspace=self.eager.workspace)
                 logger.info("%s=triton: working-set attention through the Triton split decode", ATTENTION_ENV)
         self.active = None
         self._tables = None
