@@ -119,25 +119,40 @@ def test_sparse_decode_cuda_graph():
                            slot_base=lay.slots)
         sd.run(q, ws_k, ws_v, out=out)
 
+    def check():
+        _check(out, q, ws_k, ws_v, sd.kv_indptr, sd.kv_indices, sd.kv_last_page_len, scale)
+
     plan()
+    graph = _warm_up_and_capture(step, check)
+    _replay_with_new_inputs(graph, seq_lens, q, ws_k, 3, check, before_replay=plan)  # plan: new lengths
+
+
+def _warm_up_and_capture(step, check) -> torch.cuda.CUDAGraph:
+    """Run ``step`` once on a side stream (as graph capture needs), ``check()`` it, then capture it."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         step()
     torch.cuda.current_stream().wait_stream(side)
-    _check(out, q, ws_k, ws_v, sd.kv_indptr, sd.kv_indices, sd.kv_last_page_len, scale)
+    check()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    g = torch.Generator(device=DEV).manual_seed(3)
+    return graph
+
+
+def _replay_with_new_inputs(graph, seq_lens, q, ws_k, seed, check, before_replay=None) -> None:
+    """Replay ``graph`` with new lengths, queries and keys written into its inputs; ``check()`` after each."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
     for new_seq in ([41, 701, 5001, 2], [33 * 32, 15, 2 * 32 + 1, 9000]):
         seq_lens.copy_(torch.tensor(new_seq, dtype=torch.int32, device=DEV))
-        q.copy_(torch.randn(q.shape, generator=g, device=DEV).to(dtype))
-        ws_k.copy_(torch.randn(ws_k.shape, generator=g, device=DEV).to(dtype))
-        plan()  # host side, before each replay (new lengths)
+        q.copy_(torch.randn(q.shape, generator=g, device=DEV).to(q.dtype))
+        ws_k.copy_(torch.randn(ws_k.shape, generator=g, device=DEV).to(ws_k.dtype))
+        if before_replay is not None:
+            before_replay()
         graph.replay()
         torch.cuda.synchronize()
-        _check(out, q, ws_k, ws_v, sd.kv_indptr, sd.kv_indices, sd.kv_last_page_len, scale)
+        check()
 
 
 def test_sparse_decode_fixed_split_refused_for_graphs():
@@ -218,20 +233,8 @@ def test_split_decode_cuda_graph():
         K.build_page_table(seq_lens, rpi, ip[: b + 1], ix, lp[:b], layout=lay, slot_base=lay.slots)
         sd.run(q, ws_k, ws_v, scale, out=out)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    _check(out, q, ws_k, ws_v, ip[: b + 1], ix, lp[:b], scale)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    g = torch.Generator(device=DEV).manual_seed(5)
-    for new_seq in ([41, 701, 5001, 2], [33 * 32, 15, 2 * 32 + 1, 9000]):
-        seq_lens.copy_(torch.tensor(new_seq, dtype=torch.int32, device=DEV))
-        q.copy_(torch.randn(q.shape, generator=g, device=DEV).to(dtype))
-        ws_k.copy_(torch.randn(ws_k.shape, generator=g, device=DEV).to(dtype))
-        graph.replay()
-        torch.cuda.synchronize()
+    def check():
         _check(out, q, ws_k, ws_v, ip[: b + 1], ix, lp[:b], scale)
+
+    graph = _warm_up_and_capture(step, check)
+    _replay_with_new_inputs(graph, seq_lens, q, ws_k, 5, check)  # no host plan between replays
