@@ -242,8 +242,8 @@ def concurrent_requests(shape: ModelShape, layout: WorkingSetLayout, *, gpu_kv_b
     """
     P = layout.page_size
     dense = gpu_kv_bytes // (request_tokens * kv_bytes_per_token(shape))
+    fk_bytes = gpu_kv_bytes if freekv_gpu_kv_bytes is None else freekv_gpu_kv_bytes
     try:  # an unbounded user cap: the rows the GPU holds, not the host-tier cap plan_memory applies by default
-        fk_bytes = gpu_kv_bytes if freekv_gpu_kv_bytes is None else freekv_gpu_kv_bytes
         plan = plan_memory(shape, layout, host_bytes, fk_bytes, max_context_len, user_max_running_requests=2**62,
                            gpu_tier_bytes=gpu_tier_bytes, kv_fp8=kv_fp8)
     except FreeKVMemoryError:
