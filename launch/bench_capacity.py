@@ -28,6 +28,8 @@ from freekv_sglang.serving import Server, output_ids  # noqa: E402
 
 MODES = {
     "dense": ["--attention-backend", "flashinfer"],
+    # dense with an FP8 KV pool: the like-for-like baseline for FreeKV's FP8 tiers
+    "dense-fp8": ["--attention-backend", "flashinfer", "--kv-cache-dtype", "fp8_e4m3"],
     "freekv": ["--kv-retrieval", "freekv"],
     "freekv-tier": ["--kv-retrieval", "freekv"],  # plus --freekv-gpu-tier-gb (--gpu-tier-gb)
     "freekv-fp8": ["--kv-retrieval", "freekv", "--freekv-kv-storage", "fp8_e4m3"],
@@ -117,9 +119,10 @@ def table(rows: list[dict], context: int) -> str:
                          f"{r['completed']}/{r['submitted']} |")
     by = {r["mode"]: r for r in rows if "error" not in r}
     for m in ("freekv", "freekv-tier", "freekv-fp8", "freekv-fp8-tier"):
-        if by.get("dense", {}).get("peak_running") and m in by:
-            lines.append(f"\n{m} / dense concurrent {context}-token requests: "
-                         f"{by[m]['peak_running'] / by['dense']['peak_running']:.2f}x")
+        for base in ("dense", "dense-fp8"):
+            if by.get(base, {}).get("peak_running") and m in by:
+                lines.append(f"\n{m} / {base} concurrent {context}-token requests: "
+                             f"{by[m]['peak_running'] / by[base]['peak_running']:.2f}x")
     return "\n".join(lines)
 
 

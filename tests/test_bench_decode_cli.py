@@ -62,6 +62,11 @@ def test_capacity_table():
     md = cap.table(rows, 32000)
     assert "| dense | 800000 | 24 | 24 | 26/26 |" in md and "0.92x" in md
     assert "error: boom" in cap.table([{"mode": "freekv", "error": "boom"}], 32000)
+    fp8 = [dict(rows[0]), dict(rows[1], mode="freekv-fp8-tier", peak_running=96),
+           dict(rows[0], mode="dense-fp8", peak_running=48)]
+    md = cap.table(fp8, 32000)
+    assert "freekv-fp8-tier / dense concurrent 32000-token requests: 4.00x" in md
+    assert "freekv-fp8-tier / dense-fp8 concurrent 32000-token requests: 2.00x" in md
 
 
 def test_capacity_computed_is_bounded_by_tokens_and_running_requests():
