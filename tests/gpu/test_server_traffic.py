@@ -29,10 +29,24 @@ PORT = int(os.environ.get("FREEKV_TEST_PORT", "30013"))
 pytestmark = pytest.mark.skipif(not os.path.isdir(MODEL), reason=f"test model folder {MODEL} not found")
 
 
+# SGLang's benchmark package imports HuggingFace ``datasets`` at module level (for its MMMU loader)
+# although the random-ids dataset never calls it. Where ``datasets`` is not installed, a stand-in
+# module whose ``load_dataset`` raises lets ``sglang.benchmark.serving`` start.
+_RUN_BENCH_SERVING = """
+import importlib.util, runpy, sys, types
+if importlib.util.find_spec("datasets") is None:
+    def load_dataset(*args, **kwargs):
+        raise ModuleNotFoundError("HuggingFace 'datasets' is not installed (pip install datasets)")
+    sys.modules["datasets"] = types.ModuleType("datasets")
+    sys.modules["datasets"].load_dataset = load_dataset
+runpy.run_module("sglang.benchmark.serving", run_name="__main__", alter_sys=True)
+"""
+
+
 def bench_serving(base: str, out_file: str, *, num_prompts: int, input_len: int, output_len: int, ratio: float,
                   rate: float, log_path: str) -> dict:
     """One ``sglang.benchmark.serving`` run; returns its JSON result line."""
-    cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--base-url", base,
+    cmd = [sys.executable, "-c", _RUN_BENCH_SERVING, "--backend", "sglang", "--base-url", base,
            "--model", MODEL, "--tokenizer", MODEL, "--dataset-name", "random-ids",
            "--random-input-len", str(input_len), "--random-output-len", str(output_len),
            "--random-range-ratio", str(ratio), "--num-prompts", str(num_prompts), "--request-rate", str(rate),
