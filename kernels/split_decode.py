@@ -44,16 +44,19 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, lpl_ptr, po_ptr, plse_ptr,
         qk_scale, stride_qb, stride_qh,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-        N_SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+        N_SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, PAGES: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         # DOT_F32: float32 dots (Triton's CPU interpreter computes bf16 dots wrongly); False on GPUs.
-        # program (b, h, c): chunk c of request b's slot list for KV head h, all G query heads.
+        # program (b, h, c): chunk c (PER_SPLIT slots, a multiple of PAGES) of request b's slot list for
+        # KV head h, all G query heads; PAGES slots per iteration (a block of PAGES * PAGE tokens).
         # qk_scale = softmax scale * log2(e): scores in base 2 (exp2).
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         c = tl.program_id(2)
         g = tl.arange(0, G_PAD)
-        t = tl.arange(0, PAGE)
+        tb = tl.arange(0, PAGES * PAGE)
+        pg = tb // PAGE  # slot of the block each token row belongs to
+        t = tb % PAGE  # token within its slot
         d = tl.arange(0, D)
         gm = g < G
         start = tl.load(indptr_ptr + b).to(tl.int64)
@@ -65,8 +68,8 @@ if triton is not None:
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        for i in range(PER_SPLIT):
-            j = c * PER_SPLIT + i  # position in the request's slot list
+        for i in range(PER_SPLIT // PAGES):
+            j = c * PER_SPLIT + i * PAGES + pg  # [PAGES * PAGE] position in the request's slot list
             live = j < n
             slot = tl.load(indices_ptr + start + j, mask=live, other=0).to(tl.int64)
             n_tok = tl.where(j == n - 1, last, PAGE)
@@ -77,7 +80,7 @@ if triton is not None:
             if DOT_F32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, PAGE]
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # [G_PAD, PAGES * PAGE]
             s = tl.where(tok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no token yet: keep the sums at 0
@@ -131,7 +134,7 @@ def _partials(rows: int, d: int, device: torch.device, workspace: torch.Tensor |
 def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor, kv_indptr: torch.Tensor,
                            kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, *, max_slots: int,
                            sm_scale: float | None = None, n_split: int | None = None, out: torch.Tensor | None = None,
-                           workspace: torch.Tensor | None = None, num_warps: int = 4,
+                           workspace: torch.Tensor | None = None, pages_per_iter: int = 1, num_warps: int = 4,
                            num_stages: int = 2) -> torch.Tensor:
     """Attention of ``q`` over each request's working-set slots, split along the slots.
 
@@ -147,6 +150,9 @@ def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tens
         workspace: optional uint8 scratch on ``q``'s device for the chunks' partial results
             (``B * Hq * n_split * (D + 1) * 4`` bytes; FlashInfer's float workspace fits any decode
             batch); without it, or when it is too small, they are allocated.
+        pages_per_iter: slots each program reads per loop iteration (1, 2 or 4; a tile of
+            ``pages_per_iter * P`` tokens); each chunk is rounded up to a multiple of it.
+        num_warps, num_stages: Triton launch options.
     Returns ``[B, Hq, D]`` in ``q``'s dtype. Requests with an empty slot list get zeros.
     """
     b, hq, d = q.shape
@@ -164,15 +170,18 @@ def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tens
     if b == 0:
         return out
     g = hq // hkv
+    if pages_per_iter not in (1, 2, 4):
+        raise ValueError(f"pages_per_iter must be 1, 2 or 4 (got {pages_per_iter})")
     n_split = n_split or default_split(b, hkv, max_slots, q.device)
     per_split = -(-max_slots // n_split)
+    per_split = -(-per_split // pages_per_iter) * pages_per_iter
     po, plse = _partials(b * hq * n_split, d, q.device, workspace)
     scale = (float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)) * math.log2(math.e)
     interp = interpreter_forced()  # the interpreter takes no launch options
     _split_decode_kernel[(b, hkv, n_split)](
         q, ws_k, ws_v, kv_indptr, kv_indices, kv_last_page_len, po, plse, scale, q.stride(0), q.stride(1),
         HKV=hkv, G=g, G_PAD=max(16, next_pow2(g)), PAGE=p, D=d, N_SPLIT=n_split, PER_SPLIT=per_split,
-        DOT_F32=interp, **({} if interp else {"num_warps": num_warps, "num_stages": num_stages}))
+        PAGES=pages_per_iter, DOT_F32=interp, **({} if interp else {"num_warps": num_warps, "num_stages": num_stages}))
     _merge_kernel[(b, hq)](po, plse, out, out.stride(0), out.stride(1), HQ=hq, D=d, N_SPLIT=n_split,
                            SPLIT_PAD=max(2, next_pow2(n_split)), **({} if interp else {"num_warps": 4}))
     return out

@@ -34,6 +34,7 @@ Usage: ``python launch/bench_kernels.py --json bench_kernels.json [--sections a,
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -651,21 +652,32 @@ def sec_decode(r: Runner, out: dict, quick: bool):
                     res["sparse_split_ms"], res["sparse_split_graph_ms"] = t
                 r.row("decode", f"Triton split decode, {label} chunks per (request, KV head), b={b}", 1e3 * t[0], "us",
                       f"{1e3 * t[1]:.1f} us in a graph")
-        if b == 8:  # launch shape of the split decode at the batch: warps x pipeline stages
-            best = None
-            for warps in (2, 4, 8):
-                for stages in (1, 2, 3):
-                    def cfg(warps=warps, stages=stages):
-                        return graph_ms(lambda: K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp,
-                                                                         max_slots=LAYOUT.slots, num_warps=warps,
-                                                                         num_stages=stages))
-                    t = safe(r, "decode", f"sparse Triton split warps={warps} stages={stages}", cfg)
-                    if t is not None and (best is None or t < best[0]):
-                        best = (t, warps, stages)
-            if best is not None:
-                res["sparse_split_best_graph_ms"] = best[0]
-                r.row("decode", f"Triton split decode, best of warps x stages ({best[1]} warps, {best[2]} stages), "
-                      f"b={b}", 1e3 * best[0], "us", "in a graph")
+        if b == 8:  # launch shape of the split decode at the batch: chunks x slots per iteration x
+            # warps x pipeline stages, each checked against FlashInfer's result before it is timed
+            ref8 = sd.run(q, ws_k, ws_v).float()
+            sweep = []
+            for n_split, ppi, warps, stages in itertools.product((4, 8, 16), (1, 2, 4), (4, 8), (2, 3)):
+                def cfg(kw=dict(n_split=n_split, pages_per_iter=ppi, num_warps=warps, num_stages=stages)):
+                    def run():
+                        return K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=LAYOUT.slots, **kw)
+                    err = (run().float() - ref8).abs().max().item()
+                    if err > 2e-2:
+                        raise RuntimeError(f"differs from FlashInfer's paged decode by {err}")
+                    return graph_ms(run)
+                t = safe(r, "decode", f"sparse Triton split n_split={n_split} pages={ppi} warps={warps} "
+                                      f"stages={stages}", cfg)
+                if t is not None:
+                    sweep.append({"n_split": n_split, "pages_per_iter": ppi, "num_warps": warps,
+                                  "num_stages": stages, "graph_ms": t})
+            if sweep:
+                sweep.sort(key=lambda x: x["graph_ms"])
+                res["split_sweep"] = sweep
+                best = sweep[0]
+                res["sparse_split_best_graph_ms"] = best["graph_ms"]
+                for x in sweep[:3]:
+                    r.row("decode", f"Triton split decode, {x['n_split']} chunks, {x['pages_per_iter']} slots/iter, "
+                          f"{x['num_warps']} warps, {x['num_stages']} stages, b={b}", 1e3 * x["graph_ms"], "us",
+                          f"in a graph; {len(sweep)} configs swept, slowest {1e3 * sweep[-1]['graph_ms']:.1f} us")
         seq_dev, rows = seq.to(DEV), torch.arange(b, device=DEV)
         t = safe(r, "decode", "page table graph", lambda: graph_ms(lambda: K.build_page_table(
             seq_dev, rows, ip, ix, lp, layout=LAYOUT, slot_base=LAYOUT.slots)))
@@ -726,6 +738,11 @@ def sec_decode(r: Runner, out: dict, quick: bool):
         if "sparse_split_graph_ms" in res:
             r.row("decode", f"in CUDA graphs: Triton split decode {1e3 * res['sparse_split_graph_ms']:.1f} us, b={b}",
                   res["dense_p32_graph_ms"] / res["sparse_split_graph_ms"], "x", "speed-up over dense page 32 in a graph")
+        if "split_sweep" in res:
+            x = res["split_sweep"][0]
+            r.row("decode", f"in CUDA graphs: best Triton split decode {1e3 * x['graph_ms']:.1f} us ({x['n_split']} "
+                  f"chunks, {x['pages_per_iter']} slots/iter, {x['num_warps']}w/{x['num_stages']}s), b={b}",
+                  res["dense_p32_graph_ms"] / x["graph_ms"], "x", "speed-up over dense page 32 in a graph")
         r.save()
 
 

@@ -358,8 +358,8 @@ else:
     # ------------------------------------------------------------------ split decode
     @pytest.mark.parametrize("dtype", DTYPES)
     @pytest.mark.parametrize("grp,d", [(1, 64), (3, 64), (4, 128), (7, 64)])
-    @pytest.mark.parametrize("n_split", [1, 8])
-    def test_split_decode(dtype, grp, d, n_split):
+    @pytest.mark.parametrize("n_split,ppi", [(1, 1), (8, 1), (1, 2), (3, 4)])
+    def test_split_decode(dtype, grp, d, n_split, ppi):
         """Working-set attention split along the slots and merged equals paged attention over the
         same page table: requests of different lengths, partial last pages, a one-slot request."""
         g = _g(40 + grp)
@@ -377,7 +377,8 @@ else:
         wv = _randn(g, 4 * S, 16, hkv, d, dtype=dtype)
         scale = 1.0 / d ** 0.5
         want = K.sparse_decode_reference(q, wk, wv, ip, ix, lp, scale)
-        got = K.split_decode_attention(q, wk, wv, ip, ix, lp, max_slots=S, sm_scale=scale, n_split=n_split)
+        got = K.split_decode_attention(q, wk, wv, ip, ix, lp, max_slots=S, sm_scale=scale, n_split=n_split,
+                                       pages_per_iter=ppi)
         assert got.dtype == dtype and got.shape == want.shape
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
         # the table's first rows only: a smaller batch reads a prefix of the same buffers; partial results
@@ -392,6 +393,9 @@ else:
         i = torch.zeros(2, dtype=torch.int32)
         with pytest.raises(NotImplementedError, match="page size >= 16"):
             K.split_decode_attention(q, ws, ws, i, i, i[:1], max_slots=3)
+        with pytest.raises(ValueError, match="pages_per_iter"):
+            K.split_decode_attention(q, ws.new_zeros(3, 16, 1, 64), ws.new_zeros(3, 16, 1, 64), i, i, i[:1],
+                                     max_slots=3, pages_per_iter=3)
 
     # ------------------------------------------------------------------------ page table
     @pytest.mark.parametrize("lay", [WorkingSetLayout(8, 3, 4, 3), WorkingSetLayout(32, 16, 32, 16),

@@ -198,10 +198,11 @@ def test_xqa_decode_matches_reference(dtype, grp, d):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("grp", [1, 3, 4, 7])
-@pytest.mark.parametrize("p,n_split", [(32, None), (32, 1), (16, 5), (64, 64)])
-def test_split_decode_matches_reference(dtype, d, grp, p, n_split):
+@pytest.mark.parametrize("p,n_split,ppi", [(32, None, 1), (32, 1, 1), (16, 5, 1), (64, 64, 1), (32, None, 2),
+                                            (32, 3, 4), (16, 8, 4)])
+def test_split_decode_matches_reference(dtype, d, grp, p, n_split, ppi):
     """The Triton split decode over the working sets' page table: the reference's attention for any
-    chunk count (1, the default, one per slot and more chunks than slots)."""
+    chunk count (1, the default, one per slot and more chunks than slots) and slots per iteration."""
     lay = WorkingSetLayout(p, 4, 8, 4)
     seq = [1, 31, 33, 200, 16 * p, 16 * p + 1, 5000, 12345]
     ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=7)
@@ -211,7 +212,8 @@ def test_split_decode_matches_reference(dtype, d, grp, p, n_split):
     lp = torch.empty(b, dtype=torch.int32, device=DEV)
     K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
     scale = 1.0 / math.sqrt(d)
-    out = K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=lay.slots, sm_scale=scale, n_split=n_split)
+    out = K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=lay.slots, sm_scale=scale, n_split=n_split,
+                                   pages_per_iter=ppi)
     _check(out, q, ws_k, ws_v, ip, ix, lp, scale)
 
 
