@@ -41,10 +41,11 @@ if triton is not None:
 
     @triton.jit
     def _split_decode_kernel(
-        q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, lpl_ptr, po_ptr, plse_ptr,
-        qk_scale, stride_qb, stride_qh,
+        q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, lpl_ptr, po_ptr, plse_ptr, lock_ptr, out_ptr,
+        qk_scale, stride_qb, stride_qh, stride_ob, stride_oh,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-        N_SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, PAGES: tl.constexpr, DOT_F32: tl.constexpr,
+        N_SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, PAGES: tl.constexpr, FUSED: tl.constexpr,
+        DOT_F32: tl.constexpr,
     ):
         # DOT_F32: float32 dots (Triton's CPU interpreter computes bf16 dots wrongly); False on GPUs.
         # program (b, h, c): chunk c (PER_SPLIT slots, a multiple of PAGES) of request b's slot list for
@@ -95,6 +96,31 @@ if triton is not None:
         o = acc / tl.maximum(l_i, 1e-30)[:, None]
         tl.store(po_ptr + row[:, None] * D + d[None, :], o, mask=gm[:, None])
         tl.store(plse_ptr + row, lse, mask=gm)
+        if FUSED:
+            # the last of the pair's N_SPLIT programs to finish merges their partial results (one launch
+            # instead of two) and re-arms the pair's counter for the next step or graph replay
+            tl.debug_barrier()  # every thread's partial stores precede the counter's release
+            done = tl.atomic_add(lock_ptr + b * HKV + h, 1, sem="acq_rel")
+            if done == N_SPLIT - 1:
+                base = (b * (HKV * G) + h * G + g) * N_SPLIT
+                m = tl.full([G_PAD], float("-inf"), tl.float32)
+                for cc in range(N_SPLIT):
+                    m = tl.maximum(m, tl.load(plse_ptr + base + cc, mask=gm, other=float("-inf"),
+                                              cache_modifier=".cg"))
+                m = tl.where(m == float("-inf"), 0.0, m)
+                acc = tl.zeros([G_PAD, D], tl.float32)
+                w_sum = tl.zeros([G_PAD], tl.float32)
+                for cc in range(N_SPLIT):
+                    lse_c = tl.load(plse_ptr + base + cc, mask=gm, other=float("-inf"), cache_modifier=".cg")
+                    w = tl.where(lse_c == float("-inf"), 0.0, tl.exp2(lse_c - m))
+                    o_c = tl.load(po_ptr + (base + cc)[:, None] * D + d[None, :], mask=gm[:, None], other=0.0,
+                                  cache_modifier=".cg")
+                    acc += o_c * w[:, None]
+                    w_sum += w
+                res = acc / tl.maximum(w_sum, 1e-30)[:, None]
+                tl.store(out_ptr + b * stride_ob + (h * G + g)[:, None] * stride_oh + d[None, :],
+                         res.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+                tl.atomic_xchg(lock_ptr + b * HKV + h, 0)
 
     @triton.jit
     def _merge_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh,
@@ -134,7 +160,8 @@ def _partials(rows: int, d: int, device: torch.device, workspace: torch.Tensor |
 def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor, kv_indptr: torch.Tensor,
                            kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, *, max_slots: int,
                            sm_scale: float | None = None, n_split: int | None = None, out: torch.Tensor | None = None,
-                           workspace: torch.Tensor | None = None, pages_per_iter: int = 1, num_warps: int = 4,
+                           workspace: torch.Tensor | None = None, pages_per_iter: int = 1,
+                           locks: torch.Tensor | None = None, num_warps: int = 4,
                            num_stages: int = 2) -> torch.Tensor:
     """Attention of ``q`` over each request's working-set slots, split along the slots.
 
@@ -152,6 +179,9 @@ def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tens
             batch); without it, or when it is too small, they are allocated.
         pages_per_iter: slots each program reads per loop iteration (1, 2 or 4; a tile of
             ``pages_per_iter * P`` tokens); each chunk is rounded up to a multiple of it.
+        locks: optional int32 ``[>= B * Hkv]`` counters, all zero: with them the last chunk of each
+            (request, KV head) to finish merges the partial results in the same launch (and leaves
+            its counter at zero again); without them a second kernel merges.
         num_warps, num_stages: Triton launch options.
     Returns ``[B, Hq, D]`` in ``q``'s dtype. Requests with an empty slot list get zeros.
     """
@@ -175,13 +205,20 @@ def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tens
     n_split = n_split or default_split(b, hkv, max_slots, q.device)
     per_split = -(-max_slots // n_split)
     per_split = -(-per_split // pages_per_iter) * pages_per_iter
+    fused = locks is not None
+    if fused and (locks.dtype != torch.int32 or locks.numel() < b * hkv or locks.device != q.device):
+        raise ValueError(f"locks must be int32 with >= {b * hkv} elements on {q.device}")
     po, plse = _partials(b * hq * n_split, d, q.device, workspace)
     scale = (float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)) * math.log2(math.e)
     interp = interpreter_forced()  # the interpreter takes no launch options
     _split_decode_kernel[(b, hkv, n_split)](
-        q, ws_k, ws_v, kv_indptr, kv_indices, kv_last_page_len, po, plse, scale, q.stride(0), q.stride(1),
+        q, ws_k, ws_v, kv_indptr, kv_indices, kv_last_page_len, po, plse, locks if fused else plse, out, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, G=g, G_PAD=max(16, next_pow2(g)), PAGE=p, D=d, N_SPLIT=n_split, PER_SPLIT=per_split,
-        PAGES=pages_per_iter, DOT_F32=interp, **({} if interp else {"num_warps": num_warps, "num_stages": num_stages}))
+        PAGES=pages_per_iter, FUSED=fused, DOT_F32=interp,
+        **({} if interp else {"num_warps": num_warps, "num_stages": num_stages}))
+    if fused:
+        return out
     _merge_kernel[(b, hq)](po, plse, out, out.stride(0), out.stride(1), HQ=hq, D=d, N_SPLIT=n_split,
                            SPLIT_PAD=max(2, next_pow2(n_split)), **({} if interp else {"num_warps": 4}))
     return out

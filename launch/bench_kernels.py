@@ -634,49 +634,55 @@ def sec_decode(r: Runner, out: dict, quick: bool):
             res["sparse_xqa_ms"], res["sparse_xqa_graph_ms"] = t
             r.row("decode", f"SparseDecode via XQA kernels, b={b}", 1e3 * t[0], "us",
                   f"{res['sparse_ms'] / t[0]:.2f}x the runtime's (NHD, tensor cores); {1e3 * t[1]:.1f} us in a graph")
-        # the Triton split decode over the same page table (no plan): default chunk count and a sweep
-        for n_split in (None, 2, 4, 8, 16):
-            def split(n_split=n_split):
-                def run():
-                    return K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=LAYOUT.slots,
-                                                    n_split=n_split)
-                err = (run().float() - sd.run(q, ws_k, ws_v).float()).abs().max().item()
-                if err > 2e-2:
-                    raise RuntimeError(f"differs from FlashInfer's paged decode by {err}")
-                return bench_ms(run), graph_ms(run)
+        # the Triton split decode over the same page table (no plan): default chunk count and a sweep; with
+        # fused=True each (request, KV head)'s last chunk merges the partial results (one launch, no merge kernel)
+        ref = sd.run(q, ws_k, ws_v).float()
+        locks = torch.zeros(b * HKV, dtype=torch.int32, device=DEV)
 
+        def split_ms(n_split=None, pages_per_iter=1, fused=False, num_warps=4, num_stages=2, eager=True):
+            locks.zero_()  # a failed configuration cannot leave counters behind for the next
+
+            def run():
+                return K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=LAYOUT.slots, n_split=n_split,
+                                                pages_per_iter=pages_per_iter, locks=locks if fused else None,
+                                                num_warps=num_warps, num_stages=num_stages)
+            err = (run().float() - ref).abs().max().item()
+            if err > 2e-2:
+                raise RuntimeError(f"differs from FlashInfer's paged decode by {err}")
+            t = (bench_ms(run) if eager else None), graph_ms(run)
+            err = (run().float() - ref).abs().max().item()  # after the graph's replays: counters re-armed
+            if err > 2e-2 or locks.any():
+                raise RuntimeError(f"after graph replays: error {err}, counters left {int(locks.count_nonzero())}")
+            return t
+
+        for n_split in (None, 2, 4, 8, 16):
             label = "default" if n_split is None else str(n_split)
-            t = safe(r, "decode", f"sparse Triton split {label} b={b}", split)
+            t = safe(r, "decode", f"sparse Triton split {label} b={b}", lambda n_split=n_split: split_ms(n_split))
             if t is not None:
                 if n_split is None:
                     res["sparse_split_ms"], res["sparse_split_graph_ms"] = t
                 r.row("decode", f"Triton split decode, {label} chunks per (request, KV head), b={b}", 1e3 * t[0], "us",
                       f"{1e3 * t[1]:.1f} us in a graph")
+        t = safe(r, "decode", f"sparse Triton split fused b={b}", lambda: split_ms(fused=True))
+        if t is not None:
+            res["sparse_split_fused_ms"], res["sparse_split_fused_graph_ms"] = t
+            r.row("decode", f"Triton split decode, merge fused, default chunks, b={b}", 1e3 * t[0], "us",
+                  f"{1e3 * t[1]:.1f} us in a graph")
         if b == 8:  # launch shape of the split decode at the issue's batch: chunks x slots per iteration x
-            # warps x pipeline stages, each checked against FlashInfer's result before it is timed
-            ref8 = sd.run(q, ws_k, ws_v).float()
+            # merge kernel or fused merge (4 warps, 2 stages: the best of run J's 36-configuration sweep)
             sweep = []
-            for n_split, ppi, warps, stages in itertools.product((4, 8, 16), (1, 2, 4), (4, 8), (2, 3)):
-                def cfg(kw=dict(n_split=n_split, pages_per_iter=ppi, num_warps=warps, num_stages=stages)):
-                    def run():
-                        return K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=LAYOUT.slots, **kw)
-                    err = (run().float() - ref8).abs().max().item()
-                    if err > 2e-2:
-                        raise RuntimeError(f"differs from FlashInfer's paged decode by {err}")
-                    return graph_ms(run)
-                t = safe(r, "decode", f"sparse Triton split n_split={n_split} pages={ppi} warps={warps} "
-                                      f"stages={stages}", cfg)
+            for n_split, ppi, fused in itertools.product((4, 8, 16), (1, 2), (False, True)):
+                kw = dict(n_split=n_split, pages_per_iter=ppi, fused=fused)
+                t = safe(r, "decode", f"sparse Triton split {kw}", lambda kw=kw: split_ms(**kw, eager=False)[1])
                 if t is not None:
-                    sweep.append({"n_split": n_split, "pages_per_iter": ppi, "num_warps": warps,
-                                  "num_stages": stages, "graph_ms": t})
+                    sweep.append(dict(kw, graph_ms=t))
             if sweep:
                 sweep.sort(key=lambda x: x["graph_ms"])
                 res["split_sweep"] = sweep
-                best = sweep[0]
-                res["sparse_split_best_graph_ms"] = best["graph_ms"]
-                for x in sweep[:3]:
+                res["sparse_split_best_graph_ms"] = sweep[0]["graph_ms"]
+                for x in sweep[:4]:
                     r.row("decode", f"Triton split decode, {x['n_split']} chunks, {x['pages_per_iter']} slots/iter, "
-                          f"{x['num_warps']} warps, {x['num_stages']} stages, b={b}", 1e3 * x["graph_ms"], "us",
+                          f"{'fused merge' if x['fused'] else 'merge kernel'}, b={b}", 1e3 * x["graph_ms"], "us",
                           f"in a graph; {len(sweep)} configs swept, slowest {1e3 * sweep[-1]['graph_ms']:.1f} us")
         seq_dev, rows = seq.to(DEV), torch.arange(b, device=DEV)
         t = safe(r, "decode", "page table graph", lambda: graph_ms(lambda: K.build_page_table(
@@ -738,10 +744,15 @@ def sec_decode(r: Runner, out: dict, quick: bool):
         if "sparse_split_graph_ms" in res:
             r.row("decode", f"in CUDA graphs: Triton split decode {1e3 * res['sparse_split_graph_ms']:.1f} us, b={b}",
                   res["dense_p32_graph_ms"] / res["sparse_split_graph_ms"], "x", "speed-up over dense page 32 in a graph")
+        if "sparse_split_fused_graph_ms" in res:
+            r.row("decode", f"in CUDA graphs: Triton split decode, merge fused {1e3 * res['sparse_split_fused_graph_ms']:.1f}"
+                  f" us, b={b}", res["dense_p32_graph_ms"] / res["sparse_split_fused_graph_ms"], "x",
+                  "speed-up over dense page 32 in a graph")
         if "split_sweep" in res:
             x = res["split_sweep"][0]
             r.row("decode", f"in CUDA graphs: best Triton split decode {1e3 * x['graph_ms']:.1f} us ({x['n_split']} "
-                  f"chunks, {x['pages_per_iter']} slots/iter, {x['num_warps']}w/{x['num_stages']}s), b={b}",
+                  f"chunks, {x['pages_per_iter']} slots/iter, {'fused merge' if x['fused'] else 'merge kernel'}), "
+                  f"b={b}",
                   res["dense_p32_graph_ms"] / x["graph_ms"], "x", "speed-up over dense page 32 in a graph")
         r.save()
 

@@ -217,6 +217,56 @@ def test_split_decode_matches_reference(dtype, d, grp, p, n_split, ppi):
     _check(out, q, ws_k, ws_v, ip, ix, lp, scale)
 
 
+@pytest.mark.parametrize("grp,d", [(1, 64), (4, 128), (7, 64)])
+@pytest.mark.parametrize("p,n_split,ppi", [(32, None, 1), (32, 1, 1), (32, 8, 2), (16, 5, 4), (64, 64, 1)])
+def test_split_decode_fused_merge(grp, d, p, n_split, ppi):
+    """The merge done by each (request, KV head)'s last chunk in the same launch: the reference's
+    attention, call after call (the counters return to zero)."""
+    lay = WorkingSetLayout(p, 4, 8, 4)
+    seq = [1, 31, 33, 200, 16 * p, 16 * p + 1, 5000, 12345]
+    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(torch.bfloat16, grp, d, lay, seq, seed=9)
+    b = len(seq)
+    ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
+    ix = torch.empty(b * lay.slots, dtype=torch.int32, device=DEV)
+    lp = torch.empty(b, dtype=torch.int32, device=DEV)
+    K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
+    scale = 1.0 / math.sqrt(d)
+    locks = torch.zeros(b * hkv, dtype=torch.int32, device=DEV)
+    for _ in range(3):
+        out = K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=lay.slots, sm_scale=scale,
+                                       n_split=n_split, pages_per_iter=ppi, locks=locks)
+        _check(out, q, ws_k, ws_v, ip, ix, lp, scale)
+        assert not locks.any()
+        q.normal_()
+
+
+def test_split_decode_fused_merge_cuda_graph():
+    """The fused merge recorded in a CUDA graph and replayed with new lengths, queries and keys."""
+    dtype, grp, d = torch.bfloat16, 4, 128
+    lay = WorkingSetLayout(32, 4, 8, 4)
+    seq = [40, 700, 5000, 1]
+    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=5)
+    b = len(seq)
+    ip = torch.zeros(b + 1, dtype=torch.int32, device=DEV)
+    ix = torch.zeros(b * lay.slots, dtype=torch.int32, device=DEV)
+    lp = torch.ones(b, dtype=torch.int32, device=DEV)
+    locks = torch.zeros(b * hkv, dtype=torch.int32, device=DEV)
+    scale = 1 / math.sqrt(d)
+    out = torch.empty_like(q)
+
+    def step():
+        K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
+        K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=lay.slots, sm_scale=scale, out=out,
+                                 n_split=4, locks=locks)
+
+    def check():
+        _check(out, q, ws_k, ws_v, ip, ix, lp, scale)
+        assert not locks.any()
+
+    graph = _warm_up_and_capture(step, check)
+    _replay_with_new_inputs(graph, seq_lens, q, ws_k, 5, check)
+
+
 def test_split_decode_cuda_graph():
     """Page table and split decode recorded in one graph, replayed with new lengths, queries and keys."""
     dtype, grp, d = torch.bfloat16, 4, 128
