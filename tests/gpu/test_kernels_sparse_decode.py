@@ -29,6 +29,16 @@ def _setup(dtype, grp, d, lay, seq, seed=0):
     return ws_k, ws_v, q, rpi, seq_lens, hkv
 
 
+def _page_table(seq_lens, rpi, lay):
+    """The working sets' CSR page table (``kv_indptr``, ``kv_indices``, ``kv_last_page_len``) built on the GPU."""
+    b = len(seq_lens)
+    ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
+    ix = torch.empty(b * lay.slots, dtype=torch.int32, device=DEV)
+    lp = torch.empty(b, dtype=torch.int32, device=DEV)
+    K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
+    return ip, ix, lp
+
+
 def _check(out, q, ws_k, ws_v, ip, ix, lp, scale):
     ref = K.sparse_decode_reference(q, ws_k, ws_v, ip, ix, lp, scale)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -39,11 +49,7 @@ def _eager_case(dtype, grp, d, seq, seed=0, split_pages=None):
     """Plan + run over ``seq`` contexts and check against the reference; returns what ``run`` needs."""
     lay = WorkingSetLayout(32, 4, 8, 4)
     ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=seed)
-    b = len(seq)
-    ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
-    ix = torch.empty(b * lay.slots, dtype=torch.int32, device=DEV)
-    lp = torch.empty(b, dtype=torch.int32, device=DEV)
-    K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
+    ip, ix, lp = _page_table(seq_lens, rpi, lay)
     sd = K.SparseDecode(DEV)
     scale = 1.0 / math.sqrt(d)
     sd.plan(K.page_table_indptr_host(seq_lens.cpu(), lay), ix, K.last_page_len_host(seq_lens.cpu(), lay),
@@ -89,11 +95,7 @@ def test_sparse_decode_page_sizes(p):
     lay = WorkingSetLayout(p, 2, 4, 3)
     seq = [5, p * 9 + 3, p * 40]
     ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(torch.bfloat16, 4, 128, lay, seq, seed=1)
-    b = len(seq)
-    ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
-    ix = torch.empty(b * lay.slots, dtype=torch.int32, device=DEV)
-    lp = torch.empty(b, dtype=torch.int32, device=DEV)
-    K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
+    ip, ix, lp = _page_table(seq_lens, rpi, lay)
     sd = K.SparseDecode(DEV)
     sd.plan(ip, ix, lp, 4 * hkv, hkv, 128, p, torch.bfloat16, torch.bfloat16)  # device metadata works too
     _check(sd.run(q, ws_k, ws_v), q, ws_k, ws_v, ip, ix, lp, 1 / math.sqrt(128))
@@ -206,11 +208,7 @@ def test_split_decode_matches_reference(dtype, d, grp, p, n_split, ppi):
     lay = WorkingSetLayout(p, 4, 8, 4)
     seq = [1, 31, 33, 200, 16 * p, 16 * p + 1, 5000, 12345]
     ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=7)
-    b = len(seq)
-    ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
-    ix = torch.empty(b * lay.slots, dtype=torch.int32, device=DEV)
-    lp = torch.empty(b, dtype=torch.int32, device=DEV)
-    K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
+    ip, ix, lp = _page_table(seq_lens, rpi, lay)
     scale = 1.0 / math.sqrt(d)
     out = K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=lay.slots, sm_scale=scale, n_split=n_split,
                                    pages_per_iter=ppi)
@@ -226,10 +224,7 @@ def test_split_decode_fused_merge(grp, d, p, n_split, ppi):
     seq = [1, 31, 33, 200, 16 * p, 16 * p + 1, 5000, 12345]
     ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(torch.bfloat16, grp, d, lay, seq, seed=9)
     b = len(seq)
-    ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
-    ix = torch.empty(b * lay.slots, dtype=torch.int32, device=DEV)
-    lp = torch.empty(b, dtype=torch.int32, device=DEV)
-    K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
+    ip, ix, lp = _page_table(seq_lens, rpi, lay)
     scale = 1.0 / math.sqrt(d)
     locks = torch.zeros(b * hkv, dtype=torch.int32, device=DEV)
     for _ in range(3):
