@@ -43,10 +43,14 @@ if triton is not None:
         stride_qb, stride_qh, stride_r2t, n_sink, n_window,
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr,
-        Q_BY_ROW: tl.constexpr, F32_DOT: tl.constexpr,
+        Q_BY_ROW: tl.constexpr, F32_DOT: tl.constexpr, HEADS_FAST: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
+        if HEADS_FAST:  # grid (B * Hkv, n_blocks): the heads of one block of pages run side by side
+            pid_n = tl.program_id(1)
+            bh = tl.program_id(0).to(tl.int64)
+        else:  # grid (n_blocks, B * Hkv)
+            pid_n = tl.program_id(0)
+            bh = tl.program_id(1).to(tl.int64)
         b = bh // HKV
         h = bh % HKV
         n = tl.load(nctx_ptr + b).to(tl.int64)
@@ -198,7 +202,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                      max_pages: int, page_size: int, n_sink: int, n_window: int, aggregation: str,
                      q_index: torch.Tensor | None = None, keys: torch.Tensor | None = None,
                      impl: str | None = None, block_n: int | None = None, num_warps: int = 4,
-                     margin: int = 0) -> None:
+                     margin: int = 0, heads_fast: bool = False) -> None:
     """Select the top-``k`` candidate pages per (request, KV head) and update residency, in place.
 
     Args:
@@ -217,6 +221,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         margin: residency hysteresis in pages: a resident page ranked within the top ``k + margin``
             stays selected (:func:`freekv_sglang.algorithm.selection.sticky_scores`); 0 = plain top-k.
             The blocks then keep their top ``k + margin`` keys.
+        heads_fast: launch the scoring programs of one block of pages for all KV heads side by side
+            (neighbouring digest bytes) instead of all blocks of one head (tuning only).
     No host synchronisation; CUDA-graph capturable.
     """
     if margin < 0:
@@ -261,7 +267,6 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     bn = block_size(max_pages, k + margin) if block_n is None else block_n
     if bn < kb or bn & (bn - 1):
         raise ValueError(f"block_n={bn} must be a power of two of at least {kb} (the per-block top-k)")
-    nb = cdiv(max_pages, bn)
     need = selection_scratch_size(b, hkv, max_pages, k, bn, margin)
     if keys is None:
         keys = torch.empty(need, dtype=torch.int64, device=q.device)
@@ -273,19 +278,42 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         hm = head_mask.contiguous().view(torch.uint8)
     else:
         hm = keys
-    g = hq // hkv
     qi = q_index if q_index is not None else rows
-    _score_block_topk_kernel[(nb, b * hkv)](
-        q, qi, digests, req_to_token, rows, n_ctx, hm, keys,
+    score_block_topk(q, qi, digests, req_to_token, rows, n_ctx, hm, keys, hkv=hkv, block_n=bn, kb=kb,
+                     page_size=page_size, n_sink=n_sink, n_window=n_window, aggregation=aggregation,
+                     has_mask=head_mask is not None, q_by_row=q_index is not None, num_warps=num_warps,
+                     heads_fast=heads_fast, max_pages=max_pages)
+    merge_select(keys, n_ctx, resident, rows, hm, recall_slot, recall_page, counter, hkv=hkv, k=k, kb=kb, block_n=bn,
+                 page_size=page_size, n_sink=n_sink, n_window=n_window, has_mask=head_mask is not None,
+                 margin=margin, max_pages=max_pages)
+
+
+def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys, *, hkv, block_n, kb,
+                     page_size, n_sink, n_window, aggregation, has_mask, q_by_row, num_warps, heads_fast, max_pages):
+    """Launch 1 of :func:`score_and_select` (arguments already checked there): the top ``kb`` keys of every
+    block of ``block_n`` pages of each (request, KV head) into ``keys [B * Hkv * n_blocks * kb]``."""
+    b, hq, d = rows.shape[0], q.shape[1], q.shape[2]
+    nb = cdiv(max_pages, block_n)
+    grid = (b * hkv, nb) if heads_fast else (nb, b * hkv)
+    _score_block_topk_kernel[grid](
+        q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys,
         q.stride(0), q.stride(1), req_to_token.stride(0), n_sink, n_window,
-        HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d, PAGE=page_size, BLOCK_N=bn, KB=kb, NB=nb,
-        AGG=0 if aggregation == "mean" else 1, HAS_MASK=head_mask is not None, Q_BY_ROW=q_index is not None,
-        F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, num_warps=num_warps,
+        HKV=hkv, G=hq // hkv, BLOCK_G=max(16, next_pow2(hq // hkv)), D=d, PAGE=page_size, BLOCK_N=block_n, KB=kb,
+        NB=nb, AGG=0 if aggregation == "mean" else 1, HAS_MASK=has_mask, Q_BY_ROW=q_by_row,
+        F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, HEADS_FAST=bool(heads_fast), num_warps=num_warps,
     )
+
+
+def merge_select(keys, n_ctx, resident, rows, head_mask_u8, recall_slot, recall_page, counter, *, hkv, k, kb, block_n,
+                 page_size, n_sink, n_window, has_mask, margin, max_pages):
+    """Launch 2 of :func:`score_and_select`: per (request, KV head), the top ``k`` of its blocks' keys and the
+    residency update (recall lists, ``resident`` in place, ``counter``)."""
+    b = rows.shape[0]
+    nb = cdiv(max_pages, block_n)
     _merge_select_kernel[(b * hkv,)](
-        keys, n_ctx, resident, rows, hm, recall_slot, recall_page,
+        keys, n_ctx, resident, rows, head_mask_u8, recall_slot, recall_page,
         counter if counter is not None else recall_slot, n_sink, n_window,
-        HKV=hkv, K=k, KB=kb, NB=nb, NBP=next_pow2(nb), BLOCK_N=bn, PAGE=page_size,
-        HAS_MASK=head_mask is not None, COUNT=counter is not None, MARGIN=margin, KR=max(16, next_pow2(k)),
+        HKV=hkv, K=k, KB=kb, NB=nb, NBP=next_pow2(nb), BLOCK_N=block_n, PAGE=page_size,
+        HAS_MASK=has_mask, COUNT=counter is not None, MARGIN=margin, KR=max(16, next_pow2(k)),
         num_warps=4 if nb * kb <= 1024 else 8,
     )

@@ -61,10 +61,16 @@ if triton is not None:
         max_pages, n_sink, n_window,
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_N: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr, F32_DOT: tl.constexpr,
+        HEADS_FAST: tl.constexpr,
     ):
-        # grid: (cdiv(max_pages, BLOCK_N), B * Hkv). One program: BLOCK_N pages x one KV head.
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
+        # One program: BLOCK_N pages x one KV head. Grid (cdiv(max_pages, BLOCK_N), B * Hkv), or with
+        # HEADS_FAST (B * Hkv, cdiv(max_pages, BLOCK_N)): the KV heads of one block of pages side by side.
+        if HEADS_FAST:
+            pid_n = tl.program_id(1)
+            bh = tl.program_id(0)
+        else:
+            pid_n = tl.program_id(0)
+            bh = tl.program_id(1)
         b = bh // HKV
         h = bh % HKV
         p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -130,7 +136,7 @@ def score_pages_reference(q, digests, req_to_token, req_pool_idx, n_ctx, head_ma
 def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tensor, req_pool_idx: torch.Tensor,
                 n_ctx: torch.Tensor, head_mask: torch.Tensor | None, out: torch.Tensor, *, page_size: int,
                 n_sink: int, n_window: int, aggregation: str, head_scores: torch.Tensor | None = None,
-                block_n: int | None = None, impl: str | None = None) -> torch.Tensor:
+                block_n: int | None = None, heads_fast: bool = False, impl: str | None = None) -> torch.Tensor:
     """GQA-aggregated Quest scores of every candidate page of each request.
 
     Args:
@@ -148,6 +154,8 @@ def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tens
             (allocated when ``None``; pass one for CUDA graphs to reuse it).
         block_n: pages per program (16/32/64); default: the largest that still gives at
             least two programs per SM (small problems are latency-bound).
+        heads_fast: launch order: the KV heads of one block of pages as neighbouring programs
+            (they read neighbouring digest bytes) rather than the blocks of one head (tuning only).
     Returns ``out``. No host synchronisation (graph-capturable).
     """
     if aggregation not in AGGREGATIONS:
@@ -196,13 +204,14 @@ def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tens
         while block_n > 16 and cdiv(max_pages, block_n) * b * hkv < 2 * sm_count(out.device):
             block_n //= 2
     block_n = max(16, min(block_n, next_pow2(max_pages)))
-    grid = (cdiv(max_pages, block_n), b * hkv)
+    grid = (b * hkv, cdiv(max_pages, block_n)) if heads_fast else (cdiv(max_pages, block_n), b * hkv)
     _score_pages_kernel[grid](
         q, digests, req_to_token, req_pool_idx, n_ctx, hmask, dst,
         q.stride(0), q.stride(1), req_to_token.stride(0), dst.stride(0), dst.stride(1),
         max_pages, n_sink, n_window,
         HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d, PAGE=page_size, BLOCK_N=block_n, AGG=agg,
-        HAS_MASK=head_mask is not None, F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, num_warps=4,
+        HAS_MASK=head_mask is not None, F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16,
+        HEADS_FAST=bool(heads_fast), num_warps=4,
     )
     if agg == 2:
         valid = _candidates(n_ctx, max_pages, page_size, n_sink, n_window)

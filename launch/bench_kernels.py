@@ -22,7 +22,10 @@ file is rewritten after every section):
                   unfused ``score_pages`` + ``select_and_diff`` at 32K / 128K contexts, batch 1/8,
                   vs reading the digests at the measured HBM speed;
 * ``decode``      ``SparseDecode`` over a 2048-token working set vs FlashInfer dense paged
-                  decode over 32K tokens (page size 1 and 32), batch 1/8/32, 32 q / 8 kv heads.
+                  decode over 32K tokens (page size 1 and 32), batch 1/8/32, 32 q / 8 kv heads;
+* ``step``        the same attention (FlashInfer and the Triton split decode) and the fused selection
+                  per layer as a captured decode step runs them: 8 layers over their own buffers in
+                  one CUDA graph, replay time / 8; the selection's launch order and program shape.
 
 Timings: ``triton.testing.do_bench`` medians (it flushes L2 before every call); "graph"
 figures replay the op captured in a CUDA graph (GPU time without Python launch cost);
@@ -757,6 +760,133 @@ def sec_decode(r: Runner, out: dict, quick: bool):
         r.save()
 
 
+def layers_graph_ms(fns, warmup=3, rep=20) -> float:
+    """Per-layer GPU time of ``fns`` (one closure per layer, each over its own buffers), captured one
+    after the other in one CUDA graph as a decode step runs its layers (L2 flushed before each replay)."""
+    def step():
+        for f in fns:
+            f()
+    return graph_ms(step, warmup=warmup, rep=rep) / len(fns)
+
+
+def sec_step(r: Runner, out: dict, quick: bool):
+    """Attention and selection as a captured decode step sees them: ``N_LAYERS`` layers, each over its
+    own KV / working sets / digests, in one CUDA graph; per-layer time = replay time / layers (the
+    graph's launch is paid once per step, not once per layer)."""
+    nl = 4 if quick else 8
+    hbm = _ceil(r, "hbm_copy_gbps")
+    g = torch.Generator(device=DEV).manual_seed(5)
+    ctx = 32768
+    for b in ((1, 8) if quick else (1, 8, 32)):
+        res = {"layers": nl}
+        seq = torch.full((b,), ctx, dtype=torch.int32)
+        ip = torch.empty(b + 1, dtype=torch.int32, device=DEV)
+        ix = torch.empty(b * LAYOUT.slots, dtype=torch.int32, device=DEV)
+        lp = torch.empty(b, dtype=torch.int32, device=DEV)
+        K.build_page_table(seq.to(DEV), torch.arange(b, device=DEV), ip, ix, lp, layout=LAYOUT, slot_base=LAYOUT.slots)
+        qs = [torch.randn((b, HQ, D), generator=g, device=DEV).to(BF16) for _ in range(nl)]
+        ws = [(torch.randn((b * LAYOUT.slots, P, HKV, D), generator=g, device=DEV).to(BF16),
+               torch.randn((b * LAYOUT.slots, P, HKV, D), generator=g, device=DEV).to(BF16)) for _ in range(nl)]
+        sd = K.SparseDecode(DEV, use_cuda_graph=True, batch_size=b, max_slots=LAYOUT.slots)
+        sd.kv_indices.copy_(ix)
+        sd.plan(K.page_table_indptr_host(seq, LAYOUT), sd.kv_indices, K.last_page_len_host(seq, LAYOUT),
+                HQ, HKV, D, P, BF16, BF16)
+        ref = [sd.run(qs[i], *ws[i]).float() for i in range(nl)]
+        locks = torch.zeros(b * HKV, dtype=torch.int32, device=DEV)
+
+        def split(i, **kw):
+            return K.split_decode_attention(qs[i], *ws[i], ip, ix, lp, max_slots=LAYOUT.slots, **kw)
+
+        variants = {"flashinfer": lambda i: sd.run(qs[i], *ws[i]),
+                    "triton_split": lambda i: split(i),
+                    "triton_split_8x2": lambda i: split(i, n_split=8, pages_per_iter=2),
+                    "triton_split_fused": lambda i: split(i, locks=locks)}
+        for name, fn in variants.items():
+            def run(fn=fn):
+                for i in range(nl):
+                    err = (fn(i).float() - ref[i]).abs().max().item()
+                    if err > 2e-2:
+                        raise RuntimeError(f"layer {i} differs from FlashInfer's paged decode by {err}")
+                return layers_graph_ms([lambda i=i: fn(i) for i in range(nl)])
+            t = safe(r, "step", f"sparse {name} b={b}", run)
+            res[f"sparse_{name}_ms"] = float("nan") if t is None else t
+        ws = None  # free the working sets before the dense caches
+        # dense FlashInfer paged decode (page 32) over each layer's own 32K-token cache
+        n_pages = b * ctx // 32
+        dd = K.SparseDecode(DEV, use_cuda_graph=True, batch_size=b, max_slots=ctx // 32)
+        dd.kv_indices.copy_(torch.arange(n_pages, dtype=torch.int32, device=DEV))
+        dd.plan(torch.arange(b + 1, dtype=torch.int32) * (ctx // 32), dd.kv_indices,
+                torch.full((b,), 32, dtype=torch.int32), HQ, HKV, D, 32, BF16, BF16)
+
+        def dense():
+            kv = [(torch.empty((n_pages, 32, HKV, D), dtype=BF16, device=DEV).normal_(generator=g),
+                   torch.empty((n_pages, 32, HKV, D), dtype=BF16, device=DEV).normal_(generator=g)) for _ in range(nl)]
+            return layers_graph_ms([lambda i=i: dd.run(qs[i], *kv[i]) for i in range(nl)])
+
+        t = safe(r, "step", f"dense b={b}", dense)
+        res["dense_p32_ms"] = float("nan") if t is None else t
+        torch.cuda.empty_cache()
+        out[f"decode_b{b}"] = res
+        for name in variants:
+            v = res[f"sparse_{name}_ms"]
+            r.row("step", f"decode {name}, 2048-token working set, b={b}, per layer of {nl} in a graph", 1e3 * v, "us",
+                  f"{res['dense_p32_ms'] / v:.2f}x dense 32K ({1e3 * res['dense_p32_ms']:.1f} us)")
+        r.save()
+
+    # selection: the fused scoring + top-k + residency update per layer, launch order and program shape
+    for ctx in ((32768,) if quick else (32768, 131072)):
+        for b in (1, 8):
+            n_pages = ctx // P
+            r2t = (P + torch.arange(b, device=DEV)[:, None] * ctx + torch.arange(ctx, device=DEV)).int()
+            rows = torch.arange(b, device=DEV)
+            n_ctx = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
+            kw = dict(page_size=P, n_sink=LAYOUT.n_sink, n_window=LAYOUT.n_window)
+            digs = [torch.randn((b * n_pages + 1, HKV, 2, D), generator=g, device=DEV).to(BF16) for _ in range(nl)]
+            qs = [torch.randn((b, HQ, D), generator=g, device=DEV).to(BF16) for _ in range(nl)]
+            resid = [torch.full((b, HKV, NSEL), -1, dtype=torch.long, device=DEV) for _ in range(nl)]
+            rs = torch.empty((b, HKV, NSEL), dtype=torch.int32, device=DEV)
+            rp = torch.empty_like(rs)
+            sc = torch.empty((b, HKV, n_pages), device=DEV)
+            n_cand = n_pages - LAYOUT.n_sink - LAYOUT.n_window
+            dbytes = b * HKV * n_cand * 2 * D * 2
+            ideal = dbytes / (hbm * 1e9) if hbm else float("nan")
+            res = {"digest_bytes": dbytes, "ideal_ms": ideal, "layers": nl}
+            configs = [dict(block_n=bn, num_warps=nw, heads_fast=hf) for bn in (64, 128) for nw in (2, 4)
+                       for hf in (False, True)] + [{}]
+            for cfg in configs:
+                bn = cfg.get("block_n") or K.score_select.block_size(n_pages, NSEL)
+                keys = torch.empty(K.score_select.selection_scratch_size(b, HKV, n_pages, NSEL, bn), dtype=torch.int64,
+                                   device=DEV)
+
+                def sel(i, cfg=cfg, keys=keys):
+                    K.score_and_select(qs[i], digs[i], r2t, rows, n_ctx, None, resid[i], NSEL, rs, rp,
+                                       max_pages=n_pages, aggregation="mean", keys=keys, **cfg, **kw)
+                name = "default" if not cfg else f"block{bn}_warps{cfg['num_warps']}" + ("_headsfast" * cfg["heads_fast"])
+                t = safe(r, "step", f"select {name} ctx={ctx} b={b}", lambda: layers_graph_ms(
+                    [lambda i=i: sel(i) for i in range(nl)]))
+                if t is not None:
+                    res[f"select_{name}_ms"] = t
+            for hf in (False, True):  # the scoring read alone (unfused, no top-k)
+                t = safe(r, "step", f"score_pages hf={hf} ctx={ctx} b={b}", lambda hf=hf: layers_graph_ms(
+                    [lambda i=i: K.score_pages(qs[i], digs[i], r2t, rows, n_ctx, None, sc, aggregation="mean",
+                                               heads_fast=hf, **kw) for i in range(nl)]))
+                if t is not None:
+                    res[f"score_pages{'_headsfast' * hf}_ms"] = t
+            out[f"select_ctx{ctx}_b{b}"] = res
+            tag = f"ctx={ctx // 1024}K b={b} ({dbytes / MIB:.1f} MiB digests), per layer of {nl}"
+            sel_keys = sorted((k for k in res if k.startswith("select_") and k.endswith("_ms")), key=res.get)
+            for k_ in sel_keys[:3] + [k for k in ("select_default_ms",) if k in res and k not in sel_keys[:3]]:
+                r.row("step", f"score_and_select {k_[7:-3]}, {tag}", 1e3 * res[k_], "us",
+                      f"{res[k_] / ideal:.2f}x HBM ideal ({1e3 * ideal:.1f} us)")
+            for k_ in ("score_pages_ms", "score_pages_headsfast_ms"):
+                if k_ in res:
+                    r.row("step", f"{k_[:-3]} (no top-k), {tag}", 1e3 * res[k_], "us", f"{res[k_] / ideal:.2f}x HBM ideal")
+            digs = None
+            torch.cuda.empty_cache()
+            r.save()
+
+
+
 def sec_hostalloc(r: Runner, out: dict, quick: bool):
     """Start-up cost of the host tier: page-locking a large buffer with each allocator (the server pays
     it once; a 1 TB tier at 2 GB/s would take over 8 minutes)."""
@@ -801,7 +931,7 @@ def st_gib(n_pages: int) -> float:
     return 32 * n_pages * 2 * HKV * P * D * 2 / 2**30
 
 
-SECTIONS = ("info", "ceilings", "recall", "overlap", "interfere", "offload", "scores", "decode", "hostalloc")
+SECTIONS = ("info", "ceilings", "recall", "overlap", "interfere", "offload", "scores", "decode", "step", "hostalloc")
 
 
 def main(argv=None):
@@ -821,9 +951,9 @@ def main(argv=None):
     sec_info_fn = {
         "info": (sec_info,), "ceilings": (sec_ceilings,), "recall": (sec_recall, args.quick), "overlap": (sec_overlap,),
         "interfere": (sec_interfere,), "offload": (sec_offload,), "scores": (sec_scores, args.quick), "decode": (sec_decode, args.quick),
-        "hostalloc": (sec_hostalloc, args.quick),
+        "step": (sec_step, args.quick), "hostalloc": (sec_hostalloc, args.quick),
     }
-    if "ceilings" not in wanted and any(s in wanted for s in ("recall", "offload", "scores")):
+    if "ceilings" not in wanted and any(s in wanted for s in ("recall", "offload", "scores", "step")):
         wanted.insert(0, "ceilings")  # the ratios need the ceilings
     for s in SECTIONS:
         if s in wanted:

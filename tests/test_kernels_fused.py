@@ -30,6 +30,7 @@ def test_fused_kernels_under_interpreter():
         "    check_score_select('cpu', torch.float16, grp, 16, k=k, aggregation=agg, masked=masked, by_row=by_row)\n"
         "check_score_select('cpu', torch.bfloat16, 2, 32, k=4, max_pages=300)\n"
         "check_score_select('cpu', torch.float16, 4, 16, k=4, block_n=16, num_warps=2)  # tuning: 3 blocks\n"
+        "check_score_select('cpu', torch.float16, 3, 16, k=4, block_n=16, heads_fast=True)  # launch order\n"
         "for m in (2, 5):  # residency hysteresis: blocks keep k + m keys, residents in the top k + m stay\n"
         "    check_score_select('cpu', torch.float16, 2, 16, k=4, margin=m)\n"
         "    check_score_select('cpu', torch.float16, 2, 16, k=4, margin=m, aggregation='softmax-mean')\n"

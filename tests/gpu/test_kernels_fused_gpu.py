@@ -44,8 +44,9 @@ def test_score_select_keep_margin_gpu(k, margin, max_pages, aggregation):
                        margin=margin)
 
 
-@pytest.mark.parametrize("block_n,num_warps", [(32, 2), (256, 8)])
-def test_score_select_tuning_gpu(block_n, num_warps):
-    """The scoring program's size and warps (bench_kernels' sweep) do not change the selection."""
+@pytest.mark.parametrize("block_n,num_warps,heads_fast", [(32, 2, False), (256, 8, False), (64, 2, True),
+                                                         (128, 4, True)])
+def test_score_select_tuning_gpu(block_n, num_warps, heads_fast):
+    """The scoring program's size, warps and launch order (bench_kernels' sweep) do not change the selection."""
     check_score_select("cuda", torch.bfloat16, 4, 128, k=32, page=32, max_pages=1000, block_n=block_n,
-                       num_warps=num_warps)
+                       num_warps=num_warps, heads_fast=heads_fast)

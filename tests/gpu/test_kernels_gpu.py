@@ -134,7 +134,7 @@ def test_score_pages(dtype, d, grp, agg):
         out = torch.full((b, hkv, max_pages), float("nan"), device=DEV)
         ref = out.clone()
         kw = dict(page_size=p, n_sink=n_sink, n_window=n_window, aggregation=agg)
-        K.score_pages(q, dig, r2t, rpi, n_ctx, mask, out, **kw)
+        K.score_pages(q, dig, r2t, rpi, n_ctx, mask, out, heads_fast=grp in (3, 7), **kw)
         K.score_pages_reference(q, dig, r2t, rpi, n_ctx, mask, ref, **kw)
         assert not out.isnan().any()
         assert torch.equal(torch.isinf(out), torch.isinf(ref))
