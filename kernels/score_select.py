@@ -38,52 +38,74 @@ _LOW = 2**32 - 1
 if triton is not None:
 
     @triton.jit
+    def _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_ptr, pid_n, live, ws, n_sink, h,
+                    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr,
+                    F32_DOT: tl.constexpr):
+        """Score block ``pid_n`` (``BLOCK_N`` pages) of one (request, KV head); store its top ``KB`` keys
+        (every key ``NO_KEY`` when not ``live``; nothing past block ``NB``)."""
+        p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cand = (p >= n_sink) & (p < ws) & live
+        tok = tl.load(r2t_row + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64)
+        hp = tok // PAGE
+        gmask = tl.arange(0, BLOCK_G) < G
+        s = _group_bounds(q_row, stride_qh, dig_ptr, hp, h, cand, HKV, G, BLOCK_G, D, F32_DOT)
+        if AGG == 0:
+            agg = tl.sum(tl.where(gmask[:, None], s, 0.0), axis=0) / G
+        else:
+            agg = tl.max(tl.where(gmask[:, None], s, float("-inf")), axis=0)
+        ok = cand & (agg == agg) & (agg != float("inf")) & (agg != float("-inf"))
+        bits = agg.to(tl.int32, bitcast=True)
+        mono = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        key = (mono << 32) | (4294967295 - p.to(tl.int64))
+        key = tl.where(ok, key, -9223372036854775807 - 1)
+        top = tl.topk(key, KB)
+        kk = tl.arange(0, KB)
+        tl.store(keys_ptr + pid_n * KB + kk, top, mask=(kk < KB) & (pid_n < NB))
+
+    @triton.jit
     def _score_block_topk_kernel(
         q_ptr, qidx_ptr, dig_ptr, r2t_ptr, rows_ptr, nctx_ptr, hmask_ptr, keys_ptr,
         stride_qb, stride_qh, stride_r2t, n_sink, n_window,
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr,
-        Q_BY_ROW: tl.constexpr, F32_DOT: tl.constexpr, HEADS_FAST: tl.constexpr,
+        Q_BY_ROW: tl.constexpr, F32_DOT: tl.constexpr, HEADS_FAST: tl.constexpr, SUB: tl.constexpr,
+        STAGES: tl.constexpr,
     ):
-        if HEADS_FAST:  # grid (B * Hkv, n_blocks): the heads of one block of pages run side by side
-            pid_n = tl.program_id(1)
+        # One program: SUB consecutive blocks of BLOCK_N pages of one (request, KV head), the blocks in a
+        # software-pipelined loop when SUB > 1. Grid (cdiv(NB, SUB), B * Hkv), or with HEADS_FAST
+        # (B * Hkv, cdiv(NB, SUB)): the heads of one block of pages side by side.
+        if HEADS_FAST:
+            pid_p = tl.program_id(1)
             bh = tl.program_id(0).to(tl.int64)
-        else:  # grid (n_blocks, B * Hkv)
-            pid_n = tl.program_id(0)
+        else:
+            pid_p = tl.program_id(0)
             bh = tl.program_id(1).to(tl.int64)
         b = bh // HKV
         h = bh % HKV
         n = tl.load(nctx_ptr + b).to(tl.int64)
         n_pages = (n + PAGE - 1) // PAGE
         ws = tl.maximum(n_pages - n_window, n_sink)
-        live = pid_n * BLOCK_N < ws
+        act = True
         if HAS_MASK:
-            live = live & (tl.load(hmask_ptr + bh) != 0)
-        if live:
-            p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            cand = (p >= n_sink) & (p < ws)
-            r = tl.load(rows_ptr + b).to(tl.int64)
-            tok = tl.load(r2t_ptr + r * stride_r2t + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64)
-            hp = tok // PAGE
-            g = tl.arange(0, BLOCK_G)
-            gmask = g < G
-            if Q_BY_ROW:
-                qb = tl.load(qidx_ptr + b).to(tl.int64)
-            else:
-                qb = b
-            s = _group_bounds(q_ptr + qb * stride_qb + h * G * stride_qh, stride_qh, dig_ptr, hp, h, cand,
-                              HKV, G, BLOCK_G, D, F32_DOT)
-            if AGG == 0:
-                agg = tl.sum(tl.where(gmask[:, None], s, 0.0), axis=0) / G
-            else:
-                agg = tl.max(tl.where(gmask[:, None], s, float("-inf")), axis=0)
-            ok = cand & (agg == agg) & (agg != float("inf")) & (agg != float("-inf"))
-            bits = agg.to(tl.int32, bitcast=True)
-            mono = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-            key = (mono << 32) | (4294967295 - p.to(tl.int64))
-            key = tl.where(ok, key, -9223372036854775807 - 1)
-            top = tl.topk(key, KB)
-            tl.store(keys_ptr + (bh * NB + pid_n) * KB + tl.arange(0, KB), top)
+            act = tl.load(hmask_ptr + bh) != 0
+        if Q_BY_ROW:
+            qb = tl.load(qidx_ptr + b).to(tl.int64)
+        else:
+            qb = b
+        q_row = q_ptr + qb * stride_qb + h * G * stride_qh
+        r2t_row = r2t_ptr + tl.load(rows_ptr + b).to(tl.int64) * stride_r2t
+        keys_row = keys_ptr + bh * NB * KB
+        if SUB == 1:
+            live = act & (pid_p * BLOCK_N < ws)
+            if live:  # blocks past the candidates are never read by the merge: no store
+                _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_p, live, ws, n_sink, h, HKV, G,
+                            BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT)
+        else:
+            for j in tl.range(0, SUB, num_stages=STAGES):
+                pid_n = pid_p * SUB + j
+                _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_n, act & (pid_n * BLOCK_N < ws), ws,
+                            n_sink, h, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT)
 
     @triton.jit
     def _merge_select_kernel(
@@ -202,7 +224,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                      max_pages: int, page_size: int, n_sink: int, n_window: int, aggregation: str,
                      q_index: torch.Tensor | None = None, keys: torch.Tensor | None = None,
                      impl: str | None = None, block_n: int | None = None, num_warps: int = 4,
-                     margin: int = 0, heads_fast: bool = False) -> None:
+                     margin: int = 0, heads_fast: bool = False, blocks_per_program: int = 1,
+                     num_stages: int = 2, merge_warps: int | None = None) -> None:
     """Select the top-``k`` candidate pages per (request, KV head) and update residency, in place.
 
     Args:
@@ -223,6 +246,9 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
             The blocks then keep their top ``k + margin`` keys.
         heads_fast: launch the scoring programs of one block of pages for all KV heads side by side
             (neighbouring digest bytes) instead of all blocks of one head (tuning only).
+        blocks_per_program, num_stages: scoring blocks per program, read in a software-pipelined loop of
+            ``num_stages`` stages when more than one (tuning only).
+        merge_warps: warps of the merge program (default 4 up to 1024 keys per row, else 8).
     No host synchronisation; CUDA-graph capturable.
     """
     if margin < 0:
@@ -267,6 +293,9 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     bn = block_size(max_pages, k + margin) if block_n is None else block_n
     if bn < kb or bn & (bn - 1):
         raise ValueError(f"block_n={bn} must be a power of two of at least {kb} (the per-block top-k)")
+    if blocks_per_program < 1 or num_stages < 1 or merge_warps not in (None, 1, 2, 4, 8, 16):
+        raise ValueError(f"blocks_per_program ({blocks_per_program}) and num_stages ({num_stages}) must be >= 1, "
+                         f"merge_warps 1/2/4/8/16, got {merge_warps}")
     need = selection_scratch_size(b, hkv, max_pages, k, bn, margin)
     if keys is None:
         keys = torch.empty(need, dtype=torch.int64, device=q.device)
@@ -282,30 +311,34 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     score_block_topk(q, qi, digests, req_to_token, rows, n_ctx, hm, keys, hkv=hkv, block_n=bn, kb=kb,
                      page_size=page_size, n_sink=n_sink, n_window=n_window, aggregation=aggregation,
                      has_mask=head_mask is not None, q_by_row=q_index is not None, num_warps=num_warps,
-                     heads_fast=heads_fast, max_pages=max_pages)
+                     heads_fast=heads_fast, max_pages=max_pages, blocks_per_program=blocks_per_program,
+                     num_stages=num_stages)
     merge_select(keys, n_ctx, resident, rows, hm, recall_slot, recall_page, counter, hkv=hkv, k=k, kb=kb, block_n=bn,
                  page_size=page_size, n_sink=n_sink, n_window=n_window, has_mask=head_mask is not None,
-                 margin=margin, max_pages=max_pages)
+                 margin=margin, max_pages=max_pages, num_warps=merge_warps)
 
 
 def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys, *, hkv, block_n, kb,
-                     page_size, n_sink, n_window, aggregation, has_mask, q_by_row, num_warps, heads_fast, max_pages):
+                     page_size, n_sink, n_window, aggregation, has_mask, q_by_row, num_warps, heads_fast, max_pages,
+                     blocks_per_program=1, num_stages=2):
     """Launch 1 of :func:`score_and_select` (arguments already checked there): the top ``kb`` keys of every
     block of ``block_n`` pages of each (request, KV head) into ``keys [B * Hkv * n_blocks * kb]``."""
     b, hq, d = rows.shape[0], q.shape[1], q.shape[2]
     nb = cdiv(max_pages, block_n)
-    grid = (b * hkv, nb) if heads_fast else (nb, b * hkv)
+    npg = cdiv(nb, blocks_per_program)
+    grid = (b * hkv, npg) if heads_fast else (npg, b * hkv)
     _score_block_topk_kernel[grid](
         q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys,
         q.stride(0), q.stride(1), req_to_token.stride(0), n_sink, n_window,
         HKV=hkv, G=hq // hkv, BLOCK_G=max(16, next_pow2(hq // hkv)), D=d, PAGE=page_size, BLOCK_N=block_n, KB=kb,
         NB=nb, AGG=0 if aggregation == "mean" else 1, HAS_MASK=has_mask, Q_BY_ROW=q_by_row,
-        F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, HEADS_FAST=bool(heads_fast), num_warps=num_warps,
+        F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, HEADS_FAST=bool(heads_fast),
+        SUB=blocks_per_program, STAGES=num_stages, num_warps=num_warps,
     )
 
 
 def merge_select(keys, n_ctx, resident, rows, head_mask_u8, recall_slot, recall_page, counter, *, hkv, k, kb, block_n,
-                 page_size, n_sink, n_window, has_mask, margin, max_pages):
+                 page_size, n_sink, n_window, has_mask, margin, max_pages, num_warps=None):
     """Launch 2 of :func:`score_and_select`: per (request, KV head), the top ``k`` of its blocks' keys and the
     residency update (recall lists, ``resident`` in place, ``counter``)."""
     b = rows.shape[0]
@@ -315,5 +348,5 @@ def merge_select(keys, n_ctx, resident, rows, head_mask_u8, recall_slot, recall_
         counter if counter is not None else recall_slot, n_sink, n_window,
         HKV=hkv, K=k, KB=kb, NB=nb, NBP=next_pow2(nb), BLOCK_N=block_n, PAGE=page_size,
         HAS_MASK=has_mask, COUNT=counter is not None, MARGIN=margin, KR=max(16, next_pow2(k)),
-        num_warps=4 if nb * kb <= 1024 else 8,
+        num_warps=num_warps or (4 if nb * kb <= 1024 else 8),
     )

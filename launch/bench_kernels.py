@@ -770,11 +770,10 @@ def layers_graph_ms(fns, warmup=3, rep=20) -> float:
 
 
 def sec_step(r: Runner, out: dict, quick: bool):
-    """Attention and selection as a captured decode step sees them: ``N_LAYERS`` layers, each over its
-    own KV / working sets / digests, in one CUDA graph; per-layer time = replay time / layers (the
+    """Attention and selection as a captured decode step sees them: 8 layers (4 with ``quick``), each over
+    its own KV / working sets / digests, in one CUDA graph; per-layer time = replay time / layers (the
     graph's launch is paid once per step, not once per layer)."""
     nl = 4 if quick else 8
-    hbm = _ceil(r, "hbm_copy_gbps")
     g = torch.Generator(device=DEV).manual_seed(5)
     ctx = 32768
     for b in ((1, 8) if quick else (1, 8, 32)):
@@ -833,8 +832,14 @@ def sec_step(r: Runner, out: dict, quick: bool):
                   f"{res['dense_p32_ms'] / v:.2f}x dense 32K ({1e3 * res['dense_p32_ms']:.1f} us)")
         r.save()
 
-    # selection: the fused scoring + top-k + residency update per layer, launch order and program shape
-    for ctx in ((32768,) if quick else (32768, 131072)):
+    _step_select(r, out, quick, nl, g)
+
+
+def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator, contexts=(32768, 131072)):
+    """The fused scoring + top-k + residency update per layer of an ``nl``-layer graph: program shape
+    sweep at batch 8, and the best shape's two launches timed apart."""
+    hbm = _ceil(r, "hbm_copy_gbps")
+    for ctx in (contexts[:1] if quick else contexts):
         for b in (1, 8):
             n_pages = ctx // P
             r2t = (P + torch.arange(b, device=DEV)[:, None] * ctx + torch.arange(ctx, device=DEV)).int()
@@ -849,23 +854,67 @@ def sec_step(r: Runner, out: dict, quick: bool):
             sc = torch.empty((b, HKV, n_pages), device=DEV)
             n_cand = n_pages - LAYOUT.n_sink - LAYOUT.n_window
             dbytes = b * HKV * n_cand * 2 * D * 2
-            ideal = dbytes / (hbm * 1e9) if hbm else float("nan")
+            ideal = 1e3 * dbytes / (hbm * 1e9) if hbm else float("nan")  # ms
             res = {"digest_bytes": dbytes, "ideal_ms": ideal, "layers": nl}
-            configs = [dict(block_n=bn, num_warps=nw, heads_fast=hf) for bn in (64, 128) for nw in (2, 4)
-                       for hf in (False, True)] + [{}]
-            for cfg in configs:
+            if b >= 8:  # program shape: pages per block x warps x blocks per program (pipelined loop) x stages
+                configs = [dict(block_n=bn, num_warps=nw, blocks_per_program=bpp, num_stages=st)
+                           for bn in (32, 64) for nw in (2, 4) for bpp in (1, 2, 4) for st in ((2,) if bpp == 1 else (2, 3))]
+                configs += [dict(block_n=64, num_warps=2, heads_fast=True), {}]
+            else:
+                configs = [{}, dict(block_n=64, num_warps=2), dict(block_n=64, num_warps=2, blocks_per_program=2,
+                                                                  num_stages=3)]
+
+            def cfg_name(cfg):
+                if not cfg:
+                    return "default"
+                return (f"block{cfg['block_n']}_warps{cfg['num_warps']}" + ("_headsfast" if cfg.get("heads_fast") else "")
+                        + (f"_bpp{cfg['blocks_per_program']}_st{cfg['num_stages']}"
+                           if cfg.get("blocks_per_program", 1) > 1 else ""))
+
+            def sel_fns(cfg, parts="both"):
                 bn = cfg.get("block_n") or K.score_select.block_size(n_pages, NSEL)
                 keys = torch.empty(K.score_select.selection_scratch_size(b, HKV, n_pages, NSEL, bn), dtype=torch.int64,
                                    device=DEV)
+                kb = max(16, 1 << (NSEL - 1).bit_length())
+                common = dict(hkv=HKV, block_n=bn, kb=kb, page_size=P, n_sink=LAYOUT.n_sink, n_window=LAYOUT.n_window,
+                              has_mask=False, max_pages=n_pages)
 
-                def sel(i, cfg=cfg, keys=keys):
+                def both(i):
                     K.score_and_select(qs[i], digs[i], r2t, rows, n_ctx, None, resid[i], NSEL, rs, rp,
                                        max_pages=n_pages, aggregation="mean", keys=keys, **cfg, **kw)
-                name = "default" if not cfg else f"block{bn}_warps{cfg['num_warps']}" + ("_headsfast" * cfg["heads_fast"])
-                t = safe(r, "step", f"select {name} ctx={ctx} b={b}", lambda: layers_graph_ms(
-                    [lambda i=i: sel(i) for i in range(nl)]))
+
+                def block(i):
+                    K.score_select.score_block_topk(
+                        qs[i], rows, digs[i], r2t, rows, n_ctx, keys, keys, aggregation="mean", q_by_row=False,
+                        num_warps=cfg.get("num_warps", 4), heads_fast=cfg.get("heads_fast", False),
+                        blocks_per_program=cfg.get("blocks_per_program", 1), num_stages=cfg.get("num_stages", 2),
+                        **common)
+
+                def merge(i, warps=None):
+                    K.score_select.merge_select(keys, n_ctx, resid[i], rows, keys, rs, rp, None, k=NSEL, margin=0,
+                                                num_warps=warps, **{k_: v for k_, v in common.items()
+                                                                    if k_ not in ("kb",)}, kb=kb)
+                return both, block, merge
+
+            for cfg in configs:
+                both, _, _ = sel_fns(cfg)
+                t = safe(r, "step", f"select {cfg_name(cfg)} ctx={ctx} b={b}", lambda: layers_graph_ms(
+                    [lambda i=i: both(i) for i in range(nl)]))
                 if t is not None:
-                    res[f"select_{name}_ms"] = t
+                    res[f"select_{cfg_name(cfg)}_ms"] = t
+            sel_keys = sorted((k_ for k_ in res if k_.startswith("select_") and k_.endswith("_ms")), key=res.get)
+            if sel_keys:  # where the best configuration's time goes: the scoring launch, the merge launch
+                best_cfg = next(c for c in configs if f"select_{cfg_name(c)}_ms" == sel_keys[0])
+                both, block, merge = sel_fns(best_cfg)
+                for i in range(nl):
+                    both(i)  # keys and residency of a real selection for the merge to read
+                t = safe(r, "step", f"block kernel ctx={ctx} b={b}", lambda: layers_graph_ms(
+                    [lambda i=i: block(i) for i in range(nl)]))
+                res["best_block_kernel_ms"] = float("nan") if t is None else t
+                for w in (None, 4, 8, 16):
+                    t = safe(r, "step", f"merge kernel warps {w} ctx={ctx} b={b}", lambda w=w: layers_graph_ms(
+                        [lambda i=i: merge(i, w) for i in range(nl)]))
+                    res[f"best_merge_kernel_w{w or 'default'}_ms"] = float("nan") if t is None else t
             for hf in (False, True):  # the scoring read alone (unfused, no top-k)
                 t = safe(r, "step", f"score_pages hf={hf} ctx={ctx} b={b}", lambda hf=hf: layers_graph_ms(
                     [lambda i=i: K.score_pages(qs[i], digs[i], r2t, rows, n_ctx, None, sc, aggregation="mean",
@@ -874,10 +923,13 @@ def sec_step(r: Runner, out: dict, quick: bool):
                     res[f"score_pages{'_headsfast' * hf}_ms"] = t
             out[f"select_ctx{ctx}_b{b}"] = res
             tag = f"ctx={ctx // 1024}K b={b} ({dbytes / MIB:.1f} MiB digests), per layer of {nl}"
-            sel_keys = sorted((k for k in res if k.startswith("select_") and k.endswith("_ms")), key=res.get)
             for k_ in sel_keys[:3] + [k for k in ("select_default_ms",) if k in res and k not in sel_keys[:3]]:
                 r.row("step", f"score_and_select {k_[7:-3]}, {tag}", 1e3 * res[k_], "us",
-                      f"{res[k_] / ideal:.2f}x HBM ideal ({1e3 * ideal:.1f} us)")
+                      f"{res[k_] / ideal:.2f}x HBM ideal ({1e3 * ideal:.1f} us); {len(sel_keys)} configs")
+            if "best_block_kernel_ms" in res:
+                r.row("step", f"  of which scoring + block top-k launch, {tag}", 1e3 * res["best_block_kernel_ms"], "us",
+                      "merge launch alone: " + ", ".join(
+                          f"{w} warps {1e3 * res[f'best_merge_kernel_w{w}_ms']:.1f} us" for w in ("default", 4, 8, 16)))
             for k_ in ("score_pages_ms", "score_pages_headsfast_ms"):
                 if k_ in res:
                     r.row("step", f"{k_[:-3]} (no top-k), {tag}", 1e3 * res[k_], "us", f"{res[k_] / ideal:.2f}x HBM ideal")

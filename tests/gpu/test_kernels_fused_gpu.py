@@ -44,9 +44,12 @@ def test_score_select_keep_margin_gpu(k, margin, max_pages, aggregation):
                        margin=margin)
 
 
-@pytest.mark.parametrize("block_n,num_warps,heads_fast", [(32, 2, False), (256, 8, False), (64, 2, True),
-                                                         (128, 4, True)])
-def test_score_select_tuning_gpu(block_n, num_warps, heads_fast):
-    """The scoring program's size, warps and launch order (bench_kernels' sweep) do not change the selection."""
+@pytest.mark.parametrize("block_n,num_warps,heads_fast,bpp,stages,merge_warps", [
+    (32, 2, False, 1, 2, None), (256, 8, False, 1, 2, None), (64, 2, True, 1, 2, 16), (128, 4, True, 1, 2, 4),
+    (64, 2, False, 4, 3, None), (64, 4, True, 3, 2, 8), (32, 2, False, 8, 4, None)])
+def test_score_select_tuning_gpu(block_n, num_warps, heads_fast, bpp, stages, merge_warps):
+    """The scoring program's size, warps, launch order, blocks per program and pipeline stages, and the merge's
+    warps (bench_kernels' sweep) do not change the selection."""
     check_score_select("cuda", torch.bfloat16, 4, 128, k=32, page=32, max_pages=1000, block_n=block_n,
-                       num_warps=num_warps, heads_fast=heads_fast)
+                       num_warps=num_warps, heads_fast=heads_fast, blocks_per_program=bpp, num_stages=stages,
+                       merge_warps=merge_warps)
