@@ -892,8 +892,8 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
 
                 def merge(i, warps=None):
                     K.score_select.merge_select(keys, n_ctx, resid[i], rows, keys, rs, rp, None, k=NSEL, margin=0,
-                                                num_warps=warps, **{k_: v for k_, v in common.items()
-                                                                    if k_ not in ("kb",)}, kb=kb)
+                                                num_warps=warps, blocks_per_program=cfg.get("blocks_per_program", 1),
+                                                **common)
                 return both, block, merge
 
             for cfg in configs:

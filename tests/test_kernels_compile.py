@@ -78,7 +78,8 @@ def test_compile_scores(dt, agg, g, d, has_mask):
                out_ptr="*fp32", stride_qb="i32", stride_qh="i32", stride_r2t="i32", stride_ob="i32",
                stride_oh="i32", max_pages="i32", n_sink="i32", n_window="i32")
     k = _compile(scores._score_pages_kernel, sig,
-                 dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=64, AGG=agg, HAS_MASK=has_mask, F32_DOT=False),
+                 dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=64, AGG=agg, HAS_MASK=has_mask, F32_DOT=False,
+                      HEADS_FAST=agg == 1),
                  div16=("stride_qb", "stride_qh", "stride_r2t", "stride_ob", "stride_oh"))
     # the bound is computed on tensor cores (wgmma/mma), not unrolled scalar FMAs
     assert "mma" in k.asm["ptx"]
@@ -114,15 +115,17 @@ def test_compile_page_table(p, bb, bs):
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
 @pytest.mark.parametrize("agg", [0, 1])
-@pytest.mark.parametrize("g,d,bn,kb,by_row", [(4, 128, 128, 32, True), (7, 64, 64, 16, False), (1, 128, 512, 64, True)])
-def test_compile_score_block_topk(dt, agg, g, d, bn, kb, by_row):
+@pytest.mark.parametrize("g,d,bn,kb,by_row,sub,stages", [(4, 128, 128, 32, True, 1, 2), (7, 64, 64, 16, False, 1, 2),
+                                                        (1, 128, 512, 64, True, 1, 2), (4, 128, 64, 32, False, 2, 3),
+                                                        (3, 64, 32, 16, True, 4, 2)])
+def test_compile_score_block_topk(dt, agg, g, d, bn, kb, by_row, sub, stages):
     t = TY[dt]
     sig = dict(q_ptr=t, qidx_ptr="*i64", dig_ptr=t, r2t_ptr="*i32", rows_ptr="*i64", nctx_ptr="*i64",
                hmask_ptr="*u8", keys_ptr="*i64", stride_qb="i32", stride_qh="i32", stride_r2t="i32",
                n_sink="i32", n_window="i32")
     k = _compile(score_select._score_block_topk_kernel, sig,
-                 dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=bn, KB=kb, NB=32, AGG=agg, HAS_MASK=True,
-                      Q_BY_ROW=by_row, F32_DOT=False),
+                 dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=bn, KB=kb, NP=32, AGG=agg, HAS_MASK=True,
+                      Q_BY_ROW=by_row, F32_DOT=False, HEADS_FAST=sub == 2, SUB=sub, STAGES=stages),
                  div16=("stride_qb", "stride_qh", "stride_r2t"))
     assert "mma" in k.asm["ptx"]
 

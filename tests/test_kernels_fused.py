@@ -34,6 +34,8 @@ def test_fused_kernels_under_interpreter():
         "for bpp, hf in ((2, False), (3, True)):  # 3 blocks: 2 programs (the last block of the 2nd past NB), 1\n"
         "    check_score_select('cpu', torch.float16, 2, 16, k=4, block_n=16, blocks_per_program=bpp, heads_fast=hf,\n"
         "                       num_stages=3, merge_warps=2)\n"
+        "check_score_select('cpu', torch.float16, 2, 16, k=4, margin=3, block_n=16, blocks_per_program=2)\n"
+        "check_score_select('cpu', torch.float16, 4, 16, k=4, max_pages=300)  # launch_shape: 5 rows x 2 heads\n"
         "for m in (2, 5):  # residency hysteresis: blocks keep k + m keys, residents in the top k + m stay\n"
         "    check_score_select('cpu', torch.float16, 2, 16, k=4, margin=m)\n"
         "    check_score_select('cpu', torch.float16, 2, 16, k=4, margin=m, aggregation='softmax-mean')\n"
@@ -71,3 +73,23 @@ def test_fused_references_compose_the_algorithm():
     want = residency_update(before[rows], topk_pages(scores, k), mask)
     assert torch.equal(resident[rows], want.resident)
     assert torch.equal(rs.long(), want.recall_slot) and torch.equal(rp.long(), want.recall_page)
+
+
+def test_selection_launch_shape_and_scratch():
+    """The default scoring launch: the pipelined shape where it still fills two programs per SM, the
+    one-block shape for small problems; the default scratch holds the keys of either."""
+    from freekv_sglang.kernels.common import cdiv
+    from freekv_sglang.kernels.score_select import (PIPELINED_SHAPE, block_size, launch_shape,
+                                                    selection_scratch_size)
+
+    assert launch_shape(8, 8, 4096, 32, 132) == PIPELINED_SHAPE  # 128K x 8: 2048 programs
+    assert launch_shape(8, 8, 1024, 32, 132) == PIPELINED_SHAPE  # 32K x 8: 512 programs
+    small = launch_shape(1, 8, 4096, 32, 132)  # 128K x 1: 256 programs < 2 per SM
+    assert small == dict(block_n=block_size(4096, 32), num_warps=4, blocks_per_program=1, num_stages=2)
+    assert launch_shape(64, 8, 4096, 40, 132)["blocks_per_program"] == 1  # 64 keys per span: block 64 too small
+    for b, mp, k in ((8, 4096, 32), (1, 4096, 32), (3, 300, 5), (64, 8192, 32), (16, 2048, 36)):
+        for margin in (0, 4):
+            sh = launch_shape(b, 8, mp, k + margin, 132)
+            kb = max(16, 1 << (k + margin - 1).bit_length())
+            need = b * 8 * cdiv(cdiv(mp, sh["block_n"]), sh["blocks_per_program"]) * kb
+            assert selection_scratch_size(b, 8, mp, k, margin=margin) >= need, (b, mp, k, margin, sh)

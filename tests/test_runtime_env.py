@@ -139,7 +139,7 @@ def test_score_tuning_env(monkeypatch):
 
     monkeypatch.delenv("FREEKV_SCORE_BLOCK", raising=False)
     monkeypatch.delenv("FREEKV_SCORE_WARPS", raising=False)
-    assert score_tuning_from_env(32) == (None, 4)
+    assert score_tuning_from_env(32) == (None, None)  # launch_shape chooses
     monkeypatch.setenv("FREEKV_SCORE_BLOCK", "64")
     monkeypatch.setenv("FREEKV_SCORE_WARPS", "8")
     assert score_tuning_from_env(32) == (64, 8)
