@@ -4,13 +4,13 @@ Same result as :func:`.scores.score_pages` followed by :func:`.select.select_upd
 the ``[B, Hkv, max_pages]`` score tensor and without ``torch.topk`` (whose sort kernels cost
 more than the scoring itself at 4096 pages):
 
-1. ``_score_block_topk_kernel``, grid ``(n_spans, B * Hkv)``: each program scores a span of
+1. ``_score_block_topk_kernel``, grid ``(cdiv(n_blocks, SUB), B * Hkv)``: each program scores
    ``SUB`` blocks of ``BLOCK_N`` pages of one (request, KV head) exactly as ``score_pages`` does
-   (the blocks in a software-pipelined loop) and keeps the span's top ``KB`` pages as packed
-   int64 *keys* (see :func:`pack_keys_reference`). Spans past the request's candidates and heads
-   outside ``head_mask`` read nothing.
-2. ``_merge_select_kernel``, grid ``(B * Hkv,)``: the top ``k`` of the live spans' keys (the
-   global top-k is inside the union of the per-span top-k) and the residency update of
+   (in a software-pipelined loop when ``SUB > 1``) and keeps each block's top ``KB`` pages as
+   packed int64 *keys* (see :func:`pack_keys_reference`). Blocks past the request's candidates
+   and heads outside ``head_mask`` read nothing.
+2. ``_merge_select_kernel``, grid ``(B * Hkv,)``: the top ``k`` of the live blocks' keys (the
+   global top-k is inside the union of the per-block top-k) and the residency update of
    :mod:`.select`, in the same program.
 
 Keys order pages by score, then by lower page index on equal scores; a key of
@@ -39,11 +39,12 @@ _LOW = 2**32 - 1
 if triton is not None:
 
     @triton.jit
-    def _block_keys(q_row, stride_qh, dig_ptr, r2t_row, pid_n, live, ws, n_sink, h,
+    def _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_ptr, pid_n, live, ws, n_sink, h,
                     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, KB: tl.constexpr, AGG: tl.constexpr, F32_DOT: tl.constexpr):
-        """The top ``KB`` keys (descending) of block ``pid_n`` (``BLOCK_N`` pages) of one (request, KV head);
-        all ``NO_KEY`` when not ``live``."""
+                    BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr,
+                    F32_DOT: tl.constexpr):
+        """Score block ``pid_n`` (``BLOCK_N`` pages) of one (request, KV head); store its top ``KB`` keys
+        (every key ``NO_KEY`` when not ``live``; nothing past block ``NB``)."""
         p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cand = (p >= n_sink) & (p < ws) & live
         tok = tl.load(r2t_row + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64)
@@ -59,21 +60,22 @@ if triton is not None:
         mono = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
         key = (mono << 32) | (4294967295 - p.to(tl.int64))
         key = tl.where(ok, key, -9223372036854775807 - 1)
-        return tl.topk(key, KB)
+        top = tl.topk(key, KB)
+        kk = tl.arange(0, KB)
+        tl.store(keys_ptr + pid_n * KB + kk, top, mask=(kk < KB) & (pid_n < NB))
 
     @triton.jit
     def _score_block_topk_kernel(
         q_ptr, qidx_ptr, dig_ptr, r2t_ptr, rows_ptr, nctx_ptr, hmask_ptr, keys_ptr,
         stride_qb, stride_qh, stride_r2t, n_sink, n_window,
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-        BLOCK_N: tl.constexpr, KB: tl.constexpr, NP: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr,
+        BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr,
         Q_BY_ROW: tl.constexpr, F32_DOT: tl.constexpr, HEADS_FAST: tl.constexpr, SUB: tl.constexpr,
         STAGES: tl.constexpr,
     ):
-        # One program: SUB consecutive blocks of BLOCK_N pages of one (request, KV head), read in a
-        # software-pipelined loop when SUB > 1; it stores the top KB keys of its SUB * BLOCK_N pages at
-        # entry pid of the row's NP entries. Grid (NP, B * Hkv), or with HEADS_FAST (B * Hkv, NP): the
-        # heads of one span of pages side by side.
+        # One program: SUB consecutive blocks of BLOCK_N pages of one (request, KV head), the blocks in a
+        # software-pipelined loop when SUB > 1. Grid (cdiv(NB, SUB), B * Hkv), or with HEADS_FAST
+        # (B * Hkv, cdiv(NB, SUB)): the heads of one block of pages side by side.
         if HEADS_FAST:
             pid_p = tl.program_id(1)
             bh = tl.program_id(0).to(tl.int64)
@@ -94,20 +96,17 @@ if triton is not None:
             qb = b
         q_row = q_ptr + qb * stride_qb + h * G * stride_qh
         r2t_row = r2t_ptr + tl.load(rows_ptr + b).to(tl.int64) * stride_r2t
-        dst = keys_ptr + (bh * NP + pid_p) * KB + tl.arange(0, KB)
+        keys_row = keys_ptr + bh * NB * KB
         if SUB == 1:
             live = act & (pid_p * BLOCK_N < ws)
-            if live:  # spans past the candidates are never read by the merge: no store
-                tl.store(dst, _block_keys(q_row, stride_qh, dig_ptr, r2t_row, pid_p, live, ws, n_sink, h, HKV, G,
-                                          BLOCK_G, D, PAGE, BLOCK_N, KB, AGG, F32_DOT))
+            if live:  # blocks past the candidates are never read by the merge: no store
+                _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_p, live, ws, n_sink, h, HKV, G,
+                            BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT)
         else:
-            top = tl.full([KB], -9223372036854775807 - 1, tl.int64)
             for j in tl.range(0, SUB, num_stages=STAGES):
                 pid_n = pid_p * SUB + j
-                blk = _block_keys(q_row, stride_qh, dig_ptr, r2t_row, pid_n, act & (pid_n * BLOCK_N < ws), ws,
-                                  n_sink, h, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, AGG, F32_DOT)
-                top = tl.topk(tl.reshape(tl.join(top, blk), [2 * KB]), KB)  # running top of the span
-            tl.store(dst, top)
+                _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_n, act & (pid_n * BLOCK_N < ws), ws,
+                            n_sink, h, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT)
 
     @triton.jit
     def _merge_select_kernel(
@@ -201,10 +200,10 @@ PIPELINED_SHAPE = dict(block_n=64, num_warps=2, blocks_per_program=2, num_stages
 
 
 def launch_shape(batch: int, n_kv_heads: int, max_pages: int, k: int, sms: int) -> dict:
-    """Default scoring launch of :func:`score_and_select` for ``k`` kept keys per span: two 64-page blocks
-    per program in a 3-stage pipelined loop, 2 warps, when that still gives at least two programs per SM
-    (measured best at batch 8, 32K and 128K contexts, H200); otherwise (small, latency-bound problems)
-    one :func:`block_size` block per program, 4 warps."""
+    """Default scoring launch of :func:`score_and_select` for ``k`` kept keys per block: two 64-page
+    blocks per program in a 3-stage pipelined loop, 2 warps, when that still gives at least two programs
+    per SM (the best of 22 shapes at batch 8, 32K and 128K contexts, H200); otherwise (small,
+    latency-bound problems) one :func:`block_size` block per program, 4 warps."""
     kb = max(16, next_pow2(k))
     sh = PIPELINED_SHAPE
     spans = cdiv(cdiv(max_pages, sh["block_n"]), sh["blocks_per_program"])
@@ -219,7 +218,7 @@ def selection_scratch_size(batch: int, n_kv_heads: int, max_pages: int, k: int, 
     (with ``block_n`` pages per scoring program; default: enough for either shape of :func:`launch_shape`;
     ``margin`` as there)."""
     if block_n is None:
-        bn = min(block_size(max_pages, k + margin), PIPELINED_SHAPE["block_n"] * PIPELINED_SHAPE["blocks_per_program"])
+        bn = min(block_size(max_pages, k + margin), PIPELINED_SHAPE["block_n"])
     else:
         bn = block_n
     return batch * n_kv_heads * cdiv(max_pages, bn) * max(16, next_pow2(k + margin))
@@ -329,7 +328,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     if blocks_per_program < 1 or num_stages < 1 or merge_warps not in (None, 1, 2, 4, 8, 16):
         raise ValueError(f"blocks_per_program ({blocks_per_program}) and num_stages ({num_stages}) must be >= 1, "
                          f"merge_warps 1/2/4/8/16, got {merge_warps}")
-    need = b * hkv * cdiv(cdiv(max_pages, bn), blocks_per_program) * kb  # one kb-key entry per span
+    need = selection_scratch_size(b, hkv, max_pages, k, bn, margin)
     if keys is None:
         keys = torch.empty(need, dtype=torch.int64, device=q.device)
     elif keys.numel() < need or keys.dtype != torch.int64:
@@ -348,39 +347,39 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                      num_stages=num_stages)
     merge_select(keys, n_ctx, resident, rows, hm, recall_slot, recall_page, counter, hkv=hkv, k=k, kb=kb, block_n=bn,
                  page_size=page_size, n_sink=n_sink, n_window=n_window, has_mask=head_mask is not None,
-                 margin=margin, max_pages=max_pages, num_warps=merge_warps, blocks_per_program=blocks_per_program)
+                 margin=margin, max_pages=max_pages, num_warps=merge_warps)
 
 
 def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys, *, hkv, block_n, kb,
                      page_size, n_sink, n_window, aggregation, has_mask, q_by_row, num_warps, heads_fast, max_pages,
                      blocks_per_program=1, num_stages=2):
     """Launch 1 of :func:`score_and_select` (arguments already checked there): the top ``kb`` keys of every
-    span of ``block_n * blocks_per_program`` pages of each (request, KV head) into
-    ``keys [B * Hkv * n_spans * kb]``."""
+    block of ``block_n`` pages of each (request, KV head) into ``keys [B * Hkv * n_blocks * kb]``,
+    ``blocks_per_program`` blocks per program."""
     b, hq, d = rows.shape[0], q.shape[1], q.shape[2]
-    npg = cdiv(cdiv(max_pages, block_n), blocks_per_program)
+    nb = cdiv(max_pages, block_n)
+    npg = cdiv(nb, blocks_per_program)
     grid = (b * hkv, npg) if heads_fast else (npg, b * hkv)
     _score_block_topk_kernel[grid](
         q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys,
         q.stride(0), q.stride(1), req_to_token.stride(0), n_sink, n_window,
         HKV=hkv, G=hq // hkv, BLOCK_G=max(16, next_pow2(hq // hkv)), D=d, PAGE=page_size, BLOCK_N=block_n, KB=kb,
-        NP=npg, AGG=0 if aggregation == "mean" else 1, HAS_MASK=has_mask, Q_BY_ROW=q_by_row,
+        NB=nb, AGG=0 if aggregation == "mean" else 1, HAS_MASK=has_mask, Q_BY_ROW=q_by_row,
         F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, HEADS_FAST=bool(heads_fast),
         SUB=blocks_per_program, STAGES=num_stages, num_warps=num_warps,
     )
 
 
 def merge_select(keys, n_ctx, resident, rows, head_mask_u8, recall_slot, recall_page, counter, *, hkv, k, kb, block_n,
-                 page_size, n_sink, n_window, has_mask, margin, max_pages, num_warps=None, blocks_per_program=1):
-    """Launch 2 of :func:`score_and_select`: per (request, KV head), the top ``k`` of its spans' keys and the
+                 page_size, n_sink, n_window, has_mask, margin, max_pages, num_warps=None):
+    """Launch 2 of :func:`score_and_select`: per (request, KV head), the top ``k`` of its blocks' keys and the
     residency update (recall lists, ``resident`` in place, ``counter``)."""
     b = rows.shape[0]
-    span = block_n * blocks_per_program
-    nb = cdiv(cdiv(max_pages, block_n), blocks_per_program)
+    nb = cdiv(max_pages, block_n)
     _merge_select_kernel[(b * hkv,)](
         keys, n_ctx, resident, rows, head_mask_u8, recall_slot, recall_page,
         counter if counter is not None else recall_slot, n_sink, n_window,
-        HKV=hkv, K=k, KB=kb, NB=nb, NBP=next_pow2(nb), BLOCK_N=span, PAGE=page_size,
+        HKV=hkv, K=k, KB=kb, NB=nb, NBP=next_pow2(nb), BLOCK_N=block_n, PAGE=page_size,
         HAS_MASK=has_mask, COUNT=counter is not None, MARGIN=margin, KR=max(16, next_pow2(k)),
         num_warps=num_warps or (4 if nb * kb <= 1024 else 8),
     )

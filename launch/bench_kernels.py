@@ -835,12 +835,14 @@ def sec_step(r: Runner, out: dict, quick: bool):
     _step_select(r, out, quick, nl, g)
 
 
-def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator, contexts=(32768, 131072)):
+def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator, contexts=(32768, 131072),
+                 batches=(1, 8), b8_configs=None):
     """The fused scoring + top-k + residency update per layer of an ``nl``-layer graph: program shape
-    sweep at batch 8, and the best shape's two launches timed apart."""
+    sweep at batch 8 (``b8_configs``: the shapes, default a 22-shape sweep), and the best shape's two
+    launches timed apart."""
     hbm = _ceil(r, "hbm_copy_gbps")
     for ctx in (contexts[:1] if quick else contexts):
-        for b in (1, 8):
+        for b in batches:
             n_pages = ctx // P
             r2t = (P + torch.arange(b, device=DEV)[:, None] * ctx + torch.arange(ctx, device=DEV)).int()
             rows = torch.arange(b, device=DEV)
@@ -856,7 +858,9 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
             dbytes = b * HKV * n_cand * 2 * D * 2
             ideal = 1e3 * dbytes / (hbm * 1e9) if hbm else float("nan")  # ms
             res = {"digest_bytes": dbytes, "ideal_ms": ideal, "layers": nl}
-            if b >= 8:  # program shape: pages per block x warps x blocks per program (pipelined loop) x stages
+            if b >= 8 and b8_configs is not None:
+                configs = list(b8_configs)
+            elif b >= 8:  # program shape: pages per block x warps x blocks per program (pipelined loop) x stages
                 configs = [dict(block_n=bn, num_warps=nw, blocks_per_program=bpp, num_stages=st)
                            for bn in (32, 64) for nw in (2, 4) for bpp in (1, 2, 4) for st in ((2,) if bpp == 1 else (2, 3))]
                 configs += [dict(block_n=64, num_warps=2, heads_fast=True), {}]
@@ -892,8 +896,7 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
 
                 def merge(i, warps=None):
                     K.score_select.merge_select(keys, n_ctx, resid[i], rows, keys, rs, rp, None, k=NSEL, margin=0,
-                                                num_warps=warps, blocks_per_program=cfg.get("blocks_per_program", 1),
-                                                **common)
+                                                num_warps=warps, **common)
                 return both, block, merge
 
             for cfg in configs:
