@@ -57,6 +57,7 @@ except ImportError:  # run from a checkout without installing it
     import freekv_sglang.kernels as K
 from freekv_sglang.algorithm import WorkingSetLayout  # noqa: E402
 from freekv_sglang.kernels import recall as recall_mod  # noqa: E402
+from freekv_sglang.kernels.common import sm_count  # noqa: E402
 
 MIB = 2**20
 DEV = torch.device("cuda")
@@ -875,8 +876,10 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
                         + (f"_bpp{cfg['blocks_per_program']}_st{cfg['num_stages']}"
                            if cfg.get("blocks_per_program", 1) > 1 else ""))
 
-            def sel_fns(cfg, parts="both"):
-                bn = cfg.get("block_n") or K.score_select.block_size(n_pages, NSEL)
+            def sel_fns(cfg):
+                # "default" ({}): the shape score_and_select chooses itself, timed apart as that shape
+                shape = cfg or K.score_select.launch_shape(b, HKV, n_pages, NSEL, sm_count(torch.device(DEV)))
+                bn = shape["block_n"]
                 keys = torch.empty(K.score_select.selection_scratch_size(b, HKV, n_pages, NSEL, bn), dtype=torch.int64,
                                    device=DEV)
                 kb = max(16, 1 << (NSEL - 1).bit_length())
@@ -890,8 +893,8 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
                 def block(i):
                     K.score_select.score_block_topk(
                         qs[i], rows, digs[i], r2t, rows, n_ctx, keys, keys, aggregation="mean", q_by_row=False,
-                        num_warps=cfg.get("num_warps", 4), heads_fast=cfg.get("heads_fast", False),
-                        blocks_per_program=cfg.get("blocks_per_program", 1), num_stages=cfg.get("num_stages", 2),
+                        num_warps=shape.get("num_warps", 4), heads_fast=shape.get("heads_fast", False),
+                        blocks_per_program=shape.get("blocks_per_program", 1), num_stages=shape.get("num_stages", 2),
                         **common)
 
                 def merge(i, warps=None):
