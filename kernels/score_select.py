@@ -316,13 +316,12 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     kb = max(16, next_pow2(k + margin))
     if block_n is None and num_warps is None:
         shape = launch_shape(b, hkv, max_pages, k + margin, sm_count(q.device))
-        block_n, num_warps = shape["block_n"], shape["num_warps"]
-        blocks_per_program = shape["blocks_per_program"] if blocks_per_program is None else blocks_per_program
-        num_stages = shape["num_stages"] if num_stages is None else num_stages
-    bn = block_size(max_pages, k + margin) if block_n is None else block_n
-    num_warps = 4 if num_warps is None else num_warps
-    blocks_per_program = 1 if blocks_per_program is None else blocks_per_program
-    num_stages = 2 if num_stages is None else num_stages
+    else:  # explicit tuning: one block per program unless asked otherwise
+        shape = dict(block_n=block_size(max_pages, k + margin) if block_n is None else block_n,
+                     num_warps=4 if num_warps is None else num_warps, blocks_per_program=1, num_stages=2)
+    bn, num_warps = shape["block_n"], shape["num_warps"]
+    blocks_per_program = shape["blocks_per_program"] if blocks_per_program is None else blocks_per_program
+    num_stages = shape["num_stages"] if num_stages is None else num_stages
     if bn < kb or bn & (bn - 1):
         raise ValueError(f"block_n={bn} must be a power of two of at least {kb} (the per-block top-k)")
     if blocks_per_program < 1 or num_stages < 1 or merge_warps not in (None, 1, 2, 4, 8, 16):
