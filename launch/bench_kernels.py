@@ -792,12 +792,18 @@ def sec_step(r: Runner, out: dict, quick: bool):
         sd.plan(K.page_table_indptr_host(seq, LAYOUT), sd.kv_indices, K.last_page_len_host(seq, LAYOUT),
                 HQ, HKV, D, P, BF16, BF16)
         ref = [sd.run(qs[i], *ws[i]).float() for i in range(nl)]
+        # FlashInfer's decode kernels (CUDA cores) instead of its prefill kernels: SGLang's choice below GQA 4
+        sdc = K.SparseDecode(DEV, use_cuda_graph=True, batch_size=b, max_slots=LAYOUT.slots, use_tensor_cores=False)
+        sdc.kv_indices.copy_(ix)
+        sdc.plan(K.page_table_indptr_host(seq, LAYOUT), sdc.kv_indices, K.last_page_len_host(seq, LAYOUT),
+                 HQ, HKV, D, P, BF16, BF16)
         locks = torch.zeros(b * HKV, dtype=torch.int32, device=DEV)
 
         def split(i, **kw):
             return K.split_decode_attention(qs[i], *ws[i], ip, ix, lp, max_slots=LAYOUT.slots, **kw)
 
         variants = {"flashinfer": lambda i: sd.run(qs[i], *ws[i]),
+                    "flashinfer_cuda_cores": lambda i: sdc.run(qs[i], *ws[i]),
                     "triton_split": lambda i: split(i),
                     "triton_split_8x2": lambda i: split(i, n_split=8, pages_per_iter=2),
                     "triton_split_fused": lambda i: split(i, locks=locks)}
