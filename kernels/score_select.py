@@ -72,8 +72,6 @@ if triton is not None:
         BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr,
         Q_BY_ROW: tl.constexpr, F32_DOT: tl.constexpr, HEADS_FAST: tl.constexpr, SUB: tl.constexpr,
         STAGES: tl.constexpr,
-        tick_ptr, res_ptr, rslot_ptr, rpage_ptr, cnt_ptr, FUSED: tl.constexpr, NPG: tl.constexpr,
-        K: tl.constexpr, NBP: tl.constexpr, COUNT: tl.constexpr, MARGIN: tl.constexpr, KR: tl.constexpr,
     ):
         # One program: SUB consecutive blocks of BLOCK_N pages of one (request, KV head), the blocks in a
         # software-pipelined loop when SUB > 1. Grid (cdiv(NB, SUB), B * Hkv), or with HEADS_FAST
@@ -109,23 +107,18 @@ if triton is not None:
                 pid_n = pid_p * SUB + j
                 _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_n, act & (pid_n * BLOCK_N < ws), ws,
                             n_sink, h, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT)
-        if FUSED:
-            # the last of the row's NPG programs to finish merges the row (one launch instead of two) and
-            # re-arms the row's counter for the next call or graph replay
-            tl.debug_barrier()  # every thread's key stores precede the counter's release
-            done = tl.atomic_add(tick_ptr + bh, 1, sem="acq_rel")
-            if done == NPG - 1:
-                _merge_row(keys_row, bh, b, h, nctx_ptr, res_ptr, rows_ptr, hmask_ptr, rslot_ptr, rpage_ptr, cnt_ptr,
-                           n_sink, n_window, HKV, K, KB, NB, NBP, BLOCK_N, PAGE, HAS_MASK, COUNT, MARGIN, KR)
-                tl.atomic_xchg(tick_ptr + bh, 0)
 
     @triton.jit
-    def _merge_row(keys_row, pid, b, h, nctx_ptr, res_ptr, rows_ptr, hmask_ptr, rslot_ptr, rpage_ptr, cnt_ptr,
-                   n_sink, n_window, HKV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr,
-                   NBP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_MASK: tl.constexpr,
-                   COUNT: tl.constexpr, MARGIN: tl.constexpr, KR: tl.constexpr):
-        """The top ``K`` of one (request, KV head)'s live block keys (``keys_row``: ``NB * KB``) and its
-        residency update; a head outside the mask gets empty recall lists."""
+    def _merge_select_kernel(
+        keys_ptr, nctx_ptr, res_ptr, rows_ptr, hmask_ptr, rslot_ptr, rpage_ptr, cnt_ptr,
+        n_sink, n_window,
+        HKV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_MASK: tl.constexpr, COUNT: tl.constexpr,
+        MARGIN: tl.constexpr, KR: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // HKV
+        h = pid % HKV
         row = tl.load(rows_ptr + b).to(tl.int64)
         if HAS_MASK:
             act = tl.load(hmask_ptr + pid) != 0
@@ -140,9 +133,8 @@ if triton is not None:
             n_live = (ws + BLOCK_N - 1) // BLOCK_N
             j = tl.arange(0, NBP * KB)
             blk = j // KB
-            # .cg: in the fused launch other programs wrote these keys (L2 holds them, this SM's L1 may not)
-            keys = tl.load(keys_row + j, mask=(blk < n_live) & (blk < NB), other=-9223372036854775807 - 1,
-                           cache_modifier=".cg")
+            keys = tl.load(keys_ptr + pid * NB * KB + j, mask=(blk < n_live) & (blk < NB),
+                           other=-9223372036854775807 - 1)
             top = tl.topk(keys, KB)  # descending
             if MARGIN > 0:  # hysteresis: a resident page among the top K + MARGIN outranks every other page
                 pg = 4294967295 - (top & 4294967295)
@@ -159,19 +151,6 @@ if triton is not None:
         else:  # head keeps its pages: nothing to recall
             tl.store(rslot_ptr + pid * K + i, tl.full([KB], -1, tl.int32), mask=inb)
             tl.store(rpage_ptr + pid * K + i, tl.full([KB], -1, tl.int32), mask=inb)
-
-    @triton.jit
-    def _merge_select_kernel(
-        keys_ptr, nctx_ptr, res_ptr, rows_ptr, hmask_ptr, rslot_ptr, rpage_ptr, cnt_ptr,
-        n_sink, n_window,
-        HKV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
-        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_MASK: tl.constexpr, COUNT: tl.constexpr,
-        MARGIN: tl.constexpr, KR: tl.constexpr,
-    ):
-        pid = tl.program_id(0).to(tl.int64)
-        _merge_row(keys_ptr + pid * NB * KB, pid, pid // HKV, pid % HKV, nctx_ptr, res_ptr, rows_ptr, hmask_ptr,
-                   rslot_ptr, rpage_ptr, cnt_ptr, n_sink, n_window, HKV, K, KB, NB, NBP, BLOCK_N, PAGE, HAS_MASK,
-                   COUNT, MARGIN, KR)
 
 
 def pack_keys_reference(scores: torch.Tensor) -> torch.Tensor:
@@ -268,8 +247,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                      q_index: torch.Tensor | None = None, keys: torch.Tensor | None = None,
                      impl: str | None = None, block_n: int | None = None, num_warps: int | None = None,
                      margin: int = 0, heads_fast: bool = False, blocks_per_program: int | None = None,
-                     num_stages: int | None = None, merge_warps: int | None = None,
-                     tickets: torch.Tensor | None = None) -> None:
+                     num_stages: int | None = None, merge_warps: int | None = None) -> None:
     """Select the top-``k`` candidate pages per (request, KV head) and update residency, in place.
 
     Args:
@@ -295,9 +273,6 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
             ``num_stages`` stages when more than one (tuning only; default 1 and 2 unless
             :func:`launch_shape` chooses).
         merge_warps: warps of the merge program (default 4 up to 1024 keys per row, else 8).
-        tickets: optional int32 ``[>= B * Hkv]`` counters, all zero: with them the last scoring program of each
-            (request, KV head) merges it in the same launch (no second launch; ``merge_warps`` unused) and
-            sets its counter back to zero, ready for the next call or graph replay.
     No host synchronisation; CUDA-graph capturable.
     """
     if margin < 0:
@@ -364,40 +339,26 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     else:
         hm = keys
     qi = q_index if q_index is not None else rows
-    if tickets is not None and (tickets.dtype != torch.int32 or tickets.numel() < b * hkv
-                                or tickets.device != q.device):
-        raise ValueError(f"tickets must be int32 with >= {b * hkv} elements on {q.device}")
-    fused = None
-    if tickets is not None:
-        fused = dict(tickets=tickets, resident=resident, recall_slot=recall_slot, recall_page=recall_page,
-                     counter=counter, k=k, margin=margin)
     score_block_topk(q, qi, digests, req_to_token, rows, n_ctx, hm, keys, hkv=hkv, block_n=bn, kb=kb,
                      page_size=page_size, n_sink=n_sink, n_window=n_window, aggregation=aggregation,
                      has_mask=head_mask is not None, q_by_row=q_index is not None, num_warps=num_warps,
                      heads_fast=heads_fast, max_pages=max_pages, blocks_per_program=blocks_per_program,
-                     num_stages=num_stages, fused=fused)
-    if fused is None:
-            merge_select(keys, n_ctx, resident, rows, hm, recall_slot, recall_page, counter, hkv=hkv, k=k, kb=kb,
-                     block_n=bn, page_size=page_size, n_sink=n_sink, n_window=n_window,
-                     has_mask=head_mask is not None, margin=margin, max_pages=max_pages, num_warps=merge_warps)
+                     num_stages=num_stages)
+    merge_select(keys, n_ctx, resident, rows, hm, recall_slot, recall_page, counter, hkv=hkv, k=k, kb=kb, block_n=bn,
+                 page_size=page_size, n_sink=n_sink, n_window=n_window, has_mask=head_mask is not None,
+                 margin=margin, max_pages=max_pages, num_warps=merge_warps)
 
 
 def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys, *, hkv, block_n, kb,
                      page_size, n_sink, n_window, aggregation, has_mask, q_by_row, num_warps, heads_fast, max_pages,
-                     blocks_per_program=1, num_stages=2, fused=None):
+                     blocks_per_program=1, num_stages=2):
     """Launch 1 of :func:`score_and_select` (arguments already checked there): the top ``kb`` keys of every
     block of ``block_n`` pages of each (request, KV head) into ``keys [B * Hkv * n_blocks * kb]``,
-    ``blocks_per_program`` blocks per program. With ``fused`` (a dict of ``tickets``, ``resident``,
-    ``recall_slot``, ``recall_page``, ``counter``, ``k``, ``margin``) the last program of each row also merges it
-    (what :func:`merge_select` does)."""
+    ``blocks_per_program`` blocks per program."""
     b, hq, d = rows.shape[0], q.shape[1], q.shape[2]
     nb = cdiv(max_pages, block_n)
     npg = cdiv(nb, blocks_per_program)
     grid = (b * hkv, npg) if heads_fast else (npg, b * hkv)
-    f = fused or {}
-    k = f.get("k", kb)
-    merge_args = (f["tickets"], f["resident"], f["recall_slot"], f["recall_page"],
-                  f["counter"] if f["counter"] is not None else f["recall_slot"]) if fused else (keys,) * 5
     _score_block_topk_kernel[grid](
         q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys,
         q.stride(0), q.stride(1), req_to_token.stride(0), n_sink, n_window,
@@ -405,9 +366,6 @@ def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u
         NB=nb, AGG=0 if aggregation == "mean" else 1, HAS_MASK=has_mask, Q_BY_ROW=q_by_row,
         F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, HEADS_FAST=bool(heads_fast),
         SUB=blocks_per_program, STAGES=num_stages, num_warps=num_warps,
-        tick_ptr=merge_args[0], res_ptr=merge_args[1], rslot_ptr=merge_args[2], rpage_ptr=merge_args[3],
-        cnt_ptr=merge_args[4], FUSED=fused is not None, NPG=npg, K=k, NBP=next_pow2(nb),
-        COUNT=bool(fused) and f["counter"] is not None, MARGIN=f.get("margin", 0), KR=max(16, next_pow2(k)),
     )
 
 

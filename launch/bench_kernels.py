@@ -874,24 +874,16 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
             else:
                 configs = [{}, dict(block_n=64, num_warps=2), dict(block_n=64, num_warps=2, blocks_per_program=2,
                                                                   num_stages=3)]
-            # one launch: the last scoring program of each (request, KV head) merges it (tickets)
-            configs += [dict(fused=True), dict(block_n=64, num_warps=4, blocks_per_program=2, num_stages=3, fused=True)]
 
             def cfg_name(cfg):
                 if not cfg:
                     return "default"
-                if set(cfg) == {"fused"}:
-                    return "default_fused"
                 return (f"block{cfg['block_n']}_warps{cfg['num_warps']}" + ("_headsfast" if cfg.get("heads_fast") else "")
                         + (f"_bpp{cfg['blocks_per_program']}_st{cfg['num_stages']}"
-                           if cfg.get("blocks_per_program", 1) > 1 else "") + ("_fused" if cfg.get("fused") else ""))
-
-            tickets = torch.zeros(b * HKV, dtype=torch.int32, device=DEV)
+                           if cfg.get("blocks_per_program", 1) > 1 else ""))
 
             def sel_fns(cfg):
                 # "default" ({}): the shape score_and_select chooses itself, timed apart as that shape
-                fused = bool(cfg.get("fused"))
-                cfg = {k_: v for k_, v in cfg.items() if k_ != "fused"}
                 shape = cfg or K.score_select.launch_shape(b, HKV, n_pages, NSEL, sm_count(torch.device(DEV)))
                 bn = shape["block_n"]
                 keys = torch.empty(K.score_select.selection_scratch_size(b, HKV, n_pages, NSEL, bn), dtype=torch.int64,
@@ -902,8 +894,7 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
 
                 def both(i):
                     K.score_and_select(qs[i], digs[i], r2t, rows, n_ctx, None, resid[i], NSEL, rs, rp,
-                                       max_pages=n_pages, aggregation="mean", keys=keys,
-                                       tickets=tickets if fused else None, **cfg, **kw)
+                                       max_pages=n_pages, aggregation="mean", keys=keys, **cfg, **kw)
 
                 def block(i):
                     K.score_select.score_block_topk(
@@ -925,8 +916,7 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
                     res[f"select_{cfg_name(cfg)}_ms"] = t
             sel_keys = sorted((k_ for k_ in res if k_.startswith("select_") and k_.endswith("_ms")), key=res.get)
             if sel_keys:  # where the best configuration's time goes: the scoring launch, the merge launch
-                best_cfg = next((c for k_ in sel_keys for c in configs
-                                 if not c.get("fused") and f"select_{cfg_name(c)}_ms" == k_), {})
+                best_cfg = next(c for c in configs if f"select_{cfg_name(c)}_ms" == sel_keys[0])
                 both, block, merge = sel_fns(best_cfg)
                 for i in range(nl):
                     both(i)  # keys and residency of a real selection for the merge to read
@@ -945,8 +935,7 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
                     res[f"score_pages{'_headsfast' * hf}_ms"] = t
             out[f"select_ctx{ctx}_b{b}"] = res
             tag = f"ctx={ctx // 1024}K b={b} ({dbytes / MIB:.1f} MiB digests), per layer of {nl}"
-            for k_ in sel_keys[:3] + [k for k in ("select_default_ms", "select_default_fused_ms")
-                                      if k in res and k not in sel_keys[:3]]:
+            for k_ in sel_keys[:3] + [k for k in ("select_default_ms",) if k in res and k not in sel_keys[:3]]:
                 r.row("step", f"score_and_select {k_[7:-3]}, {tag}", 1e3 * res[k_], "us",
                       f"{res[k_] / ideal:.2f}x HBM ideal ({1e3 * ideal:.1f} us); {len(sel_keys)} configs")
             if "best_block_kernel_ms" in res:
