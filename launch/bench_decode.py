@@ -40,6 +40,11 @@ than ``--prefill-tokens-per-forward`` is prefilled in groups of whole requests, 
 merged into one decode batch as SGLang's scheduler merges prefilled requests into its running batch
 (every mode alike; decode steps are unchanged; the prefill column is the time of all groups).
 
+Rounds: ``--rounds N`` runs the whole list of modes N times, one mode after the other within a round,
+so that drift of the machine (other work on the host, clocks) spreads over every mode alike; each cell's
+row is the round with the median decode step time, and a second table gives every round's time and the
+spread (slowest / fastest) per cell. Separate runs of one mode differ by several percent at batch 1.
+
 Query locality: with random weights consecutive decode queries are unrelated (FreeKV's worst
 case). ``--query-cosine C`` makes FreeKV modes replace each decode query so consecutive ones have
 cosine about C (benchmark only, outputs meaningless), to time the data path at a real model's
@@ -453,6 +458,38 @@ def ratios(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def merge_rounds(rounds: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """Per mode and cell, the row of the round with the median decode step time (of an even count, the
+    lower middle one), with every round's time in ``decode_ms_rounds`` (round order; ``None`` where a round
+    has no time for the cell). ``rounds``: one ``{mode: rows}`` per round."""
+    merged: dict[str, list[dict]] = {}
+    for mode in dict.fromkeys(m for rnd in rounds for m in rnd):
+        cells: dict[tuple[int, int], list] = {}
+        for i, rnd in enumerate(rounds):
+            for r in rnd.get(mode, []):
+                cells.setdefault((r["input_len"], r["batch_size"]), [None] * len(rounds))[i] = r
+        rows = []
+        for _, per_round in sorted(cells.items()):
+            timed = sorted((r for r in per_round if r is not None and _decode_ms(r) is not None), key=_decode_ms)
+            pick = timed[(len(timed) - 1) // 2] if timed else next(r for r in per_round if r is not None)
+            rows.append(dict(pick, decode_ms_rounds=[None if r is None else _decode_ms(r) for r in per_round]))
+        merged[mode] = rows
+    return merged
+
+
+def spread_table(results: dict[str, list[dict]]) -> str:
+    """Markdown: every round's decode step time per (mode, cell) and the spread (slowest / fastest)."""
+    lines = ["| mode | context | batch | decode ms/step per round | spread |", "|---|---:|---:|---|---:|"]
+    for mode, rows in results.items():
+        for r in rows:
+            ts = r.get("decode_ms_rounds") or []
+            got = [t for t in ts if t is not None]
+            spread = f"{max(got) / min(got):.3f}x" if len(got) > 1 else "-"
+            lines.append(f"| {mode} | {r['input_len']} | {r['batch_size']} | "
+                         + ", ".join("-" if t is None else f"{t:.2f}" for t in ts) + f" | {spread} |")
+    return "\n".join(lines)
+
+
 def run_capacity(a) -> list[dict]:
     """Concurrent ``a.capacity``-token requests served by dense and FreeKV (bench_capacity.py's servers)."""
     host_gb = a.capacity_host_gb or round(0.8 * (available_gib() or 16.0), 1)
@@ -511,6 +548,8 @@ def main() -> None:
                                         f"/S (side streams) and ~K (attention split pages)")
     p.add_argument("--host-gb", default="auto", help="FreeKV host tier per run (GiB, or auto: the largest cell)")
     p.add_argument("--timeout", type=float, default=900.0, help="per launch of a mode, seconds")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the list of modes this many times, interleaved; each cell reports its median round")
     p.add_argument("--relaunches", type=int, default=3,
                    help="per mode: extra launches for the cells after one that crashed the benchmark")
     p.add_argument("--query-cosine", type=float, default=None,
@@ -548,18 +587,26 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     head = {"card": card, "h2d_gbps": h2d, "args": vars(a)}
-    results = {}
-    for mode in a.modes:
-        results[mode] = run_mode(mode, a, a.out)
-        with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
-            json.dump({**head, "results": results}, f, indent=1)
+    if a.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {a.rounds}")
+    rounds: list[dict[str, list[dict]]] = []
+    for i in range(a.rounds):
+        out_dir = a.out if a.rounds == 1 else os.path.join(a.out, f"round{i + 1}")
+        os.makedirs(out_dir, exist_ok=True)
+        rounds.append({})
+        for mode in a.modes:
+            rounds[-1][mode] = run_mode(mode, a, out_dir)
+            results = rounds[0] if a.rounds == 1 else merge_rounds(rounds)
+            with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
+                json.dump({**head, "results": results, **({"rounds": rounds} if a.rounds > 1 else {})}, f, indent=1)
     capacity = run_capacity(a) if a.capacity else None
     if capacity is not None:
         with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
-            json.dump({**head, "results": results, "capacity": capacity}, f, indent=1)
+            json.dump({**head, "results": results, **({"rounds": rounds} if a.rounds > 1 else {}),
+                       "capacity": capacity}, f, indent=1)
     out = (f"{header(card, a, h2d, sys.argv[1:])}\n\n"
            f"{table(results, a.contexts, a.batch_sizes, h2d)}\n\n"
-           f"{ratios(results)}\n" + (f"\n{bench_capacity.table(capacity, a.capacity)}\n" if capacity else ""))
+           f"{ratios(results)}\n" + (f"\n{spread_table(results)}\n" if a.rounds > 1 else "") + (f"\n{bench_capacity.table(capacity, a.capacity)}\n" if capacity else ""))
     with open(os.path.join(a.out, "bench_decode.md"), "w") as f:
         f.write(out)
     print(out)

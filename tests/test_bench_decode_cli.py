@@ -294,3 +294,27 @@ def test_run_mode_relaunches_after_a_crash(bench, tmp_path, monkeypatch):
     a.relaunches = 0
     launches.clear()
     assert len(bench.run_mode("freekv", a, str(tmp_path))) == 1 and len(launches) == 1
+
+
+def test_rounds_report_the_median_round_and_the_spread(bench):
+    def row(ms, c=32000, b=1, **kw):
+        return {"input_len": c, "batch_size": b, "median_decode_latency": ms / 1000, **kw}
+
+    rounds = [{"freekv": [row(6.8, tag=1), row(13.0, b=8)], "freekv:triton": [row(7.3)]},
+              {"freekv": [row(6.6, tag=2), row(12.9, b=8)], "freekv:triton": [row(6.0)]},
+              {"freekv": [row(6.7, tag=3)], "freekv:triton": []}]
+    merged = bench.merge_rounds(rounds)
+    fk = {(r["input_len"], r["batch_size"]): r for r in merged["freekv"]}
+    assert fk[(32000, 1)]["tag"] == 3 and fk[(32000, 1)]["decode_ms_rounds"] == pytest.approx([6.8, 6.6, 6.7])
+    # two timed rounds: the lower middle (the faster) one; a round without the cell shows as missing
+    assert fk[(32000, 8)]["median_decode_latency"] == pytest.approx(0.0129)
+    assert fk[(32000, 8)]["decode_ms_rounds"][2] is None
+    tri = merged["freekv:triton"][0]
+    assert tri["median_decode_latency"] == pytest.approx(0.006)
+    md = bench.spread_table(merged)
+    assert "| freekv | 32000 | 1 | 6.80, 6.60, 6.70 | 1.030x |" in md
+    assert "| freekv | 32000 | 8 | 13.00, 12.90, - | 1.008x |" in md
+    assert "| freekv:triton | 32000 | 1 | 7.30, 6.00, - | 1.217x |" in md
+    assert md.splitlines()[0].count("|") == md.splitlines()[2].count("|")
+    # the merged rows feed the main table and the ratios like a single round's
+    assert "speed-up vs freekv:triton" in bench.ratios(merged)
