@@ -318,3 +318,29 @@ def test_rounds_report_the_median_round_and_the_spread(bench):
     assert md.splitlines()[0].count("|") == md.splitlines()[2].count("|")
     # the merged rows feed the main table and the ratios like a single round's
     assert "speed-up vs freekv:triton" in bench.ratios(merged)
+
+
+def test_main_runs_the_modes_in_interleaved_rounds(bench, tmp_path, monkeypatch, capsys):
+    order = []
+
+    def fake_run_mode(mode, a, out_dir):
+        order.append((mode, out_dir))
+        ms = {"dense": 7.0, "freekv": 6.0 + 0.5 * (len(order) > 2)}[mode]
+        return [{"input_len": 32000, "batch_size": 1, "median_decode_latency": ms / 1000, "prefill_latency": 1.0}]
+
+    monkeypatch.setattr(bench, "run_mode", fake_run_mode)
+    monkeypatch.setattr(bench, "h2d_ceiling_gbps", lambda: None)
+    out = tmp_path / "o"
+    monkeypatch.setattr("sys.argv", ["bench_decode.py", "--model", str(tmp_path / "none"), "--host-gb", "4",
+                                     "--batch-sizes", "1", "--modes", "dense", "freekv", "--rounds", "2",
+                                     "--out", str(out)])
+    bench.main()
+    assert [m for m, _ in order] == ["dense", "freekv", "dense", "freekv"]
+    assert [d for _, d in order] == [str(out / "round1")] * 2 + [str(out / "round2")] * 2
+    res = json.loads((out / "bench_decode.json").read_text())
+    assert len(res["rounds"]) == 2 and res["results"]["freekv"][0]["decode_ms_rounds"] == pytest.approx([6.0, 6.5])
+    text = capsys.readouterr().out
+    assert "| freekv | 32000 | 1 | 6.00, 6.50 | 1.083x |" in text and "speed-up vs dense" in text
+    monkeypatch.setattr("sys.argv", ["bench_decode.py", "--host-gb", "4", "--rounds", "0", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        bench.main()
