@@ -573,6 +573,8 @@ def main() -> None:
                         "by card and date")
     p.add_argument("extra", nargs="*", help="extra SGLang arguments after --")
     a = p.parse_args()
+    if a.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {a.rounds}")
     if os.path.exists(os.path.join(a.model, "config.json")):
         why = check_contexts(a.model, a.contexts, a.output_len, a.extra)
         if why:
@@ -587,8 +589,6 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     head = {"card": card, "h2d_gbps": h2d, "args": vars(a)}
-    if a.rounds < 1:
-        p.error(f"--rounds must be at least 1, got {a.rounds}")
     rounds: list[dict[str, list[dict]]] = []
     for i in range(a.rounds):
         out_dir = a.out if a.rounds == 1 else os.path.join(a.out, f"round{i + 1}")
