@@ -171,6 +171,38 @@ def test_runtime_with_gpu_tier_matches_reference_cpu(offload_api):
     assert float(rt.gpu_tier.abs().sum()) > 0  # the rows' pages really live in both tiers
 
 
+def test_decode_attention_auto_prefers_the_split_decode_where_it_fits():
+    from freekv_sglang.runtime.attention import resolve_attention_kernel
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_attention_kernel("auto", cuda, 32, 128, torch.bfloat16) == "triton"
+    assert resolve_attention_kernel("auto", cuda, 16, 64, torch.float16) == "triton"
+    for page, dim, dt in ((8, 128, torch.bfloat16), (32, 96, torch.bfloat16), (24, 128, torch.bfloat16),
+                          (32, 128, torch.float32)):
+        assert resolve_attention_kernel("auto", cuda, page, dim, dt) == "flashinfer", (page, dim, dt)
+        with pytest.raises(ValueError, match="FREEKV_DECODE_ATTENTION=flashinfer"):
+            resolve_attention_kernel("triton", cuda, page, dim, dt)
+        assert resolve_attention_kernel("triton", cpu, page, dim, dt) == "triton"  # the reference runs
+        assert resolve_attention_kernel("flashinfer", cuda, page, dim, dt) == "flashinfer"
+    assert resolve_attention_kernel("xqa", cuda, 32, 128, torch.bfloat16) == "xqa"
+    assert resolve_attention_kernel("auto", cpu, 8, 128, torch.bfloat16) == "flashinfer"  # a label only, off CUDA
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_attention_kernel("cudnn", cuda)
+
+
+def test_decode_attention_default_and_split_pages_warning(monkeypatch, caplog):
+    from freekv_sglang.runtime.attention import WorkingSetAttention
+
+    monkeypatch.delenv("FREEKV_DECODE_ATTENTION", raising=False)
+    assert WorkingSetAttention(torch.device("cpu"), 2, 6, page_size=32, head_dim=64,
+                               dtype=torch.bfloat16).kernel == "triton"
+    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", "")  # empty: the default
+    monkeypatch.setenv("FREEKV_DECODE_SPLIT_PAGES", "4")
+    with caplog.at_level("WARNING", logger="freekv_sglang.runtime.attention"):
+        att = WorkingSetAttention(torch.device("cpu"), 2, 6, page_size=32, head_dim=64, dtype=torch.bfloat16)
+    assert att.kernel == "triton" and "FREEKV_DECODE_SPLIT_PAGES=4 is ignored" in caplog.text
+
+
 def test_decode_attention_kernel_env_is_validated(monkeypatch):
     from freekv_sglang.runtime.attention import WorkingSetAttention
 

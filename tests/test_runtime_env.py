@@ -54,6 +54,9 @@ def test_variant_names():
 
     assert parse_variant("freekv") == ("freekv", {})
     assert parse_variant("freekv:triton") == ("freekv", {"FREEKV_DECODE_ATTENTION": "triton"})
+    assert parse_variant("freekv:flashinfer~8")[1] == {"FREEKV_DECODE_ATTENTION": "flashinfer",
+                                                       "FREEKV_DECODE_SPLIT_PAGES": "8"}
+    assert parse_variant("freekv:auto")[1] == {"FREEKV_DECODE_ATTENTION": "auto"}
     assert parse_variant("freekv@32/1~8") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1",
                                                          "FREEKV_DECODE_SPLIT_PAGES": "8"})
     assert parse_variant("sync~4")[1] == {"FREEKV_DECODE_SPLIT_PAGES": "4"}

@@ -1,10 +1,18 @@
-"""Decode attention over the working sets: FlashInfer on CUDA, the plain-torch reference elsewhere.
+"""Decode attention over the working sets: a GPU kernel on CUDA, the plain-torch reference elsewhere.
 
 One page table serves all layers of a step. The table lives in device buffers that a
-graph-recordable kernel fills from the batch's rows and lengths
-(:meth:`device_buffers`), while FlashInfer's host-side plan needs only the host copies
-of ``indptr`` and ``last_page_len`` (:meth:`plan`). For CUDA graphs each captured batch
-size gets its own FlashInfer wrapper with static buffers, as SGLang's own backend does.
+graph-recordable kernel fills from the batch's rows and lengths (:meth:`device_buffers`).
+
+Kernels (``FREEKV_DECODE_ATTENTION``):
+
+- ``auto`` (default): ``triton`` where its tiles fit (page size >= 16, a power-of-two head dim
+  >= 16, bf16/fp16), else ``flashinfer``;
+- ``triton``: the Triton split decode (:mod:`freekv_sglang.kernels.split_decode`), which reads the
+  device table directly: no host-side plan, one code path for eager and CUDA-graph steps;
+- ``flashinfer``: FlashInfer's paged decode wrapper, whose host-side plan needs the host copies of
+  ``indptr`` and ``last_page_len`` (:meth:`plan`); for CUDA graphs each captured batch size gets
+  its own wrapper with static buffers, as SGLang's own backend does;
+- ``xqa``: FlashInfer's XQA kernels over a block table derived on the GPU.
 """
 
 from __future__ import annotations
@@ -19,7 +27,46 @@ from freekv_sglang.algorithm.attention import paged_attention
 logger = logging.getLogger(__name__)
 
 ATTENTION_ENV = "FREEKV_DECODE_ATTENTION"
-ATTENTION_KERNELS = ("flashinfer", "xqa", "triton")
+ATTENTION_KERNELS = ("auto", "flashinfer", "xqa", "triton")
+
+
+def split_decode_unsupported(page_size: int | None, head_dim: int | None, dtype: torch.dtype | None) -> str | None:
+    """Why the Triton split decode cannot serve these shapes (``None``: it can; unknown shapes pass)."""
+    if page_size is not None and (page_size < 16 or page_size & (page_size - 1)):
+        return f"page size {page_size} (its tiles need a power of two >= 16)"
+    if head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1)):
+        return f"head dim {head_dim} (its tiles need a power of two >= 16)"
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        return f"working sets in {dtype} (bf16 or fp16 only)"
+    return None
+
+
+def resolve_attention_kernel(requested: str, device: torch.device, page_size: int | None = None,
+                             head_dim: int | None = None, dtype: torch.dtype | None = None) -> str:
+    """The kernel ``FREEKV_DECODE_ATTENTION=requested`` runs: ``auto`` becomes ``triton`` (the fastest over
+    working sets of a few thousand tokens, docs/BENCHMARKS.md) where the Triton split decode fits the shapes
+    and Triton imports, else ``flashinfer``. An explicit ``triton`` that cannot serve the shapes on CUDA is an
+    error (off CUDA the plain-torch reference runs whatever is asked)."""
+    if requested not in ATTENTION_KERNELS:
+        raise ValueError(f"{ATTENTION_ENV} must be one of {ATTENTION_KERNELS}, got {requested!r}")
+    why = split_decode_unsupported(page_size, head_dim, dtype)
+    if requested == "triton" and why is not None and device.type == "cuda":
+        raise ValueError(f"{ATTENTION_ENV}=triton cannot serve {why}; use {ATTENTION_ENV}=flashinfer")
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":  # the reference runs off CUDA; the name only says what a GPU would run
+        return "flashinfer" if why is not None else "triton"
+    if why is not None:
+        logger.info("%s=auto: FlashInfer's paged decode over the working sets, as the Triton split decode "
+                    "cannot serve %s", ATTENTION_ENV, why)
+        return "flashinfer"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        logger.info("%s=auto: FlashInfer's paged decode over the working sets (Triton does not import)",
+                    ATTENTION_ENV)
+        return "flashinfer"
+    return "triton"
 
 
 class WorkingSetAttention:
@@ -30,10 +77,13 @@ class WorkingSetAttention:
         max_batch: largest eager batch.
         slots_per_request: ``S``, the page-table capacity per request.
         workspace: FlashInfer float workspace to share (CUDA).
+        page_size, head_dim, dtype: the working sets' shapes, for ``auto``'s choice (and to refuse an
+            explicit ``triton`` that cannot serve them); ``None``: not checked.
     """
 
     def __init__(self, device: torch.device, max_batch: int, slots_per_request: int,
-                 workspace: torch.Tensor | None = None):
+                 workspace: torch.Tensor | None = None, *, page_size: int | None = None,
+                 head_dim: int | None = None, dtype: torch.dtype | None = None):
         self.device = device
         self.slots = slots_per_request
         self.workspace = workspace
@@ -43,14 +93,10 @@ class WorkingSetAttention:
                               torch.ones(max_batch, dtype=torch.int32, device=device))
         self.eager = None
         self.graph_wrappers = {}
-        # FREEKV_DECODE_ATTENTION=xqa: FlashInfer's XQA kernels over a block table derived on the GPU;
-        # =triton: the Triton split decode over the page table itself (neither needs a host-side
-        # plan); default: FlashInfer's paged decode wrapper
-        self.kernel = os.environ.get(ATTENTION_ENV, "flashinfer")
-        if self.kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"{ATTENTION_ENV} must be one of {ATTENTION_KERNELS}, got {self.kernel!r}")
+        self.kernel = resolve_attention_kernel(os.environ.get(ATTENTION_ENV) or "auto", device, page_size,
+                                               head_dim, dtype)
         self.xqa = None
-        self.split = None  # the Triton split decode (FREEKV_DECODE_ATTENTION=triton)
+        self.split = None  # the Triton split decode (kernel "triton", auto's choice where it fits)
         if device.type == "cuda":
             from freekv_sglang.kernels.sparse_decode import SparseDecode
 
@@ -66,7 +112,8 @@ class WorkingSetAttention:
 
                 # its scratch in the FlashInfer wrapper's float workspace, which this choice leaves idle
                 self.split = SplitDecode(*self.eager_buffers, slots_per_request, workspace=self.eager.workspace)
-                logger.info("%s=triton: working-set attention through the Triton split decode", ATTENTION_ENV)
+                logger.info("working-set attention through the Triton split decode (%s=flashinfer for FlashInfer's "
+                            "paged decode)", ATTENTION_ENV)
         self.active = None
         self._tables = None
         # optional fixed KV split of FlashInfer's plan, in pages (unset: FlashInfer chooses); eager
@@ -75,13 +122,17 @@ class WorkingSetAttention:
         self.split_pages = int(split) if split else None
         if self.split_pages is not None and self.split_pages < 1:
             raise ValueError(f"FREEKV_DECODE_SPLIT_PAGES must be a positive page count, got {split}")
-        if self.split_pages is not None:
+        if self.split_pages is not None and self.kernel != "flashinfer":
+            logger.warning("FREEKV_DECODE_SPLIT_PAGES=%d is ignored: it splits FlashInfer's paged decode, and the "
+                           "working-set attention is %s (%s=flashinfer to use it)", self.split_pages, self.kernel,
+                           ATTENTION_ENV)
+        elif self.split_pages is not None:
             logger.info("FREEKV_DECODE_SPLIT_PAGES=%d applies to eager decode steps; CUDA-graph steps keep "
                         "FlashInfer's own split", self.split_pages)
 
     @property
     def _planned_on_host(self) -> bool:
-        """FlashInfer's paged decode wrapper (the default) needs a host-side plan and, for CUDA graphs,
+        """FlashInfer's paged decode wrapper needs a host-side plan and, for CUDA graphs,
         a wrapper with static buffers per batch size; XQA and the split decode read the eager table."""
         return self.xqa is None and self.split is None
 

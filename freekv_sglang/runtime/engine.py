@@ -190,7 +190,8 @@ class FreeKVRuntime:
         self.side_lists = (torch.empty((2, L, max_batch, hkv, lay.n_select), dtype=torch.int32, device=dev)
                            if side else None)
         self.step: DecodeStep | None = None
-        self.attention = WorkingSetAttention(self.device, max_batch, S, workspace=workspace)
+        self.attention = WorkingSetAttention(self.device, max_batch, S, workspace=workspace, page_size=P,
+                                             head_dim=d, dtype=dt)
         # FREEKV_ASYNC_PREFILL=1: a prefill layer's offload to the host tier and its digests / first
         # working set run on a side stream while the next layers compute (joined by finish_prefill)
         self.prefill_stream = torch.cuda.Stream(device=dev) if self.is_cuda and async_prefill_from_env() else None

@@ -147,9 +147,9 @@ def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, r
     global _RUNTIME
     _RUNTIME = runtime
     logger.info("FreeKV runtime ready: %d request rows x %d layers, working sets + digests%s %.2f GiB GPU, "
-                "host tier %.2f GiB pinned; %s; avail GPU mem %.2f GB", rows, shape.n_layers,
+                "host tier %.2f GiB pinned; %s; decode attention %s; avail GPU mem %.2f GB", rows, shape.n_layers,
                 f" + GPU tier ({runtime.n_gpu_pages} pages)" if runtime.n_gpu_pages else "",
-                runtime.gpu_bytes / 2**30, runtime.host.nbytes / 2**30, cfg.summary(),
+                runtime.gpu_bytes / 2**30, runtime.host.nbytes / 2**30, cfg.summary(), runtime.attention.kernel,
                 get_available_gpu_memory(self.device, self.gpu_id))
     return pool
 

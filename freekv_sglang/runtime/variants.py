@@ -5,8 +5,12 @@
 ``/S``: ``S`` side streams for speculation, 1 or 2 (``FREEKV_SPEC_STREAMS``);
 ``%M``: the last ``M`` layers speculate at the next step's start (``FREEKV_DEFER_LAYERS``);
 ``^1``: prefill layers are offloaded on a side stream (``FREEKV_ASYNC_PREFILL``);
-``~K``: fixed KV split of ``K`` pages in the working-set attention of eager steps (``FREEKV_DECODE_SPLIT_PAGES``;
-CUDA-graph steps keep FlashInfer's split, which a fixed one of a larger batch would overflow).
+``~K``: fixed KV split of ``K`` pages in FlashInfer's working-set attention of eager steps
+(``FREEKV_DECODE_SPLIT_PAGES``, with ``:flashinfer``; CUDA-graph steps keep FlashInfer's split, which a fixed one of
+a larger batch would overflow);
+``#B``: ``B`` pages per scoring program (``FREEKV_SCORE_BLOCK``);
+``:A``: the working-set attention kernel, ``auto`` (the default), ``flashinfer``, ``xqa`` or ``triton``
+(``FREEKV_DECODE_ATTENTION``).
 E.g. ``freekv@32/1~8``, ``freekv@16+2`` or ``freekv%16``. The launch scripts set these variables for the variant's run only.
 """
 
@@ -45,8 +49,8 @@ def parse_variant(name: str) -> tuple[str, dict[str, str]]:
         if var in env:
             raise ValueError(f"{name!r}: {sep!r} given twice")
         if sep == ":":
-            if val not in ("flashinfer", "xqa", "triton"):
-                raise ValueError(f"{name!r}: the attention kernel after ':' must be flashinfer, xqa or triton")
+            if val not in ("auto", "flashinfer", "xqa", "triton"):
+                raise ValueError(f"{name!r}: the attention kernel after ':' must be auto, flashinfer, xqa or triton")
             env[var] = val
             continue
         if not val.isdigit() or int(val) < 1:
