@@ -147,6 +147,14 @@ def default_split(batch: int, n_kv_heads: int, slots: int, device: torch.device)
     return max(1, min(next_pow2(want), next_pow2(slots)))
 
 
+def default_pages_per_iter(slots_per_chunk: int) -> int:
+    """Slots per loop iteration: 2 (tiles of ``2 * P`` tokens) once a chunk spans 8 slots or more, else 1.
+    At batch 8 with 8 KV heads (8 chunks of 8 slots) this is the fastest of the 36 shapes swept on an H200
+    (docs/BENCHMARKS.md, runs J-Q: 10.5-10.6x dense over 32K per layer of a captured step, against 9.9-10.1x
+    with one slot per iteration); short chunks (batch 1: one slot each) keep one."""
+    return 2 if slots_per_chunk >= 8 else 1
+
+
 def _partials(rows: int, d: int, device: torch.device, workspace: torch.Tensor | None):
     """float32 ``[rows, D]`` partial outputs and ``[rows]`` log-sum-exps, carved from ``workspace`` when it
     is large enough (no allocation in a decode step)."""
@@ -161,7 +169,7 @@ def _partials(rows: int, d: int, device: torch.device, workspace: torch.Tensor |
 def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor, kv_indptr: torch.Tensor,
                            kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, *, max_slots: int,
                            sm_scale: float | None = None, n_split: int | None = None, out: torch.Tensor | None = None,
-                           workspace: torch.Tensor | None = None, pages_per_iter: int = 1,
+                           workspace: torch.Tensor | None = None, pages_per_iter: int | None = None,
                            locks: torch.Tensor | None = None, num_warps: int = 4,
                            num_stages: int = 2) -> torch.Tensor:
     """Attention of ``q`` over each request's working-set slots, split along the slots.
@@ -179,7 +187,8 @@ def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tens
             (``B * Hq * n_split * (D + 1) * 4`` bytes; FlashInfer's float workspace fits any decode
             batch); without it, or when it is too small, they are allocated.
         pages_per_iter: slots each program reads per loop iteration (1, 2 or 4; a tile of
-            ``pages_per_iter * P`` tokens); each chunk is rounded up to a multiple of it.
+            ``pages_per_iter * P`` tokens; default :func:`default_pages_per_iter`); each chunk is
+            rounded up to a multiple of it.
         locks: optional int32 ``[>= B * Hkv]`` counters, all zero: with them the last chunk of each
             (request, KV head) to finish merges the partial results in the same launch (and leaves
             its counter at zero again); without them a second kernel merges.
@@ -201,10 +210,11 @@ def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tens
     if b == 0:
         return out
     g = hq // hkv
-    if pages_per_iter not in (1, 2, 4):
+    if pages_per_iter not in (None, 1, 2, 4):
         raise ValueError(f"pages_per_iter must be 1, 2 or 4 (got {pages_per_iter})")
     n_split = n_split or default_split(b, hkv, max_slots, q.device)
     per_split = -(-max_slots // n_split)
+    pages_per_iter = pages_per_iter or default_pages_per_iter(per_split)
     per_split = -(-per_split // pages_per_iter) * pages_per_iter
     fused = locks is not None
     if fused and (locks.dtype != torch.int32 or locks.numel() < b * hkv or locks.device != q.device):

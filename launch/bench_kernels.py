@@ -805,6 +805,7 @@ def sec_step(r: Runner, out: dict, quick: bool):
         variants = {"flashinfer": lambda i: sd.run(qs[i], *ws[i]),
                     "flashinfer_cuda_cores": lambda i: sdc.run(qs[i], *ws[i]),
                     "triton_split": lambda i: split(i),
+                    "triton_split_1slot": lambda i: split(i, pages_per_iter=1),
                     "triton_split_8x2": lambda i: split(i, n_split=8, pages_per_iter=2),
                     "triton_split_fused": lambda i: split(i, locks=locks)}
         for name, fn in variants.items():
@@ -933,14 +934,6 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
                                                heads_fast=hf, **kw) for i in range(nl)]))
                 if t is not None:
                     res[f"score_pages{'_headsfast' * hf}_ms"] = t
-            # the same bytes read by a plain reduction (torch.amax over 256-element rows): what reading
-            # this much from a cold L2 costs per layer of the graph, next to the bandwidth figure above
-            flat = [d.view(-1)[: dbytes // 2].view(-1, 2 * D) for d in digs]
-            red = torch.empty(flat[0].shape[0], dtype=BF16, device=DEV)
-            t = safe(r, "step", f"plain read ctx={ctx} b={b}", lambda: layers_graph_ms(
-                [lambda i=i: torch.amax(flat[i], dim=1, out=red) for i in range(nl)]))
-            if t is not None:
-                res["plain_read_ms"] = t
             out[f"select_ctx{ctx}_b{b}"] = res
             tag = f"ctx={ctx // 1024}K b={b} ({dbytes / MIB:.1f} MiB digests), per layer of {nl}"
             for k_ in sel_keys[:3] + [k for k in ("select_default_ms",) if k in res and k not in sel_keys[:3]]:
@@ -953,12 +946,7 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
             for k_ in ("score_pages_ms", "score_pages_headsfast_ms"):
                 if k_ in res:
                     r.row("step", f"{k_[:-3]} (no top-k), {tag}", 1e3 * res[k_], "us", f"{res[k_] / ideal:.2f}x HBM ideal")
-            if "plain_read_ms" in res:
-                sel = res.get("select_default_ms", float("nan"))
-                r.row("step", f"plain read of the digests (torch.amax), {tag}", 1e3 * res["plain_read_ms"], "us",
-                      f"{res['plain_read_ms'] / ideal:.2f}x HBM ideal; default selection "
-                      f"{sel / res['plain_read_ms']:.2f}x this read")
-            digs = flat = None
+            digs = None
             torch.cuda.empty_cache()
             r.save()
 

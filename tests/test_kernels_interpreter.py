@@ -394,6 +394,28 @@ else:
         sd = K.SplitDecode(ip, ix, lp, S, workspace=ws)
         torch.testing.assert_close(sd.run(q[:2], wk, wv, scale).float(), want[:2], atol=2e-2, rtol=2e-2)
 
+    def test_split_decode_default_tile_of_long_chunks():
+        """Chunks of 8 or more slots read two slots per iteration by default: same attention as the
+        reference (a request of a partial last slot, one of a single slot)."""
+        from freekv_sglang.kernels.split_decode import default_pages_per_iter
+
+        assert [default_pages_per_iter(n) for n in (1, 4, 7, 8, 64)] == [1, 1, 1, 2, 2]
+        g = _g(77)
+        lay = WorkingSetLayout(page_size=16, n_sink=2, n_select=5, n_window=2)  # 9 slots: one chunk, 2 per step
+        S, hkv, grp, d = lay.slots, 2, 3, 64
+        lens = torch.tensor([300, 9, 161])
+        rows = torch.tensor([0, 2, 1])
+        ip = torch.zeros(4, dtype=torch.int32)
+        ix = torch.zeros(3 * S, dtype=torch.int32)
+        lp = torch.zeros(3, dtype=torch.int32)
+        K.build_page_table(lens, rows, ip, ix, lp, layout=lay, slot_base=S)
+        q = _randn(g, 3, hkv * grp, d, dtype=torch.bfloat16)
+        wk = _randn(g, 4 * S, 16, hkv, d, dtype=torch.bfloat16)
+        wv = _randn(g, 4 * S, 16, hkv, d, dtype=torch.bfloat16)
+        want = K.sparse_decode_reference(q, wk, wv, ip, ix, lp, 0.125)
+        got = K.split_decode_attention(q, wk, wv, ip, ix, lp, max_slots=S, sm_scale=0.125, n_split=1)
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
     def test_split_decode_refuses_small_pages():
         q = torch.zeros(1, 2, 64, dtype=torch.bfloat16)
         ws = torch.zeros(3, 8, 1, 64, dtype=torch.bfloat16)
