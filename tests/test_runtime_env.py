@@ -97,6 +97,23 @@ def test_decode_split_applies_to_eager_steps_only(monkeypatch):
     assert planned == [4, None]
 
 
+def test_device_table_kernels_skip_the_host_tables():
+    """The split decode and XQA read the page table on the GPU: a step passes no host tables and plans
+    nothing on the host; FlashInfer's wrapper and the CPU reference refuse to plan without them."""
+    from freekv_sglang.runtime.attention import WorkingSetAttention
+
+    kw = dict(num_qo_heads=2, num_kv_heads=1, head_dim=16, page_size=16, dtype=torch.bfloat16)
+    att = WorkingSetAttention(torch.device("cpu"), 2, 4)
+    assert att.needs_host_tables  # the CPU reference reads them
+    with pytest.raises(ValueError, match="host indptr"):
+        att.plan(1, None, None, graph=False, **kw)
+    split = object()
+    att.eager, att.split = object(), split
+    assert not att.needs_host_tables
+    att.plan(1, None, None, graph=True, **kw)
+    assert att.active is split
+
+
 def test_recall_programs_env(monkeypatch):
     from freekv_sglang.kernels.recall import selected_recall_programs
 

@@ -136,6 +136,12 @@ class WorkingSetAttention:
         a wrapper with static buffers per batch size; XQA and the split decode read the eager table."""
         return self.xqa is None and self.split is None
 
+    @property
+    def needs_host_tables(self) -> bool:
+        """Whether :meth:`plan` reads the host ``indptr`` / ``last_page_len`` (FlashInfer's wrapper and the
+        CPU reference do; XQA and the split decode read the device table, so a step can skip them)."""
+        return self.eager is None or self._planned_on_host
+
     def _graph_wrapper(self, bs: int):
         w = self.graph_wrappers.get(bs)
         if w is None:
@@ -160,14 +166,18 @@ class WorkingSetAttention:
             ip, idx, lpl = self.eager_buffers
             self.xqa.fill(ip[: bs + 1], idx, lpl[:bs], page_size)
 
-    def plan(self, bs: int, indptr_host: torch.Tensor, last_page_len_host: torch.Tensor, *, graph: bool,
+    def plan(self, bs: int, indptr_host: torch.Tensor | None, last_page_len_host: torch.Tensor | None, *, graph: bool,
              num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype):
         """Host-side plan of a step (outside CUDA graphs).
 
         In graph mode the wrapper for ``bs`` is created on first use; its buffers are the ones
         :meth:`device_buffers` returns. In eager mode call :meth:`device_buffers` and fill them
-        *before* planning.
+        *before* planning. ``indptr_host`` and ``last_page_len_host`` may be ``None`` where
+        :attr:`needs_host_tables` is False.
         """
+        if self.needs_host_tables and (indptr_host is None or last_page_len_host is None):
+            raise ValueError(f"the {self.kernel} working-set attention plans from the host indptr and last-page "
+                             "lengths: pass them")
         if self.eager is None:  # CPU reference: read the filled table now
             ip = indptr_host.tolist()
             idx = self.eager_buffers[1].tolist()

@@ -392,7 +392,8 @@ class FreeKVRuntime:
         return self.step
 
     def plan_decode_host(self, bs: int, seq_lens_cpu: torch.Tensor, graph: bool = False) -> None:
-        """Host half: FlashInfer's plan from the host copy of the lengths (outside CUDA graphs)."""
+        """Host half (outside CUDA graphs): step counters, and FlashInfer's plan from the host copy of the
+        lengths where the attention kernel needs one."""
         lay, sh = self.layout, self.shape
         sl = seq_lens_cpu[:bs]
         real = int((sl > 1).sum())  # padded graph entries have a 1-token history
@@ -402,8 +403,9 @@ class FreeKVRuntime:
         if self.log_every and self.steps % self.log_every == 0:
             logger.info(self.stats_line())
             self.reset_stats()
-        self.attention.plan(bs, page_table_indptr_host(sl, lay), last_page_len_host(sl, lay), graph=graph,
-                            num_qo_heads=sh.n_q_heads, num_kv_heads=sh.n_kv_heads, head_dim=sh.head_dim,
+        host = self.attention.needs_host_tables  # the split decode and XQA plan nothing on the host
+        self.attention.plan(bs, page_table_indptr_host(sl, lay) if host else None,
+                            last_page_len_host(sl, lay) if host else None, graph=graph, num_qo_heads=sh.n_q_heads, num_kv_heads=sh.n_kv_heads, head_dim=sh.head_dim,
                             page_size=lay.page_size, dtype=sh.dtype)
 
     def plan_decode(self, rows: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor) -> DecodeStep:
