@@ -23,8 +23,10 @@ programs (``FREEKV_RECALL_PROGRAMS``), ``MODE+W`` gives each recall program ``W`
 (``FREEKV_RECALL_WARPS``), ``MODE%M`` runs the last ``M`` layers' speculation at the next step's
 start (``FREEKV_DEFER_LAYERS``), ``MODE^1`` offloads prefill layers on a side stream
 (``FREEKV_ASYNC_PREFILL``), ``MODE/S`` runs speculation on ``S`` side streams
-(``FREEKV_SPEC_STREAMS``, 1 or 2), ``MODE~K`` splits the working-set attention every ``K`` pages
-(``FREEKV_DECODE_SPLIT_PAGES``), e.g. ``freekv@32``, ``freekv@16+2`` or ``freekv@16/1~8``.
+(``FREEKV_SPEC_STREAMS``, 1 or 2), ``MODE:A`` picks the working-set attention kernel (``auto``, the
+default, ``flashinfer``, ``xqa``, ``triton``; ``FREEKV_DECODE_ATTENTION``), ``MODE:flashinfer~K`` splits
+FlashInfer's working-set attention every ``K`` pages (``FREEKV_DECODE_SPLIT_PAGES``), e.g. ``freekv@32``,
+``freekv@16+2`` or ``freekv@16/1:flashinfer~8``.
 
 Cells that do not fit are skipped by SGLang's benchmark (its token pool bounds batch x context):
 dense's token pool is sized for the largest cell (``--max-total-tokens``; SGLang's memory fraction

@@ -98,7 +98,7 @@ class Case:
 
     def __init__(self, args, variant: str, bs: int):
         self.args, self.bs = args, bs
-        # "freekv@64": recall grid of 64 programs; "freekv/1": one side stream; "freekv~8": KV split
+        # "freekv@64": recall grid of 64 programs; "freekv/1": one side stream; "freekv:flashinfer~8": KV split
         variant, env = parse_variant(variant)
         apply_variant_env(env)
         L, hq, hkv, d = args.layers, args.q_heads, args.kv_heads, args.head_dim

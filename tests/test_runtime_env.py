@@ -57,9 +57,15 @@ def test_variant_names():
     assert parse_variant("freekv:flashinfer~8")[1] == {"FREEKV_DECODE_ATTENTION": "flashinfer",
                                                        "FREEKV_DECODE_SPLIT_PAGES": "8"}
     assert parse_variant("freekv:auto")[1] == {"FREEKV_DECODE_ATTENTION": "auto"}
-    assert parse_variant("freekv@32/1~8") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1",
-                                                         "FREEKV_DECODE_SPLIT_PAGES": "8"})
-    assert parse_variant("sync~4")[1] == {"FREEKV_DECODE_SPLIT_PAGES": "4"}
+    assert parse_variant("freekv@32/1~8:flashinfer") == ("freekv", {
+        "FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1", "FREEKV_DECODE_SPLIT_PAGES": "8",
+        "FREEKV_DECODE_ATTENTION": "flashinfer"})
+    assert parse_variant("sync:flashinfer~4")[1] == {"FREEKV_DECODE_ATTENTION": "flashinfer",
+                                                     "FREEKV_DECODE_SPLIT_PAGES": "4"}
+    with pytest.raises(ValueError, match="add ':flashinfer'"):
+        parse_variant("freekv~8")  # the default attention (the split decode) has no FlashInfer split to fix
+    with pytest.raises(ValueError, match="add ':flashinfer'"):
+        parse_variant("freekv~8:triton")
     assert parse_variant("freekv@16+2") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "16", "FREEKV_RECALL_WARPS": "2"})
     assert parse_variant("freekv%16@8") == ("freekv", {"FREEKV_DEFER_LAYERS": "16", "FREEKV_RECALL_PROGRAMS": "8"})
     assert parse_variant("freekv^1") == ("freekv", {"FREEKV_ASYNC_PREFILL": "1"})

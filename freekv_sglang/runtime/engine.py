@@ -405,8 +405,8 @@ class FreeKVRuntime:
             self.reset_stats()
         host = self.attention.needs_host_tables  # the split decode and XQA plan nothing on the host
         self.attention.plan(bs, page_table_indptr_host(sl, lay) if host else None,
-                            last_page_len_host(sl, lay) if host else None, graph=graph, num_qo_heads=sh.n_q_heads, num_kv_heads=sh.n_kv_heads, head_dim=sh.head_dim,
-                            page_size=lay.page_size, dtype=sh.dtype)
+                            last_page_len_host(sl, lay) if host else None, graph=graph, num_qo_heads=sh.n_q_heads,
+                            num_kv_heads=sh.n_kv_heads, head_dim=sh.head_dim, page_size=lay.page_size, dtype=sh.dtype)
 
     def plan_decode(self, rows: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor) -> DecodeStep:
         """Both halves, eagerly (no CUDA graph)."""

@@ -11,7 +11,7 @@ a larger batch would overflow);
 ``#B``: ``B`` pages per scoring program (``FREEKV_SCORE_BLOCK``);
 ``:A``: the working-set attention kernel, ``auto`` (the default), ``flashinfer``, ``xqa`` or ``triton``
 (``FREEKV_DECODE_ATTENTION``).
-E.g. ``freekv@32/1~8``, ``freekv@16+2`` or ``freekv%16``. The launch scripts set these variables for the variant's run only.
+E.g. ``freekv@32/1``, ``freekv:flashinfer~8``, ``freekv@16+2`` or ``freekv%16``. The launch scripts set these variables for the variant's run only.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def parse_variant(name: str) -> tuple[str, dict[str, str]]:
         if sep == "#" and int(val) & (int(val) - 1):
             raise ValueError(f"{name!r}: the pages per scoring program after '#' must be a power of two")
         env[var] = val
+    if "~" in rest and env.get(VARIANT_ENV[":"]) != "flashinfer":
+        raise ValueError(f"{name!r}: '~' splits FlashInfer's working-set attention; add ':flashinfer'")
     return base, env
 
 
