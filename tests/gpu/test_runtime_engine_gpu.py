@@ -88,13 +88,16 @@ def test_xqa_attention_matches_reference_gpu(group, head_dim, monkeypatch):
     assert rt.attention.xqa is not None
 
 
+@pytest.mark.parametrize("kernel", ["triton", "flashinfer"])
 @pytest.mark.parametrize("group,head_dim", [(4, 128), (3, 64)])
-def test_triton_split_attention_matches_reference_gpu(group, head_dim, monkeypatch):
-    """FREEKV_DECODE_ATTENTION=triton: the working-set attention through the Triton split decode."""
-    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", "triton")
+def test_named_attention_kernel_matches_reference_gpu(group, head_dim, kernel, monkeypatch):
+    """FREEKV_DECODE_ATTENTION=triton (the Triton split decode, auto's choice at these shapes) and
+    =flashinfer (FlashInfer's paged decode wrapper, planned on the host each step)."""
+    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", kernel)
     rt, _ = run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group,
                                   head_dim=head_dim, atol=2e-2, page_size=32, prompt_lens=(300, 500, 90, 800))
-    assert rt.attention.split is not None
+    assert rt.attention.kernel == kernel and (rt.attention.split is not None) == (kernel == "triton")
+    assert rt.attention.needs_host_tables == (kernel == "flashinfer")
 
 
 @pytest.mark.parametrize("gpu_pages", [0, 60])
