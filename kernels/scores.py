@@ -34,16 +34,22 @@ if triton is not None:
 
     @triton.jit
     def _group_bounds(q_row, stride_qh, dig_ptr, hp, h, cand, HKV: tl.constexpr, G: tl.constexpr,
-                      BLOCK_G: tl.constexpr, D: tl.constexpr, F32_DOT: tl.constexpr):
+                      BLOCK_G: tl.constexpr, D: tl.constexpr, F32_DOT: tl.constexpr,
+                      DSP: tl.constexpr = -1, DSH: tl.constexpr = -1):
         """Quest bounds ``[BLOCK_G, BLOCK_N]`` fp32 of the ``G`` query heads at ``q_row`` (head
-        stride ``stride_qh``) against KV head ``h`` of host pages ``hp [BLOCK_N]`` (``cand``: real)."""
+        stride ``stride_qh``) against KV head ``h`` of host pages ``hp [BLOCK_N]`` (``cand``: real).
+        Digest ``(page, head)`` starts ``hp * DSP + h * DSH`` elements in (default -1: the contiguous
+        ``[pages, HKV, 2, D]`` layout)."""
         d = tl.arange(0, D)
         g = tl.arange(0, BLOCK_G)
         qv = tl.load(q_row + g[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
         zero = tl.zeros_like(qv)
         qp = tl.maximum(qv, zero).to(dig_ptr.dtype.element_ty)  # exact: q has the digest dtype
         qn = tl.minimum(qv, zero).to(dig_ptr.dtype.element_ty)
-        dig = dig_ptr + ((hp * HKV + h) * 2 * D)[:, None] + d[None, :]
+        if DSP < 0:
+            dig = dig_ptr + ((hp * HKV + h) * 2 * D)[:, None] + d[None, :]
+        else:  # any page / head strides (e.g. head-major digests), with [2, D] contiguous
+            dig = dig_ptr + (hp * DSP + h.to(tl.int64) * DSH)[:, None] + d[None, :]
         mx = tl.load(dig, mask=cand[:, None], other=0.0)
         mn = tl.load(dig + D, mask=cand[:, None], other=0.0)
         if F32_DOT:  # Triton's CPU interpreter gets bf16 dots wrong; exact in fp32 too
@@ -61,7 +67,7 @@ if triton is not None:
         max_pages, n_sink, n_window,
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_N: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr, F32_DOT: tl.constexpr,
-        HEADS_FAST: tl.constexpr,
+        HEADS_FAST: tl.constexpr, DSP: tl.constexpr, DSH: tl.constexpr,
     ):
         # One program: BLOCK_N pages x one KV head. Grid (cdiv(max_pages, BLOCK_N), B * Hkv), or with
         # HEADS_FAST (B * Hkv, cdiv(max_pages, BLOCK_N)): the KV heads of one block of pages side by side.
@@ -88,7 +94,7 @@ if triton is not None:
         g = tl.arange(0, BLOCK_G)
         gmask = g < G
         s = _group_bounds(q_ptr + b * stride_qb + h * G * stride_qh, stride_qh, dig_ptr, hp, h, cand,
-                          HKV, G, BLOCK_G, D, F32_DOT)
+                          HKV, G, BLOCK_G, D, F32_DOT, DSP, DSH)
         neg_inf = float("-inf")
         if AGG == 2:
             o = out_ptr + b * stride_ob + (h * G + g)[:, None] * stride_oh + p[None, :]
@@ -141,8 +147,9 @@ def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tens
 
     Args:
         q: ``[B, Hq, D]`` post-RoPE queries, dtype of the digests (rows/heads may be strided).
-        digests: ``[n_host_pages, Hkv, 2, D]`` bf16/fp16, contiguous, indexed by host page
-            (``[..., 0, :]`` max, ``[..., 1, :]`` min, max >= min).
+        digests: ``[n_host_pages, Hkv, 2, D]`` bf16/fp16, indexed by host page (``[..., 0, :]`` max,
+            ``[..., 1, :]`` min, max >= min); each ``[2, D]`` contiguous, any page and head strides
+            (e.g. a head-major ``[Hkv, n_host_pages, 2, D]`` buffer seen through ``.transpose(0, 1)``).
         req_to_token: int32 ``[R+1, max_ctx]`` token slot of each position of each row.
         req_pool_idx: int ``[B]`` row of each request (padded entries: any valid row, e.g. 0).
         n_ctx: int ``[B]`` context length (tokens) whose candidates are scored.
@@ -179,12 +186,14 @@ def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tens
     check_kv_dtype(digests.dtype)
     if q.dtype != digests.dtype:
         raise NotImplementedError(f"q dtype {q.dtype} must equal the digest dtype {digests.dtype}")
-    if not digests.is_contiguous() or not out.is_contiguous() or req_to_token.stride(1) != 1:
-        raise ValueError("digests and out must be contiguous, req_to_token rows contiguous")
+    if digests.stride(3) != 1 or digests.stride(2) != d or not out.is_contiguous() or req_to_token.stride(1) != 1:
+        raise ValueError("each digest [2, D] must be contiguous, out contiguous, req_to_token rows contiguous")
     if q.stride(2) != 1:
         q = q.contiguous()
     g = hq // hkv
     agg = _AGG_CODE[aggregation]
+    # the contiguous layout keeps the kernel's fixed address arithmetic; other strides are compiled in
+    dsp, dsh = (-1, -1) if digests.is_contiguous() else (digests.stride(0), digests.stride(1))
     if agg == 2:
         if head_scores is None:
             head_scores = torch.empty((b, hq, max_pages), dtype=torch.float32, device=out.device)
@@ -211,7 +220,7 @@ def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tens
         max_pages, n_sink, n_window,
         HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d, PAGE=page_size, BLOCK_N=block_n, AGG=agg,
         HAS_MASK=head_mask is not None, F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16,
-        HEADS_FAST=bool(heads_fast), num_warps=4,
+        HEADS_FAST=bool(heads_fast), DSP=dsp, DSH=dsh, num_warps=4,
     )
     if agg == 2:
         valid = _candidates(n_ctx, max_pages, page_size, n_sink, n_window)

@@ -934,6 +934,21 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
                                                heads_fast=hf, **kw) for i in range(nl)]))
                 if t is not None:
                     res[f"score_pages{'_headsfast' * hf}_ms"] = t
+            # the same digests stored head-major ([Hkv, pages, 2, D]): each program's pages are contiguous
+            hm = [d_.transpose(0, 1).contiguous().transpose(0, 1) for d_ in digs]
+
+            def head_major():
+                sc2 = torch.empty_like(sc)
+                K.score_pages(qs[0], digs[0], r2t, rows, n_ctx, None, sc, aggregation="mean", **kw)
+                K.score_pages(qs[0], hm[0], r2t, rows, n_ctx, None, sc2, aggregation="mean", **kw)
+                if not torch.equal(sc, sc2):
+                    raise RuntimeError("head-major digests score differently")
+                return layers_graph_ms([lambda i=i: K.score_pages(qs[i], hm[i], r2t, rows, n_ctx, None, sc,
+                                                                  aggregation="mean", **kw) for i in range(nl)])
+            t = safe(r, "step", f"score_pages head-major ctx={ctx} b={b}", head_major)
+            if t is not None:
+                res["score_pages_head_major_ms"] = t
+            hm = None
             out[f"select_ctx{ctx}_b{b}"] = res
             tag = f"ctx={ctx // 1024}K b={b} ({dbytes / MIB:.1f} MiB digests), per layer of {nl}"
             for k_ in sel_keys[:3] + [k for k in ("select_default_ms",) if k in res and k not in sel_keys[:3]]:
@@ -943,7 +958,7 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
                 r.row("step", f"  of which scoring + block top-k launch, {tag}", 1e3 * res["best_block_kernel_ms"], "us",
                       "merge launch alone: " + ", ".join(
                           f"{w} warps {1e3 * res[f'best_merge_kernel_w{w}_ms']:.1f} us" for w in ("default", 4, 8, 16)))
-            for k_ in ("score_pages_ms", "score_pages_headsfast_ms"):
+            for k_ in ("score_pages_ms", "score_pages_headsfast_ms", "score_pages_head_major_ms"):
                 if k_ in res:
                     r.row("step", f"{k_[:-3]} (no top-k), {tag}", 1e3 * res[k_], "us", f"{res[k_] / ideal:.2f}x HBM ideal")
             digs = None

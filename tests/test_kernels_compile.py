@@ -72,14 +72,17 @@ def test_compile_digests(dt, p, d):
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
 @pytest.mark.parametrize("agg", [0, 1, 2])
 @pytest.mark.parametrize("g,d,has_mask", [(4, 128, True), (7, 64, False), (1, 128, True)])
-def test_compile_scores(dt, agg, g, d, has_mask):
+@pytest.mark.parametrize("head_major", [False, True])
+def test_compile_scores(dt, agg, g, d, has_mask, head_major):
     t = TY[dt]
+    # head-major digests of a 4097-page pool: page stride 2 * D, head stride 4097 * 2 * D
+    strides = dict(DSP=2 * d, DSH=4097 * 2 * d) if head_major else dict(DSP=-1, DSH=-1)
     sig = dict(q_ptr=t, dig_ptr=t, r2t_ptr="*i32", rpi_ptr="*i64", nctx_ptr="*i32", hmask_ptr="*u8",
                out_ptr="*fp32", stride_qb="i32", stride_qh="i32", stride_r2t="i32", stride_ob="i32",
                stride_oh="i32", max_pages="i32", n_sink="i32", n_window="i32")
     k = _compile(scores._score_pages_kernel, sig,
                  dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=64, AGG=agg, HAS_MASK=has_mask, F32_DOT=False,
-                      HEADS_FAST=agg == 1),
+                      HEADS_FAST=agg == 1, **strides),
                  div16=("stride_qb", "stride_qh", "stride_r2t", "stride_ob", "stride_oh"))
     # the bound is computed on tensor cores (wgmma/mma), not unrolled scalar FMAs
     assert "mma" in k.asm["ptx"]

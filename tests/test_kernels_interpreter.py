@@ -198,6 +198,25 @@ else:
             assert fin.any()
             torch.testing.assert_close(out[fin], ref[fin], rtol=1e-5, atol=1e-5 * ref[fin].abs().max().item())
 
+    @pytest.mark.parametrize("grp,d", [(3, 64), (4, 128)])
+    def test_scores_head_major_digests(grp, d):
+        """Digests stored head-major (``[Hkv, pages, 2, D]``, seen as ``[pages, Hkv, 2, D]``): the scores
+        of the contiguous layout; a digest whose ``[2, D]`` is not contiguous is refused."""
+        g = _g(17)
+        p, hkv, b = 8, 2, 3
+        q, dig, r2t, rpi, n_ctx = _score_inputs(g, torch.bfloat16, hkv, grp, d, p, b, 40 * p)
+        hm = dig.transpose(0, 1).contiguous().transpose(0, 1)
+        assert torch.equal(hm, dig) and not hm.is_contiguous()
+        kw = dict(page_size=p, n_sink=2, n_window=3, aggregation="mean")
+        want = torch.full((b, hkv, 40), float("nan"))
+        got = want.clone()
+        K.score_pages(q, dig, r2t, rpi, n_ctx, None, want, impl="triton", block_n=16, **kw)
+        K.score_pages(q, hm, r2t, rpi, n_ctx, None, got, impl="triton", block_n=16, **kw)
+        assert torch.isfinite(want).any() and torch.equal(got, want)
+        with pytest.raises(ValueError, match=r"\[2, D\] must be contiguous"):
+            K.score_pages(q, dig.transpose(2, 3).contiguous().transpose(2, 3), r2t, rpi, n_ctx, None, got,
+                          impl="triton", block_n=16, **kw)
+
     # ---------------------------------------------------------------------------- select
     @pytest.mark.parametrize("np_,k", [(40, 8), (5, 8), (64, 32), (30, 12), (20, 20)])
     def test_select(np_, k):

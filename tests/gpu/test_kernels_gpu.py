@@ -141,6 +141,11 @@ def test_score_pages(dtype, d, grp, agg):
         fin = torch.isfinite(ref)
         assert fin.any()
         torch.testing.assert_close(out[fin], ref[fin], rtol=1e-5, atol=1e-5 * ref[fin].abs().max().item())
+    # the same digests stored head-major ([Hkv, pages, 2, D] seen as [pages, Hkv, 2, D]): the same scores
+    out_hm = torch.full_like(out, float("nan"))
+    K.score_pages(q, dig.transpose(0, 1).contiguous().transpose(0, 1), r2t, rpi, n_ctx, hm, out_hm,
+                  heads_fast=grp in (3, 7), **kw)
+    assert torch.equal(out_hm, out)
     lay = WorkingSetLayout(p, n_sink, 8, n_window)
     assert torch.equal(torch.isfinite(out[:, 0]) | ~hm[:, :1], lay.candidate_mask(n_ctx.cpu(), max_pages).to(DEV)
                        | ~hm[:, :1])
