@@ -42,15 +42,16 @@ if triton is not None:
     def _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_ptr, pid_n, live, ws, n_sink, h,
                     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr,
-                    F32_DOT: tl.constexpr):
+                    F32_DOT: tl.constexpr, DSP: tl.constexpr, DSH: tl.constexpr):
         """Score block ``pid_n`` (``BLOCK_N`` pages) of one (request, KV head); store its top ``KB`` keys
-        (every key ``NO_KEY`` when not ``live``; nothing past block ``NB``)."""
+        (every key ``NO_KEY`` when not ``live``; nothing past block ``NB``). ``DSP``/``DSH``: digest
+        strides as :func:`.scores._group_bounds` (-1: contiguous)."""
         p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cand = (p >= n_sink) & (p < ws) & live
         tok = tl.load(r2t_row + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64)
         hp = tok // PAGE
         gmask = tl.arange(0, BLOCK_G) < G
-        s = _group_bounds(q_row, stride_qh, dig_ptr, hp, h, cand, HKV, G, BLOCK_G, D, F32_DOT)
+        s = _group_bounds(q_row, stride_qh, dig_ptr, hp, h, cand, HKV, G, BLOCK_G, D, F32_DOT, DSP, DSH)
         if AGG == 0:
             agg = tl.sum(tl.where(gmask[:, None], s, 0.0), axis=0) / G
         else:
@@ -71,7 +72,7 @@ if triton is not None:
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr,
         Q_BY_ROW: tl.constexpr, F32_DOT: tl.constexpr, HEADS_FAST: tl.constexpr, SUB: tl.constexpr,
-        STAGES: tl.constexpr,
+        STAGES: tl.constexpr, DSP: tl.constexpr, DSH: tl.constexpr,
     ):
         # One program: SUB consecutive blocks of BLOCK_N pages of one (request, KV head), the blocks in a
         # software-pipelined loop when SUB > 1. Grid (cdiv(NB, SUB), B * Hkv), or with HEADS_FAST
@@ -101,12 +102,12 @@ if triton is not None:
             live = act & (pid_p * BLOCK_N < ws)
             if live:  # blocks past the candidates are never read by the merge: no store
                 _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_p, live, ws, n_sink, h, HKV, G,
-                            BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT)
+                            BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT, DSP, DSH)
         else:
             for j in tl.range(0, SUB, num_stages=STAGES):
                 pid_n = pid_p * SUB + j
                 _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_n, act & (pid_n * BLOCK_N < ws), ws,
-                            n_sink, h, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT)
+                            n_sink, h, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT, DSP, DSH)
 
     @triton.jit
     def _merge_select_kernel(
@@ -253,7 +254,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     Args:
         q: ``[B, Hq, D]`` queries (digest dtype); with ``q_index``, ``[Nq, Hq, D]`` read at
             ``q[q_index[b]]`` (e.g. the previous queries of every row, no gather needed).
-        digests: ``[n_host_pages, Hkv, 2, D]`` contiguous; req_to_token: int32 ``[R+1, max_ctx]``.
+        digests: ``[n_host_pages, Hkv, 2, D]``, each ``[2, D]`` contiguous (any page / head strides, as
+            :func:`.scores.score_pages`); req_to_token: int32 ``[R+1, max_ctx]``.
         rows: int ``[B]`` request rows; n_ctx: int ``[B]`` context whose candidates are scored.
         head_mask: bool ``[B, Hkv]`` heads to reselect (others keep their pages), or ``None``.
         resident: int ``[R+1, Hkv, k]`` resident pages of the layer, updated in place.
@@ -309,8 +311,9 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     check_head_dim(d)
     check_page_size(page_size)
     check_kv_dtype(digests.dtype)
-    if not digests.is_contiguous() or not resident.is_contiguous() or req_to_token.stride(1) != 1:
-        raise ValueError("digests and resident must be contiguous, req_to_token rows contiguous")
+    if digests.stride(3) != 1 or digests.stride(2) != d or not resident.is_contiguous() \
+            or req_to_token.stride(1) != 1:
+        raise ValueError("each digest [2, D] must be contiguous, resident contiguous, req_to_token rows contiguous")
     if q.stride(2) != 1:
         q = q.contiguous()
     kb = max(16, next_pow2(k + margin))
@@ -359,13 +362,14 @@ def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u
     nb = cdiv(max_pages, block_n)
     npg = cdiv(nb, blocks_per_program)
     grid = (b * hkv, npg) if heads_fast else (npg, b * hkv)
+    dsp, dsh = (-1, -1) if digests.is_contiguous() else (digests.stride(0), digests.stride(1))
     _score_block_topk_kernel[grid](
         q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys,
         q.stride(0), q.stride(1), req_to_token.stride(0), n_sink, n_window,
         HKV=hkv, G=hq // hkv, BLOCK_G=max(16, next_pow2(hq // hkv)), D=d, PAGE=page_size, BLOCK_N=block_n, KB=kb,
         NB=nb, AGG=0 if aggregation == "mean" else 1, HAS_MASK=has_mask, Q_BY_ROW=q_by_row,
         F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, HEADS_FAST=bool(heads_fast),
-        SUB=blocks_per_program, STAGES=num_stages, num_warps=num_warps,
+        SUB=blocks_per_program, STAGES=num_stages, DSP=dsp, DSH=dsh, num_warps=num_warps,
     )
 
 

@@ -948,10 +948,30 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
             t = safe(r, "step", f"score_pages head-major ctx={ctx} b={b}", head_major)
             if t is not None:
                 res["score_pages_head_major_ms"] = t
+
+            def select_head_major():
+                # the default selection over head-major digests: same lists and residency, then timed
+                scratch = torch.empty(K.score_select.selection_scratch_size(b, HKV, n_pages, NSEL), dtype=torch.int64,
+                                      device=DEV)
+                outs = []
+                for dig in (digs[0], hm[0]):
+                    res0 = torch.full_like(resid[0], -1)
+                    K.score_and_select(qs[0], dig, r2t, rows, n_ctx, None, res0, NSEL, rs, rp, max_pages=n_pages,
+                                       aggregation="mean", keys=scratch, **kw)
+                    outs.append((rs.clone(), rp.clone(), res0))
+                if not all(torch.equal(x, y) for x, y in zip(*outs)):
+                    raise RuntimeError("head-major digests select differently")
+                return layers_graph_ms([lambda i=i: K.score_and_select(
+                    qs[i], hm[i], r2t, rows, n_ctx, None, resid[i], NSEL, rs, rp, max_pages=n_pages,
+                    aggregation="mean", keys=scratch, **kw) for i in range(nl)])
+            t = safe(r, "step", f"select default head-major ctx={ctx} b={b}", select_head_major)
+            if t is not None:
+                res["select_default_head_major_ms"] = t
             hm = None
             out[f"select_ctx{ctx}_b{b}"] = res
             tag = f"ctx={ctx // 1024}K b={b} ({dbytes / MIB:.1f} MiB digests), per layer of {nl}"
-            for k_ in sel_keys[:3] + [k for k in ("select_default_ms",) if k in res and k not in sel_keys[:3]]:
+            for k_ in sel_keys[:3] + [k for k in ("select_default_ms", "select_default_head_major_ms")
+                                      if k in res and k not in sel_keys[:3]]:
                 r.row("step", f"score_and_select {k_[7:-3]}, {tag}", 1e3 * res[k_], "us",
                       f"{res[k_] / ideal:.2f}x HBM ideal ({1e3 * ideal:.1f} us); {len(sel_keys)} configs")
             if "best_block_kernel_ms" in res:

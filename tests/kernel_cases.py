@@ -197,7 +197,7 @@ def check_select_recall(device, dtype, head_dim, page=8, k=4, seed=0, num_progra
 
 
 def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean", page=8, max_pages=40,
-                       masked=True, by_row=False, seed=0, margin=0, **tuning):
+                       masked=True, by_row=False, seed=0, margin=0, head_major=False, **tuning):
     """Fused scoring + top-k + residency update vs the unfused torch reference. With ``margin`` (residency
     hysteresis) the chosen set must be exactly the reference's sticky selection.
 
@@ -205,7 +205,8 @@ def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean
     pages of nearly equal score at the top-k boundary. So: (1) the kernel's chosen set must be
     a top-k of the reference scores up to a tolerance, and (2) given that set, residency and
     recall lists must equal the reference's exactly (checked by boosting the chosen pages in
-    the reference scores, which makes the reference choose the same set)."""
+    the reference scores, which makes the reference choose the same set). ``head_major``: the kernel reads
+    the digests from a head-major buffer (``[Hkv, pages, 2, D]`` seen through strides)."""
     from freekv_sglang.kernels.score_select import score_and_select
     from freekv_sglang.kernels.scores import score_pages_reference
     from freekv_sglang.kernels.select import select_update_reference
@@ -240,7 +241,11 @@ def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean
     rp = rs.clone()
     cnt = torch.zeros(4, dtype=torch.int64, device=device)
     dv = lambda t: None if t is None else t.to(device)  # noqa: E731
-    score_and_select(q_all.to(device), digests.to(device), r2t.to(device), rows.to(device), n_ctx.to(device),
+    dig = digests.to(device)
+    if head_major:
+        dig = dig.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not dig.is_contiguous()
+    score_and_select(q_all.to(device), dig, r2t.to(device), rows.to(device), n_ctx.to(device),
                      dv(mask), res, k, rs, rp, cnt[1], max_pages=max_pages, page_size=page, n_sink=n_sink,
                      n_window=n_window, aggregation=aggregation, q_index=dv(q_index), margin=margin, **tuning)
     res, rs, rp, cnt = res.cpu(), rs.cpu(), rp.cpu(), cnt.cpu()

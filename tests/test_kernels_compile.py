@@ -121,14 +121,16 @@ def test_compile_page_table(p, bb, bs):
 @pytest.mark.parametrize("g,d,bn,kb,by_row,sub,stages", [(4, 128, 128, 32, True, 1, 2), (7, 64, 64, 16, False, 1, 2),
                                                         (1, 128, 512, 64, True, 1, 2), (4, 128, 64, 32, False, 2, 3),
                                                         (3, 64, 32, 16, True, 4, 2)])
-def test_compile_score_block_topk(dt, agg, g, d, bn, kb, by_row, sub, stages):
+@pytest.mark.parametrize("head_major", [False, True])
+def test_compile_score_block_topk(dt, agg, g, d, bn, kb, by_row, sub, stages, head_major):
     t = TY[dt]
+    strides = dict(DSP=2 * d, DSH=4097 * 2 * d) if head_major else dict(DSP=-1, DSH=-1)
     sig = dict(q_ptr=t, qidx_ptr="*i64", dig_ptr=t, r2t_ptr="*i32", rows_ptr="*i64", nctx_ptr="*i64",
                hmask_ptr="*u8", keys_ptr="*i64", stride_qb="i32", stride_qh="i32", stride_r2t="i32",
                n_sink="i32", n_window="i32")
     k = _compile(score_select._score_block_topk_kernel, sig,
                  dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=bn, KB=kb, NB=32, AGG=agg, HAS_MASK=True,
-                      Q_BY_ROW=by_row, F32_DOT=False, HEADS_FAST=sub == 2, SUB=sub, STAGES=stages),
+                      Q_BY_ROW=by_row, F32_DOT=False, HEADS_FAST=sub == 2, SUB=sub, STAGES=stages, **strides),
                  div16=("stride_qb", "stride_qh", "stride_r2t"))
     assert "mma" in k.asm["ptx"]
 

@@ -36,6 +36,8 @@ def test_fused_kernels_under_interpreter():
         "                       num_stages=3, merge_warps=2)\n"
         "check_score_select('cpu', torch.float16, 2, 16, k=4, margin=3, block_n=16, blocks_per_program=2)\n"
         "check_score_select('cpu', torch.float16, 4, 16, k=4, max_pages=300)  # launch_shape: 5 rows x 2 heads\n"
+        "check_score_select('cpu', torch.bfloat16, 3, 32, k=4, head_major=True)  # digests through strides\n"
+        "check_score_select('cpu', torch.float16, 2, 16, k=4, block_n=16, blocks_per_program=2, head_major=True)\n"
         "for m in (2, 5):  # residency hysteresis: blocks keep k + m keys, residents in the top k + m stay\n"
         "    check_score_select('cpu', torch.float16, 2, 16, k=4, margin=m)\n"
         "    check_score_select('cpu', torch.float16, 2, 16, k=4, margin=m, aggregation='softmax-mean')\n"

@@ -53,3 +53,11 @@ def test_score_select_tuning_gpu(block_n, num_warps, heads_fast, bpp, stages, me
     check_score_select("cuda", torch.bfloat16, 4, 128, k=32, page=32, max_pages=1000, block_n=block_n,
                        num_warps=num_warps, heads_fast=heads_fast, blocks_per_program=bpp, num_stages=stages,
                        merge_warps=merge_warps)
+
+
+@pytest.mark.parametrize("group,head_dim,max_pages,tuning", [
+    (4, 128, 4096, {}), (7, 64, 1000, dict(block_n=64, num_warps=2, blocks_per_program=2, num_stages=3))])
+def test_score_select_head_major_digests_gpu(group, head_dim, max_pages, tuning):
+    """Digests read from a head-major buffer through their strides (bench_kernels' layout experiment)."""
+    check_score_select("cuda", torch.bfloat16, group, head_dim, k=32, page=32, max_pages=max_pages, head_major=True,
+                       **tuning)
