@@ -45,7 +45,7 @@ if triton is not None:
                     F32_DOT: tl.constexpr, DSP: tl.constexpr, DSH: tl.constexpr):
         """Score block ``pid_n`` (``BLOCK_N`` pages) of one (request, KV head); store its top ``KB`` keys
         (every key ``NO_KEY`` when not ``live``; nothing past block ``NB``). ``DSP``/``DSH``: digest
-        strides as :func:`.scores._group_bounds` (-1: contiguous)."""
+        strides as :func:`.scores._group_bounds`."""
         p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cand = (p >= n_sink) & (p < ws) & live
         tok = tl.load(r2t_row + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64)
@@ -362,14 +362,14 @@ def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u
     nb = cdiv(max_pages, block_n)
     npg = cdiv(nb, blocks_per_program)
     grid = (b * hkv, npg) if heads_fast else (npg, b * hkv)
-    dsp, dsh = (-1, -1) if digests.is_contiguous() else (digests.stride(0), digests.stride(1))
     _score_block_topk_kernel[grid](
         q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys,
         q.stride(0), q.stride(1), req_to_token.stride(0), n_sink, n_window,
         HKV=hkv, G=hq // hkv, BLOCK_G=max(16, next_pow2(hq // hkv)), D=d, PAGE=page_size, BLOCK_N=block_n, KB=kb,
         NB=nb, AGG=0 if aggregation == "mean" else 1, HAS_MASK=has_mask, Q_BY_ROW=q_by_row,
         F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, HEADS_FAST=bool(heads_fast),
-        SUB=blocks_per_program, STAGES=num_stages, DSP=dsp, DSH=dsh, num_warps=num_warps,
+        SUB=blocks_per_program, STAGES=num_stages, DSP=digests.stride(0), DSH=digests.stride(1),
+        num_warps=num_warps,
     )
 
 

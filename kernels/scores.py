@@ -34,22 +34,19 @@ if triton is not None:
 
     @triton.jit
     def _group_bounds(q_row, stride_qh, dig_ptr, hp, h, cand, HKV: tl.constexpr, G: tl.constexpr,
-                      BLOCK_G: tl.constexpr, D: tl.constexpr, F32_DOT: tl.constexpr,
-                      DSP: tl.constexpr = -1, DSH: tl.constexpr = -1):
+                      BLOCK_G: tl.constexpr, D: tl.constexpr, F32_DOT: tl.constexpr, DSP: tl.constexpr,
+                      DSH: tl.constexpr):
         """Quest bounds ``[BLOCK_G, BLOCK_N]`` fp32 of the ``G`` query heads at ``q_row`` (head
         stride ``stride_qh``) against KV head ``h`` of host pages ``hp [BLOCK_N]`` (``cand``: real).
-        Digest ``(page, head)`` starts ``hp * DSP + h * DSH`` elements in (default -1: the contiguous
-        ``[pages, HKV, 2, D]`` layout)."""
+        Digest ``(page, head)`` starts ``hp * DSP + h * DSH`` elements in (its ``[2, D]`` contiguous);
+        the contiguous ``[pages, HKV, 2, D]`` layout has ``DSP = HKV * 2 * D``, ``DSH = 2 * D``."""
         d = tl.arange(0, D)
         g = tl.arange(0, BLOCK_G)
         qv = tl.load(q_row + g[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
         zero = tl.zeros_like(qv)
         qp = tl.maximum(qv, zero).to(dig_ptr.dtype.element_ty)  # exact: q has the digest dtype
         qn = tl.minimum(qv, zero).to(dig_ptr.dtype.element_ty)
-        if DSP < 0:
-            dig = dig_ptr + ((hp * HKV + h) * 2 * D)[:, None] + d[None, :]
-        else:  # any page / head strides (e.g. head-major digests), with [2, D] contiguous
-            dig = dig_ptr + (hp * DSP + h.to(tl.int64) * DSH)[:, None] + d[None, :]
+        dig = dig_ptr + (hp * DSP + h.to(tl.int64) * DSH)[:, None] + d[None, :]
         mx = tl.load(dig, mask=cand[:, None], other=0.0)
         mn = tl.load(dig + D, mask=cand[:, None], other=0.0)
         if F32_DOT:  # Triton's CPU interpreter gets bf16 dots wrong; exact in fp32 too
@@ -192,8 +189,6 @@ def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tens
         q = q.contiguous()
     g = hq // hkv
     agg = _AGG_CODE[aggregation]
-    # the contiguous layout keeps the kernel's fixed address arithmetic; other strides are compiled in
-    dsp, dsh = (-1, -1) if digests.is_contiguous() else (digests.stride(0), digests.stride(1))
     if agg == 2:
         if head_scores is None:
             head_scores = torch.empty((b, hq, max_pages), dtype=torch.float32, device=out.device)
@@ -220,7 +215,7 @@ def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tens
         max_pages, n_sink, n_window,
         HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), D=d, PAGE=page_size, BLOCK_N=block_n, AGG=agg,
         HAS_MASK=head_mask is not None, F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16,
-        HEADS_FAST=bool(heads_fast), DSP=dsp, DSH=dsh, num_warps=4,
+        HEADS_FAST=bool(heads_fast), DSP=digests.stride(0), DSH=digests.stride(1), num_warps=4,
     )
     if agg == 2:
         valid = _candidates(n_ctx, max_pages, page_size, n_sink, n_window)

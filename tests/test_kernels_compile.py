@@ -76,7 +76,7 @@ def test_compile_digests(dt, p, d):
 def test_compile_scores(dt, agg, g, d, has_mask, head_major):
     t = TY[dt]
     # head-major digests of a 4097-page pool: page stride 2 * D, head stride 4097 * 2 * D
-    strides = dict(DSP=2 * d, DSH=4097 * 2 * d) if head_major else dict(DSP=-1, DSH=-1)
+    strides = dict(DSP=2 * d, DSH=4097 * 2 * d) if head_major else dict(DSP=8 * 2 * d, DSH=2 * d)
     sig = dict(q_ptr=t, dig_ptr=t, r2t_ptr="*i32", rpi_ptr="*i64", nctx_ptr="*i32", hmask_ptr="*u8",
                out_ptr="*fp32", stride_qb="i32", stride_qh="i32", stride_r2t="i32", stride_ob="i32",
                stride_oh="i32", max_pages="i32", n_sink="i32", n_window="i32")
@@ -124,7 +124,7 @@ def test_compile_page_table(p, bb, bs):
 @pytest.mark.parametrize("head_major", [False, True])
 def test_compile_score_block_topk(dt, agg, g, d, bn, kb, by_row, sub, stages, head_major):
     t = TY[dt]
-    strides = dict(DSP=2 * d, DSH=4097 * 2 * d) if head_major else dict(DSP=-1, DSH=-1)
+    strides = dict(DSP=2 * d, DSH=4097 * 2 * d) if head_major else dict(DSP=8 * 2 * d, DSH=2 * d)
     sig = dict(q_ptr=t, qidx_ptr="*i64", dig_ptr=t, r2t_ptr="*i32", rows_ptr="*i64", nctx_ptr="*i64",
                hmask_ptr="*u8", keys_ptr="*i64", stride_qb="i32", stride_qh="i32", stride_r2t="i32",
                n_sink="i32", n_window="i32")
