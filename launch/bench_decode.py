@@ -547,7 +547,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--modes", nargs="+", default=["dense", "freekv", "sync", "arkvale", "staged", "skip"],
                    type=mode_name, help=f"modes {sorted(MODES)}, FreeKV ones optionally with @N (recall grid), "
-                                        f"/S (side streams) and ~K (attention split pages)")
+                                        f"/S (side streams), :A (attention kernel) and :flashinfer~K (its split pages)")
     p.add_argument("--host-gb", default="auto", help="FreeKV host tier per run (GiB, or auto: the largest cell)")
     p.add_argument("--timeout", type=float, default=900.0, help="per launch of a mode, seconds")
     p.add_argument("--rounds", type=int, default=1,
@@ -592,6 +592,12 @@ def main() -> None:
         torch.cuda.empty_cache()
     head = {"card": card, "h2d_gbps": h2d, "args": vars(a)}
     rounds: list[dict[str, list[dict]]] = []
+
+    def save_json(**extra):  # rewritten as each cell lands, so a crash keeps what was measured
+        with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
+            json.dump({**head, "results": results, **({"rounds": rounds} if a.rounds > 1 else {}), **extra}, f,
+                      indent=1)
+
     for i in range(a.rounds):
         out_dir = a.out if a.rounds == 1 else os.path.join(a.out, f"round{i + 1}")
         os.makedirs(out_dir, exist_ok=True)
@@ -599,16 +605,14 @@ def main() -> None:
         for mode in a.modes:
             rounds[-1][mode] = run_mode(mode, a, out_dir)
             results = rounds[0] if a.rounds == 1 else merge_rounds(rounds)
-            with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
-                json.dump({**head, "results": results, **({"rounds": rounds} if a.rounds > 1 else {})}, f, indent=1)
+            save_json()
     capacity = run_capacity(a) if a.capacity else None
     if capacity is not None:
-        with open(os.path.join(a.out, "bench_decode.json"), "w") as f:
-            json.dump({**head, "results": results, **({"rounds": rounds} if a.rounds > 1 else {}),
-                       "capacity": capacity}, f, indent=1)
+        save_json(capacity=capacity)
     out = (f"{header(card, a, h2d, sys.argv[1:])}\n\n"
            f"{table(results, a.contexts, a.batch_sizes, h2d)}\n\n"
-           f"{ratios(results)}\n" + (f"\n{spread_table(results)}\n" if a.rounds > 1 else "") + (f"\n{bench_capacity.table(capacity, a.capacity)}\n" if capacity else ""))
+           f"{ratios(results)}\n" + (f"\n{spread_table(results)}\n" if a.rounds > 1 else "")
+           + (f"\n{bench_capacity.table(capacity, a.capacity)}\n" if capacity else ""))
     with open(os.path.join(a.out, "bench_decode.md"), "w") as f:
         f.write(out)
     print(out)

@@ -787,16 +787,18 @@ def sec_step(r: Runner, out: dict, quick: bool):
         qs = [torch.randn((b, HQ, D), generator=g, device=DEV).to(BF16) for _ in range(nl)]
         ws = [(torch.randn((b * LAYOUT.slots, P, HKV, D), generator=g, device=DEV).to(BF16),
                torch.randn((b * LAYOUT.slots, P, HKV, D), generator=g, device=DEV).to(BF16)) for _ in range(nl)]
-        sd = K.SparseDecode(DEV, use_cuda_graph=True, batch_size=b, max_slots=LAYOUT.slots)
-        sd.kv_indices.copy_(ix)
-        sd.plan(K.page_table_indptr_host(seq, LAYOUT), sd.kv_indices, K.last_page_len_host(seq, LAYOUT),
-                HQ, HKV, D, P, BF16, BF16)
+        def planned(tensor_cores: bool):
+            w = K.SparseDecode(DEV, use_cuda_graph=True, batch_size=b, max_slots=LAYOUT.slots,
+                               use_tensor_cores=tensor_cores)
+            w.kv_indices.copy_(ix)
+            w.plan(K.page_table_indptr_host(seq, LAYOUT), w.kv_indices, K.last_page_len_host(seq, LAYOUT),
+                   HQ, HKV, D, P, BF16, BF16)
+            return w
+
+        sd = planned(True)
         ref = [sd.run(qs[i], *ws[i]).float() for i in range(nl)]
         # FlashInfer's decode kernels (CUDA cores) instead of its prefill kernels: SGLang's choice below GQA 4
-        sdc = K.SparseDecode(DEV, use_cuda_graph=True, batch_size=b, max_slots=LAYOUT.slots, use_tensor_cores=False)
-        sdc.kv_indices.copy_(ix)
-        sdc.plan(K.page_table_indptr_host(seq, LAYOUT), sdc.kv_indices, K.last_page_len_host(seq, LAYOUT),
-                 HQ, HKV, D, P, BF16, BF16)
+        sdc = planned(False)
         locks = torch.zeros(b * HKV, dtype=torch.int32, device=DEV)
 
         def split(i, **kw):
@@ -843,14 +845,13 @@ def sec_step(r: Runner, out: dict, quick: bool):
     _step_select(r, out, quick, nl, g)
 
 
-def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator, contexts=(32768, 131072),
-                 batches=(1, 8), b8_configs=None):
-    """The fused scoring + top-k + residency update per layer of an ``nl``-layer graph: program shape
-    sweep at batch 8 (``b8_configs``: the shapes, default a 22-shape sweep), and the best shape's two
-    launches timed apart."""
+def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator):
+    """The fused scoring + top-k + residency update per layer of an ``nl``-layer graph: a 22-shape program
+    sweep at batch 8, the best shape's two launches timed apart, the scoring alone, and the default over
+    head-major digests."""
     hbm = _ceil(r, "hbm_copy_gbps")
-    for ctx in (contexts[:1] if quick else contexts):
-        for b in batches:
+    for ctx in ((32768,) if quick else (32768, 131072)):
+        for b in (1, 8):
             n_pages = ctx // P
             r2t = (P + torch.arange(b, device=DEV)[:, None] * ctx + torch.arange(ctx, device=DEV)).int()
             rows = torch.arange(b, device=DEV)
@@ -866,9 +867,7 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator,
             dbytes = b * HKV * n_cand * 2 * D * 2
             ideal = 1e3 * dbytes / (hbm * 1e9) if hbm else float("nan")  # ms
             res = {"digest_bytes": dbytes, "ideal_ms": ideal, "layers": nl}
-            if b >= 8 and b8_configs is not None:
-                configs = list(b8_configs)
-            elif b >= 8:  # program shape: pages per block x warps x blocks per program (pipelined loop) x stages
+            if b >= 8:  # program shape: pages per block x warps x blocks per program (pipelined loop) x stages
                 configs = [dict(block_n=bn, num_warps=nw, blocks_per_program=bpp, num_stages=st)
                            for bn in (32, 64) for nw in (2, 4) for bpp in (1, 2, 4) for st in ((2,) if bpp == 1 else (2, 3))]
                 configs += [dict(block_n=64, num_warps=2, heads_fast=True), {}]
