@@ -10,8 +10,9 @@ more than the scoring itself at 4096 pages):
    packed int64 *keys* (see :func:`pack_keys_reference`). Blocks past the request's candidates
    and heads outside ``head_mask`` read nothing.
 2. ``_merge_select_kernel``, grid ``(B * Hkv,)``: the top ``k`` of the live blocks' keys (the
-   global top-k is inside the union of the per-block top-k) and the residency update of
-   :mod:`.select`, in the same program.
+   global top-k is inside the union of the per-block top-k), read in chunks of at most 1024 keys
+   up to the request's last live block, and the residency update of :mod:`.select`, in the same
+   program.
 
 Keys order pages by score, then by lower page index on equal scores; a key of
 ``INT64_MIN`` marks "no page" (not a candidate, or a non-finite score). Only ``mean`` and
@@ -103,20 +104,23 @@ if triton is not None:
             if live:  # blocks past the candidates are never read by the merge: no store
                 _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_p, live, ws, n_sink, h, HKV, G,
                             BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT, DSP, DSH)
-        else:
+        elif act & (pid_p * SUB * BLOCK_N < ws):  # a span wholly past the candidates (or a head the mask
+            # leaves alone) does nothing: the merge reads only live blocks' keys
             for j in tl.range(0, SUB, num_stages=STAGES):
                 pid_n = pid_p * SUB + j
-                _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_n, act & (pid_n * BLOCK_N < ws), ws,
+                _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_n, pid_n * BLOCK_N < ws, ws,
                             n_sink, h, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT, DSP, DSH)
 
     @triton.jit
     def _merge_select_kernel(
         keys_ptr, nctx_ptr, res_ptr, rows_ptr, hmask_ptr, rslot_ptr, rpage_ptr, cnt_ptr,
         n_sink, n_window,
-        HKV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
+        HKV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_MASK: tl.constexpr, COUNT: tl.constexpr,
         MARGIN: tl.constexpr, KR: tl.constexpr,
     ):
+        # The live blocks' keys in chunks of CB blocks: the first chunk's top KB, then each further chunk's
+        # top KB merged in; a short context pays for its own blocks, not the server's longest.
         pid = tl.program_id(0).to(tl.int64)
         b = pid // HKV
         h = pid % HKV
@@ -131,12 +135,18 @@ if triton is not None:
             n = tl.load(nctx_ptr + b).to(tl.int64)
             n_pages = (n + PAGE - 1) // PAGE
             ws = tl.maximum(n_pages - n_window, n_sink)
-            n_live = (ws + BLOCK_N - 1) // BLOCK_N
-            j = tl.arange(0, NBP * KB)
+            n_live = tl.minimum((ws + BLOCK_N - 1) // BLOCK_N, NB)
+            j = tl.arange(0, CB * KB)
             blk = j // KB
-            keys = tl.load(keys_ptr + pid * NB * KB + j, mask=(blk < n_live) & (blk < NB),
-                           other=-9223372036854775807 - 1)
-            top = tl.topk(keys, KB)  # descending
+            row_keys = keys_ptr + pid * NB * KB
+            top = tl.topk(tl.load(row_keys + j, mask=blk < n_live, other=-9223372036854775807 - 1), KB)
+            for c in range(1, (NB + CB - 1) // CB):
+                c0 = c * CB
+                if c0 < n_live:
+                    chunk = tl.topk(tl.load(row_keys + c0 * KB + j, mask=c0 + blk < n_live,
+                                            other=-9223372036854775807 - 1), KB)
+                    top = tl.topk(tl.reshape(tl.join(top, chunk), [2 * KB]), KB)
+            # top: descending
             if MARGIN > 0:  # hysteresis: a resident page among the top K + MARGIN outranks every other page
                 pg = 4294967295 - (top & 4294967295)
                 r = tl.arange(0, KR)
@@ -274,7 +284,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         blocks_per_program, num_stages: scoring blocks per program, read in a software-pipelined loop of
             ``num_stages`` stages when more than one (tuning only; default 1 and 2 unless
             :func:`launch_shape` chooses).
-        merge_warps: warps of the merge program (default 4 up to 1024 keys per row, else 8).
+        merge_warps: warps of the merge program (default 4 up to 1024 keys per chunk, else 8).
     No host synchronisation; CUDA-graph capturable.
     """
     if margin < 0:
@@ -379,10 +389,20 @@ def merge_select(keys, n_ctx, resident, rows, head_mask_u8, recall_slot, recall_
     residency update (recall lists, ``resident`` in place, ``counter``)."""
     b = rows.shape[0]
     nb = cdiv(max_pages, block_n)
+    cb = merge_chunk_blocks(nb, kb)
     _merge_select_kernel[(b * hkv,)](
         keys, n_ctx, resident, rows, head_mask_u8, recall_slot, recall_page,
         counter if counter is not None else recall_slot, n_sink, n_window,
-        HKV=hkv, K=k, KB=kb, NB=nb, NBP=next_pow2(nb), BLOCK_N=block_n, PAGE=page_size,
+        HKV=hkv, K=k, KB=kb, NB=nb, CB=cb, BLOCK_N=block_n, PAGE=page_size,
         HAS_MASK=has_mask, COUNT=counter is not None, MARGIN=margin, KR=max(16, next_pow2(k)),
-        num_warps=num_warps or (4 if nb * kb <= 1024 else 8),
+        num_warps=num_warps or (4 if cb * kb <= 1024 else 8),
     )
+
+
+MERGE_CHUNK_KEYS = 1024
+
+
+def merge_chunk_blocks(n_blocks: int, kb: int) -> int:
+    """Blocks whose keys the merge sorts at once: all of them up to :data:`MERGE_CHUNK_KEYS` keys (a power
+    of two of blocks), else chunks of that many keys, merged one after the other up to the live blocks."""
+    return min(next_pow2(n_blocks), max(1, MERGE_CHUNK_KEYS // kb))

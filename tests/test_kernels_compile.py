@@ -137,15 +137,16 @@ def test_compile_score_block_topk(dt, agg, g, d, bn, kb, by_row, sub, stages, he
 
 @pytest.mark.parametrize("k,kb,nb,has_mask,margin", [(32, 32, 32, True, 0), (5, 16, 7, False, 0),
                                                      (64, 64, 16, True, 0), (32, 64, 16, True, 8),
-                                                     (5, 16, 7, False, 3)])
+                                                     (5, 16, 7, False, 3), (32, 32, 64, True, 0),
+                                                     (32, 64, 64, True, 4)])
 def test_compile_merge_select(k, kb, nb, has_mask, margin):
     sig = dict(keys_ptr="*i64", nctx_ptr="*i64", res_ptr="*i64", rows_ptr="*i64", hmask_ptr="*u8",
                rslot_ptr="*i32", rpage_ptr="*i32", cnt_ptr="*i64", n_sink="i32", n_window="i32")
-    nbp = 1 << (nb - 1).bit_length()
+    cb = score_select.merge_chunk_blocks(nb, kb)  # 64 blocks: chunks of 1024 keys merged in a loop
     _compile(score_select._merge_select_kernel, sig,
-             dict(HKV=8, K=k, KB=kb, NB=nb, NBP=nbp, BLOCK_N=128, PAGE=32, HAS_MASK=has_mask, COUNT=True,
+             dict(HKV=8, K=k, KB=kb, NB=nb, CB=cb, BLOCK_N=128, PAGE=32, HAS_MASK=has_mask, COUNT=True,
                   MARGIN=margin, KR=max(16, 1 << (k - 1).bit_length())),
-             num_warps=4 if nb * kb <= 1024 else 8)
+             num_warps=4 if cb * kb <= 1024 else 8)
 
 
 @pytest.mark.parametrize("dt,p,d,w", [("bf16", 32, 128, 8), ("fp16", 32, 128, 8), ("bf16", 16, 64, 8),
