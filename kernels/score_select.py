@@ -284,7 +284,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         blocks_per_program, num_stages: scoring blocks per program, read in a software-pipelined loop of
             ``num_stages`` stages when more than one (tuning only; default 1 and 2 unless
             :func:`launch_shape` chooses).
-        merge_warps: warps of the merge program (default 4 up to 1024 keys per chunk, else 8).
+        merge_warps: warps of the merge program (default 4 up to 1024 keys per row, else 8).
     No host synchronisation; CUDA-graph capturable.
     """
     if margin < 0:
@@ -395,7 +395,8 @@ def merge_select(keys, n_ctx, resident, rows, head_mask_u8, recall_slot, recall_
         counter if counter is not None else recall_slot, n_sink, n_window,
         HKV=hkv, K=k, KB=kb, NB=nb, CB=cb, BLOCK_N=block_n, PAGE=page_size,
         HAS_MASK=has_mask, COUNT=counter is not None, MARGIN=margin, KR=max(16, next_pow2(k)),
-        num_warps=num_warps or (4 if cb * kb <= 1024 else 8),
+        # rows of 2048 keys (128K x 8, two chunks): 12.4 us with 8 warps, 15.3 with 4 (H200, run S)
+        num_warps=num_warps or (4 if nb * kb <= 1024 else 8),
     )
 
 

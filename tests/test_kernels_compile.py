@@ -146,7 +146,7 @@ def test_compile_merge_select(k, kb, nb, has_mask, margin):
     _compile(score_select._merge_select_kernel, sig,
              dict(HKV=8, K=k, KB=kb, NB=nb, CB=cb, BLOCK_N=128, PAGE=32, HAS_MASK=has_mask, COUNT=True,
                   MARGIN=margin, KR=max(16, 1 << (k - 1).bit_length())),
-             num_warps=4 if cb * kb <= 1024 else 8)
+             num_warps=4 if nb * kb <= 1024 else 8)
 
 
 @pytest.mark.parametrize("dt,p,d,w", [("bf16", 32, 128, 8), ("fp16", 32, 128, 8), ("bf16", 16, 64, 8),
