@@ -16,6 +16,7 @@ Modules (one op each):
 * :mod:`.split_decode`  ``split_decode_attention`` Triton decode over the slots, split along them (no plan)
 * :mod:`.uva`          zero-copy pinned-memory kernel arguments
 * :mod:`.synthetic_query` ``mix_queries``          benchmark-only synthetic decode queries, one launch
+* :mod:`.stream_read`  ``stream_sum``              benchmark-only streaming read of a buffer (bandwidth floor)
 
 Wrappers run Triton on CUDA tensors and the reference otherwise (``impl=`` forces one).
 """
@@ -31,6 +32,7 @@ from .scores import score_pages, score_pages_reference
 from .select import select_and_diff, select_and_diff_reference
 from .sparse_decode import SparseDecode, sparse_decode_reference
 from .split_decode import SplitDecode, split_decode_attention
+from .stream_read import stream_sum, stream_sum_reference
 from .xqa_decode import XqaDecode, block_table_from_page_table
 from .uva import HostPointer, kernel_arg
 
@@ -42,5 +44,6 @@ __all__ = [
     "recall_reference", "recall_selected", "recall_selected_reference",
     "recall_staged", "score_and_select", "score_and_select_reference", "score_pages", "score_pages_reference",
     "select_and_diff", "select_and_diff_reference",
-    "sparse_decode_reference", "split_decode_attention", "store_kv_host", "store_kv_host_reference",
+    "sparse_decode_reference", "split_decode_attention", "store_kv_host", "store_kv_host_reference", "stream_sum",
+    "stream_sum_reference",
 ]

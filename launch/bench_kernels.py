@@ -847,8 +847,9 @@ def sec_step(r: Runner, out: dict, quick: bool):
 
 def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator):
     """The fused scoring + top-k + residency update per layer of an ``nl``-layer graph: a 22-shape program
-    sweep at batch 8, the best shape's two launches timed apart, the scoring alone, and the default over
-    head-major digests."""
+    sweep at batch 8, the best shape's two launches timed apart, the scoring alone, and a streaming read of
+    the same digest bytes (:mod:`kernels.stream_read`, best of 8 grid shapes) as a measured floor beside the
+    bytes-over-bandwidth one."""
     hbm = _ceil(r, "hbm_copy_gbps")
     for ctx in ((32768,) if quick else (32768, 131072)):
         for b in (1, 8):
@@ -933,53 +934,38 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator)
                                                heads_fast=hf, **kw) for i in range(nl)]))
                 if t is not None:
                     res[f"score_pages{'_headsfast' * hf}_ms"] = t
-            # the same digests stored head-major ([Hkv, pages, 2, D]): each program's pages are contiguous
-            hm = [d_.transpose(0, 1).contiguous().transpose(0, 1) for d_ in digs]
-
-            def head_major():
-                sc2 = torch.empty_like(sc)
-                K.score_pages(qs[0], digs[0], r2t, rows, n_ctx, None, sc, aggregation="mean", **kw)
-                K.score_pages(qs[0], hm[0], r2t, rows, n_ctx, None, sc2, aggregation="mean", **kw)
-                if not torch.equal(sc, sc2):
-                    raise RuntimeError("head-major digests score differently")
-                return layers_graph_ms([lambda i=i: K.score_pages(qs[i], hm[i], r2t, rows, n_ctx, None, sc,
-                                                                  aggregation="mean", **kw) for i in range(nl)])
-            t = safe(r, "step", f"score_pages head-major ctx={ctx} b={b}", head_major)
-            if t is not None:
-                res["score_pages_head_major_ms"] = t
-
-            def select_head_major():
-                # the default selection over head-major digests: same lists and residency, then timed
-                scratch = torch.empty(K.score_select.selection_scratch_size(b, HKV, n_pages, NSEL), dtype=torch.int64,
-                                      device=DEV)
-                outs = []
-                for dig in (digs[0], hm[0]):
-                    res0 = torch.full_like(resid[0], -1)
-                    K.score_and_select(qs[0], dig, r2t, rows, n_ctx, None, res0, NSEL, rs, rp, max_pages=n_pages,
-                                       aggregation="mean", keys=scratch, **kw)
-                    outs.append((rs.clone(), rp.clone(), res0))
-                if not all(torch.equal(x, y) for x, y in zip(*outs)):
-                    raise RuntimeError("head-major digests select differently")
-                return layers_graph_ms([lambda i=i: K.score_and_select(
-                    qs[i], hm[i], r2t, rows, n_ctx, None, resid[i], NSEL, rs, rp, max_pages=n_pages,
-                    aggregation="mean", keys=scratch, **kw) for i in range(nl)])
-            t = safe(r, "step", f"select default head-major ctx={ctx} b={b}", select_head_major)
-            if t is not None:
-                res["select_default_head_major_ms"] = t
-            hm = None
+            # the floor: a streaming read of the same number of digest bytes (best of a few grid shapes)
+            floor_out = torch.empty(8 * sm_count(torch.device(DEV)), dtype=torch.float32, device=DEV)
+            flats = [d_.view(-1)[: dbytes // 2] for d_ in digs]
+            for mult in (1, 2, 4, 8):
+                for blk, nw in ((2048, 4), (8192, 8)):
+                    outs_ = floor_out[: mult * sm_count(torch.device(DEV))]
+                    t = safe(r, "step", f"read floor grid={outs_.numel()} block={blk} ctx={ctx} b={b}",
+                             lambda outs_=outs_, blk=blk, nw=nw: layers_graph_ms(
+                                 [lambda i=i: K.stream_read.stream_sum(flats[i], outs_, block=blk, num_warps=nw)
+                                  for i in range(nl)]))
+                    if t is not None and t < res.get("read_floor_ms", float("inf")):
+                        res["read_floor_ms"], res["read_floor_shape"] = t, f"{outs_.numel()} programs x {blk}"
+            flats = None
             out[f"select_ctx{ctx}_b{b}"] = res
             tag = f"ctx={ctx // 1024}K b={b} ({dbytes / MIB:.1f} MiB digests), per layer of {nl}"
-            for k_ in sel_keys[:3] + [k for k in ("select_default_ms", "select_default_head_major_ms")
-                                      if k in res and k not in sel_keys[:3]]:
+            for k_ in sel_keys[:3] + (["select_default_ms"] if "select_default_ms" in res
+                                      and "select_default_ms" not in sel_keys[:3] else []):
                 r.row("step", f"score_and_select {k_[7:-3]}, {tag}", 1e3 * res[k_], "us",
                       f"{res[k_] / ideal:.2f}x HBM ideal ({1e3 * ideal:.1f} us); {len(sel_keys)} configs")
             if "best_block_kernel_ms" in res:
                 r.row("step", f"  of which scoring + block top-k launch, {tag}", 1e3 * res["best_block_kernel_ms"], "us",
                       "merge launch alone: " + ", ".join(
                           f"{w} warps {1e3 * res[f'best_merge_kernel_w{w}_ms']:.1f} us" for w in ("default", 4, 8, 16)))
-            for k_ in ("score_pages_ms", "score_pages_headsfast_ms", "score_pages_head_major_ms"):
+            for k_ in ("score_pages_ms", "score_pages_headsfast_ms"):
                 if k_ in res:
                     r.row("step", f"{k_[:-3]} (no top-k), {tag}", 1e3 * res[k_], "us", f"{res[k_] / ideal:.2f}x HBM ideal")
+            if "read_floor_ms" in res:
+                fl = res["read_floor_ms"]
+                vs = (f"; default selection {res['select_default_ms'] / fl:.2f}x this floor"
+                      if "select_default_ms" in res else "")
+                r.row("step", f"read floor: streaming read of the digest bytes, {tag}", 1e3 * fl, "us",
+                      f"{fl / ideal:.2f}x HBM ideal ({res['read_floor_shape']}){vs}")
             digs = None
             torch.cuda.empty_cache()
             r.save()

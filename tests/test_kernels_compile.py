@@ -188,3 +188,12 @@ def test_compile_decode_prologue(dt, g, d, tiered, fp8):
     _compile(decode_prologue._decode_prologue_kernel, sig,
              dict(HKV=8, G=g, GB=max(2, 1 << (g - 1).bit_length()), D=d, PAGE=32, HAS_TAU=True, SPECULATIVE=True,
                   COUNT=True, TIERED=tiered, FP8=fp8))
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+@pytest.mark.parametrize("block,warps,stages", [(4096, 8, 3), (2048, 4, 2), (8192, 8, 4)])
+def test_compile_stream_sum(dt, block, warps, stages):
+    from freekv_sglang.kernels import stream_read
+
+    sig = dict(x_ptr=TY[dt], out_ptr="*fp32", n="i64")
+    _compile(stream_read._stream_sum_kernel, sig, dict(BLOCK=block, ITERS=7, STAGES=stages), num_warps=warps)

@@ -487,3 +487,16 @@ else:
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
         assert torch.isfinite(got).all()  # the zero query's norm is clamped: its output is u
         torch.testing.assert_close(got[1, 2].float(), u[7 % slots, 2], rtol=1e-2, atol=1e-2)
+
+    # ------------------------------------------------------------------ streaming read (benchmark floor)
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("n,grid,block", [(5000, 3, 256), (4096, 4, 1024), (777, 8, 64)])
+    def test_stream_sum(dtype, n, grid, block):
+        from freekv_sglang.kernels.stream_read import stream_sum, stream_sum_reference
+
+        x = _randn(_g(31), n, dtype=dtype) + 0.5  # nonzero mean: a skipped or doubled block shows
+        out = torch.full((grid,), float("nan"))
+        stream_sum(x, out, block=block, impl="triton")
+        want = stream_sum_reference(x, grid, block)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(out.sum(), x.float().sum(), rtol=1e-4, atol=1e-2)

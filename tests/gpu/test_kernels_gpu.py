@@ -310,3 +310,16 @@ def test_synthetic_query_mix(dtype, hq, d):
     rows = torch.tensor([0, 70, 2, 130, 1, 9], device="cuda")
     got = mix_queries(q, u, rows, 0.23)
     torch.testing.assert_close(got.float(), mix_queries_reference(q, u, rows, 0.23).float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,grid,block", [(3 * 2**20 + 17, 264, 4096), (2**20, 132, 8192), (1000, 528, 2048)])
+def test_stream_sum(dtype, n, grid, block):
+    """The benchmark's digest-read floor: every element read once, per-program sums as the reference's."""
+    from freekv_sglang.kernels.stream_read import stream_sum, stream_sum_reference
+
+    x = (torch.randn(n, generator=_gen(41), device=DEV) + 0.5).to(dtype)
+    out = torch.full((grid,), float("nan"), device=DEV)
+    stream_sum(x, out, block=block)
+    torch.testing.assert_close(out, stream_sum_reference(x, grid, block), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(out.sum(), x.float().sum(), rtol=1e-4, atol=1.0)
