@@ -158,6 +158,13 @@ def auto_host_gb(model: str, batch_sizes, contexts, output_len: int) -> float:
     return round(max(gb, 1.0), 1)
 
 
+def cells_beyond_host_tier(model: str, host_gb: float, batch_sizes, contexts, output_len: int) -> list[tuple[int, int]]:
+    """(batch, context) cells whose prompts and outputs need more tokens than a ``host_gb`` host tier holds:
+    SGLang's benchmark skips them in the FreeKV modes (the tier is FreeKV's token pool)."""
+    tokens = int(host_gb * 2**30 // kv_bytes_per_token(model))
+    return [(b, c) for c in contexts for b in batch_sizes if b * (c + output_len) > tokens]
+
+
 def dense_pool_tokens(a) -> int:
     """Token-pool size for dense: the largest cell plus one page of slack per request."""
     return max(a.batch_sizes) * (max(a.contexts) + a.output_len + 64)
@@ -583,6 +590,12 @@ def main() -> None:
             p.error(why)
     a.host_gb = (auto_host_gb(a.model, a.batch_sizes, a.contexts, a.output_len) if a.host_gb == "auto"
                  else float(a.host_gb))
+    if any(parse_mode(m)[0] != "dense" for m in a.modes) and os.path.exists(os.path.join(a.model, "config.json")):
+        beyond = cells_beyond_host_tier(a.model, a.host_gb, a.batch_sizes, a.contexts, a.output_len)
+        if beyond:
+            print(f"[bench] warning: a {a.host_gb:g} GiB host tier does not hold the cells (batch, context) {beyond}: "
+                  f"the FreeKV modes will skip them (--host-gb auto sizes the tier for the largest cell, up to 80% "
+                  f"of the available memory)", flush=True)
     os.makedirs(a.out, exist_ok=True)
     import torch
 

@@ -32,6 +32,9 @@ def test_kv_bytes_and_auto_host_tier(bench, tmp_path):
     assert bench.kv_bytes_per_token(str(tmp_path)) == 32 * 8 * 128 * 2 * 2  # 128 KiB per token, bf16
     small = bench.auto_host_gb(str(tmp_path), [1, 2], [1000], 32)
     assert small == pytest.approx(max(1.0, 2 * 1096 * 131072 * 1.05 / 2**30), abs=0.06)
+    # run R's cell: 60 GiB holds 491520 tokens of 128 KiB, 16 x (32000 + 64) do not fit, 8 x do
+    assert bench.cells_beyond_host_tier(str(tmp_path), 60, [8, 16], [32000], 64) == [(16, 32000)]
+    assert bench.cells_beyond_host_tier(str(tmp_path), 64, [8, 16], [32000], 64) == []
     huge = bench.auto_host_gb(str(tmp_path), [32], [131072], 32)  # 512 GiB needed: capped by the machine
     with open("/proc/meminfo") as f:
         avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
