@@ -129,7 +129,7 @@ def test_compile_score_block_topk(dt, agg, g, d, bn, kb, by_row, sub, stages, he
                hmask_ptr="*u8", keys_ptr="*i64", stride_qb="i32", stride_qh="i32", stride_r2t="i32",
                n_sink="i32", n_window="i32")
     k = _compile(score_select._score_block_topk_kernel, sig,
-                 dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=bn, KB=kb, NB=32, AGG=agg, HAS_MASK=True,
+                 dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=bn, KB=kb, NB=32, AGG=agg, HAS_MASK=not by_row,
                       Q_BY_ROW=by_row, F32_DOT=False, HEADS_FAST=sub == 2, SUB=sub, STAGES=stages, **strides),
                  div16=("stride_qb", "stride_qh", "stride_r2t"))
     assert "mma" in k.asm["ptx"]

@@ -43,6 +43,7 @@ def test_fused_kernels_under_interpreter():
         "    ss.MERGE_CHUNK_KEYS = chunk\n"
         "    check_score_select('cpu', torch.float16, 2, 16, k=4, block_n=16)\n"
         "    check_score_select('cpu', torch.float16, 2, 16, k=4, margin=3, block_n=16, blocks_per_program=2)\n"
+        "    check_score_select('cpu', torch.float16, 2, 16, k=4, block_n=16, blocks_per_program=2, masked=False)\n"
         "ss.MERGE_CHUNK_KEYS = 1024\n"
         "for m in (2, 5):  # residency hysteresis: blocks keep k + m keys, residents in the top k + m stay\n"
         "    check_score_select('cpu', torch.float16, 2, 16, k=4, margin=m)\n"

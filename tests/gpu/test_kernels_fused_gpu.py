@@ -55,15 +55,15 @@ def test_score_select_tuning_gpu(block_n, num_warps, heads_fast, bpp, stages, me
                        merge_warps=merge_warps)
 
 
-@pytest.mark.parametrize("chunk_keys,margin", [(64, 0), (256, 4), (1024, 0)])
-def test_score_select_merge_chunks_gpu(monkeypatch, chunk_keys, margin):
+@pytest.mark.parametrize("chunk_keys,margin,masked", [(64, 0, True), (256, 4, True), (1024, 0, False)])
+def test_score_select_merge_chunks_gpu(monkeypatch, chunk_keys, margin, masked):
     """The merge reads the live blocks' keys in chunks (64 blocks of 64 pages at 4096 pages: 32, 4 and 2
     chunks here) and merges them one after the other: same selection."""
     import freekv_sglang.kernels.score_select as ss
 
     monkeypatch.setattr(ss, "MERGE_CHUNK_KEYS", chunk_keys)
     check_score_select("cuda", torch.bfloat16, 4, 128, k=32, page=32, max_pages=4096, margin=margin, block_n=64,
-                       num_warps=2, blocks_per_program=2, num_stages=3)
+                       num_warps=2, blocks_per_program=2, num_stages=3, masked=masked)
 
 
 @pytest.mark.parametrize("group,head_dim,max_pages,tuning", [
