@@ -276,3 +276,19 @@ def test_launch_server_bad_page_size_exits_fast(run_python):
     assert proc.returncode != 0
     assert "--freekv-page-size" in proc.stderr and "33" in proc.stderr
     assert elapsed < 60, elapsed
+
+
+def test_every_flag_is_documented():
+    """docs/USAGE.md lists every flag the plugin adds (and no flag it does not add)."""
+    import argparse
+    import pathlib
+    import re
+
+    from freekv_sglang.cli import add_freekv_arguments
+
+    p = argparse.ArgumentParser()
+    add_freekv_arguments(p)
+    flags = {s for a in p._actions for s in a.option_strings if s.startswith(("--freekv", "--kv-retrieval"))}
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "USAGE.md").read_text()
+    documented = set(re.findall(r"`(--(?:freekv-[a-z0-9-]+|kv-retrieval))", doc))
+    assert flags == documented, (sorted(flags - documented), sorted(documented - flags))
