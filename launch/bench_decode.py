@@ -584,13 +584,14 @@ def main() -> None:
     a = p.parse_args()
     if a.rounds < 1:
         p.error(f"--rounds must be at least 1, got {a.rounds}")
-    if os.path.exists(os.path.join(a.model, "config.json")):
+    has_config = os.path.exists(os.path.join(a.model, "config.json"))
+    if has_config:
         why = check_contexts(a.model, a.contexts, a.output_len, a.extra)
         if why:
             p.error(why)
     a.host_gb = (auto_host_gb(a.model, a.batch_sizes, a.contexts, a.output_len) if a.host_gb == "auto"
                  else float(a.host_gb))
-    if any(parse_mode(m)[0] != "dense" for m in a.modes) and os.path.exists(os.path.join(a.model, "config.json")):
+    if has_config and any(parse_mode(m)[0] != "dense" for m in a.modes):
         beyond = cells_beyond_host_tier(a.model, a.host_gb, a.batch_sizes, a.contexts, a.output_len)
         if beyond:
             print(f"[bench] warning: a {a.host_gb:g} GiB host tier does not hold the cells (batch, context) {beyond}: "

@@ -938,11 +938,12 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator)
                 if t is not None:
                     res[f"score_pages{'_headsfast' * hf}_ms"] = t
             # the floor: a streaming read of the same number of digest bytes (best of a few grid shapes)
-            floor_out = torch.empty(8 * sm_count(torch.device(DEV)), dtype=torch.float32, device=DEV)
+            sms = sm_count(torch.device(DEV))
+            floor_out = torch.empty(8 * sms, dtype=torch.float32, device=DEV)
             flats = [d_.view(-1)[: dbytes // 2] for d_ in digs]
             for mult in (1, 2, 4, 8):
                 for blk, nw in ((2048, 4), (8192, 8)):
-                    outs_ = floor_out[: mult * sm_count(torch.device(DEV))]
+                    outs_ = floor_out[: mult * sms]
                     t = safe(r, "step", f"read floor grid={outs_.numel()} block={blk} ctx={ctx} b={b}",
                              lambda outs_=outs_, blk=blk, nw=nw: layers_graph_ms(
                                  [lambda i=i: K.stream_read.stream_sum(flats[i], outs_, block=blk, num_warps=nw)
@@ -952,8 +953,7 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator)
             flats = None
             out[f"select_ctx{ctx}_b{b}"] = res
             tag = f"ctx={ctx // 1024}K b={b} ({dbytes / MIB:.1f} MiB digests), per layer of {nl}"
-            for k_ in sel_keys[:3] + (["select_default_ms"] if "select_default_ms" in res
-                                      and "select_default_ms" not in sel_keys[:3] else []):
+            for k_ in sel_keys[:3] + [k for k in ("select_default_ms",) if k in res and k not in sel_keys[:3]]:
                 r.row("step", f"score_and_select {k_[7:-3]}, {tag}", 1e3 * res[k_], "us",
                       f"{res[k_] / ideal:.2f}x HBM ideal ({1e3 * ideal:.1f} us); {len(sel_keys)} configs")
             if "best_block_kernel_ms" in res:
