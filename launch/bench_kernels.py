@@ -846,7 +846,7 @@ def sec_step(r: Runner, out: dict, quick: bool):
 
 
 def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator):
-    """The fused scoring + top-k + residency update per layer of an ``nl``-layer graph: a 25-shape program
+    """The fused scoring + top-k + residency update per layer of an ``nl``-layer graph: a 22-shape program
     sweep at batch 8, the best shape's two launches timed apart, the scoring alone, and a streaming read of
     the same digest bytes (:mod:`kernels.stream_read`, best of 8 grid shapes) as a measured floor beside the
     bytes-over-bandwidth one."""
@@ -871,9 +871,7 @@ def _step_select(r: Runner, out: dict, quick: bool, nl: int, g: torch.Generator)
             if b >= 8:  # program shape: pages per block x warps x blocks per program (pipelined loop) x stages
                 configs = [dict(block_n=bn, num_warps=nw, blocks_per_program=bpp, num_stages=st)
                            for bn in (32, 64) for nw in (2, 4) for bpp in (1, 2, 4) for st in ((2,) if bpp == 1 else (2, 3))]
-                # 128-page blocks: half the keys to merge (each block keeps its top k of 128 pages, not of 64)
-                configs += [dict(block_n=128, num_warps=nw, blocks_per_program=bpp, num_stages=st)
-                            for nw, bpp, st in ((4, 1, 2), (8, 1, 2), (4, 2, 3))]
+                # (128-page blocks, half the keys to merge, were slower at 32K and 128K: run U, docs/BENCHMARKS.md)
                 configs += [dict(block_n=64, num_warps=2, heads_fast=True), {}]
             else:
                 configs = [{}, dict(block_n=64, num_warps=2), dict(block_n=64, num_warps=2, blocks_per_program=2,
