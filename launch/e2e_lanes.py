@@ -11,7 +11,8 @@ Usage (repo root, this project and SGLang installed)::
     python launch/e2e_lanes.py --gpus 0,1,2 --out e2e-out [-k EXPR] [--timeout S] [TESTS ...]
 
 Prints one line per lane (its tests, exit status, pytest's summary) and exits non-zero when a lane
-failed or timed out. ``launch/gpu_check.sh`` calls it when ``E2E_GPUS`` lists more than one GPU.
+failed or timed out, or (5, as pytest) when nothing was collected. ``launch/gpu_check.sh`` runs the
+server tests through it (one lane, or one per GPU of ``E2E_GPUS``).
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ids = collect(args.tests, args.k)
-    if not ids:
-        print("[e2e_lanes] no tests collected")
-        return 0
+    if not ids:  # as pytest: an empty selection (a mistyped -k, say) is not a pass
+        print(f"[e2e_lanes] no tests collected from {args.tests}" + (f" with -k {args.k!r}" if args.k else ""))
+        return 5
     extra = {}
     if not args.no_prepare:
         extra["FREEKV_SENSITIVE_MODEL"] = prepare_sensitive_model(out, args.model)

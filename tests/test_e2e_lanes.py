@@ -51,3 +51,5 @@ def test_lanes_run_each_test_once_and_report_failures(tmp_path, monkeypatch, cap
     monkeypatch.setenv("E2E_LANES_FAIL", "1")
     assert lanes.main(argv + ["-k", "maybe_fails"]) == 1
     assert "1 failed" in capsys.readouterr().out
+    assert lanes.main(argv + ["-k", "nothing_matches"]) == 5  # an empty selection is not a pass
+    assert "no tests collected" in capsys.readouterr().out
