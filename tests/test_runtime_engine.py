@@ -113,7 +113,7 @@ def test_runtime_matches_reference_cpu(speculative, tau):
     checks = sum(s.kv_heads for row in ref for st in row for s in st.stats)
     assert stats["correction_rate"] == pytest.approx(corrected / checks)
     recalled = sum(s.recalled_pages for row in ref for st in row for s in st.stats)
-    assert stats["recalled_pieces_per_request_step"] * rt.step_requests == pytest.approx(recalled)
+    assert stats["recalled_pieces_per_request_step"] * rt.stats_counter.request_steps == pytest.approx(recalled)
 
 
 @pytest.mark.parametrize("aggregation", ["mean", "softmax-mean"])
@@ -123,7 +123,7 @@ def test_runtime_keep_margin_matches_reference_cpu(aggregation):
     rt, ref = run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, aggregation=aggregation,
                                     keep_margin=2, steps=16)
     recalled = sum(s.recalled_pages for row in ref for st in row for s in st.stats)
-    assert rt.stats()["recalled_pieces_per_request_step"] * rt.step_requests == pytest.approx(recalled)
+    assert rt.stats()["recalled_pieces_per_request_step"] * rt.stats_counter.request_steps == pytest.approx(recalled)
 
 
 def test_keep_margin_is_validated():

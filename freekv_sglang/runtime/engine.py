@@ -44,6 +44,7 @@ from freekv_sglang.kernels.score_select import score_and_select, score_tuning_fr
 
 from .attention import WorkingSetAttention
 from .host_store import HostKVStore
+from .stats import DecodeStats, Totals
 from .sizing import ModelShape, digest_bytes_per_page, host_bytes_per_page, working_set_bytes_per_row
 from .synthetic import ENV as SYNTHETIC_ENV
 from .synthetic import SyntheticQueries, cosine_from_env
@@ -118,6 +119,7 @@ class FreeKVRuntime:
         self.is_cuda = self.device.type == "cuda"
         self.req_to_token = req_to_token
         self.max_rows = max_rows
+        self.row_pool = None  # SGLang's ReqToTokenPool (rows in use, for metrics), set by the integration
         self.max_batch = max_batch
         # pages that can be candidates are full, so they lie within the first max_ctx // P pages
         self.max_pages = req_to_token.shape[1] // lay.page_size
@@ -149,12 +151,12 @@ class FreeKVRuntime:
         self.head_ids = torch.arange(hkv, device=dev)
         self.flags = torch.zeros((L, max_batch, hkv), dtype=torch.bool, device=dev)  # per layer: read by the side stream
         self.spec = torch.zeros((L, max_batch, hkv), dtype=torch.bool, device=dev)
-        # statistics, accumulated on the GPU: [decode checks (host-counted), corrected heads,
-        # pieces recalled before attention, pieces recalled speculatively]
-        self.counters = torch.zeros(4, dtype=torch.int64, device=dev)
-        self.checks = self.steps = self.step_requests = 0
+        # decode statistics: the kernels add to ``counters`` on the GPU, the host counts steps
+        self.stats_counter = DecodeStats(dev, L * hkv, lay.slots * P)
+        self.counters = self.stats_counter.gpu
         # decode steps between statistics log lines (0: never); each line covers its interval
         self.log_every = int(os.environ.get("FREEKV_LOG_STATS_EVERY", "2000"))
+        self._logged = Totals()
 
         cos = cosine_from_env()
         self.synthetic = SyntheticQueries(L, hq, d, cos, dev) if cos is not None else None
@@ -396,13 +398,9 @@ class FreeKVRuntime:
         lengths where the attention kernel needs one."""
         lay, sh = self.layout, self.shape
         sl = seq_lens_cpu[:bs]
-        real = int((sl > 1).sum())  # padded graph entries have a 1-token history
-        self.steps += 1
-        self.checks += sh.n_layers * sh.n_kv_heads * real
-        self.step_requests += real
-        if self.log_every and self.steps % self.log_every == 0:
-            logger.info(self.stats_line())
-            self.reset_stats()
+        self.stats_counter.count_step(sl)
+        if self.log_every and self.stats_counter.steps % self.log_every == 0:
+            self._log_stats()
         host = self.attention.needs_host_tables  # the split decode and XQA plan nothing on the host
         self.attention.plan(bs, page_table_indptr_host(sl, lay) if host else None,
                             last_page_len_host(sl, lay) if host else None, graph=graph, num_qo_heads=sh.n_q_heads,
@@ -496,30 +494,31 @@ class FreeKVRuntime:
         for i, layer in enumerate(range(self.defer_from, L)):
             self._speculate_on_side_streams(layer, st.rows, st.n, masks[i], self.defer_done[layer])
 
+    @property
+    def piece_bytes(self) -> int:
+        """K + V bytes of one recalled piece (one page of one KV head) in the tiers' dtype."""
+        return 2 * self.layout.page_size * self.shape.head_dim * self.host.k(0).element_size()
+
     def stats(self) -> dict:
-        """Decode statistics since start (reads GPU counters: a host sync, call outside steps)."""
-        _, corrected, rec_main, rec_side = self.counters.tolist()
-        sh, P = self.shape, self.layout.page_size
-        piece = 2 * P * sh.head_dim * torch.empty(0, dtype=sh.dtype).element_size()
-        per_req = max(self.step_requests, 1)
-        return {
-            "decode_steps": self.steps,
-            "correction_rate": corrected / max(self.checks, 1),
-            "recalled_pieces_per_request_step": (rec_main + rec_side) / per_req,
-            "recall_bytes_per_request_step": (rec_main + rec_side) * piece / per_req,
-            "recalled_before_attention_share": rec_main / max(rec_main + rec_side, 1),
-        }
+        """Decode statistics since start or :meth:`reset_stats` (waits for the GPU: benchmarks and tests)."""
+        return self.stats_counter.totals_now().rates(self.piece_bytes)
 
     def reset_stats(self) -> None:
-        self.counters.zero_()
-        self.checks = self.step_requests = 0
+        """Zero the decode statistics (waits for the GPU)."""
+        self.stats_counter.reset()
+        self._logged = Totals()
 
-    def stats_line(self) -> str:
-        st = self.stats()
-        return (f"FreeKV decode stats: {st['decode_steps']} steps so far; since the last line: correction rate {st['correction_rate']:.3f} of "
-                f"(layer, KV head) checks, {st['recalled_pieces_per_request_step']:.1f} pieces "
-                f"({st['recall_bytes_per_request_step'] / 2**20:.2f} MiB) recalled per request per step, "
-                f"{100 * st['recalled_before_attention_share']:.0f}% of them before attention")
+    def _log_stats(self) -> None:
+        """Log the statistics of the steps since the last line, from the newest snapshot (no host sync)."""
+        now = self.stats_counter.totals()
+        st = now.minus(self._logged).rates(self.piece_bytes)
+        self._logged = now
+        logger.info(f"FreeKV decode stats: {self.stats_counter.steps} steps so far; over the {st['decode_steps']} "
+                    f"steps before the last snapshot: correction rate {st['correction_rate']:.3f} of (layer, KV head) "
+                    f"checks, {st['recalled_pieces_per_request_step']:.1f} pieces "
+                    f"({st['recall_bytes_per_request_step'] / 2**20:.2f} MiB) recalled per request per step, "
+                    f"{100 * st['recalled_before_attention_share']:.0f}% of them before attention, "
+                    f"{100 * st['sparse_request_step_share']:.0f}% of request-steps sparse")
 
     def finish_decode_step(self) -> None:
         """Join the speculation streams (call after the last layer of a decode step)."""

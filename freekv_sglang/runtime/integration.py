@@ -144,6 +144,7 @@ def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, r
                             device=torch.device(self.device, self.gpu_id) if self.device == "cuda" else self.device,
                             workspace=workspace, n_gpu_pages=n_pages - n_host)
     pool.runtime = runtime
+    runtime.row_pool = req_to_token_pool
     global _RUNTIME
     _RUNTIME = runtime
     logger.info("FreeKV runtime ready: %d request rows x %d layers, working sets + digests%s %.2f GiB GPU, "
@@ -160,12 +161,46 @@ def _create_backend(runner):
     return FreeKVAttnBackend(runner)
 
 
+_EXPORTER = None  # PrometheusExporter of this process, created on the first metrics update
+
+
+def _after_log_stats(_result, collector, stats, *args, **kwargs):
+    """AFTER ``SchedulerMetricsCollector.log_stats``: FreeKV's metrics, with the collector's labels."""
+    global _EXPORTER
+    if _RUNTIME is None:
+        return None
+    try:
+        if _EXPORTER is None:
+            from .metrics import PrometheusExporter
+
+            _EXPORTER = PrometheusExporter(collector.labels)
+        _EXPORTER.update(_RUNTIME, stats.kv_used_tokens + stats.kv_evictable_tokens)
+    except Exception:  # noqa: BLE001 - metrics must never take the scheduler down
+        logger.exception("FreeKV metrics update failed")
+    return None
+
+
+def _after_get_internal_state(result, scheduler, *args, **kwargs):
+    """AFTER ``Scheduler.get_internal_state``: add ``internal_state["freekv"]`` (``/server_info``)."""
+    if _RUNTIME is None:
+        return None
+    from .metrics import server_info
+
+    alloc = scheduler.token_to_kv_pool_allocator
+    used = scheduler.max_total_num_tokens - alloc.available_size()
+    result.internal_state["freekv"] = server_info(_RUNTIME, _freekv_config(scheduler.server_args), used)
+    return None
+
+
 def install_runtime_hooks(cfg) -> None:
-    """Register the pool/sizing hooks and the ``freekv`` attention backend (scheduler processes)."""
+    """Register the pool/sizing hooks, the metrics hooks and the ``freekv`` attention backend (scheduler
+    processes)."""
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     register_attention_backend("freekv")(_create_backend)
     HookRegistry.register(compat.KV_CONFIGURATOR_RESOLVE_POOL_CONFIG, _resolve_memory_pool_config, HookType.AROUND)
     HookRegistry.register(compat.KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL, _build_token_to_kv_pool, HookType.AROUND)
+    HookRegistry.register(compat.METRICS_COLLECTOR_LOG_STATS, _after_log_stats, HookType.AFTER)
+    HookRegistry.register(compat.SCHEDULER_GET_INTERNAL_STATE, _after_get_internal_state, HookType.AFTER)
     logger.info("FreeKV runtime hooks installed")
