@@ -45,19 +45,23 @@ class Server:
     ready_after: float | None = None
     env: dict = field(default_factory=dict)
     start_timeout: float = 300.0  # seconds until /health answers (``with Server(...)``)
+    module: str = "sglang.launch_server"  # or "freekv_sglang.serve"
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float | None = None) -> "Server":
-        timeout = self.start_timeout if timeout is None else timeout
+        """Launch the server and wait until ``/health`` answers."""
+        return self.launch().wait_healthy(timeout)
+
+    def launch(self) -> "Server":
+        """Start the server process without waiting (see :meth:`wait_healthy`)."""
         if port_in_use(self.port):
             # another server (e.g. a leftover of an interrupted run) would answer our requests
             raise RuntimeError(f"port {self.port} on 127.0.0.1 is already in use; stop the process listening there "
                                f"or choose another port")
-        cmd = [sys.executable, "-m", "sglang.launch_server", *self.args, "--host", "127.0.0.1", "--port",
-               str(self.port)]
+        cmd = [sys.executable, "-m", self.module, *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         self.log = open(self.log_path, "w")
         self.log.write("$ " + " ".join(cmd) + "\n")
@@ -65,6 +69,11 @@ class Server:
         self.started = time.time()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, **self.env})
+        return self
+
+    def wait_healthy(self, timeout: float | None = None) -> "Server":
+        """Wait until ``/health`` answers 200; stops the server and raises on exit or timeout."""
+        timeout = self.start_timeout if timeout is None else timeout
         deadline = self.started + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -143,8 +152,17 @@ class Server:
         return _post(self.base + "/v1/chat/completions", body, timeout)
 
     def server_info(self) -> dict:
-        code, text = _get(self.base + "/get_server_info", 10)
+        code, text = _get(self.base + "/server_info", 10)
         return json.loads(text) if code == 200 and text else {}
+
+    def metrics(self) -> str:
+        """The Prometheus text of ``/metrics`` (``--enable-metrics``); empty if not served."""
+        code, text = _get(self.base + "/metrics", 10)
+        return text if code == 200 else ""
+
+    def post(self, path: str, body: dict, timeout: float = 600.0) -> dict:
+        """POST ``body`` as JSON to ``path`` and return the JSON answer."""
+        return _post(self.base + path, body, timeout)
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:

@@ -5,8 +5,10 @@
 # 4 minutes on an H200 with 16 cores. The e2e tests (server tests and SGLang's load generator against
 # a FreeKV server) start about twenty servers one after the other
 # (about 25 minutes on one GPU; E2E_GPUS=1,2,3 deals them over one lane per GPU). Logs go to $OUT
-# (default ./gpu-check-out). Assumes SGLang 0.5.17 + FlashInfer
-# are importable and this project is installed (pip install .).
+# (default ./gpu-check-out). Then, when the real model's folder is present (FREEKV_SMOLLM2, or the default
+# model converted by `python -m freekv_sglang.default_model`), the real-model checks
+# (tests/gpu/test_server_smollm2.py, about 4 minutes; SKIP_SMOLLM2=1 skips them). Assumes SGLang 0.5.17 +
+# FlashInfer are importable and this project is installed (pip install .).
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-check-out}"; mkdir -p "$OUT"; export OUT
 K="${1:-}"
@@ -43,4 +45,20 @@ if [[ "${SKIP_E2E:-0}" != 1 ]]; then
   e2e_rc=${PIPESTATUS[0]}
   echo "[gpu_check] e2e rc=$e2e_rc in $(( $(date +%s) - t1 ))s (lane logs in $OUT/e2e)"
 fi
-[[ $unit_rc -eq 0 && $e2e_rc -eq 0 ]]
+real_rc=0
+if [[ "${SKIP_SMOLLM2:-0}" != 1 ]]; then
+  smol="${FREEKV_SMOLLM2:-}"
+  if [[ -z "$smol" ]]; then
+    smol=$(python3 -c "from freekv_sglang import default_model as m; d = m.default_cache_dir(); print(d if m.is_converted(d) else '')")
+  fi
+  if [[ -n "$smol" && -d "$smol" ]]; then
+    t2=$(date +%s)
+    FREEKV_SMOLLM2="$smol" timeout "${SMOLLM2_TIMEOUT:-900}" "${PT[@]}" -s tests/gpu/test_server_smollm2.py \
+      > "$OUT/gpu-smollm2.log" 2>&1
+    real_rc=$?
+    echo "[gpu_check] real-model checks (SmolLM2 in $smol): rc=$real_rc in $(( $(date +%s) - t2 ))s; $(tail -1 "$OUT/gpu-smollm2.log")"
+  else
+    echo "[gpu_check] real-model checks skipped: no SmolLM2 folder (set FREEKV_SMOLLM2 or run python -m freekv_sglang.default_model)"
+  fi
+fi
+[[ $unit_rc -eq 0 && $e2e_rc -eq 0 && $real_rc -eq 0 ]]

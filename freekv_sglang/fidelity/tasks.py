@@ -104,6 +104,21 @@ def teacher_forced(lm: LoadedModel, rows: list[RowSpec], ids: list[int], n_prefi
     return result
 
 
+def teacher_forced_top1(lm: LoadedModel, rows: list[RowSpec], ids: list[int], n_prefill: int,
+                        steps: int) -> torch.Tensor:
+    """Each row's most likely next token along ``ids``: prefill ``ids[:n_prefill]``, then step ``s``
+    feeds ``ids[n_prefill + s]`` and predicts ``ids[n_prefill + s + 1]``. Returns int64 ``[rows, steps]``
+    (what a server's teacher-forced decode steps 1.. return, see :mod:`freekv_sglang.testing.teacher_forcing`)."""
+    if n_prefill + steps >= len(ids):
+        raise ValueError(f"{steps} steps after a prefill of {n_prefill} need more than the {len(ids)} tokens given")
+    bd = BatchDecoder(lm, rows, ids[:n_prefill], n_prefill + steps + 1)
+    out = []
+    for s in range(steps):
+        tok = torch.full((len(rows),), ids[n_prefill + s], dtype=torch.long)
+        out.append(bd.step(tok).argmax(-1))
+    return torch.stack(out, dim=1)
+
+
 def greedy(lm: LoadedModel, rows: list[RowSpec], prompt: list[int], n_new: int, log=print) -> dict:
     """Generate ``n_new`` tokens greedily per row; first divergence from the dense row."""
     bd = BatchDecoder(lm, rows, prompt[:-1], len(prompt) + n_new + 1)
