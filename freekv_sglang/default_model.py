@@ -118,7 +118,8 @@ def _write_hf_folder(src: Path, dst: Path) -> None:
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
+    for key in ("quantization_config", "_name_or_path"):  # the GGUF's settings and its local path
+        cfg.pop(key, None)
     cfg["architectures"] = ["LlamaForCausalLM"]
     cfg["dtype"] = cfg["torch_dtype"] = "bfloat16"
     with open(dst / "config.json", "w") as fh:
@@ -155,6 +156,7 @@ def ensure_converted(cache_dir: Path | str | None = None, gguf: Path | str | Non
             return cache_dir
         if cache_dir.exists():
             shutil.rmtree(cache_dir)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the model from other users of a shared cache
         os.replace(tmp, cache_dir)
     finally:
         if tmp.exists():

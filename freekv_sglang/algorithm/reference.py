@@ -95,7 +95,7 @@ class LayerState:
             dig = torch.cat([dig, pad])
         dig = dig[:n_pages]
         s = quest_scores(q[None], dig[None])  # [1, Hq, Np]
-        valid = lay.candidate_mask(torch.tensor([n]), n_pages)
+        valid = lay.candidate_mask(torch.tensor([n], device=q.device), n_pages)
         agg = aggregate_gqa(s, self.n_kv_heads, self.settings.gqa_aggregation, valid, head_dim=q.shape[-1])
         agg = sticky_scores(agg[0], self.resident, lay.n_select, self.settings.keep_margin)[None]
         return topk_pages(agg, lay.n_select)[0]
@@ -111,7 +111,7 @@ class LayerState:
         lay = self.settings.layout
         self.digests = page_digests(keys, lay.page_size)
         self.q_prev = None
-        self.resident = torch.full_like(self.resident, -1)
+        self.resident = torch.full(self.resident.shape, -1, dtype=torch.long, device=keys.device)
         return self._apply(self.select(q_last, keys.shape[0] + 1), None)
 
     def decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -123,21 +123,22 @@ class LayerState:
         lay = st.layout
         n = keys.shape[0]
         hkv = self.n_kv_heads
+        dev = q.device
         self.digests = append_page_digest(self.digests, keys, lay.page_size)
 
         if not st.speculative:
-            flags = torch.ones(hkv, dtype=torch.bool)
+            flags = torch.ones(hkv, dtype=torch.bool, device=dev)
         else:
             prev = self.q_prev if self.q_prev is not None else torch.zeros_like(q)
-            valid = torch.tensor([self.q_prev is not None])
+            valid = torch.tensor([self.q_prev is not None], device=dev)
             flags = correction_flags(q[None], prev[None], valid, hkv, st.correction_threshold)[0]
         recalled = 0
         if bool(flags.any()):
             recalled += self._apply(self.select(q, n), flags)
 
-        sink = torch.arange(lay.n_sink_pages(n)).expand(hkv, -1)
+        sink = torch.arange(lay.n_sink_pages(n), device=dev).expand(hkv, -1)
         # (window_start exceeds n_pages while the history is inside the sink: empty window)
-        window = torch.arange(lay.n_pages(n) - lay.n_window_pages(n), lay.n_pages(n)).expand(hkv, -1)
+        window = torch.arange(lay.n_pages(n) - lay.n_window_pages(n), lay.n_pages(n), device=dev).expand(hkv, -1)
         pages = torch.cat([sink, self.resident, window], dim=1)
         out = sparse_attention(q, keys, values, pages, lay.page_size, scale)
 

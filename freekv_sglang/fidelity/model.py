@@ -33,8 +33,9 @@ class LoadedModel:
 
 
 def load(model_path: str | None = None, cache_dir: str | None = None, threads: int | None = 2,
-         log=print) -> LoadedModel:
-    """Load a causal LM in float32 on the CPU with ``attn_implementation="freekv"``."""
+         log=print, device: str = "cpu") -> LoadedModel:
+    """Load a causal LM in float32 with ``attn_implementation="freekv"`` (on the CPU; ``device="cuda"``
+    runs the same plain-torch code on a GPU, still in float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads:
@@ -47,7 +48,7 @@ def load(model_path: str | None = None, cache_dir: str | None = None, threads: i
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=hook.ATTN_NAME)
-    model.eval()
+    model.eval().to(device)
     cfg = model.config
     n_heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads

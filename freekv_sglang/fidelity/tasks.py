@@ -29,7 +29,8 @@ class BatchDecoder:
         self.cache = preallocated_cache(lm.n_layers, capacity)
         t0 = time.time()
         with hook.attach(lm.model, self.dec):
-            lm.model(input_ids=torch.tensor([prompt]), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            lm.model(input_ids=torch.tensor([prompt], device=lm.model.device), past_key_values=self.cache,
+                     use_cache=True, logits_to_keep=1)
         self.dec.seed()
         for layer in self.cache.layers:
             layer.batch_repeat_interleave(len(rows))
@@ -41,10 +42,12 @@ class BatchDecoder:
         """Feed ``tokens`` ``[B]`` (one per row); return next-token logits ``[B, V]``."""
         t0 = time.time()
         with hook.attach(self.lm.model, self.dec):
-            out = self.lm.model(input_ids=tokens[:, None], past_key_values=self.cache, use_cache=True)
+            out = self.lm.model(input_ids=tokens[:, None].to(self.lm.model.device), past_key_values=self.cache,
+                                use_cache=True)
+        logits = out.logits[:, -1].float().cpu()
         self.decode_s += time.time() - t0
         self.steps += 1
-        return out.logits[:, -1].float()
+        return logits
 
     def retrieval(self) -> list[RetrievalCounts]:
         out = []
@@ -57,8 +60,8 @@ class BatchDecoder:
 
 def _full_forward_logits(lm: LoadedModel, ids: list[int], keep: int) -> torch.Tensor:
     """Plain (sdpa, no FreeKV) logits of the last ``keep`` positions: ``[keep, V]``."""
-    out = lm.model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=keep)
-    return out.logits[0].float()
+    out = lm.model(input_ids=torch.tensor([ids], device=lm.model.device), use_cache=False, logits_to_keep=keep)
+    return out.logits[0].float().cpu()
 
 
 def teacher_forced(lm: LoadedModel, rows: list[RowSpec], ids: list[int], n_prefill: int, max_steps: int | None,

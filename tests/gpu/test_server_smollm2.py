@@ -230,8 +230,9 @@ def test_sglang_frontend_program_with_fork(servers, tok):
 
 def test_teacher_forced_top1_matches_the_cpu_reference(servers, tok):
     """The GPU decode path against the plain-torch reference on the same model: teacher-forced along the
-    story, the server's per-step top-1 (FreeKV and dense) against the CPU harness's rows (corrected@0.9 and
-    dense, same sink / window / budget), on the same prefix and steps."""
+    story, the server's per-step top-1 (FreeKV and dense) against the fidelity harness's rows
+    (corrected@0.9 and dense, same sink / window / budget; float32, its plain-torch code run on the GPU),
+    on the same prefix and steps."""
     import torch
 
     from freekv_sglang.fidelity import model as fmodel
@@ -247,7 +248,8 @@ def test_teacher_forced_top1_matches_the_cpu_reference(servers, tok):
     server_top1 = {name: tf.model_top1(r, forced)[1:] for name, r in resp.items()}  # step 0 is the prefill's
     t_server = time.time() - t0
     t0 = time.time()
-    lm = fmodel.load(SMOL, threads=min(16, os.cpu_count() or 1))
+    # the fidelity harness's plain-torch code, in float32, run on the GPU to finish in seconds
+    lm = fmodel.load(SMOL, threads=min(16, os.cpu_count() or 1), device="cuda")
     spec = frows.build_rows(["corrected@0.9"], [1024], sink_tokens=128, window_tokens=256)
     with torch.inference_mode():
         cpu = teacher_forced_top1(lm, spec, ids, n_prefill, steps)
