@@ -1,0 +1,121 @@
+"""Prefill with a cached prefix: the split (new tokens causal + prefix blocks, merged by log-sum-exp) equals
+causal attention over prefix + new tokens; the runtime's staging of prefixes from the host tier feeds it
+the right pages, in blocks that span requests, with requests without a prefix in between."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from freekv_sglang.algorithm import WorkingSetLayout
+from freekv_sglang.algorithm.extend import attention_lse, extend_attention, merge_lse
+from freekv_sglang.runtime.engine import FreeKVRuntime, RuntimeSettings
+from freekv_sglang.runtime.prefix import PrefixAttention
+from freekv_sglang.runtime.sizing import ModelShape
+
+
+def _rand(g, *shape, scale=1.0):
+    return torch.randn(*shape, generator=g) * scale
+
+
+@pytest.mark.parametrize("qscale", [1.0, 40.0])  # large logits catch a missing max-subtraction
+def test_split_and_merge_equals_causal_attention(qscale):
+    g = torch.Generator().manual_seed(1)
+    m, t, hq, hkv, d = 37, 11, 6, 2, 16
+    q = _rand(g, t, hq, d, scale=qscale)
+    kp, vp, kn, vn = (_rand(g, n, hkv, d) for n in (m, m, t, t))
+    scale = d ** -0.5
+    want = extend_attention(q, kn, vn, kp, vp, scale)
+    # direct: causal over everything, row by row
+    k, v = torch.cat([kp, kn]), torch.cat([vp, vn])
+    for i in range(t):
+        logits = torch.einsum("hgd,nhd->hgn", q[i].view(hkv, hq // hkv, d), k[: m + i + 1]) * scale
+        direct = torch.einsum("hgn,nhd->hgd", logits.softmax(-1), v[: m + i + 1]).reshape(hq, d)
+        torch.testing.assert_close(want[i], direct, atol=1e-5, rtol=1e-5)
+    # split: own causal part, then the prefix in two blocks
+    o, s = attention_lse(q, kn, vn, scale, causal=True)
+    for a, b in ((0, 20), (20, m)):
+        o, s = merge_lse(o, s, *attention_lse(q, kp[a:b], vp[a:b], scale))
+    torch.testing.assert_close(o, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_query_that_sees_nothing_merges_as_zero_weight():
+    o0, s0 = torch.zeros(2, 3, 4), torch.full((2, 3), float("-inf"))
+    o1, s1 = torch.randn(2, 3, 4), torch.randn(2, 3)
+    o, s = merge_lse(o1, s1, o0, s0)
+    torch.testing.assert_close(o, o1)
+    torch.testing.assert_close(s, s1)
+
+
+def _runtime(g, P=4, L=2, hkv=2, group=3, d=16, R=6, max_ctx=130):
+    lay = WorkingSetLayout(page_size=P, n_sink=1, n_select=3, n_window=2)
+    shape = ModelShape(L, hkv * group, hkv, d, torch.float32)
+    per_row = -(-max_ctx // P)
+    n_pages = R * per_row + 1
+    perm = torch.randperm(n_pages - 1, generator=g) + 1
+    r2t = torch.zeros((R + 1, max_ctx), dtype=torch.int32)
+    for r in range(1, R + 1):
+        pages = perm[(r - 1) * per_row: r * per_row]
+        r2t[r] = (pages[:, None] * P + torch.arange(P)).flatten()[:max_ctx].int()
+    return FreeKVRuntime(shape, RuntimeSettings(lay), n_pages, R, r2t, max_batch=8, device="cpu")
+
+
+@pytest.mark.parametrize("capacity", [64, 7, 3])  # one block per layer; blocks spanning requests; tiny blocks
+def test_staged_prefix_attention_equals_the_spec(capacity):
+    g = torch.Generator().manual_seed(2)
+    rt = _runtime(g)
+    sh, P = rt.shape, rt.layout.page_size
+    rows = [3, 1, 5, 2]
+    prefix = [8 * P, 0, 3 * P, 5 * P]  # the second request has no cached prefix
+    ext = [5, 9, 1, 7]
+    # the cached prefixes are in the host tier, at the rows' own (scattered) pages
+    hist = {}
+    for layer in range(sh.n_layers):
+        for r, m in zip(rows, prefix):
+            k, v = _rand(g, m, sh.n_kv_heads, sh.head_dim), _rand(g, m, sh.n_kv_heads, sh.head_dim)
+            if m:
+                rt.store_tokens(layer, k, v, rt.req_to_token[r, :m].long())
+            hist[layer, r] = (k, v)
+    pa = PrefixAttention(rt, capacity)
+    assert pa.plan(torch.tensor(rows), prefix, ext)
+    assert len(pa.blocks) == -(-sum(prefix) // P // capacity)
+    scale = sh.head_dim ** -0.5
+    for layer in range(sh.n_layers):
+        t = sum(ext)
+        q = _rand(g, t, sh.n_q_heads, sh.head_dim, scale=8.0)
+        kn, vn = _rand(g, t, sh.n_kv_heads, sh.head_dim), _rand(g, t, sh.n_kv_heads, sh.head_dim)
+        parts = [attention_lse(q[a:a + n], kn[a:a + n], vn[a:a + n], scale, causal=True)
+                 for a, n in zip([0, 5, 14, 15], ext)]
+        o = torch.cat([p[0] for p in parts])
+        s = torch.cat([p[1] for p in parts])
+        got = pa.attend(layer, q, o, s, scale)
+        a = 0
+        for r, n in zip(rows, ext):
+            kp, vp = hist[layer, r]
+            want = extend_attention(q[a:a + n], kn[a:a + n], vn[a:a + n], kp, vp, scale)
+            torch.testing.assert_close(got[a:a + n], want, atol=2e-5, rtol=2e-5, msg=lambda m: f"row {r}: {m}")
+            a += n
+    pa.finish()
+
+
+def test_no_prefix_plans_nothing_and_unaligned_prefix_is_refused():
+    g = torch.Generator().manual_seed(3)
+    rt = _runtime(g)
+    pa = PrefixAttention(rt, 8)
+    assert not pa.plan(torch.tensor([1, 2]), [0, 0], [5, 6])
+    with pytest.raises(NotImplementedError, match="whole number"):
+        pa.plan(torch.tensor([1]), [6], [3])
+
+
+def test_attending_out_of_order_or_too_few_layers_is_an_error():
+    g = torch.Generator().manual_seed(4)
+    rt = _runtime(g)
+    pa = PrefixAttention(rt, 8)
+    pa.plan(torch.tensor([1]), [4 * rt.layout.page_size], [2])
+    q = torch.randn(2, rt.shape.n_q_heads, rt.shape.head_dim)
+    o, s = torch.zeros_like(q), torch.zeros(2, rt.shape.n_q_heads)
+    with pytest.raises(RuntimeError, match="expected layer 0"):
+        pa.attend(1, q, o, s, 1.0)
+    pa.attend(0, q, o, s, 1.0)
+    with pytest.raises(RuntimeError, match="1 of 2 units"):
+        pa.finish()
