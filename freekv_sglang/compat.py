@@ -1,13 +1,16 @@
 """The single place that names SGLang internals.
 
-Every dotted hook target, private attribute and version-dependent access the
-plugin relies on is spelled here, so a new SGLang release means reviewing one
-file. Importing this module does not import SGLang; the helpers import it
-lazily.
+Every SGLang module, class, function, hook target and private attribute the plugin touches is spelled
+here as a dotted name (:data:`HOOK_TARGETS`, :data:`INTERNALS`), reached through a small accessor that
+imports it when called; the rest of the package gets SGLang only from this file. A new SGLang release
+means reviewing one file: tests/test_compat.py checks that every name resolves in the installed SGLang,
+that the hooks the plugin and the runtime register are exactly :data:`HOOK_TARGETS`, and that no other
+module of the package imports SGLang. Importing this module does not import SGLang.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import logging
 import re
@@ -20,32 +23,63 @@ SUPPORTED_SGLANG_MIN = (0, 5, 16)
 SUPPORTED_SGLANG_MAX = (0, 5, 18)
 
 # --------------------------------------------------------------- hook targets
-#: staticmethod ``(parser) -> None``; hooked AFTER to add the FreeKV flags.
-SERVER_ARGS_ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
-#: classmethod ``(cls, namespace) -> ServerArgs``; hooked AROUND (``hook(orig, cls, ns)``).
-SERVER_ARGS_FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
-
-# Runtime-side targets (used by freekv_sglang.runtime; listed here so every
-# SGLang name lives in one file).
-KV_CONFIGURATOR_BUILD_MHA_POOL = (
-    "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool"
-)
-KV_CONFIGURATOR_BUILD_REQ_POOL = (
-    "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_default_req_pool"
-)
-KV_CONFIGURATOR_RESOLVE_POOL_CONFIG = (
-    "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
-    "._resolve_memory_pool_config"
-)
-KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL = (
-    "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool"
-)
-MODEL_RUNNER_FORWARD_RAW = "sglang.srt.model_executor.model_runner.ModelRunner._forward_raw"
+SERVER_ARGS_MODULE = "sglang.srt.server_args"
+KV_CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+#: staticmethod ``(parser) -> None``; hooked AFTER to add the FreeKV flags (plugin).
+SERVER_ARGS_ADD_CLI_ARGS = f"{SERVER_ARGS_MODULE}.ServerArgs.add_cli_args"
+#: classmethod ``(cls, namespace) -> ServerArgs``; hooked AROUND (``hook(orig, cls, ns)``) (plugin).
+SERVER_ARGS_FROM_CLI_ARGS = f"{SERVER_ARGS_MODULE}.ServerArgs.from_cli_args"
+#: ``(self, pre_model_load_memory) -> MemoryPoolConfig``; hooked AROUND to size the tiers (runtime).
+KV_CONFIGURATOR_RESOLVE_POOL_CONFIG = f"{KV_CONFIGURATOR}._resolve_memory_pool_config"
+#: ``(self, *, sizes, is_dsa_model, is_dsv4_model, req_to_token_pool)``; hooked AROUND to build the FreeKV pool.
+KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL = f"{KV_CONFIGURATOR}._build_token_to_kv_pool"
 #: ``(self, stats: SchedulerStats) -> None``; hooked AFTER to export FreeKV's metrics beside SGLang's.
 METRICS_COLLECTOR_LOG_STATS = "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats"
 #: ``(self, recv_req) -> GetInternalStateReqOutput``; hooked AFTER to add ``internal_state["freekv"]``.
 SCHEDULER_GET_INTERNAL_STATE = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
-RELEASE_KV_CACHE = "sglang.srt.mem_cache.common.release_kv_cache"
+#: Every target the plugin (first two) and the runtime hook.
+HOOK_TARGETS = (SERVER_ARGS_ADD_CLI_ARGS, SERVER_ARGS_FROM_CLI_ARGS, KV_CONFIGURATOR_RESOLVE_POOL_CONFIG,
+                KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL, METRICS_COLLECTOR_LOG_STATS, SCHEDULER_GET_INTERNAL_STATE)
+
+# ------------------------------------------------------------ other internals
+SERVER_ARGS = f"{SERVER_ARGS_MODULE}.ServerArgs"
+ATTENTION_BACKEND_CHOICES = f"{SERVER_ARGS_MODULE}.ATTENTION_BACKEND_CHOICES"
+ADD_ATTENTION_BACKEND_CHOICES = f"{SERVER_ARGS_MODULE}.add_attention_backend_choices"
+HOOK_REGISTRY = "sglang.srt.plugins.hook_registry.HookRegistry"
+#: private: ``{target: [(HookType, hook, source), ...]}``, read to register a hook once
+HOOK_REGISTRY_HOOKS = f"{HOOK_REGISTRY}._hooks"
+HOOK_TYPE = "sglang.srt.plugins.hook_registry.HookType"
+REGISTER_ATTENTION_BACKEND = "sglang.srt.layers.attention.attention_registry.register_attention_backend"
+#: base class of the ``freekv`` attention backend (runtime.backend)
+FLASHINFER_ATTN_BACKEND = "sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend"
+#: base class of the FreeKV KV pool (runtime.pool), which overrides its private allocation log
+NOOP_MHA_POOL = "sglang.srt.mem_cache.memory_pool.NoOpMHATokenToKVPool"
+NOOP_MHA_POOL_ALLOCATION_LOG = f"{NOOP_MHA_POOL}._finalize_allocation_log"
+UNWRAP_WRITE_LOC = "sglang.srt.mem_cache.memory_pool.unwrap_write_loc"
+#: SGLang's host-pool allocator (``FREEKV_HOST_ALLOC=sglang`` and the fallback of the host tier)
+HOST_TENSOR_ALLOCATOR = "sglang.srt.mem_cache.pool_host.common.HostTensorAllocator"
+ALLOC_WITH_HOST_REGISTER = "sglang.srt.mem_cache.pool_host.common.alloc_with_host_register"
+CUDA_HOST_UNREGISTER = "sglang.srt.mem_cache.pool_host.common._cuda_host_unregister"
+MEMORY_POOL_CONFIG = "sglang.srt.model_executor.pool_configurator.MemoryPoolConfig"
+#: private ``(self, pre_model_load_memory) -> int``: the GPU bytes SGLang would give its KV pool
+KV_CONFIGURATOR_PROFILE_AVAILABLE_BYTES = f"{KV_CONFIGURATOR}._profile_available_bytes"
+RUNTIME_CONTEXT = "sglang.srt.runtime_context"
+RUNTIME_CONTEXT_GETTERS = tuple(f"{RUNTIME_CONTEXT}.{fn}" for fn in ("get_parallel", "get_schedule",
+                                                                     "get_buffer", "get_exec"))
+#: ``get_buffer`` key of the FlashInfer workspace, shared with SGLang's own FlashInfer backend
+FLASHINFER_WORKSPACE_BUFFER = "flashinfer_workspace"
+FLASHINFER_WORKSPACE_SIZE = "sglang.srt.environ.envs.SGLANG_FLASHINFER_WORKSPACE_SIZE"
+GET_AVAILABLE_GPU_MEMORY = "sglang.srt.utils.common.get_available_gpu_memory"
+CUDA_GRAPH_BACKEND = "sglang.srt.model_executor.cuda_graph_config.Backend"
+#: base class of the teacher-forcing logit processor (freekv_sglang.testing)
+CUSTOM_LOGIT_PROCESSOR = "sglang.srt.sampling.custom_logit_processor.CustomLogitProcessor"
+#: Every other SGLang name the package touches.
+INTERNALS = (SERVER_ARGS_MODULE, SERVER_ARGS, KV_CONFIGURATOR, ATTENTION_BACKEND_CHOICES, ADD_ATTENTION_BACKEND_CHOICES,
+             HOOK_REGISTRY, HOOK_REGISTRY_HOOKS, HOOK_TYPE, REGISTER_ATTENTION_BACKEND, FLASHINFER_ATTN_BACKEND,
+             NOOP_MHA_POOL, NOOP_MHA_POOL_ALLOCATION_LOG, UNWRAP_WRITE_LOC, HOST_TENSOR_ALLOCATOR,
+             ALLOC_WITH_HOST_REGISTER, CUDA_HOST_UNREGISTER, MEMORY_POOL_CONFIG,
+             KV_CONFIGURATOR_PROFILE_AVAILABLE_BYTES, RUNTIME_CONTEXT, *RUNTIME_CONTEXT_GETTERS,
+             FLASHINFER_WORKSPACE_SIZE, GET_AVAILABLE_GPU_MEMORY, CUDA_GRAPH_BACKEND, CUSTOM_LOGIT_PROCESSOR)
 
 #: Name under which the FreeKV attention backend is registered with SGLang.
 ATTENTION_BACKEND_NAME = "freekv"
@@ -89,6 +123,28 @@ def check_sglang_version() -> bool:
     return ok
 
 
+# ------------------------------------------------------------ name resolution
+def resolve(name: str) -> Any:
+    """The module, class, function or attribute a dotted SGLang name denotes, imported now.
+
+    The longest importable prefix is the module, the rest attributes; an ``ImportError`` raised inside a
+    module (SGLang or one of its dependencies missing) propagates unchanged.
+    """
+    parts = name.split(".")
+    obj, i = None, 0
+    while i < len(parts):
+        try:
+            obj = importlib.import_module(".".join(parts[:i + 1]))
+        except ModuleNotFoundError as e:
+            if obj is None or e.name != ".".join(parts[:i + 1]):
+                raise
+            break
+        i += 1
+    for attr in parts[i:]:
+        obj = getattr(obj, attr)
+    return obj
+
+
 # --------------------------------------------------------------- SGLang access
 def get_req_pool_idx(req: Any) -> Optional[int]:
     """A request's row in the req-to-token pool, across SGLang versions.
@@ -103,17 +159,13 @@ def get_req_pool_idx(req: Any) -> Optional[int]:
 
 
 def server_args_class() -> type:
-    from sglang.srt.server_args import ServerArgs
-
-    return ServerArgs
+    return resolve(SERVER_ARGS)
 
 
 def add_attention_backend_choice(name: str = ATTENTION_BACKEND_NAME) -> None:
     """Let ``--attention-backend NAME`` parse (idempotent)."""
-    from sglang.srt import server_args as sa_mod
-
-    if name not in sa_mod.ATTENTION_BACKEND_CHOICES:
-        sa_mod.add_attention_backend_choices([name])
+    if name not in resolve(ATTENTION_BACKEND_CHOICES):
+        resolve(ADD_ATTENTION_BACKEND_CHOICES)([name])
 
 
 def register_hook(target: str, hook: Callable, kind: str) -> bool:
@@ -122,14 +174,68 @@ def register_hook(target: str, hook: Callable, kind: str) -> bool:
     ``kind`` is a ``HookType`` member name (``"AFTER"``, ``"AROUND"``...).
     Returns False if the same hook is already registered for that target.
     """
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    hook_type = HookType[kind]
-    for existing_type, existing, _src in HookRegistry._hooks.get(target, ()):
+    hook_type = resolve(HOOK_TYPE)[kind]
+    for existing_type, existing, _src in resolve(HOOK_REGISTRY_HOOKS).get(target, ()):
         if existing is hook and existing_type is hook_type:
             return False
-    HookRegistry.register(target, hook, hook_type)
+    resolve(HOOK_REGISTRY).register(target, hook, hook_type)
     return True
+
+
+def register_attention_backend(factory: Callable, name: str = ATTENTION_BACKEND_NAME) -> None:
+    """Register ``factory(model_runner) -> backend`` as SGLang attention backend ``name``."""
+    resolve(REGISTER_ATTENTION_BACKEND)(name)(factory)
+
+
+def flashinfer_backend_class() -> type:
+    return resolve(FLASHINFER_ATTN_BACKEND)
+
+
+def noop_mha_pool_class() -> type:
+    return resolve(NOOP_MHA_POOL)
+
+
+def unwrap_write_loc_fn() -> Callable:
+    """``unwrap_write_loc(loc_info) -> (loc, ...)`` of SGLang's KV pools."""
+    return resolve(UNWRAP_WRITE_LOC)
+
+
+def host_register_fns() -> tuple[Callable, Callable]:
+    """``(alloc(shape, dtype) -> tensor, unregister(tensor))``: SGLang's page-locked host-pool allocator.
+
+    Raises ``ImportError`` without SGLang.
+    """
+    alloc, allocator = resolve(ALLOC_WITH_HOST_REGISTER), resolve(HOST_TENSOR_ALLOCATOR)
+    return (lambda shape, dtype: alloc(shape, dtype, "cpu", True, allocator())), resolve(CUDA_HOST_UNREGISTER)
+
+
+def memory_pool_config_class() -> type:
+    return resolve(MEMORY_POOL_CONFIG)
+
+
+def profile_available_bytes(configurator: Any, pre_model_load_memory: int) -> int:
+    """GPU bytes SGLang's ``KVCacheConfigurator`` would give its KV pool."""
+    return getattr(configurator, KV_CONFIGURATOR_PROFILE_AVAILABLE_BYTES.rsplit(".", 1)[1])(pre_model_load_memory)
+
+
+def runtime_context() -> Any:
+    """SGLang's per-process context module (``get_parallel``, ``get_schedule``, ``get_buffer``, ``get_exec``)."""
+    return resolve(RUNTIME_CONTEXT)
+
+
+def flashinfer_workspace(make: Callable[[int], Any]) -> Any:
+    """The process's FlashInfer workspace buffer, shared with SGLang; ``make(nbytes)`` allocates it once."""
+    return runtime_context().get_buffer(FLASHINFER_WORKSPACE_BUFFER,
+                                        lambda: make(resolve(FLASHINFER_WORKSPACE_SIZE).get()))
+
+
+def available_gpu_memory(device: str, gpu_id: int) -> float:
+    """Free memory of a GPU, in GB, as SGLang measures it."""
+    return resolve(GET_AVAILABLE_GPU_MEMORY)(device, gpu_id)
+
+
+def custom_logit_processor_class() -> type:
+    return resolve(CUSTOM_LOGIT_PROCESSOR)
 
 
 def mark_server_args(sa: Any, value: Any) -> None:
@@ -151,8 +257,8 @@ def cuda_graphs_disabled(sa: Any, phases: tuple[str, ...] = ("decode", "prefill"
     if cfg is None or not hasattr(cfg, "decode"):
         return None
     try:
-        from sglang.srt.model_executor.cuda_graph_config import Backend
-    except ImportError:
+        Backend = resolve(CUDA_GRAPH_BACKEND)  # noqa: N806
+    except (ImportError, AttributeError):
         Backend = None  # noqa: N806
     disabled = getattr(Backend, "DISABLED", "disabled") if Backend else "disabled"
     return all(

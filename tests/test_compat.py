@@ -1,32 +1,121 @@
-"""compat: hook targets exist in the installed SGLang, version range, req_pool_idx."""
+"""compat: every SGLang name resolves in the installed SGLang, the hooks registered are exactly the expected
+ones, no other module imports SGLang; version range, req_pool_idx."""
 
 from __future__ import annotations
 
-import pkgutil
+import ast
+import pathlib
 from types import SimpleNamespace
 
 import pytest
 
-from freekv_sglang import compat
+from freekv_sglang import compat, plugin
 
-TARGETS = [
-    compat.SERVER_ARGS_ADD_CLI_ARGS,
-    compat.SERVER_ARGS_FROM_CLI_ARGS,
-    compat.KV_CONFIGURATOR_BUILD_MHA_POOL,
-    compat.KV_CONFIGURATOR_BUILD_REQ_POOL,
-    compat.KV_CONFIGURATOR_RESOLVE_POOL_CONFIG,
-    compat.MODEL_RUNNER_FORWARD_RAW,
-    compat.RELEASE_KV_CACHE,
-    compat.METRICS_COLLECTOR_LOG_STATS,
-    compat.SCHEDULER_GET_INTERNAL_STATE,
+PACKAGE = pathlib.Path(compat.__file__).parent
+KV_CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+#: (target, hook, kind) of every hook plugin.register and runtime.integration.install_runtime_hooks register
+EXPECTED_HOOKS = [
+    ("sglang.srt.server_args.ServerArgs.add_cli_args", "freekv_sglang.plugin._after_add_cli_args", "AFTER"),
+    ("sglang.srt.server_args.ServerArgs.from_cli_args", "freekv_sglang.plugin._around_from_cli_args", "AROUND"),
+    (f"{KV_CONFIGURATOR}._resolve_memory_pool_config",
+     "freekv_sglang.runtime.integration._resolve_memory_pool_config", "AROUND"),
+    (f"{KV_CONFIGURATOR}._build_token_to_kv_pool", "freekv_sglang.runtime.integration._build_token_to_kv_pool",
+     "AROUND"),
+    ("sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats",
+     "freekv_sglang.runtime.integration._after_log_stats", "AFTER"),
+    ("sglang.srt.managers.scheduler.Scheduler.get_internal_state",
+     "freekv_sglang.runtime.integration._after_get_internal_state", "AFTER"),
 ]
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_hook_targets_resolve_in_installed_sglang(target):
-    owner, attr = target.rsplit(".", 1)
-    obj = pkgutil.resolve_name(owner)
-    assert callable(getattr(obj, attr))
+@pytest.fixture
+def recorded_hooks(monkeypatch):
+    """Run plugin.register and install_runtime_hooks against a recording HookRegistry and backend registry."""
+    from sglang.srt.layers.attention import attention_registry
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from freekv_sglang.config import FreeKVConfig
+    from freekv_sglang.runtime import integration
+
+    calls, backends = [], {}
+    monkeypatch.setattr(HookRegistry, "_hooks", {})
+    monkeypatch.setattr(HookRegistry, "register", classmethod(
+        lambda cls, target, hook, hook_type, **kw: calls.append(
+            (target, f"{hook.__module__}.{hook.__qualname__}", hook_type.name))))
+    monkeypatch.setattr(attention_registry, "ATTENTION_BACKENDS", backends)
+    monkeypatch.setattr(plugin, "is_child_process", lambda: False)
+    plugin.register()
+    integration.install_runtime_hooks(FreeKVConfig(enabled=True, host_memory_gb=1))
+    return calls, backends
+
+
+def test_registered_hooks_are_exactly_the_expected_ones(recorded_hooks):
+    from freekv_sglang.runtime import integration
+
+    calls, backends = recorded_hooks
+    assert calls == EXPECTED_HOOKS
+    assert [t for t, _, _ in calls] == list(compat.HOOK_TARGETS)
+    assert backends == {"freekv": integration._create_backend}
+
+
+def _sglang_constants():
+    return {k: v for k, v in vars(compat).items() if isinstance(v, str) and v.startswith("sglang.")}
+
+
+def test_every_sglang_name_is_listed():
+    listed = set(compat.HOOK_TARGETS) | set(compat.INTERNALS)
+    assert set(_sglang_constants().values()) <= listed, set(_sglang_constants().values()) - listed
+
+
+@pytest.mark.parametrize("name", [*compat.HOOK_TARGETS, *compat.INTERNALS])
+def test_names_resolve_in_installed_sglang(name):
+    obj = compat.resolve(name)
+    if name in compat.HOOK_TARGETS:
+        assert callable(obj)
+
+
+def test_accessors_resolve():
+    assert compat.flashinfer_backend_class().__name__ == "FlashInferAttnBackend"
+    pool = compat.noop_mha_pool_class()
+    assert compat.NOOP_MHA_POOL_ALLOCATION_LOG.rsplit(".", 1)[1] in vars(pool)
+    assert callable(compat.unwrap_write_loc_fn())
+    assert all(callable(f) for f in compat.host_register_fns())
+    assert compat.memory_pool_config_class().__name__ == "MemoryPoolConfig"
+    assert compat.server_args_class().__name__ == "ServerArgs"
+    assert compat.custom_logit_processor_class().__name__ == "CustomLogitProcessor"
+    assert int(compat.resolve(compat.FLASHINFER_WORKSPACE_SIZE).get()) > 0
+    configurator = compat.resolve(KV_CONFIGURATOR)
+    assert callable(getattr(configurator, compat.KV_CONFIGURATOR_PROFILE_AVAILABLE_BYTES.rsplit(".", 1)[1]))
+    for getter in ("get_parallel", "get_schedule", "get_buffer", "get_exec"):
+        assert callable(getattr(compat.runtime_context(), getter))
+
+
+def test_resolve_reports_missing_modules():
+    with pytest.raises(ModuleNotFoundError):
+        compat.resolve("no_such_package_xyz.Thing")
+    with pytest.raises(AttributeError):
+        compat.resolve("sglang.srt.server_args.NoSuchThing")
+
+
+def test_runtime_subclasses_use_the_compat_bases():
+    from freekv_sglang.runtime.backend import FreeKVAttnBackend
+    from freekv_sglang.runtime.pool import FreeKVTokenToKVPool
+
+    assert FreeKVAttnBackend.__bases__ == (compat.flashinfer_backend_class(),)
+    assert FreeKVTokenToKVPool.__bases__ == (compat.noop_mha_pool_class(),)
+
+
+def test_only_compat_imports_sglang():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "compat.py" and path.parent == PACKAGE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{path.relative_to(PACKAGE)}:{node.lineno} {n}" for n in names
+                          if n == "sglang" or n.startswith("sglang.")]
+    assert not offenders, offenders
 
 
 def test_from_cli_args_is_a_classmethod_and_add_cli_args_a_staticmethod():

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 
-from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+from freekv_sglang import compat
 
 from .pool import FreeKVTokenToKVPool
 
 logger = logging.getLogger(__name__)
 
 
-class FreeKVAttnBackend(FlashInferAttnBackend):
+class FreeKVAttnBackend(compat.flashinfer_backend_class()):
     """FlashInfer prefill + FreeKV sparse decode over host-backed working sets."""
 
     def __init__(self, model_runner):

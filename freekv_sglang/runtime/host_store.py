@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from freekv_sglang import compat
+
 logger = logging.getLogger(__name__)
 
 
@@ -96,10 +98,10 @@ def _allocate(shape: tuple, dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor
         except (OSError, RuntimeError) as e:
             logger.warning("FreeKV host tier: parallel mapping failed (%s); falling back to SGLang's allocator", e)
     try:
-        from sglang.srt.mem_cache.pool_host.common import HostTensorAllocator, alloc_with_host_register
+        alloc, _ = compat.host_register_fns()
     except ImportError:  # SGLang absent (kernel tests, tools): torch's pinned allocator
         return torch.empty(shape, dtype=dtype, pin_memory=True), "torch"
-    return alloc_with_host_register(shape, dtype, "cpu", True, HostTensorAllocator()), "sglang"
+    return alloc(shape, dtype), "sglang"
 
 
 class HostKVStore:
@@ -146,7 +148,5 @@ def _release(buffer: torch.Tensor, allocator: str) -> None:
     if allocator == "parallel":
         _unregister(buffer)
     elif allocator == "sglang":
-        from sglang.srt.mem_cache.pool_host.common import _cuda_host_unregister
-
-        _cuda_host_unregister(buffer)
+        compat.host_register_fns()[1](buffer)
     # "torch": the caching host allocator frees it; "pageable": nothing to undo

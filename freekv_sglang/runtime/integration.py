@@ -38,12 +38,10 @@ def _freekv_config(server_args):
 
 
 def _model_shape(configurator):
-    from sglang.srt.runtime_context import get_parallel
-
     from .sizing import ModelShape
 
     mc = configurator.model_config
-    tp = get_parallel().attn_tp_size
+    tp = compat.runtime_context().get_parallel().attn_tp_size
     return ModelShape(
         n_layers=configurator.layer_info.num_effective_layers,
         n_q_heads=mc.num_attention_heads // tp,
@@ -70,20 +68,16 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
     if cfg is None or self.is_draft_worker:
         return orig(self, pre_model_load_memory)
     global _PLAN
-    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
-    from sglang.srt.runtime_context import get_schedule
-
     from freekv_sglang.config import resolve_host_memory_bytes
 
     from .sizing import capacity_warning, digest_warning, gpu_tier_note, plan_memory
 
-    sched = get_schedule()
-    gpu_bytes = self._profile_available_bytes(pre_model_load_memory)
+    context = compat.runtime_context()
+    sched = context.get_schedule()
+    gpu_bytes = compat.profile_available_bytes(self, pre_model_load_memory)
     # the host budget is for the whole server: every attention-TP rank of this host keeps the
     # KV of its own heads, so each takes an equal share
-    from sglang.srt.runtime_context import get_parallel
-
-    host_bytes = resolve_host_memory_bytes(cfg) // max(1, get_parallel().attn_tp_size)
+    host_bytes = resolve_host_memory_bytes(cfg) // max(1, context.get_parallel().attn_tp_size)
     _PLAN = plan_memory(_model_shape(self), _settings(cfg).layout, host_bytes, gpu_bytes,
                         self.model_config.context_len, sched.max_total_tokens, sched.max_running_requests,
                         gpu_tier_bytes=int(cfg.gpu_tier_gb * 2**30), kv_fp8=cfg.kv_storage == "fp8_e4m3")
@@ -95,9 +89,9 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
                  capacity_warning(_PLAN, gpu_bytes, _model_shape(self))):
         if hint:
             logger.warning(hint)
-    return MemoryPoolConfig(max_total_num_tokens=_PLAN.total_tokens,
-                            max_running_requests=_PLAN.max_running_requests,
-                            mem_fraction_static=sched.mem_fraction_static)
+    return compat.memory_pool_config_class()(max_total_num_tokens=_PLAN.total_tokens,
+                                             max_running_requests=_PLAN.max_running_requests,
+                                             mem_fraction_static=sched.mem_fraction_static)
 
 
 def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, req_to_token_pool):
@@ -107,9 +101,6 @@ def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, r
                     req_to_token_pool=req_to_token_pool)
     if self.use_mla_backend or is_dsa_model or is_dsv4_model or self.is_hybrid_swa:
         raise NotImplementedError("FreeKV supports dense multi-head / grouped-query attention models only")
-    from sglang.srt.runtime_context import get_buffer, get_exec
-    from sglang.srt.utils.common import get_available_gpu_memory
-
     from .engine import FreeKVRuntime
     from .pool import FreeKVTokenToKVPool
 
@@ -122,14 +113,11 @@ def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, r
         head_dim=shape.head_dim,
         layer_num=shape.n_layers,
         device=self.device,
-        enable_memory_saver=get_exec().features.enable_memory_saver,
+        enable_memory_saver=compat.runtime_context().get_exec().features.enable_memory_saver,
         start_layer=self.layer_info.start_layer,
         end_layer=self.layer_info.end_layer,
     )
-    from sglang.srt.environ import envs
-
-    workspace = get_buffer("flashinfer_workspace", lambda: torch.empty(
-        envs.SGLANG_FLASHINFER_WORKSPACE_SIZE.get(), dtype=torch.uint8, device=self.device))
+    workspace = compat.flashinfer_workspace(lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, device=self.device))
     rows = req_to_token_pool.size
     # decode batches (CUDA-graph ones padded with the dummy row) can exceed the row count
     graph_cfg = getattr(self.server_args, "cuda_graph_config", None)
@@ -151,7 +139,7 @@ def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, r
                 "host tier %.2f GiB pinned; %s; decode attention %s; avail GPU mem %.2f GB", rows, shape.n_layers,
                 f" + GPU tier ({runtime.n_gpu_pages} pages)" if runtime.n_gpu_pages else "",
                 runtime.gpu_bytes / 2**30, runtime.host.nbytes / 2**30, cfg.summary(), runtime.attention.kernel,
-                get_available_gpu_memory(self.device, self.gpu_id))
+                compat.available_gpu_memory(self.device, self.gpu_id))
     return pool
 
 
@@ -195,12 +183,9 @@ def _after_get_internal_state(result, scheduler, *args, **kwargs):
 def install_runtime_hooks(cfg) -> None:
     """Register the pool/sizing hooks, the metrics hooks and the ``freekv`` attention backend (scheduler
     processes)."""
-    from sglang.srt.layers.attention.attention_registry import register_attention_backend
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    register_attention_backend("freekv")(_create_backend)
-    HookRegistry.register(compat.KV_CONFIGURATOR_RESOLVE_POOL_CONFIG, _resolve_memory_pool_config, HookType.AROUND)
-    HookRegistry.register(compat.KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL, _build_token_to_kv_pool, HookType.AROUND)
-    HookRegistry.register(compat.METRICS_COLLECTOR_LOG_STATS, _after_log_stats, HookType.AFTER)
-    HookRegistry.register(compat.SCHEDULER_GET_INTERNAL_STATE, _after_get_internal_state, HookType.AFTER)
+    compat.register_attention_backend(_create_backend)
+    compat.register_hook(compat.KV_CONFIGURATOR_RESOLVE_POOL_CONFIG, _resolve_memory_pool_config, "AROUND")
+    compat.register_hook(compat.KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL, _build_token_to_kv_pool, "AROUND")
+    compat.register_hook(compat.METRICS_COLLECTOR_LOG_STATS, _after_log_stats, "AFTER")
+    compat.register_hook(compat.SCHEDULER_GET_INTERNAL_STATE, _after_get_internal_state, "AFTER")
     logger.info("FreeKV runtime hooks installed")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 
-from sglang.srt.mem_cache.memory_pool import NoOpMHATokenToKVPool, unwrap_write_loc
+from freekv_sglang import compat
 
 logger = logging.getLogger(__name__)
+unwrap_write_loc = compat.unwrap_write_loc_fn()
 
 
-class FreeKVTokenToKVPool(NoOpMHATokenToKVPool):
+class FreeKVTokenToKVPool(compat.noop_mha_pool_class()):
     """Token-slot pool whose storage is a :class:`~.engine.FreeKVRuntime` host tier.
 
     ``runtime`` must be attached (``pool.runtime = ...``) before the first forward.
@@ -23,7 +24,7 @@ class FreeKVTokenToKVPool(NoOpMHATokenToKVPool):
 
     runtime = None
 
-    def _finalize_allocation_log(self, num_tokens: int):
+    def _finalize_allocation_log(self, num_tokens: int):  # compat.NOOP_MHA_POOL_ALLOCATION_LOG
         self.mem_usage = 0.0
         logger.info("FreeKV KV pool: %d token slots in the host tier; GPU holds working sets only", num_tokens)
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from freekv_sglang import compat
+
 try:  # the server imports this module to unpickle the processor; clients only need the helpers
-    from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
+    CustomLogitProcessor = compat.custom_logit_processor_class()
 except ImportError:  # pragma: no cover - SGLang missing: only the pure helpers below are usable
     CustomLogitProcessor = object
 
