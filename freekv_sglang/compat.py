@@ -1,15 +1,14 @@
 """The single place that names SGLang internals.
 
-Every SGLang module, class, function, hook target and private attribute the plugin touches is spelled
-here as a dotted name (:data:`HOOK_TARGETS`, :data:`INTERNALS`), reached through a small accessor that
-imports it when called; the rest of the package gets SGLang only from this file. A new SGLang release
-means reviewing one file: tests/test_compat.py checks that every name resolves in the installed SGLang,
-that the hooks the plugin and the runtime register are exactly :data:`HOOK_TARGETS`, and that no other
-module of the package imports SGLang. Importing this module does not import SGLang.
+Every SGLang module, class, function, hook target and private attribute the package touches is a dotted name
+here (:data:`HOOK_TARGETS`, :data:`INTERNALS`), reached through an accessor that imports it when called, so a new
+SGLang release means reviewing one file (tests/test_compat.py checks that every name resolves, that the hooks
+registered are exactly :data:`HOOK_TARGETS` and that no other module imports SGLang). Importing it imports no SGLang.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -64,8 +63,7 @@ MEMORY_POOL_CONFIG = "sglang.srt.model_executor.pool_configurator.MemoryPoolConf
 #: private ``(self, pre_model_load_memory) -> int``: the GPU bytes SGLang would give its KV pool
 KV_CONFIGURATOR_PROFILE_AVAILABLE_BYTES = f"{KV_CONFIGURATOR}._profile_available_bytes"
 RUNTIME_CONTEXT = "sglang.srt.runtime_context"
-RUNTIME_CONTEXT_GETTERS = tuple(f"{RUNTIME_CONTEXT}.{fn}" for fn in ("get_parallel", "get_schedule",
-                                                                     "get_buffer", "get_exec"))
+RUNTIME_CONTEXT_GETTERS = tuple(f"{RUNTIME_CONTEXT}.get_{x}" for x in ("parallel", "schedule", "buffer", "exec"))
 #: ``get_buffer`` key of the FlashInfer workspace, shared with SGLang's own FlashInfer backend
 FLASHINFER_WORKSPACE_BUFFER = "flashinfer_workspace"
 FLASHINFER_WORKSPACE_SIZE = "sglang.srt.environ.envs.SGLANG_FLASHINFER_WORKSPACE_SIZE"
@@ -74,12 +72,8 @@ CUDA_GRAPH_BACKEND = "sglang.srt.model_executor.cuda_graph_config.Backend"
 #: base class of the teacher-forcing logit processor (freekv_sglang.testing)
 CUSTOM_LOGIT_PROCESSOR = "sglang.srt.sampling.custom_logit_processor.CustomLogitProcessor"
 #: Every other SGLang name the package touches.
-INTERNALS = (SERVER_ARGS_MODULE, SERVER_ARGS, KV_CONFIGURATOR, ATTENTION_BACKEND_CHOICES, ADD_ATTENTION_BACKEND_CHOICES,
-             HOOK_REGISTRY, HOOK_REGISTRY_HOOKS, HOOK_TYPE, REGISTER_ATTENTION_BACKEND, FLASHINFER_ATTN_BACKEND,
-             NOOP_MHA_POOL, NOOP_MHA_POOL_ALLOCATION_LOG, UNWRAP_WRITE_LOC, HOST_TENSOR_ALLOCATOR,
-             ALLOC_WITH_HOST_REGISTER, CUDA_HOST_UNREGISTER, MEMORY_POOL_CONFIG,
-             KV_CONFIGURATOR_PROFILE_AVAILABLE_BYTES, RUNTIME_CONTEXT, *RUNTIME_CONTEXT_GETTERS,
-             FLASHINFER_WORKSPACE_SIZE, GET_AVAILABLE_GPU_MEMORY, CUDA_GRAPH_BACKEND, CUSTOM_LOGIT_PROCESSOR)
+INTERNALS = (*(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and v.startswith("sglang.")
+                and v not in HOOK_TARGETS), *RUNTIME_CONTEXT_GETTERS)
 
 #: Name under which the FreeKV attention backend is registered with SGLang.
 ATTENTION_BACKEND_NAME = "freekv"
@@ -130,22 +124,30 @@ def resolve(name: str) -> Any:
     The longest importable prefix is the module, the rest attributes; an ``ImportError`` raised inside a
     module (SGLang or one of its dependencies missing) propagates unchanged.
     """
-    parts = name.split(".")
-    obj, i = None, 0
+    parts, i = name.split("."), 1
+    obj = importlib.import_module(parts[0])
     while i < len(parts):
         try:
             obj = importlib.import_module(".".join(parts[:i + 1]))
         except ModuleNotFoundError as e:
-            if obj is None or e.name != ".".join(parts[:i + 1]):
+            if e.name != ".".join(parts[:i + 1]):
                 raise
             break
         i += 1
-    for attr in parts[i:]:
-        obj = getattr(obj, attr)
-    return obj
+    return functools.reduce(getattr, parts[i:], obj)
 
 
 # --------------------------------------------------------------- SGLang access
+# the plain accessors: each imports its name when called
+server_args_class = functools.partial(resolve, SERVER_ARGS)
+flashinfer_backend_class = functools.partial(resolve, FLASHINFER_ATTN_BACKEND)
+noop_mha_pool_class = functools.partial(resolve, NOOP_MHA_POOL)
+unwrap_write_loc_fn = functools.partial(resolve, UNWRAP_WRITE_LOC)
+memory_pool_config_class = functools.partial(resolve, MEMORY_POOL_CONFIG)
+runtime_context = functools.partial(resolve, RUNTIME_CONTEXT)  # get_parallel, get_schedule, get_buffer, get_exec
+custom_logit_processor_class = functools.partial(resolve, CUSTOM_LOGIT_PROCESSOR)
+
+
 def get_req_pool_idx(req: Any) -> Optional[int]:
     """A request's row in the req-to-token pool, across SGLang versions.
 
@@ -156,10 +158,6 @@ def get_req_pool_idx(req: Any) -> Optional[int]:
         kv = getattr(req, "kv", None)
         idx = getattr(kv, "req_pool_idx", None) if kv is not None else None
     return idx
-
-
-def server_args_class() -> type:
-    return resolve(SERVER_ARGS)
 
 
 def add_attention_backend_choice(name: str = ATTENTION_BACKEND_NAME) -> None:
@@ -187,30 +185,11 @@ def register_attention_backend(factory: Callable, name: str = ATTENTION_BACKEND_
     resolve(REGISTER_ATTENTION_BACKEND)(name)(factory)
 
 
-def flashinfer_backend_class() -> type:
-    return resolve(FLASHINFER_ATTN_BACKEND)
-
-
-def noop_mha_pool_class() -> type:
-    return resolve(NOOP_MHA_POOL)
-
-
-def unwrap_write_loc_fn() -> Callable:
-    """``unwrap_write_loc(loc_info) -> (loc, ...)`` of SGLang's KV pools."""
-    return resolve(UNWRAP_WRITE_LOC)
-
-
 def host_register_fns() -> tuple[Callable, Callable]:
-    """``(alloc(shape, dtype) -> tensor, unregister(tensor))``: SGLang's page-locked host-pool allocator.
-
-    Raises ``ImportError`` without SGLang.
-    """
+    """``(alloc(shape, dtype) -> tensor, unregister(tensor))`` of SGLang's page-locked host-pool allocator;
+    ``ImportError`` without SGLang."""
     alloc, allocator = resolve(ALLOC_WITH_HOST_REGISTER), resolve(HOST_TENSOR_ALLOCATOR)
     return (lambda shape, dtype: alloc(shape, dtype, "cpu", True, allocator())), resolve(CUDA_HOST_UNREGISTER)
-
-
-def memory_pool_config_class() -> type:
-    return resolve(MEMORY_POOL_CONFIG)
 
 
 def profile_available_bytes(configurator: Any, pre_model_load_memory: int) -> int:
@@ -218,24 +197,15 @@ def profile_available_bytes(configurator: Any, pre_model_load_memory: int) -> in
     return getattr(configurator, KV_CONFIGURATOR_PROFILE_AVAILABLE_BYTES.rsplit(".", 1)[1])(pre_model_load_memory)
 
 
-def runtime_context() -> Any:
-    """SGLang's per-process context module (``get_parallel``, ``get_schedule``, ``get_buffer``, ``get_exec``)."""
-    return resolve(RUNTIME_CONTEXT)
-
-
 def flashinfer_workspace(make: Callable[[int], Any]) -> Any:
     """The process's FlashInfer workspace buffer, shared with SGLang; ``make(nbytes)`` allocates it once."""
-    return runtime_context().get_buffer(FLASHINFER_WORKSPACE_BUFFER,
-                                        lambda: make(resolve(FLASHINFER_WORKSPACE_SIZE).get()))
+    size = resolve(FLASHINFER_WORKSPACE_SIZE)
+    return runtime_context().get_buffer(FLASHINFER_WORKSPACE_BUFFER, lambda: make(size.get()))
 
 
 def available_gpu_memory(device: str, gpu_id: int) -> float:
     """Free memory of a GPU, in GB, as SGLang measures it."""
     return resolve(GET_AVAILABLE_GPU_MEMORY)(device, gpu_id)
-
-
-def custom_logit_processor_class() -> type:
-    return resolve(CUSTOM_LOGIT_PROCESSOR)
 
 
 def mark_server_args(sa: Any, value: Any) -> None:
