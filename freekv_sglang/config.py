@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import textwrap
 from typing import Any, Mapping, Optional
 
 #: Environment variable carrying the JSON config into spawned scheduler processes.
@@ -49,23 +50,31 @@ class FreeKVConfigError(ValueError):
     """An invalid FreeKV setting or an unsupported combination with SGLang flags."""
 
 
-# Field name -> CLI flag, used in error messages and by the CLI module.
-FLAG_OF_FIELD = {
-    "enabled": "--kv-retrieval",
-    "page_size": "--freekv-page-size",
-    "sink_tokens": "--freekv-sink-tokens",
-    "window_tokens": "--freekv-window-tokens",
-    "select_tokens": "--freekv-select-tokens",
-    "correction_threshold": "--freekv-correction-threshold",
-    "speculative": "--freekv-speculative",
-    "gqa_aggregation": "--freekv-gqa-aggregation",
-    "host_memory_gb": "--freekv-host-memory-gb",
-    "min_context_tokens": "--freekv-min-context-tokens",
-    "gpu_tier_gb": "--freekv-gpu-tier-gb",
-    "kv_storage": "--freekv-kv-storage",
-    "recall": "--freekv-recall",
-    "keep_margin": "--freekv-keep-margin",
-}
+def _setting(default: Any, flag: str, help: str, /, **options: Any) -> Any:
+    """A :class:`FreeKVConfig` field described once: CLI ``flag``, ``help`` (of ``--help``, the docstring and
+    docs/USAGE.md) and other ``add_argument`` options (``type``, ``metavar``, ``choices``, ``action``, a ``default``
+    unlike the field's, ``aliases``: ``{flag: options}`` setting the same dest) for :mod:`freekv_sglang.cli`."""
+    return dataclasses.field(default=default, metadata={"flag": flag, "help": help, "argparse": options})
+
+
+def shown_default(field: dataclasses.Field) -> str:
+    """How a setting's default reads in ``--help`` and the docs (``on``, ``auto`` for ``None``, ``0.9``)."""
+    value = field.metadata["argparse"].get("default", field.default)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "auto" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _threshold_arg(text: str) -> Any:
+    """Argparse type of ``--freekv-correction-threshold``: a float, or ``"off"``."""
+    if text.strip().lower() in CORRECTION_OFF_WORDS:
+        return "off"
+    try:
+        return float(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a number in [-1, 1] or 'off', got {text!r}") from None
 
 
 def dest_of_field(name: str) -> str:
@@ -127,44 +136,64 @@ def _parse_enabled(value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FreeKVConfig:
-    """Effective FreeKV settings (token counts are per request and layer; each KV
-    head selects its own pages within ``select_tokens``).
+    """Effective FreeKV settings (token counts are per request and layer; each KV head selects its own pages
+    within ``select_tokens``). ``enabled`` is ``--kv-retrieval freekv``; ``None`` means off for ``correction_threshold``
+    and auto for ``host_memory_gb``. The list below is rendered from the fields' metadata (:func:`_setting`)."""
 
-    Attributes:
-        enabled: ``--kv-retrieval freekv``.
-        page_size: tokens per KV page; also SGLang's ``--page-size`` when enabled.
-        sink_tokens: leading tokens always kept on the GPU.
-        window_tokens: recent window (a ring of full pages plus the page being filled).
-        select_tokens: budget of selected (retrieved) pages, per KV head.
-        correction_threshold: query-similarity threshold below which speculative
-            selection is corrected; ``None`` turns correction off.
-        speculative: select pages for step t+1 with the query of step t.
-        gqa_aggregation: how query heads of one KV group are combined for scoring.
-        host_memory_gb: pinned host memory for the full KV, GiB; ``None`` = auto.
-        min_context_tokens: requests with shorter contexts run dense.
-        recall: host-to-GPU transfer strategy (``auto`` = ``gather``).
-        gpu_tier_gb: GPU memory (GiB) that extends the host tier with more full-KV pages, filled
-            after the host tier; 0 = none.
-        kv_storage: dtype of the full KV in the tiers: ``auto`` = the model's KV dtype, ``fp8_e4m3`` = FP8
-            (half the bytes, half the recall traffic; working sets and digests see the rounded values).
-        keep_margin: residency hysteresis, in pages: a resident page ranked within the top
-            ``select_tokens / page_size + keep_margin`` stays selected (fewer recalls; 0 = plain top-k).
-    """
-
-    enabled: bool = False
-    page_size: int = 32
-    sink_tokens: int = 512
-    window_tokens: int = 512
-    select_tokens: int = 1024
-    correction_threshold: Optional[float] = 0.9
-    speculative: bool = True
-    gqa_aggregation: str = "mean"
-    host_memory_gb: Optional[float] = None
-    min_context_tokens: int = 0
-    recall: str = "auto"
-    gpu_tier_gb: float = 0.0
-    kv_storage: str = "auto"
-    keep_margin: int = 0
+    enabled: bool = _setting(
+        False, "--kv-retrieval", "KV retrieval method: 'freekv' turns FreeKV on; 'none' leaves SGLang unchanged.",
+        choices=KV_RETRIEVAL_CHOICES, default="none")
+    page_size: int = _setting(
+        32, "--freekv-page-size", f"Tokens per KV page (a power of two, {MIN_PAGE_SIZE}-{MAX_PAGE_SIZE}); also "
+        "becomes SGLang's --page-size.", type=int, metavar="TOKENS")
+    sink_tokens: int = _setting(
+        512, "--freekv-sink-tokens", "Leading (attention-sink) tokens always kept on the GPU; a multiple of the page "
+        "size.", type=int, metavar="TOKENS")
+    window_tokens: int = _setting(
+        512, "--freekv-window-tokens", "Recent window kept on the GPU: a ring of full pages plus the page being "
+        "filled; a multiple of the page size, at least 2 pages.", type=int, metavar="TOKENS")
+    select_tokens: int = _setting(
+        1024, "--freekv-select-tokens", "Budget of selected pages per KV head, in tokens; a multiple of the page "
+        "size, at least 1 page.", type=int, metavar="TOKENS")
+    correction_threshold: Optional[float] = _setting(
+        0.9, "--freekv-correction-threshold", "Query cosine-similarity threshold in [-1, 1] below which a "
+        "speculative selection is corrected (per KV head, before attention); 'off' disables correction.",
+        type=_threshold_arg, metavar="COS|off", aliases={"--freekv-no-correction": dict(
+            action="store_const", const="off", help="Same as --freekv-correction-threshold off.")})
+    speculative: bool = _setting(
+        True, "--freekv-speculative", "Speculative page selection: select pages for the next step with the "
+        "current query, overlapping recall with compute.", action="store_true", aliases={
+            "--freekv-no-speculative": dict(action="store_false", help="Turn speculative page selection off "
+                                            "(select and recall synchronously).")})
+    gqa_aggregation: str = _setting(
+        "mean", "--freekv-gqa-aggregation", "How page scores of the query heads sharing a KV head are combined.",
+        choices=GQA_AGGREGATION_CHOICES)
+    host_memory_gb: Optional[float] = _setting(
+        None, "--freekv-host-memory-gb", "Pinned host memory for the full KV cache of the whole server, in GiB "
+        f"(2^30 bytes); auto = {AUTO_HOST_MEMORY_FRACTION:.0%} of the available RAM minus "
+        f"{AUTO_HOST_MEMORY_RESERVE_BYTES // GIB} GiB. Must not exceed total RAM.", type=float, metavar="GIB")
+    min_context_tokens: int = _setting(
+        0, "--freekv-min-context-tokens", "Requests whose context is shorter run dense. Requests whose context "
+        "fits sink + select + window are exact anyway; larger values are refused (not supported yet).",
+        type=int, metavar="TOKENS")
+    recall: str = _setting(
+        "auto", "--freekv-recall", "Host-to-GPU recall: auto (= gather); gather = device-side gather kernel "
+        "reading pinned host memory (CUDA-graph safe); staged = double-buffered async copies through two staging "
+        "buffers; per-page = one synchronous copy per page (baseline); skip = no transfers, benchmark upper bound "
+        "only, outputs are WRONG.", choices=RECALL_CHOICES)
+    gpu_tier_gb: float = _setting(
+        0.0, "--freekv-gpu-tier-gb", "GPU memory, in GiB, that holds more requests' full KV beside the host tier "
+        "(filled once the host tier is full; recall from it stays on the GPU). Taken from SGLang's KV budget, so "
+        "fewer working sets fit; needs the gather recall. 0 = none.", type=float, metavar="GIB")
+    kv_storage: str = _setting(
+        "auto", "--freekv-kv-storage", "dtype of the full KV cache in the host (and GPU) tier: auto = the model's "
+        "KV dtype; fp8_e4m3 = FP8 (half the memory, so twice the tokens, and half the recall traffic; values "
+        "saturate at +-448, and what attention sees is the rounded K/V).", choices=KV_STORAGE_CHOICES)
+    keep_margin: int = _setting(
+        0, "--freekv-keep-margin", "Residency hysteresis: a page already on the GPU stays selected while it ranks "
+        "within the top (selected pages + PAGES) of its KV head, so fewer pages are recalled per step, at the "
+        "price of attending such a page instead of one ranked just inside the budget; 0 = plain top-k.",
+        type=int, metavar="PAGES")
 
     def __post_init__(self) -> None:
         self._validate()
@@ -390,6 +419,15 @@ class FreeKVConfig:
             + (f" kv_storage={self.kv_storage}" if self.kv_storage != "auto" else "")
             + (f" keep_margin={self.keep_margin}" if self.keep_margin else "")
         )
+
+
+#: Field name -> CLI flag, used in error messages and by the CLI module.
+FLAG_OF_FIELD = {f.name: f.metadata["flag"] for f in dataclasses.fields(FreeKVConfig)}
+if FreeKVConfig.__doc__:  # None under python -OO
+    FreeKVConfig.__doc__ += "\n    Attributes:\n" + "".join(textwrap.fill(
+        f"{f.name} ({f.metadata['flag']}, default {shown_default(f)}): {f.metadata['help']}", 116,
+        initial_indent=" " * 8, subsequent_indent=" " * 12, break_on_hyphens=False) + "\n"
+        for f in dataclasses.fields(FreeKVConfig))
 
 
 def resolve_host_memory_bytes(

@@ -292,3 +292,18 @@ def test_every_flag_is_documented():
     doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "USAGE.md").read_text()
     documented = set(re.findall(r"`(--(?:freekv-[a-z0-9-]+|kv-retrieval))", doc))
     assert flags == documented, (sorted(flags - documented), sorted(documented - flags))
+
+
+def test_usage_flag_table_and_docstring_are_generated():
+    """docs/USAGE.md's flag table is ``flag_table()`` (regenerate: python -c "from freekv_sglang.cli import
+    flag_table; print(flag_table())"), and FreeKVConfig's docstring lists every setting's help text."""
+    import dataclasses
+    import pathlib
+
+    from freekv_sglang.cli import flag_table
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "USAGE.md").read_text()
+    assert flag_table() in doc
+    docstring = " ".join(FreeKVConfig.__doc__.split())
+    for f in dataclasses.fields(FreeKVConfig):
+        assert f"{f.name} ({f.metadata['flag']}, default" in docstring and f.metadata["help"] in docstring, f.name
