@@ -227,10 +227,9 @@ def cuda_graphs_disabled(sa: Any, phases: tuple[str, ...] = ("decode", "prefill"
     if cfg is None or not hasattr(cfg, "decode"):
         return None
     try:
-        Backend = resolve(CUDA_GRAPH_BACKEND)  # noqa: N806
+        disabled = resolve(CUDA_GRAPH_BACKEND).DISABLED
     except (ImportError, AttributeError):
-        Backend = None  # noqa: N806
-    disabled = getattr(Backend, "DISABLED", "disabled") if Backend else "disabled"
+        disabled = "disabled"
     return all(
         getattr(getattr(cfg, phase, None), "backend", None) in (disabled, "disabled")
         for phase in phases

@@ -13,6 +13,7 @@ packages can import it without SGLang.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -72,8 +73,6 @@ def _threshold_arg(text: str) -> Any:
     try:
         return float(text)
     except ValueError:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"expected a number in [-1, 1] or 'off', got {text!r}") from None
 
 
