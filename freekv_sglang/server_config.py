@@ -32,6 +32,7 @@ from freekv_sglang.config import (
     FreeKVConfigError,
     resolve_host_memory_bytes,
 )
+from freekv_sglang.settings import env_name, load_settings
 
 logger = logging.getLogger("freekv_sglang")
 
@@ -154,13 +155,13 @@ def check_requested_args(values: MutableMapping[str, Any], cfg: FreeKVConfig) ->
     _check_args(lambda k, d: values.get(k, d), cfg, resolved=False)
 
 
-OVERLAP_ENV = "FREEKV_EXPERIMENTAL_OVERLAP_SCHEDULE"
+OVERLAP_ENV = env_name("overlap_schedule")
 
 
 def overlap_schedule_allowed() -> bool:
     """``FREEKV_EXPERIMENTAL_OVERLAP_SCHEDULE=1``: leave SGLang's overlap scheduler as configured
     (not yet validated with FreeKV; by default the plugin turns it off)."""
-    return os.environ.get(OVERLAP_ENV, "") == "1"
+    return load_settings().overlap_schedule
 
 
 def apply_base_overrides(values: MutableMapping[str, Any], cfg: FreeKVConfig) -> list[str]:

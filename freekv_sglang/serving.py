@@ -18,6 +18,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from freekv_sglang.settings import child_environ
+
 
 def _post(url: str, body: dict, timeout: float) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -68,7 +70,7 @@ class Server:
         self.log.flush()
         self.started = time.time()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **self.env})
+                                     env=child_environ(self.env))
         return self
 
     def wait_healthy(self, timeout: float | None = None) -> "Server":

@@ -12,7 +12,7 @@ Modules (one op each):
 * :mod:`.recall`       ``recall_selected`` (runtime), ``recall_gather`` (+ staged, per-page)
 * :mod:`.page_table`   ``build_page_table``        FlashInfer metadata of the working sets
 * :mod:`.sparse_decode` ``SparseDecode``           FlashInfer paged decode over the slots
-* :mod:`.xqa_decode`    ``XqaDecode``              FlashInfer's XQA decode kernels over the slots (no plan)
+* :mod:`.xqa_decode`    ``XqaDecode``              FlashInfer's XQA decode kernels over the slots (benchmarks only)
 * :mod:`.split_decode`  ``split_decode_attention`` Triton decode over the slots, split along them (no plan)
 * :mod:`.uva`          zero-copy pinned-memory kernel arguments
 * :mod:`.synthetic_query` ``mix_queries``          benchmark-only synthetic decode queries, one launch
@@ -34,10 +34,10 @@ from .sparse_decode import SparseDecode, sparse_decode_reference
 from .split_decode import SplitDecode, split_decode_attention
 from .stream_read import stream_sum, stream_sum_reference
 from .xqa_decode import XqaDecode, block_table_from_page_table
-from .uva import HostPointer, kernel_arg
+from .uva import kernel_arg
 
 __all__ = [
-    "HostPointer", "SparseDecode", "SplitDecode", "StagedRecall", "XqaDecode", "block_table_from_page_table", "build_page_table",
+    "SparseDecode", "SplitDecode", "StagedRecall", "XqaDecode", "block_table_from_page_table", "build_page_table",
     "build_page_table_reference",
     "kernel_arg", "last_page_len_host", "page_digests_from_rows", "page_digests_from_rows_reference",
     "page_table_indptr_host", "pieces_from_selection", "recall_gather", "recall_gather_reference", "recall_per_page",

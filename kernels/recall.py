@@ -22,8 +22,6 @@ Entries with ``dst_slot < 0`` are skipped. Three strategies, same result:
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .common import (check_gpu_tier, check_head_dim, check_kv_dtype, check_page_size, check_tier_dtype, cdiv,
@@ -346,38 +344,12 @@ if triton is not None:
             tl.store(wv_ptr + dst, vx.to(wv_ptr.dtype.element_ty), mask=m)
 
 
+#: Default grid of :func:`recall_selected` (at most one program per SM): 8 programs already saturate the link,
+#: while every program holds its SM's slot for the whole transfer, which a concurrent compute kernel pays for
+#: (32 measured faster than one per SM inside a decode step, and than 8).
 DEFAULT_RECALL_PROGRAMS = 32
-
-
-def selected_recall_programs(device: torch.device) -> int:
-    """Default grid of :func:`recall_selected`: 32 programs (at most one per SM;
-    ``FREEKV_RECALL_PROGRAMS`` overrides). Measured on an H200: 8 to 1024 programs move an all-missing
-    batch at the same 51 GB/s, while a concurrent matmul slows by 29% beside 16 programs and by 174%
-    beside one per SM (a program holds its SM's slot for the whole transfer). Inside SGLang's decode
-    step 32 programs beat one per SM by 1.04-1.12x at batch 4-16 (docs/BENCHMARKS.md, run D); fewer
-    busy programs were faster still at batch 8-16 in run C (grids of 8 and 16 are to be timed)."""
-    env = os.environ.get("FREEKV_RECALL_PROGRAMS")
-    if not env:
-        return min(DEFAULT_RECALL_PROGRAMS, sm_count(device))
-    if not env.isdigit() or int(env) < 1:
-        raise ValueError(f"FREEKV_RECALL_PROGRAMS must be a positive number of programs, got {env!r}")
-    return int(env)
-
-
 DEFAULT_RECALL_WARPS = 8
 RECALL_WARPS_CHOICES = (1, 2, 4, 8, 16)
-
-
-def selected_recall_warps() -> int:
-    """Warps per program of :func:`recall_selected`: 8 (``FREEKV_RECALL_WARPS`` overrides, one of
-    1, 2, 4, 8, 16). Fewer warps hold fewer registers and warp slots of an SM, which a compute
-    kernel sharing the SM can use; each warp then has more of the tile's loads in flight."""
-    env = os.environ.get("FREEKV_RECALL_WARPS")
-    if not env:
-        return DEFAULT_RECALL_WARPS
-    if not env.isdigit() or int(env) not in RECALL_WARPS_CHOICES:
-        raise ValueError(f"FREEKV_RECALL_WARPS must be one of {RECALL_WARPS_CHOICES}, got {env!r}")
-    return int(env)
 
 
 def recall_selected_pieces(recall_slot, recall_page, req_to_token, rows, *, page_size, slot_base, select_slot0):
@@ -410,8 +382,9 @@ def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
         page_size, slot_base (= slots per row), select_slot0 (= first selected slot in a row).
     Piece ``(b, h, t)`` copies ``host[req_to_token[rows[b], page*P] // P, h]`` into
     ``ws[rows[b]*slot_base + select_slot0 + slot, :, h, :]``. Graph-capturable, no host sync.
-    ``num_programs``: persistent grid size (default :func:`selected_recall_programs`);
-    ``num_warps``: warps per program (default :func:`selected_recall_warps`).
+    ``num_programs``: persistent grid size (default :data:`DEFAULT_RECALL_PROGRAMS`, at most one per SM);
+    ``num_warps``: warps per program, one of :data:`RECALL_WARPS_CHOICES` (default :data:`DEFAULT_RECALL_WARPS`;
+    fewer warps hold fewer of an SM's registers and warp slots, which a compute kernel sharing it can use).
     ``gpu_k``, ``gpu_v``: optional GPU tier ``[n_gpu, Hkv, P, D]`` holding pages ``n_host_pages`` and up.
     """
     if num_warps is not None and num_warps not in RECALL_WARPS_CHOICES:
@@ -427,12 +400,12 @@ def recall_selected(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
     p, d = host_k.shape[2], host_k.shape[3]  # host pages are [n_pages, Hkv, P, D]
     check_head_dim(d)
     check_page_size(p)
-    warps = num_warps or selected_recall_warps()
+    warps = num_warps or DEFAULT_RECALL_WARPS
     # pieces per tile: 16 rows per warp (128-row tiles, 4 pieces at P=32, with the default 8 warps), so a
     # thread holds the same share of the tile whatever the warp count (fewer warps, smaller tiles: no spills)
     ch = min(max(1, 16 * warps // p), next_pow2(k))
     n_chunks = b * hkv * cdiv(k, ch)
-    n_prog = min(n_chunks, num_programs or selected_recall_programs(ws_k.device))
+    n_prog = min(n_chunks, num_programs or min(DEFAULT_RECALL_PROGRAMS, sm_count(ws_k.device)))
     n_iters = cdiv(n_chunks, n_prog)
     _recall_selected_kernel[(n_prog,)](
         kernel_arg(host_k), kernel_arg(host_v), ws_k, ws_v, recall_slot, recall_page, rows, req_to_token,

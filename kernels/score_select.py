@@ -180,33 +180,6 @@ def block_size(max_pages: int, k: int) -> int:
     return max(64, 2 * kb, min(512, next_pow2(cdiv(max_pages, 32))))
 
 
-SCORE_BLOCK_ENV = "FREEKV_SCORE_BLOCK"
-SCORE_WARPS_ENV = "FREEKV_SCORE_WARPS"
-
-
-def score_tuning_from_env(k: int) -> tuple[int | None, int | None]:
-    """``(block_n, num_warps)`` of :func:`score_and_select` from ``FREEKV_SCORE_BLOCK`` (pages per scoring
-    program: a power of two of at least the per-block top-k, at most 1024) and ``FREEKV_SCORE_WARPS``
-    (1, 2, 4 or 8); ``None`` where unset (:func:`launch_shape` chooses). Tuning only: the selection does
-    not depend on them."""
-    import os
-
-    kb = max(16, next_pow2(k))
-    env = os.environ.get(SCORE_BLOCK_ENV)
-    block = None
-    if env:
-        if not env.isdigit() or int(env) < kb or int(env) > 1024 or int(env) & (int(env) - 1):
-            raise ValueError(f"{SCORE_BLOCK_ENV} must be a power of two in [{kb}, 1024], got {env!r}")
-        block = int(env)
-    env = os.environ.get(SCORE_WARPS_ENV)
-    warps = None
-    if env:
-        if env not in ("1", "2", "4", "8"):
-            raise ValueError(f"{SCORE_WARPS_ENV} must be 1, 2, 4 or 8, got {env!r}")
-        warps = int(env)
-    return block, warps
-
-
 PIPELINED_SHAPE = dict(block_n=64, num_warps=2, blocks_per_program=2, num_stages=3)
 
 
@@ -395,7 +368,7 @@ def merge_select(keys, n_ctx, resident, rows, head_mask_u8, recall_slot, recall_
         counter if counter is not None else recall_slot, n_sink, n_window,
         HKV=hkv, K=k, KB=kb, NB=nb, CB=cb, BLOCK_N=block_n, PAGE=page_size,
         HAS_MASK=has_mask, COUNT=counter is not None, MARGIN=margin, KR=max(16, next_pow2(k)),
-        # rows of 2048 keys (128K x 8, two chunks): 12.4 us with 8 warps, 15.3 with 4 (H200, run S)
+        # rows of more than 1024 keys (two chunks or more) merge faster with 8 warps
         num_warps=num_warps or (4 if nb * kb <= 1024 else 8),
     )
 

@@ -15,11 +15,7 @@ tensor into a kernel argument:
 * CUDA tensors and tensors under the Triton interpreter (``TRITON_INTERPRET=1``, everything
   on the CPU) pass through unchanged;
 * a CPU tensor for a real GPU launch must be pinned (checked outside graph capture, for a
-  clear error instead of the launcher's);
-* with ``FREEKV_UVA_WRAP=1`` in the environment the tensor is wrapped in :class:`HostPointer`,
-  a minimal object exposing ``data_ptr()`` and ``dtype`` only (the duck-typed interface
-  Triton uses for pointer arguments). This is the fallback should a Triton version ever
-  refuse CPU *tensors* by their ``device``; the pointer it hands over is the same.
+  clear error instead of the launcher's).
 
 The host memory must stay alive (and pinned) while kernels that use it may run; the callers
 own the host store for the lifetime of the server.
@@ -27,28 +23,9 @@ own the host store for the lifetime of the server.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .common import interpreter_forced
-
-
-class HostPointer:
-    """A pinned host tensor seen as a bare pointer argument (``data_ptr()`` + ``dtype``)."""
-
-    __slots__ = ("_t", "dtype")
-
-    def __init__(self, t: torch.Tensor):
-        self._t = t  # keep the storage alive
-        self.dtype = t.dtype
-
-    def data_ptr(self) -> int:
-        return self._t.data_ptr()
-
-
-def _wrap_requested() -> bool:
-    return os.environ.get("FREEKV_UVA_WRAP", "0") not in ("", "0", "false", "False")
 
 
 def kernel_arg(t: torch.Tensor):
@@ -62,4 +39,4 @@ def kernel_arg(t: torch.Tensor):
             "host tensor passed to a GPU kernel must be pinned (torch.empty(..., pin_memory=True)): "
             "kernels read/write it directly through unified addressing"
         )
-    return HostPointer(t) if _wrap_requested() else t
+    return t

@@ -18,15 +18,12 @@ Modes:
   skip       FreeKV with transfers skipped (upper bound; outputs are wrong)
   freekv-fp8 FreeKV with FP8 tiers; freekv-keepM: with --freekv-keep-margin M (residency hysteresis)
 
-Variants of a FreeKV mode: ``MODE@N`` runs the selected-page recall on a persistent grid of ``N``
-programs (``FREEKV_RECALL_PROGRAMS``), ``MODE+W`` gives each recall program ``W`` warps
-(``FREEKV_RECALL_WARPS``), ``MODE%M`` runs the last ``M`` layers' speculation at the next step's
-start (``FREEKV_DEFER_LAYERS``), ``MODE^1`` offloads prefill layers on a side stream
-(``FREEKV_ASYNC_PREFILL``), ``MODE/S`` runs speculation on ``S`` side streams
-(``FREEKV_SPEC_STREAMS``, 1 or 2), ``MODE:A`` picks the working-set attention kernel (``auto``, the
-default, ``flashinfer``, ``xqa``, ``triton``; ``FREEKV_DECODE_ATTENTION``), ``MODE:flashinfer~K`` splits
-FlashInfer's working-set attention every ``K`` pages (``FREEKV_DECODE_SPLIT_PAGES``), e.g. ``freekv@32``,
-``freekv@16+2`` or ``freekv@16/1:flashinfer~8``.
+Variants of a FreeKV mode (``launch/bench_variants.py``): ``MODE@N`` runs the selected-page recall on a
+persistent grid of ``N`` programs (``FREEKV_RECALL_PROGRAMS``), ``MODE+W`` gives each recall program ``W``
+warps (``FREEKV_RECALL_WARPS``), ``MODE^1`` offloads prefill layers on a side stream
+(``FREEKV_ASYNC_PREFILL``), ``MODE:A`` picks the working-set attention kernel (``auto``, the default,
+``triton``, ``flashinfer``; ``FREEKV_DECODE_ATTENTION``), e.g. ``freekv@32``, ``freekv@16+2`` or
+``freekv@16:flashinfer``.
 
 Cells that do not fit are skipped by SGLang's benchmark (its token pool bounds batch x context):
 dense's token pool is sized for the largest cell (``--max-total-tokens``; SGLang's memory fraction
@@ -85,15 +82,15 @@ MODES = {
 
 def mode_args(base: str) -> list[str]:
     """SGLang arguments of a base mode; ``freekv-keepM`` is ``freekv`` with ``--freekv-keep-margin M``."""
-    from freekv_sglang.runtime.variants import keep_margin_of
+    from bench_variants import keep_margin_of
 
     plain, keep = keep_margin_of(base)
     return MODES[plain] + (["--freekv-keep-margin", str(keep)] if keep else [])
 
 
 def parse_mode(name: str) -> tuple[str, dict]:
-    """``"freekv@32/1"`` -> ``("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1"})``."""
-    from freekv_sglang.runtime.variants import keep_margin_of, parse_variant
+    """``"freekv@32+2"`` -> ``("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_RECALL_WARPS": "2"})``."""
+    from bench_variants import keep_margin_of, parse_variant
 
     try:
         base, env = parse_variant(name)
@@ -315,12 +312,11 @@ def relaunch_plan(batch_sizes, contexts, done, skipped):
 def run_mode(mode: str, a, out_dir: str) -> list[dict]:
     """All cells of one mode: SGLang's one-batch benchmark in a fresh process (``--worker``), relaunched
     (at most ``a.relaunches`` times) for the cells after one that crashed it."""
-    from freekv_sglang.runtime.variants import apply_variant_env
+    from bench_variants import apply_variant_env
 
     base, mode_env = parse_mode(mode)
     safe = mode
-    for sep, tag in (("/", "-s"), ("@", "-g"), ("+", "-w"), ("%", "-d"), ("^", "-a"), ("~", "-k"), ("#", "-b"),
-                     (":", "-")):
+    for sep, tag in (("@", "-g"), ("+", "-w"), ("^", "-a"), (":", "-")):
         safe = safe.replace(sep, tag)
     res = os.path.join(out_dir, f"one_batch-{safe}.jsonl")
     if os.path.exists(res):

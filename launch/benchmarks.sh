@@ -14,7 +14,7 @@
 #   overlap    bench_overlap: SGLang's overlap scheduler on/off, served end to end
 #   qwen       bench_decode at 32K on the Qwen2.5-7B shape
 #   attention  bench_decode at 32K, batch 1 and 8: the working-set attention kernels (the Triton split decode, the
-#              default; FlashInfer paged decode; FlashInfer's XQA) against dense, two interleaved rounds (median, spread)
+#              default; FlashInfer paged decode) against dense, two interleaved rounds (median, spread)
 # Each writes its log, JSON, Markdown table and plot under $OUT/<section>/.
 set -uo pipefail
 OUT="${OUT:-bench-out}"
@@ -58,7 +58,7 @@ for s in "${sections[@]}"; do
         --contexts 32000 --batch-sizes 1 4 8 16 --modes dense freekv sync arkvale skip --timeout 200 --out "$OUT/qwen" \
         -- --tokenizer-path "$MODEL" ;;
     attention) run attention "${BD[@]}" --contexts 32000 --batch-sizes 1 8 --rounds 2 \
-        --modes dense freekv freekv:flashinfer freekv:xqa --timeout 200 --out "$OUT/attention" ;;
+        --modes dense freekv freekv:flashinfer --timeout 200 --out "$OUT/attention" ;;
     *) echo "unknown section $s (kernels decode32k long capacity overlap qwen attention)"; exit 2 ;;
   esac
   rc=$?

@@ -20,9 +20,8 @@ the worst case for FreeKV). Keys are random.
 
 Variants: ``freekv`` (defaults), ``freekv-keepM`` (residency hysteresis of ``M`` pages), ``sync``
 (speculation off), ``skip`` (no host transfers);
-``name@N`` runs the selected-page recall on a persistent grid of ``N`` programs; ``name/1`` runs
-speculation on one side stream (``FREEKV_SPEC_STREAMS=1``; the default is two: selection, then recall);
-``name~K`` splits the working-set attention every ``K`` pages (see ``freekv_sglang/runtime/variants.py``).
+``name@N`` runs the selected-page recall on a persistent grid of ``N`` programs, ``name+W`` with ``W`` warps
+each, ``name:A`` with working-set attention kernel ``A`` (see ``launch/bench_variants.py``).
 ``--profile`` adds a torch.profiler table of CUDA kernels per step for each variant at the
 largest batch.
 
@@ -34,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +46,8 @@ from bench_kernels import graph_ms  # noqa: E402  (also makes freekv_sglang impo
 from freekv_sglang.algorithm import WorkingSetLayout  # noqa: E402
 from freekv_sglang.runtime.engine import FreeKVRuntime, RuntimeSettings  # noqa: E402
 from freekv_sglang.runtime.sizing import ModelShape  # noqa: E402
-from freekv_sglang.runtime.variants import apply_variant_env, keep_margin_of, parse_variant  # noqa: E402
+from freekv_sglang.settings import load_settings  # noqa: E402
+from bench_variants import apply_variant_env, keep_margin_of, parse_variant  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -98,9 +99,8 @@ class Case:
 
     def __init__(self, args, variant: str, bs: int):
         self.args, self.bs = args, bs
-        # "freekv@64": recall grid of 64 programs; "freekv/1": one side stream; "freekv:flashinfer~8": KV split
+        # "freekv@64": recall grid of 64 programs; "freekv:flashinfer": FlashInfer's attention
         variant, env = parse_variant(variant)
-        apply_variant_env(env)
         L, hq, hkv, d = args.layers, args.q_heads, args.kv_heads, args.head_dim
         dtype = torch.bfloat16
         P = args.page_size
@@ -121,7 +121,8 @@ class Case:
             raise ValueError(f"unknown variant base {variant!r}: freekv, freekv-keepM, sync or skip")
         settings = RuntimeSettings(lay, "mean", 0.9, variant != "sync", "skip" if variant == "skip" else "gather",
                                    keep_margin=keep)
-        self.rt = FreeKVRuntime(self.shape, settings, n_pages, R, self.r2t, max_batch=bs, device=DEV)
+        self.rt = FreeKVRuntime(self.shape, settings, n_pages, R, self.r2t, max_batch=bs, device=DEV,
+                                env=load_settings(apply_variant_env(env, dict(os.environ))))
         self.scale = 1 / math.sqrt(d)
         self.rows = torch.arange(1, bs + 1, device=DEV)
         self.lens = [args.context] * bs

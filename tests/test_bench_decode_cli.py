@@ -16,12 +16,10 @@ def bench():
 
 def test_mode_variants(bench):
     assert bench.parse_mode("freekv") == ("freekv", {})
-    assert bench.parse_mode("freekv@32/1") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_SPEC_STREAMS": "1"})
+    assert bench.parse_mode("freekv@32+2") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_RECALL_WARPS": "2"})
     assert bench.parse_mode("sync@16") == ("sync", {"FREEKV_RECALL_PROGRAMS": "16"})
-    assert bench.parse_mode("freekv:flashinfer~8")[1] == {"FREEKV_DECODE_ATTENTION": "flashinfer",
-                                                         "FREEKV_DECODE_SPLIT_PAGES": "8"}
-    assert bench.parse_mode("freekv#64:xqa")[1] == {"FREEKV_SCORE_BLOCK": "64", "FREEKV_DECODE_ATTENTION": "xqa"}
-    for bad in ("dense@16", "freekv@0", "freekv@x", "freekv/3", "quest", "freekv#48", "freekv:cudnn"):
+    assert bench.parse_mode("freekv-keep4:flashinfer")[1] == {"FREEKV_DECODE_ATTENTION": "flashinfer"}
+    for bad in ("dense@16", "freekv@0", "freekv@x", "freekv/1", "quest", "freekv#64", "freekv:cudnn", "freekv:xqa"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.parse_mode(bad)
 

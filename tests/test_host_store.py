@@ -39,7 +39,6 @@ def test_pageable_store_views_layers_and_halves():
     assert s.buffer is None
 
 
-def test_unknown_allocator_is_refused(monkeypatch):
-    monkeypatch.setenv(host_store.HOST_ALLOC_ENV, "cudaHostAlloc")
+def test_unknown_allocator_is_refused():
     with pytest.raises(ValueError, match="FREEKV_HOST_ALLOC"):
-        host_store._allocate((2, 3), torch.bfloat16, pin=True)
+        host_store._allocate((2, 3), torch.bfloat16, pin=True, how="cudaHostAlloc")

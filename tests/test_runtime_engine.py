@@ -18,11 +18,12 @@ from freekv_sglang.algorithm import LayerState, RetrievalSettings, WorkingSetLay
 from freekv_sglang.runtime.engine import FreeKVRuntime, RuntimeSettings
 from freekv_sglang.kernels.common import fp8_roundtrip
 from freekv_sglang.runtime.sizing import ModelShape
+from freekv_sglang.settings import EnvSettings
 
 
 def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean", group=3, head_dim=16,
                           prompt_lens=(13, 30, 7, 45), rows=(2, 1, 4, 5), steps=24, seed=0, atol=2e-5,
-                          offload_api=False, gpu_pages=0, page_size=4, kv_fp8=False, keep_margin=0):
+                          offload_api=False, gpu_pages=0, page_size=4, kv_fp8=False, keep_margin=0, env=EnvSettings()):
     g = torch.Generator().manual_seed(seed)
     L, hkv = 2, 2
     hq = hkv * group
@@ -43,7 +44,7 @@ def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean"
     req_to_token = req_to_token.to(device)
     # with gpu_pages, the highest-numbered pages are the GPU tier's (the rows' random pages use both tiers)
     rt = FreeKVRuntime(shape, settings, n_pages - gpu_pages, R, req_to_token, max_batch=8, device=device,
-                       n_gpu_pages=gpu_pages)
+                       n_gpu_pages=gpu_pages, env=env)
     scale = 1 / math.sqrt(head_dim)
     B = len(rows)
     rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
@@ -95,9 +96,7 @@ def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean"
                 want = ref[l][b].decode(q[b], keys[l][b], vals[l][b], scale)
                 torch.testing.assert_close(out[b].float().cpu(), want, atol=atol, rtol=atol,
                                            msg=lambda m: f"step {t} layer {l} request {b}: {m}")
-                if l < rt.defer_from:  # a deferred layer selects for the next step at that step's start
-                    got_res = rt.resident[l, rows[b]].cpu()
-                    assert torch.equal(got_res, ref[l][b].resident), (t, l, b)
+                assert torch.equal(rt.resident[l, rows[b]].cpu(), ref[l][b].resident), (t, l, b)
         rt.finish_decode_step()
     return rt, ref
 
@@ -147,16 +146,6 @@ def test_runtime_budget_covers_context_is_dense_cpu():
             assert not any(s.sparse for s in st.stats)
 
 
-@pytest.mark.parametrize("defer", [1, 2])
-def test_deferred_speculation_matches_reference_cpu(defer, monkeypatch):
-    """FREEKV_DEFER_LAYERS: the last layers' speculation runs at the next step's start; every output
-    still equals the spec's (which speculates right after attention)."""
-    monkeypatch.setenv("FREEKV_DEFER_LAYERS", str(defer))
-    rt, ref = run_against_reference("cpu", torch.float32, speculative=True, tau=0.9)
-    assert rt.defer_from == 2 - defer
-    assert sum(s.corrected_heads for row in ref for st in row for s in st.stats) > 0
-
-
 def test_prefill_offload_entry_matches_reference_cpu():
     """The backend's one-call prefill per layer (store + digests + first working set) on the CPU."""
     run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, steps=6, offload_api=True)
@@ -184,35 +173,19 @@ def test_decode_attention_auto_prefers_the_split_decode_where_it_fits():
             resolve_attention_kernel("triton", cuda, page, dim, dt)
         assert resolve_attention_kernel("triton", cpu, page, dim, dt) == "triton"  # the reference runs
         assert resolve_attention_kernel("flashinfer", cuda, page, dim, dt) == "flashinfer"
-    assert resolve_attention_kernel("xqa", cuda, 32, 128, torch.bfloat16) == "xqa"
     assert resolve_attention_kernel("auto", cpu, 8, 128, torch.bfloat16) == "flashinfer"  # a label only, off CUDA
-    with pytest.raises(ValueError, match="must be one of"):
-        resolve_attention_kernel("cudnn", cuda)
 
 
-def test_decode_attention_default_and_split_pages_warning(monkeypatch, caplog):
+def test_decode_attention_default_and_choice():
     from freekv_sglang.runtime.attention import WorkingSetAttention
 
-    monkeypatch.delenv("FREEKV_DECODE_ATTENTION", raising=False)
     assert WorkingSetAttention(torch.device("cpu"), 2, 6, page_size=32, head_dim=64,
                                dtype=torch.bfloat16).kernel == "triton"
-    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", "")  # empty: the default
-    monkeypatch.setenv("FREEKV_DECODE_SPLIT_PAGES", "4")
-    with caplog.at_level("WARNING", logger="freekv_sglang.runtime.attention"):
-        att = WorkingSetAttention(torch.device("cpu"), 2, 6, page_size=32, head_dim=64, dtype=torch.bfloat16)
-    assert att.kernel == "triton" and "FREEKV_DECODE_SPLIT_PAGES=4 is ignored" in caplog.text
-
-
-def test_decode_attention_kernel_env_is_validated(monkeypatch):
-    from freekv_sglang.runtime.attention import WorkingSetAttention
-
-    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", "cudnn")
-    with pytest.raises(ValueError, match="FREEKV_DECODE_ATTENTION"):
-        WorkingSetAttention(torch.device("cpu"), 2, 6)
-    for kernel in ("xqa", "triton"):  # CPU: the reference attention either way
-        monkeypatch.setenv("FREEKV_DECODE_ATTENTION", kernel)
-        run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, steps=4, page_size=16,
-                              prompt_lens=(200, 300, 90), rows=(2, 1, 4))
+    for kernel in ("flashinfer", "triton"):  # CPU: the reference attention either way
+        rt, _ = run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, steps=4, page_size=16,
+                                      prompt_lens=(200, 300, 90), rows=(2, 1, 4),
+                                      env=EnvSettings(decode_attention=kernel))
+        assert rt.attention.kernel == kernel
 
 
 @pytest.mark.parametrize("gpu_pages,offload_api", [(0, False), (60, True)])
@@ -225,27 +198,23 @@ def test_runtime_with_fp8_tiers_matches_reference_cpu(gpu_pages, offload_api):
     assert sum(s.corrected_heads for row in ref for st in row for s in st.stats) > 0
 
 
-def test_gpu_tier_needs_the_gather_recall():
+def test_byte_copy_recalls_need_bf16_tiers_and_no_gpu_tier():
+    """The staged and per-page recalls copy host-tier bytes: a GPU tier or FP8 tiers are refused (before the
+    host tier is allocated), as the CLI refuses them (config.check_recall), and so is an unknown strategy."""
     lay = WorkingSetLayout(page_size=4, n_sink=1, n_select=3, n_window=2)
     shape = ModelShape(2, 4, 2, 16, torch.float32)
     r2t = torch.zeros((3, 64), dtype=torch.int32)
     for how in ("staged", "per-page"):
-        with pytest.raises(ValueError, match="gather"):
+        with pytest.raises(ValueError, match="a GPU tier needs --freekv-recall gather"):
             FreeKVRuntime(shape, RuntimeSettings(lay, "mean", 0.9, True, how), 10, 2, r2t, max_batch=2,
                           device="cpu", n_gpu_pages=4)
-
-
-def test_deferred_layers_env_is_validated(monkeypatch):
-    from freekv_sglang.runtime.engine import deferred_layers_from_env
-
-    monkeypatch.delenv("FREEKV_DEFER_LAYERS", raising=False)
-    assert deferred_layers_from_env(32) == 0
-    for bad in ("-1", "33", "x", "1.5"):
-        monkeypatch.setenv("FREEKV_DEFER_LAYERS", bad)
-        with pytest.raises(ValueError, match="FREEKV_DEFER_LAYERS"):
-            deferred_layers_from_env(32)
-    monkeypatch.setenv("FREEKV_DEFER_LAYERS", "16")
-    assert deferred_layers_from_env(32) == 16
+        with pytest.raises(ValueError, match="FP8 tiers need --freekv-recall gather"):
+            FreeKVRuntime(shape, RuntimeSettings(lay, "mean", 0.9, True, how, kv_fp8=True), 10, 2, r2t, max_batch=2,
+                          device="cpu")
+        rt = FreeKVRuntime(shape, RuntimeSettings(lay, "mean", 0.9, True, how), 10, 2, r2t, max_batch=2, device="cpu")
+        assert rt.recall.name == "gather"  # off CUDA the host copies do not exist: the gather runs instead
+    with pytest.raises(ValueError, match="unknown recall strategy"):
+        FreeKVRuntime(shape, RuntimeSettings(lay, "mean", 0.9, True, "dma"), 10, 2, r2t, max_batch=2, device="cpu")
 
 
 def test_runtime_with_triton_kernels_under_interpreter():

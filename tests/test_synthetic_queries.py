@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from freekv_sglang.runtime.synthetic import ENV, SyntheticQueries, cosine_from_env
+from freekv_sglang.runtime.synthetic import SyntheticQueries
 
 
 @pytest.mark.parametrize("cosine", [0.5, 0.9, 0.99])
@@ -17,12 +17,3 @@ def test_consecutive_queries_have_the_requested_cosine(cosine):
     assert abs(float(cos.mean()) - cosine) < 0.05
     assert q1.dtype == torch.float32 and q1.shape == (3, 16, 128)
 
-
-def test_env_parsing(monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
-    assert cosine_from_env() is None
-    monkeypatch.setenv(ENV, "0.95")
-    assert cosine_from_env() == 0.95
-    monkeypatch.setenv(ENV, "1.5")
-    with pytest.raises(ValueError, match=ENV):
-        cosine_from_env()

@@ -11,23 +11,21 @@ Kernels (``FREEKV_DECODE_ATTENTION``):
   device table directly: no host-side plan, one code path for eager and CUDA-graph steps;
 - ``flashinfer``: FlashInfer's paged decode wrapper, whose host-side plan needs the host copies of
   ``indptr`` and ``last_page_len`` (:meth:`plan`); for CUDA graphs each captured batch size gets
-  its own wrapper with static buffers, as SGLang's own backend does;
-- ``xqa``: FlashInfer's XQA kernels over a block table derived on the GPU.
+  its own wrapper with static buffers, as SGLang's own backend does.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from freekv_sglang.algorithm.attention import paged_attention
+from freekv_sglang.settings import env_name
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_ENV = "FREEKV_DECODE_ATTENTION"
-ATTENTION_KERNELS = ("auto", "flashinfer", "xqa", "triton")
+ATTENTION_ENV = env_name("decode_attention")
 
 
 def split_decode_unsupported(page_size: int | None, head_dim: int | None, dtype: torch.dtype | None) -> str | None:
@@ -43,12 +41,10 @@ def split_decode_unsupported(page_size: int | None, head_dim: int | None, dtype:
 
 def resolve_attention_kernel(requested: str, device: torch.device, page_size: int | None = None,
                              head_dim: int | None = None, dtype: torch.dtype | None = None) -> str:
-    """The kernel ``FREEKV_DECODE_ATTENTION=requested`` runs: ``auto`` becomes ``triton`` (the fastest over
-    working sets of a few thousand tokens, docs/BENCHMARKS.md) where the Triton split decode fits the shapes
-    and Triton imports, else ``flashinfer``. An explicit ``triton`` that cannot serve the shapes on CUDA is an
-    error (off CUDA the plain-torch reference runs whatever is asked)."""
-    if requested not in ATTENTION_KERNELS:
-        raise ValueError(f"{ATTENTION_ENV} must be one of {ATTENTION_KERNELS}, got {requested!r}")
+    """The kernel ``FREEKV_DECODE_ATTENTION=requested`` (``auto``, ``triton`` or ``flashinfer``) runs: ``auto``
+    becomes ``triton`` (the fastest over working sets of a few thousand tokens, docs/BENCHMARKS.md) where the
+    Triton split decode fits the shapes and Triton imports, else ``flashinfer``. An explicit ``triton`` that
+    cannot serve the shapes on CUDA is an error (off CUDA the plain-torch reference runs whatever is asked)."""
     why = split_decode_unsupported(page_size, head_dim, dtype)
     if requested == "triton" and why is not None and device.type == "cuda":
         raise ValueError(f"{ATTENTION_ENV}=triton cannot serve {why}; use {ATTENTION_ENV}=flashinfer")
@@ -79,11 +75,12 @@ class WorkingSetAttention:
         workspace: FlashInfer float workspace to share (CUDA).
         page_size, head_dim, dtype: the working sets' shapes, for ``auto``'s choice (and to refuse an
             explicit ``triton`` that cannot serve them); ``None``: not checked.
+        kernel: ``FREEKV_DECODE_ATTENTION`` (``auto``, ``triton`` or ``flashinfer``).
     """
 
     def __init__(self, device: torch.device, max_batch: int, slots_per_request: int,
                  workspace: torch.Tensor | None = None, *, page_size: int | None = None,
-                 head_dim: int | None = None, dtype: torch.dtype | None = None):
+                 head_dim: int | None = None, dtype: torch.dtype | None = None, kernel: str = "auto"):
         self.device = device
         self.slots = slots_per_request
         self.workspace = workspace
@@ -93,21 +90,14 @@ class WorkingSetAttention:
                               torch.ones(max_batch, dtype=torch.int32, device=device))
         self.eager = None
         self.graph_wrappers = {}
-        self.kernel = resolve_attention_kernel(os.environ.get(ATTENTION_ENV) or "auto", device, page_size,
-                                               head_dim, dtype)
-        self.xqa = None
+        self.kernel = resolve_attention_kernel(kernel, device, page_size, head_dim, dtype)
         self.split = None  # the Triton split decode (kernel "triton", auto's choice where it fits)
         if device.type == "cuda":
             from freekv_sglang.kernels.sparse_decode import SparseDecode
 
             self._cls = SparseDecode
             self.eager = SparseDecode(device=device, workspace=workspace)
-            if self.kernel == "xqa":
-                from freekv_sglang.kernels.xqa_decode import XqaDecode
-
-                self.xqa = XqaDecode(device, max_batch, slots_per_request)
-                logger.info("%s=xqa: working-set attention through FlashInfer's XQA kernels", ATTENTION_ENV)
-            elif self.kernel == "triton":
+            if self.kernel == "triton":
                 from freekv_sglang.kernels.split_decode import SplitDecode
 
                 # its scratch in the FlashInfer wrapper's float workspace, which this choice leaves idle
@@ -116,30 +106,17 @@ class WorkingSetAttention:
                             "paged decode)", ATTENTION_ENV)
         self.active = None
         self._tables = None
-        # optional fixed KV split of FlashInfer's plan, in pages (unset: FlashInfer chooses); eager
-        # steps only (SparseDecode refuses it for CUDA-graph wrappers)
-        split = os.environ.get("FREEKV_DECODE_SPLIT_PAGES")
-        self.split_pages = int(split) if split else None
-        if self.split_pages is not None and self.split_pages < 1:
-            raise ValueError(f"FREEKV_DECODE_SPLIT_PAGES must be a positive page count, got {split}")
-        if self.split_pages is not None and self.kernel != "flashinfer":
-            logger.warning("FREEKV_DECODE_SPLIT_PAGES=%d is ignored: it splits FlashInfer's paged decode, and the "
-                           "working-set attention is %s (%s=flashinfer to use it)", self.split_pages, self.kernel,
-                           ATTENTION_ENV)
-        elif self.split_pages is not None:
-            logger.info("FREEKV_DECODE_SPLIT_PAGES=%d applies to eager decode steps; CUDA-graph steps keep "
-                        "FlashInfer's own split", self.split_pages)
 
     @property
     def _planned_on_host(self) -> bool:
         """FlashInfer's paged decode wrapper needs a host-side plan and, for CUDA graphs,
-        a wrapper with static buffers per batch size; XQA and the split decode read the eager table."""
-        return self.xqa is None and self.split is None
+        a wrapper with static buffers per batch size; the split decode reads the eager table."""
+        return self.split is None
 
     @property
     def needs_host_tables(self) -> bool:
         """Whether :meth:`plan` reads the host ``indptr`` / ``last_page_len`` (FlashInfer's wrapper and the
-        CPU reference do; XQA and the split decode read the device table, so a step can skip them)."""
+        CPU reference do; the split decode reads the device table, so a step can skip them)."""
         return self.eager is None or self._planned_on_host
 
     def _graph_wrapper(self, bs: int):
@@ -160,12 +137,6 @@ class WorkingSetAttention:
         ip, idx, lpl = self.eager_buffers
         return ip[: bs + 1], idx, lpl[:bs]
 
-    def finish_device(self, bs: int, page_size: int) -> None:
-        """Device work after the page table is filled (graph-recordable): XQA's block table and lengths."""
-        if self.xqa is not None:
-            ip, idx, lpl = self.eager_buffers
-            self.xqa.fill(ip[: bs + 1], idx, lpl[:bs], page_size)
-
     def plan(self, bs: int, indptr_host: torch.Tensor | None, last_page_len_host: torch.Tensor | None, *, graph: bool,
              num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype):
         """Host-side plan of a step (outside CUDA graphs).
@@ -183,13 +154,13 @@ class WorkingSetAttention:
             idx = self.eager_buffers[1].tolist()
             self._tables = ([idx[ip[b]:ip[b + 1]] for b in range(bs)], last_page_len_host.tolist())
             return
-        if not self._planned_on_host:  # XQA / the split decode read the device table: no host plan
-            self.active = self.xqa if self.xqa is not None else self.split
+        if not self._planned_on_host:  # the split decode reads the device table: no host plan
+            self.active = self.split
             return
         w = self._graph_wrapper(bs) if graph else self.eager
         indices = w.kv_indices if graph else self.eager_buffers[1]
         w.plan(indptr_host, indices, last_page_len_host, num_qo_heads, num_kv_heads, head_dim, page_size,
-               dtype, dtype, split_pages=None if graph else self.split_pages)
+               dtype, dtype)
         self.active = w
 
     def __call__(self, q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -38,20 +37,17 @@ from freekv_sglang.kernels.digests import page_digests_from_rows
 from freekv_sglang.kernels.common import fp8_roundtrip
 from freekv_sglang.kernels.kv_store import store_kv_host
 from freekv_sglang.kernels.page_table import build_page_table, last_page_len_host, page_table_indptr_host
-from freekv_sglang.kernels.recall import (recall_gather, recall_per_page, recall_selected, recall_selected_pieces,
-                                          recall_staged)
-from freekv_sglang.kernels.score_select import score_and_select, score_tuning_from_env, selection_scratch_size
+from freekv_sglang.kernels.score_select import score_and_select, selection_scratch_size
+from freekv_sglang.settings import EnvSettings, env_name
 
 from .attention import WorkingSetAttention
 from .host_store import HostKVStore
+from .recall import make_recall
 from .stats import DecodeStats, Totals
 from .sizing import ModelShape, digest_bytes_per_page, host_bytes_per_page, working_set_bytes_per_row
-from .synthetic import ENV as SYNTHETIC_ENV
-from .synthetic import SyntheticQueries, cosine_from_env
+from .synthetic import SyntheticQueries
 
 logger = logging.getLogger(__name__)
-
-RECALL_STRATEGIES = ("gather", "staged", "per-page", "skip")
 
 
 @dataclass(frozen=True)
@@ -62,15 +58,11 @@ class RuntimeSettings:
     gqa_aggregation: str = "mean"
     correction_threshold: float | None = 0.9
     speculative: bool = True
-    recall: str = "gather"
+    recall: str = "gather"  # a strategy of runtime/recall.py
     kv_fp8: bool = False  # the tiers hold FP8 e4m3 K/V; working sets and digests see the same rounded values
     keep_margin: int = 0  # residency hysteresis in pages (kernels.score_select.score_and_select ``margin``)
 
     def __post_init__(self):
-        if self.recall not in RECALL_STRATEGIES:
-            raise ValueError(f"unknown recall strategy {self.recall!r}; choose one of {RECALL_STRATEGIES}")
-        if self.kv_fp8 and self.recall in ("staged", "per-page"):
-            raise ValueError(f"FP8 KV tiers need the gather recall, not {self.recall!r}")
         if not 0 <= self.keep_margin <= self.layout.n_select:
             raise ValueError(f"keep_margin must be in [0, {self.layout.n_select}] pages, got {self.keep_margin}")
 
@@ -88,7 +80,7 @@ class DecodeStep:
 
 
 #: Persistent grid of the asynchronous prefill offload (FREEKV_ASYNC_PREFILL=1): as the recall's, a few
-#: programs keep the link busy (bench_kernels: 8 programs read pinned memory at the full rate).
+#: programs keep the link busy (8 programs already read pinned memory at the full rate).
 ASYNC_OFFLOAD_PROGRAMS = 32
 
 
@@ -107,13 +99,15 @@ class FreeKVRuntime:
         max_batch: largest decode batch (fixed scratch sizes for CUDA graphs).
         device: torch device of the working sets.
         workspace: FlashInfer workspace buffer to share (CUDA only; a new one if None).
+        env: the ``FREEKV_*`` variables (:func:`freekv_sglang.settings.load_settings`; default: their defaults).
     """
 
     def __init__(self, shape: ModelShape, settings: RuntimeSettings, n_host_pages: int, max_rows: int,
                  req_to_token: torch.Tensor, max_batch: int, device: torch.device | str,
-                 workspace: torch.Tensor | None = None, n_gpu_pages: int = 0):
+                 workspace: torch.Tensor | None = None, n_gpu_pages: int = 0, env: EnvSettings = EnvSettings()):
         self.shape = shape
         self.settings = settings
+        self.env = env
         self.layout = lay = settings.layout
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
@@ -127,13 +121,12 @@ class FreeKVRuntime:
         P, S = lay.page_size, lay.slots
 
         tier_dt = torch.float8_e4m3fn if settings.kv_fp8 else dt  # dtype of the full KV (host and GPU tiers)
-        self.host = HostKVStore(L, n_host_pages, hkv, P, d, tier_dt, pin=self.is_cuda)
-        dev = self.device
         if n_gpu_pages < 0:
             raise ValueError(f"n_gpu_pages must be >= 0, got {n_gpu_pages}")
-        if n_gpu_pages and settings.recall in ("staged", "per-page"):
-            raise ValueError(f"a GPU tier needs the gather recall, not {settings.recall!r}")
         self.n_gpu_pages = n_gpu_pages
+        self.recall = make_recall(settings.recall, self, programs=env.recall_programs, warps=env.recall_warps)
+        self.host = HostKVStore(L, n_host_pages, hkv, P, d, tier_dt, pin=self.is_cuda, alloc=env.host_alloc)
+        dev = self.device
         # GPU tier: more full-KV pages, same layout as the host tier's, numbered after them
         self.gpu_tier = (torch.zeros((L, 2, n_gpu_pages, hkv, P, d), dtype=tier_dt, device=dev) if n_gpu_pages
                          else None)
@@ -143,9 +136,7 @@ class FreeKVRuntime:
         self.q_prev = torch.zeros((L, max_rows + 1, hq, d), dtype=dt, device=dev)
         self.q_valid = torch.zeros((L, max_rows + 1, hkv), dtype=torch.bool, device=dev)
         # selection scratch: one for the correction on the compute stream, one for the side stream
-        self.score_block, self.score_warps = score_tuning_from_env(lay.n_select + settings.keep_margin)
-        n_keys = selection_scratch_size(max_batch, hkv, self.max_pages, lay.n_select, self.score_block,
-                                        settings.keep_margin)
+        n_keys = selection_scratch_size(max_batch, hkv, self.max_pages, lay.n_select, margin=settings.keep_margin)
         self.keys_main = torch.empty(n_keys, dtype=torch.int64, device=dev)
         self.keys_side = torch.empty_like(self.keys_main)
         self.head_ids = torch.arange(hkv, device=dev)
@@ -155,37 +146,23 @@ class FreeKVRuntime:
         self.stats_counter = DecodeStats(dev, L * hkv, lay.slots * P)
         self.counters = self.stats_counter.gpu
         # decode steps between statistics log lines (0: never); each line covers its interval
-        self.log_every = int(os.environ.get("FREEKV_LOG_STATS_EVERY", "2000"))
+        self.log_every = env.log_stats_every
         self._logged = Totals()
 
-        cos = cosine_from_env()
+        cos = env.bench_query_cosine
         self.synthetic = SyntheticQueries(L, hq, d, cos, dev) if cos is not None else None
         if self.synthetic is not None:
             logger.warning("%s=%s: decode queries are replaced by synthetic ones with that consecutive cosine; "
-                           "generated tokens are meaningless (benchmarks only)", SYNTHETIC_ENV, cos)
+                           "generated tokens are meaningless (benchmarks only)", env_name("bench_query_cosine"), cos)
 
         # Speculation runs after each layer's attention on two side streams: selection on one,
         # recall on the other (after an event recorded after that layer's selection), so layer
-        # l+1's selection overlaps layer l's transfer. FREEKV_SPEC_STREAMS=1 runs both on one.
-        spec_streams = int(os.environ.get("FREEKV_SPEC_STREAMS", "2"))
-        if spec_streams not in (1, 2):
-            raise ValueError(f"FREEKV_SPEC_STREAMS must be 1 or 2, got {spec_streams}")
+        # l+1's selection overlaps layer l's transfer.
         side = self.is_cuda and settings.speculative
         self.side_stream = torch.cuda.Stream(device=dev) if side else None
-        self.recall_stream = torch.cuda.Stream(device=dev) if side and spec_streams == 2 else self.side_stream
+        self.recall_stream = torch.cuda.Stream(device=dev) if side else None
         self.attn_done = [torch.cuda.Event() for _ in range(L)] if side else None
-        two = side and self.recall_stream is not self.side_stream
-        self.select_done = [torch.cuda.Event() for _ in range(L)] if two else None
-        # Deferred speculation (FREEKV_DEFER_LAYERS=m): the last m layers' speculative selection and
-        # recall run at the start of the next decode step instead of after their attention, so their
-        # transfers overlap that step's first layers rather than waiting at the end of this one (a
-        # CUDA graph must join its side streams before it ends). Same selection: it uses the per-row
-        # previous query, context and speculation mask, none of which changes in between.
-        n_defer = deferred_layers_from_env(L) if settings.speculative else 0
-        self.defer_from = L - n_defer
-        self.spec_row = torch.zeros((L, max_rows + 1, hkv), dtype=torch.bool, device=dev) if n_defer else None
-        self.defer_done = [torch.cuda.Event() for _ in range(L)] if side and n_defer else None
-        self.step_start = torch.cuda.Event() if side and n_defer else None
+        self.select_done = [torch.cuda.Event() for _ in range(L)] if side else None
         # recall lists (int32 slot, page): one set for the compute stream, one per layer for the
         # speculative pass (a layer's lists stay valid until its recall ran on the recall stream)
         self.main_lists = torch.empty((2, max_batch, hkv, lay.n_select), dtype=torch.int32, device=dev)
@@ -193,16 +170,16 @@ class FreeKVRuntime:
                            if side else None)
         self.step: DecodeStep | None = None
         self.attention = WorkingSetAttention(self.device, max_batch, S, workspace=workspace, page_size=P,
-                                             head_dim=d, dtype=dt)
+                                             head_dim=d, dtype=dt, kernel=env.decode_attention)
         # FREEKV_ASYNC_PREFILL=1: a prefill layer's offload to the host tier and its digests / first
         # working set run on a side stream while the next layers compute (joined by finish_prefill)
-        self.prefill_stream = torch.cuda.Stream(device=dev) if self.is_cuda and async_prefill_from_env() else None
+        self.prefill_stream = torch.cuda.Stream(device=dev) if self.is_cuda and env.async_prefill else None
 
     # ------------------------------------------------------------------ sizes
     @property
     def gpu_bytes(self) -> int:
         parts = (self.ws, self.digests, self.resident, self.q_prev, self.q_valid, self.keys_main, self.keys_side,
-                 self.main_lists, self.side_lists, self.spec_row, self.gpu_tier)
+                 self.main_lists, self.side_lists, self.gpu_tier)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     def used_bytes(self, n_requests: int, tokens_each: int) -> tuple[int, int]:
@@ -232,45 +209,17 @@ class FreeKVRuntime:
         store_kv_host(self.host.k(layer), self.host.v(layer), k, v, loc, num_programs=num_programs,
                       **self.tier_kw(layer))
 
-    # ------------------------------------------------------------------ recall
-    def _recall_pieces(self, layer: int, host_page: torch.Tensor, dst_slot: torch.Tensor, head: torch.Tensor) -> None:
-        """Recall a flat piece list with the configured strategy."""
-        how = self.settings.recall
-        if how == "skip":
-            return
-        hk, hv = self.host.k(layer), self.host.v(layer)
-        wk, wv = self.layer_slots(layer)
-        if how == "gather" or not self.is_cuda:
-            recall_gather(hk, hv, wk, wv, host_page, dst_slot, head, **self.tier_kw(layer))
-        elif how == "staged":
-            recall_staged(hk, hv, wk, wv, host_page, dst_slot, head)
-        else:
-            recall_per_page(hk, hv, wk, wv, host_page, dst_slot, head)
-
-    def _recall_selection(self, layer: int, r_slot: torch.Tensor, r_page: torch.Tensor, rows: torch.Tensor) -> None:
-        """Recall what a selection listed (default: one gather kernel straight from the lists)."""
-        lay = self.layout
-        kw = dict(page_size=lay.page_size, slot_base=lay.slots, select_slot0=lay.n_sink)
-        how = self.settings.recall
-        if how == "skip":
-            return
-        if how == "gather" or not self.is_cuda:
-            wk, wv = self.layer_slots(layer)
-            recall_selected(self.host.k(layer), self.host.v(layer), wk, wv, r_slot, r_page, self.req_to_token,
-                            rows, **kw, **self.tier_kw(layer))
-        else:
-            self._recall_pieces(layer, *recall_selected_pieces(r_slot, r_page, self.req_to_token, rows, **kw))
-
+    # ------------------------------------------------------------------ selection + recall
     def _select_and_recall(self, layer: int, q: torch.Tensor, rows: torch.Tensor, n_ctx: torch.Tensor,
                            head_mask: torch.Tensor | None, keys: torch.Tensor,
-                           counter: torch.Tensor | None = None, q_index: torch.Tensor | None = None) -> None:
-        """Select with ``q [B,Hq,D]`` (or ``q[q_index]``) over the candidates of ``n_ctx`` for the
+                           counter: torch.Tensor | None = None) -> None:
+        """Select with ``q [B,Hq,D]`` over the candidates of ``n_ctx`` for the
         heads in ``head_mask`` (all if None), update their resident sets in place, recall what is
         missing. ``counter`` (an int64 scalar view) accumulates the recalled pieces of real rows."""
         b = rows.shape[0]
         r_slot, r_page = self.main_lists[0, :b], self.main_lists[1, :b]
-        self._select(layer, q, rows, n_ctx, head_mask, keys, counter, q_index, r_slot, r_page)
-        self._recall_selection(layer, r_slot, r_page, rows)
+        self._select(layer, q, rows, n_ctx, head_mask, keys, counter, None, r_slot, r_page)
+        self.recall.recall_selection(layer, r_slot, r_page, rows)
 
     def _select(self, layer: int, q: torch.Tensor, rows: torch.Tensor, n_ctx: torch.Tensor,
                 head_mask: torch.Tensor | None, keys: torch.Tensor, counter: torch.Tensor | None,
@@ -280,8 +229,7 @@ class FreeKVRuntime:
         score_and_select(q, self.digests[layer], self.req_to_token, rows, n_ctx, head_mask, self.resident[layer],
                          lay.n_select, r_slot, r_page, counter, max_pages=self.max_pages, page_size=lay.page_size,
                          n_sink=lay.n_sink, n_window=lay.n_window, aggregation=self.settings.gqa_aggregation,
-                         q_index=q_index, keys=keys, block_n=self.score_block, num_warps=self.score_warps,
-                         margin=self.settings.keep_margin)
+                         q_index=q_index, keys=keys, margin=self.settings.keep_margin)
 
     # ------------------------------------------------------------------ prefill
     def prefill_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
@@ -332,7 +280,7 @@ class FreeKVRuntime:
             host_page = self.req_to_token[r, idx[1] * P].long() // P
             dst_slot = r * lay.slots + idx[2]
             hkv = self.shape.n_kv_heads
-            self._recall_pieces(layer, host_page.repeat_interleave(hkv), dst_slot.repeat_interleave(hkv),
+            self.recall.recall_pieces(layer, host_page.repeat_interleave(hkv), dst_slot.repeat_interleave(hkv),
                                 self.head_ids.repeat(len(rr)))
         # 3. selected pages, chosen with the last prompt token's query for context n0 + 1
         last = torch.tensor([s + n0 - 1 for s, n0 in zip(starts, prompt_lens)], dtype=torch.int64)
@@ -343,8 +291,6 @@ class FreeKVRuntime:
             sl = slice(i, i + self.max_batch)
             self._select_and_recall(layer, q_last[sl], rows[sl], n1[sl], None, self.keys_main)
         self.q_valid[layer].index_fill_(0, rows, False)
-        if self.spec_row is not None:  # nothing deferred from the row's previous request
-            self.spec_row[layer].index_fill_(0, rows, False)
 
     def prefill_layer_offload(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               rows: torch.Tensor, prompt_lens: list[int], loc: torch.Tensor) -> None:
@@ -389,7 +335,6 @@ class FreeKVRuntime:
         digest_row0 = torch.where(complete, cur_slot * P, torch.full_like(cur_slot, -1))
         indptr, indices, last = self.attention.device_buffers(b, graph)
         build_page_table(n, rows, indptr, indices, last, layout=lay, slot_base=lay.slots)
-        self.attention.finish_device(b, P)
         self.step = DecodeStep(rows, n, n + 1, cur_slot, (n - 1) % P, digest_row0)
         return self.step
 
@@ -401,7 +346,7 @@ class FreeKVRuntime:
         self.stats_counter.count_step(sl)
         if self.log_every and self.stats_counter.steps % self.log_every == 0:
             self._log_stats()
-        host = self.attention.needs_host_tables  # the split decode and XQA plan nothing on the host
+        host = self.attention.needs_host_tables  # the split decode plans nothing on the host
         self.attention.plan(bs, page_table_indptr_host(sl, lay) if host else None,
                             last_page_len_host(sl, lay) if host else None, graph=graph, num_qo_heads=sh.n_q_heads,
                             num_kv_heads=sh.n_kv_heads, head_dim=sh.head_dim, page_size=lay.page_size, dtype=sh.dtype)
@@ -424,10 +369,6 @@ class FreeKVRuntime:
         """
         st, cfg = self.step, self.settings
         b = q.shape[0]
-        if layer == 0 and self.spec_row is not None:
-            self._deferred_speculation(st)
-        if layer >= self.defer_from and self.defer_done is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.defer_done[layer])
         if self.synthetic is not None:
             q = self.synthetic.apply(layer, q, st.rows)
         wk, wv = self.layer_slots(layer)
@@ -443,11 +384,8 @@ class FreeKVRuntime:
         # 3. attention over the working set (sink + selected + window)
         o = self.attention(q, wk, wv, scale)
         # 4. speculative selection + recall for the next step, on the side stream, for the heads
-        #    whose pages the correction did not already choose with q_t (see decode_prologue);
-        #    a deferred layer keeps that mask per row for the next step's start
-        if cfg.speculative and layer >= self.defer_from:
-            self.spec_row[layer].index_copy_(0, st.rows, spec)
-        elif cfg.speculative:
+        #    whose pages the correction did not already choose with q_t (see decode_prologue)
+        if cfg.speculative:
             if self.side_stream is not None:
                 self.attn_done[layer].record()
                 self.side_stream.wait_event(self.attn_done[layer])
@@ -457,42 +395,20 @@ class FreeKVRuntime:
         return o
 
     def _speculate_on_side_streams(self, layer: int, rows: torch.Tensor, n_ctx: torch.Tensor,
-                                   head_mask: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
+                                   head_mask: torch.Tensor) -> None:
         """Speculative selection with the rows' previous query (``q_prev``) over the candidates of
         ``n_ctx [B]`` for the heads in ``head_mask [B, Hkv]``, on the side stream, then the recall of
-        its per-layer lists on the recall stream (after the selection); ``done`` is recorded after the
-        recall. The caller orders the side stream after what the selection reads."""
+        its per-layer lists on the recall stream (after the selection). The caller orders the side
+        stream after what the selection reads."""
         b = rows.shape[0]
-        sel = self.select_done[layer] if self.select_done is not None else None
         r_slot, r_page = self.side_lists[0, layer, :b], self.side_lists[1, layer, :b]
         with torch.cuda.stream(self.side_stream):
             self._select(layer, self.q_prev[layer], rows, n_ctx, head_mask, self.keys_side, self.counters[3],
                          rows, r_slot, r_page)
-            if sel is not None:
-                sel.record()
-        if sel is not None:
-            self.recall_stream.wait_event(sel)
+            self.select_done[layer].record()
+        self.recall_stream.wait_event(self.select_done[layer])
         with torch.cuda.stream(self.recall_stream):
-            self._recall_selection(layer, r_slot, r_page, rows)
-            if done is not None:
-                done.record()
-
-    def _deferred_speculation(self, st: DecodeStep) -> None:
-        """Speculative selection + recall of the deferred layers, for this step, at its start (see
-        ``FREEKV_DEFER_LAYERS``): per layer with the rows' previous query over this step's context,
-        for the heads their last step marked; layer ``l``'s attention waits for its recall."""
-        L = self.shape.n_layers
-        if self.side_stream is None:  # CPU: in order, on the compute stream
-            for layer in range(self.defer_from, L):
-                self._select_and_recall(layer, self.q_prev[layer], st.rows, st.n, self.spec_row[layer][st.rows],
-                                        self.keys_side, self.counters[3], q_index=st.rows)
-            return
-        self.step_start.record()
-        self.side_stream.wait_event(self.step_start)
-        with torch.cuda.stream(self.side_stream):
-            masks = self.spec_row[self.defer_from:][:, st.rows]  # [m, B, Hkv], one gather for all layers
-        for i, layer in enumerate(range(self.defer_from, L)):
-            self._speculate_on_side_streams(layer, st.rows, st.n, masks[i], self.defer_done[layer])
+            self.recall.recall_selection(layer, r_slot, r_page, rows)
 
     @property
     def piece_bytes(self) -> int:
@@ -525,28 +441,10 @@ class FreeKVRuntime:
         if self.side_stream is not None:
             cur = torch.cuda.current_stream(self.device)
             cur.wait_stream(self.side_stream)
-            if self.recall_stream is not self.side_stream:
-                cur.wait_stream(self.recall_stream)
+            cur.wait_stream(self.recall_stream)
 
     def close(self):
         self.host.close()
-
-
-def deferred_layers_from_env(n_layers: int) -> int:
-    """``FREEKV_DEFER_LAYERS``: how many of the last layers defer their speculation to the next step's
-    start (0, the default: none; at most ``n_layers``)."""
-    env = os.environ.get("FREEKV_DEFER_LAYERS", "0")
-    if not env.isdigit() or int(env) > n_layers:
-        raise ValueError(f"FREEKV_DEFER_LAYERS must be a number of layers from 0 to {n_layers}, got {env!r}")
-    return int(env)
-
-
-def async_prefill_from_env() -> bool:
-    """``FREEKV_ASYNC_PREFILL``: ``1`` offloads each prefill layer on a side stream, ``0`` (default) in line."""
-    env = os.environ.get("FREEKV_ASYNC_PREFILL", "0")
-    if env not in ("0", "1"):
-        raise ValueError(f"FREEKV_ASYNC_PREFILL must be 0 or 1, got {env!r}")
-    return env == "1"
 
 
 def default_scale(head_dim: int) -> float:

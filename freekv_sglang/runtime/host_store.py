@@ -7,11 +7,10 @@ padding page that absorbs writes of padded batch entries.
 
 On a CUDA machine the buffer is page-locked with ``cudaHostRegister`` so that GPU kernels can
 read and write it directly. By default it is an anonymous mapping faulted in by many threads
-(:func:`map_host_memory`, then ``cudaHostRegister``: 32 GiB in 1.6 s on an H200 host, 21.8 GB/s);
-``FREEKV_HOST_ALLOC=sglang`` takes SGLang's host-pool allocator instead (one thread populates it:
-32 GiB in 49 s on the same host), and the default falls back to it if the mapping or its
-page-locking fails. Neither goes through the caching host allocator, which would round the size up
-to a power of two.
+(:func:`map_host_memory`, then ``cudaHostRegister``: about 30x faster than one thread);
+``FREEKV_HOST_ALLOC=sglang`` takes SGLang's host-pool allocator instead (one thread populates it),
+and the default falls back to it if the mapping or its page-locking fails. Neither goes through the
+caching host allocator, which would round the size up to a power of two.
 """
 
 from __future__ import annotations
@@ -27,13 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from freekv_sglang import compat
+from freekv_sglang.settings import env_name, load_settings
 
 logger = logging.getLogger(__name__)
 
-
-HOST_ALLOC_ENV = "FREEKV_HOST_ALLOC"
-#: ``bench_kernels.py --sections hostalloc`` (H200 host, 32 GiB): parallel 1.6 s, sglang 48.9 s
-DEFAULT_HOST_ALLOC = "parallel"
+HOST_ALLOC_ENV = env_name("host_alloc")
 _HUGE = 2 * 2**20
 
 
@@ -80,15 +77,14 @@ def _unregister(t: torch.Tensor) -> None:
         logger.warning("cudaHostUnregister of the FreeKV host tier failed (rc=%d)", int(rc))
 
 
-def _allocate(shape: tuple, dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, str]:
+def _allocate(shape: tuple, dtype: torch.dtype, pin: bool, how: str) -> tuple[torch.Tensor, str]:
     """The host buffer and how it was made: ``"pageable"``, ``"parallel"`` (:func:`map_host_memory` +
     ``cudaHostRegister``), ``"sglang"`` (SGLang's host-pool allocator + ``cudaHostRegister``) or
     ``"torch"`` (``pin_memory=True``, when SGLang is absent)."""
     if not pin:
         return torch.empty(shape, dtype=dtype), "pageable"
-    how = os.environ.get(HOST_ALLOC_ENV, DEFAULT_HOST_ALLOC)
     if how not in ("parallel", "sglang"):
-        raise ValueError(f"{HOST_ALLOC_ENV} must be 'parallel' or 'sglang', got {how!r}")
+        raise ValueError(f"unknown host allocator {how!r} ({HOST_ALLOC_ENV}: parallel or sglang)")
     if how == "parallel":
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         try:
@@ -111,16 +107,17 @@ class HostKVStore:
         n_layers, n_pages, n_kv_heads, page_size, head_dim: sizes (``n_pages`` includes page 0).
         dtype: KV dtype.
         pin: page-lock the buffer (needs CUDA).
+        alloc: how a pinned buffer is made, ``"parallel"`` or ``"sglang"`` (default: ``FREEKV_HOST_ALLOC``).
     """
 
     def __init__(self, n_layers: int, n_pages: int, n_kv_heads: int, page_size: int, head_dim: int,
-                 dtype: torch.dtype, pin: bool):
+                 dtype: torch.dtype, pin: bool, alloc: str | None = None):
         self.shape = (n_layers, 2, n_pages, n_kv_heads, page_size, head_dim)
         self.n_pages = n_pages
         self.page_size = page_size
         self.pinned = pin
         t0 = time.perf_counter()
-        self.buffer, self.allocator = _allocate(self.shape, dtype, pin)
+        self.buffer, self.allocator = _allocate(self.shape, dtype, pin, alloc or load_settings().host_alloc)
         # unpin before the memory goes back to the OS: a later allocation at the same address
         # could otherwise not be registered again
         self._finalizer = weakref.finalize(self, _release, self.buffer, self.allocator)

@@ -101,6 +101,8 @@ def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, r
                     req_to_token_pool=req_to_token_pool)
     if self.use_mla_backend or is_dsa_model or is_dsv4_model or self.is_hybrid_swa:
         raise NotImplementedError("FreeKV supports dense multi-head / grouped-query attention models only")
+    from freekv_sglang.settings import load_settings
+
     from .engine import FreeKVRuntime
     from .pool import FreeKVTokenToKVPool
 
@@ -130,7 +132,7 @@ def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, r
     runtime = FreeKVRuntime(shape, _settings(cfg), n_host_pages=n_host,
                             max_rows=rows, req_to_token=req_to_token_pool.req_to_token, max_batch=max_batch,
                             device=torch.device(self.device, self.gpu_id) if self.device == "cuda" else self.device,
-                            workspace=workspace, n_gpu_pages=n_pages - n_host)
+                            workspace=workspace, n_gpu_pages=n_pages - n_host, env=load_settings())
     pool.runtime = runtime
     runtime.row_pool = req_to_token_pool
     global _RUNTIME

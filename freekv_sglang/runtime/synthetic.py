@@ -13,23 +13,10 @@ the replaced queries: **generated tokens are meaningless**; never set it when se
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-ENV = "FREEKV_BENCH_QUERY_COSINE"
 ROW_SLOTS = 64  # distinct directions per layer; rows share them modulo this
-
-
-def cosine_from_env() -> float | None:
-    """The requested cosine in (0, 1], or None when the variable is unset or empty."""
-    raw = os.environ.get(ENV, "").strip()
-    if not raw:
-        return None
-    c = float(raw)
-    if not 0.0 < c <= 1.0:
-        raise ValueError(f"{ENV} must be in (0, 1], got {raw!r}")
-    return c
 
 
 class SyntheticQueries:

@@ -72,21 +72,6 @@ def test_store_rejects_pageable_host():
         K.store_kv_host(hk, hk.clone(), k, k, torch.zeros(1, dtype=torch.int64, device=DEV))
 
 
-def test_store_uva_wrapper(monkeypatch):
-    """The HostPointer fallback (FREEKV_UVA_WRAP=1) hands Triton the same memory."""
-    monkeypatch.setenv("FREEKV_UVA_WRAP", "1")
-    g = _gen(2)
-    hk, hv = _pinned_nan(4, 2, 16, 64, dtype=torch.bfloat16), _pinned_nan(4, 2, 16, 64, dtype=torch.bfloat16)
-    assert isinstance(K.kernel_arg(hk), K.HostPointer)
-    k, v = _randn(g, 20, 2, 64, dtype=torch.bfloat16), _randn(g, 20, 2, 64, dtype=torch.bfloat16)
-    loc = torch.arange(20, device=DEV) * 3
-    K.store_kv_host(hk, hv, k, v, loc)
-    torch.cuda.synchronize()
-    rk, rv = _pinned_nan(4, 2, 16, 64, dtype=torch.bfloat16), _pinned_nan(4, 2, 16, 64, dtype=torch.bfloat16)
-    K.store_kv_host_reference(rk, rv, k, v, loc)
-    assert _same(hk, rk) and _same(hv, rv)
-
-
 # ---------------------------------------------------------------------------------- digests
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HEAD_DIMS)
@@ -246,18 +231,6 @@ def test_recall_gpu_tier_behind_a_large_host_tier(method):
     torch.cuda.synchronize()
     assert int((~ws[2].isnan()).sum()) == n * p * d * (hkv if method == "recall_selected" else 1)
     assert _same(ws[0], ws[2]) and _same(ws[1], ws[3])
-
-
-def test_recall_gather_uva_wrapper(monkeypatch):
-    monkeypatch.setenv("FREEKV_UVA_WRAP", "1")
-    g = _gen(8)
-    hk, hv, n_slots, page, slot, head = _recall_problem(g, torch.float16, 16, 4, 64, 100)
-    wk = torch.full((n_slots, 16, 4, 64), float("nan"), dtype=torch.float16, device=DEV)
-    wv = wk.clone()
-    rk, rv = wk.clone(), wv.clone()
-    K.recall_gather(hk, hv, wk, wv, page, slot, head)
-    K.recall_reference(hk, hv, rk, rv, page, slot, head)
-    assert _same(wk, rk) and _same(wv, rv)
 
 
 def test_pieces_from_selection_gpu():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from freekv_sglang.settings import EnvSettings
 from test_runtime_engine import run_against_reference
 
 
@@ -19,37 +20,19 @@ def test_runtime_matches_reference_gpu(dtype, group, head_dim, speculative, tau)
 
 
 @pytest.mark.parametrize("group,head_dim", [(4, 128), (7, 64)])
-def test_one_speculation_stream_matches_reference_gpu(group, head_dim, monkeypatch):
-    """Selection and recall of the speculative pass on one side stream (FREEKV_SPEC_STREAMS=1; default 2)."""
-    monkeypatch.setenv("FREEKV_SPEC_STREAMS", "1")
-    run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group, head_dim=head_dim,
-                          atol=2e-2)
-
-
-@pytest.mark.parametrize("streams,defer", [("2", "1"), ("2", "2"), ("1", "1")])
-def test_deferred_speculation_matches_reference_gpu(streams, defer, monkeypatch):
-    """FREEKV_DEFER_LAYERS: the deferred layers' selection and recall run on the side streams at the next
-    step's start, and their attention waits for them."""
-    monkeypatch.setenv("FREEKV_SPEC_STREAMS", streams)
-    monkeypatch.setenv("FREEKV_DEFER_LAYERS", defer)
-    run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=128, atol=2e-2)
-
-
-@pytest.mark.parametrize("group,head_dim", [(4, 128), (7, 64)])
-def test_async_prefill_matches_reference_gpu(group, head_dim, monkeypatch):
+def test_async_prefill_matches_reference_gpu(group, head_dim):
     """FREEKV_ASYNC_PREFILL=1: each prefill layer's offload, digests and first working set run on the
     prefill stream while the next layers are queued; decoding afterwards still follows the spec."""
-    monkeypatch.setenv("FREEKV_ASYNC_PREFILL", "1")
-    run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group, head_dim=head_dim,
-                          atol=2e-2, offload_api=True, steps=8)
+    rt, _ = run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group,
+                                  head_dim=head_dim, atol=2e-2, offload_api=True, steps=8,
+                                  env=EnvSettings(async_prefill=True))
+    assert rt.prefill_stream is not None
 
 
-@pytest.mark.parametrize("defer", ["0", "1"])
-def test_decode_layer_has_no_host_sync(defer, monkeypatch):
+def test_decode_layer_has_no_host_sync():
     """A decode step of the runtime must not synchronise the host (CUDA-graph prerequisite)."""
     import freekv_sglang.runtime.engine as eng
 
-    monkeypatch.setenv("FREEKV_DEFER_LAYERS", defer)
     calls = {}
     orig = eng.FreeKVRuntime.decode_layer
 
@@ -78,24 +61,14 @@ def test_runtime_with_gpu_tier_matches_reference_gpu(offload_api):
     assert rt.gpu_tier.is_cuda and rt.host.buffer.is_pinned()
 
 
-@pytest.mark.parametrize("group,head_dim", [(4, 128), (3, 64)])
-def test_xqa_attention_matches_reference_gpu(group, head_dim, monkeypatch):
-    """FREEKV_DECODE_ATTENTION=xqa: the working-set attention through FlashInfer's XQA kernels (page 32,
-    the kernels the XQA kernel test compiles)."""
-    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", "xqa")
-    rt, _ = run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group,
-                                  head_dim=head_dim, atol=2e-2, page_size=32, prompt_lens=(300, 500, 90, 800))
-    assert rt.attention.xqa is not None
-
-
 @pytest.mark.parametrize("kernel", ["triton", "flashinfer"])
 @pytest.mark.parametrize("group,head_dim", [(4, 128), (3, 64)])
-def test_named_attention_kernel_matches_reference_gpu(group, head_dim, kernel, monkeypatch):
+def test_named_attention_kernel_matches_reference_gpu(group, head_dim, kernel):
     """FREEKV_DECODE_ATTENTION=triton (the Triton split decode, auto's choice at these shapes) and
     =flashinfer (FlashInfer's paged decode wrapper, planned on the host each step)."""
-    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", kernel)
     rt, _ = run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group,
-                                  head_dim=head_dim, atol=2e-2, page_size=32, prompt_lens=(300, 500, 90, 800))
+                                  head_dim=head_dim, atol=2e-2, page_size=32, prompt_lens=(300, 500, 90, 800),
+                                  env=EnvSettings(decode_attention=kernel))
     assert rt.attention.kernel == kernel and (rt.attention.split is not None) == (kernel == "triton")
     assert rt.attention.needs_host_tables == (kernel == "flashinfer")
 

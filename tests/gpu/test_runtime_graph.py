@@ -11,21 +11,18 @@ import torch
 from freekv_sglang.algorithm import WorkingSetLayout
 from freekv_sglang.runtime.engine import FreeKVRuntime, RuntimeSettings
 from freekv_sglang.runtime.sizing import ModelShape
+from freekv_sglang.settings import EnvSettings
 
 
-def make_runtime(shape, lay, req_to_token, n_pages, rows_cap, speculative=True):
+def make_runtime(shape, lay, req_to_token, n_pages, rows_cap, speculative=True, attention="auto"):
     settings = RuntimeSettings(lay, "mean", 0.9, speculative, "gather")
-    return FreeKVRuntime(shape, settings, n_pages, rows_cap, req_to_token, max_batch=8, device="cuda")
+    return FreeKVRuntime(shape, settings, n_pages, rows_cap, req_to_token, max_batch=8, device="cuda",
+                         env=EnvSettings(decode_attention=attention))
 
 
-@pytest.mark.parametrize("bs_real,bs_graph,streams,defer,attention", [
-    *[(r, g, s, "0", "flashinfer") for r, g in ((3, 4), (4, 4), (5, 8)) for s in ("1", "2")],
-    (3, 4, "2", "2", "flashinfer"), (5, 8, "2", "2", "flashinfer"), (5, 8, "1", "1", "flashinfer"),
-    (5, 8, "2", "0", "xqa"), (5, 8, "2", "0", "triton")])
-def test_graph_replay_matches_eager(bs_real, bs_graph, streams, defer, attention, monkeypatch):
-    monkeypatch.setenv("FREEKV_SPEC_STREAMS", streams)
-    monkeypatch.setenv("FREEKV_DEFER_LAYERS", defer)  # the last layers speculate at the next step's start
-    monkeypatch.setenv("FREEKV_DECODE_ATTENTION", attention)  # XQA: its block table is filled inside the graph
+@pytest.mark.parametrize("bs_real,bs_graph,attention", [
+    (3, 4, "flashinfer"), (4, 4, "flashinfer"), (5, 8, "flashinfer"), (3, 4, "triton"), (5, 8, "triton")])
+def test_graph_replay_matches_eager(bs_real, bs_graph, attention):
     torch.manual_seed(0)
     L, hq, hkv, d = 3, 8, 2, 128
     dtype = torch.bfloat16
@@ -40,8 +37,8 @@ def test_graph_replay_matches_eager(bs_real, bs_graph, streams, defer, attention
         pages = perm[(r - 1) * per_row: r * per_row]
         r2t[r] = (pages[:, None] * lay.page_size + torch.arange(lay.page_size)).flatten()[:max_ctx].int()
     r2t = r2t.cuda()
-    eager = make_runtime(shape, lay, r2t, n_pages, R)
-    graphed = make_runtime(shape, lay, r2t, n_pages, R)
+    eager = make_runtime(shape, lay, r2t, n_pages, R, attention=attention)
+    graphed = make_runtime(shape, lay, r2t, n_pages, R, attention=attention)
     scale = 1 / math.sqrt(d)
 
     # static inputs; padded entries use the padding row 0 with a 1-token history at slot 0
