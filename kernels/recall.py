@@ -17,7 +17,7 @@ Entries with ``dst_slot < 0`` are skipped. Three strategies, same result:
   (strided) slot rows (``cudaMemcpy2DAsync`` through :mod:`.host_copy`), then a stream sync.
   Eager only.
 
-:func:`pieces_from_selection` turns the selection outputs into a flat, compacted piece list.
+:func:`recall_selected_pieces` turns the selection outputs into a flat, compacted piece list.
 """
 
 from __future__ import annotations
@@ -257,16 +257,15 @@ def recall_per_page(host_k: torch.Tensor, host_v: torch.Tensor, ws_k: torch.Tens
     stream.synchronize()
 
 
-def pieces_from_selection(recall_slot: torch.Tensor, recall_page: torch.Tensor, n_recall: torch.Tensor | None,
-                          req_to_token: torch.Tensor, req_pool_idx: torch.Tensor, *, page_size: int, slot_base: int,
-                          select_slot0: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat, compacted piece list from the residency update (torch ops, no host sync, graph-safe).
+def recall_selected_pieces(recall_slot: torch.Tensor, recall_page: torch.Tensor, req_to_token: torch.Tensor,
+                           rows: torch.Tensor, *, page_size: int, slot_base: int,
+                           select_slot0: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flat, compacted piece list of :func:`recall_selected` (torch ops, no host sync, graph-safe).
 
     Args:
-        recall_slot, recall_page: int ``[B, Hkv, k]`` from :func:`.select.select_and_diff`
-            (selected-slot index in ``[0, k)`` and logical page; ``-1`` = none).
-        n_recall: int ``[B, Hkv]`` (unused: the ``-1`` padding already marks the pairs).
-        req_to_token: int32 ``[R+1, max_ctx]``; req_pool_idx: int ``[B]``.
+        recall_slot, recall_page: int ``[B, Hkv, k]`` selected-slot index in ``[0, k)`` and logical page
+            (``-1`` = none), as :func:`.select.select_update` writes them.
+        req_to_token: int32 ``[R+1, max_ctx]``; rows: int ``[B]`` request rows.
         page_size: ``P``; slot_base: slots per request row in the working set (row ``r``
             owns slots ``[r * slot_base, (r+1) * slot_base)``); select_slot0: first
             selected slot within a row (``layout.n_sink``).
@@ -274,19 +273,18 @@ def pieces_from_selection(recall_slot: torch.Tensor, recall_page: torch.Tensor, 
         ``(host_page, dst_slot, head)`` int32 ``[B * Hkv * k]``: the valid pieces first, in
         ``(b, h, t)`` order, then ``-1`` entries (compacting spreads the work evenly over
         the gather kernel's programs), with
-        ``dst_slot = req_pool_idx[b] * slot_base + select_slot0 + recall_slot[b, h, t]``,
-        ``host_page = req_to_token[req_pool_idx[b], recall_page[b, h, t] * P] // P``,
-        ``head = h``.
+        ``dst_slot = rows[b] * slot_base + select_slot0 + recall_slot[b, h, t]``,
+        ``host_page = req_to_token[rows[b], recall_page[b, h, t] * P] // P``, ``head = h``.
     """
-    del n_recall
+    recall_slot, recall_page = recall_slot.long(), recall_page.long()
     b, hkv, k = recall_slot.shape
     n = b * hkv * k
     valid = recall_slot >= 0
-    rows = req_pool_idx.long().view(b, 1, 1).expand(b, hkv, k)
-    page = torch.where(valid, recall_page.long(), torch.zeros_like(recall_page, dtype=torch.long))
+    rows = rows.long().view(b, 1, 1).expand(b, hkv, k)
+    page = torch.where(valid, recall_page, torch.zeros_like(recall_page))
     tok = req_to_token[rows, page * page_size].long()
     heads = torch.arange(hkv, device=recall_slot.device).view(1, hkv, 1).expand(b, hkv, k)
-    vals = torch.stack([tok // page_size, rows * slot_base + select_slot0 + recall_slot.long(), heads]).view(3, n)
+    vals = torch.stack([tok // page_size, rows * slot_base + select_slot0 + recall_slot, heads]).view(3, n)
     vflat = valid.reshape(n)
     dest = torch.where(vflat, torch.cumsum(vflat, 0) - 1, torch.full_like(vflat, n, dtype=torch.long))
     out = torch.full((3, n + 1), -1, dtype=torch.long, device=recall_slot.device)
@@ -350,12 +348,6 @@ if triton is not None:
 DEFAULT_RECALL_PROGRAMS = 32
 DEFAULT_RECALL_WARPS = 8
 RECALL_WARPS_CHOICES = (1, 2, 4, 8, 16)
-
-
-def recall_selected_pieces(recall_slot, recall_page, req_to_token, rows, *, page_size, slot_base, select_slot0):
-    """The flat ``(host_page, dst_slot, head)`` lists of :func:`recall_selected` (torch ops)."""
-    return pieces_from_selection(recall_slot.long(), recall_page.long(), None, req_to_token, rows,
-                                 page_size=page_size, slot_base=slot_base, select_slot0=select_slot0)
 
 
 def recall_selected_reference(host_k, host_v, ws_k, ws_v, recall_slot, recall_page, req_to_token, rows, *,

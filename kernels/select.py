@@ -5,139 +5,24 @@ Semantics are exactly :func:`algorithm.selection.topk_pages` followed by
 keep their slot, missing pages (ascending) go to the free slots (ascending), and only the
 missing ``(slot, page)`` pairs are listed for recall. Fixed shapes, ``-1`` padding.
 
-GPU path: ``torch.topk`` (capturable, no host sync) plus one Triton program per
-(request, KV head) row that sorts the chosen pages and does the whole residency update in
-registers, replacing the ~40 small torch kernels of the reference (which matter once per
-layer per step). The reference itself is also free of host syncs and capturable.
+GPU path of :func:`select_update` (the runtime's selection over a score tensor, for the GQA
+aggregations the fused :mod:`.score_select` does not cover): ``torch.topk`` (capturable, no host
+sync) plus one Triton program per (request, KV head) row that sorts the chosen pages and does the
+whole residency update in registers (:func:`_residency_row`, shared with the fused merge),
+replacing the ~40 small torch kernels of the reference. The reference itself is also free of host
+syncs and capturable.
 """
 
 from __future__ import annotations
 
 import torch
 
-from freekv_sglang.algorithm.selection import ResidencyUpdate, residency_update, topk_pages
+from freekv_sglang.algorithm.selection import residency_update, topk_pages
 
 from .common import next_pow2, tl, triton, use_triton
 
-if triton is not None:
-
-    @triton.jit
-    def _residency_kernel(
-        val_ptr, idx_ptr, res_ptr, hmask_ptr, newres_ptr, rslot_ptr, rpage_ptr, nrec_ptr,
-        K: tl.constexpr, KB: tl.constexpr, HAS_MASK: tl.constexpr,
-    ):
-        # grid: (rows,). One program: the top-k of one (request, KV head) row and its residency.
-        row = tl.program_id(0).to(tl.int64)
-        i = tl.arange(0, KB)
-        inb = i < K
-        val = tl.load(val_ptr + row * K + i, mask=inb, other=float("-inf"))
-        idx = tl.load(idx_ptr + row * K + i, mask=inb, other=-1).to(tl.int64)
-        fin = inb & (val == val) & (val != float("inf")) & (val != float("-inf"))
-        # sort the chosen pages ascending (topk indices are distinct): rank = #smaller chosen
-        smaller = fin[None, :] & (idx[None, :] < idx[:, None])
-        rank = tl.sum(smaller.to(tl.int32), axis=1)
-        n_sel = tl.sum(fin.to(tl.int32), axis=0)
-        hit = fin[None, :] & (rank[None, :] == i[:, None])  # [r, i]
-        sel = tl.sum(tl.where(hit, idx[None, :], 0), axis=1)
-        sv = i < n_sel
-        sel = tl.where(sv, sel, -1)
-
-        res = tl.load(res_ptr + row * K + i, mask=inb, other=-1).to(tl.int64)
-        rv = res >= 0
-        eq = (sel[:, None] == res[None, :]) & sv[:, None] & rv[None, :]  # [sel i, slot j]
-        eqi = eq.to(tl.int32)
-        in_res = tl.max(eqi, axis=1) > 0
-        keep = tl.max(eqi, axis=0) > 0
-        missing = sv & (in_res == 0)
-        free = inb & (keep == 0)
-        before = i[None, :] < i[:, None]  # [a, b]: b < a
-        m_rank = tl.sum((before & missing[None, :]).to(tl.int32), axis=1)
-        f_rank = tl.sum((before & free[None, :]).to(tl.int32), axis=1)
-        n_rec = tl.sum(missing.to(tl.int32), axis=0)
-        if HAS_MASK:
-            act = tl.load(hmask_ptr + row) != 0
-        else:
-            act = True
-        # t-th recall: the missing page of rank t into the free slot of rank t
-        pick_p = missing[None, :] & (m_rank[None, :] == i[:, None])  # [t, i]
-        rpage = tl.sum(tl.where(pick_p, sel[None, :], 0), axis=1)
-        pick_s = free[None, :] & (f_rank[None, :] == i[:, None])  # [t, j]
-        rslot = tl.sum(tl.where(pick_s, i[None, :], 0), axis=1).to(tl.int64)
-        active = (i < n_rec) & act
-        tl.store(rpage_ptr + row * K + i, tl.where(active, rpage, -1), mask=inb)
-        tl.store(rslot_ptr + row * K + i, tl.where(active, rslot, -1), mask=inb)
-        tl.store(nrec_ptr + row, tl.where(act, n_rec, 0).to(tl.int64))
-        # new resident set: kept pages stay, free slot of rank t < n_rec gets recall t
-        fill = missing[None, :] & (m_rank[None, :] == f_rank[:, None])  # [slot j, i]
-        incoming = tl.sum(tl.where(fill, sel[None, :], 0), axis=1)
-        new = tl.where(keep, res, tl.where(free & (f_rank < n_rec), incoming, -1))
-        new = tl.where(act, new, res)
-        tl.store(newres_ptr + row * K + i, new.to(newres_ptr.dtype.element_ty), mask=inb)
-
-
-def select_and_diff_reference(scores: torch.Tensor, resident: torch.Tensor, head_mask: torch.Tensor | None,
-                              k: int) -> ResidencyUpdate:
-    """Plain torch: ``residency_update(resident, topk_pages(scores, k), head_mask)``."""
-    return residency_update(resident, topk_pages(scores, k), head_mask)
-
-
-def select_and_diff(scores: torch.Tensor, resident: torch.Tensor, head_mask: torch.Tensor | None, k: int, *,
-                    resident_out: torch.Tensor | None = None, impl: str | None = None) -> ResidencyUpdate:
-    """Top-``k`` pages per row of ``scores`` and the residency update of ``resident``.
-
-    Args:
-        scores: float32 ``[..., Np]`` aggregated scores (``-inf`` = not a candidate).
-        resident: int ``[..., k]`` page held by each selected slot (-1 empty).
-        head_mask: bool ``[...]`` rows to update, or ``None`` for all.
-        k: ``n_select``.
-        resident_out: optional int tensor ``[..., k]`` (contiguous; may be ``resident``
-            itself) that receives the new resident set; the returned ``resident`` is then it.
-    Returns:
-        :class:`ResidencyUpdate` ``(resident, recall_slot, recall_page, n_recall)``; int64
-        ``[..., k]``, ``[..., k]``, ``[..., k]``, ``[...]`` (``resident`` in the dtype of
-        ``resident_out`` when given). No host synchronisation.
-    """
-    lead = scores.shape[:-1]
-    if resident.shape != (*lead, k):
-        raise ValueError(f"resident must be {(*lead, k)}, got {tuple(resident.shape)}")
-    if not use_triton(impl, scores, resident):
-        upd = select_and_diff_reference(scores, resident, head_mask, k)
-        if resident_out is not None:
-            resident_out.copy_(upd.resident)
-            upd = upd._replace(resident=resident_out)
-        return upd
-    rows = resident.numel() // k if k else 0
-    np_ = scores.shape[-1]
-    s = scores.reshape(rows, np_)
-    if np_ < k:
-        s = torch.cat([s, s.new_full((rows, k - np_), float("-inf"))], dim=1)
-    val, idx = torch.topk(s, k, dim=-1)
-    dev = scores.device
-    res = resident.reshape(rows, k).contiguous()
-    new_res = resident_out if resident_out is not None else torch.empty((*lead, k), dtype=torch.int64, device=dev)
-    if new_res.shape != (*lead, k) or not new_res.is_contiguous():
-        raise ValueError(f"resident_out must be contiguous {(*lead, k)}")
-    rslot = torch.empty((*lead, k), dtype=torch.int64, device=dev)
-    rpage = torch.empty((*lead, k), dtype=torch.int64, device=dev)
-    nrec = torch.empty(lead, dtype=torch.int64, device=dev)
-    if head_mask is not None:
-        if head_mask.shape != lead or head_mask.dtype != torch.bool:
-            raise ValueError(f"head_mask must be bool {tuple(lead)}")
-        hm = head_mask.reshape(rows).contiguous().view(torch.uint8)
-    else:
-        hm = nrec  # unused dummy pointer
-    if rows:
-        kb = max(16, next_pow2(k))
-        _residency_kernel[(rows,)](
-            val.contiguous(), idx.contiguous(), res, hm, new_res, rslot, rpage, nrec,
-            K=k, KB=kb, HAS_MASK=head_mask is not None, num_warps=4 if kb <= 64 else 8,
-        )
-    return ResidencyUpdate(new_res, rslot, rpage, nrec)
-
-
-# ---------------------------------------------------------------------------------------------
-# In-place variant used by the runtime: reads the resident set of each request's row directly
-# (no gather/scatter), writes recall lists with the valid entries first, counts recalls.
+# The runtime's selection reads the resident set of each request's row directly (no gather/scatter),
+# writes recall lists with the valid entries first and counts recalls.
 if triton is not None:
 
     @triton.jit
@@ -208,7 +93,7 @@ if triton is not None:
 def select_update_reference(scores, resident, rows, head_mask, k, recall_slot, recall_page, counter=None):
     """Plain torch :func:`select_update` (any device)."""
     rows = rows.long()
-    upd = select_and_diff_reference(scores, resident[rows], head_mask, k)
+    upd = residency_update(resident[rows], topk_pages(scores, k), head_mask)
     act = head_mask if head_mask is not None else torch.ones(upd.n_recall.shape, dtype=torch.bool,
                                                              device=scores.device)
     resident[rows] = torch.where(act[..., None], upd.resident, resident[rows])

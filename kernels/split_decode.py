@@ -1,12 +1,12 @@
 """Decode attention over the working sets in Triton, split along each request's pages.
 
-An alternative to :class:`.sparse_decode.SparseDecode` (FlashInfer) and :class:`.xqa_decode.XqaDecode`
-for the small, fixed-size working sets of FreeKV: every request attends over at most ``S`` slots
-(sink, selected, window) of ``P`` tokens, so a batch of ``B`` requests offers only ``B * Hkv``
-(request, KV head) pairs of work, too few to keep every SM reading at batch 8. This kernel splits
-each pair's slot list into ``n_split`` equal chunks, one program each (flash-decoding), and a second
-kernel merges the chunks' partial results by their log-sum-exp (or, given zeroed counters ``locks``,
-the pair's last chunk to finish merges them in the same launch).
+An alternative to :class:`.sparse_decode.SparseDecode` (FlashInfer) for the small, fixed-size working
+sets of FreeKV: every request attends over at most ``S`` slots (sink, selected, window) of ``P``
+tokens, so a batch of ``B`` requests offers only ``B * Hkv`` (request, KV head) pairs of work, too
+few to keep every SM reading at batch 8. This kernel splits each pair's slot list into ``n_split``
+equal chunks, one program each (flash-decoding), and a second kernel merges the chunks' partial
+results by their log-sum-exp (or, given zeroed counters ``locks``, the pair's last chunk to finish
+merges them in the same launch).
 
 Math, per request ``b``, KV head ``h`` and query head ``q`` of its group (``G = Hq / Hkv``)::
 

@@ -90,9 +90,10 @@ def test_compile_scores(dt, agg, g, d, has_mask, head_major):
 
 @pytest.mark.parametrize("k,kb,has_mask", [(32, 32, True), (12, 16, False), (64, 64, True), (128, 128, False)])
 def test_compile_residency(k, kb, has_mask):
-    sig = dict(val_ptr="*fp32", idx_ptr="*i64", res_ptr="*i64", hmask_ptr="*u8", newres_ptr="*i32",
-               rslot_ptr="*i64", rpage_ptr="*i64", nrec_ptr="*i64")
-    _compile(select._residency_kernel, sig, dict(K=k, KB=kb, HAS_MASK=has_mask), num_warps=4 if kb <= 64 else 8)
+    sig = dict(val_ptr="*fp32", idx_ptr="*i64", res_ptr="*i64", rows_ptr="*i64", hmask_ptr="*u8", rslot_ptr="*i32",
+               rpage_ptr="*i32", cnt_ptr="*i64")
+    _compile(select._select_update_kernel, sig, dict(HKV=8, K=k, KB=kb, HAS_MASK=has_mask, COUNT=has_mask),
+             num_warps=4 if kb <= 64 else 8)
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])

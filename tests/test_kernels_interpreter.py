@@ -360,8 +360,8 @@ else:
         scores = torch.randn(b, hkv, max_ctx // p, generator=g)
         res = torch.full((b, hkv, lay.n_select), -1, dtype=torch.long)
         upd = K.select_and_diff(scores, res, None, lay.n_select, impl="triton")
-        pieces = K.pieces_from_selection(upd.recall_slot, upd.recall_page, upd.n_recall, r2t, rpi, page_size=p,
-                                         slot_base=lay.slots, select_slot0=lay.n_sink)
+        pieces = K.recall_selected_pieces(upd.recall_slot, upd.recall_page, r2t, rpi, page_size=p,
+                                          slot_base=lay.slots, select_slot0=lay.n_sink)
         wk = torch.full((3 * lay.slots, p, hkv, d), float("nan"), dtype=torch.bfloat16)
         wv = wk.clone()
         K.recall_gather(hk, hv, wk, wv, *pieces, impl="triton")

@@ -173,7 +173,8 @@ def _residency_brute(resident, selected, active):
 
 
 @pytest.mark.parametrize("np_,k", [(40, 8), (5, 8), (64, 32), (12, 12)])
-def test_select_reference(np_, k):
+def test_select_update_reference(np_, k):
+    """The runtime's selection of request rows, in place: top-k, residency and recall lists as brute force."""
     g = _gen(5)
     b, hkv = 3, 4
     s0 = torch.randn(b, hkv, np_, generator=g)
@@ -183,27 +184,24 @@ def test_select_reference(np_, k):
     resident = topk_pages(s0, k)
     resident = resident[..., torch.randperm(k, generator=g)]
     resident[1, 1, :2] = -1
+    rows = torch.tensor([3, 1, 4])
     hm = torch.rand(b, hkv, generator=g) < 0.6
     for mask in (None, hm):
-        upd = K.select_and_diff(s1, resident, mask, k)
+        res = torch.full((6, hkv, k), -1, dtype=torch.long)
+        res[rows] = resident
+        rs, rp = torch.zeros((2, b, hkv, k), dtype=torch.int32)
+        count = torch.zeros((), dtype=torch.int64)
+        K.select_update(s1, res, rows, mask, k, rs, rp, count)
         sel = topk_pages(s1, k)
+        total = 0
         for i in range(b):
             for h in range(hkv):
                 act = True if mask is None else bool(mask[i, h])
                 new, slots, pages, n = _residency_brute(resident[i, h].tolist(), sel[i, h].tolist(), act)
-                assert upd.resident[i, h].tolist() == new
-                assert upd.recall_slot[i, h].tolist() == slots
-                assert upd.recall_page[i, h].tolist() == pages
-                assert int(upd.n_recall[i, h]) == n
-
-
-def test_select_resident_out_in_place():
-    g = _gen(6)
-    s = torch.randn(2, 3, 30, generator=g)
-    res = torch.full((2, 3, 8), -1, dtype=torch.long)
-    exp = K.select_and_diff_reference(s, res, None, 8)
-    upd = K.select_and_diff(s, res, None, 8, resident_out=res)
-    assert upd.resident is res and torch.equal(res, exp.resident)
+                assert res[rows[i], h].tolist() == new
+                assert rs[i, h].tolist() == slots and rp[i, h].tolist() == pages
+                total += n
+        assert int(count) == total and (res[[0, 2, 5]] == -1).all()
 
 
 # -------------------------------------------------------------------------------------- recall
@@ -232,7 +230,7 @@ def test_recall_reference(dtype, fn):
     assert ws_v.permute(0, 2, 1, 3)[~written].isnan().all()
 
 
-def test_pieces_from_selection():
+def test_recall_selected_pieces():
     g = _gen(8)
     b, hkv, k, p, max_ctx = 3, 2, 5, 8, 80
     r2t = torch.randint(0, 1000, (6, max_ctx), generator=g, dtype=torch.int32)
@@ -243,7 +241,7 @@ def test_pieces_from_selection():
     pos = torch.arange(k)
     slot = torch.where(pos < n_rec[..., None], slot, -1)
     page = torch.where(pos < n_rec[..., None], page, -1)
-    hp, ds, hd = K.pieces_from_selection(slot, page, n_rec, r2t, rpi, page_size=p, slot_base=17, select_slot0=3)
+    hp, ds, hd = K.recall_selected_pieces(slot.int(), page.int(), r2t, rpi, page_size=p, slot_base=17, select_slot0=3)
     assert hp.shape == ds.shape == hd.shape == (b * hkv * k,)
     assert hp.dtype == ds.dtype == hd.dtype == torch.int32
     exp = []

@@ -233,7 +233,7 @@ def test_recall_gpu_tier_behind_a_large_host_tier(method):
     assert _same(ws[0], ws[2]) and _same(ws[1], ws[3])
 
 
-def test_pieces_from_selection_gpu():
+def test_recall_selected_pieces_gpu():
     g = _gen(9)
     b, hkv, k, p, max_ctx = 4, 8, 32, 32, 8192
     r2t = torch.randint(0, 10**6, (6, max_ctx), device=DEV, generator=g, dtype=torch.int32)
@@ -242,8 +242,8 @@ def test_pieces_from_selection_gpu():
     res = topk_pages(torch.randn(b, hkv, max_ctx // p, device=DEV, generator=g), k)
     upd = K.select_and_diff(s, res, None, k)
     kw = dict(page_size=p, slot_base=80, select_slot0=16)
-    got = K.pieces_from_selection(upd.recall_slot, upd.recall_page, upd.n_recall, r2t, rpi, **kw)
-    exp = K.pieces_from_selection(upd.recall_slot.cpu(), upd.recall_page.cpu(), None, r2t.cpu(), rpi.cpu(), **kw)
+    got = K.recall_selected_pieces(upd.recall_slot, upd.recall_page, r2t, rpi, **kw)
+    exp = K.recall_selected_pieces(upd.recall_slot.cpu(), upd.recall_page.cpu(), r2t.cpu(), rpi.cpu(), **kw)
     for x, y in zip(got, exp):
         assert x.is_cuda and torch.equal(x.cpu(), y)
 

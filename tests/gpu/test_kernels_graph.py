@@ -84,8 +84,8 @@ class Problem:
                       page_size=p, n_sink=lay.n_sink, n_window=lay.n_window, aggregation=self.agg, impl=impl)
         upd = K.select_and_diff(self.scores, st["resident"], self.head_mask, lay.n_select,
                                 resident_out=st["resident"], impl=impl)
-        pieces = K.pieces_from_selection(upd.recall_slot, upd.recall_page, upd.n_recall, self.r2t, self.rpi,
-                                         page_size=p, slot_base=lay.slots, select_slot0=lay.n_sink)
+        pieces = K.recall_selected_pieces(upd.recall_slot, upd.recall_page, self.r2t, self.rpi, page_size=p,
+                                          slot_base=lay.slots, select_slot0=lay.n_sink)
         if impl == "torch":
             K.recall_reference(st["host_k"], st["host_v"], st["ws_k"], st["ws_v"], *pieces)
         else:

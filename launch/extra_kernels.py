@@ -1,9 +1,17 @@
-"""Decode attention over the working sets with FlashInfer's XQA kernels (TensorRT-LLM's GQA decode).
+"""Kernels kept for the kernel benchmarks and their tests only: the server does not use them.
 
-An alternative to :class:`.sparse_decode.SparseDecode` (FlashInfer's paged decode wrapper) for
-SM90+ GPUs. XQA takes a padded block table ``[B, S]`` and the attended length of each request
-instead of a planned CSR page table, so a step needs no host-side plan at all. The table is
-derived on the GPU from the CSR page table that :func:`.page_table.build_page_table` writes::
+Not installed (``launch/`` is scripts); from a checkout they are also reachable as ``freekv_sglang.kernels.<name>``
+(a lazy re-export in ``kernels/__init__.py``) for the benchmark sections that import them from there.
+
+* :func:`select_and_diff`: top-k and residency update of a score tensor of any leading shape, the unfused
+  selection that the fused :func:`freekv_sglang.kernels.score_select.score_and_select` is compared with
+  (``torch.topk`` plus the runtime's residency kernel, :func:`freekv_sglang.kernels.select.select_update`).
+* :class:`XqaDecode`: FlashInfer's XQA kernels (TensorRT-LLM's GQA decode, SM90+) over the working sets, a
+  working-set attention that the Triton split decode superseded.
+
+XQA takes a padded block table ``[B, S]`` and the attended length of each request instead of a planned CSR
+page table, so a step needs no host-side plan at all. The table is derived on the GPU from the CSR page table
+that :func:`freekv_sglang.kernels.page_table.build_page_table` writes::
 
     count[b]          = kv_indptr[b+1] - kv_indptr[b]
     block_table[b, j] = kv_indices[kv_indptr[b] + j]            (j < count[b]; 0 beyond)
@@ -18,6 +26,50 @@ from __future__ import annotations
 import math
 
 import torch
+
+from freekv_sglang.algorithm.selection import ResidencyUpdate, residency_update, topk_pages
+from freekv_sglang.kernels.select import select_update
+
+
+def select_and_diff_reference(scores: torch.Tensor, resident: torch.Tensor, head_mask: torch.Tensor | None,
+                              k: int) -> ResidencyUpdate:
+    """Plain torch: ``residency_update(resident, topk_pages(scores, k), head_mask)``."""
+    return residency_update(resident, topk_pages(scores, k), head_mask)
+
+
+def select_and_diff(scores: torch.Tensor, resident: torch.Tensor, head_mask: torch.Tensor | None, k: int, *,
+                    resident_out: torch.Tensor | None = None, impl: str | None = None) -> ResidencyUpdate:
+    """Top-``k`` pages per row of ``scores`` and the residency update of ``resident``.
+
+    Args:
+        scores: float32 ``[..., Np]`` aggregated scores (``-inf`` = not a candidate).
+        resident: int ``[..., k]`` page held by each selected slot (-1 empty).
+        head_mask: bool ``[...]`` rows to update, or ``None`` for all.
+        k: ``n_select``.
+        resident_out: optional contiguous int tensor ``[..., k]`` (may be ``resident`` itself) that receives
+            the new resident set; the returned ``resident`` is then it.
+    Returns:
+        :class:`ResidencyUpdate` ``(resident, recall_slot, recall_page, n_recall)``; int64 ``[..., k]`` (the
+        resident set in the dtype of ``resident_out`` when given), ``[..., k]``, ``[..., k]``, ``[...]``.
+        No host synchronisation.
+    """
+    lead = scores.shape[:-1]
+    if resident.shape != (*lead, k):
+        raise ValueError(f"resident must be {(*lead, k)}, got {tuple(resident.shape)}")
+    new = resident_out if resident_out is not None else torch.empty((*lead, k), dtype=torch.int64,
+                                                                     device=scores.device)
+    if new.shape != (*lead, k) or not new.is_contiguous():
+        raise ValueError(f"resident_out must be contiguous {(*lead, k)}")
+    if new is not resident:
+        new.copy_(resident)
+    rows = new.numel() // k if k else 0
+    lists = torch.empty((2, rows, 1, k), dtype=torch.int32, device=scores.device)
+    select_update(scores.reshape(rows, 1, scores.shape[-1]), new.view(rows, 1, k),
+                  torch.arange(rows, device=scores.device), None if head_mask is None else head_mask.reshape(rows, 1),
+                  k, lists[0], lists[1], impl=impl)
+    slot, page = lists.long().view(2, *lead, k)
+    return ResidencyUpdate(new, slot, page, (slot >= 0).sum(-1))
+
 
 #: XQA keeps its multi-block semaphores in the first 8 MiB of its workspace (zeroed once; the
 #: kernels restore them) and uses the rest as scratch.
