@@ -186,7 +186,7 @@ PIPELINED_SHAPE = dict(block_n=64, num_warps=2, blocks_per_program=2, num_stages
 def launch_shape(batch: int, n_kv_heads: int, max_pages: int, k: int, sms: int) -> dict:
     """Default scoring launch of :func:`score_and_select` for ``k`` kept keys per block: two 64-page
     blocks per program in a 3-stage pipelined loop, 2 warps, when that still gives at least two programs
-    per SM (the best of 22 shapes at batch 8, 32K and 128K contexts, H200); otherwise (small,
+    per SM (the best of the shapes swept at batch 8, 32K and 128K contexts); otherwise (small,
     latency-bound problems) one :func:`block_size` block per program, 4 warps."""
     kb = max(16, next_pow2(k))
     sh = PIPELINED_SHAPE

@@ -236,8 +236,8 @@ def concurrent_requests(shape: ModelShape, layout: WorkingSetLayout, *, gpu_kv_b
         gpu_tier_bytes: FreeKV's GPU tier (``--freekv-gpu-tier-gb``), out of FreeKV's GPU budget.
         freekv_gpu_kv_bytes: FreeKV's GPU budget when it differs from dense's pool (default
             ``gpu_kv_bytes``): a FreeKV server prefills without chunking, so SGLang reserves activation
-            memory for its whole prefill budget and leaves less for KV (H200, Llama-3.1-8B shape: 100.3
-            GiB against dense's 112.4).
+            memory for its whole prefill budget and leaves less for KV (about 11% less for the
+            Llama-3.1-8B shape).
     Returns ``{"dense": n, "freekv": n, "freekv_bound": "host" | "gpu"}``; a projection, not a measurement.
     """
     P = layout.page_size

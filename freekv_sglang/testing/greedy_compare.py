@@ -17,7 +17,7 @@ stay within ``mean_tol``: a single step's rounding can be large, the average can
 Calibration (KV-sensitive random Llama, ``tests/test_random_llama.py`` and the GPU server tests):
 bf16 vs float32 on the CPU differs by at most 0.11 nats per step (median 0.013, up to 0.18 at a
 split), by 0.02-0.03 on average over a trace; two correct GPU servers (CUDA graph vs eager, overlap
-scheduler on vs off, H200) differed by up to 0.174 at a step. Replacing one page (32 tokens) of a
+scheduler on vs off) differed by up to 0.174 at a step. Replacing one page (32 tokens) of a
 1000-token context moves the average by about 0.08 and single steps by 0.15-0.6; a server that
 attends to the wrong pages must fail the comparison (the negative control in
 ``tests/gpu/test_server_e2e.py``).
