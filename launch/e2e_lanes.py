@@ -4,21 +4,25 @@ The server tests start one SGLang server after another (about a minute each; the
 minutes on one GPU). This script collects their test ids, deals them round-robin to one lane per
 GPU (``CUDA_VISIBLE_DEVICES``), gives every lane its own server port (``FREEKV_TEST_PORT``) and log
 folder (``OUT``), writes the shared KV-sensitive test model once before the lanes start (so that
-they do not race to write it), and waits for all of them.
+they do not race to write it), and waits for all of them. The tests write their dummy-weight model
+folders themselves (``freekv_sglang.testing.shape_models``).
 
 Usage (repo root, this project and SGLang installed)::
 
     python launch/e2e_lanes.py --gpus 0,1,2 --out e2e-out [-k EXPR] [--timeout S] [TESTS ...]
 
 Prints one line per lane (its tests, exit status, pytest's summary) and exits non-zero when a lane
-failed or timed out, or (5, as pytest) when nothing was collected. ``launch/gpu_check.sh`` runs the
-server tests through it (one lane, or one per GPU of ``E2E_GPUS``).
+failed or timed out, when every test of a lane was skipped (pytest exits 0 then, but nothing was
+checked: no CUDA device, a missing dependency, a skip condition that should not hold), or (5, as
+pytest) when nothing was collected. ``launch/gpu_check.sh`` runs the server tests through it (one
+lane, or one per GPU of ``E2E_GPUS``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,13 +52,35 @@ def deal(ids: list[str], lanes: int) -> list[list[str]]:
     return [ids[i::lanes] for i in range(lanes)]
 
 
-def prepare_sensitive_model(out: Path, model: str, python: str = sys.executable) -> str:
-    """Write the KV-sensitive random Llama once (``FREEKV_SENSITIVE_MODEL``, default under ``out``)."""
+def prepare_sensitive_model(out: Path, model: str | None, python: str = sys.executable) -> str:
+    """Write the KV-sensitive random Llama once (``FREEKV_SENSITIVE_MODEL``, default under ``out``), with the
+    tokenizer of the folder ``model``, or without one the test tokenizer of
+    :func:`freekv_sglang.testing.shape_models.write_tokenizer`."""
     path = os.environ.get("FREEKV_SENSITIVE_MODEL") or str(out / "random-llama")
     code = ("import sys; from freekv_sglang.testing.random_llama import write_random_llama; "
-            "write_random_llama(sys.argv[1], tokenizer_from=sys.argv[2])")
-    subprocess.run([python, "-c", code, path, model], check=True)
+            "from freekv_sglang.testing.shape_models import write_tokenizer; "
+            "p = write_random_llama(sys.argv[1], tokenizer_from=sys.argv[2] or None); "
+            "sys.argv[2] or (p / 'tokenizer.json').exists() or write_tokenizer(p)")
+    subprocess.run([python, "-c", code, path, model or ""], check=True)
     return path
+
+
+_COUNTS = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)\b")
+
+
+def outcome_counts(summary: str) -> dict[str, int]:
+    """Counts of pytest's final summary line (``"3 passed, 2 skipped in 1.2s"``): passed, failed, skipped,
+    error, xfailed, xpassed (absent ones 0)."""
+    counts = dict.fromkeys(("passed", "failed", "skipped", "error", "xfailed", "xpassed"), 0)
+    for n, what in _COUNTS.findall(summary):
+        counts["error" if what.startswith("error") else what] += int(n)
+    return counts
+
+
+def only_skipped(summary: str) -> bool:
+    """The summary reports skipped tests and no other outcome: nothing was checked."""
+    c = outcome_counts(summary)
+    return c["skipped"] > 0 and not any(v for k, v in c.items() if k != "skipped")
 
 
 def lane_env(gpu: str, index: int, out: Path, base_port: int, extra: dict[str, str] | None = None) -> dict:
@@ -101,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", dest="k", default=None, help="pytest -k expression")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds for all lanes together")
     ap.add_argument("--base-port", type=int, default=BASE_PORT, help="lane i serves on base + 10 i")
-    ap.add_argument("--model", default=os.environ.get("FREEKV_TEST_MODEL", ".gpu-bundle/models/llama-8b-shape"),
-                    help="tokenizer source of the KV-sensitive test model")
+    ap.add_argument("--model", default=os.environ.get("FREEKV_TEST_MODEL"),
+                    help="tokenizer source of the KV-sensitive test model (default: FREEKV_TEST_MODEL, else the "
+                         "test tokenizer of freekv_sglang.testing.shape_models)")
     ap.add_argument("--no-prepare", action="store_true", help="do not write the KV-sensitive test model first")
     args = ap.parse_args(argv)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
@@ -122,11 +149,17 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     t0 = time.time()
     results = run_lanes(groups, gpus, out, timeout=args.timeout, base_port=args.base_port, extra_env=extra)
+    skipped = []
     for r in results:
         status = "timed out" if r["rc"] == 124 else f"rc={r['rc']}"
         print(f"[e2e_lanes] lane {r['lane']} (GPU {r['gpu']}, {len(r['tests'])} tests): {status}; {r['summary']}")
+        if r["rc"] == 0 and only_skipped(r["summary"]):
+            skipped.append(r["lane"])
+    for lane in skipped:
+        print(f"[e2e_lanes] lane {lane}: every test was skipped, nothing was checked (reasons in "
+              f"{out / f'lane{lane}.log'}): a failure")
     print(f"[e2e_lanes] {time.time() - t0:.0f} s")
-    return 0 if all(r["rc"] == 0 for r in results) else 1
+    return 0 if all(r["rc"] == 0 for r in results) and not skipped else 1
 
 
 if __name__ == "__main__":
