@@ -218,10 +218,10 @@ class PrefixAttention:
         return o
 
     def _merge(self, o_a, s_a, o_b, s_b):
-        if self.cuda:
-            from freekv_sglang import compat
+        if self.cuda:  # FlashInfer's kernel, for FlashInfer's log-sum-exp (base 2)
+            from flashinfer.cascade import merge_state
 
-            return compat.merge_attention_states(o_a, s_a, o_b, s_b)
+            return merge_state(o_a, s_a, o_b, s_b)
         o, s = merge_lse(o_a.float(), s_a, o_b.float(), s_b)
         return o.to(o_a.dtype), s
 
