@@ -67,6 +67,12 @@ class PrefixAttention:
         self.rt = runtime
         self.capacity = capacity_pages
         dev = runtime.device
+        if dev.type == "cuda":  # FlashInfer's merge kernel: one block of (head_dim / vec) x heads threads
+            vec = max(16 // torch.empty(0, dtype=sh.dtype).element_size(), sh.head_dim // 32)
+            if sh.n_q_heads * (sh.head_dim // vec) > 1024:
+                raise NotImplementedError(f"prefill over a cached prefix with {sh.n_q_heads} query heads of dim "
+                                          f"{sh.head_dim} per GPU exceeds FlashInfer's merge kernel; use more TP ranks "
+                                          "or --disable-radix-cache --chunked-prefill-size -1")
         self.k = torch.empty((2, capacity_pages, P, sh.n_kv_heads, sh.head_dim), dtype=sh.dtype, device=dev)
         self.v = torch.empty_like(self.k)
         self.cuda = dev.type == "cuda"
