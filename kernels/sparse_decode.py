@@ -44,14 +44,11 @@ class SparseDecode:
         backend: FlashInfer backend (``"auto"`` picks FA2 for bf16/fp16).
         use_tensor_cores: FlashInfer's prefill kernels (any GQA group size) instead of its
             decode kernels.
-        kv_layout: ``"NHD"`` (working sets ``[n_slots, P, Hkv, D]``, the runtime's) or ``"HND"``
-            (``[n_slots, Hkv, P, D]``, each (slot, head) page contiguous; for layout experiments).
     """
 
     def __init__(self, device: torch.device | str = "cuda", *, workspace: torch.Tensor | None = None,
                  workspace_bytes: int = 128 * 2**20, use_cuda_graph: bool = False, batch_size: int | None = None,
-                 max_slots: int | None = None, backend: str = "auto", use_tensor_cores: bool = True,
-                 kv_layout: str = "NHD"):
+                 max_slots: int | None = None, backend: str = "auto", use_tensor_cores: bool = True):
         import flashinfer  # lazy: CPU-only users never need it
 
         self.device = torch.device(device)
@@ -65,10 +62,8 @@ class SparseDecode:
             self.kv_indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=self.device)
             self.kv_indices = torch.zeros(batch_size * max_slots, dtype=torch.int32, device=self.device)
             self.kv_last_page_len = torch.ones(batch_size, dtype=torch.int32, device=self.device)
-        if kv_layout not in ("NHD", "HND"):
-            raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, kv_layout, use_cuda_graph=use_cuda_graph, use_tensor_cores=use_tensor_cores,
+            self.workspace, "NHD", use_cuda_graph=use_cuda_graph, use_tensor_cores=use_tensor_cores,
             paged_kv_indptr_buffer=self.kv_indptr, paged_kv_indices_buffer=self.kv_indices,
             paged_kv_last_page_len_buffer=self.kv_last_page_len, backend=backend,
         )
@@ -111,10 +106,9 @@ class SparseDecode:
     def run(self, q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tensor, sm_scale: float | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of ``q`` ``[B, Hq, D]`` over the planned slots of ``ws_k``/``ws_v``
-        (``[n_slots, P, Hkv, D]``, or ``[n_slots, Hkv, P, D]`` with ``kv_layout="HND"``). Returns
-        ``[B, Hq, D]`` in ``q``'s dtype (into ``out`` if given). ``sm_scale`` other than the planned
-        one is applied through FlashInfer's ``q_scale`` (a multiplier of the planned scale).
-        Capturable after :meth:`plan`.
+        (``[n_slots, P, Hkv, D]``). Returns ``[B, Hq, D]`` in ``q``'s dtype (into ``out`` if given).
+        ``sm_scale`` other than the planned one is applied through FlashInfer's ``q_scale`` (a
+        multiplier of the planned scale). Capturable after :meth:`plan`.
         """
         if self.sm_scale is None:
             raise RuntimeError("SparseDecode.run before plan")

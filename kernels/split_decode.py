@@ -5,8 +5,7 @@ sets of FreeKV: every request attends over at most ``S`` slots (sink, selected, 
 tokens, so a batch of ``B`` requests offers only ``B * Hkv`` (request, KV head) pairs of work, too
 few to keep every SM reading at batch 8. This kernel splits each pair's slot list into ``n_split``
 equal chunks, one program each (flash-decoding), and a second kernel merges the chunks' partial
-results by their log-sum-exp (or, given zeroed counters ``locks``, the pair's last chunk to finish
-merges them in the same launch).
+results by their log-sum-exp.
 
 Math, per request ``b``, KV head ``h`` and query head ``q`` of its group (``G = Hq / Hkv``)::
 
@@ -42,11 +41,9 @@ if triton is not None:
 
     @triton.jit
     def _split_decode_kernel(
-        q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, lpl_ptr, po_ptr, plse_ptr, lock_ptr, out_ptr,
-        qk_scale, stride_qb, stride_qh, stride_ob, stride_oh,
+        q_ptr, k_ptr, v_ptr, indptr_ptr, indices_ptr, lpl_ptr, po_ptr, plse_ptr, qk_scale, stride_qb, stride_qh,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-        N_SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, PAGES: tl.constexpr, FUSED: tl.constexpr,
-        DOT_F32: tl.constexpr,
+        N_SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, PAGES: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         # DOT_F32: float32 dots (Triton's CPU interpreter computes bf16 dots wrongly); False on GPUs.
         # program (b, h, c): chunk c (PER_SPLIT slots, a multiple of PAGES) of request b's slot list for
@@ -97,31 +94,6 @@ if triton is not None:
         o = acc / tl.maximum(l_i, 1e-30)[:, None]
         tl.store(po_ptr + row[:, None] * D + d[None, :], o, mask=gm[:, None])
         tl.store(plse_ptr + row, lse, mask=gm)
-        if FUSED:
-            # the last of the pair's N_SPLIT programs to finish merges their partial results (one launch
-            # instead of two) and re-arms the pair's counter for the next step or graph replay
-            tl.debug_barrier()  # every thread's partial stores precede the counter's release
-            done = tl.atomic_add(lock_ptr + b * HKV + h, 1, sem="acq_rel")
-            if done == N_SPLIT - 1:
-                base = (b * (HKV * G) + h * G + g) * N_SPLIT
-                m = tl.full([G_PAD], float("-inf"), tl.float32)
-                for cc in range(N_SPLIT):
-                    m = tl.maximum(m, tl.load(plse_ptr + base + cc, mask=gm, other=float("-inf"),
-                                              cache_modifier=".cg"))
-                m = tl.where(m == float("-inf"), 0.0, m)
-                acc = tl.zeros([G_PAD, D], tl.float32)
-                w_sum = tl.zeros([G_PAD], tl.float32)
-                for cc in range(N_SPLIT):
-                    lse_c = tl.load(plse_ptr + base + cc, mask=gm, other=float("-inf"), cache_modifier=".cg")
-                    w = tl.where(lse_c == float("-inf"), 0.0, tl.exp2(lse_c - m))
-                    o_c = tl.load(po_ptr + (base + cc)[:, None] * D + d[None, :], mask=gm[:, None], other=0.0,
-                                  cache_modifier=".cg")
-                    acc += o_c * w[:, None]
-                    w_sum += w
-                res = acc / tl.maximum(w_sum, 1e-30)[:, None]
-                tl.store(out_ptr + b * stride_ob + (h * G + g)[:, None] * stride_oh + d[None, :],
-                         res.to(out_ptr.dtype.element_ty), mask=gm[:, None])
-                tl.atomic_xchg(lock_ptr + b * HKV + h, 0)
 
     @triton.jit
     def _merge_kernel(po_ptr, plse_ptr, out_ptr, stride_ob, stride_oh,
@@ -149,9 +121,9 @@ def default_split(batch: int, n_kv_heads: int, slots: int, device: torch.device)
 
 def default_pages_per_iter(slots_per_chunk: int) -> int:
     """Slots per loop iteration: 2 (tiles of ``2 * P`` tokens) once a chunk spans 8 slots or more, else 1.
-    At batch 8 with 8 KV heads (8 chunks of 8 slots) this is the fastest of the 36 shapes swept on an H200
-    (docs/BENCHMARKS.md, runs J-Q: 10.5-10.6x dense over 32K per layer of a captured step, against 9.9-10.1x
-    with one slot per iteration); short chunks (batch 1: one slot each) keep one."""
+    At batch 8 with 8 KV heads (8 chunks of 8 slots) this is the fastest of the shapes swept (about 5% faster
+    per layer of a captured step than one slot per iteration, docs/BENCHMARKS.md); short chunks (batch 1: one
+    slot each) keep one."""
     return 2 if slots_per_chunk >= 8 else 1
 
 
@@ -170,8 +142,7 @@ def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tens
                            kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, *, max_slots: int,
                            sm_scale: float | None = None, n_split: int | None = None, out: torch.Tensor | None = None,
                            workspace: torch.Tensor | None = None, pages_per_iter: int | None = None,
-                           locks: torch.Tensor | None = None, num_warps: int = 4,
-                           num_stages: int = 2) -> torch.Tensor:
+                           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Attention of ``q`` over each request's working-set slots, split along the slots.
 
     Args:
@@ -189,9 +160,6 @@ def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tens
         pages_per_iter: slots each program reads per loop iteration (1, 2 or 4; a tile of
             ``pages_per_iter * P`` tokens; default :func:`default_pages_per_iter`); each chunk is
             rounded up to a multiple of it.
-        locks: optional int32 ``[>= B * Hkv]`` counters, all zero: with them the last chunk of each
-            (request, KV head) to finish merges the partial results in the same launch (and leaves
-            its counter at zero again); without them a second kernel merges.
         num_warps, num_stages: Triton launch options.
     Returns ``[B, Hq, D]`` in ``q``'s dtype. Requests with an empty slot list get zeros.
     """
@@ -216,20 +184,13 @@ def split_decode_attention(q: torch.Tensor, ws_k: torch.Tensor, ws_v: torch.Tens
     per_split = -(-max_slots // n_split)
     pages_per_iter = pages_per_iter or default_pages_per_iter(per_split)
     per_split = -(-per_split // pages_per_iter) * pages_per_iter
-    fused = locks is not None
-    if fused and (locks.dtype != torch.int32 or locks.numel() < b * hkv or locks.device != q.device):
-        raise ValueError(f"locks must be int32 with >= {b * hkv} elements on {q.device}")
     po, plse = _partials(b * hq * n_split, d, q.device, workspace)
     scale = (float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)) * math.log2(math.e)
     interp = interpreter_forced()  # the interpreter takes no launch options
     _split_decode_kernel[(b, hkv, n_split)](
-        q, ws_k, ws_v, kv_indptr, kv_indices, kv_last_page_len, po, plse, locks if fused else plse, out, scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q, ws_k, ws_v, kv_indptr, kv_indices, kv_last_page_len, po, plse, scale, q.stride(0), q.stride(1),
         HKV=hkv, G=g, G_PAD=max(16, next_pow2(g)), PAGE=p, D=d, N_SPLIT=n_split, PER_SPLIT=per_split,
-        PAGES=pages_per_iter, FUSED=fused, DOT_F32=interp,
-        **({} if interp else {"num_warps": num_warps, "num_stages": num_stages}))
-    if fused:
-        return out
+        PAGES=pages_per_iter, DOT_F32=interp, **({} if interp else {"num_warps": num_warps, "num_stages": num_stages}))
     _merge_kernel[(b, hq)](po, plse, out, out.stride(0), out.stride(1), HQ=hq, D=d, N_SPLIT=n_split,
                            SPLIT_PAD=max(2, next_pow2(n_split)), **({} if interp else {"num_warps": 4}))
     return out
