@@ -1,6 +1,10 @@
 """Checks of the fused decode kernels (prologue, in-place selection, recall from selection lists)
 against their torch references on fresh random inputs. Shared by the CPU test (Triton interpreter,
-in a child process) and the GPU test."""
+in a child process) and the GPU test.
+
+``q_scale`` multiplies the queries (standard normal otherwise): with :data:`LARGE_Q_SCALE` the
+prologue's cosine check sees query norms of about a thousand (their squares past the float16 range)
+and the page scores reach the hundreds, as a trained model's outlier heads do."""
 
 from __future__ import annotations
 
@@ -10,6 +14,10 @@ from freekv_sglang.kernels.decode_prologue import decode_prologue
 from freekv_sglang.kernels.recall import recall_selected
 from freekv_sglang.kernels.select import select_update
 
+#: Query scale of the large-magnitude cases: attention logits q.k / sqrt(D) of standard-normal keys then have a
+#: standard deviation of 64, so the largest of a few hundred tokens lie in the hundreds.
+LARGE_Q_SCALE = 64.0
+
 
 def _same(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = 0.0):
     if a.dtype == torch.bool or not a.is_floating_point():
@@ -18,24 +26,26 @@ def _same(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = 0.0):
         assert torch.allclose(a.float().cpu(), b.float().cpu(), atol=atol, rtol=0), what
 
 
-def check_prologue(device, dtype, group, head_dim, page=8, seed=0):
+def check_prologue(device, dtype, group, head_dim, page=8, seed=0, q_scale=1.0):
     g = torch.Generator().manual_seed(seed)
     B, hkv, R = 5, 2, 6
     hq = hkv * group
     n_pages, n_slots = 40, (R + 1) * 6
 
-    def rnd(*s):
-        return torch.randn(*s, generator=g).to(dtype)
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(dtype)
 
     state = dict(host_k=rnd(n_pages, hkv, page, head_dim), host_v=rnd(n_pages, hkv, page, head_dim),
                  ws_k=rnd(n_slots, page, hkv, head_dim), ws_v=rnd(n_slots, page, hkv, head_dim),
-                 digests=rnd(n_pages, hkv, 2, head_dim), q_prev=rnd(R + 1, hq, head_dim),
+                 digests=rnd(n_pages, hkv, 2, head_dim), q_prev=rnd(R + 1, hq, head_dim, scale=q_scale),
                  q_valid=torch.tensor([0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)[:, None].repeat(1, hkv),
                  flags=torch.zeros(B, hkv, dtype=torch.bool), spec=torch.zeros(B, hkv, dtype=torch.bool),
                  counters=torch.zeros(4, dtype=torch.int64))
-    q, k, v = rnd(B, hq, head_dim), rnd(B, hkv, head_dim), rnd(B, hkv, head_dim)
+    q, k, v = rnd(B, hq, head_dim, scale=q_scale), rnd(B, hkv, head_dim), rnd(B, hkv, head_dim)
     rows = torch.tensor([2, 4, 3, 0, 0])  # two padding entries on row 0
     q[1] = state["q_prev"][4]  # unchanged query: not corrected
+    # a query of about the same direction (cosine ~0.999 > every tau): kept, however large its norm
+    q[0] = (state["q_prev"][2].float() * 1.5 + 0.03 * q_scale * torch.randn(hq, head_dim, generator=g)).to(dtype)
     # the two padding entries write the same padding slot: give them the same token so the
     # result does not depend on which GPU program writes last
     k[4], v[4] = k[3], v[3]
@@ -108,6 +118,7 @@ def check_prologue(device, dtype, group, head_dim, page=8, seed=0):
         flags = outs[1]["flags"].cpu()
         if spec_on:
             assert not bool(flags[1].any())  # same query as before: trusted
+            assert not bool(flags[0].any())  # nearly the same direction, another norm: trusted
             assert bool(flags[2].all())  # row 3 has no previous query
         else:
             assert bool(flags.all())
@@ -197,7 +208,7 @@ def check_select_recall(device, dtype, head_dim, page=8, k=4, seed=0, num_progra
 
 
 def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean", page=8, max_pages=40,
-                       masked=True, by_row=False, seed=0, margin=0, head_major=False, **tuning):
+                       masked=True, by_row=False, seed=0, margin=0, head_major=False, q_scale=1.0, **tuning):
     """Fused scoring + top-k + residency update vs the unfused torch reference. With ``margin`` (residency
     hysteresis) the chosen set must be exactly the reference's sticky selection.
 
@@ -232,7 +243,7 @@ def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean
         for h in range(hkv):
             resident[r, h] = torch.randperm(k + 8, generator=g)[:k] + n_sink
     mask = (torch.rand(B, hkv, generator=g) > 0.3) if masked else None
-    q_all = torch.randn(R + 1 if by_row else B, hq, head_dim, generator=g).to(dtype)
+    q_all = (torch.randn(R + 1 if by_row else B, hq, head_dim, generator=g) * q_scale).to(dtype)
     q_index = rows if by_row else None
     q = q_all[rows] if by_row else q_all
 

@@ -406,6 +406,40 @@ else:
         sd = K.SplitDecode(ip, ix, lp, S, workspace=ws)
         torch.testing.assert_close(sd.run(q[:2], wk, wv, scale).float(), want[:2], atol=2e-2, rtol=2e-2)
 
+    def _split_problem(g, dtype, grp, d, q_scale=1.0):
+        """Four requests of different lengths (partial last pages, a one-slot request) over working sets
+        of 16-token pages; queries standard normal times ``q_scale``."""
+        lay = WorkingSetLayout(page_size=16, n_sink=1, n_select=3, n_window=2)
+        S, hkv = lay.slots, 2
+        lens = torch.tensor([5, 200, 16, 77])
+        rows = torch.tensor([3, 1, 0, 2])
+        b = len(lens)
+        ip = torch.zeros(b + 1, dtype=torch.int32)
+        ix = torch.zeros(b * S, dtype=torch.int32)
+        lp = torch.zeros(b, dtype=torch.int32)
+        K.build_page_table(lens, rows, ip, ix, lp, layout=lay, slot_base=S)
+        q = (torch.randn(b, hkv * grp, d, generator=g) * q_scale).to(dtype)
+        wk = _randn(g, 4 * S, 16, hkv, d, dtype=dtype)
+        wv = _randn(g, 4 * S, 16, hkv, d, dtype=dtype)
+        return S, hkv, b, ip, ix, lp, q, wk, wv
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("grp,d,n_split,ppi", [(4, 128, 1, 1), (3, 64, 3, 4), (1, 64, 8, 1), (7, 64, 1, 2)])
+    def test_split_decode_large_logits(dtype, grp, d, n_split, ppi):
+        """Queries 64 times standard normal: logits q.k / sqrt(D) in the hundreds, past float32's exp range
+        (88), so only a softmax that subtracts its running maximum, and a merge of the chunks (n_split > 1)
+        that subtracts the largest log-sum-exp, gives finite outputs. The attention is then nearly one-hot;
+        the output matches the float32 reference to the dtype's rounding, as with standard-normal queries."""
+        S, hkv, b, ip, ix, lp, q, wk, wv = _split_problem(_g(60 + grp), dtype, grp, d, q_scale=64.0)
+        scale = 1.0 / d ** 0.5
+        logits = torch.einsum("bhgd,thd->bhgt", q.float().view(b, hkv, grp, d), wk.float().flatten(0, 1)) * scale
+        assert logits.amax() > 150  # the case is what it says
+        want = K.sparse_decode_reference(q, wk, wv, ip, ix, lp, scale)
+        assert torch.isfinite(want).all()
+        got = K.split_decode_attention(q, wk, wv, ip, ix, lp, max_slots=S, sm_scale=scale, n_split=n_split,
+                                       pages_per_iter=ppi)
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
     def test_split_decode_default_tile_of_long_chunks():
         """Chunks of 8 or more slots read two slots per iteration by default: same attention as the
         reference (a request of a partial last slot, one of a single slot)."""
@@ -437,6 +471,25 @@ else:
         with pytest.raises(ValueError, match="pages_per_iter"):
             K.split_decode_attention(q, ws.new_zeros(3, 16, 1, 64), ws.new_zeros(3, 16, 1, 64), i, i, i[:1],
                                      max_slots=3, pages_per_iter=3)
+
+    # ------------------------------------------------- fused kernels, large queries
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_prologue_large_queries(dtype):
+        """The decode prologue with queries 64 times standard normal (squared norms past float16's range): the
+        Triton kernel matches its reference, and a query of nearly the previous direction is not corrected."""
+        from kernel_cases import LARGE_Q_SCALE, check_prologue
+
+        for group in (1, 4):
+            check_prologue("cpu", dtype, group, 16, q_scale=LARGE_Q_SCALE)
+
+    @pytest.mark.parametrize("aggregation", ["mean", "max"])
+    def test_score_select_large_queries(aggregation):
+        """Fused scoring + selection with queries 64 times standard normal (page scores in the hundreds)."""
+        from kernel_cases import LARGE_Q_SCALE, check_score_select
+
+        check_score_select("cpu", torch.float16, 3, 16, k=4, aggregation=aggregation, q_scale=LARGE_Q_SCALE)
+        check_score_select("cpu", torch.bfloat16, 2, 32, k=4, aggregation=aggregation, margin=2,
+                           q_scale=LARGE_Q_SCALE)
 
     # ------------------------------------------------------------------------ page table
     @pytest.mark.parametrize("lay", [WorkingSetLayout(8, 3, 4, 3), WorkingSetLayout(32, 16, 32, 16),

@@ -281,22 +281,34 @@ def test_page_table_reference(lay):
 
 
 # ------------------------------------------------------------------------------- sparse decode
-def test_sparse_decode_reference():
+@pytest.mark.parametrize("q_scale", [1.0, 60.0])
+def test_sparse_decode_reference(q_scale):
+    """Paged attention over the working sets' page table equals dense attention over the listed tokens and a
+    brute-force softmax. ``q_scale=60``: logits in the hundreds (exp overflows float32 past 88), which only a
+    softmax that subtracts the maximum survives."""
     g = _gen(10)
     p, hkv, grp, d, n_slots = 4, 2, 3, 16, 12
     ws_k = _randn(g, n_slots, p, hkv, d)
     ws_v = _randn(g, n_slots, p, hkv, d)
-    q = _randn(g, 2, hkv * grp, d)
+    q = _randn(g, 2, hkv * grp, d) * q_scale
     indptr = torch.tensor([0, 3, 5], dtype=torch.int32)
     indices = torch.tensor([5, 0, 7, 2, 9], dtype=torch.int32)
     last = torch.tensor([2, 4], dtype=torch.int32)
     out = K.sparse_decode_reference(q, ws_k, ws_v, indptr, indices, last, 0.3)
+    assert torch.isfinite(out).all()
+    # float32 logits of magnitude L carry rounding of about 1e-7 L; the weights and outputs follow
+    tol = 1e-5 * q_scale
+    top = 0.0
     for b in range(2):
         sl = indices[indptr[b]:indptr[b + 1]].long()
         kk = ws_k[sl].flatten(0, 1)
         vv = ws_v[sl].flatten(0, 1)
         n = (len(sl) - 1) * p + int(last[b])
-        torch.testing.assert_close(out[b], dense_attention(q[b], kk[:n], vv[:n], 0.3))
-        # brute force softmax for head 4 (KV head 1)
-        logits = (kk[:n, 1] @ q[b, 4]) * 0.3
-        torch.testing.assert_close(out[b, 4], torch.softmax(logits, 0) @ vv[:n, 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[b], dense_attention(q[b], kk[:n], vv[:n], 0.3), rtol=tol, atol=tol)
+        for h in range(hkv * grp):  # brute force: softmax by hand, shifted by the largest logit
+            logits = (kk[:n, h // grp].double() @ q[b, h].double()) * 0.3
+            top = max(top, float(logits.max()))
+            w = torch.exp(logits - logits.max())
+            want = (w / w.sum()) @ vv[:n, h // grp].double()
+            torch.testing.assert_close(out[b, h].double(), want, rtol=tol, atol=tol)
+    assert top > 100 if q_scale > 1 else top < 20  # the large case reaches the hundreds

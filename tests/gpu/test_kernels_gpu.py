@@ -1,5 +1,7 @@
 """GPU tests of every kernel against its torch reference (bf16 and fp16, GQA group sizes
 1/3/4/7, head dims 64/128), with the host store really pinned. Run: ``pytest tests/gpu``.
+Queries are standard normal, and 64 times that in the ``large_queries`` tests. The attention kernels
+(FlashInfer, XQA, the Triton split decode) with large logits: tests/gpu/test_kernels_sparse_decode.py.
 """
 
 from __future__ import annotations
@@ -134,6 +136,57 @@ def test_score_pages(dtype, d, grp, agg):
     lay = WorkingSetLayout(p, n_sink, 8, n_window)
     assert torch.equal(torch.isfinite(out[:, 0]) | ~hm[:, :1], lay.candidate_mask(n_ctx.cpu(), max_pages).to(DEV)
                        | ~hm[:, :1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grp,d", [(4, 128), (7, 64)])
+@pytest.mark.parametrize("agg", ["mean", "max"])
+def test_score_pages_large_queries(dtype, grp, d, agg):
+    """Queries 64 times standard normal (a trained model's outlier heads): page scores in the thousands,
+    past what a float16 accumulation holds exactly; the kernel's float32 scores match the reference's to the
+    same relative tolerance as standard-normal queries."""
+    g = _gen(14)
+    p, hkv, b, n_sink, n_window = 32, 4, 5, 4, 4
+    max_ctx = 4096 + 96
+    n_host = 800
+    keys = _randn(g, n_host * p, hkv, d, dtype=dtype)
+    dig = page_digests(keys, p).contiguous()
+    r2t = torch.randint(0, n_host * p, (b + 3, max_ctx), device=DEV, generator=g, dtype=torch.int32)
+    rpi = torch.randperm(b + 3, device=DEV, generator=g)[:b]
+    n_ctx = torch.tensor([max_ctx, 1, 700, 33 * 32 + 5, 4000], dtype=torch.int32, device=DEV)
+    q = (torch.randn(b, hkv * grp, d, generator=g, device=DEV) * 64.0).to(dtype)
+    max_pages = max_ctx // p
+    out = torch.full((b, hkv, max_pages), float("nan"), device=DEV)
+    ref = out.clone()
+    kw = dict(page_size=p, n_sink=n_sink, n_window=n_window, aggregation=agg)
+    K.score_pages(q, dig, r2t, rpi, n_ctx, None, out, heads_fast=grp == 7, **kw)
+    K.score_pages_reference(q, dig, r2t, rpi, n_ctx, None, ref, **kw)
+    fin = torch.isfinite(ref)
+    assert fin.any() and ref[fin].abs().max() > 1000
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)) and not out.isnan().any()
+    torch.testing.assert_close(out[fin], ref[fin], rtol=1e-5, atol=1e-5 * ref[fin].abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (7, 128)])
+def test_prologue_large_queries(dtype, group, head_dim):
+    """The decode prologue's correction check with queries 64 times standard normal (squared norms past the
+    float16 range): the kernel matches its reference, and a query of nearly the previous direction is kept
+    (tests/kernel_cases.py)."""
+    from kernel_cases import LARGE_Q_SCALE, check_prologue
+
+    check_prologue("cuda", dtype, group, head_dim, page=32, q_scale=LARGE_Q_SCALE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("aggregation,margin", [("mean", 0), ("max", 0), ("mean", 4)])
+def test_score_select_large_queries(dtype, aggregation, margin):
+    """Fused scoring + selection with queries 64 times standard normal: a top-k of the reference's scores and
+    the same residency and recall lists (tests/kernel_cases.py)."""
+    from kernel_cases import LARGE_Q_SCALE, check_score_select
+
+    check_score_select("cuda", dtype, 4, 128, k=32, aggregation=aggregation, page=32, max_pages=1000, margin=margin,
+                       q_scale=LARGE_Q_SCALE)
 
 
 # ----------------------------------------------------------------------------------- select

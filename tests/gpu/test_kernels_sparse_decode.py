@@ -1,5 +1,10 @@
-"""SparseDecode (FlashInfer paged decode over working-set slots) against
-``algorithm.paged_attention``; eager and CUDA-graph mode."""
+"""SparseDecode (FlashInfer paged decode over working-set slots), XQA and the Triton split decode against
+``algorithm.paged_attention``; eager and CUDA-graph mode.
+
+Queries are standard normal, and in the ``large_logits`` tests 64 times that (:data:`LARGE_Q`): logits
+q.k / sqrt(D) of standard deviation 64, the largest in the hundreds, past float32's exp range (88), so
+a kernel whose softmax does not subtract its running maximum returns inf/NaN there. The attention is
+then nearly one-hot; the outputs are compared at the same bf16/fp16 tolerance as the others."""
 
 from __future__ import annotations
 
@@ -15,15 +20,16 @@ import freekv_sglang.kernels as K  # noqa: E402
 from freekv_sglang.algorithm import WorkingSetLayout  # noqa: E402
 
 DEV = torch.device("cuda")
+LARGE_Q = 64.0  # query scale of the large-logit cases
 
 
-def _setup(dtype, grp, d, lay, seq, seed=0):
+def _setup(dtype, grp, d, lay, seq, seed=0, q_scale=1.0):
     g = torch.Generator(device=DEV).manual_seed(seed)
     hkv, b = 4, len(seq)
     rows = b + 2
     ws_k = torch.randn(rows * lay.slots, lay.page_size, hkv, d, generator=g, device=DEV).to(dtype)
     ws_v = torch.randn(rows * lay.slots, lay.page_size, hkv, d, generator=g, device=DEV).to(dtype)
-    q = torch.randn(b, hkv * grp, d, generator=g, device=DEV).to(dtype)
+    q = (torch.randn(b, hkv * grp, d, generator=g, device=DEV) * q_scale).to(dtype)
     rpi = torch.randperm(rows, generator=g, device=DEV)[:b]
     seq_lens = torch.tensor(seq, dtype=torch.int32, device=DEV)
     return ws_k, ws_v, q, rpi, seq_lens, hkv
@@ -42,13 +48,29 @@ def _page_table(seq_lens, rpi, lay):
 def _check(out, q, ws_k, ws_v, ip, ix, lp, scale):
     ref = K.sparse_decode_reference(q, ws_k, ws_v, ip, ix, lp, scale)
     assert out.shape == q.shape and out.dtype == q.dtype
-    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)  # NaN/inf in out fails too
 
 
-def _eager_case(dtype, grp, d, seq, seed=0, split_pages=None):
+def _max_logit(q, ws_k, ip, ix, lp, scale) -> float:
+    """Largest logit q.k * scale over the tokens each request's page table lists."""
+    b, hq, d = q.shape
+    hkv = ws_k.shape[2]
+    ptr, idx, last = ip.tolist(), ix.tolist(), lp.tolist()
+    top = float("-inf")
+    for i in range(b):
+        slots = idx[ptr[i]:ptr[i + 1]]
+        keys = ws_k[torch.tensor(slots, device=ws_k.device)].flatten(0, 1)  # [tokens, Hkv, D]
+        keys = keys[: (len(slots) - 1) * ws_k.shape[1] + last[i]].float()
+        lg = torch.einsum("hgd,thd->hgt", q[i].float().view(hkv, hq // hkv, d), keys) * scale
+        top = max(top, float(lg.max()))
+    return top
+
+
+def _eager_case(dtype, grp, d, seq, seed=0, split_pages=None, q_scale=1.0):
     """Plan + run over ``seq`` contexts and check against the reference; returns what ``run`` needs."""
     lay = WorkingSetLayout(32, 4, 8, 4)
-    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=seed)
+    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=seed, q_scale=q_scale)
     ip, ix, lp = _page_table(seq_lens, rpi, lay)
     sd = K.SparseDecode(DEV)
     scale = 1.0 / math.sqrt(d)
@@ -66,6 +88,15 @@ def test_sparse_decode_eager(dtype, d, grp):
                                                                          5000, 12345])
     # another scale at run time (through FlashInfer's q_scale)
     _check(sd.run(q, ws_k, ws_v, sm_scale=0.3 * scale), q, ws_k, ws_v, ip, ix, lp, 0.3 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,grp", [(128, 4), (64, 7), (128, 1)])
+def test_sparse_decode_large_logits(dtype, d, grp):
+    """FlashInfer's paged decode with logits in the hundreds (queries x 64): the reference's attention."""
+    sd, (q, ws_k, ws_v, ip, ix, lp), scale = _eager_case(dtype, grp, d, [1, 33, 16 * 32 + 1, 5000, 12345], seed=11,
+                                                         q_scale=LARGE_Q)
+    assert _max_logit(q, ws_k, ip, ix, lp, scale) > 150  # _eager_case checked the output at this scale
 
 
 @pytest.mark.parametrize("split_pages", [1, 4, 16])
@@ -210,6 +241,23 @@ def test_split_decode_matches_reference(dtype, d, grp, p, n_split, ppi):
     ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=7)
     ip, ix, lp = _page_table(seq_lens, rpi, lay)
     scale = 1.0 / math.sqrt(d)
+    out = K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=lay.slots, sm_scale=scale, n_split=n_split,
+                                   pages_per_iter=ppi)
+    _check(out, q, ws_k, ws_v, ip, ix, lp, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grp,d", [(1, 64), (4, 128), (7, 64)])
+@pytest.mark.parametrize("p,n_split,ppi", [(32, None, 1), (32, 1, 1), (16, 5, 4), (32, 3, 4)])
+def test_split_decode_large_logits(dtype, grp, d, p, n_split, ppi):
+    """The Triton split decode with logits in the hundreds (queries x 64): each chunk's softmax subtracts its
+    running maximum and the merge of the chunks the largest log-sum-exp."""
+    lay = WorkingSetLayout(p, 4, 8, 4)
+    seq = [1, 31, 33, 200, 16 * p + 1, 5000, 12345]
+    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=13, q_scale=LARGE_Q)
+    ip, ix, lp = _page_table(seq_lens, rpi, lay)
+    scale = 1.0 / math.sqrt(d)
+    assert _max_logit(q, ws_k, ip, ix, lp, scale) > 150
     out = K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=lay.slots, sm_scale=scale, n_split=n_split,
                                    pages_per_iter=ppi)
     _check(out, q, ws_k, ws_v, ip, ix, lp, scale)
