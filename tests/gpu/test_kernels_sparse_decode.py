@@ -106,21 +106,6 @@ def test_sparse_decode_fixed_split(split_pages, grp):
     _eager_case(torch.bfloat16, grp, 128, [1, 33, 16 * 32 + 1, 5000, 12345], seed=2, split_pages=split_pages)
 
 
-@pytest.mark.parametrize("use_tensor_cores", [True, False])
-def test_sparse_decode_hnd_layout(use_tensor_cores):
-    """Working sets with each (slot, head) page contiguous (``kv_layout="HND"``, bench_kernels' layout
-    experiment) give the same attention as the runtime's NHD slots."""
-    sd, (q, ws_k, ws_v, ip, ix, lp), scale = _eager_case(torch.bfloat16, 4, 128, [1, 33, 16 * 32 + 1, 5000, 12345],
-                                                         seed=3)
-    lay = WorkingSetLayout(32, 4, 8, 4)
-    w = K.SparseDecode(DEV, kv_layout="HND", use_tensor_cores=use_tensor_cores)
-    w.plan(ip.cpu(), ix, lp.cpu(), q.shape[1], ws_k.shape[2], 128, lay.page_size, q.dtype, q.dtype, sm_scale=scale)
-    _check(w.run(q, ws_k.transpose(1, 2).contiguous(), ws_v.transpose(1, 2).contiguous()), q, ws_k, ws_v, ip, ix, lp,
-           scale)
-    with pytest.raises(ValueError, match="kv_layout"):
-        K.SparseDecode(DEV, kv_layout="NDH")
-
-
 @pytest.mark.parametrize("p", [16, 64])
 def test_sparse_decode_page_sizes(p):
     lay = WorkingSetLayout(p, 2, 4, 3)
@@ -261,53 +246,6 @@ def test_split_decode_large_logits(dtype, grp, d, p, n_split, ppi):
     out = K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=lay.slots, sm_scale=scale, n_split=n_split,
                                    pages_per_iter=ppi)
     _check(out, q, ws_k, ws_v, ip, ix, lp, scale)
-
-
-@pytest.mark.parametrize("grp,d", [(1, 64), (4, 128), (7, 64)])
-@pytest.mark.parametrize("p,n_split,ppi", [(32, None, 1), (32, 1, 1), (32, 8, 2), (16, 5, 4), (64, 64, 1)])
-def test_split_decode_fused_merge(grp, d, p, n_split, ppi):
-    """The merge done by each (request, KV head)'s last chunk in the same launch: the reference's
-    attention, call after call (the counters return to zero)."""
-    lay = WorkingSetLayout(p, 4, 8, 4)
-    seq = [1, 31, 33, 200, 16 * p, 16 * p + 1, 5000, 12345]
-    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(torch.bfloat16, grp, d, lay, seq, seed=9)
-    b = len(seq)
-    ip, ix, lp = _page_table(seq_lens, rpi, lay)
-    scale = 1.0 / math.sqrt(d)
-    locks = torch.zeros(b * hkv, dtype=torch.int32, device=DEV)
-    for _ in range(3):
-        out = K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=lay.slots, sm_scale=scale,
-                                       n_split=n_split, pages_per_iter=ppi, locks=locks)
-        _check(out, q, ws_k, ws_v, ip, ix, lp, scale)
-        assert not locks.any()
-        q.normal_()
-
-
-def test_split_decode_fused_merge_cuda_graph():
-    """The fused merge recorded in a CUDA graph and replayed with new lengths, queries and keys."""
-    dtype, grp, d = torch.bfloat16, 4, 128
-    lay = WorkingSetLayout(32, 4, 8, 4)
-    seq = [40, 700, 5000, 1]
-    ws_k, ws_v, q, rpi, seq_lens, hkv = _setup(dtype, grp, d, lay, seq, seed=5)
-    b = len(seq)
-    ip = torch.zeros(b + 1, dtype=torch.int32, device=DEV)
-    ix = torch.zeros(b * lay.slots, dtype=torch.int32, device=DEV)
-    lp = torch.ones(b, dtype=torch.int32, device=DEV)
-    locks = torch.zeros(b * hkv, dtype=torch.int32, device=DEV)
-    scale = 1 / math.sqrt(d)
-    out = torch.empty_like(q)
-
-    def step():
-        K.build_page_table(seq_lens, rpi, ip, ix, lp, layout=lay, slot_base=lay.slots)
-        K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=lay.slots, sm_scale=scale, out=out,
-                                 n_split=4, locks=locks)
-
-    def check():
-        _check(out, q, ws_k, ws_v, ip, ix, lp, scale)
-        assert not locks.any()
-
-    graph = _warm_up_and_capture(step, check)
-    _replay_with_new_inputs(graph, seq_lens, q, ws_k, 5, check)
 
 
 def test_split_decode_cuda_graph():
