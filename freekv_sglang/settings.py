@@ -25,9 +25,10 @@ def _knob(env: str, default: Any, meaning: str, *, kind: type, choices: tuple = 
           valid: Optional[Callable[[Any], bool]] = None, allowed: str = "", shown: str = "") -> Any:
     """A field of :class:`EnvSettings` read from ``env``: parsed as ``kind`` (``bool``: ``0`` or ``1``), one of
     ``choices`` or passing ``valid`` (described by ``allowed``); ``shown``: the default as the docs give it."""
-    meta = dict(env=env, kind=kind, choices=choices, valid=valid, meaning=meaning,
-                allowed=allowed or ", ".join(f"`{c}`" for c in (ON_OFF if kind is bool else choices)),
-                shown=shown or (f"`{int(default)}`" if kind is bool else "unset" if default is None else f"`{default}`"))
+    if not shown:
+        shown = f"`{int(default)}`" if kind is bool else "unset" if default is None else f"`{default}`"
+    meta = dict(env=env, kind=kind, choices=choices, valid=valid, meaning=meaning, shown=shown,
+                allowed=allowed or ", ".join(f"`{c}`" for c in (ON_OFF if kind is bool else choices)))
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -81,8 +82,8 @@ class EnvSettings:
 
 
 def _refused(m: Mapping[str, Any], value: Any) -> ValueError:
-    allowed = m["allowed"].replace("`", "")
-    return ValueError(f"{m['env']} must be {'one of ' if ',' in allowed else ''}{allowed}, got {value!r}")
+    one_of = "one of " if m["choices"] or m["kind"] is bool else ""
+    return ValueError(f"{m['env']} must be {one_of}{m['allowed'].replace('`', '')}, got {value!r}")
 
 
 def _allowed(m: Mapping[str, Any], value: Any) -> bool:
