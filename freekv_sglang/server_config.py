@@ -118,6 +118,8 @@ def _check_args(get: Callable[[str, Any], Any], cfg: FreeKVConfig, resolved: boo
         raise _unsupported("--pp-size", pp, "pipeline parallelism")
     if get("enable_dp_attention", False):
         raise _unsupported("--enable-dp-attention", True)
+    if get("enable_mixed_chunk", False):
+        raise _unsupported("--enable-mixed-chunk", True, "decode steps are FreeKV's own CUDA-graph batches")
     mode = get("disaggregation_mode", "null")
     if mode not in (None, "null"):
         raise _unsupported("--disaggregation-mode", mode, "PD disaggregation")
@@ -164,38 +166,37 @@ def overlap_schedule_allowed() -> bool:
     return load_settings().overlap_schedule
 
 
+def forced_settings(cfg: FreeKVConfig) -> dict[str, tuple[Any, str]]:
+    """ServerArgs values FreeKV sets, with the reason logged for each. SGLang's radix cache and chunked
+    prefill stay as the user (or SGLang's defaults) chose: FreeKV serves cached prefixes from its host tier."""
+    forced = {
+        "attention_backend": (compat.ATTENTION_BACKEND_NAME, "FreeKV attention backend"),
+        "page_size": (cfg.page_size, "= --freekv-page-size (radix-cache keys and chunks are whole pages)"),
+        "disable_overlap_schedule": (True, "the overlap scheduler is not supported with FreeKV yet"),
+    }
+    if overlap_schedule_allowed():
+        del forced["disable_overlap_schedule"]
+    return forced
+
+
 def apply_base_overrides(values: MutableMapping[str, Any], cfg: FreeKVConfig) -> list[str]:
     """Rewrite the ServerArgs values FreeKV depends on; returns one note per change.
 
     Must run before SGLang resolves the ServerArgs (0.5.17 resolves in
     ``__post_init__`` and then refuses public attribute writes).
     """
-    wanted: dict[str, Any] = {
-        "attention_backend": compat.ATTENTION_BACKEND_NAME,
-        "page_size": cfg.page_size,
-        "disable_radix_cache": True,  # prefix sharing across requests: not yet
-        "chunked_prefill_size": -1,  # chunked prefill: not supported yet
-        "disable_overlap_schedule": True,
-    }
-    wanted.update(CUDA_GRAPH_OVERRIDES)
+    wanted = forced_settings(cfg)
+    wanted.update({k: (v, "FreeKV prefill runs eagerly (decode steps are captured)")
+                   for k, v in CUDA_GRAPH_OVERRIDES.items()})
     notes = []
     if overlap_schedule_allowed():
-        del wanted["disable_overlap_schedule"]
         notes.append(f"{OVERLAP_ENV}=1: the overlap scheduler stays as configured (experimental with FreeKV)")
-    reasons = {
-        "attention_backend": "FreeKV attention backend",
-        "page_size": "= --freekv-page-size",
-        "disable_radix_cache": "prefix caching is not supported with FreeKV yet",
-        "chunked_prefill_size": "chunked prefill is not supported with FreeKV yet",
-        "disable_overlap_schedule": "the overlap scheduler is not supported with FreeKV yet",
-        "disable_prefill_cuda_graph": "FreeKV prefill runs eagerly (decode steps are captured)",
-    }
-    for key, value in wanted.items():
+    for key, (value, reason) in wanted.items():
         old = values.get(key)
         if old != value:
             was = repr(old) if key in values else "default"
             values[key] = value
-            notes.append(f"set {key}={value!r} (was {was}): {reasons[key]}")
+            notes.append(f"set {key}={value!r} (was {was}): {reason}")
     for key in CUDA_GRAPH_BACKEND_KEYS:  # part of the CUDA GRAPHS block above
         old = values.get(key)
         if old not in (None, "disabled"):
@@ -236,16 +237,7 @@ def finalize_server_args(sa: Any, cfg: FreeKVConfig) -> Any:
         raise FreeKVConfigError(f"after SGLang resolved its arguments: {e}") from None
     if compat.model_uses_mla(sa):
         raise _unsupported("--model-path", getattr(sa, "model_path", None), "MLA model")
-    expected = {
-        "attention_backend": compat.ATTENTION_BACKEND_NAME,
-        "page_size": cfg.page_size,
-        "disable_radix_cache": True,
-        "chunked_prefill_size": -1,
-        "disable_overlap_schedule": True,
-    }
-    if overlap_schedule_allowed():
-        del expected["disable_overlap_schedule"]
-    for key, value in expected.items():
+    for key, (value, _) in forced_settings(cfg).items():
         if getattr(sa, key, value) != value:
             raise FreeKVConfigError(
                 f"SGLang resolved {key}={getattr(sa, key)!r}, but FreeKV needs {value!r}; "

@@ -31,8 +31,9 @@ def test_enabled(base_kwargs, capsys):
     from sglang.srt.server_args import ServerArgs
 
     assert isinstance(sa, ServerArgs)
-    assert (sa.attention_backend, sa.page_size, sa.chunked_prefill_size) == ("freekv", 64, -1)
-    assert sa.disable_radix_cache and sa.disable_overlap_schedule and sa.disable_prefill_cuda_graph
+    assert (sa.attention_backend, sa.page_size) == ("freekv", 64)
+    assert sa.chunked_prefill_size > 0 and not sa.disable_radix_cache  # SGLang's defaults stay
+    assert sa.disable_overlap_schedule and sa.disable_prefill_cuda_graph
     assert not sa.disable_cuda_graph  # decode steps are captured
     cfg = sa._freekv
     assert cfg.enabled and cfg.page_size == 64 and cfg.select_tokens == 512
@@ -121,8 +122,8 @@ def test_finalize_accepts_a_conforming_result():
 @pytest.mark.parametrize("over, needle", [
     ({"attention_backend": "flashinfer"}, "attention"),
     ({"page_size": 64}, "page"),
-    ({"chunked_prefill_size": 8192}, "chunked_prefill_size"),
-    ({"disable_radix_cache": False}, "disable_radix_cache"),
+    ({"disable_overlap_schedule": False}, "disable_overlap_schedule"),
+    ({"enable_mixed_chunk": True}, "--enable-mixed-chunk"),
     ({"enable_dp_attention": True}, "--enable-dp-attention"),
     ({"speculative_algorithm": "NEXTN"}, "--speculative-algorithm"),
     ({"cuda_graph_config": SimpleNamespace(decode=SimpleNamespace(backend="full"),
@@ -161,14 +162,14 @@ def test_override_notes_describe_each_change():
     values = {"attention_backend": None, "chunked_prefill_size": 8192, "page_size": 32,
               "cuda_graph_backend_decode": "full", "cuda_graph_backend_prefill": "breakable"}
     notes = server_config.apply_base_overrides(values, FreeKVConfig(enabled=True))
-    assert values["attention_backend"] == "freekv" and values["chunked_prefill_size"] == -1
-    assert values["disable_radix_cache"] is True and values["disable_prefill_cuda_graph"] is True
+    assert values["attention_backend"] == "freekv" and values["chunked_prefill_size"] == 8192  # kept
+    assert "disable_radix_cache" not in values and values["disable_prefill_cuda_graph"] is True
     assert values["disable_overlap_schedule"] is True
     assert values["cuda_graph_backend_decode"] == "full"  # decode graphs stay
     assert values["cuda_graph_backend_prefill"] is None
     text = "\n".join(notes)
-    assert "set chunked_prefill_size=-1 (was 8192)" in text
-    assert "set disable_radix_cache=True (was default)" in text
+    assert "chunked_prefill_size" not in text and "radix" not in text
+    assert "set disable_overlap_schedule=True (was default)" in text
     assert "cleared cuda_graph_backend_prefill (was 'breakable')" in text
     assert "page_size" not in text  # already right: no note
     assert server_config.apply_base_overrides(values, FreeKVConfig(enabled=True)) == []

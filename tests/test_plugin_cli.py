@@ -130,8 +130,9 @@ def test_freekv_applies_overrides_and_survives_pickle(parse, capsys):
     sa = parse("--kv-retrieval", "freekv")
     assert sa.attention_backend == "freekv"
     assert sa.page_size == 32
-    assert sa.disable_radix_cache is True
-    assert sa.chunked_prefill_size == -1
+    # SGLang's radix cache and chunked prefill stay on: FreeKV serves cached prefixes from its host tier
+    assert sa.disable_radix_cache is False
+    assert sa.chunked_prefill_size > 0
     assert sa.disable_overlap_schedule is True
     assert sa.disable_prefill_cuda_graph is True
     assert compat.cuda_graphs_disabled(sa, phases=("prefill",)) is True
@@ -145,7 +146,7 @@ def test_freekv_applies_overrides_and_survives_pickle(parse, capsys):
     err = capsys.readouterr().err
     assert "FreeKV enabled: page_size=32 sink=512 window=512 select=1024" in err
     assert "set attention_backend='freekv'" in err
-    assert "set chunked_prefill_size=-1" in err
+    assert "chunked_prefill_size" not in err and "disable_radix_cache" not in err
 
 
 def test_freekv_flags_reach_the_config(parse):
@@ -155,7 +156,7 @@ def test_freekv_flags_reach_the_config(parse):
                "--freekv-no-speculative", "--freekv-gqa-aggregation", "max",
                "--freekv-host-memory-gb", "1.5", "--freekv-min-context-tokens", "2048",
                "--freekv-recall", "staged", "--chunked-prefill-size", "4096")
-    assert sa.page_size == 64 and sa.chunked_prefill_size == -1
+    assert sa.page_size == 64 and sa.chunked_prefill_size == 4096  # the user's chunk size stays
     assert sa._freekv == FreeKVConfig(
         enabled=True, page_size=64, sink_tokens=128, window_tokens=256, select_tokens=2048,
         correction_threshold=None, speculative=False, gqa_aggregation="max",

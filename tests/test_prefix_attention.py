@@ -119,3 +119,54 @@ def test_attending_out_of_order_or_too_few_layers_is_an_error():
     pa.attend(0, q, o, s, 1.0)
     with pytest.raises(RuntimeError, match="1 of 2 units"):
         pa.finish()
+
+
+def test_prefill_in_chunks_leaves_the_state_of_one_prefill():
+    """A prompt prefilled as cached prefix + new tokens (radix hit, next chunk) leaves the runtime exactly as
+    one prefill of the whole prompt: host tier, digests of every page, each head's selected pages, the
+    working-set slots of the first decode step, and no previous query."""
+    g = torch.Generator().manual_seed(5)
+    rt_one, rt_two = _runtime(torch.Generator().manual_seed(9)), _runtime(torch.Generator().manual_seed(9))
+    sh, lay = rt_one.shape, rt_one.layout
+    P = lay.page_size
+    rows = torch.tensor([4, 2, 6])
+    total, prefix = [61, 45, 23], [8 * P, 0, 2 * P]  # the second request has no cached prefix
+    ext = [n - m for n, m in zip(total, prefix)]
+    has = [i for i, m in enumerate(prefix) if m]
+    rt_two.prefix = PrefixAttention(rt_two, 5)  # 10 prefix pages in units of at most 5
+    data = []  # per layer, per request: q, k, v, token slots
+    for layer in range(sh.n_layers):
+        data.append([(_rand(g, n, sh.n_q_heads, sh.head_dim), _rand(g, n, sh.n_kv_heads, sh.head_dim),
+                      _rand(g, n, sh.n_kv_heads, sh.head_dim), rt_one.req_to_token[r, :n].long())
+                     for r, n in zip(rows.tolist(), total)])
+
+    def part(layer, which, cut):
+        return [torch.cat([cut(data[layer][i][j], i) for i in which]) for j in range(4)]
+
+    for layer in range(sh.n_layers):  # one prefill of every whole prompt
+        q, k, v, loc = part(layer, range(3), lambda x, i: x)
+        rt_one.prefill_layer_offload(layer, q, k, v, rows, total, loc)
+    for layer in range(sh.n_layers):  # the cached prefixes (an earlier request, or chunk)
+        q, k, v, loc = part(layer, has, lambda x, i: x[:prefix[i]])
+        rt_two.prefill_layer_offload(layer, q, k, v, rows[has], [prefix[i] for i in has], loc)
+    assert rt_two.plan_prefill(rows, prefix, ext)
+    for layer in range(sh.n_layers):  # the rest, over its cached prefix
+        q, k, v, loc = part(layer, range(3), lambda x, i: x[prefix[i]:])
+        rt_two.prefix_attention(layer, q, torch.zeros_like(q), torch.zeros(q.shape[:2]), 1.0)
+        rt_two.prefill_layer_offload(layer, q, k, v, rows, ext, loc, prefix)
+    rt_two.finish_prefill()
+    locs = torch.cat([rt_one.req_to_token[r, :n].long() for r, n in zip(rows.tolist(), total)])
+    full = torch.cat([rt_one.req_to_token[r, :n - n % P:P].long() // P for r, n in zip(rows.tolist(), total)])
+    for layer in range(sh.n_layers):  # (only the prompts' tokens were written: compare those)
+        for tier in ("k", "v"):
+            one, two = (getattr(rt.host, tier)(layer)[locs // P, :, locs % P] for rt in (rt_one, rt_two))
+            torch.testing.assert_close(two, one)
+        torch.testing.assert_close(rt_two.digests[layer, full], rt_one.digests[layer, full])
+        torch.testing.assert_close(rt_two.resident[layer, rows], rt_one.resident[layer, rows])
+        assert not rt_two.q_valid[layer, rows].any()
+        for r, n in zip(rows.tolist(), total):
+            slots = torch.tensor(lay.page_table(n + 1)[0]) + r * lay.slots
+            for kv in (0, 1):  # every page of the table is full but the current one, which holds n % P tokens
+                a, b = rt_two.ws[layer, kv, slots], rt_one.ws[layer, kv, slots]
+                torch.testing.assert_close(a[:-1], b[:-1], msg=lambda m: f"layer {layer} row {r}: {m}")
+                torch.testing.assert_close(a[-1, :n % P], b[-1, :n % P])

@@ -1,7 +1,9 @@
 """SGLang attention backend ``freekv``.
 
-Prefill is SGLang's own FlashInfer ragged prefill (dense, on the GPU); then the runtime writes the
-prompt's K/V into the host tier, builds digests and seeds working sets.
+Prefill is SGLang's own FlashInfer ragged prefill (dense, on the GPU); where requests start from a cached
+prefix (the radix cache, or the earlier chunks of a chunked prefill) the runtime stages the prefix from the
+host tier layer by layer and merges its attention in (:mod:`.prefix`). Then the runtime writes the new
+tokens' K/V into the host tier, builds digests and seeds working sets from the whole context.
 Decode runs :meth:`FreeKVRuntime.decode_layer` per layer: the new token goes to the host
 tier and the window page, correction, FlashInfer paged decode (page size P) over the
 working set, then the speculative selection and recall for the next step on a side stream.
@@ -47,15 +49,18 @@ class FreeKVAttnBackend(compat.flashinfer_backend_class()):
             raise NotImplementedError("FreeKV does not support speculative decoding yet")
         if mode.is_mixed():
             raise NotImplementedError("FreeKV does not support mixed prefill/decode batches (--enable-mixed-chunk) yet")
-        if forward_batch.extend_prefix_lens_cpu is not None and any(forward_batch.extend_prefix_lens_cpu):
-            raise NotImplementedError(
-                "FreeKV prefill with a cached prefix (chunked prefill or prefix cache) is not supported yet; "
-                "the plugin disables both, so something re-enabled them")
         super().init_forward_metadata(forward_batch)
-        if not (self.forward_metadata.use_ragged and self.forward_metadata.extend_no_prefix):
+        if not self.forward_metadata.use_ragged:
             raise NotImplementedError(
-                "FreeKV prefill needs FlashInfer's ragged prefill without prefix (no piecewise prefill CUDA "
-                "graph, no SGLANG_FLASHINFER_USE_PAGED, no deterministic inference)")
+                "FreeKV prefill needs FlashInfer's ragged prefill (no piecewise prefill CUDA graph, no "
+                "SGLANG_FLASHINFER_USE_PAGED, no deterministic inference)")
+        # the new tokens attend over themselves (FlashInfer's ragged prefill, planned above) and over their
+        # cached prefix (radix cache, earlier chunks), which the runtime stages from the host tier
+        self.extend_lens = list(forward_batch.extend_seq_lens_cpu)
+        prefix = forward_batch.extend_prefix_lens_cpu
+        self.prefix_lens = list(prefix) if prefix is not None else [0] * len(self.extend_lens)
+        self.has_prefix = self.runtime.plan_prefill(forward_batch.req_pool_indices.long(), self.prefix_lens,
+                                                    self.extend_lens)
 
     # ------------------------------------------------------------------ CUDA graphs (decode)
     # SGLang's graph contract: before capture and before every replay it calls
@@ -85,19 +90,19 @@ class FreeKVAttnBackend(compat.flashinfer_backend_class()):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         if layer.logit_cap and layer.logit_cap > 0:
             raise NotImplementedError("FreeKV does not support attention logit soft-capping yet")
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+        q3, k3, v3 = q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, layer.tp_v_head_num, d)
+        idx = layer.layer_id - self.start_layer
+        if not self.has_prefix:  # SGLang's own ragged prefill over whole prompts
+            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache=False)
+        else:
+            o1, s1 = self.prefill_wrapper_ragged.forward_return_lse(q3, k3, v3, causal=True, sm_scale=layer.scaling)
+            o = self.runtime.prefix_attention(idx, q3, o1, s1, layer.scaling).reshape(-1, hq * d)
         # the layer's K/V goes to the host tier with its digests and first working set, in line or on
-        # the prefill stream (FREEKV_ASYNC_PREFILL=1), after FlashInfer's ragged prefill over q, k, v
-        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache=False)
+        # the prefill stream (FREEKV_ASYNC_PREFILL=1)
         if save_kv_cache:
-            self.runtime.prefill_layer_offload(
-                layer.layer_id - self.start_layer,
-                q.view(-1, layer.tp_q_head_num, layer.head_dim),
-                k.view(-1, layer.tp_k_head_num, layer.head_dim),
-                v.view(-1, layer.tp_v_head_num, layer.head_dim),
-                forward_batch.req_pool_indices.long(),
-                list(forward_batch.extend_seq_lens_cpu),
-                forward_batch.out_cache_loc,
-            )
+            self.runtime.prefill_layer_offload(idx, q3, k3, v3, forward_batch.req_pool_indices.long(),
+                                               self.extend_lens, forward_batch.out_cache_loc, self.prefix_lens)
         if layer.layer_id == self.last_layer:
             self.runtime.finish_prefill()
         return o

@@ -42,6 +42,7 @@ from freekv_sglang.settings import EnvSettings, env_name
 
 from .attention import WorkingSetAttention
 from .host_store import HostKVStore
+from .prefix import PrefixAttention
 from .recall import make_recall
 from .stats import DecodeStats, Totals
 from .sizing import ModelShape, digest_bytes_per_page, host_bytes_per_page, working_set_bytes_per_row
@@ -99,12 +100,15 @@ class FreeKVRuntime:
         max_batch: largest decode batch (fixed scratch sizes for CUDA graphs).
         device: torch device of the working sets.
         workspace: FlashInfer workspace buffer to share (CUDA only; a new one if None).
+        prefix_pages: pages per buffer of the staging area for prefill over cached prefixes
+            (:class:`~.prefix.PrefixAttention`; 0: none, and prefixes are refused).
         env: the ``FREEKV_*`` variables (:func:`freekv_sglang.settings.load_settings`; default: their defaults).
     """
 
     def __init__(self, shape: ModelShape, settings: RuntimeSettings, n_host_pages: int, max_rows: int,
                  req_to_token: torch.Tensor, max_batch: int, device: torch.device | str,
-                 workspace: torch.Tensor | None = None, n_gpu_pages: int = 0, env: EnvSettings = EnvSettings()):
+                 workspace: torch.Tensor | None = None, n_gpu_pages: int = 0, env: EnvSettings = EnvSettings(),
+                 prefix_pages: int = 0):
         self.shape = shape
         self.settings = settings
         self.env = env
@@ -174,13 +178,17 @@ class FreeKVRuntime:
         # FREEKV_ASYNC_PREFILL=1: a prefill layer's offload to the host tier and its digests / first
         # working set run on a side stream while the next layers compute (joined by finish_prefill)
         self.prefill_stream = torch.cuda.Stream(device=dev) if self.is_cuda and env.async_prefill else None
+        # prefill over cached prefixes (radix cache, chunked prefill): two staging buffers of prefix_pages pages
+        self.prefix = PrefixAttention(self, prefix_pages, workspace) if prefix_pages else None
+        self._prefix_planned = False
 
     # ------------------------------------------------------------------ sizes
     @property
     def gpu_bytes(self) -> int:
         parts = (self.ws, self.digests, self.resident, self.q_prev, self.q_valid, self.keys_main, self.keys_side,
                  self.main_lists, self.side_lists, self.gpu_tier)
-        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+        return (sum(t.numel() * t.element_size() for t in parts if t is not None)
+                + (self.prefix.nbytes if self.prefix is not None else 0))
 
     def used_bytes(self, n_requests: int, tokens_each: int) -> tuple[int, int]:
         """``(gpu, host)`` bytes that ``n_requests`` requests of ``tokens_each`` tokens occupy: their
@@ -232,40 +240,73 @@ class FreeKVRuntime:
                          q_index=q_index, keys=keys, margin=self.settings.keep_margin)
 
     # ------------------------------------------------------------------ prefill
-    def prefill_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
-                      prompt_lens: list[int], out_cache_loc: torch.Tensor) -> None:
-        """After a dense prefill of whole prompts (no cached prefix), for one layer.
+    def plan_prefill(self, rows: torch.Tensor, prefix_lens: list[int], extend_lens: list[int]) -> bool:
+        """Before the layers of an extend batch: plan (and start) the staging of the requests' cached prefixes
+        (a radix-cache hit, or the earlier chunks of a chunked prefill) for :meth:`prefix_attention`.
 
-        The prompt's K/V must already be in the host tier (:meth:`store_tokens`). Builds the
-        digests of the full pages, then seeds each request's working set for its first decode
-        step: sink and window pages, plus the pages selected with the last prompt token's
-        query. Marks the rows as having no previous query.
+        Args:
+            rows: int64 ``[B]`` request rows (device); prefix_lens, extend_lens: ``B`` host ints.
+        Returns:
+            True when some request has a cached prefix (call :meth:`prefix_attention` in every layer).
+        """
+        self._prefix_planned = False
+        if not any(prefix_lens):
+            return False
+        if self.prefix is None:
+            raise NotImplementedError("prefill with a cached prefix needs the prefix staging area (prefix_pages > 0)")
+        self._prefix_planned = self.prefix.plan(rows, list(prefix_lens), list(extend_lens))
+        return self._prefix_planned
+
+    def prefix_attention(self, layer: int, q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        """The new tokens' attention over their cached prefixes merged into their own (causal) attention.
+
+        Args:
+            q: ``[T, Hq, D]``; o, lse: attention over the new tokens only, ``[T, Hq, D]`` and float32 ``[T, Hq]``
+                (FlashInfer's log-sum-exp on CUDA, natural log on the CPU).
+        Returns:
+            ``[T, Hq, D]`` attention over prefix + new tokens.
+        """
+        return self.prefix.attend(layer, q, o, lse, scale)
+
+    def prefill_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor,
+                      extend_lens: list[int], out_cache_loc: torch.Tensor, prefix_lens: list[int] | None = None) -> None:
+        """After a prefill forward (whole prompts, or new tokens after a cached prefix), for one layer.
+
+        The new tokens' K/V must already be in the host tier (:meth:`store_tokens`); a cached prefix's pages
+        are there with their digests. Builds the digests of the pages the new tokens complete, then seeds
+        each request's working set for its first decode step from its whole context (prefix + new tokens):
+        sink and window pages, plus the pages selected with the last token's query. Marks the rows as having
+        no previous query.
 
         Args:
             q: ``[T, Hq, D]`` post-RoPE queries; k: ``[T, Hkv, D]`` post-RoPE keys (requests
-                back to back, ``prompt_lens`` tokens each).
+                back to back, ``extend_lens`` tokens each).
             rows: int64 ``[B]`` request rows (device).
-            prompt_lens: the ``B`` prompt lengths (host ints).
-            out_cache_loc: ``[T]`` token slots of the prompt tokens (device).
+            extend_lens: the ``B`` new-token counts (host ints).
+            out_cache_loc: ``[T]`` token slots of the new tokens (device).
+            prefix_lens: the ``B`` cached-prefix lengths (whole pages; host ints); None: no prefix.
         """
         lay = self.layout
         P = lay.page_size
         dev = self.device
+        prefix_lens = list(prefix_lens) if prefix_lens is not None else [0] * len(extend_lens)
         starts, acc = [], 0
-        for n0 in prompt_lens:
+        for n in extend_lens:
             starts.append(acc)
-            acc += n0
+            acc += n
+        totals = [m + n for m, n in zip(prefix_lens, extend_lens)]
         if self.settings.kv_fp8:  # the digests describe the keys as the FP8 tiers store them
             k = fp8_roundtrip(k)
-        # 1. digests of every full page, from the fresh keys
-        row0 = [s + p * P for s, n0 in zip(starts, prompt_lens) for p in range(n0 // P)]
+        # 1. digests of every page the new tokens complete, from the fresh keys (a prefix is whole pages)
+        row0 = [s + p * P - m for s, m, n0 in zip(starts, prefix_lens, totals) for p in range(m // P, n0 // P)]
         if row0:
             row0_t = torch.tensor(row0, dtype=torch.int64).to(dev, non_blocking=True)
             dst = out_cache_loc[row0_t].long() // P
             page_digests_from_rows(k, row0_t, dst, self.digests[layer], page_size=P)
-        # 2. sink + window pages of the first decode step's layout (pages that hold prompt tokens)
+        # 2. sink + window pages of the first decode step's layout (pages that hold context tokens)
         rr, pages, slots = [], [], []
-        for i, n0 in enumerate(prompt_lens):
+        for i, n0 in enumerate(totals):
             n1 = n0 + 1
             have = -(-n0 // P)
             sel = list(range(lay.n_sink_pages(n1))) + [p for p in range(lay.window_start(n1), lay.n_pages(n1))
@@ -281,26 +322,27 @@ class FreeKVRuntime:
             dst_slot = r * lay.slots + idx[2]
             hkv = self.shape.n_kv_heads
             self.recall.recall_pieces(layer, host_page.repeat_interleave(hkv), dst_slot.repeat_interleave(hkv),
-                                self.head_ids.repeat(len(rr)))
-        # 3. selected pages, chosen with the last prompt token's query for context n0 + 1
-        last = torch.tensor([s + n0 - 1 for s, n0 in zip(starts, prompt_lens)], dtype=torch.int64)
+                                      self.head_ids.repeat(len(rr)))
+        # 3. selected pages, chosen with the last token's query for context n0 + 1
+        last = torch.tensor([s + n - 1 for s, n in zip(starts, extend_lens)], dtype=torch.int64)
         q_last = q[last.to(dev, non_blocking=True)]
-        n1 = torch.tensor([n0 + 1 for n0 in prompt_lens], dtype=torch.int64).to(dev, non_blocking=True)
+        n1 = torch.tensor([n0 + 1 for n0 in totals], dtype=torch.int64).to(dev, non_blocking=True)
         self.resident[layer].index_fill_(0, rows, -1)
-        for i in range(0, len(prompt_lens), self.max_batch):
+        for i in range(0, len(extend_lens), self.max_batch):
             sl = slice(i, i + self.max_batch)
             self._select_and_recall(layer, q_last[sl], rows[sl], n1[sl], None, self.keys_main)
         self.q_valid[layer].index_fill_(0, rows, False)
 
     def prefill_layer_offload(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              rows: torch.Tensor, prompt_lens: list[int], loc: torch.Tensor) -> None:
+                              rows: torch.Tensor, extend_lens: list[int], loc: torch.Tensor,
+                              prefix_lens: list[int] | None = None) -> None:
         """:meth:`store_tokens` then :meth:`prefill_layer` for one layer of a prefill (same arguments:
         ``q [T, Hq, D]``, ``k, v [T, Hkv, D]``, ``rows [B]``, ``loc [T]``). With a prefill stream they run
         on it, after the work already queued on the current stream, so the layer's transfer to the host
         tier overlaps the next layers' compute; call :meth:`finish_prefill` after the last layer."""
         if self.prefill_stream is None:
             self.store_tokens(layer, k, v, loc)
-            self.prefill_layer(layer, q, k, rows, prompt_lens, loc)
+            self.prefill_layer(layer, q, k, rows, extend_lens, loc, prefix_lens)
             return
         self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
         for t in (q, k, v, rows, loc):  # made on the compute stream, read on the prefill stream
@@ -308,10 +350,13 @@ class FreeKVRuntime:
         with torch.cuda.stream(self.prefill_stream):
             # a small grid: the offload is bound by the link, and the next layers' compute needs the SMs
             self.store_tokens(layer, k, v, loc, num_programs=ASYNC_OFFLOAD_PROGRAMS)
-            self.prefill_layer(layer, q, k, rows, prompt_lens, loc)
+            self.prefill_layer(layer, q, k, rows, extend_lens, loc, prefix_lens)
 
     def finish_prefill(self) -> None:
-        """Join the prefill stream (after the last layer of a prefill forward)."""
+        """Join the prefill and prefix-staging streams (after the last layer of a prefill forward)."""
+        if self._prefix_planned:
+            self.prefix.finish()
+            self._prefix_planned = False
         if self.prefill_stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.prefill_stream)
 

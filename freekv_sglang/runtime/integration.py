@@ -63,6 +63,15 @@ def _settings(cfg):
                            recall=recall, kv_fp8=cfg.kv_storage == "fp8_e4m3", keep_margin=cfg.keep_margin)
 
 
+def _prefix_tokens(server_args, context_len: int) -> int:
+    """Tokens per prefix staging buffer: none unless the radix cache or chunked prefill is on."""
+    from .prefix import staging_tokens
+
+    chunk = getattr(server_args, "chunked_prefill_size", None)
+    return staging_tokens(context_len, not getattr(server_args, "disable_radix_cache", True),
+                          chunk is not None and chunk > 0)
+
+
 def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
     cfg = _freekv_config(self.server_args)
     if cfg is None or self.is_draft_worker:
@@ -80,7 +89,8 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
     host_bytes = resolve_host_memory_bytes(cfg) // max(1, context.get_parallel().attn_tp_size)
     _PLAN = plan_memory(_model_shape(self), _settings(cfg).layout, host_bytes, gpu_bytes,
                         self.model_config.context_len, sched.max_total_tokens, sched.max_running_requests,
-                        gpu_tier_bytes=int(cfg.gpu_tier_gb * 2**30), kv_fp8=cfg.kv_storage == "fp8_e4m3")
+                        gpu_tier_bytes=int(cfg.gpu_tier_gb * 2**30), kv_fp8=cfg.kv_storage == "fp8_e4m3",
+                        prefix_tokens=_prefix_tokens(self.server_args, self.model_config.context_len))
     logger.info(_PLAN.summary())
     note = gpu_tier_note(_PLAN, gpu_bytes, cfg.page_size)
     if note:
@@ -132,7 +142,8 @@ def _build_token_to_kv_pool(orig, self, *, sizes, is_dsa_model, is_dsv4_model, r
     runtime = FreeKVRuntime(shape, _settings(cfg), n_host_pages=n_host,
                             max_rows=rows, req_to_token=req_to_token_pool.req_to_token, max_batch=max_batch,
                             device=torch.device(self.device, self.gpu_id) if self.device == "cuda" else self.device,
-                            workspace=workspace, n_gpu_pages=n_pages - n_host, env=load_settings())
+                            workspace=workspace, n_gpu_pages=n_pages - n_host, env=load_settings(),
+                            prefix_pages=_PLAN.prefix_pages if _PLAN is not None else 0)
     pool.runtime = runtime
     runtime.row_pool = req_to_token_pool
     global _RUNTIME

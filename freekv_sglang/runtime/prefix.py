@@ -29,6 +29,16 @@ import torch
 from freekv_sglang.algorithm.extend import attention_lse, merge_lse
 from freekv_sglang.kernels.recall import recall_gather
 
+#: Tokens per staging buffer (at most the model's context): a longer batch prefix is staged in several units
+#: per layer. 32768 tokens of a Llama-3.1-8B shape are 128 MiB per buffer (K and V), 256 MiB for the two.
+STAGING_TOKENS = 32768
+
+
+def staging_tokens(context_len: int, radix_cache: bool, chunked_prefill: bool) -> int:
+    """Tokens per staging buffer a server needs: none when neither the radix cache nor chunked prefill can
+    give an extend batch a cached prefix."""
+    return min(context_len, STAGING_TOKENS) if (radix_cache or chunked_prefill) else 0
+
 
 @dataclass
 class _Unit:

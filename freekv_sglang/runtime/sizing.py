@@ -75,6 +75,8 @@ class MemoryPlan:
     gpu_tier_pages: int = 0  # full-KV pages in GPU memory, numbered after the host tier's
     gpu_tier_bytes: int = 0
     gpu_tier_tokens: int = 0
+    prefix_pages: int = 0  # pages per buffer of the prefix staging area (radix cache, chunked prefill)
+    prefix_bytes: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -85,8 +87,10 @@ class MemoryPlan:
         gib = 2**30
         tier = (f"; GPU tier {self.gpu_tier_pages} pages ({self.gpu_tier_bytes / gib:.2f} GiB), "
                 f"{self.total_tokens} tokens in all" if self.gpu_tier_pages else "")
+        staging = (f" + prefix staging 2 x {self.prefix_pages} pages ({self.prefix_bytes / 2**20:.0f} MiB)"
+                   if self.prefix_pages else "")
         return (f"FreeKV memory: host tier {self.host_tokens} tokens ({self.host_bytes / gib:.2f} GiB pinned){tier}; "
-                f"GPU: digests {self.digest_bytes / gib:.2f} GiB + {self.max_running_requests} working sets x "
+                f"GPU: digests {self.digest_bytes / gib:.2f} GiB{staging} + {self.max_running_requests} working sets x "
                 f"{self.working_set_bytes_per_request / 2**20:.1f} MiB = {self.gpu_bytes / gib:.2f} GiB; "
                 f"max running requests {self.max_running_requests}")
 
@@ -168,7 +172,7 @@ def scratch_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout, max_conte
 def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gpu_bytes: int,
                 max_context_len: int, user_max_total_tokens: int | None = None,
                 user_max_running_requests: int | None = None, gpu_tier_bytes: int = 0,
-                kv_fp8: bool = False) -> MemoryPlan:
+                kv_fp8: bool = False, prefix_tokens: int = 0) -> MemoryPlan:
     """Split the host and GPU budgets.
 
     Args:
@@ -179,6 +183,8 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
         gpu_tier_bytes: GPU memory for full-KV pages beyond the host tier (``--freekv-gpu-tier-gb``),
             taken from ``gpu_bytes`` together with their digests.
         kv_fp8: the tiers hold FP8 K/V (``--freekv-kv-storage fp8_e4m3``): a page takes half the bytes of bf16.
+        prefix_tokens: tokens per buffer of the staging area for prefill over cached prefixes (0: none);
+            two buffers of K and V, in the model's dtype (:class:`~.prefix.PrefixAttention`).
     """
     P = layout.page_size
     per_page_host = host_bytes_per_page(shape, P, kv_fp8)
@@ -194,7 +200,9 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
     tier = gpu_pages * per_page_host
     digest = (pages + 1 + gpu_pages) * digest_bytes_per_page(shape)
     per_req = working_set_bytes_per_row(shape, layout) + scratch_bytes_per_row(shape, layout, max_context_len)
-    left = gpu_bytes - tier - digest - per_req  # row 0 is the padding row
+    prefix_pages = -(-prefix_tokens // P)
+    staging = 2 * prefix_pages * host_bytes_per_page(shape, P) // shape.n_layers  # one layer, K and V, x2 buffers
+    left = gpu_bytes - tier - digest - staging - per_req  # row 0 is the padding row
     max_reqs = left // per_req
     if user_max_running_requests is not None:
         max_reqs = min(max_reqs, user_max_running_requests)
@@ -213,8 +221,10 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
             f"or raise --mem-fraction-static")
     return MemoryPlan(host_tokens=pages * P, host_pages=pages + 1, max_running_requests=int(max_reqs),
                       host_bytes=(pages + 1) * per_page_host, digest_bytes=digest,
-                      working_set_bytes_per_request=per_req, gpu_bytes=tier + digest + (max_reqs + 1) * per_req,
-                      gpu_tier_pages=int(gpu_pages), gpu_tier_bytes=int(tier), gpu_tier_tokens=int(gpu_pages) * P)
+                      working_set_bytes_per_request=per_req,
+                      gpu_bytes=tier + digest + staging + (max_reqs + 1) * per_req,
+                      gpu_tier_pages=int(gpu_pages), gpu_tier_bytes=int(tier), gpu_tier_tokens=int(gpu_pages) * P,
+                      prefix_pages=prefix_pages, prefix_bytes=staging)
 
 
 def kv_bytes_per_token(shape: ModelShape) -> int:
