@@ -1,5 +1,5 @@
 """Section ``decode``: ``SparseDecode`` over a 2048-token working set (FlashInfer's paged decode, its
-variants, its XQA kernels and the Triton split decode) vs FlashInfer dense paged decode over 32K tokens
+variants and the Triton split decode) vs FlashInfer dense paged decode over 32K tokens
 (page size 1 and 32), batch 1/8/32, 32 q / 8 kv heads; eager and in CUDA graphs."""
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ def sec_decode(r: Runner, out: dict, quick: bool):
         res = {}
         _flashinfer_splits(r, c, res)
         _flashinfer_variants(r, c, res)
-        _xqa(r, c, res)
         _triton_split(r, c, res)
         seq_dev, rows = c.seq.to(DEV), torch.arange(b, device=DEV)
         t = safe(r, "decode", "page table graph", lambda: graph_ms(lambda: K.build_page_table(
@@ -80,11 +79,9 @@ def _vs_runtime(r: Runner, res: dict, what: str, key: str, fn, label: str, vs: s
 
 
 def _flashinfer_variants(r: Runner, c: SimpleNamespace, res: dict):
-    """The same attention with each (slot, head) page contiguous (HND), and with FlashInfer's decode kernels."""
+    """The same attention with FlashInfer's other decode kernels."""
     b, q, ws_k, ws_v, sd = c.b, c.q, c.ws_k, c.ws_v, c.sd
-    ws_k_hnd, ws_v_hnd = ws_k.transpose(1, 2).contiguous(), ws_v.transpose(1, 2).contiguous()
-    for name, kw_sd, kv in (("HND working sets", dict(kv_layout="HND"), (ws_k_hnd, ws_v_hnd)),
-                            ("decode kernels (no tensor cores)", dict(use_tensor_cores=False), (ws_k, ws_v)),
+    for name, kw_sd, kv in (("decode kernels (no tensor cores)", dict(use_tensor_cores=False), (ws_k, ws_v)),
                             ("FA2 backend", dict(backend="fa2"), (ws_k, ws_v)),
                             ("FA3 backend", dict(backend="fa3"), (ws_k, ws_v))):
         def alt(kw_sd=kw_sd, kv=kv):
@@ -100,56 +97,29 @@ def _flashinfer_variants(r: Runner, c: SimpleNamespace, res: dict):
                     f"SparseDecode, {name}, b={b}", "the runtime's (NHD, tensor cores)")
 
 
-def _xqa(r: Runner, c: SimpleNamespace, res: dict):
-    """FlashInfer's XQA kernels (TensorRT-LLM's GQA decode) over a block table derived from the same page
-    table: no plan (the first call compiles the kernel)."""
-    b, q, ws_k, ws_v, sd = c.b, c.q, c.ws_k, c.ws_v, c.sd
-
-    def xqa():
-        xd = K.XqaDecode(DEV, b, LAYOUT.slots)
-        xd.fill(c.ip, c.ix, c.lp, P)
-        ref = sd.run(q, ws_k, ws_v)
-        got = xd.run(q, ws_k, ws_v)
-        err = (got.float() - ref.float()).abs().max().item()
-        if err > 2e-2:
-            raise RuntimeError(f"differs from FlashInfer's paged decode by {err}")
-        return bench_ms(lambda: xd.run(q, ws_k, ws_v)), graph_ms(lambda: xd.run(q, ws_k, ws_v))
-
-    t = safe(r, "decode", f"sparse XQA b={b}", xqa)
-    if t is not None:
-        res["sparse_xqa_ms"], res["sparse_xqa_graph_ms"] = t
-        r.row("decode", f"SparseDecode via XQA kernels, b={b}", 1e3 * t[0], "us",
-              f"{res['sparse_ms'] / t[0]:.2f}x the runtime's (NHD, tensor cores); {1e3 * t[1]:.1f} us in a graph")
-
-
 def _split_timer(c: SimpleNamespace):
     """``split_ms(**shape) -> (eager ms or None, graph ms)`` of the Triton split decode over the same page table
-    (no plan), checked against FlashInfer's paged decode before and after; with ``fused=True`` each (request,
-    KV head)'s last chunk merges the partial results (one launch, no merge kernel)."""
+    (no plan), checked against FlashInfer's paged decode before and after the graph's replays."""
     q, ws_k, ws_v, ip, ix, lp = c.q, c.ws_k, c.ws_v, c.ip, c.ix, c.lp
     ref = c.sd.run(q, ws_k, ws_v).float()
-    locks = torch.zeros(c.b * HKV, dtype=torch.int32, device=DEV)
 
-    def split_ms(n_split=None, pages_per_iter=1, fused=False, num_warps=4, num_stages=2, eager=True):
-        locks.zero_()  # a failed configuration cannot leave counters behind for the next
-
+    def split_ms(n_split=None, pages_per_iter=1, num_warps=4, num_stages=2, eager=True):
         def run():
             return K.split_decode_attention(q, ws_k, ws_v, ip, ix, lp, max_slots=LAYOUT.slots, n_split=n_split,
-                                            pages_per_iter=pages_per_iter, locks=locks if fused else None,
-                                            num_warps=num_warps, num_stages=num_stages)
+                                            pages_per_iter=pages_per_iter, num_warps=num_warps, num_stages=num_stages)
         err = (run().float() - ref).abs().max().item()
         if err > 2e-2:
             raise RuntimeError(f"differs from FlashInfer's paged decode by {err}")
         t = (bench_ms(run) if eager else None), graph_ms(run)
-        err = (run().float() - ref).abs().max().item()  # after the graph's replays: counters re-armed
-        if err > 2e-2 or locks.any():
-            raise RuntimeError(f"after graph replays: error {err}, counters left {int(locks.count_nonzero())}")
+        err = (run().float() - ref).abs().max().item()
+        if err > 2e-2:
+            raise RuntimeError(f"after graph replays: error {err}")
         return t
     return split_ms
 
 
 def _triton_split(r: Runner, c: SimpleNamespace, res: dict):
-    """The Triton split decode: default chunk count and a sweep, the fused merge, at batch 8 the launch shape."""
+    """The Triton split decode: default chunk count and a sweep, at batch 8 the launch shape."""
     b = c.b
     split_ms = _split_timer(c)
     for n_split in (None, 2, 4, 8, 16):
@@ -160,21 +130,16 @@ def _triton_split(r: Runner, c: SimpleNamespace, res: dict):
                 res["sparse_split_ms"], res["sparse_split_graph_ms"] = t
             r.row("decode", f"Triton split decode, {label} chunks per (request, KV head), b={b}", 1e3 * t[0], "us",
                   f"{1e3 * t[1]:.1f} us in a graph")
-    t = safe(r, "decode", f"sparse Triton split fused b={b}", lambda: split_ms(fused=True))
-    if t is not None:
-        res["sparse_split_fused_ms"], res["sparse_split_fused_graph_ms"] = t
-        r.row("decode", f"Triton split decode, merge fused, default chunks, b={b}", 1e3 * t[0], "us",
-              f"{1e3 * t[1]:.1f} us in a graph")
     if b == 8:
         _triton_split_shapes(r, b, split_ms, res)
 
 
 def _triton_split_shapes(r: Runner, b: int, split_ms, res: dict):
-    """Launch shape of the split decode at the issue's batch: chunks x slots per iteration x merge kernel or
-    fused merge (4 warps, 2 stages: the best of a 36-configuration sweep, docs/BENCHMARKS.md)."""
+    """Launch shape of the split decode at batch 8: chunks x slots per iteration (4 warps, 2 stages: the best
+    of a 36-configuration sweep, docs/BENCHMARKS.md)."""
     sweep = []
-    for n_split, ppi, fused in itertools.product((4, 8, 16), (1, 2), (False, True)):
-        kw = dict(n_split=n_split, pages_per_iter=ppi, fused=fused)
+    for n_split, ppi in itertools.product((4, 8, 16), (1, 2)):
+        kw = dict(n_split=n_split, pages_per_iter=ppi)
         t = safe(r, "decode", f"sparse Triton split {kw}", lambda kw=kw: split_ms(**kw, eager=False)[1])
         if t is not None:
             sweep.append(dict(kw, graph_ms=t))
@@ -183,8 +148,8 @@ def _triton_split_shapes(r: Runner, b: int, split_ms, res: dict):
         res["split_sweep"] = sweep
         res["sparse_split_best_graph_ms"] = sweep[0]["graph_ms"]
         for x in sweep[:4]:
-            r.row("decode", f"Triton split decode, {x['n_split']} chunks, {x['pages_per_iter']} slots/iter, "
-                  f"{'fused merge' if x['fused'] else 'merge kernel'}, b={b}", 1e3 * x["graph_ms"], "us",
+            r.row("decode", f"Triton split decode, {x['n_split']} chunks, {x['pages_per_iter']} slots/iter, b={b}",
+                  1e3 * x["graph_ms"], "us",
                   f"in a graph; {len(sweep)} configs swept, slowest {1e3 * sweep[-1]['graph_ms']:.1f} us")
 
 
@@ -243,8 +208,7 @@ def _decode_rows(r: Runner, b: int, res: dict):
           f"page table build {res['page_table_graph_us']:.1f} us (graph)")
     for ps in (1, 32):
         r.row("decode", f"dense FlashInfer decode 32K tokens, page {ps}, b={b}", 1e3 * res[f"dense_p{ps}_ms"], "us",
-              f"sparse is {res[f'dense_p{ps}_ms'] / res['sparse_ms']:.1f}x faster"
-              + (f", via XQA {res[f'dense_p{ps}_ms'] / res['sparse_xqa_ms']:.1f}x" if "sparse_xqa_ms" in res else ""))
+              f"sparse is {res[f'dense_p{ps}_ms'] / res['sparse_ms']:.1f}x faster")
     dense_graph = res["dense_p32_graph_ms"]
     r.row("decode", f"in CUDA graphs: sparse {1e3 * res['sparse_graph_ms']:.1f} us, dense page 32 "
           f"{1e3 * dense_graph:.1f} us, b={b}", dense_graph / res["sparse_graph_ms"], "x",
@@ -252,12 +216,7 @@ def _decode_rows(r: Runner, b: int, res: dict):
     if "sparse_split_graph_ms" in res:
         r.row("decode", f"in CUDA graphs: Triton split decode {1e3 * res['sparse_split_graph_ms']:.1f} us, b={b}",
               dense_graph / res["sparse_split_graph_ms"], "x", "speed-up over dense page 32 in a graph")
-    if "sparse_split_fused_graph_ms" in res:
-        r.row("decode", f"in CUDA graphs: Triton split decode, merge fused {1e3 * res['sparse_split_fused_graph_ms']:.1f}"
-              f" us, b={b}", dense_graph / res["sparse_split_fused_graph_ms"], "x",
-              "speed-up over dense page 32 in a graph")
     if "split_sweep" in res:
         x = res["split_sweep"][0]
         r.row("decode", f"in CUDA graphs: best Triton split decode {1e3 * x['graph_ms']:.1f} us ({x['n_split']} "
-              f"chunks, {x['pages_per_iter']} slots/iter, {'fused merge' if x['fused'] else 'merge kernel'}), "
-              f"b={b}", dense_graph / x["graph_ms"], "x", "speed-up over dense page 32 in a graph")
+              f"chunks, {x['pages_per_iter']} slots/iter), b={b}", dense_graph / x["graph_ms"], "x", "speed-up over dense page 32 in a graph")
