@@ -188,3 +188,19 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def write_report(out_dir: str, script: str, model: str, argv: list[str], body: str) -> str:
+    """Write a served benchmark's Markdown (card, model, command, ``body``) to ``out_dir/<script stem>.md``
+    and return it."""
+    import shlex
+
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    name = os.path.splitext(os.path.basename(script))[0]
+    text = (f"card: {card}; model: {model} (dummy weights)\n\ncommand: `python launch/{name}.py "
+            f"{shlex.join(argv)}`\n\n{body}")
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(text + "\n")
+    return text

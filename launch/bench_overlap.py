@@ -30,7 +30,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from freekv_sglang.serving import Server, output_ids  # noqa: E402
+from freekv_sglang.serving import Server, output_ids, write_report  # noqa: E402
 
 MODES = {
     "dense": ["--attention-backend", "flashinfer"],
@@ -154,15 +154,7 @@ def main(argv=None) -> int:
         results[mode] = run_mode(mode, a)
         with open(os.path.join(a.out, "bench_overlap.json"), "w") as f:
             json.dump({"args": vars(a), "results": results}, f, indent=1)
-    import shlex
-
-    import torch
-
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    out = (f"card: {card}; model: {a.model} (dummy weights)\n\ncommand: `python launch/bench_overlap.py "
-           f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n{report(results)}")
-    with open(os.path.join(a.out, "bench_overlap.md"), "w") as f:
-        f.write(out + "\n")
+    out = write_report(a.out, __file__, a.model, sys.argv[1:] if argv is None else list(argv), report(results))
     print(out)
     return 0
 

@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import random
-import shlex
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from freekv_sglang.serving import Server, output_ids  # noqa: E402
+from freekv_sglang.serving import Server, output_ids, write_report  # noqa: E402
 
 SECTIONS = ("followup", "chunked", "multiturn")
 FREEKV = ["--kv-retrieval", "freekv"]
@@ -268,13 +267,7 @@ def main(argv=None) -> int:
         results[section] = run_section(section, a)
         with open(os.path.join(a.out, "bench_prefix.json"), "w") as f:
             json.dump({"args": vars(a), "results": results}, f, indent=1)
-    import torch
-
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    text = (f"card: {card}; model: {a.model} (dummy weights)\n\ncommand: `python launch/bench_prefix.py "
-            f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n{report(results)}")
-    with open(os.path.join(a.out, "bench_prefix.md"), "w") as f:
-        f.write(text + "\n")
+    text = write_report(a.out, __file__, a.model, sys.argv[1:] if argv is None else list(argv), report(results))
     print(text)
     return 0
 
