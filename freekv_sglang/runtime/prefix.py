@@ -92,6 +92,7 @@ class PrefixAttention:
         self._used = [False, False]  # buffer read by an attention since its last copy (wait for ``free``)
         self.workspace = workspace
         self._q_lens: list[int] = []
+        self._wrappers: list = []  # FlashInfer paged prefill wrappers, one per block, reused across batches
         self.blocks: list[_Block] = []
         self.units: list[_Unit] = []
         self.next_unit = 0  # first unit not yet copied
@@ -146,9 +147,9 @@ class PrefixAttention:
             q_rows = None if every else torch.cat(
                 [torch.arange(q_start[i], q_start[i] + extend_lens[i]) for i in reqs]).to(dev)
             self.blocks.append(_Block(reqs, pages, q_rows))
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
             if self.cuda:
-                blk.wrapper = self._plan_wrapper(blk, extend_lens)
+                blk.wrapper = self._plan_wrapper(i, blk, extend_lens)
         for layer in range(self.rt.shape.n_layers):
             for bi in range(len(self.blocks)):
                 b0 = bi * self.capacity
@@ -159,19 +160,23 @@ class PrefixAttention:
         self._copy_next()
         return True
 
-    def _plan_wrapper(self, blk: _Block, extend_lens: list[int]):
+    def _plan_wrapper(self, i: int, blk: _Block, extend_lens: list[int]):
+        """FlashInfer's paged prefill for block ``i``, planned for this batch (wrappers are kept and re-planned:
+        each holds its own plan buffers, pinned on the host, which are slow to allocate)."""
         from flashinfer import BatchPrefillWithPagedKVCacheWrapper
 
         sh, P = self.rt.shape, self.rt.layout.page_size
         if self.workspace is None:
             self.workspace = torch.empty(128 * 2**20, dtype=torch.uint8, device=self.rt.device)
+        while len(self._wrappers) <= i:
+            self._wrappers.append(BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD"))
         qo = [0]
         kv = [0]
         for i, (a, b) in zip(blk.requests, blk.pages):
             qo.append(qo[-1] + extend_lens[i])
             kv.append(kv[-1] + b - a)
         indices = torch.cat([torch.arange(a, b, dtype=torch.int32) for a, b in blk.pages])
-        w = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        w = self._wrappers[i]
         w.plan(torch.tensor(qo, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32), indices,
                torch.full((len(blk.requests),), P, dtype=torch.int32), sh.n_q_heads, sh.n_kv_heads, sh.head_dim,
                P, causal=False, q_data_type=sh.dtype, kv_data_type=sh.dtype)
@@ -219,7 +224,7 @@ class PrefixAttention:
             qb = q if blk.q_rows is None else q.index_select(0, blk.q_rows)
             if self.cuda:
                 torch.cuda.current_stream(self.rt.device).wait_event(self.ready[buf])
-                ob, sb = blk.wrapper.run(qb, (self.k[buf], self.v[buf]), return_lse=True)
+                ob, sb = blk.wrapper.forward_return_lse(qb, (self.k[buf], self.v[buf]), causal=False, sm_scale=scale)
                 self.free[buf].record()
             else:
                 ob, sb = self._attend_reference(blk, qb, buf, scale)
