@@ -86,17 +86,48 @@ def read_hf_config(model_path: Optional[str]) -> Optional[dict]:
 
 def is_mla_config(hf_config: dict) -> bool:
     """True for multi-head latent attention models (DeepSeek-V2/V3 style)."""
-    configs = [hf_config] + [
-        hf_config[k] for k in ("text_config", "language_config", "llm_config")
-        if isinstance(hf_config.get(k), dict)
-    ]
-    for c in configs:
+    for c in _text_configs(hf_config):
         if c.get("kv_lora_rank") is not None or c.get("q_lora_rank") is not None:
             return True
         for arch in c.get("architectures") or ():
             if isinstance(arch, str) and "deepseekv" in arch.lower():
                 return True
     return False
+
+
+def _text_configs(hf_config: dict) -> list[dict]:
+    """The config and the language model's sub-config of a multimodal one."""
+    return [hf_config] + [hf_config[k] for k in ("text_config", "language_config", "llm_config")
+                          if isinstance(hf_config.get(k), dict)]
+
+
+def sliding_window_reason(hf_config: dict, context_length: Optional[int] = None) -> Optional[str]:
+    """What in ``hf_config`` makes layers attend through a sliding window (or chunked local attention), or
+    ``None``. FreeKV attends over the whole context. A window at least as long as the context
+    (``context_length``, else ``max_position_embeddings``) is full attention: Qwen2 configs carry
+    ``sliding_window`` with ``use_sliding_window: false``, and Phi-3-128K a window longer than its context."""
+    for c in _text_configs(hf_config):
+        if c.get("attention_chunk_size"):
+            return f"attention_chunk_size={c['attention_chunk_size']} (chunked local attention)"
+        window = c.get("sliding_window")
+        window = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+        layer_types = c.get("layer_types")
+        if isinstance(layer_types, list):  # transformers' per-layer list (Gemma 2/3, GPT-OSS, Cohere2, Olmo3, ...)
+            sliding = sum(1 for t in layer_types if isinstance(t, str) and "sliding" in t)
+            if sliding:
+                return (f"{sliding} of {len(layer_types)} layers are sliding-window layers"
+                        + (f" (window {window} tokens)" if window else ""))
+            continue
+        if "use_sliding_window" in c:  # Qwen2 style: the flag decides, from layer max_window_layers on
+            first, layers = c.get("max_window_layers"), c.get("num_hidden_layers")
+            if c["use_sliding_window"] and window and not (isinstance(first, int) and isinstance(layers, int)
+                                                          and first >= layers):
+                return f"use_sliding_window is true (window {window} tokens)"
+            continue
+        limit = context_length or c.get("max_position_embeddings")
+        if window and (not isinstance(limit, int) or window < limit):  # Mistral / Gemma 2 / Starcoder2 style
+            return f"sliding_window={window} tokens, shorter than the {limit}-token context"
+    return None
 
 
 # ------------------------------------------------------------------- the checks
@@ -150,6 +181,10 @@ def _check_args(get: Callable[[str, Any], Any], cfg: FreeKVConfig, resolved: boo
             "--model-path", get("model_path", None),
             "MLA (DeepSeek-V2/V3-style latent attention) models",
         )
+    window = sliding_window_reason(hf, get("context_length", None)) if hf is not None else None
+    if window:
+        raise _unsupported("--model-path", get("model_path", None),
+                           f"sliding-window attention: {window}; FreeKV attends over the whole context")
 
 
 def check_requested_args(values: MutableMapping[str, Any], cfg: FreeKVConfig) -> None:
