@@ -60,8 +60,9 @@ PAGE = 32
 #: Tokens kept between prompt + max_new_tokens and the context, so SGLang never trims max_new_tokens
 #: (its scheduler caps them at context - 2 - prompt) and every token asked for can be checked.
 MARGIN = 16
-#: Tokens the chat template adds around a user message (the shape models' ChatML: default system prompt, roles).
-CHAT_OVERHEAD = 64
+#: Tokens the chat template adds around a user message, at most (the shape models' ChatML adds 60: the default
+#: system prompt and the role markers, one token a character).
+CHAT_OVERHEAD = 96
 ENDPOINTS = {"generate": "/generate", "completions": "/v1/completions", "chat": "/v1/chat/completions"}
 STOP_STRINGS = ("t7", "t42", "t123", "t9")  # decoded filler tokens read " t<i>": these stop within a few tokens
 #: Prefix lengths (tokens or, for chat, characters) of the shared prefixes (radix cache).
@@ -717,7 +718,7 @@ def run_plain(client: Client, spec: Spec, body: dict, r: Result, timeout: float)
 def outcome(r: Result) -> str:
     """What an answer was: aborted, rejected (a 4xx, or an error object / error event with a message and no
     output), error (another status) or ok."""
-    if r.status == 499 or "abort" in r.finishes or (r.status != 200 and "abort" in r.message.lower()):
+    if r.status == 499 or "abort" in r.finishes or "abort" in r.message.lower():
         return "aborted"
     if 400 <= r.status < 500 or (r.status == 200 and r.message and not r.outputs):
         return "rejected"

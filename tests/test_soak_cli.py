@@ -205,6 +205,8 @@ def _result(kind="request", status=200, outputs=1, tokens=8, finishes=("length",
     (soak.Spec(0, "abort_queued", "generate", 5, 8),
      _result(status=499, outputs=0, tokens=0, finishes=(), message="Request soak-0 was aborted"), "aborted"),
     (soak.Spec(0, "abort_running", "generate", 5, 8), _result(), "ok"),  # finished before the abort
+    (soak.Spec(0, "abort_running", "generate", 5, 8),
+     _result(tokens=3, finishes=(), message="Request soak-0 was aborted"), "aborted"),  # an error event
     (soak.Spec(0, "over_context", "generate", 5, 8),
      _result(status=400, outputs=0, finishes=(), message="exceeds the context"), "rejected"),
     (soak.Spec(0, "over_context", "generate", 5, 8), _result(status=400, outputs=0, finishes=()), "error"),
@@ -506,3 +508,19 @@ def test_a_dead_server_is_a_crash_and_stops_the_bad_inputs(fake):
 
     bad = soak.run_bad_inputs(client, soak.bad_inputs(soak.VOCAB, SMALL.context)[:3], alive, log=lambda s: None)
     assert [b["verdict"] for b in bad] == ["pass", "CRASH", "not sent"]
+
+
+def test_chat_prompts_are_one_token_a_character_plus_the_template(tmp_path):
+    """The chat mix counts a message's characters as tokens and the template as at most CHAT_OVERHEAD: true of
+    the byte-level tokenizer the soak serves (shape_models.write_tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from freekv_sglang.testing.shape_models import write_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(write_tokenizer(tmp_path / "tok")))
+    spec = next(s for s in DEFAULT.specs if s.endpoint == "chat" and s.prefix >= 0 and s.prompt_len < 5000)
+    text = soak.chat_text(DEFAULT, spec)
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in newer transformers
+    assert len(tok(text, add_special_tokens=False)["input_ids"]) == len(text) == spec.prompt_len
+    assert spec.prompt_len < len(ids) <= spec.prompt_len + soak.CHAT_OVERHEAD
