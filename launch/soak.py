@@ -183,28 +183,28 @@ def _pick(rng: random.Random, weighted) -> str:
     return rng.choices(names, weights)[0]
 
 
+def _length(rng: random.Random, buckets, b: int, top: int | None, edges: dict, name: str, forced) -> int:
+    """A length in bucket ``b`` (its upper bound at most ``top``): the first ``forced[0]`` draws of the first bucket
+    take its low end and the first ``forced[1]`` of the last bucket its high end (``edges`` counts them)."""
+    lo, hi, _ = buckets[b]
+    hi = top if hi is None else hi if top is None else min(hi, top)
+    for end, key, limit in ((0, "low", forced[0]), (len(buckets) - 1, "high", forced[1])):
+        key = f"{name}_{key}"
+        if b == end and edges.get(key, 0) < limit:
+            edges[key] = edges.get(key, 0) + 1
+            return lo if key.endswith("low") else hi
+    return rng.randint(lo, hi)
+
+
 def _draw_request(rng: random.Random, cfg: MixConfig, idx: int, pb: int, ob: int, edges: dict,
                   prefixes) -> Spec:
     """A plain request whose prompt falls in bucket ``pb`` and output in bucket ``ob``; ``edges`` counts the
     forced extremes (1-token prompt and output, prompts at the context's edge, 2048-token outputs)."""
     endpoint = _pick(rng, cfg.endpoint_shares)
     stream = rng.random() < cfg.stream_share
-    lo, hi, _ = cfg.output_buckets[ob]
-    if ob == 0 and edges.setdefault("output_1", 0) < 2:
-        max_new, edges["output_1"] = 1, edges["output_1"] + 1
-    elif ob == len(cfg.output_buckets) - 1 and edges.setdefault("output_max", 0) < 2:
-        max_new, edges["output_max"] = hi, edges["output_max"] + 1
-    else:
-        max_new = rng.randint(lo, hi)
+    max_new = _length(rng, cfg.output_buckets, ob, None, edges, "output", (2, 2))
     top = cfg.context - max_new - MARGIN - (CHAT_OVERHEAD if endpoint == "chat" else 0)
-    lo, hi, _ = cfg.prompt_buckets[pb]
-    hi = top if hi is None else min(hi, top)
-    if pb == 0 and edges.setdefault("prompt_1", 0) < 2:
-        prompt, edges["prompt_1"] = 1, edges["prompt_1"] + 1
-    elif pb == len(cfg.prompt_buckets) - 1 and edges.setdefault("prompt_edge", 0) < 3:
-        prompt, edges["prompt_edge"] = hi, edges["prompt_edge"] + 1
-    else:
-        prompt = rng.randint(lo, hi)
+    prompt = _length(rng, cfg.prompt_buckets, pb, top, edges, "prompt", (2, 3))
     n = rng.choice((2, 3, 4)) if not stream and rng.random() < cfg.n_share else 1
     stop = (rng.choice(STOP_STRINGS),) if rng.random() < cfg.stop_share else ()
     temperature = 0.7 if n > 1 or rng.random() < cfg.temperature_share else 0.0
