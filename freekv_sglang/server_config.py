@@ -101,11 +101,19 @@ def _text_configs(hf_config: dict) -> list[dict]:
                           if isinstance(hf_config.get(k), dict)]
 
 
+#: Architectures whose SGLang model attends through ``sliding_window`` (their classes report a window to the
+#: attention backend). Others that carry the field (Mistral v0.1, Qwen2, Phi-3, Starcoder2) are served by SGLang
+#: with full attention, and so by FreeKV.
+SLIDING_WINDOW_ARCHS = ("Gemma2", "Gemma3", "Gemma4", "GptOss", "Exaone4", "Olmo2", "AfMoe", "Mellum")
+
+
 def sliding_window_reason(hf_config: dict, context_length: Optional[int] = None) -> Optional[str]:
-    """What in ``hf_config`` makes layers attend through a sliding window (or chunked local attention), or
-    ``None``. FreeKV attends over the whole context. A window at least as long as the context
-    (``context_length``, else ``max_position_embeddings``) is full attention: Qwen2 configs carry
-    ``sliding_window`` with ``use_sliding_window: false``, and Phi-3-128K a window longer than its context."""
+    """What in ``hf_config`` makes SGLang attend through a sliding window (or chunked local attention), or
+    ``None``. FreeKV attends over the whole context, as SGLang does for models it serves without a window. A
+    window at least as long as the context (``context_length``, else ``max_position_embeddings``) is full
+    attention."""
+    archs = [a for c in _text_configs(hf_config) for a in c.get("architectures") or () if isinstance(a, str)]
+    windowed_arch = any(a.startswith(SLIDING_WINDOW_ARCHS) for a in archs)
     for c in _text_configs(hf_config):
         if c.get("attention_chunk_size"):
             return f"attention_chunk_size={c['attention_chunk_size']} (chunked local attention)"
@@ -118,14 +126,8 @@ def sliding_window_reason(hf_config: dict, context_length: Optional[int] = None)
                 return (f"{sliding} of {len(layer_types)} layers are sliding-window layers"
                         + (f" (window {window} tokens)" if window else ""))
             continue
-        if "use_sliding_window" in c:  # Qwen2 style: the flag decides, from layer max_window_layers on
-            first, layers = c.get("max_window_layers"), c.get("num_hidden_layers")
-            if c["use_sliding_window"] and window and not (isinstance(first, int) and isinstance(layers, int)
-                                                          and first >= layers):
-                return f"use_sliding_window is true (window {window} tokens)"
-            continue
         limit = context_length or c.get("max_position_embeddings")
-        if window and (not isinstance(limit, int) or window < limit):  # Mistral / Gemma 2 / Starcoder2 style
+        if windowed_arch and window and (not isinstance(limit, int) or window < limit):
             return f"sliding_window={window} tokens, shorter than the {limit}-token context"
     return None
 

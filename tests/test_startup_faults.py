@@ -29,16 +29,16 @@ QWEN2_SWA = dict(QWEN_7B_SHAPE, use_sliding_window=True, sliding_window=4096, ma
 @pytest.mark.parametrize("cfg, refused", [
     (LLAMA_8B_SHAPE, False),
     (QWEN_7B_SHAPE, False),  # sliding_window with use_sliding_window false: full attention
-    (QWEN2_SWA, True),  # layers 21-27 of 28 use the window
-    (dict(QWEN2_SWA, max_window_layers=28), False),  # no layer from 28 on
+    (QWEN2_SWA, False),  # SGLang's Qwen2 attends over the whole context whatever the flag says
+    (dict(QWEN2_SWA, max_window_layers=28), False),
     (dict(QWEN_7B_SHAPE, layer_types=["full_attention"] * 28), False),  # transformers' newer Qwen2 configs
-    (MISTRAL_V01, True),
+    (MISTRAL_V01, False),  # stock SGLang serves it with full attention, and so does FreeKV
     (dict(MISTRAL_V01, sliding_window=None), False),  # Mistral v0.2 on, Mixtral
     (GEMMA2, True),
     (GEMMA3, True),
     (GPT_OSS, True),
     ({"model_type": "phi3", "sliding_window": 262144, "max_position_embeddings": 131072}, False),  # 128K
-    ({"model_type": "phi3", "sliding_window": 2047, "max_position_embeddings": 4096}, True),  # 4K
+    ({"model_type": "phi3", "sliding_window": 2047, "max_position_embeddings": 4096}, False),  # as SGLang: full
     ({"model_type": "llama4", "text_config": {"attention_chunk_size": 8192}}, True),
     ({"sliding_window": True, "max_position_embeddings": 4096}, False),  # not a window size
 ])
@@ -47,7 +47,7 @@ def test_sliding_window_reason(cfg, refused):
 
 
 def test_a_window_shorter_than_a_longer_served_context_is_refused():
-    cfg = {"sliding_window": 32768, "max_position_embeddings": 32768}
+    cfg = {"architectures": ["Gemma2ForCausalLM"], "sliding_window": 32768, "max_position_embeddings": 32768}
     assert sliding_window_reason(cfg) is None
     assert "65536" in sliding_window_reason(cfg, context_length=65536)
 
@@ -62,8 +62,8 @@ def _folder(tmp_path, name, cfg):
 def test_sliding_window_model_is_refused_before_loading(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     base = {k: v for k, v in LLAMA_8B_SHAPE.items() if not k.startswith("_")}
-    model = _folder(tmp_path, "mistral", dict(base, architectures=["MistralForCausalLM"], model_type="mistral",
-                                              sliding_window=4096, max_position_embeddings=32768))
+    model = _folder(tmp_path, "gemma2-shaped", dict(base, architectures=["Gemma2ForCausalLM"],
+                                                    sliding_window=4096, max_position_embeddings=32768))
     with pytest.raises(FreeKVConfigError, match="sliding-window attention: sliding_window=4096") as e:
         freekv_sglang.make_server_args(model_path=model, device="cpu", kv_retrieval="freekv")
     assert "--model-path" in str(e.value) and "not supported" in str(e.value)
