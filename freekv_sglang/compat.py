@@ -71,6 +71,10 @@ GET_AVAILABLE_GPU_MEMORY = "sglang.srt.utils.common.get_available_gpu_memory"
 CUDA_GRAPH_BACKEND = "sglang.srt.model_executor.cuda_graph_config.Backend"
 #: base class of the teacher-forcing logit processor (freekv_sglang.testing)
 CUSTOM_LOGIT_PROCESSOR = "sglang.srt.sampling.custom_logit_processor.CustomLogitProcessor"
+#: the overlap scheduler's write-after-read barrier (``Scheduler._apply_war_barrier``): set, the schedule stream's
+#: next writes wait for the whole previous forward instead of the read-done event a decode CUDA graph records
+#: before its replay (FreeKV's decode graphs read ``req_to_token`` during the replay; docs/DESIGN.md)
+FORCE_COARSE_WAR_BARRIER = "sglang.srt.environ.envs.SGLANG_FORCE_COARSE_WAR_BARRIER"
 #: Every other SGLang name the package touches.
 INTERNALS = (*(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and v.startswith("sglang.")
                 and v not in HOOK_TARGETS), *RUNTIME_CONTEXT_GETTERS)
@@ -234,6 +238,18 @@ def cuda_graphs_disabled(sa: Any, phases: tuple[str, ...] = ("decode", "prefill"
         getattr(getattr(cfg, phase, None), "backend", None) in (disabled, "disabled")
         for phase in phases
     )
+
+
+def force_coarse_war_barrier() -> Optional[str]:
+    """Make the overlap scheduler order its next writes of shared buffers (``req_to_token``) after the whole
+    previous forward (:data:`FORCE_COARSE_WAR_BARRIER`, an environment variable SGLang reads at every barrier).
+    Returns the variable's name, or ``None`` where this SGLang has no such switch."""
+    try:
+        field = resolve(FORCE_COARSE_WAR_BARRIER)
+    except (ImportError, AttributeError):
+        return None
+    field.set(True)
+    return field.name
 
 
 def model_uses_mla(sa: Any) -> Optional[bool]:

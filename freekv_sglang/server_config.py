@@ -198,8 +198,9 @@ OVERLAP_ENV = env_name("overlap_schedule")
 
 
 def overlap_schedule_allowed() -> bool:
-    """``FREEKV_EXPERIMENTAL_OVERLAP_SCHEDULE=1``: leave SGLang's overlap scheduler as configured
-    (not yet validated with FreeKV; by default the plugin turns it off)."""
+    """``FREEKV_EXPERIMENTAL_OVERLAP_SCHEDULE=1``: leave SGLang's overlap scheduler as configured (its
+    write-after-read barrier in whole-forward form, :func:`freekv_sglang.runtime.integration.fence_scheduler_writes`).
+    Off by default until its GPU comparison with the overlap scheduler off has run (docs/DESIGN.md)."""
     return load_settings().overlap_schedule
 
 
@@ -209,7 +210,8 @@ def forced_settings(cfg: FreeKVConfig) -> dict[str, tuple[Any, str]]:
     forced = {
         "attention_backend": (compat.ATTENTION_BACKEND_NAME, "FreeKV attention backend"),
         "page_size": (cfg.page_size, "= --freekv-page-size (radix-cache keys and chunks are whole pages)"),
-        "disable_overlap_schedule": (True, "the overlap scheduler is not supported with FreeKV yet"),
+        "disable_overlap_schedule": (True, f"the overlap scheduler stays off with FreeKV until validated on a GPU "
+                                           f"({OVERLAP_ENV}=1 keeps it)"),
     }
     if overlap_schedule_allowed():
         del forced["disable_overlap_schedule"]
@@ -227,7 +229,8 @@ def apply_base_overrides(values: MutableMapping[str, Any], cfg: FreeKVConfig) ->
                    for k, v in CUDA_GRAPH_OVERRIDES.items()})
     notes = []
     if overlap_schedule_allowed():
-        notes.append(f"{OVERLAP_ENV}=1: the overlap scheduler stays as configured (experimental with FreeKV)")
+        notes.append(f"{OVERLAP_ENV}=1: the overlap scheduler stays as configured (experimental with FreeKV; its "
+                     "writes of req_to_token wait for whole forwards)")
     for key, (value, reason) in wanted.items():
         old = values.get(key)
         if old != value:

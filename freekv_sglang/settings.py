@@ -64,8 +64,9 @@ class EnvSettings:
         "machines whose MemTotal grows as memory is touched); pinning more than the machine holds then fails at "
         "start-up", kind=bool)
     overlap_schedule: bool = _knob(
-        "FREEKV_EXPERIMENTAL_OVERLAP_SCHEDULE", False, "`1`: leave SGLang's overlap scheduler on (by default the "
-        "plugin turns it off; greedy tokens equal the default's, its speed with FreeKV is not yet timed)", kind=bool)
+        "FREEKV_EXPERIMENTAL_OVERLAP_SCHEDULE", False, "`1`: leave SGLang's overlap scheduler on, its writes of "
+        "`req_to_token` fenced behind whole forwards (docs/DESIGN.md, \"Under the overlap scheduler\"); off by "
+        "default until `tests/gpu/test_server_overlap.py` has passed on a GPU and its speed is timed", kind=bool)
     bench_query_cosine: Optional[float] = _knob(
         "FREEKV_BENCH_QUERY_COSINE", None, "benchmarks only: decode queries are replaced by synthetic ones with this "
         "consecutive cosine (`runtime/synthetic.py`); generated tokens become meaningless", kind=float,

@@ -44,6 +44,7 @@ def recorded_hooks(monkeypatch):
             (target, f"{hook.__module__}.{hook.__qualname__}", hook_type.name))))
     monkeypatch.setattr(attention_registry, "ATTENTION_BACKENDS", backends)
     monkeypatch.setattr(plugin, "is_child_process", lambda: False)
+    monkeypatch.setenv(compat.FORCE_COARSE_WAR_BARRIER.rsplit(".", 1)[1], "0")  # set by install_runtime_hooks
     plugin.register()
     integration.install_runtime_hooks(FreeKVConfig(enabled=True, host_memory_gb=1))
     return calls, backends

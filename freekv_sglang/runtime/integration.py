@@ -193,9 +193,26 @@ def _after_get_internal_state(result, scheduler, *args, **kwargs):
     return None
 
 
+def fence_scheduler_writes() -> None:
+    """Under SGLang's overlap scheduler, order the schedule stream's next writes of ``req_to_token`` after the
+    whole previous forward. SGLang 0.5.17 orders them after a read-done event that a decode CUDA graph records
+    *before* its replay, on the premise that a graph's reads of shared buffers end with its input copies; FreeKV's
+    decode graph reads ``req_to_token`` in every layer (selection and recall on the compute and side streams), so
+    it needs the barrier's whole-forward form (docs/DESIGN.md, "Under the overlap scheduler"). Without the
+    overlap scheduler SGLang never reaches the barrier and this changes nothing."""
+    name = compat.force_coarse_war_barrier()
+    if name is None:
+        logger.warning("FreeKV: this SGLang has no switch for the overlap scheduler's whole-forward write-after-read "
+                       "barrier; keep the overlap scheduler off (the plugin's default)")
+    else:
+        logger.info("FreeKV: %s=1 (the overlap scheduler's writes of req_to_token wait for the whole previous "
+                    "forward: FreeKV's decode graphs read it during their replay)", name)
+
+
 def install_runtime_hooks(cfg) -> None:
-    """Register the pool/sizing hooks, the metrics hooks and the ``freekv`` attention backend (scheduler
-    processes)."""
+    """Register the pool/sizing hooks, the metrics hooks and the ``freekv`` attention backend, and fence the
+    overlap scheduler's writes of ``req_to_token`` behind whole forwards (scheduler processes)."""
+    fence_scheduler_writes()
     compat.register_attention_backend(_create_backend)
     compat.register_hook(compat.KV_CONFIGURATOR_RESOLVE_POOL_CONFIG, _resolve_memory_pool_config, "AROUND")
     compat.register_hook(compat.KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL, _build_token_to_kv_pool, "AROUND")
