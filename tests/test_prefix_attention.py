@@ -170,3 +170,33 @@ def test_prefill_in_chunks_leaves_the_state_of_one_prefill():
                 a, b = rt_two.ws[layer, kv, slots], rt_one.ws[layer, kv, slots]
                 torch.testing.assert_close(a[:-1], b[:-1], msg=lambda m: f"layer {layer} row {r}: {m}")
                 torch.testing.assert_close(a[-1, :n % P], b[-1, :n % P])
+
+
+def test_each_block_plans_its_own_flashinfer_wrapper(monkeypatch):
+    """On CUDA every block plans the wrapper of its own index with its own requests' query and page counts
+    (a batch of three requests whose prefixes fill three blocks: request indices exceed the block count)."""
+    import sys
+    import types
+
+    planned = []
+
+    class FakeWrapper:
+        def __init__(self, workspace, layout):
+            self.plans = []
+
+        def plan(self, qo, kv, indices, last_page_len, hq, hkv, d, page, **kw):
+            self.plans.append((qo.tolist(), kv.tolist(), indices.tolist()))
+            planned.append(self)
+
+    monkeypatch.setitem(sys.modules, "flashinfer", types.SimpleNamespace(BatchPrefillWithPagedKVCacheWrapper=FakeWrapper))
+    g = torch.Generator().manual_seed(5)
+    rt = _runtime(g)
+    P = rt.layout.page_size
+    pa = PrefixAttention(rt, 4)
+    prefix, ext = [0, 3 * P, 5 * P], [2, 3, 4]  # 8 prefix pages in blocks of 4: [r1 p0-2, r2 p0], [r2 p1-4]
+    assert pa.plan(torch.tensor([1, 2, 3]), prefix, ext)
+    assert len(pa.blocks) == 2
+    wrappers = [pa._plan_wrapper(i, blk, ext) for i, blk in enumerate(pa.blocks)]
+    assert wrappers[0] is not wrappers[1] and len(pa._wrappers) == 2
+    assert wrappers[0].plans == [([0, 3, 7], [0, 3, 4], [0, 1, 2, 3])]
+    assert wrappers[1].plans == [([0, 4], [0, 4], [0, 1, 2, 3])]

@@ -172,8 +172,8 @@ class PrefixAttention:
             self._wrappers.append(BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD"))
         qo = [0]
         kv = [0]
-        for i, (a, b) in zip(blk.requests, blk.pages):
-            qo.append(qo[-1] + extend_lens[i])
+        for r, (a, b) in zip(blk.requests, blk.pages):
+            qo.append(qo[-1] + extend_lens[r])
             kv.append(kv[-1] + b - a)
         indices = torch.cat([torch.arange(a, b, dtype=torch.int32) for a, b in blk.pages])
         w = self._wrappers[i]

@@ -101,7 +101,8 @@ def _both(servers, fn):
 
 def _chat_ids(tok, document: str, question: str) -> list[int]:
     msgs = [{"role": "user", "content": f"{document}\n\nQuestion: {question}"}]
-    return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False).input_ids
 
 
 def _story(tok, n_tokens: int) -> str:
