@@ -247,7 +247,7 @@ def test_teacher_forced_top1_matches_the_cpu_reference(servers, tok):
     from freekv_sglang.fidelity.texts import prose
 
     ids = tok(prose().text).input_ids
-    n_prefill, steps = 2048, 600
+    n_prefill, steps = 2048, 1500  # one step is 0.07 point: enough steps that bf16-vs-float32 flips average out
     forced = ids[n_prefill:n_prefill + steps + 1]
     t0 = time.time()
     resp = _both(servers, lambda s: s.post("/generate", tf.request_body(ids[:n_prefill], forced), 600))
