@@ -71,6 +71,13 @@ class EnvSettings:
         "FREEKV_BENCH_QUERY_COSINE", None, "benchmarks only: decode queries are replaced by synthetic ones with this "
         "consecutive cosine (`runtime/synthetic.py`); generated tokens become meaningless", kind=float,
         valid=lambda v: 0.0 < v <= 1.0, allowed="a number in (0, 1]")
+    bench_locality: Optional[str] = _knob(
+        "FREEKV_BENCH_LOCALITY", None, "benchmarks only: decode queries are replaced by synthetic ones at a measured "
+        "query locality (`runtime/synthetic.py`): per (layer, KV head) the correction check's similarity is drawn "
+        "from the measurement and the share of selected pages that change per step matches it; `calibrated` is "
+        "`docs/data/locality-smollm2-135m.json` (SmolLM2-135M, `python -m freekv_sglang.fidelity.locality`); "
+        "generated tokens become meaningless; not with `FREEKV_BENCH_QUERY_COSINE`", kind=str,
+        allowed="`calibrated`, `calibrated:PATH` or the path of such a JSON")
     model_cache: str = _knob(
         "FREEKV_MODEL_CACHE", "~/.cache/freekv_sglang/smollm2-135m-instruct", "folder of the converted default model "
         "(`python -m freekv_sglang.serve`)", kind=str, allowed="a path")
@@ -80,6 +87,8 @@ class EnvSettings:
             value, m = getattr(self, f.name), f.metadata
             if not (value is None and f.default is None) and not _allowed(m, value):
                 raise _refused(m, value)
+        if self.bench_query_cosine is not None and self.bench_locality is not None:
+            raise ValueError("FREEKV_BENCH_QUERY_COSINE and FREEKV_BENCH_LOCALITY are two synthetic localities: set one")
 
 
 def _refused(m: Mapping[str, Any], value: Any) -> ValueError:

@@ -45,9 +45,15 @@ row is the round with the median decode step time, and a second table gives ever
 spread (slowest / fastest) per cell. Separate runs of one mode differ by several percent at batch 1.
 
 Query locality: with random weights consecutive decode queries are unrelated (FreeKV's worst
-case). ``--query-cosine C`` makes FreeKV modes replace each decode query so consecutive ones have
-cosine about C (benchmark only, outputs meaningless), to time the data path at a real model's
-locality; dense attention does not depend on the query values.
+case). ``--locality calibrated`` makes FreeKV modes replace each decode query by a synthetic one at a
+real model's measured locality (``docs/data/locality-smollm2-135m.json``, or ``calibrated:PATH``): per
+(layer, KV head) the correction check's similarity is drawn from the measurement and the share of
+selected pages that change per step matches it (freekv_sglang/runtime/synthetic.py). ``--query-cosine C``
+instead gives consecutive queries a fixed cosine of about C (``0.95``: almost no check fails after the
+first step, an optimistic setting). Benchmark only, outputs meaningless; dense attention does not depend on
+the query values. A mode's ``%L`` suffix overrides the locality for that mode (``freekv%0.95``,
+``freekv%cal``, ``freekv%none``; ``launch/bench_variants.py``), so the calibrated and the optimistic rows can
+run side by side.
 
 Usage (GPU machine, repo root):
   python launch/bench_decode.py --model .gpu-bundle/models/llama-8b-shape --contexts 32000 \
@@ -101,6 +107,16 @@ def parse_mode(name: str) -> tuple[str, dict]:
     if env and base == "dense":
         raise argparse.ArgumentTypeError(f"{name!r}: variants apply to FreeKV modes only")
     return base, env
+
+
+def locality_spec(spec: str) -> str:
+    """``--locality``: ``calibrated`` or ``calibrated:PATH`` -> ``calibrated:ABSOLUTE_PATH`` (bench_variants)."""
+    from bench_variants import locality_spec as resolve
+
+    try:
+        return resolve(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def mode_name(name: str) -> str:
@@ -316,7 +332,7 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
 
     base, mode_env = parse_mode(mode)
     safe = mode
-    for sep, tag in (("@", "-g"), ("+", "-w"), ("^", "-a"), (":", "-")):
+    for sep, tag in (("@", "-g"), ("+", "-w"), ("^", "-a"), (":", "-"), ("%", "-loc")):
         safe = safe.replace(sep, tag)
     res = os.path.join(out_dir, f"one_batch-{safe}.jsonl")
     if os.path.exists(res):
@@ -335,10 +351,15 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
     common += a.extra
     env = dict(os.environ, FREEKV_LOG_STATS_EVERY="0")  # statistics are collected per measurement
     env.pop("FREEKV_BENCH_QUERY_COSINE", None)
+    env.pop("FREEKV_BENCH_LOCALITY", None)
     env[PREFILL_TOKENS_ENV] = str(a.prefill_tokens_per_forward)
-    apply_variant_env(mode_env, env)
     if a.query_cosine is not None and base != "dense":
         env["FREEKV_BENCH_QUERY_COSINE"] = str(a.query_cosine)
+    if getattr(a, "locality", None) is not None and base != "dense":
+        env["FREEKV_BENCH_LOCALITY"] = a.locality
+    apply_variant_env(mode_env, env)  # after: a mode's own locality (%L) wins
+    if env.get("FREEKV_BENCH_LOCALITY") == "calibrated":
+        env["FREEKV_BENCH_LOCALITY"] = locality_spec("calibrated")
     log = os.path.join(out_dir, f"one_batch-{safe}.log")
     open(log, "w").close()
     t0 = time.time()
@@ -530,6 +551,12 @@ def header(card: str, a, h2d: float | None, argv: list[str]) -> str:
 
     loc = ("random-weight queries" if a.query_cosine is None else
            f"FreeKV modes with synthetic consecutive-query cosine {a.query_cosine}")
+    if getattr(a, "locality", None) is not None:
+        loc = (f"FreeKV modes at the calibrated query locality ({a.locality}: per layer and KV head the correction "
+               f"check's similarity drawn from the measurement, page change matched)")
+    overrides = [m for m in getattr(a, "modes", []) if "%" in m]
+    if overrides:
+        loc += "; modes named %L use their own locality: " + ", ".join(overrides)
     ceiling = f"pinned H2D ceiling {h2d:.1f} GB/s" if h2d else "no H2D ceiling measured"
     try:
         sh = capacity_plan.model_shape(a.model)[0]
@@ -549,7 +576,8 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--modes", nargs="+", default=["dense", "freekv", "sync", "arkvale", "staged", "skip"],
-                   type=mode_name, help=f"modes {sorted(MODES)}, FreeKV ones optionally with @N (recall grid), "
+                   type=mode_name, help=f"modes {sorted(MODES)}, FreeKV ones optionally with %%L (locality: cal, none or a "
+                                        f"cosine), @N (recall grid), "
                                         f"/S (side streams), :A (attention kernel) and :flashinfer~K (its split pages)")
     p.add_argument("--host-gb", default="auto", help="FreeKV host tier per run (GiB, or auto: the largest cell)")
     p.add_argument("--timeout", type=float, default=900.0, help="per launch of a mode, seconds")
@@ -557,10 +585,15 @@ def main() -> None:
                    help="run the list of modes this many times, interleaved; each cell reports its median round")
     p.add_argument("--relaunches", type=int, default=3,
                    help="per mode: extra launches for the cells after one that crashed the benchmark")
-    p.add_argument("--query-cosine", type=float, default=None,
-                   help="FreeKV modes only: replace decode queries so that consecutive ones have this cosine "
-                        "(random weights give ~0, FreeKV's worst case; outputs become meaningless; see "
-                        "freekv_sglang/runtime/synthetic.py)")
+    loc = p.add_mutually_exclusive_group()
+    loc.add_argument("--locality", default=None, metavar="calibrated[:PATH]", type=locality_spec,
+                     help="FreeKV modes only: replace decode queries by synthetic ones at a measured real locality "
+                          "(calibrated: docs/data/locality-smollm2-135m.json; or the JSON of python -m "
+                          "freekv_sglang.fidelity.locality); outputs become meaningless")
+    loc.add_argument("--query-cosine", type=float, default=None,
+                     help="FreeKV modes only: replace decode queries so that consecutive ones have this cosine "
+                          "(random weights give ~0, FreeKV's worst case; 0.95 is optimistic: almost no check fails; "
+                          "outputs become meaningless; see freekv_sglang/runtime/synthetic.py)")
     p.add_argument("--capacity", type=int, default=None, metavar="CONTEXT",
                    help="also measure how many CONTEXT-token requests dense and FreeKV serve at once "
                         "(launch/bench_capacity.py: a server per mode)")

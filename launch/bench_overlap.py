@@ -72,6 +72,15 @@ def warm_up(srv: Server, rng: random.Random, context: int, new: int, vocab: int,
     srv.generate_many([[rng.randrange(100, vocab - 100) for _ in range(context)]], new, timeout=timeout)
 
 
+def _locality(spec: str) -> str:
+    from bench_variants import locality_spec
+
+    try:
+        return locality_spec(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def run_mode(mode: str, a) -> list[dict]:
     args = ["--model-path", a.model, "--load-format", "dummy", "--max-running-requests", str(max(a.batch_sizes)),
             "--cuda-graph-max-bs", str(max(a.batch_sizes)), *MODES[mode]]
@@ -82,6 +91,8 @@ def run_mode(mode: str, a) -> list[dict]:
     srv.env = dict(MODE_ENV.get(mode, {}))
     if freekv and a.query_cosine is not None:
         srv.env.update({"FREEKV_BENCH_QUERY_COSINE": str(a.query_cosine), "FREEKV_LOG_STATS_EVERY": "0"})
+    if freekv and getattr(a, "locality", None) is not None:
+        srv.env.update({"FREEKV_BENCH_LOCALITY": a.locality, "FREEKV_LOG_STATS_EVERY": "0"})
     rng = random.Random(zlib.crc32(mode.encode()))
     rows = []
     t0 = time.time()
@@ -138,8 +149,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="(short, long) pairs per cell; the median is reported")
     p.add_argument("--vocab", type=int, default=49152, help="token ids are drawn below this")
     p.add_argument("--host-gb", type=float, default=48.0, help="FreeKV host tier (GiB)")
-    p.add_argument("--query-cosine", type=float, default=None,
-                   help="FreeKV only: synthetic consecutive-query cosine (benchmark only, outputs meaningless)")
+    loc = p.add_mutually_exclusive_group()
+    loc.add_argument("--query-cosine", type=float, default=None,
+                     help="FreeKV only: synthetic consecutive-query cosine (benchmark only, outputs meaningless)")
+    loc.add_argument("--locality", default=None, metavar="calibrated[:PATH]", type=_locality,
+                     help="FreeKV only: synthetic queries at a measured real locality (freekv_sglang/runtime/"
+                          "synthetic.py; calibrated: docs/data/locality-smollm2-135m.json); outputs meaningless")
     p.add_argument("--port", type=int, default=30021)
     p.add_argument("--timeout", type=float, default=900.0, help="per request batch, seconds")
     p.add_argument("--out", default="overlap-out")

@@ -5,8 +5,11 @@ server's ``FREEKV_*`` variables (``freekv_sglang/settings.py``, docs/TUNING.md) 
 ``+W``: ``W`` warps per recall program, one of 1, 2, 4, 8, 16 (``FREEKV_RECALL_WARPS``);
 ``^1``: prefill layers are offloaded on a side stream (``FREEKV_ASYNC_PREFILL``);
 ``:A``: the working-set attention kernel, ``auto`` (the default), ``triton`` or ``flashinfer``
-(``FREEKV_DECODE_ATTENTION``).
-E.g. ``freekv@32``, ``freekv@16+2`` or ``freekv:flashinfer``. A base ``freekv-keepM`` is ``freekv`` with
+(``FREEKV_DECODE_ATTENTION``);
+``%L``: the synthetic query locality of this variant, overriding the benchmark's: ``%cal`` the calibrated one
+(``FREEKV_BENCH_LOCALITY=calibrated``), ``%C`` a fixed consecutive cosine ``C`` (``FREEKV_BENCH_QUERY_COSINE``,
+e.g. the optimistic ``%0.95``), ``%none`` the model's own queries.
+E.g. ``freekv@32``, ``freekv@16+2``, ``freekv:flashinfer`` or ``freekv%0.95``. A base ``freekv-keepM`` is ``freekv`` with
 ``--freekv-keep-margin M``.
 """
 
@@ -19,7 +22,9 @@ from freekv_sglang.settings import env_name, load_settings
 
 VARIANT_ENV = {"@": env_name("recall_programs"), "+": env_name("recall_warps"), "^": env_name("async_prefill"),
                ":": env_name("decode_attention")}
-_NAME = re.compile(r"^([A-Za-z][\w-]*)((?:[@+^:][^@+^:]*)*)$")
+LOCALITY_SEP = "%"
+LOCALITY_ENV = (env_name("bench_query_cosine"), env_name("bench_locality"))
+_NAME = re.compile(r"^([A-Za-z][\w-]*)((?:[@+^:%][^@+^:%]*)*)$")
 
 
 def keep_margin_of(base: str) -> tuple[str, int]:
@@ -37,32 +42,77 @@ def parse_variant(name: str) -> tuple[str, dict[str, str]]:
     """
     m = _NAME.match(name)
     if m is None:
-        raise ValueError(f"{name!r}: expected BASE[@programs][+warps][^1][:attention]")
+        raise ValueError(f"{name!r}: expected BASE[@programs][+warps][^1][:attention][%locality]")
     base, rest = m.group(1), m.group(2)
     env: dict[str, str] = {}
-    for sep, val in re.findall(r"([@+^:])([^@+^:]*)", rest):
+    for sep, val in re.findall(r"([@+^:%])([^@+^:%]*)", rest):
+        if not val:
+            raise ValueError(f"{name!r}: a value must follow {sep!r}")
+        if sep == LOCALITY_SEP:
+            if LOCALITY_ENV[0] in env:
+                raise ValueError(f"{name!r}: {sep!r} given twice")
+            env.update(locality_env(name, val))
+            continue
         var = VARIANT_ENV[sep]
         if var in env:
             raise ValueError(f"{name!r}: {sep!r} given twice")
-        if not val:
-            raise ValueError(f"{name!r}: a value must follow {sep!r}")
         if sep == "^" and val != "1":
             raise ValueError(f"{name!r}: '^' takes 1 (asynchronous prefill offload; off is the default)")
         env[var] = val
     try:
-        load_settings(env)
+        load_settings(env)  # (an empty value reads as unset)
     except ValueError as e:
         raise ValueError(f"{name!r}: {e}") from None
     return base, env
 
 
+#: ``calibrated``: the locality measurement kept in this repository.
+DEFAULT_LOCALITY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "data",
+                                "locality-smollm2-135m.json")
+
+
+def locality_spec(spec: str) -> str:
+    """A benchmark's ``--locality``: ``calibrated`` or ``calibrated:PATH`` -> ``calibrated:ABSOLUTE_PATH``, the
+    value of ``FREEKV_BENCH_LOCALITY`` its servers get (whatever their working directory). ``ValueError`` if
+    malformed or the file is missing."""
+    if spec != "calibrated" and not spec.startswith("calibrated:"):
+        raise ValueError(f"expected calibrated or calibrated:PATH, got {spec!r}")
+    path = DEFAULT_LOCALITY if spec == "calibrated" else os.path.abspath(spec.split(":", 1)[1])
+    if not os.path.isfile(path):
+        raise ValueError(f"no locality measurement at {path} (python -m freekv_sglang.fidelity.locality --json PATH "
+                         "writes one)")
+    return "calibrated:" + path
+
+
+def locality_env(name: str, val: str) -> dict[str, str]:
+    """The variables of a ``%L`` suffix (both locality variables: the one not used is set empty, i.e. unset)."""
+    cos, loc = LOCALITY_ENV
+    if val in ("cal", "calibrated"):
+        return {cos: "", loc: "calibrated"}
+    if val == "none":
+        return {cos: "", loc: ""}
+    try:
+        float(val)
+    except ValueError:
+        raise ValueError(f"{name!r}: '%' takes cal, none or a cosine in (0, 1], got {val!r}") from None
+    return {cos: val, loc: ""}
+
+
 def apply_variant_env(env: dict[str, str], target: dict | None = None) -> dict:
-    """Set the variant's variables in ``target`` (default ``os.environ``) and clear the other variant variables."""
+    """Set the variant's variables in ``target`` (default ``os.environ``) and clear the other variant variables.
+    The locality variables are left as they are unless the variant names a locality (``%L``); an empty value
+    clears one."""
     target = os.environ if target is None else target
     for var in VARIANT_ENV.values():
         if var in env:
             target[var] = env[var]
         else:
             target.pop(var, None)
+    for var in LOCALITY_ENV:
+        if var in env:
+            if env[var]:
+                target[var] = env[var]
+            else:
+                target.pop(var, None)
     return target
 

@@ -176,6 +176,18 @@ def test_compile_synthetic_query(dt, hq, d):
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
+@pytest.mark.parametrize("hq,g,d", [(32, 4, 128), (9, 3, 64), (28, 7, 128), (8, 1, 64)])
+def test_compile_calibrated_synthetic_query(dt, hq, g, d):
+    t = TY[dt]
+    sig = dict(prev_ptr=t, u_ptr="*fp32", noise_ptr="*fp32", quant_ptr="*fp32", kappa_ptr="*fp32", rows_ptr="*i64",
+               n_ptr="*i64", out_ptr=t, stride_pr="i32", stride_ph="i32", stride_ob="i32", stride_oh="i32",
+               n_slots="i32", n_noise="i32", n_bins="i32", seed_layer="i64", seed_noise_layer="i64", bin0="fp32",
+               decoy="fp32", pull="fp32")
+    _compile(synthetic_query._calibrated_kernel, sig,
+             dict(HQ=hq, BLOCK_H=1 << (hq - 1).bit_length(), D=d, G=g, ND=synthetic_query.n_decoys(g), NQ=101))
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
 @pytest.mark.parametrize("g,d,tiered,fp8", [(4, 128, False, False), (4, 128, True, False), (7, 64, True, False),
                                             (1, 64, False, False), (4, 128, True, True), (3, 64, False, True)])
 def test_compile_decode_prologue(dt, g, d, tiered, fp8):

@@ -46,7 +46,7 @@ from .prefix import PrefixAttention
 from .recall import make_recall
 from .stats import DecodeStats, Totals
 from .sizing import ModelShape, digest_bytes_per_page, host_bytes_per_page, working_set_bytes_per_row
-from .synthetic import SyntheticQueries
+from .synthetic import CalibratedQueries, SyntheticQueries
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,12 @@ class FreeKVRuntime:
         if self.synthetic is not None:
             logger.warning("%s=%s: decode queries are replaced by synthetic ones with that consecutive cosine; "
                            "generated tokens are meaningless (benchmarks only)", env_name("bench_query_cosine"), cos)
+        if env.bench_locality is not None:
+            self.synthetic = CalibratedQueries(env.bench_locality, L, hq, hkv, d, lay, self.max_pages * P, dev,
+                                               dtype=dt)
+            logger.warning("%s=%s: decode queries are replaced by synthetic ones at the measured locality (%s); "
+                           "generated tokens are meaningless (benchmarks only)", env_name("bench_locality"),
+                           env.bench_locality, self.synthetic.summary(settings.correction_threshold or 0.9))
 
         # Speculation runs after each layer's attention on two side streams: selection on one,
         # recall on the other (after an event recorded after that layer's selection), so layer
@@ -415,7 +421,7 @@ class FreeKVRuntime:
         st, cfg = self.step, self.settings
         b = q.shape[0]
         if self.synthetic is not None:
-            q = self.synthetic.apply(layer, q, st.rows)
+            q = self.synthetic.apply(layer, q, st.rows, st.n, self.q_prev[layer])
         wk, wv = self.layer_slots(layer)
         flags, spec = self.flags[layer, :b], self.spec[layer, :b]
         # 1. token -> host tier + window page; digest of a completed page; correction check;

@@ -8,13 +8,44 @@ locality, this replaces each decode query by ``u + sigma * e``: ``u`` a fixed ra
 (layer, request row, query head), ``e`` the model's own query normalised to the same length, so
 consecutive queries of a head have cosine about ``c = 1 / (1 + sigma^2)``. Attention then uses
 the replaced queries: **generated tokens are meaningless**; never set it when serving.
+
+That fixed-cosine setting (``--query-cosine 0.95`` in the benchmarks) is optimistic: a trained model's
+consecutive queries are much less alike by the correction check (SmolLM2-135M: 83% of (layer, KV head,
+step) checks fall below 0.9), yet far fewer of its selected pages change per step than the same check
+similarity would change under the benchmark's random keys. :class:`CalibratedQueries`
+(``FREEKV_BENCH_LOCALITY``) reproduces both measured rates of
+``python -m freekv_sglang.fidelity.locality``:
+
+* **check similarity** per (layer, request, KV head, step): drawn from the measured distribution of that
+  (layer, KV head) (its percentiles; the benchmark model's layers and KV heads are mapped onto the
+  measured ones by relative depth and modulo), so the correction rate at any threshold is the measured one;
+* **page change**: the query heads of a group step from their previous query by a smaller angle,
+  ``cos = 1 - kappa * (1 - s)`` for a drawn similarity ``s``; ``kappa`` per (layer, KV head, context) is
+  calibrated (:func:`page_change_curve`, the reference selection over Gaussian keys, which is what the
+  benchmark's random-weight keys are) so that the expected share of selected pages that change per step
+  equals the measured one;
+* the group's last query heads (the *decoys*: one per three query heads, at least one) carry the rest of
+  the drop in similarity: they move by the cosine that makes the group's mean ``s`` and have ``1/1024``
+  of the others' norm, so they weigh next to nothing in the GQA-mean page scores. A mean below what the
+  decoys can reach (``((G - m) * cos - m) / G`` for ``m`` decoys; Llama-3.1-8B shape at 32K: about 0.5) is
+  realised at that floor, which changes no correction at the thresholds in use. Decode timing depends on
+  which heads the check flags and on how many selected pages each selection misses, not on query values.
+
+Models without GQA (one query head per KV head) have no decoy: their page change follows the drawn
+similarity (``kappa = 1``).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 ROW_SLOTS = 64  # distinct directions per layer; rows share them modulo this
 
@@ -29,9 +60,403 @@ class SyntheticQueries:
         self.sigma = math.sqrt(1.0 / cosine - 1.0)
         self.cosine = cosine
 
-    def apply(self, layer: int, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: int, q: torch.Tensor, rows: torch.Tensor, n: torch.Tensor | None = None,
+              q_prev: torch.Tensor | None = None) -> torch.Tensor:
         """``q [B, Hq, D]`` -> ``u[layer, rows % ROW_SLOTS] + sigma * sqrt(D) * q / |q|`` (q's dtype).
+        (``n`` and ``q_prev``, which :class:`CalibratedQueries` uses, are ignored.)
         One kernel on CUDA (:func:`freekv_sglang.kernels.synthetic_query.mix_queries`), CUDA-graph safe."""
         from freekv_sglang.kernels.synthetic_query import mix_queries
 
         return mix_queries(q, self.u[layer], rows, self.sigma)
+
+
+# -- calibrated locality -------------------------------------------------------------------------
+#: ``FREEKV_BENCH_LOCALITY=calibrated``: the measurement kept in the repository (relative to its root).
+DEFAULT_LOCALITY = os.path.join("docs", "data", "locality-smollm2-135m.json")
+DECOY_SCALE = 1.0 / 1024  # the decoy head's norm relative to the others'
+NOISE_VECTORS = 4096
+PULL = 0.5  # how strongly a step's direction leans back towards the head's anchor (keeps queries from drifting)
+#: Ranking-step sizes ``1 - cos`` at which :func:`page_change_curve` is simulated.
+STEP_GRID = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0)
+KAPPA_MAX = 4.0
+MIN_BIN = 12  # smallest context bin 2**12 = 4096 tokens
+_U_POINTS = 400  # points of the uniform draw at which expectations are evaluated
+
+
+def resolve_locality(spec: str) -> str:
+    """``calibrated`` -> the repository's measurement (:data:`DEFAULT_LOCALITY`); ``calibrated:PATH`` or a path
+    -> that path. Raises ``FileNotFoundError`` with the command that writes one."""
+    path = spec.split(":", 1)[1] if spec.startswith("calibrated:") else spec
+    if path == "calibrated":
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = os.path.join(root, DEFAULT_LOCALITY)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no locality measurement at {path}: write one with "
+                                "python -m freekv_sglang.fidelity.locality --json PATH")
+    return path
+
+
+@dataclass
+class MeasuredLocality:
+    """Per (layer, KV head) of the measured model: similarity percentiles 0..100 and page-change share."""
+
+    quant: torch.Tensor  # float32 [Ls, Hs, 101]
+    page_share: torch.Tensor  # float32 [Ls, Hs] at the measurement's default budget
+    budget: int
+    source: str
+
+    @classmethod
+    def load(cls, path: str) -> "MeasuredLocality":
+        with open(path) as f:
+            data = json.load(f)
+        if "heads" not in data:
+            raise ValueError(f"{path}: not a locality measurement (python -m freekv_sglang.fidelity.locality --json)")
+        budget = int(data.get("meta", {}).get("working set", {}).get("default_budget", 1024))
+        quant = torch.tensor([[h["similarity"]["percentiles"] for h in layer] for layer in data["heads"]],
+                             dtype=torch.float32)
+        share = torch.tensor([[h["page_change"][str(budget)] for h in layer] for layer in data["heads"]],
+                             dtype=torch.float32)
+        if quant.shape[-1] != 101:
+            raise ValueError(f"{path}: expected 101 percentiles per head, got {quant.shape[-1]}")
+        return cls(quant, share, budget, path)
+
+    def mapped(self, n_layers: int, n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, list, list]:
+        """Tables for a model of ``n_layers`` x ``n_kv_heads``: layer ``l`` takes the measured layer at the same
+        relative depth, KV head ``h`` the measured head ``h % Hs``. Returns ``(quant [L, Hkv, 101],
+        page_share [L, Hkv], source layers, source heads)``."""
+        ls, hs = self.quant.shape[:2]
+        src_l = [round(l * (ls - 1) / max(n_layers - 1, 1)) for l in range(n_layers)]
+        src_h = [h % hs for h in range(n_kv_heads)]
+        li, hi = torch.tensor(src_l), torch.tensor(src_h)
+        return (self.quant[li][:, hi].contiguous(), self.page_share[li][:, hi].contiguous(), src_l, src_h)
+
+
+def similarity_at(quant: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The generator's similarity for uniform draws ``x`` in (0, 1): linear between percentiles.
+    ``quant [..., 101]``, ``x [M]`` -> ``[..., M]``."""
+    pos = x * 100.0
+    i0 = pos.floor().long().clamp(max=99)
+    f = pos - i0.float()
+    return quant[..., i0] + f * (quant[..., i0 + 1] - quant[..., i0])
+
+
+def _uniform_points(m: int = _U_POINTS) -> torch.Tensor:
+    return (torch.arange(m, dtype=torch.float32) + 0.5) / m
+
+
+def correction_rate(quant: torch.Tensor, tau: float) -> torch.Tensor:
+    """Share of draws below ``tau`` per table row: ``quant [..., 101]`` -> ``[...]``."""
+    return (similarity_at(quant, _uniform_points(4000)) < tau).float().mean(-1)
+
+
+def _interp(grid: torch.Tensor, vals: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear ``vals`` over increasing ``grid`` at ``x`` (clamped to the ends)."""
+    x = x.clamp(float(grid[0]), float(grid[-1]))
+    i = (torch.searchsorted(grid, x, right=True) - 1).clamp(0, len(grid) - 2)
+    g0, g1 = grid[i], grid[i + 1]
+    return vals[i] + (x - g0) / (g1 - g0) * (vals[i + 1] - vals[i])
+
+
+def expected_share(quant_row: torch.Tensor, kappa: float, grid: torch.Tensor, curve: torch.Tensor) -> float:
+    """Expected page change of a head whose draws follow ``quant_row [101]`` at ``kappa``, given the
+    page-change ``curve`` over ranking-step sizes ``grid`` (``1 - cos``)."""
+    s = similarity_at(quant_row, _uniform_points())
+    step = (kappa * (1.0 - s)).clamp(0.0, 2.0)
+    return float(_interp(grid, curve, step).mean())
+
+
+def expected_shares(quant: torch.Tensor, kappa: torch.Tensor, grid: torch.Tensor, curve: torch.Tensor) -> torch.Tensor:
+    """:func:`expected_share` of many heads at once: ``quant [R, 101]``, ``kappa [R]`` -> ``[R]``."""
+    s = similarity_at(quant, _uniform_points())  # [R, M]
+    step = (kappa[:, None] * (1.0 - s)).clamp(0.0, 2.0)
+    return _interp(grid, curve, step.flatten()).view_as(step).mean(-1)
+
+
+def solve_kappa(quant_row: torch.Tensor, target: float, grid: torch.Tensor, curve: torch.Tensor,
+                kappa_max: float = KAPPA_MAX, iters: int = 40) -> float:
+    """``kappa`` at which :func:`expected_share` equals ``target`` (bisection; ``kappa_max`` where out of reach)."""
+    return float(solve_kappas(quant_row[None], torch.tensor([float(target)]), grid, curve, kappa_max, iters)[0])
+
+
+def solve_kappas(quant: torch.Tensor, target: torch.Tensor, grid: torch.Tensor, curve: torch.Tensor,
+                 kappa_max: float = KAPPA_MAX, iters: int = 40) -> torch.Tensor:
+    """:func:`solve_kappa` for many heads at once (``quant [R, 101]``, ``target [R]``), bisection in parallel."""
+    lo = torch.zeros(len(quant))
+    hi = torch.full((len(quant),), kappa_max)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = expected_shares(quant, mid, grid, curve) < target
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    out = 0.5 * (lo + hi)
+    return torch.where(expected_shares(quant, torch.full_like(out, kappa_max), grid, curve) <= target,
+                       torch.full_like(out, kappa_max), out)
+
+
+def _changed(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    eq = (cur[..., :, None] == prev[..., None, :]) & (cur[..., :, None] >= 0)
+    return ((cur >= 0) & ~eq.any(-1)).sum(-1)
+
+
+class CalibratedQueries:
+    """Synthetic decode queries at a measured locality (``FREEKV_BENCH_LOCALITY``; see the module docstring).
+
+    Args:
+        path: a ``python -m freekv_sglang.fidelity.locality --json`` file (or ``calibrated``).
+        n_layers, n_q_heads, n_kv_heads, head_dim: the served model's attention shape.
+        layout: the working set (:class:`~freekv_sglang.algorithm.layout.WorkingSetLayout`).
+        max_context: the longest history (tokens); ``kappa`` is calibrated at powers of two from 4096
+            (or ``max_context`` if smaller) up to it, and interpolated in ``log2(n)`` between them.
+        contexts: calibrate at ``[2**b0, 2**(b0+1), ...]`` given as ``b0`` and a count instead (tests).
+    """
+
+    def __init__(self, path: str, n_layers: int, n_q_heads: int, n_kv_heads: int, head_dim: int, layout,
+                 max_context: int, device, seed: int = 0, bins: tuple[float, int] | None = None,
+                 dtype: torch.dtype = torch.bfloat16, curve_steps: int = 48, curve_heads: int = 4):
+        self.path = resolve_locality(path)
+        self.measured = MeasuredLocality.load(self.path)
+        self.n_layers, self.n_q_heads, self.n_kv_heads, self.head_dim = n_layers, n_q_heads, n_kv_heads, head_dim
+        if n_q_heads % n_kv_heads:
+            raise ValueError(f"{n_q_heads} query heads are not a multiple of {n_kv_heads} KV heads")
+        self.group = n_q_heads // n_kv_heads
+        self.layout = layout
+        self.seed = seed
+        quant, share, self.src_layers, self.src_heads = self.measured.mapped(n_layers, n_kv_heads)
+        self.quant_cpu, self.target_share = quant, share
+        if bins is None:
+            top = max(float(max_context), 2.0)
+            if top <= 2 ** MIN_BIN:
+                bins = (math.log2(top), 1)
+            else:
+                bins = (float(MIN_BIN), math.ceil(math.log2(top)) - MIN_BIN + 1)
+        self.bin0, nb = float(bins[0]), int(bins[1])
+        self.contexts = [int(round(2 ** (self.bin0 + i))) for i in range(nb)]
+        g = torch.Generator().manual_seed(seed)
+        u = torch.randn(n_layers, ROW_SLOTS, n_q_heads, head_dim, generator=g)
+        self.u = (torch.nn.functional.normalize(u, dim=-1) * math.sqrt(head_dim)).to(device)
+        self.noise = torch.randn(NOISE_VECTORS, head_dim, generator=g).to(device)
+        self.grid = torch.tensor(STEP_GRID, dtype=torch.float32)
+        self.curves = torch.stack([page_change_curve(c, layout, n_q_heads // n_kv_heads, head_dim, device,
+                                                     steps=curve_steps, kv_heads=curve_heads, dtype=dtype,
+                                                     seed=seed + 1 + i) for i, c in enumerate(self.contexts)])
+        kappa = torch.ones(n_layers, n_kv_heads, nb)
+        if self.group > 1:
+            for b in range(nb):
+                if float(self.curves[b].max()) <= 1e-6:  # everything selected at this context: nothing to calibrate
+                    continue
+                kappa[..., b] = solve_kappas(quant.flatten(0, 1), share.flatten(), self.grid,
+                                             self.curves[b]).view(n_layers, n_kv_heads)
+        self.kappa_cpu = kappa
+        self.quant = quant.to(device)
+        self.kappa = kappa.to(device)
+        if self.u.is_cuda:
+            torch.cuda.empty_cache()  # the calibration's scratch
+
+    # -- the generator ---------------------------------------------------------------------
+    def apply(self, layer: int, q: torch.Tensor, rows: torch.Tensor, n: torch.Tensor | None = None,
+              q_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace ``q [B, Hq, D]`` of one layer: ``n [B]`` history lengths (the new token included),
+        ``q_prev [R', Hq, D]`` the runtime's previous query per request row (read before it is updated)."""
+        from freekv_sglang.kernels.synthetic_query import calibrated_queries
+
+        if n is None or q_prev is None:
+            raise ValueError("calibrated synthetic queries need the history lengths and the previous queries")
+        return calibrated_queries(q, q_prev, self.u[layer], self.noise, self.quant[layer], self.kappa[layer], rows,
+                                  n, layer=layer, seed=self.seed, group=self.group, bin0=self.bin0,
+                                  decoy=DECOY_SCALE, pull=PULL)
+
+    # -- what it is calibrated to ------------------------------------------------------------
+    def predicted_share(self) -> torch.Tensor:
+        """Expected page change per (layer, KV head, context bin) from the curves: ``[L, Hkv, NB]``."""
+        out = torch.zeros_like(self.kappa_cpu)
+        for b in range(len(self.contexts)):
+            out[..., b] = expected_shares(self.quant_cpu.flatten(0, 1), self.kappa_cpu[..., b].flatten(), self.grid,
+                                          self.curves[b]).view(self.n_layers, self.n_kv_heads)
+        return out
+
+    def summary(self, tau: float = 0.9) -> dict:
+        pred = self.predicted_share()
+        return {
+            "locality": self.path, "tau": tau,
+            "correction_rate": round(float(correction_rate(self.quant_cpu, tau).mean()), 4),
+            "page_change_target": round(float(self.target_share.mean()), 4),
+            "page_change_predicted": {c: round(float(pred[..., i].mean()), 4) for i, c in enumerate(self.contexts)},
+            "kappa_mean": {c: round(float(self.kappa_cpu[..., i].mean()), 4) for i, c in enumerate(self.contexts)},
+            "decoy": self.group > 1,
+        }
+
+
+def page_change_curve(n_tokens: int, layout, group: int, head_dim: int, device="cpu", steps: int = 48,
+                      kv_heads: int = 4, grid=STEP_GRID, dtype: torch.dtype = torch.bfloat16, seed: int = 1,
+                      chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """Share of the selected pages that change per step when every non-decoy query head steps by
+    ``cos = 1 - delta`` (for each ``delta`` of ``grid``), with the calibrated generator and the reference
+    selection (Quest bound, GQA mean, top-k over the candidates) over Gaussian keys: the benchmark's
+    random-weight model has keys of that kind (independent random tokens through random projections).
+
+    The history grows from ``n_tokens`` by one token per step, as in decoding. Returns float32 ``[len(grid)]``.
+    """
+    from freekv_sglang.algorithm import aggregate_gqa, quest_scores, topk_pages
+    from freekv_sglang.algorithm.digests import page_digests
+    from freekv_sglang.kernels.synthetic_query import calibrated_queries
+
+    g = torch.Generator().manual_seed(seed)
+    hq = kv_heads * group
+    keys = torch.randn(n_tokens + steps + 1, kv_heads, head_dim, generator=g).to(device)
+    dig = page_digests(keys, layout.page_size)  # [Np, Hkv, 2, D]
+    n_pages = dig.shape[0]
+    u = torch.nn.functional.normalize(torch.randn(1, hq, head_dim, generator=g), dim=-1).mul(math.sqrt(head_dim))
+    u = u.to(device)
+    noise = torch.randn(NOISE_VECTORS, head_dim, generator=g).to(device)
+    rows = torch.zeros(1, dtype=torch.int64, device=device)
+    per_step = 3 * hq * n_pages * head_dim * 4  # quest_scores keeps about three [Hq, Np, D] float32 temporaries
+    chunk = max(1, chunk_bytes // max(per_step, 1))
+    out = []
+    for delta in grid:
+        quant = torch.full((kv_heads, 101), 1.0 - float(delta), dtype=torch.float32, device=device)
+        kappa = torch.ones(kv_heads, 1, dtype=torch.float32, device=device)
+        q_prev = torch.zeros(1, hq, head_dim, dtype=dtype, device=device)
+        qs = []
+        for t in range(steps + 1):
+            n = torch.full((1,), n_tokens + t, dtype=torch.int64, device=device)
+            q = calibrated_queries(q_prev, q_prev, u, noise, quant, kappa, rows, n, layer=0, seed=seed, group=group,
+                                   bin0=0.0, decoy=DECOY_SCALE, pull=PULL)
+            q_prev = q
+            qs.append(q[0])
+        q_all = torch.stack(qs)  # [T+1, Hq, D]
+        n_all = torch.arange(n_tokens, n_tokens + steps + 1, device=device)
+        sels = []
+        for c0 in range(0, steps + 1, chunk):
+            qc, nc = q_all[c0: c0 + chunk], n_all[c0: c0 + chunk]
+            s = quest_scores(qc, dig[None].expand(len(qc), -1, -1, -1, -1))
+            agg = aggregate_gqa(s, kv_heads, "mean", layout.candidate_mask(nc, n_pages))
+            sels.append(topk_pages(agg, layout.n_select))
+        sel = torch.cat(sels)  # [T+1, Hkv, k]
+        ch = _changed(sel[:-1], sel[1:]).float()
+        cnt = (sel[1:] >= 0).sum(-1).float()
+        ok = cnt > 0
+        out.append(float((ch[ok] / cnt[ok]).mean()) if bool(ok.any()) else 0.0)
+    return torch.cummax(torch.tensor(out, dtype=torch.float32), 0).values  # monotone in the step size
+
+
+# -- check: does the generator reproduce the measurement? -------------------------------------
+def simulate(cq: CalibratedQueries, context: int, steps: int = 64, layers=None, tau: float = 0.9, seed: int = 7,
+             rows: int = 1) -> dict:
+    """Decode ``steps`` tokens from ``context`` with ``cq``'s generator (its :meth:`~CalibratedQueries.apply`, as
+    the runtime calls it) over Gaussian keys, for ``rows`` requests; per (layer, KV head) the correction rate at
+    ``tau`` (the runtime's check, :func:`~freekv_sglang.algorithm.correction.query_similarity`) and the share of
+    the selected pages (reference selection, current query) that change per step. The first step, which
+    has no previous query, is left out. Returns ``{"correction": [L, Hkv], "page_change": [L, Hkv]}`` tensors
+    for the layers simulated (all by default) and ``"layers"``."""
+    from freekv_sglang.algorithm import aggregate_gqa, query_similarity, quest_scores, topk_pages
+    from freekv_sglang.algorithm.digests import page_digests
+
+    lay = cq.layout
+    dev = cq.u.device
+    layers = list(range(cq.n_layers)) if layers is None else list(layers)
+    hkv, hq, d = cq.n_kv_heads, cq.n_q_heads, cq.head_dim
+    g = torch.Generator().manual_seed(seed)
+    corr = torch.zeros(len(layers), hkv)
+    change = torch.zeros(len(layers), hkv)
+    row_ids = torch.arange(rows, dtype=torch.int64, device=dev)
+    for li, layer in enumerate(layers):
+        q_prev = torch.zeros(rows, hq, d, dtype=torch.bfloat16, device=dev)
+        flags, chg, cnt = [], [], []
+        prev_sel = [None] * rows
+        keys = [torch.randn(context + steps + 1, hkv, d, generator=g).to(dev) for _ in range(rows)]
+        digs = [page_digests(k, lay.page_size) for k in keys]
+        for t in range(steps + 1):
+            n = torch.full((rows,), context + t, dtype=torch.int64, device=dev)
+            q = cq.apply(layer, q_prev, row_ids, n, q_prev)
+            if t > 0:
+                flags.append(query_similarity(q, q_prev, hkv) < tau)  # [rows, Hkv]
+            for r in range(rows):
+                n_pages = digs[r].shape[0]
+                s = quest_scores(q[r: r + 1], digs[r][None])
+                agg = aggregate_gqa(s, hkv, "mean", lay.candidate_mask(n[r: r + 1], n_pages))
+                sel = topk_pages(agg, lay.n_select)[0]  # [Hkv, k]
+                if prev_sel[r] is not None:
+                    chg.append(_changed(prev_sel[r], sel).float())
+                    cnt.append((sel >= 0).sum(-1).float())
+                prev_sel[r] = sel
+            q_prev = q
+        corr[li] = torch.stack(flags).float().mean((0, 1)).cpu()
+        ch, ct = torch.stack(chg), torch.stack(cnt)
+        change[li] = (ch / ct.clamp_min(1)).mean(0).cpu()
+    return {"layers": layers, "correction": corr, "page_change": change}
+
+
+def check_table(cq: CalibratedQueries, sim: dict, context: int, tau: float = 0.9) -> tuple[str, dict]:
+    """Markdown per simulated layer (KV heads pooled): measured vs generated correction rate and page change."""
+    li = torch.tensor(sim["layers"])
+    want_c = correction_rate(cq.quant_cpu[li], tau)
+    want_p = cq.target_share[li]
+    got_c, got_p = sim["correction"], sim["page_change"]
+    lines = [f"| layer (measured layer) | corrected @{tau:g}: measured | generated | pages changed: measured | "
+             f"generated at {context} |", "|---|---:|---:|---:|---:|"]
+    for i, l in enumerate(sim["layers"]):
+        lines.append(f"| {l} ({cq.src_layers[l]}) | {100 * float(want_c[i].mean()):.1f}% | "
+                     f"{100 * float(got_c[i].mean()):.1f}% | {100 * float(want_p[i].mean()):.1f}% | "
+                     f"{100 * float(got_p[i].mean()):.1f}% |")
+    tot = {"correction_measured": float(want_c.mean()), "correction_generated": float(got_c.mean()),
+           "page_change_measured": float(want_p.mean()), "page_change_generated": float(got_p.mean()),
+           "max_abs_error_per_layer_correction": float((want_c.mean(1) - got_c.mean(1)).abs().max()),
+           "max_abs_error_per_layer_page_change": float((want_p.mean(1) - got_p.mean(1)).abs().max())}
+    lines.append(f"| **all** | {100 * tot['correction_measured']:.1f}% | {100 * tot['correction_generated']:.1f}% | "
+                 f"{100 * tot['page_change_measured']:.1f}% | {100 * tot['page_change_generated']:.1f}% |")
+    return "\n".join(lines), tot
+
+
+def main(argv=None) -> dict:
+    """``python -m freekv_sglang.runtime.synthetic``: calibrate the generator for a model shape and check it
+    against the measurement on the CPU (or ``--device cuda``)."""
+    import argparse
+    import time
+
+    from freekv_sglang.algorithm.layout import WorkingSetLayout
+
+    p = argparse.ArgumentParser(prog="python -m freekv_sglang.runtime.synthetic", description=main.__doc__.split("\n")[0])
+    p.add_argument("--locality", default="calibrated", help="calibrated (the repository's measurement) or a path")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--page-size", type=int, default=32)
+    p.add_argument("--sink", type=int, default=512)
+    p.add_argument("--select", type=int, default=1024)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--context", type=int, default=32000)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--rows", type=int, default=1, help="requests simulated per layer")
+    p.add_argument("--check-layers", default="", help="comma list (default: every layer)")
+    p.add_argument("--tau", type=float, default=0.9)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="write the calibration and the check here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    lay = WorkingSetLayout.from_tokens(a.page_size, a.sink, a.select, a.window)
+    t0 = time.time()
+    cq = CalibratedQueries(a.locality, a.layers, a.q_heads, a.kv_heads, a.head_dim, lay, a.context + a.steps + 1,
+                           a.device)
+    summ = cq.summary(a.tau)
+    print(f"calibrated in {time.time() - t0:.0f} s: {json.dumps(summ)}", flush=True)
+    layers = [int(x) for x in a.check_layers.split(",") if x.strip()] or None
+    t0 = time.time()
+    sim = simulate(cq, a.context, a.steps, layers, a.tau, rows=a.rows)
+    md, tot = check_table(cq, sim, a.context, a.tau)
+    print(md)
+    print(f"simulated in {time.time() - t0:.0f} s: {json.dumps({k: round(v, 4) for k, v in tot.items()})}")
+    out = {"args": vars(a), "calibration": summ, "check": tot,
+           "kappa": [[[round(float(x), 5) for x in h] for h in l] for l in cq.kappa_cpu.tolist()],
+           "contexts": cq.contexts, "curves": [[round(float(x), 4) for x in c] for c in cq.curves],
+           "step_grid": list(STEP_GRID)}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
