@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -447,7 +448,17 @@ def main(argv=None) -> dict:
     md, tot = check_table(cq, sim, a.context, a.tau)
     print(md)
     print(f"simulated in {time.time() - t0:.0f} s: {json.dumps({k: round(v, 4) for k, v in tot.items()})}")
-    out = {"args": vars(a), "calibration": summ, "check": tot,
+    import datetime
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short",
+                                 "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        commit = None
+    out = {"command": "python -m freekv_sglang.runtime.synthetic " + " ".join(sys.argv[1:] if argv is None else argv),
+           "commit": commit, "date": datetime.date.today().isoformat(), "device": a.device,
+           "args": vars(a), "calibration": summ, "check": tot, "table": md,
            "kappa": [[[round(float(x), 5) for x in h] for h in l] for l in cq.kappa_cpu.tolist()],
            "contexts": cq.contexts, "curves": [[round(float(x), 4) for x in c] for c in cq.curves],
            "step_grid": list(STEP_GRID)}
