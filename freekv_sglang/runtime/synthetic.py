@@ -105,6 +105,7 @@ class MeasuredLocality:
     page_share: torch.Tensor  # float32 [Ls, Hs] at the measurement's default budget
     budget: int
     source: str
+    share_corrected: torch.Tensor | None = None  # float32 [Ls, Hs]: page change of the steps the check corrects
 
     @classmethod
     def load(cls, path: str) -> "MeasuredLocality":
@@ -119,7 +120,10 @@ class MeasuredLocality:
                              dtype=torch.float32)
         if quant.shape[-1] != 101:
             raise ValueError(f"{path}: expected 101 percentiles per head, got {quant.shape[-1]}")
-        return cls(quant, share, budget, path)
+        corr = torch.tensor([[h.get("page_change_corrected") if h.get("page_change_corrected") is not None
+                              else h["page_change"][str(budget)] for h in layer] for layer in data["heads"]],
+                            dtype=torch.float32)
+        return cls(quant, share, budget, path, corr)
 
     def mapped(self, n_layers: int, n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, list, list]:
         """Tables for a model of ``n_layers`` x ``n_kv_heads``: layer ``l`` takes the measured layer at the same
@@ -224,6 +228,8 @@ class CalibratedQueries:
         self.seed = seed
         quant, share, self.src_layers, self.src_heads = self.measured.mapped(n_layers, n_kv_heads)
         self.quant_cpu, self.target_share = quant, share
+        sc = self.measured.share_corrected if self.measured.share_corrected is not None else self.measured.page_share
+        self.target_share_corrected = sc[torch.tensor(self.src_layers)][:, torch.tensor(self.src_heads)]
         if bins is None:
             top = max(float(max_context), 2.0)
             if top <= 2 ** MIN_BIN:
@@ -359,6 +365,7 @@ def simulate(cq: CalibratedQueries, context: int, steps: int = 64, layers=None, 
     g = torch.Generator().manual_seed(seed)
     corr = torch.zeros(len(layers), hkv)
     change = torch.zeros(len(layers), hkv)
+    change_corr = torch.zeros(len(layers), hkv)
     row_ids = torch.arange(rows, dtype=torch.int64, device=dev)
     for li, layer in enumerate(layers):
         q_prev = torch.zeros(rows, hq, d, dtype=torch.bfloat16, device=dev)
@@ -381,10 +388,12 @@ def simulate(cq: CalibratedQueries, context: int, steps: int = 64, layers=None, 
                     cnt.append((sel >= 0).sum(-1).float())
                 prev_sel[r] = sel
             q_prev = q
-        corr[li] = torch.stack(flags).float().mean((0, 1)).cpu()
-        ch, ct = torch.stack(chg), torch.stack(cnt)
-        change[li] = (ch / ct.clamp_min(1)).mean(0).cpu()
-    return {"layers": layers, "correction": corr, "page_change": change}
+        fl = torch.stack(flags).cpu()  # [T, rows, Hkv]
+        corr[li] = fl.float().mean((0, 1))
+        share = (torch.stack(chg) / torch.stack(cnt).clamp_min(1)).cpu().view(steps, rows, hkv)  # step-major
+        change[li] = share.mean((0, 1))
+        change_corr[li] = (share * fl).sum((0, 1)) / fl.sum((0, 1)).clamp_min(1)
+    return {"layers": layers, "correction": corr, "page_change": change, "page_change_corrected": change_corr}
 
 
 def check_table(cq: CalibratedQueries, sim: dict, context: int, tau: float = 0.9) -> tuple[str, dict]:
@@ -399,8 +408,15 @@ def check_table(cq: CalibratedQueries, sim: dict, context: int, tau: float = 0.9
         lines.append(f"| {l} ({cq.src_layers[l]}) | {100 * float(want_c[i].mean()):.1f}% | "
                      f"{100 * float(got_c[i].mean()):.1f}% | {100 * float(want_p[i].mean()):.1f}% | "
                      f"{100 * float(got_p[i].mean()):.1f}% |")
+    # pages recalled by corrected heads (before attention) as a share of all recalled pages
+    want_pc = cq.target_share_corrected[li]
+    crit_want = float((want_c * want_pc).sum() / (want_p.sum()).clamp_min(1e-9))
+    crit_got = float((got_c * sim["page_change_corrected"]).sum() / got_p.sum().clamp_min(1e-9))
     tot = {"correction_measured": float(want_c.mean()), "correction_generated": float(got_c.mean()),
            "page_change_measured": float(want_p.mean()), "page_change_generated": float(got_p.mean()),
+           "page_change_corrected_measured": float(want_pc.mean()),
+           "page_change_corrected_generated": float(sim["page_change_corrected"].mean()),
+           "recalled_by_corrected_heads_measured": crit_want, "recalled_by_corrected_heads_generated": crit_got,
            "max_abs_error_per_layer_correction": float((want_c.mean(1) - got_c.mean(1)).abs().max()),
            "max_abs_error_per_layer_page_change": float((want_p.mean(1) - got_p.mean(1)).abs().max())}
     lines.append(f"| **all** | {100 * tot['correction_measured']:.1f}% | {100 * tot['correction_generated']:.1f}% | "
