@@ -112,3 +112,46 @@ def test_reports_render(quick, tmp_path):
     assert md.count("\n| ") > len(rows)
     data = {k: v for k, v in out.items() if k != "_rows"}
     (tmp_path / "r.json").write_text(json.dumps(data))
+
+
+def test_needle_in_the_quick_run(quick):
+    """The quick run's needle case: dense answers it, and at the covering budget every FreeKV row answers as
+    dense does (the same decoded text)."""
+    _, out = quick
+    nd = out["results"]["needle"]
+    assert len(nd["cases"]) == 1 and nd["cases"][0]["correct"][0]
+    for r, row in enumerate(out["rows"]):
+        if row["budget"] == COVER:
+            assert nd["cases"][0]["answers"][r] == nd["cases"][0]["answers"][0]
+    dense = _rows(out, None, "dense")[0]
+    assert dense["needle"] == 1.0 and dense["needle_answered"] == "1/1"
+
+
+def test_needle_cli_with_rules(tmp_path):
+    """``--tasks needle`` with a row of another scoring rule and a rule ranked by the diagnostic only; the JSON
+    of two such runs merges."""
+    common = ["--quick", "--tasks", "needle", "--budgets", "128", "--modes", "oracle,oracle+rule=sub16",
+              "--needle-rules", "keyslse,quest/max"]
+    outs = []
+    for depth in ("0.25", "0.75"):
+        path = tmp_path / f"n{depth}.json"
+        assert cli.main(common + ["--needle-depths", depth, "--json", str(path)]) == 0
+        outs.append(json.loads(path.read_text()))
+    nd = outs[0]["results"]["needle"]
+    assert [r["label"] for r in outs[0]["rows"]] == ["dense", "oracle/128", "oracle+rule=sub16/128"]
+    assert list(nd["needle_hits"]) == ["exact", "quest/mean", "sub16/mean", "keyslse/mean", "quest/max"]
+    for res in (o["results"]["needle"] for o in outs):
+        c = res["cases"][0]
+        assert len(c["correct"]) == 3 and c["prompt_tokens"] <= 1000 and c["needle_pages"]
+        counts = {h["retrieving"] for h in res["needle_hits"].values()}
+        assert len(counts) == 1  # the same (step, layer, KV head) triples for every rule
+        for h in res["needle_hits"].values():
+            assert 0 <= h["in_top"]["128"] <= h["retrieving"]
+        if c["correct"][0]:
+            diag = c["diagnostic"]
+            assert diag["answer_steps"] and diag["selected_pages"] == {"128": 4}
+            for e in diag["first_token_heads"]:
+                assert e["needle_mass"] >= res["threshold"] and set(e["rank"]) == set(res["needle_hits"])
+    merged = cli.merge([str(tmp_path / "n0.25.json"), str(tmp_path / "n0.75.json")])
+    assert len(merged["results"]["needle"]["cases"]) == 2
+    assert merged["summary"][0]["needle_answered"].endswith("/2")

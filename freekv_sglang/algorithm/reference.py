@@ -29,9 +29,9 @@ import torch
 
 from .attention import dense_attention, sparse_attention
 from .correction import correction_flags
-from .digests import append_page_digest, page_digests
 from .layout import WorkingSetLayout
-from .scores import aggregate_gqa, quest_scores
+from .scores import aggregate_gqa
+from .scoring_rules import get_rule
 from .selection import residency_update, sticky_scores, topk_pages
 
 MODES = ("dense", "oracle", "speculative", "corrected")
@@ -46,18 +46,19 @@ class RetrievalSettings:
     correction_threshold: float | None = 0.9  # None: correction off
     speculative: bool = True
     keep_margin: int = 0  # residency hysteresis in pages (selection.sticky_scores); reference only
+    scoring: str = "quest"  # page-scoring rule (scoring_rules.get_rule); the runtime implements quest only
 
     @classmethod
     def for_mode(cls, mode: str, layout: WorkingSetLayout, tau: float | None = 0.9, gqa_aggregation: str = "mean",
-                 keep_margin: int = 0):
+                 keep_margin: int = 0, scoring: str = "quest"):
         """``oracle``: select with the current query; ``speculative``: no correction;
         ``corrected``: speculation with correction at ``tau``. (``dense`` needs no settings.)"""
         if mode == "oracle":
-            return cls(layout, gqa_aggregation, None, False, keep_margin)
+            return cls(layout, gqa_aggregation, None, False, keep_margin, scoring)
         if mode == "speculative":
-            return cls(layout, gqa_aggregation, None, True, keep_margin)
+            return cls(layout, gqa_aggregation, None, True, keep_margin, scoring)
         if mode == "corrected":
-            return cls(layout, gqa_aggregation, tau, True, keep_margin)
+            return cls(layout, gqa_aggregation, tau, True, keep_margin, scoring)
         raise ValueError(f"mode {mode!r} has no retrieval settings; modes: {MODES}")
 
 
@@ -77,12 +78,14 @@ class LayerState:
     n_kv_heads: int
     resident: torch.Tensor = None  # int64 [Hkv, n_select]
     q_prev: torch.Tensor | None = None  # [Hq, D]
-    digests: torch.Tensor = None  # [n_full_pages, Hkv, 2, D]
+    digests: torch.Tensor = None  # [n_full_pages, Hkv, 2, D] (quest; other rules: [n_full_pages, Hkv, R, C])
     stats: list = field(default_factory=list)
+    rule_ctx: object = None  # what the scoring rule learned from the prompt's keys (None for quest)
 
     def __post_init__(self):
         if self.resident is None:
             self.resident = torch.full((self.n_kv_heads, self.settings.layout.n_select), -1, dtype=torch.long)
+        self.rule = get_rule(self.settings.scoring)
 
     # -- selection -------------------------------------------------------------------
     def select(self, q: torch.Tensor, n: int) -> torch.Tensor:
@@ -94,7 +97,7 @@ class LayerState:
             pad = dig.new_zeros((n_pages - dig.shape[0], *dig.shape[1:]))
             dig = torch.cat([dig, pad])
         dig = dig[:n_pages]
-        s = quest_scores(q[None], dig[None])  # [1, Hq, Np]
+        s = self.rule.scores(q[None], dig[None], self.rule_ctx)  # [1, Hq, Np]
         valid = lay.candidate_mask(torch.tensor([n], device=q.device), n_pages)
         agg = aggregate_gqa(s, self.n_kv_heads, self.settings.gqa_aggregation, valid, head_dim=q.shape[-1])
         agg = sticky_scores(agg[0], self.resident, lay.n_select, self.settings.keep_margin)[None]
@@ -109,7 +112,8 @@ class LayerState:
     def prefill(self, keys: torch.Tensor, q_last: torch.Tensor) -> int:
         """Seed after a prompt of ``len(keys)`` tokens. Returns pages recalled."""
         lay = self.settings.layout
-        self.digests = page_digests(keys, lay.page_size)
+        self.rule_ctx = self.rule.fit(keys)
+        self.digests = self.rule.digests(keys, lay.page_size, self.rule_ctx)
         self.q_prev = None
         self.resident = torch.full(self.resident.shape, -1, dtype=torch.long, device=keys.device)
         return self._apply(self.select(q_last, keys.shape[0] + 1), None)
@@ -124,7 +128,7 @@ class LayerState:
         n = keys.shape[0]
         hkv = self.n_kv_heads
         dev = q.device
-        self.digests = append_page_digest(self.digests, keys, lay.page_size)
+        self.digests = self.rule.append(self.digests, keys, lay.page_size, self.rule_ctx)
 
         if not st.speculative:
             flags = torch.ones(hkv, dtype=torch.bool, device=dev)

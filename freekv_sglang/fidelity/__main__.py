@@ -18,18 +18,19 @@ import time
 import torch
 
 from . import model as model_mod
-from . import report, rows as rows_mod, tasks, texts
+from . import needle as needle_mod, report, rows as rows_mod, tasks, texts
 
-TASKS = ("teacher", "greedy", "passkey")
+TASKS = ("teacher", "greedy", "passkey", "needle")
 
 FULL = dict(budgets="256,512,1024", texts="prose,code", max_tokens=6144, prefill=2048, max_steps=None,
             greedy_prompt="3072,4096,5120", greedy_tokens=128, passkey_tokens=5000, passkey_depths="0.1,0.5,0.9",
-            passkey_trials=2)
+            passkey_trials=2, needle_lengths="4000,7500", needle_depths="0.1,0.5,0.9", needle_kinds="fact,facts,kv",
+            needle_tokens=8)
 # Quick: contexts ~0.9-1K tokens; budget 128 leaves half the context out, 1024 covers it all
 # (FreeKV rows must then match dense exactly). Same sink/window/page as the full run.
 QUICK = dict(budgets="128,1024", texts="prose", max_tokens=1024, prefill=896, max_steps=96,
              greedy_prompt="896", greedy_tokens=24, passkey_tokens=1000, passkey_depths="0.25,0.75",
-             passkey_trials=1)
+             passkey_trials=1, needle_lengths="1000", needle_depths="0.5", needle_kinds="fact", needle_tokens=8)
 
 
 def parse_args(argv=None):
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--sink", type=int, default=rows_mod.SINK_TOKENS, help="sink tokens")
     p.add_argument("--window", type=int, default=rows_mod.WINDOW_TOKENS, help="recent-window tokens")
     p.add_argument("--gqa-aggregation", default="mean", choices=("mean", "softmax-mean", "max"))
+    p.add_argument("--scoring", default="quest", help="page-scoring rule of every FreeKV row (algorithm/scoring_rules.py; "
+                   "default quest); a row's +rule=NAME suffix overrides it")
     p.add_argument("--dense-layers", default="", help="comma list of layers kept dense in every FreeKV row "
                    "(default none: every layer sparse)")
     p.add_argument("--max-tokens", type=int, help="truncate each text to this many tokens (full: 6144)")
@@ -58,6 +61,15 @@ def parse_args(argv=None):
     p.add_argument("--passkey-tokens", type=int, help="passkey prompt length (full: 5000)")
     p.add_argument("--passkey-depths", help="comma list of depths in [0, 1] (full: 0.1,0.5,0.9)")
     p.add_argument("--passkey-trials", type=int, help="keys per depth (full: 2)")
+    p.add_argument("--needle-lengths", help="needle prompt lengths in tokens, comma list (full: 4000,7500; the "
+                   "texts give at most ~7.5K)")
+    p.add_argument("--needle-depths", help="needle depths in [0, 1], comma list (full: 0.1,0.5,0.9)")
+    p.add_argument("--needle-kinds", help="comma list of fact (one fact), facts (three, one asked), kv (a board of "
+                   "8 name-number pairs, one asked) (full: all three)")
+    p.add_argument("--needle-tokens", type=int, help="tokens generated per needle case; the answer must appear in "
+                   "them (full: 8)")
+    p.add_argument("--needle-rules", default="", help="comma list of scoring rules (rule or rule/aggregation) the "
+                   "needle diagnostic ranks besides the rows' own, without decoding a row for them")
     p.add_argument("--no-dense-check", action="store_true", help="skip the full-forward check of the dense row")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: decode is bound by small ops; 2 threads gain ~10%% on an idle "
@@ -88,7 +100,9 @@ def run(args, log=print) -> dict:
             raise SystemExit(f"unknown task {t!r}; choose from {TASKS}")
     lm = model_mod.load(args.model, args.cache_dir, threads=args.threads, log=log)
     rows = rows_mod.build_rows(_csv(args.modes), _csv(args.budgets, int), args.page_size, args.sink, args.window,
-                               args.gqa_aggregation, _csv(args.dense_layers, int))
+                               args.gqa_aggregation, _csv(args.dense_layers, int), args.scoring)
+    if "needle" in task_list:
+        needle_mod.rule_labels(rows, _csv(args.needle_rules))  # an unknown rule fails before any decode
     log(f"{len(rows)} rows: " + ", ".join(r.label for r in rows))
     results: dict = {}
     text_objs = [texts.get_text(n) for n in _csv(args.texts)]
@@ -120,6 +134,13 @@ def run(args, log=print) -> dict:
             log(f"passkey: ~{args.passkey_tokens} tokens, depths {args.passkey_depths}, {args.passkey_trials} per depth")
             results["passkey"] = tasks.passkey(lm, rows, args.passkey_tokens, _csv(args.passkey_depths, float),
                                                args.passkey_trials, log=log)
+        if "needle" in task_list:
+            cases = needle_mod.cases(lm.tokenizer, _csv(args.needle_kinds), _csv(args.needle_lengths, int),
+                                     _csv(args.needle_depths, float))
+            log(f"needle: {len(cases)} cases ({args.needle_kinds} at {args.needle_lengths} tokens, depths "
+                f"{args.needle_depths}), {args.needle_tokens} tokens each")
+            results["needle"] = needle_mod.run(lm, rows, cases, args.needle_tokens,
+                                               extra_rules=_csv(args.needle_rules), log=log)
     summary = report.summarize(rows, results)
     meta = {
         "command": "python -m freekv_sglang.fidelity " + " ".join(sys.argv[1:]) if args.json or args.markdown else None,
@@ -129,7 +150,7 @@ def run(args, log=print) -> dict:
         "model layout": f"{lm.n_layers} layers, {lm.n_heads} query / {lm.n_kv_heads} KV heads, head dim {lm.head_dim}, "
                         f"{lm.max_positions} positions; float32",
         "working set": f"page {args.page_size} tokens; sink {args.sink} + selected (budget) + window {args.window} tokens; "
-                       f"GQA aggregation {args.gqa_aggregation}; "
+                       f"GQA aggregation {args.gqa_aggregation}; scoring {args.scoring}; "
                        + (f"layers {args.dense_layers} dense" if args.dense_layers else "every layer sparse"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                    f"({torch.get_num_threads()} threads), Python {platform.python_version()}",
@@ -153,9 +174,14 @@ def merge(paths: list[str]) -> dict:
             raise SystemExit(f"rows differ between merged runs: {labels} vs {[r['label'] for r in part['rows']]}")
         for task, res in part["results"].items():
             if task == "passkey":
-                if "passkey" in results:
+                if task in results:
                     raise SystemExit("two merged runs both have a passkey result")
-                results["passkey"] = res
+                results[task] = res
+            elif task == "needle":
+                try:
+                    results[task] = needle_mod.merge([results[task], res]) if task in results else res
+                except ValueError as e:
+                    raise SystemExit(str(e)) from None
             else:
                 for name, r in res.items():
                     if name in results.setdefault(task, {}):

@@ -77,6 +77,7 @@ class RowDecoder:
         self.states: list[list[LayerState | None]] = [[None] * n_layers for _ in self.rows]
         self._prefill: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.decode_steps = 0
+        self.capture: dict | None = None  # set to {} to keep row 0's queries: capture[step][layer] = [Hq, D]
 
     # -- prefill ---------------------------------------------------------------------
     def record_prefill(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -120,6 +121,8 @@ class RowDecoder:
         b = query.shape[0]
         if b != len(self.rows):
             raise ValueError(f"batch has {b} rows, the decoder {len(self.rows)}")
+        if self.capture is not None:
+            self.capture.setdefault(self.decode_steps, {})[layer] = query[0, :, 0].detach().clone()
         outs = []
         for r in range(b):
             q = query[r, :, 0]  # [Hq, D]

@@ -7,6 +7,7 @@ import math
 COLUMNS = [
     ("mode", "mode"), ("budget", "budget"), ("top1", "top-1 agree"), ("kl", "KL(dense‖mode)"),
     ("ppl_ratio", "ppl ratio"), ("divergence", "1st divergence"), ("passkey", "passkey acc"),
+    ("needle", "needle (of dense's)"), ("needle_answered", "needle answered"),
     ("correction_rate", "corrected heads"), ("recalled_per_layer_step", "recalled/layer-step"),
     ("recalled_per_step", "recalled/step"),
 ]
@@ -27,6 +28,7 @@ def summarize(rows, results: dict) -> list[dict]:
     tf = list(results.get("teacher_forced", {}).values())
     gr = list(results.get("greedy", {}).values())
     pk = results.get("passkey")
+    nd = results.get("needle")
     for r, row in enumerate(rows):
         s = {"mode": row.mode_name, "budget": row.budget, "label": row.label,
              "working_set_tokens": row.working_set_tokens}
@@ -41,6 +43,9 @@ def summarize(rows, results: dict) -> list[dict]:
             s["divergence"] = sum(g["rows"][r]["divergence"] for g in gr) / len(gr)
         if pk:
             s["passkey"] = pk["rows"][r]["passkey_accuracy"]
+        if nd:
+            s["needle"] = nd["rows"][r]["needle_of_dense"]
+            s["needle_answered"] = f"{nd['rows'][r]['needle_answered']}/{len(nd['cases'])}"
         seqs = [t["rows"][r] for t in tf + gr]
         if row.mode != "dense" and seqs:
             s["correction_rate"] = _ratio(sum(x["corrected"] for x in seqs), sum(x["head_steps"] for x in seqs))
@@ -53,7 +58,7 @@ def summarize(rows, results: dict) -> list[dict]:
 def _fmt(key, v):
     if v is None:
         return "-"
-    if key in ("top1", "passkey", "correction_rate"):
+    if key in ("top1", "passkey", "correction_rate", "needle"):
         return f"{100 * v:.2f}%"
     if key == "kl":
         return f"{v:.4f}"
@@ -74,6 +79,22 @@ def table(summary: list[dict], markdown: bool = False) -> str:
     w = [max(len(c[i]) for c in cells) for i in range(len(cols))]
     lines = ["  ".join(c[i].rjust(w[i]) for i in range(len(cols))) for c in cells]
     lines.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
+def needle_hits_table(needle: dict) -> str:
+    """Markdown: per scoring rule, the share of (answer step, layer, KV head) retrieving triples whose needle
+    page is in the top ``k`` candidates, per budget (see :mod:`.needle`)."""
+    hits = needle.get("needle_hits", {})
+    if not hits:
+        return ""
+    budgets = list(next(iter(hits.values()))["in_top"])
+    lines = ["| rule / GQA aggregation | retrieving heads | " + " | ".join(f"needle in top {b} tokens" for b in budgets)
+             + " |", "|---|---:|" + "---:|" * len(budgets)]
+    for label, h in hits.items():
+        n = h["retrieving"]
+        cells = [f"{100 * h['in_top'][b] / n:.1f}%" if n else "-" for b in budgets]
+        lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -130,4 +151,12 @@ def markdown_report(meta: dict, rows, results: dict, summary: list[dict]) -> str
             lines.append(f"| {c['depth']:.2f} | {c['key']} | {c['prompt_tokens']} | {c['dense_answer']!r} | "
                          f"{ok}/{len(c['correct']) - 1} |")
         lines.append("")
+    nd = results.get("needle")
+    if nd:
+        lines += ["## Needle cases", "", "| case | prompt tokens | answer | dense answer | FreeKV rows correct |",
+                  "|---|---|---|---|---|"]
+        for c in nd["cases"]:
+            lines.append(f"| {c['name']} | {c['prompt_tokens']} | {c['answer']} | {c['answers'][0]!r} | "
+                         f"{sum(c['correct'][1:])}/{len(c['correct']) - 1} |")
+        lines += ["", "## Needle pages of retrieving heads in each rule's top k", "", needle_hits_table(nd), ""]
     return "\n".join(lines)

@@ -8,6 +8,10 @@ for ``corrected``, a threshold ``tau``. All rows share the sink, window and page
 are ranked by their true attention mass instead of the Quest bound of the digests, to tell the
 loss due to the bound from the loss due to leaving pages out. ``dense_layers`` keeps some
 layers dense (the research accuracy harness keeps layer 0 dense by default).
+
+Mode suffixes: ``+fp8`` (FP8-stored K/V), ``+keepM`` (residency hysteresis), ``+rule=NAME`` (another
+page-scoring rule, :mod:`freekv_sglang.algorithm.scoring_rules`; default ``quest``) and ``+agg=NAME`` (this
+row's GQA aggregation instead of the run's), e.g. ``corrected@0.9+rule=box2+agg=softmax-mean``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class RowSpec:
     dense_layers: tuple = ()
     kv_fp8: bool = False  # FreeKV's stored K/V (tiers, working sets, digests) in FP8 e4m3
     keep_margin: int = 0  # residency hysteresis in pages (algorithm.selection.sticky_scores)
+    scoring: str = "quest"  # page-scoring rule (algorithm.scoring_rules.get_rule)
+    row_aggregation: str | None = None  # this row's GQA aggregation (+agg=NAME), else gqa_aggregation
 
     @property
     def mode_name(self) -> str:
@@ -54,7 +60,15 @@ class RowSpec:
             name += "+fp8"
         if self.keep_margin and self.mode != "dense":
             name += f"+keep{self.keep_margin}"
+        if self.scoring != "quest" and self.mode not in ("dense", "exact"):
+            name += f"+rule={self.scoring}"
+        if self.row_aggregation and self.mode not in ("dense", "exact"):
+            name += f"+agg={self.row_aggregation}"
         return name
+
+    @property
+    def aggregation(self) -> str:
+        return self.row_aggregation or self.gqa_aggregation
 
     @property
     def label(self) -> str:
@@ -74,8 +88,8 @@ class RowSpec:
         if self.mode == "dense":
             return None
         mode = "oracle" if self.mode == "exact" else self.mode
-        return RetrievalSettings.for_mode(mode, self.layout, tau=self.tau, gqa_aggregation=self.gqa_aggregation,
-                                          keep_margin=self.keep_margin)
+        return RetrievalSettings.for_mode(mode, self.layout, tau=self.tau, gqa_aggregation=self.aggregation,
+                                          keep_margin=self.keep_margin, scoring=self.scoring)
 
 
 def parse_mode(name: str) -> tuple[str, float | None]:
@@ -90,29 +104,42 @@ def parse_mode(name: str) -> tuple[str, float | None]:
 
 def build_rows(modes, budgets, page_size: int = PAGE_SIZE, sink_tokens: int = SINK_TOKENS,
                window_tokens: int = WINDOW_TOKENS, gqa_aggregation: str = "mean",
-               dense_layers=()) -> list[RowSpec]:
+               dense_layers=(), scoring: str = "quest") -> list[RowSpec]:
     """Row 0 dense, then every sparse mode at every budget (budget-major order). Suffixes of a mode name:
     ``+fp8`` (``corrected@0.9+fp8``) stores FreeKV's K/V in FP8 e4m3 (:func:`fp8_roundtrip`); ``+keepM``
-    (``corrected@0.9+keep8``) keeps a resident page while it ranks within the top ``budget/page + M``."""
+    (``corrected@0.9+keep8``) keeps a resident page while it ranks within the top ``budget/page + M``;
+    ``+rule=NAME`` scores pages with another rule than ``scoring`` (the run's, default ``quest``);
+    ``+agg=NAME`` aggregates the query heads of a KV head with NAME instead of ``gqa_aggregation``."""
+    from ..algorithm import AGGREGATIONS
+    from ..algorithm.scoring_rules import get_rule
+
+    get_rule(scoring)
     rows = [RowSpec("dense", page_size=page_size, sink_tokens=sink_tokens, window_tokens=window_tokens)]
     sparse = []
     for m in modes:
         if m == "dense":
             continue
         base, *suffixes = m.split("+")
-        fp8, keep = False, 0
+        fp8, keep, rule, agg = False, 0, scoring, None
         for sfx in suffixes:
             if sfx == "fp8":
                 fp8 = True
             elif sfx.startswith("keep") and sfx[4:].isdigit():
                 keep = int(sfx[4:])
+            elif sfx.startswith("rule="):
+                rule = sfx[5:]
+                get_rule(rule)  # fails early on an unknown rule
+            elif sfx.startswith("agg="):
+                agg = sfx[4:]
+                if agg not in AGGREGATIONS:
+                    raise ValueError(f"unknown GQA aggregation {agg!r} in mode {m!r}; choose from {AGGREGATIONS}")
             else:
-                raise ValueError(f"unknown suffix +{sfx} in mode {m!r}; use +fp8 or +keepM")
-        sparse.append((*parse_mode(base), fp8, keep))
+                raise ValueError(f"unknown suffix +{sfx} in mode {m!r}; use +fp8, +keepM, +rule=NAME or +agg=NAME")
+        sparse.append((*parse_mode(base), fp8, keep, rule, agg))
     for b in budgets:
-        for mode, tau, fp8, keep in sparse:
+        for mode, tau, fp8, keep, rule, agg in sparse:
             rows.append(RowSpec(mode, int(b), tau, page_size, sink_tokens, window_tokens, gqa_aggregation,
-                                tuple(dense_layers), fp8, keep))
+                                tuple(dense_layers), fp8, keep, rule, agg))
     return rows
 
 
