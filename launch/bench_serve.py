@@ -145,7 +145,7 @@ def client_command(a, workload: str, concurrency: int, out_file: str, lengths_fi
                   "--random-range-ratio", "1", "--num-prompts", str(len(lengths)),
                   "--max-concurrency", str(concurrency), "--request-rate", "inf",
                   "--seed", str(cell_seed(a, workload, concurrency)), "--warmup-requests", str(a.warmup_requests),
-                  "--flush-cache", "--output-file", out_file, "--output-details", "--disable-tqdm",
+                  "--output-file", out_file, "--output-details", "--disable-tqdm",
                   "--tag", f"{workload}-c{concurrency}"]
 
 
@@ -479,6 +479,7 @@ def run_cell(srv, a, mode: str, workload: str, concurrency: int, budget: Budget)
     rec = {"mode": mode, "workload": workload, "concurrency": concurrency, "num_prompts": len(lengths),
            "prompt_lengths": length_summary(lengths), "output_len": a.output_len,
            "client_command": shlex.join(cmd)}
+    flush_cache(srv)  # no prefix of an earlier cell is reused
     log_start = os.path.getsize(srv.log_path) if os.path.exists(srv.log_path) else 0
     before = freekv_counters(srv.metrics())
     timeout = min(a.cell_timeout, budget.left() - 30.0)
@@ -511,21 +512,29 @@ def run_cell(srv, a, mode: str, workload: str, concurrency: int, budget: Budget)
 
 def warm_up(srv, a) -> None:
     """One untimed request of each workload's longest prompt (first-use costs: kernel compiles, the first long
-    prefill), then the prefix cache is flushed."""
+    prefill); each cell flushes the prefix cache before it starts."""
     rng = random.Random(a.seed)
     for w in a.workloads:
         n = max(prompt_lengths(a, w, max(a.concurrency)))
         srv.generate([rng.randrange(100, a.vocab - 100) for _ in range(n)], 8, timeout=a.cell_timeout)
-    flush_cache(srv)
 
 
-def flush_cache(srv) -> None:
-    """SGLang's ``POST /flush_cache`` (it answers plain text)."""
+def flush_cache(srv, tries: int = 15) -> None:
+    """SGLang's ``POST /flush_cache``, which refuses (400) while a request is still running or queued: retried
+    every 2 s."""
+    import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(srv.base + "/flush_cache", data=b"", method="POST")
-    with urllib.request.urlopen(req, timeout=120) as r:
-        r.read()
+    for i in range(tries):
+        req = urllib.request.Request(srv.base + "/flush_cache", data=b"", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                r.read()
+            return
+        except urllib.error.HTTPError as e:
+            if e.code != 400 or i == tries - 1:
+                raise
+        time.sleep(2.0)
 
 
 def run_mode(mode: str, a, prov: dict, budget: Budget, start: int) -> list[dict]:
@@ -711,7 +720,9 @@ def parse_args(argv=None):
                                                      "(e.g. '--freekv-kv-storage fp8_e4m3 --freekv-gpu-tier-gb 30')")
     p.add_argument("--server-args", default="", help="extra flags of every server, one string")
     p.add_argument("--cuda-graph-max-bs", type=int, default=None, help="default: the top concurrency")
-    p.add_argument("--warmup-requests", type=int, default=1, help="bench_serving's own, per cell")
+    p.add_argument("--warmup-requests", type=int, default=0,
+                   help="bench_serving's own warm-up requests per cell (their prompt is the cell's first, whose "
+                        "prefix the radix cache then holds; each server is warmed up once before its cells)")
     p.add_argument("--quick", action="store_true", help="32k at concurrency 4 and 16, one prompt per slot, "
                                                         "540 s budget")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting servers and cells past this "

@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+import urllib.error
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def test_client_command_is_bench_serving_with_fixed_lengths_and_ids():
     assert opt("--dataset-name") == "random-ids" and "--tokenize-prompt" in rest
     assert (opt("--random-input-len"), opt("--random-output-len"), opt("--random-range-ratio")) == ("32000", "512", "1")
     assert (opt("--num-prompts"), opt("--max-concurrency"), opt("--port")) == ("32", "16", "31000")
-    assert opt("--output-file") == "/tmp/o.jsonl" and "--output-details" in rest and "--flush-cache" in rest
+    assert opt("--output-file") == "/tmp/o.jsonl" and "--output-details" in rest
+    assert opt("--warmup-requests") == "0" and "--flush-cache" not in rest  # flushed before each cell instead
     mixed = bs.client_command(a, "mixed", 4, "/tmp/m.jsonl", "/tmp/l.json")
     assert mixed[mixed.index("--lengths") + 1] == "/tmp/l.json"
 
@@ -361,6 +363,7 @@ class FakeSGLang(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), FakeHandler)
         self.log_path, self.model = log_path, model
         self.lock, self.running, self.tokens, self.prompt_lens = threading.Lock(), 0, 0, []
+        self.flushes, self.refuse_flushes = 0, 0
 
 
 class FakeHandler(BaseHTTPRequestHandler):
@@ -400,6 +403,14 @@ class FakeHandler(BaseHTTPRequestHandler):
         s = self.server
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
         if self.path.startswith("/flush_cache"):
+            with s.lock:
+                s.flushes += 1
+                refuse = s.flushes <= s.refuse_flushes
+            if refuse:  # as SGLang answers while requests are pending
+                self.send_response(400)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
             return self.reply(b"Cache flushed.", "text/plain")
         if not self.path.startswith("/generate"):
             return self.reply(b"{}")
@@ -478,3 +489,16 @@ def test_sglang_bench_serving_client_against_a_fake_server(tmp_path, monkeypatch
     assert srv.http.prompt_lens.count(48) >= 4
     mixed = bs.prompt_lengths(bs.parse_args(argv), "mixed", 2)
     assert all(n in srv.http.prompt_lens for n in mixed) and rows["mixed"]["bench"]["total_input_tokens"] == sum(mixed)
+
+
+def test_flush_is_retried_while_sglang_refuses_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(bs.time, "sleep", lambda s: None)
+    srv = FakeHttpServer(["--model-path", "m"], free_port(), str(tmp_path / "log"), 10, {})
+    with srv:
+        srv.http.refuse_flushes = 2
+        bs.flush_cache(srv)
+        assert srv.http.flushes == 3
+        srv.http.flushes, srv.http.refuse_flushes = 0, 100
+        with pytest.raises(urllib.error.HTTPError):
+            bs.flush_cache(srv, tries=3)
+        assert srv.http.flushes == 3
