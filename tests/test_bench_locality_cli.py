@@ -97,3 +97,10 @@ def test_benchmarks_script_runs_the_calibrated_locality_with_the_optimistic_and_
     assert "freekv%" in block and " sync " in block  # the optimistic row and speculation off beside it
     bd = next(l for l in text.splitlines() if l.startswith("BD=("))
     assert '--locality "$LOCALITY"' in bd and "--query-cosine" not in bd
+
+
+def test_overlap_benchmark_takes_the_locality_too():
+    ov = load_launch_script("bench_overlap")
+    assert ov._locality("calibrated").endswith(os.path.join("docs", "data", "locality-smollm2-135m.json"))
+    with pytest.raises(argparse.ArgumentTypeError):
+        ov._locality("warm")
