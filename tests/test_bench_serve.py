@@ -502,3 +502,16 @@ def test_flush_is_retried_while_sglang_refuses_it(tmp_path, monkeypatch):
         with pytest.raises(urllib.error.HTTPError):
             bs.flush_cache(srv, tries=3)
         assert srv.http.flushes == 3
+
+
+def test_benchmarks_script_has_a_serve_section_bench_serve_accepts():
+    import re
+    import shlex
+
+    text = (Path(__file__).resolve().parents[1] / "launch" / "benchmarks.sh").read_text()
+    line = next(x for x in text.splitlines() if x.strip().startswith("serve) run serve"))
+    cmd = line.split("launch/bench_serve.py", 1)[1].rsplit(";;", 1)[0]
+    cmd = re.sub(r'"\$(\w+)"', lambda m: {"MODEL": "m", "LOCALITY": "calibrated", "OUT": "o"}[m.group(1)], cmd)
+    a = bs.parse_args(shlex.split(cmd))
+    assert a.model == "m" and a.locality.startswith("calibrated:") and a.modes == list(bs.MODES)
+    assert "serve)" in text and "sections=(kernels decode32k long capacity overlap qwen)" in text  # not by default
