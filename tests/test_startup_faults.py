@@ -73,7 +73,9 @@ def test_sliding_window_model_is_refused_before_loading(tmp_path, monkeypatch):
 def test_qwen2_with_its_window_off_is_served(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     model = _folder(tmp_path, "qwen2", {k: v for k, v in QWEN_7B_SHAPE.items() if not k.startswith("_")})
-    sa = freekv_sglang.make_server_args(model_path=model, device="cpu", kv_retrieval="freekv")
+    # an explicit host budget: the automatic one follows this machine's free memory, which the test is not about
+    sa = freekv_sglang.make_server_args(model_path=model, device="cpu", kv_retrieval="freekv",
+                                        freekv_host_memory_gb=1)
     assert sa.attention_backend == "freekv"
 
 
