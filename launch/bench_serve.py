@@ -71,6 +71,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from freekv_sglang.serving import Server  # noqa: E402
+from freekv_sglang.provenance import card, commit_id, host, versions  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -290,52 +291,6 @@ class MetricsPoller:
 
 
 # ------------------------------------------------------------------------------------------------ provenance
-def commit_id(given: str | None) -> str:
-    """``git rev-parse --short HEAD`` of this checkout (``+changes`` if tracked files differ), or ``given``."""
-    if given:
-        return given
-    try:
-        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (pass --commit)"
-    if head.returncode != 0 or not head.stdout.strip():
-        return "unknown (pass --commit)"
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for pkg in ("torch", "triton", "flashinfer-python", "sglang", "transformers", "freekv-sglang"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def card() -> str:
-    """GPU 0 as ``nvidia-smi`` names it, with its memory and driver; ``unknown`` without one."""
-    try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader",
-                            "-i", "0"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no nvidia-smi)"
-    parts = [x.strip() for x in r.stdout.strip().split(",")]
-    if r.returncode != 0 or len(parts) != 3:
-        return "unknown"
-    return f"{parts[0]} ({parts[1]}, driver {parts[2]})"
-
-
-def host() -> dict:
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpus": os.cpu_count(), "ram_gib": round(ram, 1)}
-
-
 def available_gib() -> float:
     try:
         with open("/proc/meminfo") as f:

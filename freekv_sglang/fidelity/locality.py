@@ -40,6 +40,7 @@ import torch
 
 from ..algorithm import WorkingSetLayout, aggregate_gqa, query_similarity, quest_scores, topk_pages
 from ..algorithm.digests import page_digests
+from ..provenance import commit_id
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
 DEFAULT_TAU = 0.9  # the serving default (freekv_sglang/config.py)
@@ -343,17 +344,6 @@ def measure(model, tokenizer, text_names, args, log=print) -> tuple[dict, dict]:
     return per_text, info
 
 
-def _commit() -> str | None:
-    import subprocess
-
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:
-        return None
-
-
 def dumps(out: dict) -> str:
     """JSON with one line per (layer, KV head) summary (``heads``) and indented elsewhere."""
     heads = out.get("heads")
@@ -388,7 +378,7 @@ def main(argv=None, log=print) -> dict:
     out = {
         "meta": {
             "command": "python -m freekv_sglang.fidelity.locality " + " ".join(sys.argv[1:] if argv is None else argv),
-            "commit": _commit(), "started (UTC)": started, "wall time": f"{time.time() - t_start:.0f} s",
+            "commit": commit_id(), "started (UTC)": started, "wall time": f"{time.time() - t_start:.0f} s",
             "model": lm.name, "model layout": {"layers": lm.n_layers, "q_heads": lm.n_heads, "kv_heads": lm.n_kv_heads,
                                                "head_dim": lm.head_dim},
             "working set": {"page_size": args.page_size, "sink_tokens": args.sink, "window_tokens": args.window,

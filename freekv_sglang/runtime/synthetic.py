@@ -465,13 +465,10 @@ def main(argv=None) -> dict:
     print(md)
     print(f"simulated in {time.time() - t0:.0f} s: {json.dumps({k: round(v, 4) for k, v in tot.items()})}")
     import datetime
-    import subprocess
 
-    try:
-        commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short",
-                                 "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        commit = None
+    from ..provenance import commit_id
+
+    commit = commit_id()
     out = {"command": "python -m freekv_sglang.runtime.synthetic " + " ".join(sys.argv[1:] if argv is None else argv),
            "commit": commit, "date": datetime.date.today().isoformat(), "device": a.device,
            "args": vars(a), "calibration": summ, "check": tot, "table": md,
