@@ -36,9 +36,18 @@ KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL = f"{KV_CONFIGURATOR}._build_token_to_kv_
 METRICS_COLLECTOR_LOG_STATS = "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats"
 #: ``(self, recv_req) -> GetInternalStateReqOutput``; hooked AFTER to add ``internal_state["freekv"]``.
 SCHEDULER_GET_INTERNAL_STATE = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
-#: Every target the plugin (first two) and the runtime hook.
-HOOK_TARGETS = (SERVER_ARGS_ADD_CLI_ARGS, SERVER_ARGS_FROM_CLI_ARGS, KV_CONFIGURATOR_RESOLVE_POOL_CONFIG,
-                KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL, METRICS_COLLECTOR_LOG_STATS, SCHEDULER_GET_INTERNAL_STATE)
+#: private ``(self, obj, input_ids) -> None``, the HTTP server's per-prompt checks (a ``ValueError`` is a 400);
+#: hooked AROUND in every process by the plugin to refuse token ids outside the vocabulary and mistyped sampling
+#: parameters on FreeKV servers (``freekv_sglang.request_checks``).
+TOKENIZER_MANAGER_VALIDATE_ONE_REQUEST = (
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request")
+#: private ``(self, req, is_retracted=False)``, every request's way into the waiting queue; hooked BEFORE by the
+#: runtime to end a request whose ids lie outside the vocabulary with SGLang's own abort.
+SCHEDULER_ADD_REQUEST_TO_QUEUE = "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue"
+#: Every target the plugin (first three) and the runtime hook.
+HOOK_TARGETS = (SERVER_ARGS_ADD_CLI_ARGS, SERVER_ARGS_FROM_CLI_ARGS, TOKENIZER_MANAGER_VALIDATE_ONE_REQUEST,
+                KV_CONFIGURATOR_RESOLVE_POOL_CONFIG, KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL,
+                METRICS_COLLECTOR_LOG_STATS, SCHEDULER_GET_INTERNAL_STATE, SCHEDULER_ADD_REQUEST_TO_QUEUE)
 
 # ------------------------------------------------------------ other internals
 SERVER_ARGS = f"{SERVER_ARGS_MODULE}.ServerArgs"
@@ -75,6 +84,14 @@ CUSTOM_LOGIT_PROCESSOR = "sglang.srt.sampling.custom_logit_processor.CustomLogit
 #: next writes wait for the whole previous forward instead of the read-done event a decode CUDA graph records
 #: before its replay (FreeKV's decode graphs read ``req_to_token`` during the replay; docs/DESIGN.md)
 FORCE_COARSE_WAR_BARRIER = "sglang.srt.environ.envs.SGLANG_FORCE_COARSE_WAR_BARRIER"
+#: ``Req.set_finish_with_abort(msg)``: ends a request with status 400 and ``msg`` after a one-token prefill (how
+#: the scheduler refuses a prompt longer than the context); used on requests with ids outside the vocabulary
+REQ_SET_FINISH_WITH_ABORT = "sglang.srt.managers.schedule_batch.Req.set_finish_with_abort"
+#: the scheduler's ``tree_cache.evictable_size()``: tokens only the radix cache holds (``/server_info``'s
+#: ``tier_pages_cached``; every prefix cache has it, 0 without a radix cache)
+PREFIX_CACHE_EVICTABLE_SIZE = "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.evictable_size"
+#: the sampling-parameter class whose fields ``/generate``'s ``sampling_params`` may name (a msgspec Struct)
+SAMPLING_PARAMS = "sglang.srt.sampling.sampling_params.SamplingParams"
 #: Every other SGLang name the package touches.
 INTERNALS = (*(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and v.startswith("sglang.")
                 and v not in HOOK_TARGETS), *RUNTIME_CONTEXT_GETTERS)

@@ -5,9 +5,12 @@ the launcher (before parsing arguments), the offline ``Engine`` and each
 scheduler (one per TP rank). It
 
 * adds ``freekv`` to the attention-backend choices and hooks
-  ``ServerArgs.add_cli_args`` (AFTER: adds the flags) and
+  ``ServerArgs.add_cli_args`` (AFTER: adds the flags),
   ``ServerArgs.from_cli_args`` (AROUND: validates, rewrites base arguments
-  before SGLang resolves them, attaches ``_freekv``);
+  before SGLang resolves them, attaches ``_freekv``) and
+  ``TokenizerManager._validate_one_request`` (AROUND: on FreeKV servers, refuses
+  token ids outside the vocabulary and mistyped sampling parameters with a 400,
+  :mod:`freekv_sglang.request_checks`);
 * in scheduler processes, when FreeKV was requested, installs the runtime
   (``freekv_sglang.runtime.integration.install_runtime_hooks``). A failure there
   ends the process: a requested ``--kv-retrieval freekv`` never runs dense.
@@ -26,6 +29,7 @@ from typing import Any, Callable, NoReturn
 from freekv_sglang import compat
 from freekv_sglang.cli import add_freekv_arguments
 from freekv_sglang.config import ENV_VAR, FreeKVConfig, FreeKVConfigError
+from freekv_sglang.request_checks import around_validate_one_request
 from freekv_sglang.server_config import (
     LOG_PREFIX,
     announce,
@@ -49,6 +53,9 @@ def register() -> None:
     compat.add_attention_backend_choice()
     compat.register_hook(compat.SERVER_ARGS_ADD_CLI_ARGS, _after_add_cli_args, "AFTER")
     compat.register_hook(compat.SERVER_ARGS_FROM_CLI_ARGS, _around_from_cli_args, "AROUND")
+    # the HTTP server's request checks run in the launcher, where this runs before the arguments are parsed:
+    # the hook asks per request whether the server runs FreeKV
+    compat.register_hook(compat.TOKENIZER_MANAGER_VALIDATE_ONE_REQUEST, around_validate_one_request, "AROUND")
     if is_child_process():
         install_runtime_if_requested()
 

@@ -15,13 +15,17 @@ One GPU, at most ``--budget-s`` seconds (540 by default, start-up included):
    sampling, shared prefixes (the radix cache), and faults: clients that disconnect mid-stream,
    ``/abort_request`` of running and of queued requests (by rid), ``/flush_cache`` under load, prompt plus
    ``max_new_tokens`` beyond the context;
-3. on the idle server: ``/health``; no working-set row held, and after ``/flush_cache`` no host-tier page held
-   (FreeKV's own counts in ``/server_info``); a sample of ``--replays`` completed greedy requests replayed one by
+3. on the idle server: ``/health``; no working-set row and no tier page held by a request (FreeKV's counts in
+   ``/server_info``: pages in use less those only the radix cache holds), and after ``/flush_cache`` no host-tier
+   page in use at all (the flush resets SGLang's allocators whole, so only the counts before it can show a
+   leak); a sample of ``--replays`` completed greedy requests replayed one by
    one must give the tokens they got under load (up to rounding ties:
    :func:`freekv_sglang.testing.greedy_compare.compare_runs` over the log-probabilities recorded under load);
 4. the bad-input catalogue (:func:`bad_inputs`), one input at a time with ``/health`` after each: each must get a
-   4xx (or SGLang's error object) with a message, never a 5xx, a hang or a crash. Inputs with token ids outside
-   the vocabulary go last: SGLang 0.5.17 does not check ``input_ids`` against the vocabulary before the embedding;
+   4xx (or SGLang's error object or error event) with a message, never a 5xx, a hang or a crash. Inputs with
+   token ids outside the vocabulary go last: SGLang 0.5.17 does not check them, and its embedding would take the
+   server down (FreeKV refuses them, :mod:`freekv_sglang.request_checks`; last, a server without that check
+   still reports everything else);
 5. scans the server log for SGLang's leak reports (its idle check of the token and request pools) and writes
    ``soak.json`` and ``soak.md`` under ``--out`` (the Markdown is printed too).
 
@@ -441,20 +445,49 @@ def bad_inputs(vocab: int = VOCAB, context: int = CONTEXT) -> list[BadInput]:
         BadInput("generate: empty body", "/generate", b""),
         BadInput("generate: bytes that are not UTF-8", "/generate", b"\xff\xfe{\x00"),
         BadInput("chat: text/plain body", "/v1/chat/completions", chat(messages=hi), content_type="text/plain"),
+        BadInput("generate: temperature 'hot'", "/generate", gen([100, 101], temperature="hot")),
+        BadInput("generate: unknown sampling parameter", "/generate", gen([100, 101], max_new_tokenz=8)),
+        BadInput("generate: token id 2**63 (beyond int64)", "/generate", gen([100, 2**63])),
         BadInput("generate: token id = vocabulary size", "/generate", gen([100, vocab, 101])),
+        BadInput("generate (stream): token id = vocabulary size", "/generate",
+                 j({"input_ids": [100, vocab], "sampling_params": {"max_new_tokens": 8}, "stream": True})),
         BadInput("completions: token id = vocabulary size + 1000", "/v1/completions", cmpl(prompt=[100, vocab + 1000])),
+        BadInput("completions (stream): token id = vocabulary size", "/v1/completions",
+                 cmpl(prompt=[100, vocab], stream=True)),
         BadInput("generate: negative token id", "/generate", gen([100, -1, 101])),
         BadInput("generate: token id 2**40", "/generate", gen([100, 2**40])),
     ]
 
 
+def stream_error(text: str) -> str | None:
+    """The first error of a server-sent-event body: an ``{"error": ...}`` event (SGLang's, the OpenAI API's) or a
+    ``/generate`` event finished by an abort with a message (the scheduler's refusal); ``None`` if there is none
+    (or ``text`` is not a stream)."""
+    if not text.lstrip().startswith("data:"):
+        return None
+    for line in text.splitlines():
+        payload = line.strip()[5:].strip() if line.strip().startswith("data:") else ""
+        try:
+            obj = json.loads(payload) if payload and payload != "[DONE]" else None
+        except ValueError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        if "error" in obj:
+            return error_message(payload) or "error event without a message"
+        fr = (obj.get("meta_info") or {}).get("finish_reason")
+        if isinstance(fr, dict) and fr.get("type") == "abort":
+            return str(fr.get("message") or "")[:300] or "abort without a message"
+    return None
+
+
 def error_message(text: str) -> str:
     """The message of an error answer: SGLang's ``{"error": {"message"}}``, the OpenAI ``{"message"}``,
-    FastAPI's ``{"detail"}``, else the text itself (shortened)."""
+    FastAPI's ``{"detail"}``, a stream's error event, else the text itself (shortened)."""
     try:
         obj = json.loads(text)
     except ValueError:
-        return text.strip()[:300]
+        return stream_error(text) or text.strip()[:300]
     if isinstance(obj, dict):
         err = obj.get("error")
         if isinstance(err, dict) and err.get("message"):
@@ -468,11 +501,12 @@ def error_message(text: str) -> str:
 
 
 def is_error_object(text: str) -> bool:
-    """A 200 answer that is SGLang's (or the OpenAI API's) error object rather than a completion."""
+    """A 200 answer that is SGLang's (or the OpenAI API's) error object, or a stream that ends in an error event
+    or an abort, rather than a completion."""
     try:
         obj = json.loads(text)
     except ValueError:
-        return False
+        return stream_error(text) is not None
     return isinstance(obj, dict) and ("error" in obj or obj.get("object") == "error")
 
 
@@ -843,12 +877,16 @@ def wait_state(client: Client, key: str, timeout: float, poll: float = 0.5) -> d
 
 
 def idle_and_flush(client: Client, timeout: float = 30.0) -> dict:
-    """On an idle server: no working-set row held; after ``/flush_cache`` no host-tier page held."""
+    """On an idle server: no working-set row and no tier page held by a request (``tier_pages_held``: pages in
+    use less those only the radix cache holds); after ``/flush_cache`` no host-tier page in use. Only the first
+    two can show a leak: the flush resets SGLang's allocators whole (when the server is idle), leaked pages
+    included; the last shows that the flush ran."""
     rows = wait_state(client, "working_set_rows_used", timeout)
+    held = wait_state(client, "tier_pages_held", timeout)
     status, text, failure = client.post(f"/flush_cache?timeout={timeout:g}", b"", timeout + 30)
     pages = wait_state(client, "host_tier_pages_used", timeout)
-    return {"rows": rows, "flush_status": status, "flush_answer": (text.strip() or failure)[:200], "pages": pages,
-            "ok": rows["ok"] and status == 200 and pages["ok"]}
+    return {"rows": rows, "held": held, "flush_status": status, "flush_answer": (text.strip() or failure)[:200],
+            "pages": pages, "ok": rows["ok"] and held["ok"] and status == 200 and pages["ok"]}
 
 
 def replay(client: Client, mix: Mix, results: list[Result], k: int, timeout: float) -> dict:
@@ -957,7 +995,8 @@ def tally(mix: Mix, results: list[Result], skipped: list[int]) -> dict:
                               "problem": r.problem, "message": r.message} for r in results if r.klass == "error"][:25]}
 
 
-#: The idle checks (rows free; host tier empty after a flush), each a leak where it fails.
+#: The idle checks (no row or tier page held by a request; host tier empty after a flush), each a leak where it
+#: fails.
 IDLE_CHECKS = ("after_load", "after_replay", "after_bad_inputs")
 
 

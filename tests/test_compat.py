@@ -17,6 +17,8 @@ KV_CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurato
 EXPECTED_HOOKS = [
     ("sglang.srt.server_args.ServerArgs.add_cli_args", "freekv_sglang.plugin._after_add_cli_args", "AFTER"),
     ("sglang.srt.server_args.ServerArgs.from_cli_args", "freekv_sglang.plugin._around_from_cli_args", "AROUND"),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+     "freekv_sglang.request_checks.around_validate_one_request", "AROUND"),
     (f"{KV_CONFIGURATOR}._resolve_memory_pool_config",
      "freekv_sglang.runtime.integration._resolve_memory_pool_config", "AROUND"),
     (f"{KV_CONFIGURATOR}._build_token_to_kv_pool", "freekv_sglang.runtime.integration._build_token_to_kv_pool",
@@ -25,6 +27,8 @@ EXPECTED_HOOKS = [
      "freekv_sglang.runtime.integration._after_log_stats", "AFTER"),
     ("sglang.srt.managers.scheduler.Scheduler.get_internal_state",
      "freekv_sglang.runtime.integration._after_get_internal_state", "AFTER"),
+    ("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
+     "freekv_sglang.request_checks.before_add_request_to_queue", "BEFORE"),
 ]
 
 

@@ -121,3 +121,39 @@ def test_prometheus_export_moves_with_the_counters():
     assert value("sglang:freekv_recalled_pieces_total", path="speculative") == 30
     assert value("sglang:freekv_corrected_head_ratio") == pytest.approx(60 / 120)  # this interval only
     assert value("sglang:freekv_recalled_pieces_per_request_step", path="critical") == 0
+
+
+def test_server_info_counts_the_pages_requests_hold_which_a_flush_would_hide(monkeypatch):
+    """``/server_info``'s FreeKV entry from SGLang's real paged allocator: pages in use, those only the radix cache
+    holds, and those requests hold. A request's page that was never freed stays held on the idle server, while
+    SGLang's ``/flush_cache`` (``allocator.clear()`` with the tree reset) brings the used count back to 0 anyway."""
+    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+
+    from freekv_sglang.config import FreeKVConfig
+    from freekv_sglang.runtime import integration
+
+    P, pages = 32, 100
+    alloc = PagedTokenToKVPoolAllocator(pages * P, P, torch.bfloat16, "cpu", None, False)
+    tree = SimpleNamespace(cached=0)
+    tree.evictable_size = lambda: tree.cached
+    sched = SimpleNamespace(token_to_kv_pool_allocator=alloc, max_total_num_tokens=pages * P, tree_cache=tree,
+                            server_args=SimpleNamespace(_freekv=FreeKVConfig(enabled=True, host_memory_gb=1)))
+    rt = _fake_runtime(Totals(), used_rows=0)
+    monkeypatch.setattr(integration, "_RUNTIME", rt)
+
+    def info():
+        result = SimpleNamespace(internal_state={})
+        integration._after_get_internal_state(result, sched, None)
+        return result.internal_state["freekv"]
+
+    running = alloc.alloc(3 * P)  # a running request's three pages
+    assert (info()["host_tier_pages_used"], info()["tier_pages_held"], info()["tier_pages_cached"]) == (3, 3, 0)
+    tree.cached = 2 * P  # it finished: two full pages go to the radix cache, the third should be freed ...
+    assert info()["tier_pages_held"] == 1  # ... and was not: a leak, on an idle server
+    alloc.free(running[2 * P:])
+    assert (info()["host_tier_pages_used"], info()["tier_pages_held"], info()["tier_pages_cached"]) == (2, 0, 2)
+    alloc.alloc(P)  # lose a page again, then flush as SGLang does on an idle server
+    assert info()["tier_pages_held"] == 1
+    alloc.clear()
+    tree.cached = 0
+    assert info()["host_tier_pages_used"] == 0 and info()["tier_pages_held"] == 0  # the leak is gone from view

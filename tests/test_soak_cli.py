@@ -175,6 +175,13 @@ def test_the_bad_input_catalogue_covers_the_issue():
     (400, '{"error": {"message": "x"}}', "", True, False, False, "FAIL"),
     (None, "", "timeout", True, True, False, "HANG"),
     (None, "", "ConnectionResetError: x", False, False, False, "CRASH"),
+    # streams: SGLang's error event (a refusal in the HTTP server) and the scheduler's abort with a message
+    (200, 'data: {"error": {"message": "input_ids[1] = 49152 is outside"}}\n\ndata: [DONE]\n\n', "", True, True,
+     False, "pass"),
+    (200, 'data: {"text": "", "meta_info": {"finish_reason": {"type": "abort", "message": "outside", '
+          '"status_code": 400}}}\n\ndata: [DONE]\n\n', "", True, True, False, "pass"),
+    (200, 'data: {"text": "x", "meta_info": {"finish_reason": {"type": "length"}}}\n\ndata: [DONE]\n\n', "", True,
+     True, False, "FAIL"),
 ])
 def test_judge_bad_input(status, text, failure, alive, healthy, may, want):
     bad = soak.BadInput("x", "/generate", b"{}", may_succeed=may)
@@ -186,6 +193,10 @@ def test_error_message_reads_every_error_shape():
     assert soak.error_message('{"object": "error", "message": "m2"}') == "m2"
     assert soak.error_message('{"detail": [{"msg": "m3"}]}') == '[{"msg": "m3"}]'
     assert soak.error_message("Cache not flushed\n") == "Cache not flushed"
+    assert soak.error_message('data: {"text": "a"}\n\ndata: {"error": {"message": "m4"}}\n\ndata: [DONE]') == "m4"
+    assert soak.error_message('data: {"meta_info": {"finish_reason": {"type": "abort", "message": "m5"}}}') == "m5"
+    assert soak.stream_error('data: {"meta_info": {"finish_reason": {"type": "length"}}}') is None
+    assert soak.stream_error('{"error": {"message": "not a stream"}}') is None
 
 
 # ============================================================================================ classification
@@ -315,8 +326,12 @@ class FakeSGLang(ThreadingHTTPServer):
         self.pages, self.seen = 0, set()
 
     def state(self):
-        return {"working_set_rows_used": self.running + int(self.leak), "working_set_rows_total": 64,
-                "host_tier_pages_used": self.pages, "host_tier_pages_total": 128}
+        # pages: one per request, left to the 'radix cache' once it ends (freed by a flush); ``leak`` keeps a row
+        # and a page held as a lost request would
+        held = self.running + int(self.leak)
+        return {"working_set_rows_used": held, "working_set_rows_total": 64, "tier_pages_held": held,
+                "tier_pages_cached": self.pages, "host_tier_pages_used": self.pages + held,
+                "host_tier_pages_total": 128}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -376,7 +391,11 @@ class Handler(BaseHTTPRequestHandler):
             ids = body.get("input_ids")
             ids = ids if ids is not None else [ord(c) for c in body.get("text", "")]
         new, n = sp.get("max_new_tokens", 16), sp.get("n", 1)
+        known = {"max_new_tokens", "n", "stop", "temperature", "top_p", "ignore_eos"}
         error = (("empty prompt" if not ids else None)
+                 or (f"unknown sampling parameter {sorted(set(sp) - known)}" if set(sp) - known else None)
+                 or ("temperature must be a number"
+                     if not isinstance((body if openai else sp).get("temperature", 0), (int, float)) else None)
                  or ("max_new_tokens must be an integer" if not isinstance(new, int) else None)
                  or ("max_new_tokens must be at least 0" if new < 0 else None)
                  or ("n must be at least 1" if not isinstance(n, int) or n < 1 else None)
@@ -493,9 +512,23 @@ def test_the_checks_catch_a_leak_and_a_corrupted_replay(fake):
     mix = soak.make_mix(SMALL)
     results, _ = soak.run_load(client, mix, time.time() + 120, 30.0, log=lambda s: None)
     after = soak.idle_and_flush(client, timeout=1)
-    assert not after["ok"] and after["rows"]["working_set_rows_used"] == 1 and after["pages"]["ok"]
+    assert not after["ok"] and after["rows"]["working_set_rows_used"] == 1
+    assert not after["held"]["ok"] and after["held"]["tier_pages_held"] == 1
+    assert after["flush_status"] == 200 and after["pages"]["ok"] is False  # this fake's flush keeps the leak
     rep = soak.replay(client, mix, results, 50, 30.0)
     assert rep["corrupted"] == rep["replayed"] >= 3  # the tokens moved with no near-tie to excuse it
+
+
+def test_a_leak_the_flush_would_hide_is_caught_before_it(fake):
+    """SGLang's /flush_cache resets its allocators whole: pages lost by a request come back, and only the count of
+    pages held by requests before the flush shows them."""
+    srv, client = fake()
+    base = srv.state
+    srv.state = lambda: dict(base(), tier_pages_held=base()["tier_pages_held"] + int(srv.pages > 0))
+    srv.pages = 3  # the radix cache's pages and one leaked, all freed by the flush
+    after = soak.idle_and_flush(client, timeout=1)
+    assert after["rows"]["ok"] and after["flush_status"] == 200 and after["pages"]["ok"]
+    assert not after["held"]["ok"] and after["held"]["tier_pages_held"] == 1 and not after["ok"]
 
 
 def test_a_dead_server_is_a_crash_and_stops_the_bad_inputs(fake):

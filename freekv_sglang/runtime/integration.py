@@ -6,6 +6,10 @@ requested:
 * ``KVCacheConfigurator._resolve_memory_pool_config`` (around): SGLang's token capacity
   becomes the host tier's capacity; running requests are bounded by GPU working sets;
 * ``KVCacheConfigurator._build_token_to_kv_pool`` (around): the FreeKV pool and runtime;
+* ``SchedulerMetricsCollector.log_stats`` / ``Scheduler.get_internal_state`` (after): FreeKV's metrics and its
+  entry in ``/server_info``;
+* ``Scheduler._add_request_to_queue`` (before): a request whose token ids lie outside the vocabulary ends with
+  SGLang's abort instead of reaching the embedding (:mod:`freekv_sglang.request_checks`);
 * attention backend ``freekv``.
 """
 
@@ -16,6 +20,7 @@ import logging
 import torch
 
 from freekv_sglang import compat
+from freekv_sglang.request_checks import before_add_request_to_queue
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +194,9 @@ def _after_get_internal_state(result, scheduler, *args, **kwargs):
 
     alloc = scheduler.token_to_kv_pool_allocator
     used = scheduler.max_total_num_tokens - alloc.available_size()
-    result.internal_state["freekv"] = server_info(_RUNTIME, _freekv_config(scheduler.server_args), used)
+    cached = scheduler.tree_cache.evictable_size()  # compat.PREFIX_CACHE_EVICTABLE_SIZE
+    result.internal_state["freekv"] = server_info(_RUNTIME, _freekv_config(scheduler.server_args), used,
+                                                  cached if isinstance(cached, int) else None)
     return None
 
 
@@ -218,4 +225,5 @@ def install_runtime_hooks(cfg) -> None:
     compat.register_hook(compat.KV_CONFIGURATOR_BUILD_TOKEN_TO_KV_POOL, _build_token_to_kv_pool, "AROUND")
     compat.register_hook(compat.METRICS_COLLECTOR_LOG_STATS, _after_log_stats, "AFTER")
     compat.register_hook(compat.SCHEDULER_GET_INTERNAL_STATE, _after_get_internal_state, "AFTER")
+    compat.register_hook(compat.SCHEDULER_ADD_REQUEST_TO_QUEUE, before_add_request_to_queue, "BEFORE")
     logger.info("FreeKV runtime hooks installed")

@@ -65,6 +65,17 @@ def tier_usage(runtime, used_tokens: int) -> dict[str, int]:
             "gpu_tier_pages_total": runtime.n_gpu_pages}
 
 
+def held_pages(runtime, used_tokens: int, cached_tokens: int) -> dict[str, int]:
+    """Tier pages (both tiers) that only the radix cache holds (``cached_tokens``: its evictable tokens, freed on
+    demand or by ``/flush_cache``) and those held otherwise, by requests (``used_tokens`` less the cached ones).
+    On an idle server the held count is 0 unless pages leaked: unlike the used count it needs no ``/flush_cache``,
+    which resets SGLang's allocator whole and would hide a leak."""
+    page = runtime.layout.page_size
+    used = -(-max(used_tokens, 0) // page)
+    cached = -(-max(cached_tokens, 0) // page)
+    return {"tier_pages_cached": cached, "tier_pages_held": used - cached}
+
+
 def row_usage(runtime) -> dict[str, int]:
     """Working-set rows in use and in all (rows are SGLang's request rows; row 0 is padding)."""
     pool = runtime.row_pool
@@ -133,13 +144,16 @@ class PrometheusExporter:
         self.last = now
 
 
-def server_info(runtime, cfg: Any, used_tokens: int) -> dict:
-    """FreeKV's entry in ``/server_info``: the effective settings, tier and row use, and the decode totals."""
+def server_info(runtime, cfg: Any, used_tokens: int, cached_tokens: int | None = None) -> dict:
+    """FreeKV's entry in ``/server_info``: the effective settings, tier and row use (with ``cached_tokens``, the
+    radix cache's evictable tokens, also the pages it alone holds and the pages requests hold), and the decode
+    totals."""
     totals = runtime.stats_counter.totals()
     return {
         "settings": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg),
         "decode_attention": runtime.attention.kernel,
         **tier_usage(runtime, used_tokens),
+        **(held_pages(runtime, used_tokens, cached_tokens) if cached_tokens is not None else {}),
         **row_usage(runtime),
         "totals": {f.name: getattr(totals, f.name) for f in dataclasses.fields(totals)}
         | {"dense_request_steps": totals.dense_request_steps,
