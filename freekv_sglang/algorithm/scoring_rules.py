@@ -41,6 +41,10 @@ prompt's keys. The rules with a ``fit`` learn per KV head from the prompt's keys
 
 :func:`get_rule` parses every name above. ``quest`` is the default (and the only rule the runtime and the
 kernels implement); it equals :func:`~.scores.quest_scores` over :func:`~.digests.page_digests` exactly.
+
+Candidate for the default: ``grid2`` (:class:`GridCodes`). On the needle cases of the fidelity harness it answers
+everything dense answers at 1024 and 2048 selected tokens, where quest answers 37% and 68%; it keeps twice
+quest's digest size and needs 16x its scoring MACs (docs/FIDELITY.md, "Needle retrieval in natural text").
 """
 
 from __future__ import annotations
@@ -433,7 +437,9 @@ class BoxCodes(ScoringRule):
 class GridCodes(ScoringRule):
     """Every key of the page in ``bits`` bits per channel on a grid fitted to the prompt's keys (per KV head
     and channel, ``2**bits`` equal steps between the 0.5% and 99.5% quantiles; values outside are clamped);
-    a page scores ``lse`` over its tokens of ``q . k_hat_t / sqrt(D)``. No per-page box.
+    a page scores ``lse`` over its tokens of ``q . k_hat_t / sqrt(D)``. No per-page box. ``grid2`` is the
+    candidate page-scoring rule (module docstring); its grid depends on the request's prompt here, where a
+    runtime that shares prefix digests between requests would need one fixed per model or per prefix.
 
     Digest ``[n, Hkv, P, D]`` codes (``P D bits / 8`` bytes packed)."""
 

@@ -155,6 +155,7 @@ def run(lm: LoadedModel, rows: list[RowSpec], needle_cases: list[texts.NeedleCas
         rec = {"name": c.name, "kind": c.kind, "depth": c.depth, "prompt_tokens": len(ids), "answer": c.answer,
                "needle_tokens": [needle_pos[0], needle_pos[-1]] if needle_pos else [],
                "needle_pages": sorted({p // page for p in needle_pos}), "correct": ok, "answers": answers}
+        keys = fitted = None
         if ok[0]:
             steps = _answer_steps(tok, gen[0].tolist(), c.answer)
             keys = [layer.keys[0].transpose(0, 1) for layer in bd.cache.layers]  # row 0: [n_total, Hkv, D]
@@ -180,6 +181,7 @@ def run(lm: LoadedModel, rows: list[RowSpec], needle_cases: list[texts.NeedleCas
             rec["diagnostic"] = {"answer_steps": steps, "candidates": n_cand,
                                  "selected_pages": {str(b): b // page for b in budgets}, "first_token_heads": first}
         out_cases.append(rec)
+        del bd, keys, fitted  # the rows' KV caches (rows x layers x the context): free before the next prefill
         log(f"    needle {c.name} ({len(ids)} tokens, answer {c.answer!r}): dense {answers[0]!r}; "
             f"{sum(ok[1:])}/{len(ok) - 1} FreeKV rows answer")
         if ok[0] and not all(ok):
