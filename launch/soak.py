@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from freekv_sglang.provenance import commit_id  # noqa: E402
 from freekv_sglang.testing.greedy_compare import GreedyTrace, compare_greedy, compare_runs  # noqa: E402
 
 VOCAB = 49152
@@ -1074,22 +1075,6 @@ def card_name() -> str:
     r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"], capture_output=True,
                        text=True)
     return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
-
-
-def commit_id(given: str | None) -> str:
-    if given:
-        return given
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (pass --commit)"
-    if head.returncode != 0:
-        return "unknown (pass --commit)"
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def read_text(path: str) -> str:
