@@ -178,8 +178,23 @@ def _max_dot(q: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
     return s.amax(-1).reshape(b, hq, np_)
 
 
+class _RepresentativeKeys(ScoringRule):
+    """Rules whose digest is ``r`` key-like vectors per page, scored by ``max_j q . v_j``."""
+
+    r: int
+
+    def scores(self, q, digests, ctx=None):
+        return _max_dot(q, digests)
+
+    def digest_values(self, page_size, head_dim):
+        return self.r * head_dim
+
+    def score_macs(self, page_size, head_dim):
+        return self.r * head_dim
+
+
 @dataclass(frozen=True, repr=False)
-class TopNorm(ScoringRule):
+class TopNorm(_RepresentativeKeys):
     """The ``r`` keys of largest norm of each page; score ``max_j q . k_j``."""
 
     r: int = 4
@@ -193,18 +208,9 @@ class TopNorm(ScoringRule):
         idx = pg.norm(dim=-1).topk(min(self.r, page_size), dim=-1).indices  # [n, Hkv, r]
         return torch.gather(pg, 2, idx[..., None].expand(-1, -1, -1, pg.shape[-1]))
 
-    def scores(self, q, digests, ctx=None):
-        return _max_dot(q, digests)
-
-    def digest_values(self, page_size, head_dim):
-        return self.r * head_dim
-
-    def score_macs(self, page_size, head_dim):
-        return self.r * head_dim
-
 
 @dataclass(frozen=True, repr=False)
-class KMeans(ScoringRule):
+class KMeans(_RepresentativeKeys):
     """``r`` centroids of each page's keys (Lloyd's algorithm, ``iters`` rounds from the strided keys
     ``0, P/r, 2P/r, ...``; an empty cluster keeps its previous centroid); score ``max_j q . c_j``."""
 
@@ -226,15 +232,6 @@ class KMeans(ScoringRule):
             tot = torch.einsum("nhpr,nhpd->nhrd", onehot, pg)
             c = torch.where(cnt[..., None] > 0, tot / cnt.clamp_min(1)[..., None], c)
         return c
-
-    def scores(self, q, digests, ctx=None):
-        return _max_dot(q, digests)
-
-    def digest_values(self, page_size, head_dim):
-        return self.r * head_dim
-
-    def score_macs(self, page_size, head_dim):
-        return self.r * head_dim
 
 
 @dataclass(frozen=True, repr=False)
