@@ -6,6 +6,8 @@ Modules (one op each):
 * :mod:`.kv_store`     ``store_kv_host``           fresh K/V rows -> pinned host store (HND)
 * :mod:`.digests`      ``page_digests_from_rows``  page max/min digests
 * :mod:`.scores`       ``score_pages``             Quest bound of candidates, GQA-aggregated
+* :mod:`.grid_codes`   ``score_pages_grid``        grid2 page scores from 2-bit key codes (``pack_grid_codes``);
+                                                   not used by the runtime yet
 * :mod:`.select`       ``select_update``           top-k + residency update of request rows, in place
 * :mod:`.score_select` ``score_and_select``        scoring + block top-k + residency, two launches
 * :mod:`.decode_prologue` ``decode_prologue``      token write, digest, correction check, one launch
@@ -23,6 +25,7 @@ names of :data:`IN_LAUNCH` still resolve here.
 """
 
 from .digests import page_digests_from_rows, page_digests_from_rows_reference
+from .grid_codes import pack_grid_codes, pack_grid_codes_reference, score_pages_grid, score_pages_grid_reference
 from .kv_store import store_kv_host, store_kv_host_reference
 from .page_table import (build_page_table, build_page_table_reference, last_page_len_host,
                          page_table_indptr_host)
@@ -44,6 +47,7 @@ __all__ = [
     "score_and_select_reference", "score_pages", "score_pages_reference", "select_update", "select_update_reference",
     "sparse_decode_reference", "split_decode_attention", "store_kv_host", "store_kv_host_reference", "stream_sum",
     "stream_sum_reference",
+    "pack_grid_codes", "pack_grid_codes_reference", "score_pages_grid", "score_pages_grid_reference",
 ]
 
 #: Benchmark-only kernels moved to ``launch/extra_kernels.py``; kept reachable as attributes of this package from

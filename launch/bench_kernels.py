@@ -22,6 +22,8 @@ file is rewritten after every section), one module each under ``launch/kernel_be
 * ``scores``      ``score_and_select`` (the runtime's fused scoring + top-k + residency) and the
                   unfused ``score_pages`` + ``select_and_diff`` at 32K / 128K contexts, batch 1/8,
                   vs reading the digests at the measured HBM speed;
+* ``grid``        2-bit grid-code scoring (``score_pages_grid``, the ``grid2`` rule) vs Quest's ``score_pages``
+                  at 32K x batch 8 (times, ratio, a launch-shape sweep) and writing its codes vs the digests;
 * ``decode``      ``SparseDecode`` over a 2048-token working set vs FlashInfer dense paged
                   decode over 32K tokens (page size 1 and 32), batch 1/8/32, 32 q / 8 kv heads;
 * ``step``        the same attention (FlashInfer and the Triton split decode) and the fused selection
@@ -49,6 +51,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the sections; graph_ms and pinned_copy_gbps are also used by profile_decode_step.py and bench_decode.py
 from kernel_bench.decode import sec_decode  # noqa: E402
+from kernel_bench.grid_scores import sec_grid_scores  # noqa: E402
 from kernel_bench.hostalloc import sec_hostalloc  # noqa: E402
 from kernel_bench.info import pinned_copy_gbps, sec_ceilings, sec_info  # noqa: E402
 from kernel_bench.interfere import sec_interfere  # noqa: E402
@@ -61,13 +64,14 @@ from kernel_bench.timing import Runner, graph_ms  # noqa: E402
 
 __all__ = ["SECTIONS", "main", "graph_ms", "pinned_copy_gbps"]
 
-SECTIONS = ("info", "ceilings", "recall", "overlap", "interfere", "offload", "scores", "decode", "step", "hostalloc")
+SECTIONS = ("info", "ceilings", "recall", "overlap", "interfere", "offload", "scores", "grid", "decode", "step",
+            "hostalloc")
 #: each section's function and whether it takes ``--quick``
 SECTION_FNS = {"info": (sec_info, False), "ceilings": (sec_ceilings, False), "recall": (sec_recall, True),
                "overlap": (sec_overlap, False), "interfere": (sec_interfere, False), "offload": (sec_offload, False),
-               "scores": (sec_scores, True), "decode": (sec_decode, True), "step": (sec_step, True),
-               "hostalloc": (sec_hostalloc, True)}
-NEED_CEILINGS = ("recall", "offload", "scores", "step")  # their ratios need the ceilings
+               "scores": (sec_scores, True), "grid": (sec_grid_scores, True), "decode": (sec_decode, True),
+               "step": (sec_step, True), "hostalloc": (sec_hostalloc, True)}
+NEED_CEILINGS = ("recall", "offload", "scores", "grid", "step")  # their ratios need the ceilings
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -2,9 +2,10 @@
 
 Triton's CPU interpreter checks a kernel's arithmetic but not what only the compiler sees: shapes
 ``tl.dot`` accepts, layouts, and the shared memory a pipelined configuration needs. This compiles
-the Triton split decode (its configurations in ``launch/kernel_bench/`` and the runtime's) to a
-cubin for sm_90 with Triton's bundled ``ptxas`` and checks that each fits an H100/H200 SM's shared
-memory (227 KiB per block), so a configuration that could not launch is caught before a GPU run.
+the Triton split decode (its configurations in ``launch/kernel_bench/`` and the runtime's) and the
+grid-code kernels (``kernels/grid_codes.py``, checked to use tensor cores) to a cubin for sm_90 with
+Triton's bundled ``ptxas`` and checks that each fits an H100/H200 SM's shared memory (227 KiB per
+block), so a configuration that could not launch is caught before a GPU run.
 """
 
 from __future__ import annotations
@@ -61,3 +62,42 @@ def test_merge_kernel_compiles_for_hopper():
     types = {"po_ptr": "*fp32", "plse_ptr": "*fp32", "out_ptr": "*bf16", "stride_ob": "i32", "stride_oh": "i32"}
     k = compile_for_hopper(sd._merge_kernel, types, {"HQ": 32, "D": 128, "N_SPLIT": 8, "SPLIT_PAD": 8}, 4, 1)
     assert k.asm.get("cubin")
+
+
+# ------------------------------------------------------------------ grid codes (kernels/grid_codes.py)
+def _grid_score_types(dtype: str) -> dict:
+    from freekv_sglang.kernels import grid_codes as gc
+
+    types = {n: "i32" for n in gc._score_pages_grid_kernel.arg_names}
+    types.update(q_ptr=f"*{dtype}", codes_ptr="*u8", lo_ptr="*fp32", step_ptr="*fp32", gidx_ptr="*i64",
+                 r2t_ptr="*i32", rpi_ptr="*i64", nctx_ptr="*i32", hmask_ptr="*u8", out_ptr="*fp32", qk_scale="fp32")
+    return types
+
+
+@pytest.mark.parametrize("dtype,d,page,g,agg", [("bf16", 128, 32, 4, 0), ("fp16", 64, 16, 3, 1),
+                                                ("bf16", 128, 32, 3, 2), ("bf16", 64, 256, 4, 0)])
+@pytest.mark.parametrize("block_n,warps,stages", [(64, 4, 2), (128, 8, 3), (32, 4, 1)])
+def test_grid_score_kernel_compiles_for_hopper(dtype, d, page, g, agg, block_n, warps, stages):
+    """The grid-code scoring kernel: a cubin within the shared memory of an SM, its products on tensor cores
+    (``wgmma``)."""
+    from freekv_sglang.kernels import grid_codes as gc
+
+    consts = {"HKV": 8, "G": g, "BLOCK_G": 16, "DQ": d // 4, "PAGE": page, "BLOCK_N": block_n,
+              "BLOCK_PG": gc.grid_block_pages(page, block_n), "AGG": agg, "HAS_MASK": agg == 1,
+              "HAS_GIDX": agg == 2, "F32_DOT": False, "STAGES": stages}
+    k = compile_for_hopper(gc._score_pages_grid_kernel, _grid_score_types(dtype), consts, warps, stages)
+    assert k.asm.get("cubin"), "no cubin"
+    assert k.metadata.shared <= HOPPER_SMEM_PER_BLOCK, f"{consts} needs {k.metadata.shared} bytes of shared memory"
+    assert "wgmma.mma_async" in k.asm["ptx"], "the scores' products are not on tensor cores"
+
+
+@pytest.mark.parametrize("dtype,d,page", [("bf16", 128, 32), ("fp16", 64, 256)])
+def test_grid_pack_kernel_compiles_for_hopper(dtype, d, page):
+    from freekv_sglang.kernels import grid_codes as gc
+
+    types = {n: "i32" for n in gc._pack_grid_codes_kernel.arg_names}
+    types.update(src_ptr=f"*{dtype}", row0_ptr="*i32", dst_ptr="*i64", gidx_ptr="*i64", lo_ptr="*fp32",
+                 step_ptr="*fp32", codes_ptr="*u8")
+    consts = {"HAS_GIDX": True, "PAGE": page, "DQ": d // 4, "BLOCK_P": min(page, 4096 // d)}
+    k = compile_for_hopper(gc._pack_grid_codes_kernel, types, consts, 4, 1)
+    assert k.asm.get("cubin"), "no cubin"

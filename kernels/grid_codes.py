@@ -1,0 +1,442 @@
+"""Grid codes (``grid2``): 2-bit codes of every key of a page, and the page scores they give.
+
+Math, thresholds and the packed layout: :mod:`freekv_sglang.algorithm.grid_codes` (plain torch).
+
+* :func:`pack_grid_codes` quantizes ``P`` consecutive key rows per listed page into
+  ``codes [pages, Hkv, P, D/4]`` uint8, with the interface of :func:`.digests.page_digests_from_rows`
+  (``row0``/``dst_page``: a prefill's fresh keys, or a completed working-set page at decode).
+* :func:`score_pages_grid` scores every candidate page of each request with the interface of
+  :func:`.scores.score_pages`: ``logsumexp`` over the page's tokens of ``q . k_hat / sqrt(D)`` per query
+  head, then the GQA aggregation.
+
+The grid (``lo``, ``step``) is an input ``[n_grids, Hkv, D]`` float32 with any row and head strides:
+one grid (``n_grids = 1``, broadcast), one per request, or rows picked by ``grid_index``.
+
+Scoring kernel. One program scores ``BLOCK_N`` pages of one (request, KV head), ``BLOCK_PG`` pages per
+step (``BLOCK_PG * P = 128`` token rows for ``P <= 128``). Per step it loads the pages' codes as a
+``[BLOCK_PG * P, D/4]`` byte tile (each page-head's ``P * D/4`` bytes are contiguous) and, for each
+quarter ``s`` of the channels, turns the 2-bit field into the bf16 value ``1 + c/4`` by bit operations
+(``(byte << (5 - 2s)) & 0x60 | 0x3F80``: the code lands in the two top mantissa bits of bf16 1.0; no
+int-to-float conversion) and accumulates a tensor-core ``tl.dot`` of that ``[BLOCK_PG * P, D/4]`` tile
+with the group's ``[D/4, 16]`` query side (query heads padded to 16 columns), fp32 accumulation. The
+query side, built once per program, is ``bf16(4 * q * step * log2(e) / sqrt(D))``; since
+``c + 0.5 = 4 (1 + c/4) - 3.5``, the logits in base 2 are ``dot - 0.875 * sum_d q_side + q . lo * log2(e) /
+sqrt(D)``, the last two terms one constant per query head. The ``[BLOCK_PG * P, 16]`` result is seen as
+``[BLOCK_PG, P, 16]``: max, ``exp2`` and sum over the tokens give each page's ``logsumexp``.
+
+Numerics: codes and the levels ``1 + c/4`` are exact in bf16; the query side is rounded to bf16 (relative
+error at most 2**-9 per channel), so a logit may differ from the float32 reference by up to
+``2**-9 * sum_d |q_d step_d| * 3.5 / sqrt(D)`` (the tests' tolerance), far below the grid's own
+quantization error. Under Triton's CPU interpreter the dots run in fp32 on the same bf16-rounded values.
+
+Not implemented: a per-page grid (``lo``/``step`` per host page, a box per page). It would dequantize the
+codes to ``lo_p + (c + 0.5) step_p`` on the M side and keep ``q`` unscaled on the N side (two more
+operations per code); the constant per head would become a per-page ``q . lo_p`` column.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from freekv_sglang.algorithm.grid_codes import PER_BYTE, grid_scores, pack_codes, quantize_keys
+from freekv_sglang.algorithm.scores import AGGREGATIONS, aggregate_gqa
+
+from .common import check_kv_dtype, check_page_size, cdiv, interpreter_forced, is_pow2, next_pow2, sm_count, tl, \
+    triton, use_triton
+from .scores import _candidates
+
+_AGG_CODE = {"mean": 0, "max": 1, "softmax-mean": 2}
+#: token rows per tensor-core step of the scoring kernel (pages x P)
+ROWS_PER_STEP = 128
+LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _pack_grid_codes_kernel(
+        src_ptr, row0_ptr, dst_ptr, gidx_ptr, lo_ptr, step_ptr, codes_ptr,
+        R, stride_sr, stride_sh, stride_lg, stride_lh, stride_tg, stride_th, stride_cp, stride_ch,
+        HAS_GIDX: tl.constexpr, PAGE: tl.constexpr, DQ: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        # grid: (M, Hkv). One program: one page x one KV head, P rows in chunks of BLOCK_P; for each quarter s
+        # of the channels the codes of channels s*DQ + j go to bits 2s of byte j.
+        m = tl.program_id(0)
+        h = tl.program_id(1).to(tl.int64)
+        row0 = tl.load(row0_ptr + m).to(tl.int64)
+        page = tl.load(dst_ptr + m).to(tl.int64)
+        if row0 >= 0:
+            if HAS_GIDX:
+                gi = tl.load(gidx_ptr + m).to(tl.int64)
+            else:
+                gi = 0
+            j = tl.arange(0, DQ)
+            i = tl.arange(0, BLOCK_P)
+            lo_row = lo_ptr + gi * stride_lg + h * stride_lh
+            st_row = step_ptr + gi * stride_tg + h * stride_th
+            out = codes_ptr + page * stride_cp + h * stride_ch
+            for c in tl.static_range(0, PAGE, BLOCK_P):
+                r = row0 + c + i
+                ok = (r < R)[:, None]
+                byte = tl.zeros([BLOCK_P, DQ], dtype=tl.int32)
+                for s in tl.static_range(4):
+                    lo = tl.load(lo_row + s * DQ + j)
+                    st = tl.load(st_row + s * DQ + j)
+                    t2 = lo + st * 2.0  # as algorithm.grid_codes.grid_thresholds: one rounding each
+                    t1 = lo + st
+                    t3 = t2 + st
+                    x = tl.load(src_ptr + (r * stride_sr + h * stride_sh)[:, None] + (s * DQ + j)[None, :],
+                                mask=ok, other=0.0).to(tl.float32)
+                    code = (x >= t1[None, :]).to(tl.int32) + (x >= t2[None, :]).to(tl.int32) \
+                        + (x >= t3[None, :]).to(tl.int32)
+                    byte = byte | (code << (2 * s))
+                tl.store(out + (c + i)[:, None] * DQ + j[None, :], byte.to(tl.uint8), mask=ok)
+
+    @triton.jit
+    def _round_to_bf16(x):
+        """fp32 ``x`` rounded to the nearest bf16 value (ties to even), kept in fp32. Written with integer
+        operations: Triton's CPU interpreter truncates in ``.to(tl.bfloat16)``; the GPU rounds as here."""
+        u = x.to(tl.int32, bitcast=True)
+        u = (u + (0x7FFF + ((u >> 16) & 1))) & -65536
+        return u.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, S: tl.constexpr, G: tl.constexpr,
+                         BLOCK_G: tl.constexpr, DQ: tl.constexpr):
+        """Quarter ``S`` of the query side, ``[DQ, BLOCK_G]`` bf16 ``4 * qk_scale * q * step`` (transposed),
+        and its part of the per-head constant, ``[BLOCK_G]`` fp32 ``qk_scale * q . lo - 0.875 * sum(side)``."""
+        j = tl.arange(0, DQ)
+        g = tl.arange(0, BLOCK_G)
+        d = S * DQ + j
+        qt = tl.load(q_row + g[None, :] * stride_qh + d[:, None], mask=(g < G)[None, :], other=0.0).to(tl.float32)
+        lo = tl.load(lo_row + d)
+        st = tl.load(st_row + d)
+        side = _round_to_bf16(qt * (st * (4.0 * qk_scale))[:, None])
+        const = tl.sum(qt * lo[:, None], axis=0) * qk_scale - 0.875 * tl.sum(side, axis=0)
+        return side.to(tl.bfloat16), const
+
+    @triton.jit
+    def _grid_levels(x16, S: tl.constexpr):
+        """bf16 ``1 + c/4`` of the 2-bit field ``S`` of int16 bytes ``x16`` (bit operations only)."""
+        if S == 3:
+            t = (x16 >> 1) & 0x60
+        else:
+            t = (x16 << (5 - 2 * S)) & 0x60
+        return (t | 0x3F80).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _grid_dot(a, b, acc, F32_DOT: tl.constexpr):
+        if F32_DOT:  # Triton's CPU interpreter gets bf16 dots wrong; the same bf16 values in fp32
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _grid_page_lse(codes_ptr, hp, h, cand, q0, q1, q2, q3, const, stride_cp, stride_ch,
+                       PAGE: tl.constexpr, BLOCK_PG: tl.constexpr, DQ: tl.constexpr, BLOCK_G: tl.constexpr,
+                       F32_DOT: tl.constexpr):
+        """``[BLOCK_PG, BLOCK_G]`` fp32 natural-log ``logsumexp`` over each page's tokens of the logits of host
+        pages ``hp [BLOCK_PG]`` (KV head ``h``; ``cand``: pages to read, others score garbage) against the query
+        side ``q0..q3`` / ``const`` of :func:`_grid_query_side`."""
+        t = tl.arange(0, PAGE)
+        j = tl.arange(0, DQ)
+        base = hp * stride_cp + h * stride_ch
+        ptr = codes_ptr + base[:, None, None] + (t * DQ)[None, :, None] + j[None, None, :]
+        x = tl.load(ptr, mask=cand[:, None, None], other=0)
+        x16 = tl.reshape(x, [BLOCK_PG * PAGE, DQ]).to(tl.int16)
+        acc = tl.zeros([BLOCK_PG * PAGE, BLOCK_G], dtype=tl.float32)
+        acc = _grid_dot(_grid_levels(x16, 0), q0, acc, F32_DOT)
+        acc = _grid_dot(_grid_levels(x16, 1), q1, acc, F32_DOT)
+        acc = _grid_dot(_grid_levels(x16, 2), q2, acc, F32_DOT)
+        acc = _grid_dot(_grid_levels(x16, 3), q3, acc, F32_DOT)
+        s3 = tl.reshape(acc, [BLOCK_PG, PAGE, BLOCK_G])
+        mx = tl.max(s3, axis=1)
+        tot = tl.sum(tl.exp2(s3 - mx[:, None, :]), axis=1)
+        return (mx + tl.log2(tot) + const[None, :]) * 0.6931471805599453
+
+    @triton.jit
+    def _score_pages_grid_kernel(
+        q_ptr, codes_ptr, lo_ptr, step_ptr, gidx_ptr, r2t_ptr, rpi_ptr, nctx_ptr, hmask_ptr, out_ptr,
+        stride_qb, stride_qh, stride_lg, stride_lh, stride_tg, stride_th, stride_cp, stride_ch,
+        stride_r2t, stride_ob, stride_oh, max_pages, n_sink, n_window, qk_scale,
+        HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, DQ: tl.constexpr, PAGE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_PG: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr,
+        HAS_GIDX: tl.constexpr, F32_DOT: tl.constexpr, STAGES: tl.constexpr,
+    ):
+        # One program: BLOCK_N pages x one (request, KV head), BLOCK_PG pages per step. Grid
+        # (cdiv(max_pages, BLOCK_N), B * Hkv).
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // HKV
+        h = bh % HKV
+        n = tl.load(nctx_ptr + b).to(tl.int64)
+        n_pages = (n + PAGE - 1) // PAGE
+        ws = tl.maximum(n_pages - n_window, n_sink)
+        act = True
+        if HAS_MASK:
+            act = tl.load(hmask_ptr + bh) != 0
+        g = tl.arange(0, BLOCK_G)
+        gmask = g < G
+        i = tl.arange(0, BLOCK_PG)
+        neg_inf = float("-inf")
+        start = pid_n * BLOCK_N
+        if act & (start < ws):
+            if HAS_GIDX:
+                gi = tl.load(gidx_ptr + b).to(tl.int64)
+            else:
+                gi = b
+            q_row = q_ptr + b * stride_qb + h * G * stride_qh
+            lo_row = lo_ptr + gi * stride_lg + h * stride_lh
+            st_row = step_ptr + gi * stride_tg + h * stride_th
+            q0, c0 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 0, G, BLOCK_G, DQ)
+            q1, c1 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 1, G, BLOCK_G, DQ)
+            q2, c2 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 2, G, BLOCK_G, DQ)
+            q3, c3 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 3, G, BLOCK_G, DQ)
+            const = c0 + c1 + c2 + c3
+            r2t_row = r2t_ptr + tl.load(rpi_ptr + b).to(tl.int64) * stride_r2t
+            for c in tl.range(0, BLOCK_N, BLOCK_PG, num_stages=STAGES):
+                p = start + c + i
+                in_range = p < max_pages
+                cand = in_range & (p >= n_sink) & (p < ws)
+                hp = tl.load(r2t_row + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64) // PAGE
+                lse = _grid_page_lse(codes_ptr, hp, h, cand, q0, q1, q2, q3, const, stride_cp, stride_ch,
+                                     PAGE, BLOCK_PG, DQ, BLOCK_G, F32_DOT)
+                if AGG == 2:
+                    o = out_ptr + b * stride_ob + (h * G + g)[None, :] * stride_oh + p[:, None]
+                    tl.store(o, tl.where(cand[:, None], lse, neg_inf), mask=in_range[:, None] & gmask[None, :])
+                else:
+                    if AGG == 0:
+                        agg = tl.sum(tl.where(gmask[None, :], lse, 0.0), axis=1) / G
+                    else:
+                        agg = tl.max(tl.where(gmask[None, :], lse, neg_inf), axis=1)
+                    tl.store(out_ptr + b * stride_ob + h * stride_oh + p, tl.where(cand, agg, neg_inf),
+                             mask=in_range)
+        else:  # no candidate in this block, or a head the mask leaves alone
+            p = start + tl.arange(0, BLOCK_N)
+            in_range = p < max_pages
+            if AGG == 2:
+                o = out_ptr + b * stride_ob + (h * G + g)[None, :] * stride_oh + p[:, None]
+                tl.store(o, tl.full([BLOCK_N, BLOCK_G], neg_inf, tl.float32),
+                         mask=in_range[:, None] & gmask[None, :])
+            else:
+                tl.store(out_ptr + b * stride_ob + h * stride_oh + p, tl.full([BLOCK_N], neg_inf, tl.float32),
+                         mask=in_range)
+
+
+def check_grid_head_dim(d: int) -> None:
+    if not is_pow2(d) or d < 64:
+        raise NotImplementedError(f"head dim {d} is not supported by the grid-code kernels: need a power of two "
+                                  ">= 64 (each quarter of the channels is a dot of K >= 16)")
+
+
+def _check_grid(lo: torch.Tensor, step: torch.Tensor, hkv: int, d: int) -> None:
+    if lo.dim() != 3 or lo.shape[1:] != (hkv, d) or step.shape != lo.shape:
+        raise ValueError(f"lo/step must be [n_grids, Hkv, D] = [*, {hkv}, {d}], got {tuple(lo.shape)} / "
+                         f"{tuple(step.shape)}")
+    if lo.dtype != torch.float32 or step.dtype != torch.float32 or lo.stride(2) != 1 or step.stride(2) != 1:
+        raise ValueError("lo/step must be float32 with contiguous channels")
+
+
+def _grid_rows(t: torch.Tensor, n: int, index: torch.Tensor | None) -> torch.Tensor:
+    """``[n, Hkv, D]`` grid rows: ``t[index]``, or ``t`` broadcast (one row) / as is (``n`` rows)."""
+    if index is not None:
+        return t[index.to(t.device).long()]
+    if t.shape[0] not in (1, n):
+        raise ValueError(f"{t.shape[0]} grids for {n} entries: pass grid_index")
+    return t.expand(n, *t.shape[1:])
+
+
+def pack_grid_codes_reference(src, row0, dst_page, codes, lo, step, *, page_size, grid_index=None):
+    """Plain-torch :func:`pack_grid_codes` (any device), built on ``algorithm.grid_codes``."""
+    row0 = row0.to(src.device).long()
+    valid = row0 >= 0
+    m = int(valid.sum())
+    if m == 0:
+        return
+    hkv, d = src.shape[1:]
+    rows = (row0[valid][:, None] + torch.arange(page_size, device=src.device)).reshape(-1)
+    gi = grid_index.to(src.device)[valid] if grid_index is not None else None
+    lo_m = _grid_rows(lo.to(src.device), m, gi)  # [M', Hkv, D]
+    st_m = _grid_rows(step.to(src.device), m, gi)
+    keys = src[rows].view(m, page_size, hkv, d)
+    c = quantize_keys(keys, lo_m[:, None], st_m[:, None])  # [M', P, Hkv, D]
+    packed = pack_codes(c).permute(0, 2, 1, 3)  # [M', Hkv, P, D/4]
+    codes[dst_page.to(codes.device).long()[valid.to(codes.device)]] = packed.to(codes.device)
+
+
+def pack_grid_codes(src: torch.Tensor, row0: torch.Tensor, dst_page: torch.Tensor, codes: torch.Tensor,
+                    lo: torch.Tensor, step: torch.Tensor, *, page_size: int, grid_index: torch.Tensor | None = None,
+                    impl: str | None = None) -> None:
+    """Quantize ``P`` consecutive rows of ``src`` per listed page into ``codes``, in place.
+
+    For each listed page ``m`` (``row0[m] >= 0``) and KV head ``h``, with grid row ``gi = grid_index[m]``
+    (``0`` without ``grid_index``)::
+
+        codes[dst_page[m], h, i, :] = pack(quantize(src[row0[m] + i, h, :], lo[gi, h], step[gi, h]))
+
+    Args:
+        src: ``[R, Hkv, D]`` bf16/fp16 keys (rows may be strided; channels contiguous): a prefill's fresh
+            keys (pages start at multiples of ``P``) or ``ws_k.view(-1, Hkv, D)`` (slot ``s`` = rows ``s*P ..``).
+        row0: int ``[M]`` first row of each page; ``< 0`` = skip (callers list whole pages; rows past ``R`` are
+            not written).
+        dst_page: int ``[M]`` host page of each entry (first index of ``codes``).
+        codes: uint8 ``[n_host_pages, Hkv, P, D/4]``; each page-head ``[P, D/4]`` contiguous (any page and
+            head strides). Written at the listed pages only.
+        lo, step: float32 ``[n_grids, Hkv, D]`` grid (any row/head strides, channels contiguous).
+        grid_index: int ``[M]`` grid row of each page; ``None`` needs ``n_grids == 1``.
+    """
+    r, hkv, d = src.shape
+    m = row0.shape[0]
+    if codes.dim() != 4 or codes.shape[1:] != (hkv, page_size, d // PER_BYTE) or codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8 [pages, {hkv}, {page_size}, {d // PER_BYTE}], got "
+                         f"{tuple(codes.shape)} {codes.dtype}")
+    if dst_page.shape != (m,) or (grid_index is not None and grid_index.shape != (m,)):
+        raise ValueError(f"row0 {tuple(row0.shape)}, dst_page {tuple(dst_page.shape)} and grid_index must match")
+    _check_grid(lo, step, hkv, d)
+    if grid_index is None and lo.shape[0] != 1:
+        raise ValueError(f"{lo.shape[0]} grids: pass grid_index")
+    if not use_triton(impl, src, row0, dst_page, codes):
+        return pack_grid_codes_reference(src, row0, dst_page, codes, lo, step, page_size=page_size,
+                                         grid_index=grid_index)
+    check_grid_head_dim(d)
+    check_page_size(page_size)
+    check_kv_dtype(src.dtype)
+    if codes.stride(3) != 1 or codes.stride(2) != d // PER_BYTE:
+        raise ValueError("each page-head [P, D/4] of codes must be contiguous")
+    if src.stride(2) != 1:
+        src = src.contiguous()
+    if m == 0:
+        return
+    dq = d // PER_BYTE
+    block_p = min(page_size, max(1, 4096 // d))
+    gidx = grid_index if grid_index is not None else row0  # dummy pointer when absent
+    _pack_grid_codes_kernel[(m, hkv)](
+        src, row0, dst_page, gidx, lo, step, codes, r, src.stride(0), src.stride(1),
+        lo.stride(0), lo.stride(1), step.stride(0), step.stride(1), codes.stride(0), codes.stride(1),
+        HAS_GIDX=grid_index is not None, PAGE=page_size, DQ=dq, BLOCK_P=block_p, num_warps=4,
+    )
+
+
+def score_pages_grid_reference(q, codes, lo, step, req_to_token, req_pool_idx, n_ctx, head_mask, out, *, page_size,
+                               n_sink, n_window, aggregation, grid_index=None):
+    """Plain-torch :func:`score_pages_grid` (any device): ``algorithm.grid_codes.grid_scores`` of the
+    candidates' codes + ``aggregate_gqa``."""
+    b, hq, d = q.shape
+    hkv = codes.shape[1]
+    max_pages = out.shape[2]
+    valid = _candidates(n_ctx, max_pages, page_size, n_sink, n_window)  # [B, Np]
+    pos = torch.arange(max_pages, device=q.device) * page_size
+    tok = req_to_token[req_pool_idx.long()][:, pos].long()  # [B, Np]
+    hp = torch.where(valid, tok // page_size, torch.zeros_like(tok))
+    lo_b = _grid_rows(lo.to(q.device), b, grid_index)
+    st_b = _grid_rows(step.to(q.device), b, grid_index)
+    s = grid_scores(q, codes[hp.to(codes.device)].to(q.device), lo_b, st_b)  # [B, Hq, Np]
+    agg = aggregate_gqa(s, hkv, aggregation, valid, head_dim=d)
+    if head_mask is not None:
+        agg = agg.masked_fill(~head_mask.bool()[:, :, None], float("-inf"))
+    out.copy_(agg)
+    return out
+
+
+def grid_block_pages(page_size: int, block_n: int) -> int:
+    """Pages per tensor-core step: :data:`ROWS_PER_STEP` token rows (one page when ``P`` is larger)."""
+    return min(block_n, max(1, ROWS_PER_STEP // page_size))
+
+
+def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
+                     req_to_token: torch.Tensor, req_pool_idx: torch.Tensor, n_ctx: torch.Tensor,
+                     head_mask: torch.Tensor | None, out: torch.Tensor, *, page_size: int, n_sink: int,
+                     n_window: int, aggregation: str, grid_index: torch.Tensor | None = None,
+                     head_scores: torch.Tensor | None = None, block_n: int | None = None,
+                     block_pages: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                     impl: str | None = None) -> torch.Tensor:
+    """GQA-aggregated ``grid2`` scores of every candidate page of each request (see module docstring).
+
+    Args:
+        q: ``[B, Hq, D]`` post-RoPE queries, bf16/fp16 (rows/heads may be strided).
+        codes: uint8 ``[n_host_pages, Hkv, P, D/4]`` packed codes (:func:`pack_grid_codes`), indexed by host
+            page; each page-head ``[P, D/4]`` contiguous, any page and head strides.
+        lo, step: float32 ``[n_grids, Hkv, D]`` grid (any row/head strides, channels contiguous): one grid
+            (``n_grids = 1``), one per request (``n_grids = B``), or rows ``grid_index [B]``.
+        req_to_token, req_pool_idx, n_ctx, head_mask, out, page_size, n_sink, n_window, aggregation,
+        head_scores: as :func:`.scores.score_pages` (candidates, ``-inf`` elsewhere and for masked heads).
+        block_n: pages per program (a power of two >= 16; default: the largest of 16..128 that still gives two
+            programs per SM); block_pages: pages per tensor-core step (default :func:`grid_block_pages`);
+            num_warps, num_stages: the program's warps and software-pipeline depth (tuning only).
+    Returns ``out``. No host synchronisation (graph-capturable).
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown GQA aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    b, hq, d = q.shape
+    hkv = codes.shape[1]
+    max_pages = out.shape[2]
+    if codes.dim() != 4 or codes.shape[2:] != (page_size, d // PER_BYTE) or codes.dtype != torch.uint8 \
+            or hq % hkv or out.shape[:2] != (b, hkv) or out.dtype != torch.float32:
+        raise ValueError(f"shape/dtype mismatch: q {tuple(q.shape)}, codes {tuple(codes.shape)} {codes.dtype}, "
+                         f"out {tuple(out.shape)} {out.dtype}")
+    _check_grid(lo, step, hkv, d)
+    if grid_index is not None and grid_index.shape != (b,):
+        raise ValueError(f"grid_index must be [B] = [{b}], got {tuple(grid_index.shape)}")
+    if grid_index is None and lo.shape[0] not in (1, b):
+        raise ValueError(f"{lo.shape[0]} grids for {b} requests: pass grid_index")
+    if max_pages * page_size > req_to_token.shape[1]:
+        raise ValueError(f"out has {max_pages} pages but req_to_token rows hold only {req_to_token.shape[1]} tokens")
+    if head_mask is not None and (head_mask.shape != (b, hkv) or head_mask.dtype != torch.bool):
+        raise ValueError(f"head_mask must be bool [B, Hkv] = {(b, hkv)}, got {tuple(head_mask.shape)}")
+    if not use_triton(impl, q, codes, out):
+        return score_pages_grid_reference(q, codes, lo, step, req_to_token, req_pool_idx, n_ctx, head_mask, out,
+                                          page_size=page_size, n_sink=n_sink, n_window=n_window,
+                                          aggregation=aggregation, grid_index=grid_index)
+    check_grid_head_dim(d)
+    check_page_size(page_size)
+    check_kv_dtype(q.dtype)
+    if codes.stride(3) != 1 or codes.stride(2) != d // PER_BYTE or not out.is_contiguous() \
+            or req_to_token.stride(1) != 1:
+        raise ValueError("each page-head [P, D/4] of codes must be contiguous, out contiguous, req_to_token rows "
+                         "contiguous")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    g = hq // hkv
+    agg = _AGG_CODE[aggregation]
+    if agg == 2:
+        if head_scores is None:
+            head_scores = torch.empty((b, hq, max_pages), dtype=torch.float32, device=out.device)
+        elif head_scores.shape != (b, hq, max_pages) or head_scores.dtype != torch.float32 \
+                or not head_scores.is_contiguous():
+            raise ValueError(f"head_scores must be contiguous float32 {(b, hq, max_pages)}")
+        dst = head_scores
+    else:
+        dst = out
+    if b == 0 or max_pages == 0:
+        return out
+    if block_n is None:
+        block_n = 128
+        while block_n > 16 and cdiv(max_pages, block_n) * b * hkv < 2 * sm_count(out.device):
+            block_n //= 2
+    if not is_pow2(block_n) or block_n < 16:
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    bpg = grid_block_pages(page_size, block_n) if block_pages is None else block_pages
+    if not is_pow2(bpg) or block_n % bpg or bpg * page_size < 16:
+        raise ValueError(f"block_pages={bpg} must be a power of two dividing block_n={block_n}, with "
+                         f"block_pages * page_size >= 16")
+    hmask = head_mask.contiguous().view(torch.uint8) if head_mask is not None else out  # dummy pointer when absent
+    gidx = grid_index if grid_index is not None else req_pool_idx  # dummy pointer when absent
+    stride_lg = lo.stride(0) if lo.shape[0] > 1 or grid_index is not None else 0
+    stride_tg = step.stride(0) if step.shape[0] > 1 or grid_index is not None else 0
+    _score_pages_grid_kernel[(cdiv(max_pages, block_n), b * hkv)](
+        q, codes, lo, step, gidx, req_to_token, req_pool_idx, n_ctx, hmask, dst,
+        q.stride(0), q.stride(1), stride_lg, lo.stride(1), stride_tg, step.stride(1), codes.stride(0),
+        codes.stride(1), req_to_token.stride(0), dst.stride(0), dst.stride(1), max_pages, n_sink, n_window,
+        LOG2E / math.sqrt(d),
+        HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), DQ=d // PER_BYTE, PAGE=page_size, BLOCK_N=block_n,
+        BLOCK_PG=bpg, AGG=agg, HAS_MASK=head_mask is not None, HAS_GIDX=grid_index is not None,
+        F32_DOT=interpreter_forced(), STAGES=num_stages, num_warps=num_warps,
+    )
+    if agg == 2:
+        valid = _candidates(n_ctx, max_pages, page_size, n_sink, n_window)
+        res = aggregate_gqa(head_scores, hkv, "softmax-mean", valid, head_dim=d)
+        if head_mask is not None:
+            res = res.masked_fill(~head_mask[:, :, None], float("-inf"))
+        out.copy_(res)
+    return out

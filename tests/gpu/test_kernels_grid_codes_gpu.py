@@ -1,0 +1,55 @@
+"""The grid-code kernels (``kernels/grid_codes.py``, Triton on the GPU) vs their torch references: packing bit for
+bit, scores against the kernel's numerics in torch (float32 rounding) and against the float32 reference (within
+the bf16 rounding of the query side). Checks in ``tests/grid_cases.py`` (shared with the CPU interpreter test)."""
+
+import pytest
+import torch
+
+from grid_cases import check_pack, check_scores
+
+DTYPES = (torch.bfloat16, torch.float16)
+LARGE_Q_SCALE = 64.0  # as tests/kernel_cases.py
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("p,hkv,rows", [(32, 8, 1), (16, 3, 4), (256, 1, 2), (8, 2, 1)])
+def test_pack_grid_codes_gpu(dtype, d, p, hkv, rows):
+    check_pack("cuda", dtype, p, hkv, d, seed=p + d, grid_rows=rows, zero_step=rows == 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("grp", [1, 3, 4, 7])
+@pytest.mark.parametrize("agg", ["mean", "max", "softmax-mean"])
+def test_score_pages_grid_gpu(dtype, d, grp, agg):
+    """131 pages of 32 (not a multiple of any block), 4 KV heads, 5 requests (one without candidates), default
+    launch shape, with and without a head mask."""
+    for masked in (False, True):
+        check_scores("cuda", dtype, grp, d, aggregation=agg, page=32, hkv=4, b=5, max_pages=131, n_sink=4,
+                     n_window=4, masked=masked, seed=grp + d)
+
+
+@pytest.mark.parametrize("grp,d,page,mode", [(4, 128, 32, "per_request"), (3, 64, 16, "index"),
+                                             (7, 128, 256, "index"), (4, 64, 8, "one")])
+@pytest.mark.parametrize("block_n,warps,stages", [(16, 4, 2), (64, 4, 2), (128, 8, 3), (32, 4, 1)])
+def test_score_pages_grid_shapes_gpu(grp, d, page, mode, block_n, warps, stages):
+    """Grids per request and indexed (strided rows); pages of 8 to 256; the launch shapes the benchmark sweeps."""
+    check_scores("cuda", torch.bfloat16, grp, d, page=page, hkv=2, b=3, max_pages=75, grid_mode=mode, masked=True,
+                 block_n=block_n, num_warps=warps, num_stages=stages, seed=11)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grp,d", [(3, 64), (4, 128)])
+@pytest.mark.parametrize("agg", ["mean", "max"])
+def test_score_pages_grid_large_queries_gpu(dtype, grp, d, agg):
+    """Queries 64 times standard normal: page scores in the hundreds."""
+    out, ref = check_scores("cuda", dtype, grp, d, aggregation=agg, page=32, hkv=4, b=4, max_pages=90,
+                            q_scale=LARGE_Q_SCALE, grid_mode="per_request", seed=3)
+    assert float(ref[torch.isfinite(ref)].abs().max()) > 100
+
+
+@pytest.mark.parametrize("grp,d", [(4, 128), (3, 64)])
+def test_score_pages_grid_head_major_gpu(grp, d):
+    """Codes stored head-major (``[Hkv, pages, P, D/4]`` seen through strides)."""
+    check_scores("cuda", torch.bfloat16, grp, d, page=32, hkv=4, b=3, max_pages=70, head_major=True, seed=5)
