@@ -156,6 +156,38 @@ if triton is not None:
         return (mx + tl.log2(tot) + const[None, :]) * 0.6931471805599453
 
     @triton.jit
+    def _grid_block_scores(q_row, stride_qh, codes_ptr, r2t_row, lo_row, st_row, qk_scale, start, ws, n_sink, live,
+                           h, stride_cp, stride_ch, G: tl.constexpr, BLOCK_G: tl.constexpr, DQ: tl.constexpr,
+                           PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_PG: tl.constexpr, AGG: tl.constexpr,
+                           F32_DOT: tl.constexpr):
+        """``[BLOCK_N]`` fp32 GQA-aggregated (``AGG`` 0: mean, 1: max) scores of logical pages ``start ..
+        start + BLOCK_N`` of one (request, KV head), for the fused selection (``.score_select``); entries of
+        pages that are not candidates (``p < n_sink``, ``p >= ws`` or not ``live``) are not meaningful. Each
+        step's ``BLOCK_PG`` scores are placed into the block's vector by a compare-and-select."""
+        q0, c0 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 0, G, BLOCK_G, DQ)
+        q1, c1 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 1, G, BLOCK_G, DQ)
+        q2, c2 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 2, G, BLOCK_G, DQ)
+        q3, c3 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 3, G, BLOCK_G, DQ)
+        const = c0 + c1 + c2 + c3
+        gmask = tl.arange(0, BLOCK_G) < G
+        i = tl.arange(0, BLOCK_PG)
+        n_idx = tl.arange(0, BLOCK_N)
+        res = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        for c in tl.range(0, BLOCK_N, BLOCK_PG):
+            p = start + c + i
+            cand = (p >= n_sink) & (p < ws) & live
+            hp = tl.load(r2t_row + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64) // PAGE
+            lse = _grid_page_lse(codes_ptr, hp, h, cand, q0, q1, q2, q3, const, stride_cp, stride_ch,
+                                 PAGE, BLOCK_PG, DQ, BLOCK_G, F32_DOT)
+            if AGG == 0:
+                agg = tl.sum(tl.where(gmask[None, :], lse, 0.0), axis=1) / G
+            else:
+                agg = tl.max(tl.where(gmask[None, :], lse, float("-inf")), axis=1)
+            sel = (c + i)[:, None] == n_idx[None, :]
+            res = tl.maximum(res, tl.max(tl.where(sel, agg[:, None], float("-inf")), axis=0))
+        return res
+
+    @triton.jit
     def _score_pages_grid_kernel(
         q_ptr, codes_ptr, lo_ptr, step_ptr, gidx_ptr, r2t_ptr, rpi_ptr, nctx_ptr, hmask_ptr, out_ptr,
         stride_qb, stride_qh, stride_lg, stride_lh, stride_tg, stride_th, stride_cp, stride_ch,
@@ -236,6 +268,22 @@ def _check_grid(lo: torch.Tensor, step: torch.Tensor, hkv: int, d: int) -> None:
                          f"{tuple(step.shape)}")
     if lo.dtype != torch.float32 or step.dtype != torch.float32 or lo.stride(2) != 1 or step.stride(2) != 1:
         raise ValueError("lo/step must be float32 with contiguous channels")
+
+
+def check_grid_codes_args(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
+                          grid_index: torch.Tensor | None, b: int, page_size: int) -> None:
+    """Shapes and dtypes of a scoring call's codes and grid (``b`` requests; ``q`` ``[*, Hq, D]``)."""
+    hq, d = q.shape[1:]
+    hkv = codes.shape[1] if codes.dim() == 4 else 0
+    if codes.dim() != 4 or codes.shape[2:] != (page_size, d // PER_BYTE) or codes.dtype != torch.uint8 \
+            or not hkv or hq % hkv:
+        raise ValueError(f"shape/dtype mismatch: q {tuple(q.shape)}, codes {tuple(codes.shape)} {codes.dtype} "
+                         f"(want uint8 [pages, Hkv, {page_size}, {d // PER_BYTE}])")
+    _check_grid(lo, step, hkv, d)
+    if grid_index is not None and grid_index.shape != (b,):
+        raise ValueError(f"grid_index must be [B] = [{b}], got {tuple(grid_index.shape)}")
+    if grid_index is None and lo.shape[0] not in (1, b):
+        raise ValueError(f"{lo.shape[0]} grids for {b} requests: pass grid_index")
 
 
 def _grid_rows(t: torch.Tensor, n: int, index: torch.Tensor | None) -> torch.Tensor:
@@ -371,15 +419,9 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
     b, hq, d = q.shape
     hkv = codes.shape[1]
     max_pages = out.shape[2]
-    if codes.dim() != 4 or codes.shape[2:] != (page_size, d // PER_BYTE) or codes.dtype != torch.uint8 \
-            or hq % hkv or out.shape[:2] != (b, hkv) or out.dtype != torch.float32:
-        raise ValueError(f"shape/dtype mismatch: q {tuple(q.shape)}, codes {tuple(codes.shape)} {codes.dtype}, "
-                         f"out {tuple(out.shape)} {out.dtype}")
-    _check_grid(lo, step, hkv, d)
-    if grid_index is not None and grid_index.shape != (b,):
-        raise ValueError(f"grid_index must be [B] = [{b}], got {tuple(grid_index.shape)}")
-    if grid_index is None and lo.shape[0] not in (1, b):
-        raise ValueError(f"{lo.shape[0]} grids for {b} requests: pass grid_index")
+    check_grid_codes_args(q, codes, lo, step, grid_index, b, page_size)
+    if out.shape[:2] != (b, hkv) or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 [B, Hkv, max_pages], got {tuple(out.shape)} {out.dtype}")
     if max_pages * page_size > req_to_token.shape[1]:
         raise ValueError(f"out has {max_pages} pages but req_to_token rows hold only {req_to_token.shape[1]} tokens")
     if head_mask is not None and (head_mask.shape != (b, hkv) or head_mask.dtype != torch.bool):

@@ -18,9 +18,14 @@ Keys order pages by score, then by lower page index on equal scores; a key of
 ``INT64_MIN`` marks "no page" (not a candidate, or a non-finite score). Only ``mean`` and
 ``max`` GQA aggregation are fused; ``softmax-mean`` needs whole rows and goes through
 ``score_pages`` + ``select_update``.
+
+With ``grid=(lo, step)`` the pages are scored from 2-bit grid codes (the ``grid2`` rule,
+:mod:`.grid_codes`) instead of Quest digests; the rest is the same.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -28,10 +33,13 @@ from freekv_sglang.algorithm.selection import sticky_scores
 
 from .common import (cdiv, check_head_dim, check_kv_dtype, check_page_size, interpreter_forced, next_pow2, sm_count, tl,
                      triton, use_triton)
+from .grid_codes import (LOG2E, check_grid_codes_args, check_grid_head_dim, grid_block_pages, score_pages_grid,
+                         score_pages_grid_reference)
 from .scores import score_pages, score_pages_reference
 from .select import _residency_row, select_update, select_update_reference
 
 if triton is not None:
+    from .grid_codes import _grid_block_scores
     from .scores import _group_bounds
 
 NO_KEY = -(2**63)
@@ -40,23 +48,30 @@ _LOW = 2**32 - 1
 if triton is not None:
 
     @triton.jit
-    def _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_ptr, pid_n, live, ws, n_sink, h,
-                    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr,
-                    F32_DOT: tl.constexpr, DSP: tl.constexpr, DSH: tl.constexpr):
+    def _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_ptr, pid_n, live, ws, n_sink, h, lo_row, st_row,
+                    qk_scale, HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr,
+                    F32_DOT: tl.constexpr, DSP: tl.constexpr, DSH: tl.constexpr, GRID: tl.constexpr,
+                    BLOCK_PG: tl.constexpr):
         """Score block ``pid_n`` (``BLOCK_N`` pages) of one (request, KV head); store its top ``KB`` keys
         (every key ``NO_KEY`` when not ``live``; nothing past block ``NB``). ``DSP``/``DSH``: digest
-        strides as :func:`.scores._group_bounds`."""
+        strides as :func:`.scores._group_bounds`. With ``GRID``, ``dig_ptr`` holds grid codes (``DSP``/``DSH``
+        their page/head strides) scored on the grid at ``lo_row``/``st_row`` (:mod:`.grid_codes`)."""
         p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cand = (p >= n_sink) & (p < ws) & live
-        tok = tl.load(r2t_row + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64)
-        hp = tok // PAGE
-        gmask = tl.arange(0, BLOCK_G) < G
-        s = _group_bounds(q_row, stride_qh, dig_ptr, hp, h, cand, HKV, G, BLOCK_G, D, F32_DOT, DSP, DSH)
-        if AGG == 0:
-            agg = tl.sum(tl.where(gmask[:, None], s, 0.0), axis=0) / G
+        if GRID:
+            agg = _grid_block_scores(q_row, stride_qh, dig_ptr, r2t_row, lo_row, st_row, qk_scale, pid_n * BLOCK_N,
+                                     ws, n_sink, live, h, DSP, DSH, G, BLOCK_G, D // 4, PAGE, BLOCK_N, BLOCK_PG, AGG,
+                                     F32_DOT)
         else:
-            agg = tl.max(tl.where(gmask[:, None], s, float("-inf")), axis=0)
+            tok = tl.load(r2t_row + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64)
+            hp = tok // PAGE
+            gmask = tl.arange(0, BLOCK_G) < G
+            s = _group_bounds(q_row, stride_qh, dig_ptr, hp, h, cand, HKV, G, BLOCK_G, D, F32_DOT, DSP, DSH)
+            if AGG == 0:
+                agg = tl.sum(tl.where(gmask[:, None], s, 0.0), axis=0) / G
+            else:
+                agg = tl.max(tl.where(gmask[:, None], s, float("-inf")), axis=0)
         ok = cand & (agg == agg) & (agg != float("inf")) & (agg != float("-inf"))
         bits = agg.to(tl.int32, bitcast=True)
         mono = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
@@ -68,12 +83,13 @@ if triton is not None:
 
     @triton.jit
     def _score_block_topk_kernel(
-        q_ptr, qidx_ptr, dig_ptr, r2t_ptr, rows_ptr, nctx_ptr, hmask_ptr, keys_ptr,
-        stride_qb, stride_qh, stride_r2t, n_sink, n_window,
+        q_ptr, qidx_ptr, dig_ptr, r2t_ptr, rows_ptr, nctx_ptr, hmask_ptr, keys_ptr, lo_ptr, st_ptr, gidx_ptr,
+        stride_qb, stride_qh, stride_r2t, n_sink, n_window, stride_lg, stride_lh, stride_tg, stride_th, qk_scale,
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr,
         Q_BY_ROW: tl.constexpr, F32_DOT: tl.constexpr, HEADS_FAST: tl.constexpr, SUB: tl.constexpr,
-        STAGES: tl.constexpr, DSP: tl.constexpr, DSH: tl.constexpr,
+        STAGES: tl.constexpr, DSP: tl.constexpr, DSH: tl.constexpr, GRID: tl.constexpr, BLOCK_PG: tl.constexpr,
+        HAS_GIDX: tl.constexpr,
     ):
         # One program: SUB consecutive blocks of BLOCK_N pages of one (request, KV head), the blocks in a
         # software-pipelined loop when SUB > 1. Grid (cdiv(NB, SUB), B * Hkv), or with HEADS_FAST
@@ -99,17 +115,25 @@ if triton is not None:
         q_row = q_ptr + qb * stride_qb + h * G * stride_qh
         r2t_row = r2t_ptr + tl.load(rows_ptr + b).to(tl.int64) * stride_r2t
         keys_row = keys_ptr + bh * NB * KB
+        if HAS_GIDX:  # grid codes: the request's grid row (else row b, or row 0 through a zero stride)
+            gi = tl.load(gidx_ptr + b).to(tl.int64)
+        else:
+            gi = b
+        lo_row = lo_ptr + gi * stride_lg + h * stride_lh
+        st_row = st_ptr + gi * stride_tg + h * stride_th
         if SUB == 1:
             live = act & (pid_p * BLOCK_N < ws)
             if live:  # blocks past the candidates are never read by the merge: no store
-                _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_p, live, ws, n_sink, h, HKV, G,
-                            BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT, DSP, DSH)
+                _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_p, live, ws, n_sink, h, lo_row, st_row,
+                            qk_scale, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT, DSP, DSH, GRID,
+                            BLOCK_PG)
         elif act & (pid_p * SUB * BLOCK_N < ws):  # a span wholly past the candidates (or a head the mask
             # leaves alone) does nothing: the merge reads only live blocks' keys
             for j in tl.range(0, SUB, num_stages=STAGES):
                 pid_n = pid_p * SUB + j
                 _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_n, pid_n * BLOCK_N < ws, ws,
-                            n_sink, h, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT, DSP, DSH)
+                            n_sink, h, lo_row, st_row, qk_scale, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG,
+                            F32_DOT, DSP, DSH, GRID, BLOCK_PG)
 
     @triton.jit
     def _merge_select_kernel(
@@ -210,15 +234,20 @@ def selection_scratch_size(batch: int, n_kv_heads: int, max_pages: int, k: int, 
 
 def score_and_select_reference(q, digests, req_to_token, rows, n_ctx, head_mask, resident, k, recall_slot,
                                recall_page, counter=None, *, max_pages, page_size, n_sink, n_window, aggregation,
-                               q_index=None, margin=0):
-    """Plain torch: :func:`.scores.score_pages_reference`, the hysteresis of
+                               q_index=None, margin=0, grid=None, grid_index=None):
+    """Plain torch: :func:`.scores.score_pages_reference` (with ``grid``:
+    :func:`.grid_codes.score_pages_grid_reference`), the hysteresis of
     :func:`freekv_sglang.algorithm.selection.sticky_scores` (``margin > 0``), then
     :func:`.select.select_update_reference`."""
     if q_index is not None:
         q = q[q_index.long()]
     out = torch.empty((q.shape[0], digests.shape[1], max_pages), dtype=torch.float32, device=q.device)
-    score_pages_reference(q, digests, req_to_token, rows, n_ctx, head_mask, out, page_size=page_size,
-                          n_sink=n_sink, n_window=n_window, aggregation=aggregation)
+    kw = dict(page_size=page_size, n_sink=n_sink, n_window=n_window, aggregation=aggregation)
+    if grid is not None:
+        score_pages_grid_reference(q, digests, grid[0], grid[1], req_to_token, rows, n_ctx, head_mask, out,
+                                   grid_index=grid_index, **kw)
+    else:
+        score_pages_reference(q, digests, req_to_token, rows, n_ctx, head_mask, out, **kw)
     if margin:
         out = sticky_scores(out, resident[rows.long()], k, margin)
     select_update_reference(out, resident, rows, head_mask, k, recall_slot, recall_page, counter)
@@ -231,7 +260,9 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                      q_index: torch.Tensor | None = None, keys: torch.Tensor | None = None,
                      impl: str | None = None, block_n: int | None = None, num_warps: int | None = None,
                      margin: int = 0, heads_fast: bool = False, blocks_per_program: int | None = None,
-                     num_stages: int | None = None, merge_warps: int | None = None) -> None:
+                     num_stages: int | None = None, merge_warps: int | None = None,
+                     grid: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     grid_index: torch.Tensor | None = None) -> None:
     """Select the top-``k`` candidate pages per (request, KV head) and update residency, in place.
 
     Args:
@@ -258,6 +289,11 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
             ``num_stages`` stages when more than one (tuning only; default 1 and 2 unless
             :func:`launch_shape` chooses).
         merge_warps: warps of the merge program (default 4 up to 1024 keys per row, else 8).
+        grid: ``(lo, step)`` to score with 2-bit grid codes (the ``grid2`` rule, :mod:`.grid_codes`) instead of
+            Quest: ``digests`` is then the codes ``[n_host_pages, Hkv, P, D/4]`` uint8 and ``lo``/``step`` the
+            float32 ``[n_grids, Hkv, D]`` grid as :func:`.grid_codes.score_pages_grid` takes it, rows picked
+            by ``grid_index [B]`` (else row ``b``, or the one row). Each scoring block then runs ``BLOCK_N / BLOCK_PG``
+            tensor-core steps (:func:`.grid_codes.grid_block_pages`).
     No host synchronisation; CUDA-graph capturable.
     """
     if margin < 0:
@@ -266,24 +302,34 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         return score_and_select_reference(q, digests, req_to_token, rows, n_ctx, head_mask, resident, k,
                                           recall_slot, recall_page, counter, max_pages=max_pages,
                                           page_size=page_size, n_sink=n_sink, n_window=n_window,
-                                          aggregation=aggregation, q_index=q_index, margin=margin)
+                                          aggregation=aggregation, q_index=q_index, margin=margin, grid=grid,
+                                          grid_index=grid_index)
     b = rows.shape[0]
-    _, hkv, two, d = digests.shape
+    if grid is not None:  # codes [pages, Hkv, P, D/4]: checked as score_pages_grid checks them
+        hkv, d, two = digests.shape[1], q.shape[2], 2
+        check_grid_codes_args(q, digests, grid[0], grid[1], grid_index, b, page_size)
+    else:
+        _, hkv, two, d = digests.shape
     hq = q.shape[1]
     if b == 0:
         return
     if aggregation == "softmax-mean":  # needs whole rows: unfused path
         qq = q[q_index.long()] if q_index is not None else q
         out = torch.empty((b, hkv, max_pages), dtype=torch.float32, device=q.device)
-        score_pages(qq, digests, req_to_token, rows, n_ctx, head_mask, out, page_size=page_size, n_sink=n_sink,
-                    n_window=n_window, aggregation=aggregation, impl=impl)
+        if grid is not None:
+            score_pages_grid(qq, digests, grid[0], grid[1], req_to_token, rows, n_ctx, head_mask, out,
+                             page_size=page_size, n_sink=n_sink, n_window=n_window, aggregation=aggregation,
+                             grid_index=grid_index, impl=impl)
+        else:
+            score_pages(qq, digests, req_to_token, rows, n_ctx, head_mask, out, page_size=page_size,
+                        n_sink=n_sink, n_window=n_window, aggregation=aggregation, impl=impl)
         if margin:
             out = sticky_scores(out, resident[rows.long()], k, margin)  # torch ops: no host sync
         select_update(out, resident, rows, head_mask, k, recall_slot, recall_page, counter, impl=impl)
         return
     if aggregation not in ("mean", "max"):
         raise ValueError(f"unknown GQA aggregation {aggregation!r}")
-    if two != 2 or q.shape[2] != d or hq % hkv or q.dtype != digests.dtype:
+    if two != 2 or q.shape[2] != d or hq % hkv or (grid is None and q.dtype != digests.dtype):
         raise ValueError(f"shape/dtype mismatch: q {tuple(q.shape)} {q.dtype}, digests {tuple(digests.shape)} "
                          f"{digests.dtype}")
     if max_pages * page_size > req_to_token.shape[1]:
@@ -293,10 +339,14 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                          f"(B={b}, Hkv={hkv}, k={k})")
     check_head_dim(d)
     check_page_size(page_size)
-    check_kv_dtype(digests.dtype)
-    if digests.stride(3) != 1 or digests.stride(2) != d or not resident.is_contiguous() \
+    check_kv_dtype(q.dtype if grid is not None else digests.dtype)
+    if grid is not None:
+        check_grid_head_dim(d)
+    inner = (d // 4, 1) if grid is not None else (d, 1)
+    if (digests.stride(2), digests.stride(3)) != inner or not resident.is_contiguous() \
             or req_to_token.stride(1) != 1:
-        raise ValueError("each digest [2, D] must be contiguous, resident contiguous, req_to_token rows contiguous")
+        raise ValueError("each digest [2, D] (grid codes: page-head [P, D/4]) must be contiguous, resident "
+                         "contiguous, req_to_token rows contiguous")
     if q.stride(2) != 1:
         q = q.contiguous()
     kb = max(16, next_pow2(k + margin))
@@ -329,7 +379,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                      page_size=page_size, n_sink=n_sink, n_window=n_window, aggregation=aggregation,
                      has_mask=head_mask is not None, q_by_row=q_index is not None, num_warps=num_warps,
                      heads_fast=heads_fast, max_pages=max_pages, blocks_per_program=blocks_per_program,
-                     num_stages=num_stages)
+                     num_stages=num_stages, grid=grid, grid_index=grid_index)
     merge_select(keys, n_ctx, resident, rows, hm, recall_slot, recall_page, counter, hkv=hkv, k=k, kb=kb, block_n=bn,
                  page_size=page_size, n_sink=n_sink, n_window=n_window, has_mask=head_mask is not None,
                  margin=margin, max_pages=max_pages, num_warps=merge_warps)
@@ -337,22 +387,32 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
 
 def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys, *, hkv, block_n, kb,
                      page_size, n_sink, n_window, aggregation, has_mask, q_by_row, num_warps, heads_fast, max_pages,
-                     blocks_per_program=1, num_stages=2):
+                     blocks_per_program=1, num_stages=2, grid=None, grid_index=None):
     """Launch 1 of :func:`score_and_select` (arguments already checked there): the top ``kb`` keys of every
     block of ``block_n`` pages of each (request, KV head) into ``keys [B * Hkv * n_blocks * kb]``,
-    ``blocks_per_program`` blocks per program."""
+    ``blocks_per_program`` blocks per program (``grid``: scored from grid codes)."""
     b, hq, d = rows.shape[0], q.shape[1], q.shape[2]
     nb = cdiv(max_pages, block_n)
     npg = cdiv(nb, blocks_per_program)
-    grid = (b * hkv, npg) if heads_fast else (npg, b * hkv)
-    _score_block_topk_kernel[grid](
-        q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys,
-        q.stride(0), q.stride(1), req_to_token.stride(0), n_sink, n_window,
+    launch = (b * hkv, npg) if heads_fast else (npg, b * hkv)
+    if grid is not None:
+        lo, st = grid
+        one = grid_index is None and lo.shape[0] == 1  # the one grid: row 0 through zero strides
+        gargs = (lo, st, grid_index if grid_index is not None else rows)
+        gstrides = (0 if one else lo.stride(0), lo.stride(1), 0 if one else st.stride(0), st.stride(1),
+                    LOG2E / math.sqrt(d))
+    else:
+        gargs = (keys, keys, rows)  # unused pointers
+        gstrides = (0, 0, 0, 0, 0.0)
+    _score_block_topk_kernel[launch](
+        q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys, *gargs,
+        q.stride(0), q.stride(1), req_to_token.stride(0), n_sink, n_window, *gstrides,
         HKV=hkv, G=hq // hkv, BLOCK_G=max(16, next_pow2(hq // hkv)), D=d, PAGE=page_size, BLOCK_N=block_n, KB=kb,
         NB=nb, AGG=0 if aggregation == "mean" else 1, HAS_MASK=has_mask, Q_BY_ROW=q_by_row,
-        F32_DOT=interpreter_forced() and q.dtype == torch.bfloat16, HEADS_FAST=bool(heads_fast),
+        F32_DOT=interpreter_forced() and (q.dtype == torch.bfloat16 or grid is not None), HEADS_FAST=bool(heads_fast),
         SUB=blocks_per_program, STAGES=num_stages, DSP=digests.stride(0), DSH=digests.stride(1),
-        num_warps=num_warps,
+        GRID=grid is not None, BLOCK_PG=grid_block_pages(page_size, block_n) if grid is not None else 1,
+        HAS_GIDX=grid_index is not None, num_warps=num_warps,
     )
 
 

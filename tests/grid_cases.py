@@ -163,3 +163,110 @@ def check_scores(device, dtype, group, head_dim, *, aggregation="mean", page=16,
     lim = bound[..., None] * 1.0001 + tol
     assert bool((err_ref <= lim).all()), f"kernel vs float32 reference: {float((err_ref - lim).max())} over the bound"
     return out, ref
+
+
+def check_score_select_grid(device, dtype, group, head_dim, *, k=4, aggregation="mean", page=8, max_pages=40,
+                            masked=True, by_row=False, margin=0, grid_mode="one", q_scale=1.0, head_major=False,
+                            seed=0, **tuning):
+    """Fused scoring + top-k + residency (``score_and_select`` with ``grid=``) vs the unfused torch reference, as
+    ``kernel_cases.check_score_select`` checks the Quest path: the chosen set must be a top-``k`` (with
+    ``margin``: the sticky selection) of the float32 reference scores up to the bf16 bound of
+    :func:`kernel_numerics`; given that set, residency, recall lists and the recall count equal the reference's
+    exactly (the chosen pages boosted in the reference scores)."""
+    from freekv_sglang.algorithm.selection import sticky_scores, topk_pages
+    from freekv_sglang.kernels.score_select import score_and_select
+    from freekv_sglang.kernels.select import select_update_reference
+
+    g = torch.Generator().manual_seed(seed)
+    B, hkv, R = 5, 2, 7
+    hq = hkv * group
+    n_sink, n_window = 2, 3
+    n_host = max_pages * 4 + 1
+    codes = torch.randint(0, 256, (n_host, hkv, page, head_dim // 4), generator=g, dtype=torch.uint8)
+    max_ctx = max_pages * page + 5
+    r2t = torch.zeros((R + 1, max_ctx), dtype=torch.int32)
+    for r in range(1, R + 1):
+        pages = torch.randint(1, n_host, (max_ctx // page + 1,), generator=g)
+        r2t[r] = (pages[:, None] * page + torch.arange(page)).flatten()[:max_ctx].int()
+    rows = torch.tensor([3, 1, 6, 2, 0])  # the last entry is a padding entry (row 0)
+    n_ctx = torch.tensor([max_pages * page, (n_sink + n_window + k // 2) * page - 3, 17 * page + 5,
+                          (n_sink + n_window + k + 4) * page, 1])
+    resident = torch.full((R + 1, hkv, k), -1, dtype=torch.int64)
+    for r in (1, 3, 6):
+        for h in range(hkv):
+            resident[r, h] = torch.randperm(k + 8, generator=g)[:k] + n_sink
+    mask = (torch.rand(B, hkv, generator=g) > 0.3) if masked else None
+    q_all = (torch.randn(R + 1 if by_row else B, hq, head_dim, generator=g) * q_scale).to(dtype)
+    q_index = rows if by_row else None
+    q = q_all[rows] if by_row else q_all
+    grid_index = None
+    if grid_mode == "one":
+        lo, step = random_grid(g, 1, hkv, head_dim)
+    elif grid_mode == "per_request":
+        lo, step = random_grid(g, B, hkv, head_dim)
+    else:  # rows of a table by request row (strided rows)
+        tlo, tst = random_grid(g, R + 1, hkv + 1, head_dim)
+        lo, step = tlo[:, 1:], tst[:, 1:]
+        grid_index = rows
+
+    res = resident.clone().to(device)
+    rs = torch.full((B, hkv, k), 7, dtype=torch.int32, device=device)
+    rp = rs.clone()
+    cnt = torch.zeros(4, dtype=torch.int64, device=device)
+    dv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    cd = codes.to(device)
+    if head_major:
+        cd = cd.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not cd.is_contiguous()
+    score_and_select(q_all.to(device), cd, r2t.to(device), rows.to(device), n_ctx.to(device), dv(mask), res, k, rs,
+                     rp, cnt[1], max_pages=max_pages, page_size=page, n_sink=n_sink, n_window=n_window,
+                     aggregation=aggregation, q_index=dv(q_index), margin=margin,
+                     grid=(lo.to(device), step.to(device)), grid_index=dv(grid_index), **tuning)
+    res, rs, rp, cnt = res.cpu(), rs.cpu(), rp.cpu(), cnt.cpu()
+
+    scores = torch.empty(B, hkv, max_pages)
+    kw = dict(page_size=page, n_sink=n_sink, n_window=n_window, aggregation=aggregation)
+    score_pages_grid_reference(q, codes, lo, step, r2t, rows, n_ctx, mask, scores, grid_index=grid_index, **kw)
+    _, bound, size = kernel_numerics(q, codes, lo, step, r2t, rows, n_ctx, mask, max_pages=max_pages,
+                                     grid_index=grid_index, **kw)
+    if aggregation == "softmax-mean":  # probabilities: a relative tolerance
+        top = scores.masked_fill(~torch.isfinite(scores), 0).abs().amax(-1)
+        tol_bh = 2 * (torch.expm1(2 * bound / math.sqrt(head_dim)) + 1e-4) * top + 1e-7
+    else:
+        tol_bh = 2 * bound + 2e-5 * (size + 1)
+    act = mask if mask is not None else torch.ones(B, hkv, dtype=torch.bool)
+    boosted = scores.clone()
+    for b in range(B - 1):  # real entries (row 0 is padding, its state is not checked)
+        for h in range(hkv):
+            if not act[b, h]:
+                assert torch.equal(res[rows[b], h], resident[rows[b], h]), "unselected head changed"
+                continue
+            tol = float(tol_bh[b, h])
+            chosen = res[rows[b], h]
+            chosen = chosen[chosen >= 0]
+            s = scores[b, h]
+            fin = torch.isfinite(s)
+            assert len(chosen) == min(k, int(fin.sum())), (b, h, chosen, int(fin.sum()))
+            assert bool(fin[chosen].all()), "a non-candidate page was chosen"
+            if margin:
+                want = topk_pages(sticky_scores(s, resident[rows[b], h], k, margin), k)
+                diff = set(chosen.tolist()) ^ set(want[want >= 0].tolist())
+                km = torch.sort(s[fin], descending=True).values[min(k + margin, int(fin.sum())) - 1]
+                for p_ in diff:  # a page may only swap with one of nearly equal score at a boundary
+                    others = [float(s[x]) for x in diff if x != p_] + [float(km)]
+                    assert min(abs(float(s[p_]) - o) for o in others) <= tol, (b, h, chosen, want, p_)
+            elif len(chosen):
+                kth = torch.topk(s[fin], len(chosen)).values[-1]
+                assert float(s[chosen].min()) >= float(kth) - tol, "not a top-k"
+            boosted[b, h, chosen] += 1e6
+    ref = resident.clone()
+    rs2 = torch.full((B, hkv, k), 7, dtype=torch.int32)
+    rp2 = rs2.clone()
+    cnt2 = torch.zeros(4, dtype=torch.int64)
+    real = slice(0, B - 1)
+    select_update_reference(boosted[real], ref, rows[real], None if mask is None else mask[real], k, rs2[real],
+                            rp2[real], cnt2[1])
+    assert torch.equal(res[1:], ref[1:]), "resident"
+    assert torch.equal(rs[real], rs2[real]), "recall slots"
+    assert torch.equal(rp[real], rp2[real]), "recall pages"
+    assert torch.equal(cnt, cnt2), "recall count"

@@ -37,7 +37,7 @@ else:
     from freekv_sglang.kernels import grid_codes as gc  # noqa: E402
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from grid_cases import check_pack, check_scores, random_grid  # noqa: E402
+    from grid_cases import check_pack, check_score_select_grid, check_scores, random_grid  # noqa: E402
 
     DTYPES = (torch.bfloat16, torch.float16)
     LARGE_Q_SCALE = 64.0  # as tests/kernel_cases.py: logits with a standard deviation in the hundreds
@@ -114,3 +114,22 @@ else:
             gc.score_pages_grid(q, codes, lo[:1], st[:1], r2t, rows, n, None, out, block_n=16, block_pages=32, **kw)
         with pytest.raises(ValueError, match="lo/step"):
             gc.score_pages_grid(q, codes, lo[:1].double(), st[:1], r2t, rows, n, None, out, **kw)
+
+    # ------------------------------------------------------------- fused score + select
+    @pytest.mark.parametrize("dtype,grp,d,agg,k,masked,by_row,mode", [
+        (torch.bfloat16, 3, 64, "mean", 4, True, False, "one"),
+        (torch.float16, 4, 128, "max", 5, False, True, "index"),
+        (torch.bfloat16, 4, 64, "mean", 16, True, True, "per_request"),
+    ])
+    def test_score_select_grid(dtype, grp, d, agg, k, masked, by_row, mode):
+        """``score_and_select(grid=...)``: the fused path scoring from grid codes (default launch shape)."""
+        check_score_select_grid("cpu", dtype, grp, d, k=k, aggregation=agg, masked=masked, by_row=by_row,
+                                grid_mode=mode, seed=grp + k)
+
+    def test_score_select_grid_shapes():
+        """Blocks of 16 pages (3 blocks, 2 per program in a pipelined loop), the hysteresis margin, pages of 32
+        (4 per tensor-core step), head-major codes, large queries, and softmax-mean (unfused path)."""
+        check_score_select_grid("cpu", torch.bfloat16, 3, 64, k=4, block_n=16, blocks_per_program=2, num_stages=3)
+        check_score_select_grid("cpu", torch.float16, 4, 64, k=4, margin=3, block_n=16, page=32, head_major=True)
+        check_score_select_grid("cpu", torch.float16, 4, 128, k=4, q_scale=LARGE_Q_SCALE, grid_mode="per_request")
+        check_score_select_grid("cpu", torch.bfloat16, 3, 64, k=4, margin=2, aggregation="softmax-mean")

@@ -1,19 +1,21 @@
 """Section ``grid``: page scoring with 2-bit grid codes (``score_pages_grid``, the ``grid2`` rule) against Quest
 (``score_pages``) at the Llama-3.1-8B shape, one layer, 32K context x batch 8: both in a CUDA graph, GQA mean,
 the ratio grid / Quest, each against reading its digests at the measured HBM speed (Quest: ``2 D`` bf16 per
-page and KV head, grid: ``P D / 4`` bytes, 2x); a sweep of the grid kernel's launch shape (not with
-``--quick``); and writing the codes vs the Quest digests of a 32K-token prefill layer and of one completed
-page per request at decode (batch 8)."""
+page and KV head, grid: ``P D / 4`` bytes, 2x); the runtime's fused scoring + top-k + residency
+(``score_and_select``) with either; a sweep of the grid kernel's launch shape (not with ``--quick``); and
+writing the codes vs the Quest digests of a 32K-token prefill layer and of 8 completed pages (decode)."""
 
 from __future__ import annotations
 
 import torch
 
-from .common import BF16, D, DEV, HKV, HQ, LAYOUT, MIB, P, K
+from .common import BF16, D, DEV, HKV, HQ, LAYOUT, MIB, NSEL, P, K
 from .timing import Runner, ceiling, graph_ms, safe_or_nan
 
 #: the grid kernel's launch shapes swept (pages per program, warps, pipeline stages)
 GRID_SHAPES = [(bn, nw, st) for bn in (32, 64, 128) for nw in (4, 8) for st in (2, 3)]
+#: the fused selection's scoring shapes swept with grid codes (pages per block, warps, blocks per program, stages)
+FUSED_SHAPES = [(64, 2, 2, 3), (64, 4, 1, 2), (64, 4, 2, 3), (128, 4, 1, 2), (128, 8, 1, 2), (256, 8, 1, 2)]
 
 
 def sec_grid_scores(r: Runner, out: dict, quick: bool):
@@ -68,6 +70,34 @@ def _grid_case(r: Runner, gc, ctx: int, b: int, hbm: float | None, sweep: bool) 
           f"{gt / res['grid_ideal_ms']:.2f}x HBM ideal" if hbm else "")
     r.row("grid", f"grid2 / Quest scoring time  {tag}", res["ratio"], "x")
     r.row("grid", f"grid2, one grid for all requests, graph  {tag}", 1e3 * res["grid_one_grid_graph_ms"], "us")
+    # the runtime's path: fused scoring + top-k + residency (score_and_select), Quest vs grid codes
+    rows = torch.arange(b, device=DEV)
+    rs = torch.empty((b, HKV, NSEL), dtype=torch.int32, device=DEV)
+    rp = torch.empty_like(rs)
+    res_q = torch.full((b, HKV, NSEL), -1, dtype=torch.long, device=DEV)
+    res_g = res_q.clone()
+    fkw = dict(max_pages=n_pages, **kw)
+    res["quest_fused_graph_ms"] = m("quest fused graph", lambda: graph_ms(
+        lambda: K.score_and_select(q, dig, r2t, rows, n_ctx, None, res_q, NSEL, rs, rp, **fkw)))
+    res["grid_fused_graph_ms"] = m("grid fused graph", lambda: graph_ms(
+        lambda: K.score_and_select(q, codes, r2t, rows, n_ctx, None, res_g, NSEL, rs, rp, grid=(lo, step), **fkw)))
+    qf, gf = res["quest_fused_graph_ms"], res["grid_fused_graph_ms"]
+    res["fused_ratio"] = gf / qf
+    r.row("grid", f"score_and_select (fused) with grid2, graph  {tag}", 1e3 * gf, "us",
+          f"{res['fused_ratio']:.2f}x Quest's {1e3 * qf:.1f} us")
+    if sweep:  # the fused path's scoring program with grid codes (its default shape is tuned for Quest)
+        fused = {}
+        for bn, nw, bpp, st in FUSED_SHAPES:
+            t = m(f"grid fused block {bn} warps {nw} x{bpp} stages {st}", lambda bn=bn, nw=nw, bpp=bpp, st=st: graph_ms(
+                lambda: K.score_and_select(q, codes, r2t, rows, n_ctx, None, res_g, NSEL, rs, rp, grid=(lo, step),
+                                           block_n=bn, num_warps=nw, blocks_per_program=bpp, num_stages=st, **fkw)))
+            if t == t:
+                fused[f"block{bn}_warps{nw}_x{bpp}_stages{st}"] = t
+        if fused:
+            best = min(fused, key=fused.get)
+            res["grid_fused_sweep_ms"] = fused
+            r.row("grid", f"score_and_select with grid2, best of {len(fused)} shapes ({best}), graph  {tag}",
+                  1e3 * fused[best], "us", f"{fused[best] / qf:.2f}x Quest's fused")
     if sweep:
         times = {}
         for bn, nw, st in GRID_SHAPES:

@@ -1,11 +1,12 @@
 """The grid-code kernels (``kernels/grid_codes.py``, Triton on the GPU) vs their torch references: packing bit for
 bit, scores against the kernel's numerics in torch (float32 rounding) and against the float32 reference (within
-the bf16 rounding of the query side). Checks in ``tests/grid_cases.py`` (shared with the CPU interpreter test)."""
+the bf16 rounding of the query side), and the fused selection scoring from grid codes. Checks in
+``tests/grid_cases.py`` (shared with the CPU interpreter test)."""
 
 import pytest
 import torch
 
-from grid_cases import check_pack, check_scores
+from grid_cases import check_pack, check_score_select_grid, check_scores
 
 DTYPES = (torch.bfloat16, torch.float16)
 LARGE_Q_SCALE = 64.0  # as tests/kernel_cases.py
@@ -53,3 +54,29 @@ def test_score_pages_grid_large_queries_gpu(dtype, grp, d, agg):
 def test_score_pages_grid_head_major_gpu(grp, d):
     """Codes stored head-major (``[Hkv, pages, P, D/4]`` seen through strides)."""
     check_scores("cuda", torch.bfloat16, grp, d, page=32, hkv=4, b=3, max_pages=70, head_major=True, seed=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group,head_dim,aggregation,k,max_pages,masked,by_row,mode", [
+    (1, 64, "mean", 4, 40, True, False, "one"),
+    (3, 64, "max", 32, 300, False, True, "index"),
+    (4, 128, "mean", 32, 1024, True, True, "per_request"),
+    (7, 128, "mean", 16, 131, True, False, "one"),
+    (4, 128, "softmax-mean", 8, 100, True, True, "index"),
+])
+def test_score_select_grid_gpu(dtype, group, head_dim, aggregation, k, max_pages, masked, by_row, mode):
+    """``score_and_select(grid=...)`` in its default launch shapes with pages of 32, and with the hysteresis
+    margin."""
+    kw = dict(k=k, aggregation=aggregation, page=32, max_pages=max_pages, masked=masked, by_row=by_row,
+              grid_mode=mode)
+    check_score_select_grid("cuda", dtype, group, head_dim, **kw)
+    if aggregation != "softmax-mean":
+        check_score_select_grid("cuda", dtype, group, head_dim, margin=4, **kw)
+
+
+@pytest.mark.parametrize("block_n,warps,bpp,stages", [(64, 2, 2, 3), (64, 4, 1, 2), (128, 8, 1, 2), (256, 4, 2, 2)])
+def test_score_select_grid_shapes_gpu(block_n, warps, bpp, stages):
+    """The fused path's tuning shapes (bench_kernels' sweep), head-major codes, large queries."""
+    check_score_select_grid("cuda", torch.bfloat16, 4, 128, k=32, page=32, max_pages=600, block_n=block_n,
+                            num_warps=warps, blocks_per_program=bpp, num_stages=stages, head_major=True,
+                            q_scale=LARGE_Q_SCALE)
