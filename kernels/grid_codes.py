@@ -8,6 +8,8 @@ Math, thresholds and the packed layout: :mod:`freekv_sglang.algorithm.grid_codes
 * :func:`score_pages_grid` scores every candidate page of each request with the interface of
   :func:`.scores.score_pages`: ``logsumexp`` over the page's tokens of ``q . k_hat / sqrt(D)`` per query
   head, then the GQA aggregation.
+* :func:`.score_select.score_and_select` with ``grid=(lo, step)`` scores its blocks the same way
+  (:func:`_grid_block_scores`) in the fused scoring + top-k + residency path.
 
 The grid (``lo``, ``step``) is an input ``[n_grids, Hkv, D]`` float32 with any row and head strides:
 one grid (``n_grids = 1``, broadcast), one per request, or rows picked by ``grid_index``.
