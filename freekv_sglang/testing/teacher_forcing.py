@@ -81,3 +81,20 @@ def agreement(a: list[int], b: list[int]) -> float:
     if len(a) != len(b) or not a:
         raise ValueError(f"sequences of {len(a)} and {len(b)} tokens")
     return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def agreement_difference(a1: list[int], b1: list[int], a2: list[int], b2: list[int]) -> tuple[float, float]:
+    """``agreement(a1, b1) - agreement(a2, b2)`` over the same steps, and its standard error.
+
+    Per step ``d_i = [a1_i == b1_i] - [a2_i == b2_i]`` (in -1, 0, 1); returns ``(mean d, sd(d) / sqrt(n))``.
+    Only the steps where the two pairs disagree differently carry noise: rounding flips of the top-1
+    (bf16 against float32) make a difference of ``1 / n`` each, with either sign, so two agreement rates
+    that differ by less than a few standard errors are equal within that noise.
+    """
+    n = len(a1)
+    if not n or any(len(x) != n for x in (b1, a2, b2)):
+        raise ValueError(f"sequences of {[len(x) for x in (a1, b1, a2, b2)]} tokens")
+    d = [(x == y) - (u == v) for x, y, u, v in zip(a1, b1, a2, b2)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
+    return mean, (var / n) ** 0.5

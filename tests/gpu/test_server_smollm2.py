@@ -234,6 +234,11 @@ def test_sglang_frontend_program_with_fork(servers, tok):
             assert name in f, answers
 
 
+#: standard errors of the paired per-step difference within which two agreement rates are equal (about 1%
+#: of equal pairs fall outside 2.6 SE)
+NOISE_SE = 2.6
+
+
 def test_teacher_forced_top1_matches_the_cpu_reference(servers, tok):
     """The GPU decode path against the plain-torch reference on the same model: teacher-forced along the
     story, the server's per-step top-1 (FreeKV and dense) against the fidelity harness's rows
@@ -261,20 +266,28 @@ def test_teacher_forced_top1_matches_the_cpu_reference(servers, tok):
         cpu = teacher_forced_top1(lm, spec, ids, n_prefill, steps)
     t_cpu = time.time() - t0
     cpu_top1 = {"dense": cpu[0].tolist(), "freekv": cpu[1].tolist()}
+    sf, sd, cf, cd = server_top1["freekv"], server_top1["dense"], cpu_top1["freekv"], cpu_top1["dense"]
+    # FreeKV's agreement with dense, served vs reference; and how far each served path strays from its reference
+    d_agree, se_agree = tf.agreement_difference(sf, sd, cf, cd)
+    d_stray, se_stray = tf.agreement_difference(sf, cf, sd, cd)
     res = {
         "steps": steps, "contexts": [n_prefill + 1, n_prefill + steps],
-        "server_freekv_vs_server_dense": tf.agreement(server_top1["freekv"], server_top1["dense"]),
-        "cpu_freekv_vs_cpu_dense": tf.agreement(cpu_top1["freekv"], cpu_top1["dense"]),
-        "server_dense_vs_cpu_dense": tf.agreement(server_top1["dense"], cpu_top1["dense"]),
-        "server_freekv_vs_cpu_freekv": tf.agreement(server_top1["freekv"], cpu_top1["freekv"]),
+        "server_freekv_vs_server_dense": tf.agreement(sf, sd),
+        "cpu_freekv_vs_cpu_dense": tf.agreement(cf, cd),
+        "server_dense_vs_cpu_dense": tf.agreement(sd, cd),
+        "server_freekv_vs_cpu_freekv": tf.agreement(sf, cf),
+        "agreement_difference": round(d_agree, 5), "agreement_difference_se": round(se_agree, 5),
+        "stray_difference": round(d_stray, 5), "stray_difference_se": round(se_stray, 5),
         "server_s": round(t_server, 1), "cpu_s": round(t_cpu, 1),
     }
     _record("teacher_forced", res)
-    # the GPU FreeKV path strays from its reference no more than the GPU dense path strays from dense
-    # (bf16 server vs float32 reference), within 0.5 point
-    assert res["server_freekv_vs_cpu_freekv"] >= res["server_dense_vs_cpu_dense"] - 0.005, res
-    # and FreeKV's agreement with dense is the reference's, within 0.5 point
-    assert abs(res["server_freekv_vs_server_dense"] - res["cpu_freekv_vs_cpu_dense"]) <= 0.005, res
+    # "Within noise": the served paths are bf16 and the reference float32, so a few % of steps flip their
+    # top-1 on either side; each flip moves an agreement rate by 1/steps with either sign. A difference is
+    # noise while it stays within NOISE_SE standard errors of the per-step paired difference (or 0.5 point).
+    # The GPU FreeKV path strays from its reference no more than the GPU dense path strays from dense ...
+    assert d_stray >= -max(0.005, NOISE_SE * se_stray), res
+    # ... and FreeKV's agreement with dense served equals the reference's
+    assert abs(d_agree) <= max(0.005, NOISE_SE * se_agree), res
 
 
 # ----------------------------------------------------------------------------------------- metrics
