@@ -10,7 +10,8 @@ import torch
 from freekv_sglang.algorithm import (LayerState, RetrievalSettings, WorkingSetLayout, append_page_digest,
                                      dense_attention, page_digests)
 from freekv_sglang.algorithm.scores import quest_scores
-from freekv_sglang.algorithm.scoring_rules import NAMES, RULES, get_rule
+from freekv_sglang.algorithm import scoring_rules
+from freekv_sglang.algorithm.scoring_rules import NAMES, RULES, GridCodes, get_rule, set_calibration
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +27,8 @@ HQ = HKV * G
 # one name per rule family, with the parameters the docstring's table describes
 ALL = ["quest", "pcabox", "sub4", "sub2", "topnorm2", "kmeans3", "meanstd1", "meanabs1", "meanabs0.5", "lowrank4",
        "lowrank4max", "chan4", "chan4max", "box1", "box2", "box1g2", "box1max", "split1", "psplit1", "split1max",
-       "grid2", "keyslse", "keysmax"]
+       "grid2", "grid2mm", "grid2x0", "grid2sink", "grid2sink16", "grid2sink16mm", "grid2sink24mmx0", "keyslse",
+       "keysmax"]
 
 
 def _keys(n, seed=0, dtype=torch.float32):
@@ -209,8 +211,147 @@ def test_mean_spread_digests():
     torch.testing.assert_close(dev[:, :, 1], (pg - pg.mean(1, keepdim=True)).abs().amax(1))
 
 
+# ---- grids that do not depend on the request, and box2 -----------------------------------
+def _grid_direct(keys, minmax):
+    """``(lo, hi)`` ``[Hkv, D]`` per (KV head, channel), one channel at a time with sorted values."""
+    lo, hi = torch.empty(HKV, D), torch.empty(HKV, D)
+    for h in range(HKV):
+        for c in range(D):
+            v = keys[:, h, c].double()
+            if minmax:
+                lo[h, c], hi[h, c] = v.min(), v.max()
+            else:  # linear interpolation between order statistics, as numpy's default quantile
+                srt = v.sort().values
+                for out, qq in ((lo, 0.005), (hi, 0.995)):
+                    pos = qq * (len(srt) - 1)
+                    i = int(math.floor(pos))
+                    j = min(i + 1, len(srt) - 1)
+                    out[h, c] = srt[i] + (pos - i) * (srt[j] - srt[i])
+    return lo, hi
+
+
+def _codes_direct(keys, lo, hi, levels):
+    """Codes ``[n, Hkv, D]``: how many of the ``levels - 1`` inner grid edges lie at or below each key."""
+    edges = torch.stack([lo + (hi - lo) * j / levels for j in range(1, levels)])  # [levels - 1, Hkv, D]
+    return (keys[:, None] >= edges[None]).sum(1).float()
+
+
+def _lse_scores_direct(q, k_hat):
+    """``k_hat`` ``[Np, Hkv, T, D]`` -> ``[B, Hq, Np]`` of ``logsumexp_t q . k_hat_t / sqrt(D)``, head by head."""
+    b, np_ = q.shape[0], k_hat.shape[0]
+    out = torch.empty(b, HQ, np_)
+    for bi in range(b):
+        for h in range(HQ):
+            for p in range(np_):
+                out[bi, h, p] = torch.logsumexp(k_hat[p, h // G] @ q[bi, h] / math.sqrt(D), 0)
+    return out
+
+
+@pytest.mark.parametrize("name,n_fit,minmax,skip0", [
+    ("grid2", None, False, False), ("grid2mm", None, True, False), ("grid2x0", None, False, True),
+    ("grid2sink16", 16, False, False), ("grid2sink16mm", 16, True, False), ("grid2sink24mmx0", 24, True, True),
+    ("grid2sink", 512, False, False)])
+def test_grid_fits_digests_and_scores_match_a_direct_computation(name, n_fit, minmax, skip0):
+    keys = _keys(9 * P + 3, seed=11) + 0.5  # never zero
+    keys[0] *= 6.0  # an outlier token 0, as the attention sink's keys are
+    rule = get_rule(name)
+    assert rule.name == name and isinstance(rule, GridCodes)
+    ctx = rule.fit(keys)
+    fit_keys = keys[: n_fit or keys.shape[0]]  # grid2sink (512) on a shorter prompt: all of it
+    lo, hi = _grid_direct(fit_keys[1:] if skip0 else fit_keys, minmax)
+    torch.testing.assert_close(ctx[0], lo, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ctx[1], hi, rtol=1e-5, atol=1e-5)
+    dig = rule.digests(keys, P, ctx)  # [9, Hkv, P, D]
+    code = _codes_direct(keys[: 9 * P], ctx[0], ctx[1], 4)
+    assert torch.equal(dig, code.unflatten(0, (9, P)).permute(0, 2, 1, 3))
+    assert code.min() == 0 and code.max() == 3 and len(code.unique()) == 4
+    q = _q(2, seed=5)
+    k_hat = ctx[0][:, None] + (dig + 0.5) * (ctx[1] - ctx[0])[:, None] / 4  # [Np, Hkv, P, D]
+    got = rule.scores(q, dig[None].expand(2, -1, -1, -1, -1), ctx)
+    torch.testing.assert_close(got, _lse_scores_direct(q, k_hat), rtol=1e-5, atol=1e-5)
+    assert rule.digest_values(P, D) == P * D * 2 / 16 and rule.score_macs(P, D) == P * D
+
+
+def test_a_sink_grid_is_the_same_for_every_request_that_shares_the_sink():
+    """Two prompts that share their first 3 pages: with a grid fitted on the first 2 pages (the sink), the
+    shared pages get the same digests; with the prompt-fitted grid they do not."""
+    a = _keys(10 * P, seed=21)
+    b = _keys(14 * P, seed=22) * 1.7
+    b[: 3 * P] = a[: 3 * P]
+    sink, prompt = get_rule(f"grid2sink{2 * P}"), get_rule("grid2")
+    da, db = sink.digests(a, P, sink.fit(a)), sink.digests(b, P, sink.fit(b))
+    assert torch.equal(da[:3], db[:3]) and not torch.equal(da[3:10], db[3:10])
+    pa, pb = prompt.digests(a, P, prompt.fit(a)), prompt.digests(b, P, prompt.fit(b))
+    assert not torch.equal(pa[:3], pb[:3])
+
+
+@pytest.fixture
+def calibration():
+    """Calibration keys of a 2-layer model under the name ``testcal``; removed afterwards."""
+    g = torch.Generator().manual_seed(31)
+    keys = [torch.randn(40 * P, HKV, D, generator=g) * torch.linspace(0.3, 2.0, D) + layer for layer in range(2)]
+    set_calibration("testcal", keys)
+    yield keys
+    scoring_rules._CALIBRATION.pop("testcal", None)
+
+
+@pytest.mark.parametrize("name,minmax,skip0", [("grid2caltestcal", False, False), ("grid2caltestcalmm", True, False),
+                                               ("grid2caltestcalmmx0", True, True)])
+def test_a_calibrated_grid_is_fitted_per_layer_on_the_calibration_keys(calibration, name, minmax, skip0):
+    rule = get_rule(name)
+    assert rule.name == name and (rule.fit_on, rule.cal, rule.minmax, rule.skip0) == ("cal", "testcal", minmax, skip0)
+    prompt_a, prompt_b = _keys(7 * P, seed=41), _keys(12 * P, seed=42) * 3
+    for layer in range(2):
+        cal = calibration[layer]
+        lo, hi = _grid_direct(cal[1:] if skip0 else cal, minmax)
+        for prompt in (prompt_a, prompt_b):  # the prompt plays no part
+            ctx = rule.fit_layer(prompt, layer)
+            torch.testing.assert_close(ctx[0], lo, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ctx[1], hi, rtol=1e-5, atol=1e-5)
+    ctx = rule.fit_layer(prompt_a, 1)
+    dig = rule.digests(prompt_b, P, ctx)
+    assert torch.equal(dig, _codes_direct(prompt_b, ctx[0], ctx[1], 4).unflatten(0, (12, P)).permute(0, 2, 1, 3))
+    q = _q(1, seed=6)
+    k_hat = ctx[0][:, None] + (dig + 0.5) * (ctx[1] - ctx[0])[:, None] / 4
+    torch.testing.assert_close(rule.scores(q, dig[None], ctx), _lse_scores_direct(q, k_hat), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="per layer"):
+        rule.fit(prompt_a)
+    with pytest.raises(KeyError, match="no calibration"):
+        get_rule("grid2calother").fit_layer(prompt_a, 0)
+    # the reference decode fits the calibration of its own layer
+    st = LayerState(RetrievalSettings(WorkingSetLayout(P, 1, 2, 2), scoring=name), HKV, layer=1)
+    st.prefill(prompt_a, _q(1)[0])
+    torch.testing.assert_close(st.rule_ctx[0], rule.fit_layer(prompt_b, 1)[0])
+
+
+def test_calibration_names_are_lower_case_letters():
+    with pytest.raises(ValueError, match="lower-case"):
+        set_calibration("Code1", [torch.ones(2, HKV, D)])
+
+
+def test_box2_matches_a_direct_computation():
+    """box2: the Quest box per page and channel and a 2-bit code of each key inside it (4 equal steps)."""
+    keys = _keys(7 * P, seed=51) - 0.25
+    rule = get_rule("box2")
+    dig = rule.digests(keys, P)  # [7, Hkv, 2 + P, D]
+    q = _q(2, seed=52)
+    k_hat = torch.empty(7, HKV, P, D)
+    for p in range(7):
+        page = keys[p * P : (p + 1) * P]  # [P, Hkv, D]
+        mx, mn = page.amax(0), page.amin(0)
+        assert torch.equal(dig[p, :, 0], mx) and torch.equal(dig[p, :, 1], mn)
+        code = _codes_direct(page, mn, mx, 4)  # [P, Hkv, D]
+        code = torch.where(page == mx, 3.0, code)  # the page's maximum sits in the top step
+        assert torch.equal(dig[p, :, 2:], code.transpose(0, 1))
+        k_hat[p] = (mn + (code + 0.5) * (mx - mn) / 4).transpose(0, 1)
+    torch.testing.assert_close(rule.scores(q, dig[None].expand(2, -1, -1, -1, -1)), _lse_scores_direct(q, k_hat),
+                               rtol=1e-5, atol=1e-5)
+    assert rule.digest_values(P, D) == 2 * D + P * D * 2 / 16 and rule.score_macs(P, D) == P * D
+
+
 # ---- the reference decode with each rule -------------------------------------------------
-@pytest.mark.parametrize("name", ["sub4", "topnorm2", "meanabs1", "pcabox", "lowrank4", "box1", "split1", "keyslse"])
+@pytest.mark.parametrize("name", ["sub4", "topnorm2", "meanabs1", "pcabox", "lowrank4", "box1", "box2", "split1",
+                                  "grid2sink64", "keyslse"])
 def test_reference_decode_with_a_rule(name):
     """A covering budget is dense whatever the rule (speculation and correction on); a small one selects
     ``n_select`` candidate pages per KV head, and the rule changes which (at least once over the decode)."""

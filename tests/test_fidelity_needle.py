@@ -201,3 +201,10 @@ def test_report_has_needle_columns_and_sections():
     assert "## Needle cases" in md and "| fact@0.5/100#5 | 100 | 1 | ' 1' | 1/2 |" in md
     assert "| quest/mean | 3 | 33.3% |" in md
     assert not math.isnan(summary[1]["needle"])
+
+
+def test_calibration_names_of_the_rules():
+    from freekv_sglang.fidelity.calibration import calibration_names
+
+    assert calibration_names(["quest", "grid2", "grid2sink", "box2/max"]) == []
+    assert calibration_names(["grid2calcode", "grid2calcodemm/max", "grid2calprose", "quest"]) == ["code", "prose"]

@@ -28,6 +28,9 @@ chanR     every key on its R channels of most energy             P R           P
 boxB[gG]  Quest box + B-bit code per (token/group, channel)      2D + PDB/16G  P D / G
 split1    box-free: 1 bit per (token, channel) vs the page mean  2D + PD/16    P D
 gridB     every key in B bits on a grid fitted to the prompt     P D B/16      P D
+          (``...sink[N]``: to the first N prompt tokens;
+          ``...calNAME``: to a calibration text; ``mm``: min/max;
+          ``x0``: token 0 left out of the fit)
 keyslse   every key exactly (diagnostic)                         P D           P D
 ========  =====================================================  ============  ===================
 
@@ -37,7 +40,8 @@ the log of the page's unnormalised attention mass; a ``max`` suffix (``lowrankRm
 ``split1``, ``gridB`` and ``keyslse`` are ``lse`` rules (the last is a diagnostic: the exact page mass
 ranking that ``exact`` fidelity rows use, up to GQA aggregation). ``psplit1`` is ``split1`` in the eigenbasis of the
 prompt's keys. The rules with a ``fit`` learn per KV head from the prompt's keys (``pcabox``, ``lowrankR``,
-``psplit1``: a basis; ``chanR``: channels; ``gridB``: a grid) and keep it for the request.
+``psplit1``: a basis; ``chanR``: channels; ``gridB``: a grid) and keep it for the request. ``gridBsink`` and
+``gridBcalNAME`` fit grids that every request sharing a page also shares (:class:`GridCodes`).
 
 :func:`get_rule` parses every name above. ``quest`` is the default (and the only rule the runtime and the
 kernels implement); it equals :func:`~.scores.quest_scores` over :func:`~.digests.page_digests` exactly.
@@ -45,6 +49,9 @@ kernels implement); it equals :func:`~.scores.quest_scores` over :func:`~.digest
 Candidate for the default: ``grid2`` (:class:`GridCodes`). On the needle cases of the fidelity harness it answers
 everything dense answers at 1024 and 2048 selected tokens, where quest answers 37% and 68%; it keeps twice
 quest's digest size and needs 16x its scoring MACs (docs/FIDELITY.md, "Needle retrieval in natural text").
+For a runtime that shares prefix digests between requests, ``grid2sink`` (the grid fitted on the sink's keys)
+scores as well on those cases; a per-model grid calibrated on code text does not (docs/FIDELITY.md, "A grid that
+does not depend on the request").
 """
 
 from __future__ import annotations
@@ -73,6 +80,10 @@ class ScoringRule:
     def fit(self, keys: torch.Tensor):
         """Context from the prompt's keys ``[n, Hkv, D]`` (``None``: the rule needs none)."""
         return None
+
+    def fit_layer(self, keys: torch.Tensor, layer: int | None):
+        """:meth:`fit` for ``layer`` of the model (only rules with a per-layer calibration use ``layer``)."""
+        return self.fit(keys)
 
     def digests(self, keys: torch.Tensor, page_size: int, ctx=None) -> torch.Tensor:
         raise NotImplementedError
@@ -430,27 +441,77 @@ class BoxCodes(ScoringRule):
         return page_size // self.group * head_dim
 
 
+SINK_TOKENS = 512  # the plugin's default sink; what ``gridBsink`` fits on unless its name gives a count
+
+_CALIBRATION: dict = {}  # calibration name -> per-layer keys [n, Hkv, D] (set_calibration)
+
+
+def set_calibration(name: str, keys_per_layer) -> None:
+    """Keys ``[n, Hkv, D]`` of every layer of the model, from a calibration text, for the ``gridBcalNAME``
+    rules (a grid fixed per model: the same for every request)."""
+    if not re.fullmatch(r"[a-z]+", name):
+        raise ValueError(f"calibration name {name!r}: lower-case letters only")
+    _CALIBRATION[name] = [k.detach().float().cpu() for k in keys_per_layer]
+
+
+def calibration_keys(name: str, layer: int) -> torch.Tensor:
+    """The keys :func:`set_calibration` stored for ``layer`` under ``name``."""
+    if name not in _CALIBRATION:
+        raise KeyError(f"no calibration {name!r} set (scoring_rules.set_calibration); have {sorted(_CALIBRATION)}")
+    return _CALIBRATION[name][layer]
+
+
 @dataclass(frozen=True, repr=False)
 class GridCodes(ScoringRule):
-    """Every key of the page in ``bits`` bits per channel on a grid fitted to the prompt's keys (per KV head
-    and channel, ``2**bits`` equal steps between the 0.5% and 99.5% quantiles; values outside are clamped);
-    a page scores ``lse`` over its tokens of ``q . k_hat_t / sqrt(D)``. No per-page box. ``grid2`` is the
-    candidate page-scoring rule (module docstring); its grid depends on the request's prompt here, where a
-    runtime that shares prefix digests between requests would need one fixed per model or per prefix.
+    """Every key of the page in ``bits`` bits per channel on a grid per KV head and channel (``2**bits`` equal
+    steps between ``lo`` and ``hi``; values outside are clamped); a page scores ``lse`` over its tokens of
+    ``q . k_hat_t / sqrt(D)``. No per-page box. Digest ``[n, Hkv, P, D]`` codes (``P D bits / 8`` bytes packed).
 
-    Digest ``[n, Hkv, P, D]`` codes (``P D bits / 8`` bytes packed)."""
+    What the grid is fitted on (``fit``), and how (``minmax``: the keys' min and max, else their 0.5% and
+    99.5% quantiles; ``skip0``: token 0, the attention sink with outlier keys, left out):
+
+    * ``"prompt"`` (``gridB``): the request's prompt. ``grid2`` is the candidate page-scoring rule (module
+      docstring), but such a grid differs between requests that share a cached prefix.
+    * ``"sink"`` (``gridBsink[N]``): the prompt's first ``sink`` tokens (default :data:`SINK_TOKENS`, the
+      plugin's sink). Every request that shares a page beyond the sink shares these tokens, so the grid and
+      the digests are the same for all of them; the sink's keys stay on the GPU. (Fitted at prefill here: a
+      prompt shorter than ``sink`` fits on what it has, where a runtime would fit once the sink is full.)
+    * ``"cal"`` (``gridBcalNAME``): keys of a calibration text, per layer (:func:`set_calibration`): one grid
+      per model. Needs the layer: :meth:`fit_layer`.
+    """
 
     bits: int = 2
+    fit_on: str = "prompt"
+    minmax: bool = False
+    skip0: bool = False
+    sink: int = SINK_TOKENS
+    cal: str = ""
 
     @property
     def name(self):
-        return f"grid{self.bits}"
+        src = {"prompt": "", "sink": "sink" + (str(self.sink) if self.sink != SINK_TOKENS else ""),
+               "cal": "cal" + self.cal}[self.fit_on]
+        return f"grid{self.bits}{src}" + ("mm" if self.minmax else "") + ("x0" if self.skip0 else "")
+
+    def grid(self, keys: torch.Tensor):
+        """``(lo, hi)`` ``[Hkv, D]`` of keys ``[n, Hkv, D]`` (all of them: the choice of tokens is the caller's)."""
+        k = keys.float()
+        if self.skip0 and k.shape[0] > 1:
+            k = k[1:]
+        if self.minmax:
+            return k.amin(0), k.amax(0)
+        return torch.quantile(k, 0.005, dim=0), torch.quantile(k, 0.995, dim=0)
 
     def fit(self, keys):
-        k = keys.float()
-        lo = torch.quantile(k, 0.005, dim=0)  # [Hkv, D]
-        hi = torch.quantile(k, 0.995, dim=0)
-        return lo, hi
+        if self.fit_on == "cal":
+            raise ValueError(f"{self.name} is fitted per layer: use fit_layer(keys, layer)")
+        return self.grid(keys[: self.sink] if self.fit_on == "sink" else keys)
+
+    def fit_layer(self, keys, layer):
+        if self.fit_on != "cal":
+            return self.fit(keys)
+        lo, hi = self.grid(calibration_keys(self.cal, layer))
+        return lo.to(keys.device), hi.to(keys.device)
 
     def digests(self, keys, page_size, ctx=None):
         lo, hi = ctx
@@ -568,7 +629,9 @@ _PATTERNS = (
     (re.compile(r"keys(lse|max)$"), lambda m: TokenKeys(m.group(1))),
     (re.compile(r"box(\d+)(?:g(\d+))?(max)?$"),
      lambda m: BoxCodes(int(m.group(1)), m.group(3) or "lse", int(m.group(2) or 1))),
-    (re.compile(r"grid(\d+)$"), lambda m: GridCodes(int(m.group(1)))),
+    (re.compile(r"grid(\d+)(?:(sink)(\d*)|cal([a-z]+?))?(mm)?(x0)?$"),
+     lambda m: GridCodes(int(m.group(1)), "sink" if m.group(2) else "cal" if m.group(4) else "prompt",
+                         bool(m.group(5)), bool(m.group(6)), int(m.group(3) or SINK_TOKENS), m.group(4) or "")),
     (re.compile(r"chan(\d+)(max)?$"), lambda m: Channels(int(m.group(1)), m.group(2) or "lse")),
     (re.compile(r"(p?)split1(max)?$"), lambda m: SplitCodes(bool(m.group(1)), m.group(2) or "lse")),
     (re.compile(r"meanstd([\d.]+)$"), lambda m: MeanSpread(float(m.group(1)), "std")),
@@ -576,7 +639,8 @@ _PATTERNS = (
 )
 RULES = {"quest": Quest(), "pcabox": PcaBox()}
 NAMES = ("quest", "pcabox", "subS", "topnormR", "kmeansR", "meanstdA", "meanabsA", "lowrankR[max]", "chanR[max]",
-         "boxB[gG][max]", "[p]split1[max]", "gridB", "keys{lse,max}")
+         "boxB[gG][max]", "[p]split1[max]",
+         "gridB[sink[N]|calNAME][mm][x0]", "keys{lse,max}")
 
 
 def get_rule(name: str) -> ScoringRule:
