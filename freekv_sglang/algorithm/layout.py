@@ -16,6 +16,12 @@ The working set of one (request, layer) has three parts:
 When a request has at most ``n_select`` candidates every candidate is selected and
 attention over the working set is exactly dense attention.
 
+With speculative over-fetch (``n_overfetch = m > 0``, ``--freekv-overfetch-tokens``) the selected
+region holds ``n_select = k + m`` pages per KV head, ``k = n_budget`` the budget: speculation keeps the
+top ``k + m`` resident, a corrected selection takes its top ``k`` and keeps ``m`` resident ones
+(:func:`~freekv_sglang.algorithm.selection.overfetch_select`). Everything here counts all ``n_select``
+slots: attention reads every one of them.
+
 GPU slots of one (request, layer), ``S = n_sink + n_select + n_window`` in all:
 ``[0, n_sink)`` sink page ``p`` in slot ``p``; ``[n_sink, n_sink + n_select)`` selected
 pages (each KV head has its own page in the same slot); ``[n_sink + n_select, S)`` the
@@ -45,25 +51,45 @@ def _maximum(a, b: int):
 
 @dataclass(frozen=True)
 class WorkingSetLayout:
-    """Page-count parameters of the working set (all in pages, ``page_size`` in tokens)."""
+    """Page-count parameters of the working set (all in pages, ``page_size`` in tokens).
+
+    ``n_select``: selected slots per KV head, the budget plus ``n_overfetch`` over-fetched pages."""
 
     page_size: int
     n_sink: int
     n_select: int
     n_window: int
+    n_overfetch: int = 0
 
     def __post_init__(self):
         if self.page_size < 1 or self.n_sink < 0 or self.n_select < 1 or self.n_window < 2:
             raise ValueError(
                 f"invalid working-set layout {self}: need page_size>=1, n_sink>=0, n_select>=1, n_window>=2"
             )
+        if not 0 <= self.n_overfetch < self.n_select:
+            raise ValueError(f"invalid working-set layout {self}: need 0 <= n_overfetch < n_select")
 
     @classmethod
-    def from_tokens(cls, page_size: int, sink_tokens: int, select_tokens: int, window_tokens: int):
-        for name, v in (("sink", sink_tokens), ("select", select_tokens), ("window", window_tokens)):
+    def from_tokens(cls, page_size: int, sink_tokens: int, select_tokens: int, window_tokens: int,
+                    overfetch_tokens: int = 0):
+        """From token counts; ``select_tokens`` is the budget, ``overfetch_tokens`` come on top of it."""
+        for name, v in (("sink", sink_tokens), ("select", select_tokens), ("window", window_tokens),
+                        ("overfetch", overfetch_tokens)):
             if v % page_size:
                 raise ValueError(f"{name} tokens ({v}) must be a multiple of the page size ({page_size})")
-        return cls(page_size, sink_tokens // page_size, select_tokens // page_size, window_tokens // page_size)
+        if overfetch_tokens < 0:
+            raise ValueError(f"overfetch tokens ({overfetch_tokens}) must be >= 0")
+        m = overfetch_tokens // page_size
+        return cls(page_size, sink_tokens // page_size, select_tokens // page_size + m, window_tokens // page_size, m)
+
+    @property
+    def n_budget(self) -> int:
+        """Pages a corrected selection takes by score: ``n_select - n_overfetch``."""
+        return self.n_select - self.n_overfetch
+
+    def without_overfetch(self) -> "WorkingSetLayout":
+        """The same layout with the budget alone as its selected slots."""
+        return WorkingSetLayout(self.page_size, self.n_sink, self.n_budget, self.n_window)
 
     # ---- sizes -------------------------------------------------------------------------
     @property

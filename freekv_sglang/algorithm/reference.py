@@ -12,11 +12,14 @@ query; there is no previous query yet.
 2. ``flags`` = heads to correct: all heads without speculation, otherwise the heads whose
    query drifted (:func:`correction_flags`; all heads on the first step);
 3. flagged heads are reselected with ``q_t`` over the candidates of context ``n`` and
-   their missing pages recalled (synchronously, before attention);
+   their missing pages recalled (synchronously, before attention); with over-fetch
+   (``layout.n_overfetch > 0``) the top ``n_budget`` pages plus the best resident ones
+   (:func:`~.selection.overfetch_select`), so only pages of the top ``n_budget`` are recalled;
 4. attention: every KV head over sink + its resident selected pages + window;
 5. with speculation, the selection for the next step is made right away with ``q_t`` over
    the candidates of context ``n + 1`` (so a page that leaves the window next step is
    already considered) and recalled in the background; it is what step ``t + 1`` attends.
+   It (and the prefill's) takes the top ``n_select``: the budget plus the over-fetched pages.
 
 The ``dense`` mode is plain attention over the history, for comparison.
 """
@@ -32,7 +35,7 @@ from .correction import correction_flags
 from .layout import WorkingSetLayout
 from .scores import aggregate_gqa
 from .scoring_rules import get_rule
-from .selection import residency_update, sticky_scores, topk_pages
+from .selection import overfetch_select, residency_update, sticky_scores, topk_pages
 
 MODES = ("dense", "oracle", "speculative", "corrected")
 
@@ -47,6 +50,10 @@ class RetrievalSettings:
     speculative: bool = True
     keep_margin: int = 0  # residency hysteresis in pages (selection.sticky_scores); reference only
     scoring: str = "quest"  # page-scoring rule (scoring_rules.get_rule); the runtime implements quest only
+
+    def __post_init__(self):
+        if self.layout.n_overfetch and not self.speculative:
+            raise ValueError("over-fetch (layout.n_overfetch > 0) is speculation's: it needs speculative=True")
 
     @classmethod
     def for_mode(cls, mode: str, layout: WorkingSetLayout, tau: float | None = 0.9, gqa_aggregation: str = "mean",
@@ -68,6 +75,7 @@ class StepStats:
     recalled_pages: int = 0  # (head, page) pieces moved host -> GPU this step
     kv_heads: int = 0
     sparse: bool = False  # some pages of the history were left out
+    critical_pages: int = 0  # of recalled_pages, those of corrections (before attention)
 
 
 @dataclass
@@ -92,6 +100,21 @@ class LayerState:
     def select(self, q: torch.Tensor, n: int) -> torch.Tensor:
         """Selection with query ``q`` ``[Hq, D]`` over the candidates of context ``n``: ``[Hkv, k]``."""
         lay = self.settings.layout
+        agg = sticky_scores(self.page_scores(q, n), self.resident, lay.n_select, self.settings.keep_margin)[None]
+        return topk_pages(agg, lay.n_select)[0]
+
+    def select_corrected(self, q: torch.Tensor, n: int) -> torch.Tensor:
+        """A correction's selection ``[Hkv, k]``: :meth:`select`, or with over-fetch the top ``n_budget`` pages
+        plus the best resident ones (:func:`~.selection.overfetch_select`)."""
+        lay = self.settings.layout
+        if not lay.n_overfetch:
+            return self.select(q, n)
+        return overfetch_select(self.page_scores(q, n), self.resident, lay.n_budget, lay.n_overfetch)
+
+    def page_scores(self, q: torch.Tensor, n: int) -> torch.Tensor:
+        """Aggregated page scores ``[Hkv, Np]`` of query ``q [Hq, D]``, ``-inf`` outside the candidates of
+        context ``n``."""
+        lay = self.settings.layout
         n_pages = lay.n_pages(n)
         dig = self.digests
         if dig.shape[0] < n_pages:  # pad: pages without digest are never candidates
@@ -100,9 +123,7 @@ class LayerState:
         dig = dig[:n_pages]
         s = self.rule.scores(q[None], dig[None], self.rule_ctx)  # [1, Hq, Np]
         valid = lay.candidate_mask(torch.tensor([n], device=q.device), n_pages)
-        agg = aggregate_gqa(s, self.n_kv_heads, self.settings.gqa_aggregation, valid, head_dim=q.shape[-1])
-        agg = sticky_scores(agg[0], self.resident, lay.n_select, self.settings.keep_margin)[None]
-        return topk_pages(agg, lay.n_select)[0]
+        return aggregate_gqa(s, self.n_kv_heads, self.settings.gqa_aggregation, valid, head_dim=q.shape[-1])[0]
 
     def _apply(self, selected: torch.Tensor, mask: torch.Tensor | None) -> int:
         upd = residency_update(self.resident, selected, mask)
@@ -139,7 +160,8 @@ class LayerState:
             flags = correction_flags(q[None], prev[None], valid, hkv, st.correction_threshold)[0]
         recalled = 0
         if bool(flags.any()):
-            recalled += self._apply(self.select(q, n), flags)
+            recalled += self._apply(self.select_corrected(q, n), flags)
+        critical = recalled
 
         sink = torch.arange(lay.n_sink_pages(n), device=dev).expand(hkv, -1)
         # (window_start exceeds n_pages while the history is inside the sink: empty window)
@@ -150,7 +172,7 @@ class LayerState:
         self.q_prev = q
         if st.speculative:
             recalled += self._apply(self.select(q, n + 1), None)
-        self.stats.append(StepStats(int(flags.sum()), recalled, hkv, not bool(lay.is_dense(n))))
+        self.stats.append(StepStats(int(flags.sum()), recalled, hkv, not bool(lay.is_dense(n)), critical))
         return out
 
 

@@ -15,6 +15,12 @@ occupy the first slots in page order; the page table relies on that.
 
 All outputs have fixed shapes (padded with -1 plus counts) so that the same code runs
 inside a CUDA graph.
+
+*Speculative over-fetch* (:func:`overfetch_select`, ``--freekv-overfetch-tokens``): each KV head has
+``k + m`` selected slots, ``k`` the budget. Speculation and the first selection take the plain top
+``k + m``; a *corrected* selection (on the critical path, before attention) takes the top ``k`` and
+fills the other ``m`` slots with the best-scoring resident pages outside them, so that it recalls only
+pages of its top ``k``.
 """
 
 from __future__ import annotations
@@ -74,6 +80,49 @@ def sticky_scores(scores: torch.Tensor, resident: torch.Tensor, k: int, margin: 
     kept = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
     kept = kept.scatter_add_(-1, res, keep.int()) > 0  # [..., Np]; empty slots add 0
     return torch.where(kept, torch.full_like(scores, torch.finfo(scores.dtype).max), scores)
+
+
+def _member(pages: torch.Tensor, n_pages: int) -> torch.Tensor:
+    """Bool ``[..., n_pages]``: page ``p`` is among ``pages [..., j]`` (-1 entries and pages past
+    ``n_pages`` ignored)."""
+    valid = (pages >= 0) & (pages < n_pages)
+    idx = torch.where(valid, pages.long(), torch.zeros_like(pages, dtype=torch.long))
+    hits = torch.zeros((*pages.shape[:-1], n_pages), dtype=torch.int32, device=pages.device)
+    return hits.scatter_add_(-1, idx, valid.int()) > 0
+
+
+def _sorted_union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Disjoint page sets ``a [..., i]`` and ``b [..., j]`` (-1 padded) as one ``[..., i + j]`` set,
+    ascending, -1 last (the form of :func:`topk_pages`)."""
+    both = torch.cat([a, b], dim=-1)
+    big = torch.iinfo(torch.int64).max
+    key, _ = torch.sort(torch.where(both < 0, torch.full_like(both, big), both), dim=-1)
+    return torch.where(key == big, torch.full_like(key, -1), key)
+
+
+def overfetch_select(scores: torch.Tensor, resident: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    """The corrected selection under speculative over-fetch of ``m`` pages.
+
+    The set is ``A = topk_pages(scores, k)`` plus, for the other ``m`` slots, the resident pages outside
+    ``A`` with the best scores (equal scores: the lower page first, as :func:`topk_pages`). Applied with
+    :func:`residency_update` to a resident set of ``k + m`` slots it recalls exactly ``A \\ resident``: no page
+    outside ``A`` crosses PCIe. Resident pages that are not candidates (score ``-inf``) are not kept; with
+    ``m = 0`` this is ``topk_pages(scores, k)``.
+
+    Args:
+        scores: float ``[..., Np]`` (``-inf`` = not a candidate).
+        resident: int ``[..., k + m]`` page per selected slot (-1 empty).
+        k: the budget (pages every corrected selection takes by score); m: over-fetched pages.
+    Returns:
+        int64 ``[..., k + m]``: ascending, -1 padded.
+    """
+    top = topk_pages(scores, k)
+    if m <= 0:
+        return top
+    n_pages = scores.shape[-1]
+    rest = _member(resident, n_pages) & ~_member(top, n_pages)
+    fill = topk_pages(torch.where(rest, scores, torch.full_like(scores, float("-inf"))), m)
+    return _sorted_union(top, fill)
 
 
 class ResidencyUpdate(NamedTuple):
