@@ -14,6 +14,12 @@ more than the scoring itself at 4096 pages):
    up to the request's last live block, and the residency update of :mod:`.select`, in the same
    program.
 
+With ``fill_resident = m > 0`` (the corrected selection under speculative over-fetch,
+:func:`freekv_sglang.algorithm.selection.overfetch_select`) the scoring programs also store the key of
+every resident page of their block, by resident slot; the merge takes the top ``k - m`` keys and fills
+the other ``m`` slots with the best resident keys outside them, so only pages of the top ``k - m`` are
+recalled.
+
 Keys order pages by score, then by lower page index on equal scores; a key of
 ``INT64_MIN`` marks "no page" (not a candidate, or a non-finite score). Only ``mean`` and
 ``max`` GQA aggregation are fused; ``softmax-mean`` needs whole rows and goes through
@@ -52,11 +58,14 @@ if triton is not None:
                     qk_scale, HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr,
                     F32_DOT: tl.constexpr, DSP: tl.constexpr, DSH: tl.constexpr, GRID: tl.constexpr,
-                    BLOCK_PG: tl.constexpr):
+                    BLOCK_PG: tl.constexpr, res_row, rkeys_row, FILL: tl.constexpr, KR: tl.constexpr,
+                    KRES: tl.constexpr):
         """Score block ``pid_n`` (``BLOCK_N`` pages) of one (request, KV head); store its top ``KB`` keys
         (every key ``NO_KEY`` when not ``live``; nothing past block ``NB``). ``DSP``/``DSH``: digest
         strides as :func:`.scores._group_bounds`. With ``GRID``, ``dig_ptr`` holds grid codes (``DSP``/``DSH``
-        their page/head strides) scored on the grid at ``lo_row``/``st_row`` (:mod:`.grid_codes`)."""
+        their page/head strides) scored on the grid at ``lo_row``/``st_row`` (:mod:`.grid_codes`). With
+        ``FILL``, also the key of each resident page (``res_row [KRES]``) in this block, at its slot of
+        ``rkeys_row [KR]``."""
         p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cand = (p >= n_sink) & (p < ws) & live
         if GRID:
@@ -77,6 +86,11 @@ if triton is not None:
         mono = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
         key = (mono << 32) | (4294967295 - p.to(tl.int64))
         key = tl.where(ok, key, -9223372036854775807 - 1)
+        if FILL:  # the resident pages' keys, by slot (each resident page lies in one block)
+            r = tl.arange(0, KR)
+            off = tl.load(res_row + r, mask=r < KRES, other=-1).to(tl.int64) - pid_n * BLOCK_N
+            here = (r < KRES) & (off >= 0) & (off < BLOCK_N) & (pid_n < NB)
+            tl.store(rkeys_row + r, tl.gather(key, tl.where(here, off, 0).to(tl.int32), 0), mask=here)
         top = tl.topk(key, KB)
         kk = tl.arange(0, KB)
         tl.store(keys_ptr + pid_n * KB + kk, top, mask=(kk < KB) & (pid_n < NB))
@@ -84,12 +98,13 @@ if triton is not None:
     @triton.jit
     def _score_block_topk_kernel(
         q_ptr, qidx_ptr, dig_ptr, r2t_ptr, rows_ptr, nctx_ptr, hmask_ptr, keys_ptr, lo_ptr, st_ptr, gidx_ptr,
-        stride_qb, stride_qh, stride_r2t, n_sink, n_window, stride_lg, stride_lh, stride_tg, stride_th, qk_scale,
+        res_ptr, rkeys_ptr, stride_qb, stride_qh, stride_r2t, n_sink, n_window, stride_lg, stride_lh, stride_tg,
+        stride_th, qk_scale,
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr,
         Q_BY_ROW: tl.constexpr, F32_DOT: tl.constexpr, HEADS_FAST: tl.constexpr, SUB: tl.constexpr,
         STAGES: tl.constexpr, DSP: tl.constexpr, DSH: tl.constexpr, GRID: tl.constexpr, BLOCK_PG: tl.constexpr,
-        HAS_GIDX: tl.constexpr,
+        HAS_GIDX: tl.constexpr, FILL: tl.constexpr, KR: tl.constexpr, KRES: tl.constexpr,
     ):
         # One program: SUB consecutive blocks of BLOCK_N pages of one (request, KV head), the blocks in a
         # software-pipelined loop when SUB > 1. Grid (cdiv(NB, SUB), B * Hkv), or with HEADS_FAST
@@ -113,8 +128,11 @@ if triton is not None:
         else:
             qb = b
         q_row = q_ptr + qb * stride_qb + h * G * stride_qh
-        r2t_row = r2t_ptr + tl.load(rows_ptr + b).to(tl.int64) * stride_r2t
+        row = tl.load(rows_ptr + b).to(tl.int64)
+        r2t_row = r2t_ptr + row * stride_r2t
         keys_row = keys_ptr + bh * NB * KB
+        res_row = res_ptr + (row * HKV + h) * KRES  # FILL only: the resident pages and their keys
+        rkeys_row = rkeys_ptr + bh * KR
         if HAS_GIDX:  # grid codes: the request's grid row (else row b, or row 0 through a zero stride)
             gi = tl.load(gidx_ptr + b).to(tl.int64)
         else:
@@ -126,22 +144,22 @@ if triton is not None:
             if live:  # blocks past the candidates are never read by the merge: no store
                 _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_p, live, ws, n_sink, h, lo_row, st_row,
                             qk_scale, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT, DSP, DSH, GRID,
-                            BLOCK_PG)
+                            BLOCK_PG, res_row, rkeys_row, FILL, KR, KRES)
         elif act & (pid_p * SUB * BLOCK_N < ws):  # a span wholly past the candidates (or a head the mask
             # leaves alone) does nothing: the merge reads only live blocks' keys
             for j in tl.range(0, SUB, num_stages=STAGES):
                 pid_n = pid_p * SUB + j
                 _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_n, pid_n * BLOCK_N < ws, ws,
                             n_sink, h, lo_row, st_row, qk_scale, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG,
-                            F32_DOT, DSP, DSH, GRID, BLOCK_PG)
+                            F32_DOT, DSP, DSH, GRID, BLOCK_PG, res_row, rkeys_row, FILL, KR, KRES)
 
     @triton.jit
     def _merge_select_kernel(
-        keys_ptr, nctx_ptr, res_ptr, rows_ptr, hmask_ptr, rslot_ptr, rpage_ptr, cnt_ptr,
+        keys_ptr, nctx_ptr, res_ptr, rows_ptr, hmask_ptr, rslot_ptr, rpage_ptr, cnt_ptr, rkeys_ptr,
         n_sink, n_window,
         HKV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, CB: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_MASK: tl.constexpr, COUNT: tl.constexpr,
-        MARGIN: tl.constexpr, KR: tl.constexpr,
+        MARGIN: tl.constexpr, KR: tl.constexpr, FILL: tl.constexpr,
     ):
         # The live blocks' keys in chunks of CB blocks: the first chunk's top KB, then each further chunk's
         # top KB merged in; a short context pays for its own blocks, not the server's longest.
@@ -171,6 +189,16 @@ if triton is not None:
                                             other=-9223372036854775807 - 1), KB)
                     top = tl.topk(tl.reshape(tl.join(top, chunk), [2 * KB]), KB)
             # top: descending
+            if FILL > 0:  # over-fetch correction: the top K - FILL, then the best resident pages outside them
+                r = tl.arange(0, KR)  # KR == KB here
+                rp = tl.load(res_ptr + (row * HKV + h) * K + r, mask=r < K, other=-1).to(tl.int64)
+                scored = (r < K) & (rp >= n_sink) & (rp < tl.minimum(ws, NB * BLOCK_N))  # keys stored this call
+                rk = tl.load(rkeys_ptr + pid * KR + r, mask=scored, other=-9223372036854775807 - 1)
+                a = (i < K - FILL) & (top != -9223372036854775807 - 1)
+                in_a = tl.max(((top[:, None] == rk[None, :]) & a[:, None]).to(tl.int32), axis=0) > 0
+                rest = tl.where(scored & (in_a == 0), rk, -9223372036854775807 - 1)
+                # every key outside the top K - FILL ranks below all of them: the top K of both sets is the union
+                top = tl.topk(tl.reshape(tl.join(tl.where(a, top, -9223372036854775807 - 1), rest), [2 * KB]), KB)
             if MARGIN > 0:  # hysteresis: a resident page among the top K + MARGIN outranks every other page
                 pg = 4294967295 - (top & 4294967295)
                 r = tl.arange(0, KR)
@@ -221,24 +249,25 @@ def launch_shape(batch: int, n_kv_heads: int, max_pages: int, k: int, sms: int) 
 
 
 def selection_scratch_size(batch: int, n_kv_heads: int, max_pages: int, k: int, block_n: int | None = None,
-                           margin: int = 0) -> int:
+                           margin: int = 0, fill_resident: int = 0) -> int:
     """int64 entries of the ``keys`` scratch :func:`score_and_select` needs for up to ``batch`` requests
     (with ``block_n`` pages per scoring program; default: enough for either shape of :func:`launch_shape`;
-    ``margin`` as there)."""
+    ``margin`` and ``fill_resident`` as there: the latter adds one key per resident slot)."""
     if block_n is None:
         bn = min(block_size(max_pages, k + margin), PIPELINED_SHAPE["block_n"])
     else:
         bn = block_n
-    return batch * n_kv_heads * cdiv(max_pages, bn) * max(16, next_pow2(k + margin))
+    blocks = batch * n_kv_heads * cdiv(max_pages, bn) * max(16, next_pow2(k + margin))
+    return blocks + (batch * n_kv_heads * max(16, next_pow2(k)) if fill_resident else 0)
 
 
 def score_and_select_reference(q, digests, req_to_token, rows, n_ctx, head_mask, resident, k, recall_slot,
                                recall_page, counter=None, *, max_pages, page_size, n_sink, n_window, aggregation,
-                               q_index=None, margin=0, grid=None, grid_index=None):
+                               q_index=None, margin=0, grid=None, grid_index=None, fill_resident=0):
     """Plain torch: :func:`.scores.score_pages_reference` (with ``grid``:
     :func:`.grid_codes.score_pages_grid_reference`), the hysteresis of
     :func:`freekv_sglang.algorithm.selection.sticky_scores` (``margin > 0``), then
-    :func:`.select.select_update_reference`."""
+    :func:`.select.select_update_reference` (``fill_resident``: the over-fetch correction there)."""
     if q_index is not None:
         q = q[q_index.long()]
     out = torch.empty((q.shape[0], digests.shape[1], max_pages), dtype=torch.float32, device=q.device)
@@ -250,7 +279,7 @@ def score_and_select_reference(q, digests, req_to_token, rows, n_ctx, head_mask,
         score_pages_reference(q, digests, req_to_token, rows, n_ctx, head_mask, out, **kw)
     if margin:
         out = sticky_scores(out, resident[rows.long()], k, margin)
-    select_update_reference(out, resident, rows, head_mask, k, recall_slot, recall_page, counter)
+    select_update_reference(out, resident, rows, head_mask, k, recall_slot, recall_page, counter, fill_resident)
 
 
 def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tensor, rows: torch.Tensor,
@@ -262,7 +291,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                      margin: int = 0, heads_fast: bool = False, blocks_per_program: int | None = None,
                      num_stages: int | None = None, merge_warps: int | None = None,
                      grid: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     grid_index: torch.Tensor | None = None) -> None:
+                     grid_index: torch.Tensor | None = None, fill_resident: int = 0) -> None:
     """Select the top-``k`` candidate pages per (request, KV head) and update residency, in place.
 
     Args:
@@ -294,16 +323,23 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
             float32 ``[n_grids, Hkv, D]`` grid as :func:`.grid_codes.score_pages_grid` takes it, rows picked
             by ``grid_index [B]`` (else row ``b``, or the one row). Each scoring block then runs ``BLOCK_N / BLOCK_PG``
             tensor-core steps (:func:`.grid_codes.grid_block_pages`).
+        fill_resident: ``m > 0``: the corrected selection under speculative over-fetch
+            (:func:`freekv_sglang.algorithm.selection.overfetch_select`): the top ``k - m`` pages by score, and the
+            ``m`` best-scoring resident pages outside them in the other slots, so only pages of the top ``k - m``
+            are recalled. Not with ``margin``.
     No host synchronisation; CUDA-graph capturable.
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
+    if not 0 <= fill_resident < k or (fill_resident and margin):
+        raise ValueError(f"fill_resident must be in [0, {k}) and not combined with a margin, got {fill_resident} "
+                         f"(margin {margin})")
     if not use_triton(impl, q, digests, resident):
         return score_and_select_reference(q, digests, req_to_token, rows, n_ctx, head_mask, resident, k,
                                           recall_slot, recall_page, counter, max_pages=max_pages,
                                           page_size=page_size, n_sink=n_sink, n_window=n_window,
                                           aggregation=aggregation, q_index=q_index, margin=margin, grid=grid,
-                                          grid_index=grid_index)
+                                          grid_index=grid_index, fill_resident=fill_resident)
     b = rows.shape[0]
     if grid is not None:  # codes [pages, Hkv, P, D/4]: checked as score_pages_grid checks them
         hkv, d, two = digests.shape[1], q.shape[2], 2
@@ -325,7 +361,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                         n_sink=n_sink, n_window=n_window, aggregation=aggregation, impl=impl)
         if margin:
             out = sticky_scores(out, resident[rows.long()], k, margin)  # torch ops: no host sync
-        select_update(out, resident, rows, head_mask, k, recall_slot, recall_page, counter, impl=impl)
+        select_update(out, resident, rows, head_mask, k, recall_slot, recall_page, counter, impl=impl,
+                      fill_resident=fill_resident)
         return
     if aggregation not in ("mean", "max"):
         raise ValueError(f"unknown GQA aggregation {aggregation!r}")
@@ -363,7 +400,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     if blocks_per_program < 1 or num_stages < 1 or merge_warps not in (None, 1, 2, 4, 8, 16):
         raise ValueError(f"blocks_per_program ({blocks_per_program}) and num_stages ({num_stages}) must be >= 1, "
                          f"merge_warps 1/2/4/8/16, got {merge_warps}")
-    need = selection_scratch_size(b, hkv, max_pages, k, bn, margin)
+    need = selection_scratch_size(b, hkv, max_pages, k, bn, margin, fill_resident)
     if keys is None:
         keys = torch.empty(need, dtype=torch.int64, device=q.device)
     elif keys.numel() < need or keys.dtype != torch.int64:
@@ -375,22 +412,26 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     else:
         hm = keys
     qi = q_index if q_index is not None else rows
+    # with fill_resident: one key per resident slot after the blocks' keys
+    rkeys = keys[selection_scratch_size(b, hkv, max_pages, k, bn, margin):] if fill_resident else None
     score_block_topk(q, qi, digests, req_to_token, rows, n_ctx, hm, keys, hkv=hkv, block_n=bn, kb=kb,
                      page_size=page_size, n_sink=n_sink, n_window=n_window, aggregation=aggregation,
                      has_mask=head_mask is not None, q_by_row=q_index is not None, num_warps=num_warps,
                      heads_fast=heads_fast, max_pages=max_pages, blocks_per_program=blocks_per_program,
-                     num_stages=num_stages, grid=grid, grid_index=grid_index)
+                     num_stages=num_stages, grid=grid, grid_index=grid_index, resident=resident, rkeys=rkeys)
     merge_select(keys, n_ctx, resident, rows, hm, recall_slot, recall_page, counter, hkv=hkv, k=k, kb=kb, block_n=bn,
                  page_size=page_size, n_sink=n_sink, n_window=n_window, has_mask=head_mask is not None,
-                 margin=margin, max_pages=max_pages, num_warps=merge_warps)
+                 margin=margin, max_pages=max_pages, num_warps=merge_warps, fill_resident=fill_resident, rkeys=rkeys)
 
 
 def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys, *, hkv, block_n, kb,
                      page_size, n_sink, n_window, aggregation, has_mask, q_by_row, num_warps, heads_fast, max_pages,
-                     blocks_per_program=1, num_stages=2, grid=None, grid_index=None):
+                     blocks_per_program=1, num_stages=2, grid=None, grid_index=None, resident=None, rkeys=None):
     """Launch 1 of :func:`score_and_select` (arguments already checked there): the top ``kb`` keys of every
     block of ``block_n`` pages of each (request, KV head) into ``keys [B * Hkv * n_blocks * kb]``,
-    ``blocks_per_program`` blocks per program (``grid``: scored from grid codes)."""
+    ``blocks_per_program`` blocks per program (``grid``: scored from grid codes). With ``rkeys``
+    (``[B * Hkv * KR]``, ``KR = max(16, next_pow2(k))``), also the key of each page of ``resident [R+1, Hkv, k]``
+    at its slot (the over-fetch correction's merge reads them)."""
     b, hq, d = rows.shape[0], q.shape[1], q.shape[2]
     nb = cdiv(max_pages, block_n)
     npg = cdiv(nb, blocks_per_program)
@@ -404,30 +445,37 @@ def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u
     else:
         gargs = (keys, keys, rows)  # unused pointers
         gstrides = (0, 0, 0, 0, 0.0)
+    fill = rkeys is not None
+    kres = resident.shape[-1] if fill else 1
     _score_block_topk_kernel[launch](
         q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys, *gargs,
+        resident if fill else keys, rkeys if fill else keys,
         q.stride(0), q.stride(1), req_to_token.stride(0), n_sink, n_window, *gstrides,
         HKV=hkv, G=hq // hkv, BLOCK_G=max(16, next_pow2(hq // hkv)), D=d, PAGE=page_size, BLOCK_N=block_n, KB=kb,
         NB=nb, AGG=0 if aggregation == "mean" else 1, HAS_MASK=has_mask, Q_BY_ROW=q_by_row,
         F32_DOT=interpreter_forced() and (q.dtype == torch.bfloat16 or grid is not None), HEADS_FAST=bool(heads_fast),
         SUB=blocks_per_program, STAGES=num_stages, DSP=digests.stride(0), DSH=digests.stride(1),
         GRID=grid is not None, BLOCK_PG=grid_block_pages(page_size, block_n) if grid is not None else 1,
-        HAS_GIDX=grid_index is not None, num_warps=num_warps,
+        HAS_GIDX=grid_index is not None, FILL=fill, KR=max(16, next_pow2(kres)), KRES=kres, num_warps=num_warps,
     )
 
 
 def merge_select(keys, n_ctx, resident, rows, head_mask_u8, recall_slot, recall_page, counter, *, hkv, k, kb, block_n,
-                 page_size, n_sink, n_window, has_mask, margin, max_pages, num_warps=None):
+                 page_size, n_sink, n_window, has_mask, margin, max_pages, num_warps=None, fill_resident=0, rkeys=None):
     """Launch 2 of :func:`score_and_select`: per (request, KV head), the top ``k`` of its blocks' keys and the
-    residency update (recall lists, ``resident`` in place, ``counter``)."""
+    residency update (recall lists, ``resident`` in place, ``counter``); with ``fill_resident``, the top
+    ``k - fill_resident`` and the best resident pages outside them (their keys from launch 1's ``rkeys``)."""
+    if fill_resident and (rkeys is None or kb != max(16, next_pow2(k)) or margin):
+        raise ValueError("fill_resident needs launch 1's resident keys, blocks of max(16, next_pow2(k)) keys "
+                         "and no margin")
     b = rows.shape[0]
     nb = cdiv(max_pages, block_n)
     cb = merge_chunk_blocks(nb, kb)
     _merge_select_kernel[(b * hkv,)](
         keys, n_ctx, resident, rows, head_mask_u8, recall_slot, recall_page,
-        counter if counter is not None else recall_slot, n_sink, n_window,
+        counter if counter is not None else recall_slot, rkeys if fill_resident else keys, n_sink, n_window,
         HKV=hkv, K=k, KB=kb, NB=nb, CB=cb, BLOCK_N=block_n, PAGE=page_size,
-        HAS_MASK=has_mask, COUNT=counter is not None, MARGIN=margin, KR=max(16, next_pow2(k)),
+        HAS_MASK=has_mask, COUNT=counter is not None, MARGIN=margin, KR=max(16, next_pow2(k)), FILL=fill_resident,
         # rows of more than 1024 keys (two chunks or more) merge faster with 8 warps
         num_warps=num_warps or (4 if nb * kb <= 1024 else 8),
     )

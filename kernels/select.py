@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from freekv_sglang.algorithm.selection import residency_update, topk_pages
+from freekv_sglang.algorithm.selection import overfetch_select, residency_update, topk_pages
 
 from .common import next_pow2, tl, triton, use_triton
 
@@ -90,10 +90,21 @@ if triton is not None:
                        rpage_ptr + pid * K, cnt_ptr, row, K, COUNT)
 
 
-def select_update_reference(scores, resident, rows, head_mask, k, recall_slot, recall_page, counter=None):
+def chosen_pages(scores: torch.Tensor, resident: torch.Tensor, k: int, fill_resident: int = 0) -> torch.Tensor:
+    """The pages a selection of ``k`` slots takes: ``topk_pages(scores, k)``, or with ``fill_resident = m``
+    the corrected selection under over-fetch, :func:`~freekv_sglang.algorithm.selection.overfetch_select`
+    (top ``k - m`` plus the best ``m`` resident pages outside them). ``scores [..., Np]``, ``resident [..., k]``;
+    returns int64 ``[..., k]``."""
+    if fill_resident:
+        return overfetch_select(scores, resident, k - fill_resident, fill_resident)
+    return topk_pages(scores, k)
+
+
+def select_update_reference(scores, resident, rows, head_mask, k, recall_slot, recall_page, counter=None,
+                            fill_resident=0):
     """Plain torch :func:`select_update` (any device)."""
     rows = rows.long()
-    upd = residency_update(resident[rows], topk_pages(scores, k), head_mask)
+    upd = residency_update(resident[rows], chosen_pages(scores, resident[rows], k, fill_resident), head_mask)
     act = head_mask if head_mask is not None else torch.ones(upd.n_recall.shape, dtype=torch.bool,
                                                              device=scores.device)
     resident[rows] = torch.where(act[..., None], upd.resident, resident[rows])
@@ -105,7 +116,7 @@ def select_update_reference(scores, resident, rows, head_mask, k, recall_slot, r
 
 def select_update(scores: torch.Tensor, resident: torch.Tensor, rows: torch.Tensor, head_mask: torch.Tensor | None,
                   k: int, recall_slot: torch.Tensor, recall_page: torch.Tensor, counter: torch.Tensor | None = None,
-                  *, impl: str | None = None) -> None:
+                  *, impl: str | None = None, fill_resident: int = 0) -> None:
     """Top-``k`` per (request, KV head) and the residency update of the request rows, in place.
 
     Args:
@@ -117,17 +128,26 @@ def select_update(scores: torch.Tensor, resident: torch.Tensor, rows: torch.Tens
         recall_slot, recall_page: int32 ``[B, Hkv, k]`` outputs: the ``(slot, page)`` pairs to
             recall, valid ones first, ``-1`` after.
         counter: optional int64 scalar tensor (a view) that accumulates recalled pieces of real rows.
+        fill_resident: ``m > 0``: the corrected selection under over-fetch, :func:`chosen_pages` (the top
+            ``k - m``, then the best ``m`` resident pages; chosen with torch sorts here, no ``torch.topk``).
     No host synchronisation; CUDA-graph capturable.
     """
+    if not 0 <= fill_resident < k:
+        raise ValueError(f"fill_resident must be in [0, {k}), got {fill_resident}")
     if not use_triton(impl, scores, resident):
-        return select_update_reference(scores, resident, rows, head_mask, k, recall_slot, recall_page, counter)
+        return select_update_reference(scores, resident, rows, head_mask, k, recall_slot, recall_page, counter,
+                                       fill_resident)
     b, hkv, np_ = scores.shape
     if b == 0:
         return
-    s = scores.reshape(b * hkv, np_)
-    if np_ < k:
-        s = torch.cat([s, s.new_full((b * hkv, k - np_), float("-inf"))], dim=1)
-    val, idx = torch.topk(s, k, dim=-1)
+    if fill_resident:  # the chosen set as finite "scores" of its pages (the kernel orders them itself)
+        idx = chosen_pages(scores, resident[rows.long()], k, fill_resident).reshape(b * hkv, k)
+        val = torch.where(idx >= 0, 0.0, float("-inf")).to(torch.float32)
+    else:
+        s = scores.reshape(b * hkv, np_)
+        if np_ < k:
+            s = torch.cat([s, s.new_full((b * hkv, k - np_), float("-inf"))], dim=1)
+        val, idx = torch.topk(s, k, dim=-1)
     hm = head_mask.contiguous().view(torch.uint8) if head_mask is not None else recall_slot
     kb = max(16, next_pow2(k))
     _select_update_kernel[(b * hkv,)](

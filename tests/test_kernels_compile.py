@@ -127,26 +127,30 @@ def test_compile_score_block_topk(dt, agg, g, d, bn, kb, by_row, sub, stages, he
     t = TY[dt]
     strides = dict(DSP=2 * d, DSH=4097 * 2 * d) if head_major else dict(DSP=8 * 2 * d, DSH=2 * d)
     sig = dict(q_ptr=t, qidx_ptr="*i64", dig_ptr=t, r2t_ptr="*i32", rows_ptr="*i64", nctx_ptr="*i64",
-               hmask_ptr="*u8", keys_ptr="*i64", stride_qb="i32", stride_qh="i32", stride_r2t="i32",
-               n_sink="i32", n_window="i32")
+               hmask_ptr="*u8", keys_ptr="*i64", lo_ptr="*fp32", st_ptr="*fp32", gidx_ptr="*i64", res_ptr="*i64",
+               rkeys_ptr="*i64", stride_qb="i32", stride_qh="i32", stride_r2t="i32", n_sink="i32", n_window="i32",
+               stride_lg="i32", stride_lh="i32", stride_tg="i32", stride_th="i32", qk_scale="fp32")
+    fill = kb >= 32 and sub == 1  # also the resident pages' keys (the over-fetch correction)
     k = _compile(score_select._score_block_topk_kernel, sig,
                  dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=bn, KB=kb, NB=32, AGG=agg, HAS_MASK=not by_row,
-                      Q_BY_ROW=by_row, F32_DOT=False, HEADS_FAST=sub == 2, SUB=sub, STAGES=stages, **strides),
+                      Q_BY_ROW=by_row, F32_DOT=False, HEADS_FAST=sub == 2, SUB=sub, STAGES=stages, GRID=False,
+                      BLOCK_PG=1, HAS_GIDX=False, FILL=fill, KR=kb, KRES=kb - 8, **strides),
                  div16=("stride_qb", "stride_qh", "stride_r2t"))
     assert "mma" in k.asm["ptx"]
 
 
-@pytest.mark.parametrize("k,kb,nb,has_mask,margin", [(32, 32, 32, True, 0), (5, 16, 7, False, 0),
-                                                     (64, 64, 16, True, 0), (32, 64, 16, True, 8),
-                                                     (5, 16, 7, False, 3), (32, 32, 64, True, 0),
-                                                     (32, 64, 64, True, 4)])
-def test_compile_merge_select(k, kb, nb, has_mask, margin):
+@pytest.mark.parametrize("k,kb,nb,has_mask,margin,fill", [(32, 32, 32, True, 0, 0), (5, 16, 7, False, 0, 0),
+                                                          (64, 64, 16, True, 0, 0), (32, 64, 16, True, 8, 0),
+                                                          (5, 16, 7, False, 3, 0), (32, 32, 64, True, 0, 0),
+                                                          (32, 64, 64, True, 4, 0), (48, 64, 32, True, 0, 16),
+                                                          (5, 16, 7, False, 0, 2)])
+def test_compile_merge_select(k, kb, nb, has_mask, margin, fill):
     sig = dict(keys_ptr="*i64", nctx_ptr="*i64", res_ptr="*i64", rows_ptr="*i64", hmask_ptr="*u8",
-               rslot_ptr="*i32", rpage_ptr="*i32", cnt_ptr="*i64", n_sink="i32", n_window="i32")
+               rslot_ptr="*i32", rpage_ptr="*i32", cnt_ptr="*i64", rkeys_ptr="*i64", n_sink="i32", n_window="i32")
     cb = score_select.merge_chunk_blocks(nb, kb)  # 64 blocks: chunks of 1024 keys merged in a loop
     _compile(score_select._merge_select_kernel, sig,
              dict(HKV=8, K=k, KB=kb, NB=nb, CB=cb, BLOCK_N=128, PAGE=32, HAS_MASK=has_mask, COUNT=True,
-                  MARGIN=margin, KR=max(16, 1 << (k - 1).bit_length())),
+                  MARGIN=margin, KR=max(16, 1 << (k - 1).bit_length()), FILL=fill),
              num_warps=4 if nb * kb <= 1024 else 8)
 
 

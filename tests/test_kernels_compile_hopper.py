@@ -103,12 +103,13 @@ def test_grid_pack_kernel_compiles_for_hopper(dtype, d, page):
     assert k.asm.get("cubin"), "no cubin"
 
 
-@pytest.mark.parametrize("grid", [False, True])
+@pytest.mark.parametrize("grid,fill", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("block_n,sub,warps,stages", [(64, 2, 2, 3), (64, 1, 4, 2), (128, 1, 4, 2), (64, 2, 4, 3),
                                                     (256, 1, 8, 2)])
-def test_fused_scoring_kernel_compiles_for_hopper(grid, block_n, sub, warps, stages):
+def test_fused_scoring_kernel_compiles_for_hopper(grid, fill, block_n, sub, warps, stages):
     """The fused selection's scoring kernel (``score_select``), Quest digests or grid codes (tensor cores either
-    way), in the runtime's launch shapes (:func:`~freekv_sglang.kernels.score_select.launch_shape`)."""
+    way), in the runtime's launch shapes (:func:`~freekv_sglang.kernels.score_select.launch_shape`); ``fill``: also
+    storing the resident pages' keys (the over-fetch correction, 48 resident slots)."""
     from freekv_sglang.kernels import grid_codes as gc
     from freekv_sglang.kernels import score_select as ss
 
@@ -116,16 +117,36 @@ def test_fused_scoring_kernel_compiles_for_hopper(grid, block_n, sub, warps, sta
     types = {n: "i32" for n in fn.arg_names}
     types.update(q_ptr="*bf16", qidx_ptr="*i64", dig_ptr="*u8" if grid else "*bf16", r2t_ptr="*i32", rows_ptr="*i64",
                  nctx_ptr="*i32", hmask_ptr="*u8", keys_ptr="*i64", lo_ptr="*fp32", st_ptr="*fp32", gidx_ptr="*i64",
-                 qk_scale="fp32")
+                 res_ptr="*i64", rkeys_ptr="*i64", qk_scale="fp32")
     d, page = 128, 32
     consts = {"HKV": 8, "G": 4, "BLOCK_G": 16, "D": d, "PAGE": page, "BLOCK_N": block_n, "KB": 32,
               "NB": 1024 // block_n, "AGG": 0, "HAS_MASK": True, "Q_BY_ROW": True, "F32_DOT": False,
               "HEADS_FAST": False, "SUB": sub, "STAGES": stages,
               "DSP": 8 * page * d // 4 if grid else 8 * 2 * d, "DSH": page * d // 4 if grid else 2 * d,
-              "GRID": grid, "BLOCK_PG": gc.grid_block_pages(page, block_n) if grid else 1, "HAS_GIDX": grid}
+              "GRID": grid, "BLOCK_PG": gc.grid_block_pages(page, block_n) if grid else 1, "HAS_GIDX": grid,
+              "FILL": fill, "KR": 64, "KRES": 48}
     k = compile_for_hopper(fn, types, consts, warps, stages)
     assert k.asm.get("cubin"), "no cubin"
     assert k.metadata.shared <= HOPPER_SMEM_PER_BLOCK, f"{consts} needs {k.metadata.shared} bytes of shared memory"
     if grid:  # wgmma with a warpgroup (4 warps), mma.sync below that
         ptx = k.asm["ptx"]
         assert "wgmma.mma_async" in ptx or "mma.sync.aligned" in ptx, "grid scores' products not on tensor cores"
+
+
+@pytest.mark.parametrize("k,nb,margin,fill", [(32, 32, 0, 0), (48, 16, 0, 16), (48, 64, 0, 16), (36, 16, 4, 0),
+                                              (64, 32, 0, 32)])
+def test_fused_merge_kernel_compiles_for_hopper(k, nb, margin, fill):
+    """The fused selection's merge (top-k of the blocks' keys, hysteresis or the over-fetch correction, residency)
+    in the runtime's shapes: a budget of 32 pages with 16 over-fetched (k = 48, ``fill``), several key chunks."""
+    from freekv_sglang.kernels import score_select as ss
+
+    fn = ss._merge_select_kernel
+    types = {n: "i32" for n in fn.arg_names}
+    types.update(keys_ptr="*i64", nctx_ptr="*i64", res_ptr="*i64", rows_ptr="*i64", hmask_ptr="*u8", rslot_ptr="*i32",
+                 rpage_ptr="*i32", cnt_ptr="*i64", rkeys_ptr="*i64")
+    kb = max(16, 1 << (k + margin - 1).bit_length())
+    consts = {"HKV": 8, "K": k, "KB": kb, "NB": nb, "CB": ss.merge_chunk_blocks(nb, kb), "BLOCK_N": 64, "PAGE": 32,
+              "HAS_MASK": True, "COUNT": True, "MARGIN": margin, "KR": max(16, 1 << (k - 1).bit_length()), "FILL": fill}
+    kern = compile_for_hopper(fn, types, consts, 4 if nb * kb <= 1024 else 8, 1)
+    assert kern.asm.get("cubin"), "no cubin"
+    assert kern.metadata.shared <= HOPPER_SMEM_PER_BLOCK
