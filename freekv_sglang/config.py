@@ -212,6 +212,13 @@ class FreeKVConfig:
         "within the top (selected pages + PAGES) of its KV head, so fewer pages are recalled per step, at the "
         "price of attending such a page instead of one ranked just inside the budget; 0 = plain top-k.",
         type=int, metavar="PAGES")
+    overfetch_tokens: int = _setting(
+        0, "--freekv-overfetch-tokens", "Speculative over-fetch: speculation keeps this many tokens of pages beyond "
+        "the select budget resident per KV head (its top select + TOKENS), so that a corrected head finds more of "
+        "its new top pages on the GPU and recalls only those of its top-budget pages that are missing, keeping the "
+        "best resident ones in the other slots; attention reads every resident page. Each working set grows by "
+        "TOKENS per layer and KV head. A multiple of the page size; needs speculation; 0 = off.",
+        type=int, metavar="TOKENS")
 
     def __post_init__(self) -> None:
         self._validate()
@@ -221,7 +228,7 @@ class FreeKVConfig:
         if not isinstance(self.enabled, bool):
             raise _fail("enabled", self.enabled, "expected a boolean")
         for name in ("page_size", "sink_tokens", "window_tokens", "select_tokens",
-                     "min_context_tokens", "keep_margin"):
+                     "min_context_tokens", "keep_margin", "overfetch_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise _fail(name, value, "expected an integer")
@@ -250,15 +257,21 @@ class FreeKVConfig:
             )
         if self.min_context_tokens < 0:
             raise _fail("min_context_tokens", self.min_context_tokens, "must be >= 0")
+        if self.overfetch_tokens < 0 or self.overfetch_tokens % ps:
+            raise _fail("overfetch_tokens", self.overfetch_tokens,
+                        f"must be >= 0 and a multiple of the page size ({ps})")
+        if self.overfetch_tokens and not self.speculative:
+            raise _fail("overfetch_tokens", self.overfetch_tokens,
+                        "over-fetch is speculation's: it needs --freekv-speculative (drop --freekv-no-speculative)")
         if not 0 <= self.keep_margin <= self.select_tokens // ps:
             raise _fail("keep_margin", self.keep_margin,
                         f"must be between 0 and the selected pages per KV head ({self.select_tokens // ps})")
-        ws_tokens = self.sink_tokens + self.select_tokens + self.window_tokens
+        ws_tokens = self.sink_tokens + self.select_tokens + self.overfetch_tokens + self.window_tokens
         if self.min_context_tokens > ws_tokens:
             # requests whose context fits the working set already attend densely; a dense path
             # for longer contexts (full KV on the GPU) is not implemented
             raise _fail("min_context_tokens", self.min_context_tokens,
-                        f"values above the working set ({ws_tokens} tokens = sink + select + window) are "
+                        f"values above the working set ({ws_tokens} tokens = sink + select + over-fetch + window) are "
                         "not supported yet: requests up to the working set already run dense")
 
         ct = self.correction_threshold
@@ -315,9 +328,13 @@ class FreeKVConfig:
         return self.window_tokens // self.page_size
 
     @property
+    def n_overfetch_pages(self) -> int:
+        return self.overfetch_tokens // self.page_size
+
+    @property
     def pages_per_request(self) -> int:
-        """GPU working-set page slots per (request, layer): sink + selected + window."""
-        return self.n_sink_pages + self.n_select_pages + self.n_window_pages
+        """GPU working-set page slots per (request, layer): sink + selected (budget + over-fetch) + window."""
+        return self.n_sink_pages + self.n_select_pages + self.n_overfetch_pages + self.n_window_pages
 
     @property
     def working_set_tokens(self) -> int:
@@ -433,6 +450,7 @@ class FreeKVConfig:
             + (f" gpu_tier={self.gpu_tier_gb:g}GiB" if self.gpu_tier_gb else "")
             + (f" kv_storage={self.kv_storage}" if self.kv_storage != "auto" else "")
             + (f" keep_margin={self.keep_margin}" if self.keep_margin else "")
+            + (f" overfetch={self.overfetch_tokens}" if self.overfetch_tokens else "")
         )
 
 

@@ -23,11 +23,13 @@ from freekv_sglang.settings import EnvSettings
 
 def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean", group=3, head_dim=16,
                           prompt_lens=(13, 30, 7, 45), rows=(2, 1, 4, 5), steps=24, seed=0, atol=2e-5,
-                          offload_api=False, gpu_pages=0, page_size=4, kv_fp8=False, keep_margin=0, env=EnvSettings()):
+                          offload_api=False, gpu_pages=0, page_size=4, kv_fp8=False, keep_margin=0, overfetch=0,
+                          env=EnvSettings()):
     g = torch.Generator().manual_seed(seed)
     L, hkv = 2, 2
     hq = hkv * group
-    lay = WorkingSetLayout(page_size=page_size, n_sink=1, n_select=3, n_window=2)
+    # overfetch: pages speculation keeps beyond the budget of 3 (a correction takes its top 3 and keeps residents)
+    lay = WorkingSetLayout(page_size=page_size, n_sink=1, n_select=3 + overfetch, n_window=2, n_overfetch=overfetch)
     shape = ModelShape(L, hq, hkv, head_dim, dtype)
     settings = RuntimeSettings(lay, aggregation, tau, speculative, "gather", kv_fp8=kv_fp8, keep_margin=keep_margin)
     # with FP8 tiers the runtime attends over K/V as FP8 stores them: the spec gets those values
@@ -123,6 +125,30 @@ def test_runtime_keep_margin_matches_reference_cpu(aggregation):
                                     keep_margin=2, steps=16)
     recalled = sum(s.recalled_pages for row in ref for st in row for s in st.stats)
     assert rt.stats()["recalled_pieces_per_request_step"] * rt.stats_counter.request_steps == pytest.approx(recalled)
+
+
+@pytest.mark.parametrize("tau,keep_margin,aggregation", [(0.9, 0, "mean"), (None, 0, "mean"), (0.9, 2, "mean"),
+                                                         (0.9, 0, "softmax-mean")])
+def test_runtime_overfetch_matches_reference_cpu(tau, keep_margin, aggregation):
+    """Speculative over-fetch (--freekv-overfetch-tokens): the runtime attends, keeps and recalls as the spec
+    does (corrections take the top budget plus resident pages, speculation the top budget + over-fetch), and
+    its critical-path recall counter is the spec's."""
+    rt, ref = run_against_reference("cpu", torch.float32, speculative=True, tau=tau, aggregation=aggregation,
+                                    keep_margin=keep_margin, overfetch=2, steps=20)
+    assert rt.resident.shape[-1] == 5
+    stats = [s for row in ref for st in row for s in st.stats]
+    if tau is not None:
+        assert sum(s.corrected_heads for s in stats) > 0
+    crit = sum(s.critical_pages for s in stats)
+    tot = rt.stats_counter.totals_now()
+    assert int(tot.recalled_critical) == crit
+    assert int(tot.recalled_speculative) == sum(s.recalled_pages for s in stats) - crit
+
+
+def test_overfetch_is_validated():
+    lay = WorkingSetLayout(page_size=4, n_sink=1, n_select=5, n_window=2, n_overfetch=2)
+    with pytest.raises(ValueError, match="speculative"):
+        RuntimeSettings(lay, "mean", 0.9, False, "gather")
 
 
 def test_keep_margin_is_validated():
@@ -235,6 +261,8 @@ def test_runtime_with_triton_kernels_under_interpreter():
         "                      prompt_lens=(13, 30, 7), rows=(2, 1, 4), gpu_pages=60)\n"
         "run_against_reference('cpu', torch.float16, speculative=True, tau=0.9, steps=6, atol=3e-2,\n"
         "                      prompt_lens=(13, 30, 7), rows=(2, 1, 4), keep_margin=2)\n"
+        "run_against_reference('cpu', torch.float16, speculative=True, tau=0.9, steps=6, atol=3e-2,\n"
+        "                      prompt_lens=(13, 30, 7), rows=(2, 1, 4), overfetch=2)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1")

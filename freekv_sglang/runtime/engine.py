@@ -11,7 +11,10 @@ One :class:`FreeKVRuntime` serves one model replica (one TP rank). It owns
   serves all layers** and every KV head finds its own selected page in the same slot;
 * per layer, page digests ``[n_pages, Hkv, 2, D]`` indexed by host page;
 * per (layer, row): the resident selected page of each KV head ``[Hkv, n_select]``, the
-  previous step's query and whether it is valid.
+  previous step's query and whether it is valid. With speculative over-fetch
+  (``layout.n_overfetch = m``) ``n_select`` is the budget plus ``m``: speculation and prefill select
+  the top ``n_select``, a correction its top ``n_select - m`` plus ``m`` resident pages
+  (``score_and_select(fill_resident=m)``), so it recalls only pages of its top ``n_select - m``.
 
 The per-layer methods mirror :class:`freekv_sglang.algorithm.reference.LayerState` for a
 batch of requests and use the kernels of :mod:`freekv_sglang.kernels` (plain-torch
@@ -66,6 +69,8 @@ class RuntimeSettings:
     def __post_init__(self):
         if not 0 <= self.keep_margin <= self.layout.n_select:
             raise ValueError(f"keep_margin must be in [0, {self.layout.n_select}] pages, got {self.keep_margin}")
+        if self.layout.n_overfetch and not self.speculative:
+            raise ValueError("over-fetch (layout.n_overfetch > 0) is speculation's: it needs speculative=True")
 
 
 @dataclass
@@ -140,7 +145,10 @@ class FreeKVRuntime:
         self.q_prev = torch.zeros((L, max_rows + 1, hq, d), dtype=dt, device=dev)
         self.q_valid = torch.zeros((L, max_rows + 1, hkv), dtype=torch.bool, device=dev)
         # selection scratch: one for the correction on the compute stream, one for the side stream
-        n_keys = selection_scratch_size(max_batch, hkv, self.max_pages, lay.n_select, margin=settings.keep_margin)
+        n_keys = max(selection_scratch_size(max_batch, hkv, self.max_pages, lay.n_select,
+                                            margin=settings.keep_margin),  # speculation (and prefill)
+                     selection_scratch_size(max_batch, hkv, self.max_pages, lay.n_select,
+                                            fill_resident=lay.n_overfetch))  # a correction under over-fetch
         self.keys_main = torch.empty(n_keys, dtype=torch.int64, device=dev)
         self.keys_side = torch.empty_like(self.keys_main)
         self.head_ids = torch.arange(hkv, device=dev)
@@ -159,8 +167,9 @@ class FreeKVRuntime:
             logger.warning("%s=%s: decode queries are replaced by synthetic ones with that consecutive cosine; "
                            "generated tokens are meaningless (benchmarks only)", env_name("bench_query_cosine"), cos)
         if env.bench_locality is not None:
-            self.synthetic = CalibratedQueries(env.bench_locality, L, hq, hkv, d, lay, self.max_pages * P, dev,
-                                               dtype=dt)
+            # calibrated on the budget: the measured page change is that of the top n_budget pages
+            self.synthetic = CalibratedQueries(env.bench_locality, L, hq, hkv, d, lay.without_overfetch(),
+                                               self.max_pages * P, dev, dtype=dt)
             logger.warning("%s=%s: decode queries are replaced by synthetic ones at the measured locality (%s); "
                            "generated tokens are meaningless (benchmarks only)", env_name("bench_locality"),
                            env.bench_locality, self.synthetic.summary(settings.correction_threshold or 0.9))
@@ -226,24 +235,30 @@ class FreeKVRuntime:
     # ------------------------------------------------------------------ selection + recall
     def _select_and_recall(self, layer: int, q: torch.Tensor, rows: torch.Tensor, n_ctx: torch.Tensor,
                            head_mask: torch.Tensor | None, keys: torch.Tensor,
-                           counter: torch.Tensor | None = None) -> None:
+                           counter: torch.Tensor | None = None, corrected: bool = False) -> None:
         """Select with ``q [B,Hq,D]`` over the candidates of ``n_ctx`` for the
         heads in ``head_mask`` (all if None), update their resident sets in place, recall what is
-        missing. ``counter`` (an int64 scalar view) accumulates the recalled pieces of real rows."""
+        missing. ``counter`` (an int64 scalar view) accumulates the recalled pieces of real rows.
+        ``corrected``: a correction (with over-fetch: top ``n_budget`` plus resident pages)."""
         b = rows.shape[0]
         r_slot, r_page = self.main_lists[0, :b], self.main_lists[1, :b]
-        self._select(layer, q, rows, n_ctx, head_mask, keys, counter, None, r_slot, r_page)
+        self._select(layer, q, rows, n_ctx, head_mask, keys, counter, None, r_slot, r_page, corrected)
         self.recall.recall_selection(layer, r_slot, r_page, rows)
 
     def _select(self, layer: int, q: torch.Tensor, rows: torch.Tensor, n_ctx: torch.Tensor,
                 head_mask: torch.Tensor | None, keys: torch.Tensor, counter: torch.Tensor | None,
-                q_index: torch.Tensor | None, r_slot: torch.Tensor, r_page: torch.Tensor) -> None:
-        """Selection + residency update only; the recall lists go to ``r_slot, r_page [B, Hkv, k]``."""
+                q_index: torch.Tensor | None, r_slot: torch.Tensor, r_page: torch.Tensor,
+                corrected: bool = False) -> None:
+        """Selection + residency update only; the recall lists go to ``r_slot, r_page [B, Hkv, k]``.
+        A correction under over-fetch keeps ``n_overfetch`` resident pages beyond its top ``n_budget`` (and no
+        hysteresis); every other selection takes the top ``n_select`` (with the keep margin)."""
         lay = self.layout
+        fill = lay.n_overfetch if corrected else 0
         score_and_select(q, self.digests[layer], self.req_to_token, rows, n_ctx, head_mask, self.resident[layer],
                          lay.n_select, r_slot, r_page, counter, max_pages=self.max_pages, page_size=lay.page_size,
                          n_sink=lay.n_sink, n_window=lay.n_window, aggregation=self.settings.gqa_aggregation,
-                         q_index=q_index, keys=keys, margin=self.settings.keep_margin)
+                         q_index=q_index, keys=keys, margin=0 if fill else self.settings.keep_margin,
+                         fill_resident=fill)
 
     # ------------------------------------------------------------------ prefill
     def plan_prefill(self, rows: torch.Tensor, prefix_lens: list[int], extend_lens: list[int]) -> bool:
@@ -431,12 +446,15 @@ class FreeKVRuntime:
                         self.q_valid[layer], flags, spec, tau=cfg.correction_threshold,
                         speculative=cfg.speculative, counters=self.counters, **self.tier_kw(layer))
         # 2. heads that must not trust the speculative pages: reselect with q_t before attention
-        self._select_and_recall(layer, q, st.rows, st.n, flags, self.keys_main, self.counters[2])
+        self._select_and_recall(layer, q, st.rows, st.n, flags, self.keys_main, self.counters[2], corrected=True)
         # 3. attention over the working set (sink + selected + window)
         o = self.attention(q, wk, wv, scale)
         # 4. speculative selection + recall for the next step, on the side stream, for the heads
-        #    whose pages the correction did not already choose with q_t (see decode_prologue)
+        #    whose pages the correction did not already choose with q_t (see decode_prologue); with
+        #    over-fetch for every head: a corrected head kept m resident pages, not its top n_select
         if cfg.speculative:
+            if self.layout.n_overfetch:
+                spec = None
             if self.side_stream is not None:
                 self.attn_done[layer].record()
                 self.side_stream.wait_event(self.attn_done[layer])
@@ -446,9 +464,9 @@ class FreeKVRuntime:
         return o
 
     def _speculate_on_side_streams(self, layer: int, rows: torch.Tensor, n_ctx: torch.Tensor,
-                                   head_mask: torch.Tensor) -> None:
+                                   head_mask: torch.Tensor | None) -> None:
         """Speculative selection with the rows' previous query (``q_prev``) over the candidates of
-        ``n_ctx [B]`` for the heads in ``head_mask [B, Hkv]``, on the side stream, then the recall of
+        ``n_ctx [B]`` for the heads in ``head_mask [B, Hkv]`` (all if None), on the side stream, then the recall of
         its per-layer lists on the recall stream (after the selection). The caller orders the side
         stream after what the selection reads."""
         b = rows.shape[0]

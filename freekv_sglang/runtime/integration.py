@@ -61,7 +61,8 @@ def _settings(cfg):
 
     from .engine import RuntimeSettings
 
-    layout = WorkingSetLayout.from_tokens(cfg.page_size, cfg.sink_tokens, cfg.select_tokens, cfg.window_tokens)
+    layout = WorkingSetLayout.from_tokens(cfg.page_size, cfg.sink_tokens, cfg.select_tokens, cfg.window_tokens,
+                                          cfg.overfetch_tokens)
     recall = cfg.effective_recall
     return RuntimeSettings(layout=layout, gqa_aggregation=cfg.gqa_aggregation,
                            correction_threshold=cfg.correction_threshold, speculative=cfg.speculative,

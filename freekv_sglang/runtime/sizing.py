@@ -39,7 +39,8 @@ def shape_from_hf_config(cfg: dict, dtype: torch.dtype = torch.bfloat16) -> Mode
 
 
 def working_set_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout) -> int:
-    """GPU bytes one request row costs: working-set K/V, resident map, previous query."""
+    """GPU bytes one request row costs: working-set K/V, resident map, previous query (over-fetched pages
+    included: ``layout.n_select`` counts them)."""
     elt = torch.empty(0, dtype=shape.dtype).element_size()
     ws = shape.n_layers * 2 * layout.slots * layout.page_size * shape.n_kv_heads * shape.head_dim * elt
     resident = shape.n_layers * shape.n_kv_heads * layout.n_select * 8
@@ -164,7 +165,9 @@ def scratch_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout, max_conte
     from freekv_sglang.kernels.score_select import selection_scratch_size
 
     max_pages = max(1, max_context_len // layout.page_size)
-    keys = 2 * selection_scratch_size(1, shape.n_kv_heads, max_pages, layout.n_select) * 8
+    keys = 2 * max(selection_scratch_size(1, shape.n_kv_heads, max_pages, layout.n_select),
+                   selection_scratch_size(1, shape.n_kv_heads, max_pages, layout.n_select,
+                                          fill_resident=layout.n_overfetch)) * 8
     lists = 2 * (shape.n_layers + 1) * shape.n_kv_heads * layout.n_select * 4  # per-layer side + main
     return keys + lists
 

@@ -87,3 +87,12 @@ def test_keep_margin_matches_reference_gpu(group, head_dim):
     """--freekv-keep-margin: the runtime keeps the spec's pages (residency hysteresis in the fused kernel)."""
     run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group, head_dim=head_dim,
                           atol=2e-2, keep_margin=2)
+
+
+@pytest.mark.parametrize("group,head_dim", [(4, 128), (7, 64)])
+@pytest.mark.parametrize("keep_margin", [0, 2])
+def test_overfetch_matches_reference_gpu(group, head_dim, keep_margin):
+    """--freekv-overfetch-tokens: corrections keep the top budget plus resident pages, speculation (every head,
+    on the side streams) the top budget + over-fetch, as the spec does."""
+    run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group, head_dim=head_dim,
+                          atol=2e-2, keep_margin=keep_margin, overfetch=2)
