@@ -16,7 +16,8 @@ Modes:
   staged     FreeKV with the paper's recall: cudaMemcpyAsync per (head, page) into two
              staging buffers + scatter kernel (eager: host-side lists)
   skip       FreeKV with transfers skipped (upper bound; outputs are wrong)
-  freekv-fp8 FreeKV with FP8 tiers; freekv-keepM: with --freekv-keep-margin M (residency hysteresis)
+  freekv-fp8 FreeKV with FP8 tiers; freekv-keepM: with --freekv-keep-margin M (residency hysteresis);
+             freekv-overN: with --freekv-overfetch-tokens N (speculative over-fetch; freekv-keepM-overN both)
 
 Variants of a FreeKV mode (``launch/bench_variants.py``): ``MODE@N`` runs the selected-page recall on a
 persistent grid of ``N`` programs (``FREEKV_RECALL_PROGRAMS``), ``MODE+W`` gives each recall program ``W``
@@ -87,22 +88,23 @@ MODES = {
 
 
 def mode_args(base: str) -> list[str]:
-    """SGLang arguments of a base mode; ``freekv-keepM`` is ``freekv`` with ``--freekv-keep-margin M``."""
-    from bench_variants import keep_margin_of
+    """SGLang arguments of a base mode; ``freekv-keepM`` is ``freekv`` with ``--freekv-keep-margin M``,
+    ``freekv-overN`` with ``--freekv-overfetch-tokens N`` (``bench_variants.base_options``)."""
+    from bench_variants import base_flags, base_options
 
-    plain, keep = keep_margin_of(base)
-    return MODES[plain] + (["--freekv-keep-margin", str(keep)] if keep else [])
+    plain, opts = base_options(base)
+    return MODES[plain] + base_flags(opts)
 
 
 def parse_mode(name: str) -> tuple[str, dict]:
     """``"freekv@32+2"`` -> ``("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_RECALL_WARPS": "2"})``."""
-    from bench_variants import keep_margin_of, parse_variant
+    from bench_variants import base_options, parse_variant
 
     try:
         base, env = parse_variant(name)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if keep_margin_of(base)[0] not in MODES:
+    if base_options(base)[0] not in MODES:
         raise argparse.ArgumentTypeError(f"unknown mode {base!r} in {name!r}; choose from {sorted(MODES)}")
     if env and base == "dense":
         raise argparse.ArgumentTypeError(f"{name!r}: variants apply to FreeKV modes only")

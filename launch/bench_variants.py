@@ -10,7 +10,8 @@ server's ``FREEKV_*`` variables (``freekv_sglang/settings.py``, docs/TUNING.md) 
 (``FREEKV_BENCH_LOCALITY=calibrated``), ``%C`` a fixed consecutive cosine ``C`` (``FREEKV_BENCH_QUERY_COSINE``,
 e.g. the optimistic ``%0.95``), ``%none`` the model's own queries.
 E.g. ``freekv@32``, ``freekv@16+2``, ``freekv:flashinfer`` or ``freekv%0.95``. A base ``freekv-keepM`` is ``freekv`` with
-``--freekv-keep-margin M``.
+``--freekv-keep-margin M``, ``freekv-overN`` with ``--freekv-overfetch-tokens N`` (speculative over-fetch of ``N``
+tokens of pages), both together ``freekv-keepM-overN`` (:func:`base_options`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,38 @@ LOCALITY_ENV = (env_name("bench_query_cosine"), env_name("bench_locality"))
 _NAME = re.compile(r"^([A-Za-z][\w-]*)((?:[@+^:%][^@+^:%]*)*)$")
 
 
+#: Base-name suffixes of ``freekv`` and the server flag each sets (:func:`base_options`).
+BASE_OPTIONS = {"keep": ("keep_margin", "--freekv-keep-margin"),
+                "over": ("overfetch_tokens", "--freekv-overfetch-tokens")}
+
+
+def base_options(base: str) -> tuple[str, dict[str, int]]:
+    """``"freekv-keep4-over512"`` -> ``("freekv", {"keep_margin": 4, "overfetch_tokens": 512})``: the suffixes
+    ``-keepM`` (``--freekv-keep-margin M``) and ``-overN`` (``--freekv-overfetch-tokens N``) of ``freekv``, each at
+    most once, in any order; any other base -> ``(base, {})``."""
+    m = re.fullmatch(r"freekv((?:-(?:keep|over)\d+)+)", base)
+    if m is None:
+        return base, {}
+    opts: dict[str, int] = {}
+    for word, val in re.findall(r"-(keep|over)(\d+)", m.group(1)):
+        field = BASE_OPTIONS[word][0]
+        if field in opts:
+            return base, {}  # a suffix twice: not a known base
+        opts[field] = int(val)
+    return "freekv", opts
+
+
+def base_flags(opts: dict[str, int]) -> list[str]:
+    """The server flags of :func:`base_options`' options."""
+    flag = {field: f for field, f in BASE_OPTIONS.values()}
+    return [x for field, v in opts.items() for x in (flag[field], str(v))]
+
+
 def keep_margin_of(base: str) -> tuple[str, int]:
     """``"freekv-keep4"`` -> ``("freekv", 4)`` (residency hysteresis, ``--freekv-keep-margin 4``); any
-    other base -> ``(base, 0)``."""
-    m = re.fullmatch(r"freekv-keep(\d+)", base)
-    return ("freekv", int(m.group(1))) if m else (base, 0)
+    other base -> ``(base, 0)`` (over-fetch suffixes: :func:`base_options`)."""
+    plain, opts = base_options(base)
+    return (plain, opts["keep_margin"]) if set(opts) == {"keep_margin"} else (base, 0)
 
 
 def parse_variant(name: str) -> tuple[str, dict[str, str]]:

@@ -19,6 +19,9 @@
 #              default; FlashInfer paged decode) against dense, two interleaved rounds (median, spread)
 #   serve      bench_serve: SGLang's bench_serving against dense, dense FP8 KV, FreeKV, transfers skipped and the
 #              overlap opt-in; 32K and mixed 4K-128K prompts, concurrency 4/16/64 (about 1.5-2 hours; not by default)
+#   overfetch  bench_decode at 32K, batch 1/8/16, two interleaved rounds: FreeKV with speculative over-fetch of
+#              8/16/32 pages (--freekv-overfetch-tokens 256/512/1024) against FreeKV, speculation off and dense
+#              (not by default)
 # Each writes its log, JSON, Markdown table and plot under $OUT/<section>/.
 # Query locality of the FreeKV modes (dummy weights make every query unrelated to the last): LOCALITY, by default
 # `calibrated` (SmolLM2-135M's measured correction rate and page change per layer and KV head,
@@ -70,7 +73,9 @@ for s in "${sections[@]}"; do
     attention) run attention "${BD[@]}" --contexts 32000 --batch-sizes 1 8 --rounds 2 \
         --modes dense freekv freekv:flashinfer --timeout 200 --out "$OUT/attention" ;;
     serve) run serve python3 launch/bench_serve.py --model "$MODEL" --locality "$LOCALITY" --out "$OUT/serve" ;;
-    *) echo "unknown section $s (kernels decode32k long capacity overlap qwen attention serve)"; exit 2 ;;
+    overfetch) run overfetch "${BD[@]}" --contexts 32000 --batch-sizes 1 8 16 --rounds 2 \
+        --modes dense freekv freekv-over256 freekv-over512 freekv-over1024 sync --timeout 330 --out "$OUT/overfetch" ;;
+    *) echo "unknown section $s (kernels decode32k long capacity overlap qwen attention serve overfetch)"; exit 2 ;;
   esac
   rc=$?
   [[ $rc -ne 0 ]] && status=$rc

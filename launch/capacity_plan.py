@@ -94,6 +94,8 @@ def main() -> None:
     p.add_argument("--sink-tokens", type=int, default=d.sink_tokens)
     p.add_argument("--select-tokens", type=int, default=d.select_tokens)
     p.add_argument("--window-tokens", type=int, default=d.window_tokens)
+    p.add_argument("--overfetch-tokens", type=int, default=d.overfetch_tokens,
+                   help="speculative over-fetch beyond the budget (--freekv-overfetch-tokens)")
     p.add_argument("--kv-storage", choices=("auto", "fp8_e4m3"), default="auto",
                    help="FreeKV's tiers in the model's dtype or FP8 (--freekv-kv-storage)")
     a = p.parse_args()
@@ -101,7 +103,11 @@ def main() -> None:
         shape, max_ctx = model_shape(a.model)
     except ValueError as e:
         p.error(str(e))
-    layout = WorkingSetLayout.from_tokens(a.page_size, a.sink_tokens, a.select_tokens, a.window_tokens)
+    try:
+        layout = WorkingSetLayout.from_tokens(a.page_size, a.sink_tokens, a.select_tokens, a.window_tokens,
+                                              a.overfetch_tokens)
+    except ValueError as e:
+        p.error(str(e))
     try:
         print(table(shape, layout, max_ctx, a.context, a.new_tokens, a.gpu_kv_gb, a.host_gb,
                     a.kv_storage == "fp8_e4m3", a.freekv_gpu_kv_gb))

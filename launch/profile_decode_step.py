@@ -18,7 +18,8 @@ Query locality is synthetic: each (layer, request, query head) has a fixed rando
 have cosine about ``--similarity``; ``0`` gives unrelated queries (what dummy weights produce,
 the worst case for FreeKV). Keys are random.
 
-Variants: ``freekv`` (defaults), ``freekv-keepM`` (residency hysteresis of ``M`` pages), ``sync``
+Variants: ``freekv`` (defaults), ``freekv-keepM`` (residency hysteresis of ``M`` pages), ``freekv-overN``
+(speculative over-fetch of ``N`` tokens of pages; ``freekv-keepM-overN`` both), ``sync``
 (speculation off), ``skip`` (no host transfers);
 ``name@N`` runs the selected-page recall on a persistent grid of ``N`` programs, ``name+W`` with ``W`` warps
 each, ``name:A`` with working-set attention kernel ``A`` (see ``launch/bench_variants.py``).
@@ -47,7 +48,7 @@ from freekv_sglang.algorithm import WorkingSetLayout  # noqa: E402
 from freekv_sglang.runtime.engine import FreeKVRuntime, RuntimeSettings  # noqa: E402
 from freekv_sglang.runtime.sizing import ModelShape  # noqa: E402
 from freekv_sglang.settings import load_settings  # noqa: E402
-from bench_variants import apply_variant_env, keep_margin_of, parse_variant  # noqa: E402
+from bench_variants import apply_variant_env, base_options, parse_variant  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -104,7 +105,11 @@ class Case:
         L, hq, hkv, d = args.layers, args.q_heads, args.kv_heads, args.head_dim
         dtype = torch.bfloat16
         P = args.page_size
-        self.lay = lay = WorkingSetLayout(P, args.sink // P, args.select // P, args.window // P)
+        variant, opts = base_options(variant)  # "freekv-keep4": hysteresis of 4 pages; "freekv-over512": over-fetch
+        if opts.get("overfetch_tokens", 0) % P:
+            raise ValueError(f"over-fetch of {opts['overfetch_tokens']} tokens is not a multiple of the page size {P}")
+        m = opts.get("overfetch_tokens", 0) // P
+        self.lay = lay = WorkingSetLayout(P, args.sink // P, args.select // P + m, args.window // P, m)
         self.shape = ModelShape(L, hq, hkv, d, dtype)
         R = bs
         max_ctx = args.max_context
@@ -116,11 +121,10 @@ class Case:
             pages = perm[(r - 1) * per_row: r * per_row]
             r2t[r, :per_row * P] = (pages[:, None] * P + torch.arange(P)).flatten().int()
         self.r2t = r2t.to(DEV)
-        variant, keep = keep_margin_of(variant)  # "freekv-keep4": residency hysteresis of 4 pages
         if variant not in ("freekv", "sync", "skip"):
-            raise ValueError(f"unknown variant base {variant!r}: freekv, freekv-keepM, sync or skip")
+            raise ValueError(f"unknown variant base {variant!r}: freekv, freekv-keepM, freekv-overN, sync or skip")
         settings = RuntimeSettings(lay, "mean", 0.9, variant != "sync", "skip" if variant == "skip" else "gather",
-                                   keep_margin=keep)
+                                   keep_margin=opts.get("keep_margin", 0))
         self.rt = FreeKVRuntime(self.shape, settings, n_pages, R, self.r2t, max_batch=bs, device=DEV,
                                 env=load_settings(apply_variant_env(env, dict(os.environ))))
         self.scale = 1 / math.sqrt(d)

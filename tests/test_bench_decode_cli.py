@@ -19,9 +19,33 @@ def test_mode_variants(bench):
     assert bench.parse_mode("freekv@32+2") == ("freekv", {"FREEKV_RECALL_PROGRAMS": "32", "FREEKV_RECALL_WARPS": "2"})
     assert bench.parse_mode("sync@16") == ("sync", {"FREEKV_RECALL_PROGRAMS": "16"})
     assert bench.parse_mode("freekv-keep4:flashinfer")[1] == {"FREEKV_DECODE_ATTENTION": "flashinfer"}
-    for bad in ("dense@16", "freekv@0", "freekv@x", "freekv/1", "quest", "freekv#64", "freekv:cudnn", "freekv:xqa"):
+    assert bench.parse_mode("freekv-over512%cal")[0] == "freekv-over512"
+    for bad in ("dense@16", "freekv@0", "freekv@x", "freekv/1", "quest", "freekv#64", "freekv:cudnn", "freekv:xqa",
+                "freekv-over", "freekv-over512-over256", "sync-over512", "freekv-under512"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.parse_mode(bad)
+
+
+def test_overfetch_and_keep_margin_modes(bench):
+    """``freekv-overN`` / ``freekv-keepM`` / both: FreeKV's flags, accepted by the plugin's own config; the
+    benchmarks script's over-fetch section names only modes that parse."""
+    from pathlib import Path
+
+    from freekv_sglang.cli import add_freekv_arguments
+    from freekv_sglang.config import FreeKVConfig
+
+    assert bench.mode_args("freekv-over512") == ["--kv-retrieval", "freekv", "--freekv-overfetch-tokens", "512"]
+    assert bench.mode_args("freekv-keep4") == ["--kv-retrieval", "freekv", "--freekv-keep-margin", "4"]
+    args = bench.mode_args("freekv-over256-keep2")
+    assert args == ["--kv-retrieval", "freekv", "--freekv-overfetch-tokens", "256", "--freekv-keep-margin", "2"]
+    parser = argparse.ArgumentParser()
+    add_freekv_arguments(parser)
+    cfg = FreeKVConfig.from_namespace(parser.parse_args(args + ["--freekv-host-memory-gb", "1"]))
+    assert (cfg.overfetch_tokens, cfg.keep_margin) == (256, 2)
+    text = (Path(__file__).resolve().parents[1] / "launch" / "benchmarks.sh").read_text()
+    line = next(l for l in text.splitlines() if "--modes dense freekv freekv-over" in l)
+    modes = line.split("--modes", 1)[1].split("--timeout")[0].split()
+    assert [bench.parse_mode(m)[0] for m in modes] == modes and "freekv-over512" in modes
 
 
 def test_kv_bytes_and_auto_host_tier(bench, tmp_path):

@@ -25,6 +25,17 @@ def test_keep_margin_mode_names_and_rows():
         build_rows(["corrected@0.9+keepX"], [64])
 
 
+def test_overfetch_mode_names_and_rows():
+    rows = build_rows(["corrected@0.9+overfetch=64", "speculative+keep2+overfetch=32"], [64])
+    assert [r.label for r in rows[1:]] == ["corrected@0.9+overfetch=64/64", "speculative+keep2+overfetch=32/64"]
+    lay = rows[1].layout
+    assert (lay.n_select, lay.n_overfetch, lay.n_budget) == (4, 2, 2) and rows[1].working_set_tokens == 128 + 128 + 256
+    assert rows[1].settings().layout.n_overfetch == 2 and rows[2].settings().keep_margin == 2
+    for bad in ("corrected@0.9+overfetch=16", "oracle+overfetch=64", "corrected@0.9+overfetch=x"):
+        with pytest.raises(ValueError):
+            build_rows([bad], [64])
+
+
 def test_fp8_roundtrip_saturates_and_keeps_dtype():
     x = torch.tensor([0.1, -3.3, 1000.0, -5e6], dtype=torch.float32)
     y = fp8_roundtrip(x)

@@ -52,6 +52,10 @@ def test_variant_names():
     assert v.parse_variant("sync:flashinfer@8") == ("sync", {"FREEKV_DECODE_ATTENTION": "flashinfer",
                                                              "FREEKV_RECALL_PROGRAMS": "8"})
     assert v.keep_margin_of("freekv-keep4") == ("freekv", 4) and v.keep_margin_of("sync") == ("sync", 0)
+    assert v.base_options("freekv-keep4-over512") == ("freekv", {"keep_margin": 4, "overfetch_tokens": 512})
+    assert v.base_options("freekv-over512") == ("freekv", {"overfetch_tokens": 512})
+    assert v.base_options("freekv-keep4-keep2") == ("freekv-keep4-keep2", {}) and v.base_options("sync") == ("sync", {})
+    assert v.keep_margin_of("freekv-over512") == ("freekv-over512", 0)  # not a hysteresis-only base
     for bad in ("freekv@0", "freekv@x", "freekv/2", "freekv@8@16", "@8", "freekv~8", "freekv+3", "freekv+32",
                 "freekv%16", "freekv^0", "freekv^2", "freekv#64", "freekv:", "freekv@", "freekv:fa3", "freekv:xqa"):
         with pytest.raises(ValueError):

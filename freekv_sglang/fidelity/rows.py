@@ -10,8 +10,10 @@ loss due to the bound from the loss due to leaving pages out. ``dense_layers`` k
 layers dense (the research accuracy harness keeps layer 0 dense by default).
 
 Mode suffixes: ``+fp8`` (FP8-stored K/V), ``+keepM`` (residency hysteresis), ``+rule=NAME`` (another
-page-scoring rule, :mod:`freekv_sglang.algorithm.scoring_rules`; default ``quest``) and ``+agg=NAME`` (this
-row's GQA aggregation instead of the run's), e.g. ``corrected@0.9+rule=box2+agg=softmax-mean``.
+page-scoring rule, :mod:`freekv_sglang.algorithm.scoring_rules`; default ``quest``), ``+agg=NAME`` (this
+row's GQA aggregation instead of the run's) and ``+overfetch=N`` (speculative over-fetch of ``N`` tokens of
+pages beyond the budget, ``--freekv-overfetch-tokens``; speculative modes only), e.g.
+``corrected@0.9+rule=box2+agg=softmax-mean`` or ``corrected@0.9+overfetch=512``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class RowSpec:
     keep_margin: int = 0  # residency hysteresis in pages (algorithm.selection.sticky_scores)
     scoring: str = "quest"  # page-scoring rule (algorithm.scoring_rules.get_rule)
     row_aggregation: str | None = None  # this row's GQA aggregation (+agg=NAME), else gqa_aggregation
+    overfetch_tokens: int = 0  # speculative over-fetch beyond the budget (+overfetch=N)
 
     @property
     def mode_name(self) -> str:
@@ -64,6 +67,8 @@ class RowSpec:
             name += f"+rule={self.scoring}"
         if self.row_aggregation and self.mode not in ("dense", "exact"):
             name += f"+agg={self.row_aggregation}"
+        if self.overfetch_tokens and self.mode != "dense":
+            name += f"+overfetch={self.overfetch_tokens}"
         return name
 
     @property
@@ -78,11 +83,13 @@ class RowSpec:
     def layout(self) -> WorkingSetLayout | None:
         if self.mode == "dense":
             return None
-        return WorkingSetLayout.from_tokens(self.page_size, self.sink_tokens, self.budget, self.window_tokens)
+        return WorkingSetLayout.from_tokens(self.page_size, self.sink_tokens, self.budget, self.window_tokens,
+                                            self.overfetch_tokens)
 
     @property
     def working_set_tokens(self) -> int | None:
-        return None if self.mode == "dense" else self.sink_tokens + self.budget + self.window_tokens
+        return (None if self.mode == "dense"
+                else self.sink_tokens + self.budget + self.overfetch_tokens + self.window_tokens)
 
     def settings(self) -> RetrievalSettings | None:
         if self.mode == "dense":
@@ -109,7 +116,9 @@ def build_rows(modes, budgets, page_size: int = PAGE_SIZE, sink_tokens: int = SI
     ``+fp8`` (``corrected@0.9+fp8``) stores FreeKV's K/V in FP8 e4m3 (:func:`fp8_roundtrip`); ``+keepM``
     (``corrected@0.9+keep8``) keeps a resident page while it ranks within the top ``budget/page + M``;
     ``+rule=NAME`` scores pages with another rule than ``scoring`` (the run's, default ``quest``);
-    ``+agg=NAME`` aggregates the query heads of a KV head with NAME instead of ``gqa_aggregation``."""
+    ``+agg=NAME`` aggregates the query heads of a KV head with NAME instead of ``gqa_aggregation``;
+    ``+overfetch=N`` (``corrected@0.9+overfetch=512``) keeps ``N`` tokens of pages resident beyond the budget
+    (speculative and corrected modes)."""
     from ..algorithm import AGGREGATIONS
     from ..algorithm.scoring_rules import get_rule
 
@@ -120,7 +129,7 @@ def build_rows(modes, budgets, page_size: int = PAGE_SIZE, sink_tokens: int = SI
         if m == "dense":
             continue
         base, *suffixes = m.split("+")
-        fp8, keep, rule, agg = False, 0, scoring, None
+        fp8, keep, rule, agg, over = False, 0, scoring, None, 0
         for sfx in suffixes:
             if sfx == "fp8":
                 fp8 = True
@@ -129,17 +138,23 @@ def build_rows(modes, budgets, page_size: int = PAGE_SIZE, sink_tokens: int = SI
             elif sfx.startswith("rule="):
                 rule = sfx[5:]
                 get_rule(rule)  # fails early on an unknown rule
+            elif sfx.startswith("overfetch=") and sfx[10:].isdigit():
+                over = int(sfx[10:])
+                if over % page_size or parse_mode(base)[0] not in ("speculative", "corrected"):
+                    raise ValueError(f"+{sfx} in mode {m!r}: over-fetch takes a multiple of the page size "
+                                     f"({page_size}) and a speculative mode (speculative, corrected@TAU)")
             elif sfx.startswith("agg="):
                 agg = sfx[4:]
                 if agg not in AGGREGATIONS:
                     raise ValueError(f"unknown GQA aggregation {agg!r} in mode {m!r}; choose from {AGGREGATIONS}")
             else:
-                raise ValueError(f"unknown suffix +{sfx} in mode {m!r}; use +fp8, +keepM, +rule=NAME or +agg=NAME")
-        sparse.append((*parse_mode(base), fp8, keep, rule, agg))
+                raise ValueError(f"unknown suffix +{sfx} in mode {m!r}; use +fp8, +keepM, +rule=NAME, +agg=NAME "
+                                 "or +overfetch=N")
+        sparse.append((*parse_mode(base), fp8, keep, rule, agg, over))
     for b in budgets:
-        for mode, tau, fp8, keep, rule, agg in sparse:
+        for mode, tau, fp8, keep, rule, agg, over in sparse:
             rows.append(RowSpec(mode, int(b), tau, page_size, sink_tokens, window_tokens, gqa_aggregation,
-                                tuple(dense_layers), fp8, keep, rule, agg))
+                                tuple(dense_layers), fp8, keep, rule, agg, over))
     return rows
 
 
