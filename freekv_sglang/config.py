@@ -35,6 +35,9 @@ RECALL_CHOICES = ("auto",) + RECALL_STRATEGIES
 #: FP8 tier and read no GPU tier.
 BYTE_COPY_RECALLS = ("staged", "per-page")
 KV_STORAGE_CHOICES = ("auto", "fp8_e4m3")
+#: Page-scoring rules of the runtime: ``quest`` (channel max/min digests) or ``grid2`` (every key in 2 bits per
+#: channel on a grid fitted to the request's sink tokens; the ``grid2sink`` rule of the fidelity study).
+PAGE_SCORING_CHOICES = ("quest", "grid2")
 #: What ``--freekv-recall auto`` resolves to.
 AUTO_RECALL = "gather"
 #: Strings accepted by ``--freekv-correction-threshold`` to turn correction off.
@@ -219,6 +222,12 @@ class FreeKVConfig:
         "best resident ones in the other slots; attention reads every resident page. Each working set grows by "
         "TOKENS per layer and KV head. A multiple of the page size; needs speculation; 0 = off.",
         type=int, metavar="TOKENS")
+    page_scoring: str = _setting(
+        "quest", "--freekv-page-scoring", "How candidate pages are scored: quest = per page and KV head the channel "
+        "max/min of its keys; grid2 = every key of the page in 2 bits per channel on a grid fitted to the request's "
+        "sink tokens, scored by its attention mass (better retrieval, twice Quest's digest memory at head dim 128 "
+        "and page 32, not yet timed on a GPU). grid2 needs sink tokens, a power-of-two head dim >= 64 and no "
+        "over-fetch.", choices=PAGE_SCORING_CHOICES)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -290,6 +299,15 @@ class FreeKVConfig:
             )
         if self.recall not in RECALL_CHOICES:
             raise _fail("recall", self.recall, f"expected one of {', '.join(RECALL_CHOICES)}")
+        if self.page_scoring not in PAGE_SCORING_CHOICES:
+            raise _fail("page_scoring", self.page_scoring, f"expected one of {', '.join(PAGE_SCORING_CHOICES)}")
+        if self.page_scoring == "grid2":
+            if self.sink_tokens == 0:
+                raise _fail("page_scoring", "grid2", "grid2 fits its grid on the sink tokens: needs "
+                            "--freekv-sink-tokens > 0")
+            if self.overfetch_tokens:
+                raise NotImplementedError("--freekv-page-scoring grid2 with --freekv-overfetch-tokens is not "
+                                          "implemented (the fused over-fetch correction is untested with grid codes)")
 
         if self.kv_storage not in KV_STORAGE_CHOICES:
             raise _fail("kv_storage", self.kv_storage, f"expected one of {', '.join(KV_STORAGE_CHOICES)}")
@@ -451,6 +469,7 @@ class FreeKVConfig:
             + (f" kv_storage={self.kv_storage}" if self.kv_storage != "auto" else "")
             + (f" keep_margin={self.keep_margin}" if self.keep_margin else "")
             + (f" overfetch={self.overfetch_tokens}" if self.overfetch_tokens else "")
+            + (f" page_scoring={self.page_scoring}" if self.page_scoring != "quest" else "")
         )
 
 

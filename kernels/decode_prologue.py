@@ -40,7 +40,7 @@ if triton is not None:
         tau, n_host,
         HKV: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
         HAS_TAU: tl.constexpr, SPECULATIVE: tl.constexpr, COUNT: tl.constexpr, TIERED: tl.constexpr,
-        FP8: tl.constexpr,
+        FP8: tl.constexpr, DIGEST: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
@@ -76,15 +76,17 @@ if triton is not None:
         wofs = ((slot * PAGE + off) * HKV + h) * D
         tl.store(wk_ptr + wofs + d, kx)
         tl.store(wv_ptr + wofs + d, vx)
-        # 2. digest of a page completed by this token (rows 0..P-2 from the slot, row P-1 = kx)
+        # 2. digest of a page completed by this token (rows 0..P-2 from the slot, row P-1 = kx); without
+        #    DIGEST (grid codes) the caller writes the page's codes in a launch of its own
         complete = off == PAGE - 1
-        t = tl.arange(0, PAGE)
-        tile = tl.load(wk_ptr + ((slot * PAGE + t[:, None]) * HKV + h) * D + d[None, :],
-                       mask=complete & (t[:, None] < PAGE - 1), other=0.0)
-        tile = tl.where(t[:, None] == PAGE - 1, kx[None, :], tile)
-        dofs = (page * HKV + h) * 2 * D
-        tl.store(dig_ptr + dofs + d, tl.max(tile, axis=0), mask=complete & (d >= 0))
-        tl.store(dig_ptr + dofs + D + d, tl.min(tile, axis=0), mask=complete & (d >= 0))
+        if DIGEST:
+            t = tl.arange(0, PAGE)
+            tile = tl.load(wk_ptr + ((slot * PAGE + t[:, None]) * HKV + h) * D + d[None, :],
+                           mask=complete & (t[:, None] < PAGE - 1), other=0.0)
+            tile = tl.where(t[:, None] == PAGE - 1, kx[None, :], tile)
+            dofs = (page * HKV + h) * 2 * D
+            tl.store(dig_ptr + dofs + d, tl.max(tile, axis=0), mask=complete & (d >= 0))
+            tl.store(dig_ptr + dofs + D + d, tl.min(tile, axis=0), mask=complete & (d >= 0))
         # 3. correction check against the previous query of this row
         g = tl.arange(0, GB)
         gm = g < G
@@ -130,8 +132,9 @@ def decode_prologue_reference(q, k, v, loc, rows, n, cur_slot, host_k, host_v, w
     ws_k[cur_slot, off] = k.to(ws_k.dtype)
     ws_v[cur_slot, off] = v.to(ws_v.dtype)
     complete = off == p - 1
-    for b in torch.nonzero(complete).flatten().tolist():
-        digests[loc[b] // p] = page_digests(ws_k[cur_slot[b]], p)[0]
+    if digests is not None:
+        for b in torch.nonzero(complete).flatten().tolist():
+            digests[loc[b] // p] = page_digests(ws_k[cur_slot[b]], p)[0]
     valid = q_valid[rows].bool()  # [B, Hkv]
     if speculative:
         ones = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
@@ -159,7 +162,8 @@ def decode_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loc: torc
         host_k, host_v: ``[n_pages, Hkv, P, D]`` pinned host tier of the layer, the KV dtype or FP8 e4m3 (then
             the token is saturated to +-448 and rounded to FP8, and the window page and digest get those values).
         ws_k, ws_v: ``[n_slots, P, Hkv, D]`` working-set slots of the layer.
-        digests: ``[n_pages, Hkv, 2, D]``; q_prev: ``[R+1, Hq, D]``; q_valid: bool ``[R+1, Hkv]``.
+        digests: ``[n_pages, Hkv, 2, D]``, or ``None``: no digest is written (the grid-code runtime writes a
+            completed page's codes with :func:`.grid_codes.pack_grid_codes` after this launch); q_prev: ``[R+1, Hq, D]``; q_valid: bool ``[R+1, Hkv]``.
         flags, spec: bool ``[B, Hkv]`` outputs.
         tau: correction threshold or ``None`` (off); speculative: speculation on.
         counters: optional int64 ``[4]``; ``counters[1]`` accumulates corrected heads of real rows.
@@ -180,14 +184,15 @@ def decode_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loc: torc
         return
     g = hq // hkv
     for t in (q, k, v, ws_k, ws_v, digests, q_prev, flags, spec):
-        if not t.is_contiguous():
+        if t is not None and not t.is_contiguous():
             raise ValueError("decode_prologue needs contiguous tensors")
     _decode_prologue_kernel[(b, hkv)](
         q, k, v, loc, rows, n, cur_slot, kernel_arg(host_k), kernel_arg(host_v),
-        gpu_k if gpu_k is not None else ws_k, gpu_v if gpu_v is not None else ws_v, ws_k, ws_v, digests, q_prev,
-        q_valid.view(torch.uint8), flags.view(torch.int8), spec.view(torch.int8),
+        gpu_k if gpu_k is not None else ws_k, gpu_v if gpu_v is not None else ws_v, ws_k, ws_v,
+        digests if digests is not None else ws_k, q_prev, q_valid.view(torch.uint8), flags.view(torch.int8), spec.view(torch.int8),
         counters if counters is not None else flags,
         float(tau) if tau is not None else 0.0, host_k.shape[0],
         HKV=hkv, G=g, GB=max(2, next_pow2(g)), D=d, PAGE=p, HAS_TAU=tau is not None, SPECULATIVE=speculative,
-        COUNT=counters is not None, TIERED=gpu_k is not None, FP8=host_k.dtype == FP8_STORAGE, num_warps=4,
+        COUNT=counters is not None, TIERED=gpu_k is not None, FP8=host_k.dtype == FP8_STORAGE,
+        DIGEST=digests is not None, num_warps=4,
     )

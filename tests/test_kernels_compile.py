@@ -192,9 +192,11 @@ def test_compile_calibrated_synthetic_query(dt, hq, g, d):
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
-@pytest.mark.parametrize("g,d,tiered,fp8", [(4, 128, False, False), (4, 128, True, False), (7, 64, True, False),
-                                            (1, 64, False, False), (4, 128, True, True), (3, 64, False, True)])
-def test_compile_decode_prologue(dt, g, d, tiered, fp8):
+@pytest.mark.parametrize("g,d,tiered,fp8,digest", [(4, 128, False, False, True), (4, 128, True, False, True),
+                                                   (7, 64, True, False, True), (1, 64, False, False, True),
+                                                   (4, 128, True, True, True), (3, 64, False, True, True),
+                                                   (4, 128, False, False, False), (4, 128, True, True, False)])
+def test_compile_decode_prologue(dt, g, d, tiered, fp8, digest):
     from freekv_sglang.kernels import decode_prologue
 
     t = TY[dt]
@@ -204,7 +206,7 @@ def test_compile_decode_prologue(dt, g, d, tiered, fp8):
                flags_ptr="*i8", spec_ptr="*i8", cnt_ptr="*i64", tau="fp32", n_host="i32")
     _compile(decode_prologue._decode_prologue_kernel, sig,
              dict(HKV=8, G=g, GB=max(2, 1 << (g - 1).bit_length()), D=d, PAGE=32, HAS_TAU=True, SPECULATIVE=True,
-                  COUNT=True, TIERED=tiered, FP8=fp8))
+                  COUNT=True, TIERED=tiered, FP8=fp8, DIGEST=digest))
 
 
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])

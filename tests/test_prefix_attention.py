@@ -47,8 +47,8 @@ def test_a_query_that_sees_nothing_merges_as_zero_weight():
     torch.testing.assert_close(s, s1)
 
 
-def _runtime(g, P=4, L=2, hkv=2, group=3, d=16, R=6, max_ctx=130):
-    lay = WorkingSetLayout(page_size=P, n_sink=1, n_select=3, n_window=2)
+def _runtime(g, P=4, L=2, hkv=2, group=3, d=16, R=6, max_ctx=130, page_scoring="quest", n_sink=1):
+    lay = WorkingSetLayout(page_size=P, n_sink=n_sink, n_select=3, n_window=2)
     shape = ModelShape(L, hkv * group, hkv, d, torch.float32)
     per_row = -(-max_ctx // P)
     n_pages = R * per_row + 1
@@ -57,7 +57,8 @@ def _runtime(g, P=4, L=2, hkv=2, group=3, d=16, R=6, max_ctx=130):
     for r in range(1, R + 1):
         pages = perm[(r - 1) * per_row: r * per_row]
         r2t[r] = (pages[:, None] * P + torch.arange(P)).flatten()[:max_ctx].int()
-    return FreeKVRuntime(shape, RuntimeSettings(lay), n_pages, R, r2t, max_batch=8, device="cpu")
+    return FreeKVRuntime(shape, RuntimeSettings(lay, page_scoring=page_scoring), n_pages, R, r2t, max_batch=8,
+                         device="cpu")
 
 
 @pytest.mark.parametrize("capacity", [64, 7, 3])  # one block per layer; blocks spanning requests; tiny blocks
@@ -121,12 +122,16 @@ def test_attending_out_of_order_or_too_few_layers_is_an_error():
         pa.finish()
 
 
-def test_prefill_in_chunks_leaves_the_state_of_one_prefill():
+@pytest.mark.parametrize("page_scoring", ["quest", "grid2"])
+def test_prefill_in_chunks_leaves_the_state_of_one_prefill(page_scoring, monkeypatch):
     """A prompt prefilled as cached prefix + new tokens (radix hit, next chunk) leaves the runtime exactly as
     one prefill of the whole prompt: host tier, digests of every page, each head's selected pages, the
-    working-set slots of the first decode step, and no previous query."""
+    working-set slots of the first decode step, and no previous query. grid2 (sink of 3 pages: one cached prefix
+    covers it, one ends inside it): the rows' grids are refitted to the same values, the codes of every page beyond
+    the sink are the same, and those of the cached pages are not rewritten."""
     g = torch.Generator().manual_seed(5)
-    rt_one, rt_two = _runtime(torch.Generator().manual_seed(9)), _runtime(torch.Generator().manual_seed(9))
+    kw = dict(page_scoring="grid2", d=64, n_sink=3) if page_scoring == "grid2" else {}
+    rt_one, rt_two = _runtime(torch.Generator().manual_seed(9), **kw), _runtime(torch.Generator().manual_seed(9), **kw)
     sh, lay = rt_one.shape, rt_one.layout
     P = lay.page_size
     rows = torch.tensor([4, 2, 6])
@@ -150,6 +155,21 @@ def test_prefill_in_chunks_leaves_the_state_of_one_prefill():
         q, k, v, loc = part(layer, has, lambda x, i: x[:prefix[i]])
         rt_two.prefill_layer_offload(layer, q, k, v, rows[has], [prefix[i] for i in has], loc)
     assert rt_two.plan_prefill(rows, prefix, ext)
+    grid = page_scoring == "grid2"
+    written = []
+    if grid:  # the pages whose codes the rest of the prefill writes: not those of the cached prefixes
+        from freekv_sglang.runtime import engine
+
+        cached = torch.cat([rt_one.req_to_token[r, lay.n_sink * P:m:P].long() // P
+                            for r, m in zip(rows.tolist(), prefix)])
+        assert cached.numel() == 5
+        pack = engine.pack_grid_codes
+
+        def spy(src, row0, dst_page, *a, **kw):
+            written.append(dst_page[row0 >= 0].clone())
+            return pack(src, row0, dst_page, *a, **kw)
+
+        monkeypatch.setattr(engine, "pack_grid_codes", spy)
     for layer in range(sh.n_layers):  # the rest, over its cached prefix
         q, k, v, loc = part(layer, range(3), lambda x, i: x[prefix[i]:])
         rt_two.prefix_attention(layer, q, torch.zeros_like(q), torch.zeros(q.shape[:2]), 1.0)
@@ -157,6 +177,14 @@ def test_prefill_in_chunks_leaves_the_state_of_one_prefill():
     rt_two.finish_prefill()
     locs = torch.cat([rt_one.req_to_token[r, :n].long() for r, n in zip(rows.tolist(), total)])
     full = torch.cat([rt_one.req_to_token[r, :n - n % P:P].long() // P for r, n in zip(rows.tolist(), total)])
+    if grid:
+        written = torch.cat(written)
+        assert written.numel() and not bool(torch.isin(written, cached).any())
+        full = torch.cat([rt_one.req_to_token[r, lay.n_sink * P:n - n % P:P].long() // P
+                          for r, n in zip(rows.tolist(), total)])  # sink pages get no codes
+        assert torch.equal(rt_two.grid_lo[:, rows], rt_one.grid_lo[:, rows])
+        assert torch.equal(rt_two.grid_step[:, rows], rt_one.grid_step[:, rows])
+        assert bool((rt_one.grid_step[:, rows] > 0).all())
     for layer in range(sh.n_layers):  # (only the prompts' tokens were written: compare those)
         for tier in ("k", "v"):
             one, two = (getattr(rt.host, tier)(layer)[locs // P, :, locs % P] for rt in (rt_one, rt_two))

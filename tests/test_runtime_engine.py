@@ -24,14 +24,19 @@ from freekv_sglang.settings import EnvSettings
 def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean", group=3, head_dim=16,
                           prompt_lens=(13, 30, 7, 45), rows=(2, 1, 4, 5), steps=24, seed=0, atol=2e-5,
                           offload_api=False, gpu_pages=0, page_size=4, kv_fp8=False, keep_margin=0, overfetch=0,
-                          env=EnvSettings()):
+                          env=EnvSettings(), page_scoring="quest", n_sink=1):
     g = torch.Generator().manual_seed(seed)
     L, hkv = 2, 2
     hq = hkv * group
     # overfetch: pages speculation keeps beyond the budget of 3 (a correction takes its top 3 and keeps residents)
-    lay = WorkingSetLayout(page_size=page_size, n_sink=1, n_select=3 + overfetch, n_window=2, n_overfetch=overfetch)
+    lay = WorkingSetLayout(page_size=page_size, n_sink=n_sink, n_select=3 + overfetch, n_window=2,
+                           n_overfetch=overfetch)
     shape = ModelShape(L, hq, hkv, head_dim, dtype)
-    settings = RuntimeSettings(lay, aggregation, tau, speculative, "gather", kv_fp8=kv_fp8, keep_margin=keep_margin)
+    settings = RuntimeSettings(lay, aggregation, tau, speculative, "gather", kv_fp8=kv_fp8, keep_margin=keep_margin,
+                               page_scoring=page_scoring)
+    # grid2: the spec's rule is grid2sink fitted on the sink tokens
+    sink = n_sink * page_size
+    rule = f"grid2sink{sink}" if page_scoring == "grid2" else "quest"
     # with FP8 tiers the runtime attends over K/V as FP8 stores them: the spec gets those values
     seen = fp8_roundtrip if kv_fp8 else (lambda t: t)
     R, max_ctx = 6, 32 * page_size + 2  # not a multiple of the page size, like SGLang (context + 4)
@@ -57,8 +62,8 @@ def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean"
     # per (layer, request) histories and reference states
     keys = [[None] * B for _ in range(L)]
     vals = [[None] * B for _ in range(L)]
-    ref = [[LayerState(RetrievalSettings(lay, aggregation, tau, speculative, keep_margin), hkv) for _ in range(B)]
-           for _ in range(L)]
+    ref = [[LayerState(RetrievalSettings(lay, aggregation, tau, speculative, keep_margin, rule), hkv)
+            for _ in range(B)] for _ in range(L)]
     # prefill
     loc = torch.cat([req_to_token[r, :n].long() for r, n in zip(rows, prompt_lens)])
     T = sum(prompt_lens)
@@ -95,6 +100,9 @@ def run_against_reference(device, dtype, *, speculative, tau, aggregation="mean"
             for b in range(B):
                 keys[l][b] = torch.cat([keys[l][b], seen(k[b:b + 1])])
                 vals[l][b] = torch.cat([vals[l][b], seen(v[b:b + 1])])
+                if rule != "quest" and keys[l][b].shape[0] == sink + 1:
+                    # the runtime fits a grid once the sink is full (the spec fitted on a shorter prompt's keys)
+                    ref[l][b].rule_ctx = ref[l][b].rule.fit(keys[l][b])
                 want = ref[l][b].decode(q[b], keys[l][b], vals[l][b], scale)
                 torch.testing.assert_close(out[b].float().cpu(), want, atol=atol, rtol=atol,
                                            msg=lambda m: f"step {t} layer {l} request {b}: {m}")
@@ -269,3 +277,47 @@ def test_runtime_with_triton_kernels_under_interpreter():
     here = os.path.dirname(os.path.abspath(__file__))  # not the repository root: kernels/ would shadow HF kernels
     r = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-6000:]
+
+
+# ---------------------------------------------------------------------------------------------- grid2 page scoring
+@pytest.mark.parametrize("speculative,tau,aggregation", [(True, 0.9, "mean"), (False, None, "mean"),
+                                                         (True, 0.9, "softmax-mean"), (True, None, "max")])
+def test_runtime_grid2_matches_reference_cpu(speculative, tau, aggregation):
+    """--freekv-page-scoring grid2: the runtime's selections and outputs equal the spec's with the grid2sink rule,
+    prompts shorter than the sink (grid fitted at decode, once the sink is full) and longer ones (at prefill)."""
+    rt, ref = run_against_reference("cpu", torch.float32, speculative=speculative, tau=tau, aggregation=aggregation,
+                                    head_dim=64, n_sink=2, prompt_lens=(5, 30, 7, 45), steps=24,
+                                    page_scoring="grid2")
+    assert rt.digests.dtype == torch.uint8 and rt.digests.shape[2:] == (2, 4, 16)
+    assert any(s.sparse for row in ref for st in row for s in st.stats)
+    # the rows' grids are the spec's
+    from freekv_sglang.algorithm.grid_codes import grid_from_bounds
+    for l in range(2):
+        for b, r in enumerate((2, 1, 4, 5)):
+            lo, step = grid_from_bounds(*ref[l][b].rule_ctx)
+            assert torch.equal(rt.grid_lo[l, r], lo) and torch.equal(rt.grid_step[l, r], step), (l, b)
+
+
+def test_runtime_grid2_fp8_and_gpu_tier_cpu():
+    run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, head_dim=64, steps=12, gpu_pages=60,
+                          kv_fp8=True, offload_api=True, page_scoring="grid2")
+
+
+def test_runtime_grid2_is_validated():
+    shape = ModelShape(2, 4, 2, 64, torch.float32)
+    r2t = torch.zeros((3, 64), dtype=torch.int32)
+    with pytest.raises(ValueError, match="sink"):
+        RuntimeSettings(WorkingSetLayout(page_size=4, n_sink=0, n_select=3, n_window=2), page_scoring="grid2")
+    with pytest.raises(NotImplementedError, match="over-fetch"):
+        RuntimeSettings(WorkingSetLayout(page_size=4, n_sink=1, n_select=5, n_window=2, n_overfetch=2),
+                        page_scoring="grid2")
+    with pytest.raises(ValueError, match="unknown page scoring"):
+        RuntimeSettings(WorkingSetLayout(page_size=4, n_sink=1, n_select=3, n_window=2), page_scoring="grid3")
+    settings = RuntimeSettings(WorkingSetLayout(page_size=4, n_sink=1, n_select=3, n_window=2), page_scoring="grid2")
+    for d in (16, 96):
+        with pytest.raises(NotImplementedError, match="head dim"):
+            FreeKVRuntime(ModelShape(2, 4, 2, d, torch.float32), settings, 10, 2, r2t, max_batch=2, device="cpu")
+    with pytest.raises(NotImplementedError, match="Quest"):
+        FreeKVRuntime(shape, settings, 10, 2, r2t, max_batch=2, device="cpu", env=EnvSettings(bench_locality="real"))
+    rt = FreeKVRuntime(shape, settings, 10, 2, r2t, max_batch=2, device="cpu")
+    assert rt.digests.shape == (2, 10, 2, 4, 16) and rt.grid_lo.shape == (2, 3, 2, 64)

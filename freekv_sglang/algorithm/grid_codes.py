@@ -117,3 +117,27 @@ def grid_scores(q: torch.Tensor, packed: torch.Tensor, lo: torch.Tensor, step: t
     k_hat = dequantize(unpack_codes(packed), lo[:, None, :, None], step[:, None, :, None])  # [B, Np, Hkv, P, D]
     logits = torch.einsum("bkgd,bpktd->bkgpt", q.float().view(b, hkv, hq // hkv, d), k_hat) / math.sqrt(d)
     return torch.logsumexp(logits, -1).reshape(b, hq, -1)
+
+
+#: quantiles of the sink's keys that bound the grid (:meth:`~.scoring_rules.GridCodes.grid`, ``minmax=False``)
+GRID_QUANTILES = (0.005, 0.995)
+#: elements per torch.quantile call (it refuses larger inputs)
+_QUANTILE_MAX = 1 << 24
+
+
+def fit_grids(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, step)`` float32 ``[B, Hkv, D]`` of the ``grid2sink`` rule for ``B`` token sets ``keys [B, n, Hkv, D]``
+    (each request's sink keys): per channel the 0.5% and 99.5% quantiles over the ``n`` tokens, as
+    :meth:`~.scoring_rules.GridCodes.grid` computes them, then :func:`grid_from_bounds`. Requests are fitted in
+    chunks that torch.quantile accepts; each request's grid does not depend on the others'."""
+    k = keys.float()
+    per = max(1, _QUANTILE_MAX // max(1, k[:1].numel()))
+    los, his = [], []
+    for i in range(0, k.shape[0], per):
+        c = k[i:i + per]
+        los.append(torch.quantile(c, GRID_QUANTILES[0], dim=1))
+        his.append(torch.quantile(c, GRID_QUANTILES[1], dim=1))
+    if not los:
+        z = k.new_zeros((0, *k.shape[2:]))
+        return z, z.clone()
+    return grid_from_bounds(torch.cat(los), torch.cat(his))

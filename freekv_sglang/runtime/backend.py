@@ -78,7 +78,9 @@ class FreeKVAttnBackend(compat.flashinfer_backend_class()):
             raise NotImplementedError("FreeKV captures decode steps only (prefill CUDA graphs are disabled)")
         if forward_batch.seq_lens_cpu is None:
             raise NotImplementedError("FreeKV decode graphs need host sequence lengths (seq_lens_cpu)")
-        self.runtime.plan_decode_host(forward_batch.batch_size, forward_batch.seq_lens_cpu, graph=True)
+        # (grid2: outside the graph, a request whose sink just filled gets its grids; not while capturing)
+        self.runtime.plan_decode_host(forward_batch.batch_size, forward_batch.seq_lens_cpu, graph=True,
+                                      rows=None if in_capture else forward_batch.req_pool_indices)
 
     def init_forward_metadata_in_graph(self, forward_batch):
         if forward_batch.forward_mode.is_decode_or_idle():

@@ -9,7 +9,10 @@ One :class:`FreeKVRuntime` serves one model replica (one TP rank). It owns
   request row ``r`` owns slots ``[r * S, (r + 1) * S)`` in every layer, laid out as
   :class:`~freekv_sglang.algorithm.layout.WorkingSetLayout` says, so **one page table
   serves all layers** and every KV head finds its own selected page in the same slot;
-* per layer, page digests ``[n_pages, Hkv, 2, D]`` indexed by host page;
+* per layer, page digests ``[n_pages, Hkv, 2, D]`` indexed by host page; with ``page_scoring="grid2"``
+  instead the pages' 2-bit grid codes ``[n_pages, Hkv, P, D/4]`` uint8 (:mod:`freekv_sglang.kernels.grid_codes`)
+  and per (layer, row) the grid ``lo``/``step`` float32 ``[Hkv, D]`` they are quantized on, fitted on the row's
+  sink tokens (:meth:`FreeKVRuntime.fit_grids`);
 * per (layer, row): the resident selected page of each KV head ``[Hkv, n_select]``, the
   previous step's query and whether it is valid. With speculative over-fetch
   (``layout.n_overfetch = m``) ``n_select`` is the budget plus ``m``: speculation and prefill select
@@ -35,8 +38,10 @@ from dataclasses import dataclass
 import torch
 
 from freekv_sglang.algorithm.layout import WorkingSetLayout
+from freekv_sglang.algorithm.grid_codes import PER_BYTE, fit_grids
 from freekv_sglang.kernels.decode_prologue import decode_prologue
 from freekv_sglang.kernels.digests import page_digests_from_rows
+from freekv_sglang.kernels.grid_codes import check_grid_head_dim, pack_grid_codes
 from freekv_sglang.kernels.common import fp8_roundtrip
 from freekv_sglang.kernels.kv_store import store_kv_host
 from freekv_sglang.kernels.page_table import build_page_table, last_page_len_host, page_table_indptr_host
@@ -54,6 +59,10 @@ from .synthetic import CalibratedQueries, SyntheticQueries
 logger = logging.getLogger(__name__)
 
 
+#: page-scoring rules of the runtime (``grid2``: the ``grid2sink`` rule of algorithm/scoring_rules.py)
+PAGE_SCORINGS = ("quest", "grid2")
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
     """Algorithm and data-path choices of the runtime."""
@@ -65,8 +74,16 @@ class RuntimeSettings:
     recall: str = "gather"  # a strategy of runtime/recall.py
     kv_fp8: bool = False  # the tiers hold FP8 e4m3 K/V; working sets and digests see the same rounded values
     keep_margin: int = 0  # residency hysteresis in pages (kernels.score_select.score_and_select ``margin``)
+    page_scoring: str = "quest"  # "quest" (digests) or "grid2" (grid codes on a grid fitted to the sink tokens)
 
     def __post_init__(self):
+        if self.page_scoring not in PAGE_SCORINGS:
+            raise ValueError(f"unknown page scoring {self.page_scoring!r}; use one of {', '.join(PAGE_SCORINGS)}")
+        if self.page_scoring == "grid2":
+            if not self.layout.n_sink:
+                raise ValueError("page_scoring grid2 fits its grid on the sink tokens: it needs sink pages")
+            if self.layout.n_overfetch:
+                raise NotImplementedError("page_scoring grid2 with speculative over-fetch is not implemented")
         if not 0 <= self.keep_margin <= self.layout.n_select:
             raise ValueError(f"keep_margin must be in [0, {self.layout.n_select}] pages, got {self.keep_margin}")
         if self.layout.n_overfetch and not self.speculative:
@@ -140,7 +157,20 @@ class FreeKVRuntime:
         self.gpu_tier = (torch.zeros((L, 2, n_gpu_pages, hkv, P, d), dtype=tier_dt, device=dev) if n_gpu_pages
                          else None)
         self.ws = torch.zeros((L, 2, (max_rows + 1) * S, P, hkv, d), dtype=dt, device=dev)
-        self.digests = torch.zeros((L, n_host_pages + n_gpu_pages, hkv, 2, d), dtype=dt, device=dev)
+        self.grid = settings.page_scoring == "grid2"
+        if self.grid:
+            check_grid_head_dim(d)
+            if env.bench_locality is not None:
+                raise NotImplementedError(f"{env_name('bench_locality')} calibrates its synthetic queries on Quest's "
+                                          "scores: not implemented with page_scoring grid2")
+            # grid codes of every page instead of its digest, and each row's grid per layer
+            self.digests = torch.zeros((L, n_host_pages + n_gpu_pages, hkv, P, d // PER_BYTE), dtype=torch.uint8,
+                                       device=dev)
+            self.grid_lo = torch.zeros((L, max_rows + 1, hkv, d), dtype=torch.float32, device=dev)
+            self.grid_step = torch.zeros_like(self.grid_lo)
+        else:
+            self.digests = torch.zeros((L, n_host_pages + n_gpu_pages, hkv, 2, d), dtype=dt, device=dev)
+            self.grid_lo = self.grid_step = None
         self.resident = torch.full((L, max_rows + 1, hkv, lay.n_select), -1, dtype=torch.int64, device=dev)
         self.q_prev = torch.zeros((L, max_rows + 1, hq, d), dtype=dt, device=dev)
         self.q_valid = torch.zeros((L, max_rows + 1, hkv), dtype=torch.bool, device=dev)
@@ -201,7 +231,7 @@ class FreeKVRuntime:
     @property
     def gpu_bytes(self) -> int:
         parts = (self.ws, self.digests, self.resident, self.q_prev, self.q_valid, self.keys_main, self.keys_side,
-                 self.main_lists, self.side_lists, self.gpu_tier)
+                 self.main_lists, self.side_lists, self.gpu_tier, self.grid_lo, self.grid_step)
         return (sum(t.numel() * t.element_size() for t in parts if t is not None)
                 + (self.prefix.nbytes if self.prefix is not None else 0))
 
@@ -211,7 +241,9 @@ class FreeKVRuntime:
         their whole KV in the host tier (scratch shared by all requests not counted)."""
         sh, lay = self.shape, self.layout
         pages = -(-tokens_each // lay.page_size)
-        return (n_requests * (working_set_bytes_per_row(sh, lay) + pages * digest_bytes_per_page(sh)),
+        scoring = self.settings.page_scoring
+        return (n_requests * (working_set_bytes_per_row(sh, lay, scoring)
+                              + pages * digest_bytes_per_page(sh, scoring, lay.page_size)),
                 n_requests * pages * host_bytes_per_page(sh, lay.page_size, self.settings.kv_fp8))
 
     def tier_kw(self, layer: int) -> dict:
@@ -258,7 +290,28 @@ class FreeKVRuntime:
                          lay.n_select, r_slot, r_page, counter, max_pages=self.max_pages, page_size=lay.page_size,
                          n_sink=lay.n_sink, n_window=lay.n_window, aggregation=self.settings.gqa_aggregation,
                          q_index=q_index, keys=keys, margin=0 if fill else self.settings.keep_margin,
-                         fill_resident=fill)
+                         fill_resident=fill, grid=self.layer_grid(layer), grid_index=rows if self.grid else None)
+
+    def layer_grid(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(lo, step)`` float32 ``[R + 1, Hkv, D]`` of one layer (grid2; None with quest)."""
+        return (self.grid_lo[layer], self.grid_step[layer]) if self.grid else None
+
+    # ------------------------------------------------------------------ grid2: grids
+    def fit_grids(self, layers, rows: torch.Tensor) -> None:
+        """Fit the grids of request ``rows`` (int64 ``[B]``, device) in ``layers`` on their sink tokens, read from
+        the rows' sink slots of the working sets (the keys as the tiers store them; every sink page must hold its
+        ``P`` tokens): per channel the 0.5% and 99.5% quantiles (:func:`~freekv_sglang.algorithm.grid_codes.fit_grids`,
+        the ``grid2sink`` rule). Torch ops, outside CUDA graphs. Requests that share a page beyond the sink share
+        the sink, so they get the same grid and the page's codes stay valid for all of them."""
+        lay, sh = self.layout, self.shape
+        if rows.numel() == 0:
+            return
+        for layer in layers:
+            ws = self.ws[layer, 0].view(self.max_rows + 1, lay.slots, lay.page_size, sh.n_kv_heads, sh.head_dim)
+            keys = ws[rows, :lay.n_sink].flatten(1, 2)  # [B, sink, Hkv, D]
+            lo, step = fit_grids(keys)
+            self.grid_lo[layer].index_copy_(0, rows, lo)
+            self.grid_step[layer].index_copy_(0, rows, step)
 
     # ------------------------------------------------------------------ prefill
     def plan_prefill(self, rows: torch.Tensor, prefix_lens: list[int], extend_lens: list[int]) -> bool:
@@ -319,12 +372,14 @@ class FreeKVRuntime:
         totals = [m + n for m, n in zip(prefix_lens, extend_lens)]
         if self.settings.kv_fp8:  # the digests describe the keys as the FP8 tiers store them
             k = fp8_roundtrip(k)
-        # 1. digests of every page the new tokens complete, from the fresh keys (a prefix is whole pages)
-        row0 = [s + p * P - m for s, m, n0 in zip(starts, prefix_lens, totals) for p in range(m // P, n0 // P)]
-        if row0:
-            row0_t = torch.tensor(row0, dtype=torch.int64).to(dev, non_blocking=True)
-            dst = out_cache_loc[row0_t].long() // P
-            page_digests_from_rows(k, row0_t, dst, self.digests[layer], page_size=P)
+        # 1. digests of every page the new tokens complete, from the fresh keys (a prefix is whole pages);
+        #    grid codes after step 2 (their grid is fitted on the sink pages it brings to the working set)
+        if not self.grid:
+            row0 = [s + p * P - m for s, m, n0 in zip(starts, prefix_lens, totals) for p in range(m // P, n0 // P)]
+            if row0:
+                row0_t = torch.tensor(row0, dtype=torch.int64).to(dev, non_blocking=True)
+                dst = out_cache_loc[row0_t].long() // P
+                page_digests_from_rows(k, row0_t, dst, self.digests[layer], page_size=P)
         # 2. sink + window pages of the first decode step's layout (pages that hold context tokens)
         rr, pages, slots = [], [], []
         for i, n0 in enumerate(totals):
@@ -344,6 +399,8 @@ class FreeKVRuntime:
             hkv = self.shape.n_kv_heads
             self.recall.recall_pieces(layer, host_page.repeat_interleave(hkv), dst_slot.repeat_interleave(hkv),
                                       self.head_ids.repeat(len(rr)))
+        if self.grid:
+            self._prefill_grid_codes(layer, k, rows, starts, prefix_lens, totals, out_cache_loc)
         # 3. selected pages, chosen with the last token's query for context n0 + 1
         last = torch.tensor([s + n - 1 for s, n in zip(starts, extend_lens)], dtype=torch.int64)
         q_last = q[last.to(dev, non_blocking=True)]
@@ -353,6 +410,29 @@ class FreeKVRuntime:
             sl = slice(i, i + self.max_batch)
             self._select_and_recall(layer, q_last[sl], rows[sl], n1[sl], None, self.keys_main)
         self.q_valid[layer].index_fill_(0, rows, False)
+
+    def _prefill_grid_codes(self, layer: int, k: torch.Tensor, rows: torch.Tensor, starts: list[int],
+                            prefix_lens: list[int], totals: list[int], out_cache_loc: torch.Tensor) -> None:
+        """grid2 prefill of one layer, after the sink pages are in the working sets: the grid of every request
+        whose context fills the sink (refitted from the same tokens after a cached prefix, so equal to the
+        first fit), then the codes of the pages beyond the sink that the new tokens complete (from the fresh keys;
+        a cached prefix's pages keep theirs). A context inside the sink gets its grid at decode, once the sink is
+        full (:meth:`plan_decode_host`); no page beyond the sink is full before."""
+        lay, P, dev = self.layout, self.layout.page_size, self.device
+        sink = lay.n_sink * P
+        full = [i for i, n0 in enumerate(totals) if n0 >= sink]
+        if not full:
+            return
+        self.fit_grids([layer], rows[torch.tensor(full, dtype=torch.int64).to(dev, non_blocking=True)])
+        ent = [(i, s + p * P - m) for i, (s, m, n0) in enumerate(zip(starts, prefix_lens, totals))
+               for p in range(max(m // P, lay.n_sink), n0 // P)]
+        if not ent:
+            return
+        idx = torch.tensor(ent, dtype=torch.int64).to(dev, non_blocking=True)
+        row0_t = idx[:, 1]
+        dst = out_cache_loc[row0_t].long() // P
+        pack_grid_codes(k, row0_t, dst, self.digests[layer], self.grid_lo[layer], self.grid_step[layer],
+                        page_size=P, grid_index=rows[idx[:, 0]])
 
     def prefill_layer_offload(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               rows: torch.Tensor, extend_lens: list[int], loc: torch.Tensor,
@@ -404,11 +484,19 @@ class FreeKVRuntime:
         self.step = DecodeStep(rows, n, n + 1, cur_slot, (n - 1) % P, digest_row0)
         return self.step
 
-    def plan_decode_host(self, bs: int, seq_lens_cpu: torch.Tensor, graph: bool = False) -> None:
+    def plan_decode_host(self, bs: int, seq_lens_cpu: torch.Tensor, graph: bool = False,
+                         rows: torch.Tensor | None = None) -> None:
         """Host half (outside CUDA graphs): step counters, and FlashInfer's plan from the host copy of the
-        lengths where the attention kernel needs one."""
+        lengths where the attention kernel needs one. With grid2, ``rows`` (the batch's request rows, device):
+        a request whose sink the previous step filled (history ``sink + 1`` with the new token) gets its grids,
+        in every layer, before any page beyond its sink is full (:meth:`fit_grids`, eager torch ops; None: none
+        is fitted, as when capturing a graph)."""
         lay, sh = self.layout, self.shape
         sl = seq_lens_cpu[:bs]
+        if self.grid and rows is not None:
+            fill = torch.nonzero(sl.long() == lay.n_sink * lay.page_size + 1).flatten()
+            if fill.numel():
+                self.fit_grids(range(sh.n_layers), rows[:bs].long()[fill.to(self.device, non_blocking=True)])
         self.stats_counter.count_step(sl)
         if self.log_every and self.stats_counter.steps % self.log_every == 0:
             self._log_stats()
@@ -420,7 +508,7 @@ class FreeKVRuntime:
     def plan_decode(self, rows: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor) -> DecodeStep:
         """Both halves, eagerly (no CUDA graph)."""
         step = self.plan_decode_device(rows, seq_lens, graph=False)
-        self.plan_decode_host(rows.shape[0], seq_lens_cpu, graph=False)
+        self.plan_decode_host(rows.shape[0], seq_lens_cpu, graph=False, rows=rows)
         return step
 
     def decode_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -442,9 +530,13 @@ class FreeKVRuntime:
         # 1. token -> host tier + window page; digest of a completed page; correction check;
         #    previous query updated (one kernel)
         decode_prologue(q.contiguous(), k.contiguous(), v.contiguous(), loc, st.rows, st.n, st.cur_slot,
-                        self.host.k(layer), self.host.v(layer), wk, wv, self.digests[layer], self.q_prev[layer],
-                        self.q_valid[layer], flags, spec, tau=cfg.correction_threshold,
+                        self.host.k(layer), self.host.v(layer), wk, wv, None if self.grid else self.digests[layer],
+                        self.q_prev[layer], self.q_valid[layer], flags, spec, tau=cfg.correction_threshold,
                         speculative=cfg.speculative, counters=self.counters, **self.tier_kw(layer))
+        if self.grid:  # grid codes of a completed page, from its working-set slot (rows -1: no page completed)
+            pack_grid_codes(wk.view(-1, *wk.shape[2:]), st.digest_row0, loc.long() // self.layout.page_size,
+                            self.digests[layer], self.grid_lo[layer], self.grid_step[layer],
+                            page_size=self.layout.page_size, grid_index=st.rows)
         # 2. heads that must not trust the speculative pages: reselect with q_t before attention
         self._select_and_recall(layer, q, st.rows, st.n, flags, self.keys_main, self.counters[2], corrected=True)
         # 3. attention over the working set (sink + selected + window)

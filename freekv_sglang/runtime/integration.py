@@ -66,7 +66,8 @@ def _settings(cfg):
     recall = cfg.effective_recall
     return RuntimeSettings(layout=layout, gqa_aggregation=cfg.gqa_aggregation,
                            correction_threshold=cfg.correction_threshold, speculative=cfg.speculative,
-                           recall=recall, kv_fp8=cfg.kv_storage == "fp8_e4m3", keep_margin=cfg.keep_margin)
+                           recall=recall, kv_fp8=cfg.kv_storage == "fp8_e4m3", keep_margin=cfg.keep_margin,
+                           page_scoring=cfg.page_scoring)
 
 
 def _prefix_tokens(server_args, context_len: int) -> int:
@@ -96,7 +97,8 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
     _PLAN = plan_memory(_model_shape(self), _settings(cfg).layout, host_bytes, gpu_bytes,
                         self.model_config.context_len, sched.max_total_tokens, sched.max_running_requests,
                         gpu_tier_bytes=int(cfg.gpu_tier_gb * 2**30), kv_fp8=cfg.kv_storage == "fp8_e4m3",
-                        prefix_tokens=_prefix_tokens(self.server_args, self.model_config.context_len))
+                        prefix_tokens=_prefix_tokens(self.server_args, self.model_config.context_len),
+                        page_scoring=cfg.page_scoring)
     logger.info(_PLAN.summary())
     note = gpu_tier_note(_PLAN, gpu_bytes, cfg.page_size)
     if note:

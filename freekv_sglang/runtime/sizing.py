@@ -38,18 +38,26 @@ def shape_from_hf_config(cfg: dict, dtype: torch.dtype = torch.bfloat16) -> Mode
     return ModelShape(cfg["num_hidden_layers"], hq, cfg.get("num_key_value_heads", hq), d, dtype)
 
 
-def working_set_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout) -> int:
+def working_set_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout, page_scoring: str = "quest") -> int:
     """GPU bytes one request row costs: working-set K/V, resident map, previous query (over-fetched pages
-    included: ``layout.n_select`` counts them)."""
+    included: ``layout.n_select`` counts them); with ``page_scoring="grid2"`` also its grids (``lo`` and ``step``
+    float32 per layer, KV head and channel)."""
     elt = torch.empty(0, dtype=shape.dtype).element_size()
     ws = shape.n_layers * 2 * layout.slots * layout.page_size * shape.n_kv_heads * shape.head_dim * elt
     resident = shape.n_layers * shape.n_kv_heads * layout.n_select * 8
     qprev = shape.n_layers * (shape.n_q_heads * shape.head_dim * elt + shape.n_kv_heads)
-    return ws + resident + qprev
+    grid = shape.n_layers * shape.n_kv_heads * shape.head_dim * 2 * 4 if page_scoring == "grid2" else 0
+    return ws + resident + qprev + grid
 
 
-def digest_bytes_per_page(shape: ModelShape) -> int:
-    """GPU bytes of the digests of one host page (all layers)."""
+def digest_bytes_per_page(shape: ModelShape, page_scoring: str = "quest", page_size: int | None = None) -> int:
+    """GPU bytes of the digests of one host page (all layers): Quest's channel max and min in the model's dtype,
+    or with ``page_scoring="grid2"`` the page's 2-bit grid codes, ``page_size * D / 4`` bytes per layer and KV head
+    (twice Quest's bf16 digest at ``D = 128``, ``P = 32``)."""
+    if page_scoring == "grid2":
+        if page_size is None:
+            raise ValueError("grid2 codes take page_size * head_dim / 4 bytes: pass page_size")
+        return shape.n_layers * shape.n_kv_heads * page_size * shape.head_dim // 4
     elt = torch.empty(0, dtype=shape.dtype).element_size()
     return shape.n_layers * shape.n_kv_heads * 2 * shape.head_dim * elt
 
@@ -175,7 +183,7 @@ def scratch_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout, max_conte
 def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gpu_bytes: int,
                 max_context_len: int, user_max_total_tokens: int | None = None,
                 user_max_running_requests: int | None = None, gpu_tier_bytes: int = 0,
-                kv_fp8: bool = False, prefix_tokens: int = 0) -> MemoryPlan:
+                kv_fp8: bool = False, prefix_tokens: int = 0, page_scoring: str = "quest") -> MemoryPlan:
     """Split the host and GPU budgets.
 
     Args:
@@ -188,6 +196,7 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
         kv_fp8: the tiers hold FP8 K/V (``--freekv-kv-storage fp8_e4m3``): a page takes half the bytes of bf16.
         prefix_tokens: tokens per buffer of the staging area for prefill over cached prefixes (0: none);
             two buffers of K and V, in the model's dtype (:class:`~.prefix.PrefixAttention`).
+        page_scoring: ``quest`` or ``grid2`` (digests are then grid codes, and every row has its grids).
     """
     P = layout.page_size
     per_page_host = host_bytes_per_page(shape, P, kv_fp8)
@@ -201,8 +210,9 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
     if user_max_total_tokens is not None:
         gpu_pages = min(gpu_pages, max(0, user_max_total_tokens // P - pages))
     tier = gpu_pages * per_page_host
-    digest = (pages + 1 + gpu_pages) * digest_bytes_per_page(shape)
-    per_req = working_set_bytes_per_row(shape, layout) + scratch_bytes_per_row(shape, layout, max_context_len)
+    digest = (pages + 1 + gpu_pages) * digest_bytes_per_page(shape, page_scoring, P)
+    per_req = (working_set_bytes_per_row(shape, layout, page_scoring)
+               + scratch_bytes_per_row(shape, layout, max_context_len))
     prefix_pages = -(-prefix_tokens // P)
     staging = 2 * prefix_pages * host_bytes_per_page(shape, P) // shape.n_layers  # one layer, K and V, x2 buffers
     left = gpu_bytes - tier - digest - staging - per_req  # row 0 is the padding row
