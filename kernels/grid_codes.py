@@ -358,6 +358,9 @@ def pack_grid_codes(src: torch.Tensor, row0: torch.Tensor, dst_page: torch.Tenso
         src = src.contiguous()
     if m == 0:
         return
+    # the kernel reads the page lists at element offsets: make them contiguous (a column of a [M, 2] table is not)
+    row0, dst_page = row0.contiguous(), dst_page.contiguous()
+    grid_index = grid_index.contiguous() if grid_index is not None else None
     dq = d // PER_BYTE
     block_p = min(page_size, max(1, 4096 // d))
     gidx = grid_index if grid_index is not None else row0  # dummy pointer when absent

@@ -271,6 +271,8 @@ def test_runtime_with_triton_kernels_under_interpreter():
         "                      prompt_lens=(13, 30, 7), rows=(2, 1, 4), keep_margin=2)\n"
         "run_against_reference('cpu', torch.float16, speculative=True, tau=0.9, steps=6, atol=3e-2,\n"
         "                      prompt_lens=(13, 30, 7), rows=(2, 1, 4), overfetch=2)\n"
+        "run_against_reference('cpu', torch.float16, speculative=True, tau=0.9, steps=10, atol=3e-2, head_dim=64,\n"
+        "                      n_sink=2, prompt_lens=(5, 30, 45), rows=(2, 1, 4), page_scoring='grid2')\n"
         "print('ok')\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -429,10 +429,10 @@ class FreeKVRuntime:
         if not ent:
             return
         idx = torch.tensor(ent, dtype=torch.int64).to(dev, non_blocking=True)
-        row0_t = idx[:, 1]
+        row0_t = idx[:, 1].contiguous()  # (the kernel reads row0 / dst / grid_index as contiguous [M])
         dst = out_cache_loc[row0_t].long() // P
         pack_grid_codes(k, row0_t, dst, self.digests[layer], self.grid_lo[layer], self.grid_step[layer],
-                        page_size=P, grid_index=rows[idx[:, 0]])
+                        page_size=P, grid_index=rows[idx[:, 0]].contiguous())
 
     def prefill_layer_offload(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               rows: torch.Tensor, extend_lens: list[int], loc: torch.Tensor,
