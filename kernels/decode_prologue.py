@@ -163,7 +163,8 @@ def decode_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loc: torc
             the token is saturated to +-448 and rounded to FP8, and the window page and digest get those values).
         ws_k, ws_v: ``[n_slots, P, Hkv, D]`` working-set slots of the layer.
         digests: ``[n_pages, Hkv, 2, D]``, or ``None``: no digest is written (the grid-code runtime writes a
-            completed page's codes with :func:`.grid_codes.pack_grid_codes` after this launch); q_prev: ``[R+1, Hq, D]``; q_valid: bool ``[R+1, Hkv]``.
+            completed page's codes with :func:`.grid_codes.pack_grid_codes` after this launch).
+        q_prev: ``[R+1, Hq, D]``; q_valid: bool ``[R+1, Hkv]``.
         flags, spec: bool ``[B, Hkv]`` outputs.
         tau: correction threshold or ``None`` (off); speculative: speculation on.
         counters: optional int64 ``[4]``; ``counters[1]`` accumulates corrected heads of real rows.
@@ -189,7 +190,8 @@ def decode_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loc: torc
     _decode_prologue_kernel[(b, hkv)](
         q, k, v, loc, rows, n, cur_slot, kernel_arg(host_k), kernel_arg(host_v),
         gpu_k if gpu_k is not None else ws_k, gpu_v if gpu_v is not None else ws_v, ws_k, ws_v,
-        digests if digests is not None else ws_k, q_prev, q_valid.view(torch.uint8), flags.view(torch.int8), spec.view(torch.int8),
+        digests if digests is not None else ws_k, q_prev, q_valid.view(torch.uint8), flags.view(torch.int8),
+        spec.view(torch.int8),
         counters if counters is not None else flags,
         float(tau) if tau is not None else 0.0, host_k.shape[0],
         HKV=hkv, G=g, GB=max(2, next_pow2(g)), D=d, PAGE=p, HAS_TAU=tau is not None, SPECULATIVE=speculative,

@@ -70,6 +70,17 @@ def check_prologue(device, dtype, group, head_dim, page=8, seed=0, q_scale=1.0):
                 _same(outs[0][key][1:], outs[1][key][1:], f"{key} tau={tau}")
             else:
                 _same(outs[0][key], outs[1][key], f"{key} tau={tau}")
+        # without digests (grid2: the caller packs a completed page's codes): everything else as before
+        for impl in ("triton", "torch"):
+            st = {kk: vv.clone().to(device) for kk, vv in state.items()}
+            decode_prologue(q.to(device), k.to(device), v.to(device), loc.to(device), rows.to(device),
+                            n.to(device), slot.to(device), st["host_k"], st["host_v"], st["ws_k"], st["ws_v"],
+                            None, st["q_prev"], st["q_valid"], st["flags"], st["spec"], tau=tau,
+                            speculative=spec_on, counters=st["counters"], impl=impl)
+            for key in ("host_k", "host_v", "ws_k", "ws_v", "counters"):
+                _same(st[key], outs[1][key], f"no digests: {key} {impl} tau={tau}")
+            _same(st["flags"][:3], outs[1]["flags"][:3], f"no digests: flags {impl}")
+            _same(st["spec"][:3], outs[1]["spec"][:3], f"no digests: spec {impl}")
         # with a GPU tier holding pages from 8 on (request 2's token lands there): the tiers together
         # hold what the single host tier held
         for impl in ("triton", "torch"):

@@ -49,7 +49,7 @@ class RetrievalSettings:
     correction_threshold: float | None = 0.9  # None: correction off
     speculative: bool = True
     keep_margin: int = 0  # residency hysteresis in pages (selection.sticky_scores); reference only
-    scoring: str = "quest"  # page-scoring rule (scoring_rules.get_rule); the runtime implements quest only
+    scoring: str = "quest"  # page-scoring rule (scoring_rules.get_rule); the runtime: quest, grid2sink[N]
 
     def __post_init__(self):
         if self.layout.n_overfetch and not self.speculative:

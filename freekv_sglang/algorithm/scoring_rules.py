@@ -43,8 +43,9 @@ prompt's keys. The rules with a ``fit`` learn per KV head from the prompt's keys
 ``psplit1``: a basis; ``chanR``: channels; ``gridB``: a grid) and keep it for the request. ``gridBsink`` and
 ``gridBcalNAME`` fit grids that every request sharing a page also shares (:class:`GridCodes`).
 
-:func:`get_rule` parses every name above. ``quest`` is the default (and the only rule the runtime and the
-kernels implement); it equals :func:`~.scores.quest_scores` over :func:`~.digests.page_digests` exactly.
+:func:`get_rule` parses every name above. ``quest`` is the default; it equals :func:`~.scores.quest_scores` over
+:func:`~.digests.page_digests` exactly. The runtime and the kernels implement ``quest`` and ``grid2sink``
+(``--freekv-page-scoring grid2``: the grid fitted on the sink tokens, once the sink is full).
 
 Candidate for the default: ``grid2`` (:class:`GridCodes`). On the needle cases of the fidelity harness it answers
 everything dense answers at 1024 and 2048 selected tokens, where quest answers 37% and 68%; it keeps twice

@@ -96,3 +96,46 @@ def test_overfetch_matches_reference_gpu(group, head_dim, keep_margin):
     on the side streams) the top budget + over-fetch, as the spec does."""
     run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=group, head_dim=head_dim,
                           atol=2e-2, keep_margin=keep_margin, overfetch=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (4, 128), (7, 128)])
+@pytest.mark.parametrize("speculative,tau", [(True, 0.9), (False, None)])
+def test_runtime_grid2_matches_reference_gpu(dtype, group, head_dim, speculative, tau):
+    """--freekv-page-scoring grid2 on CUDA (pack_grid_codes at prefill and decode, score_and_select(grid=...)):
+    the spec with the grid2sink rule; the first prompt is shorter than the sink (grid fitted at decode)."""
+    torch.cuda.synchronize()
+    run_against_reference("cuda", dtype, speculative=speculative, tau=tau, group=group, head_dim=head_dim,
+                          atol=2e-2, n_sink=2, prompt_lens=(5, 30, 7, 45), page_scoring="grid2")
+
+
+@pytest.mark.parametrize("kv_fp8,gpu_pages,async_prefill", [(False, 0, True), (True, 60, False), (True, 60, True)])
+def test_runtime_grid2_tiers_and_async_prefill_gpu(kv_fp8, gpu_pages, async_prefill):
+    """grid2 with FP8 tiers, a GPU tier, and the prefill stream (grids fitted and codes packed on it)."""
+    run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=128, atol=2e-2,
+                          n_sink=2, prompt_lens=(5, 30, 7, 45), page_scoring="grid2", kv_fp8=kv_fp8,
+                          gpu_pages=gpu_pages, offload_api=True, env=EnvSettings(async_prefill=async_prefill))
+
+
+def test_grid2_decode_layer_has_no_host_sync():
+    """grid2's decode (codes of a completed page, grid scoring) must not synchronise the host either."""
+    import freekv_sglang.runtime.engine as eng
+
+    calls = {}
+    orig = eng.FreeKVRuntime.decode_layer
+
+    def checked(self, *a, **k):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return orig(self, *a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            calls["n"] = calls.get("n", 0) + 1
+
+    eng.FreeKVRuntime.decode_layer = checked
+    try:
+        run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=128,
+                              steps=8, atol=2e-2, page_scoring="grid2", prompt_lens=(13, 30, 7, 45))
+    finally:
+        eng.FreeKVRuntime.decode_layer = orig
+    assert calls["n"] > 0

@@ -14,15 +14,19 @@ from freekv_sglang.runtime.sizing import ModelShape
 from freekv_sglang.settings import EnvSettings
 
 
-def make_runtime(shape, lay, req_to_token, n_pages, rows_cap, speculative=True, attention="auto"):
-    settings = RuntimeSettings(lay, "mean", 0.9, speculative, "gather")
+def make_runtime(shape, lay, req_to_token, n_pages, rows_cap, speculative=True, attention="auto",
+                 page_scoring="quest"):
+    settings = RuntimeSettings(lay, "mean", 0.9, speculative, "gather", page_scoring=page_scoring)
     return FreeKVRuntime(shape, settings, n_pages, rows_cap, req_to_token, max_batch=8, device="cuda",
                          env=EnvSettings(decode_attention=attention))
 
 
-@pytest.mark.parametrize("bs_real,bs_graph,attention", [
-    (3, 4, "flashinfer"), (4, 4, "flashinfer"), (5, 8, "flashinfer"), (3, 4, "triton"), (5, 8, "triton")])
-def test_graph_replay_matches_eager(bs_real, bs_graph, attention):
+@pytest.mark.parametrize("bs_real,bs_graph,attention,page_scoring", [
+    (3, 4, "flashinfer", "quest"), (4, 4, "flashinfer", "quest"), (5, 8, "flashinfer", "quest"),
+    (3, 4, "triton", "quest"), (5, 8, "triton", "quest"), (3, 4, "triton", "grid2"), (5, 8, "flashinfer", "grid2")])
+def test_graph_replay_matches_eager(bs_real, bs_graph, attention, page_scoring):
+    """grid2: grid codes written and scored inside the graph; the first request's prompt is shorter than the
+    sink, so its grids are fitted by the host half of the plan (outside the graph) once the sink is full."""
     torch.manual_seed(0)
     L, hq, hkv, d = 3, 8, 2, 128
     dtype = torch.bfloat16
@@ -37,8 +41,8 @@ def test_graph_replay_matches_eager(bs_real, bs_graph, attention):
         pages = perm[(r - 1) * per_row: r * per_row]
         r2t[r] = (pages[:, None] * lay.page_size + torch.arange(lay.page_size)).flatten()[:max_ctx].int()
     r2t = r2t.cuda()
-    eager = make_runtime(shape, lay, r2t, n_pages, R, attention=attention)
-    graphed = make_runtime(shape, lay, r2t, n_pages, R, attention=attention)
+    eager = make_runtime(shape, lay, r2t, n_pages, R, attention=attention, page_scoring=page_scoring)
+    graphed = make_runtime(shape, lay, r2t, n_pages, R, attention=attention, page_scoring=page_scoring)
     scale = 1 / math.sqrt(d)
 
     # static inputs; padded entries use the padding row 0 with a 1-token history at slot 0
@@ -70,6 +74,8 @@ def test_graph_replay_matches_eager(bs_real, bs_graph, attention):
     # prefill the same prompts into both runtimes
     rows = list(range(2, 2 + bs_real))
     lens = [400 + 97 * i for i in range(bs_real)]
+    if page_scoring == "grid2":
+        lens[0] = 20  # inside the sink of 32 tokens: filled at decode step 12
     loc = torch.cat([r2t[r, :n].long() for r, n in zip(rows, lens)])
     rows_t = torch.tensor(rows, device="cuda")
     for l in range(L):
@@ -101,10 +107,14 @@ def test_graph_replay_matches_eager(bs_real, bs_graph, attention):
         rows_s.zero_(); seq_s.fill_(1); loc_s.zero_()
         rows_s[:n_act] = act_rows; seq_s[:n_act] = seq; loc_s[:n_act] = loc
         q_s[:, :n_act] = qs[:, :n_act]; k_s[:, :n_act] = ks[:, :n_act]; v_s[:, :n_act] = vs[:, :n_act]
-        graphed.plan_decode_host(bs_graph, seq_s.cpu(), graph=True)
+        graphed.plan_decode_host(bs_graph, seq_s.cpu(), graph=True, rows=rows_s)
         g.replay()
         got = out_s[:, :n_act]
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"step {t}: {m}")
         for l in range(L):
             assert torch.equal(graphed.resident[l, act_rows], eager.resident[l, act_rows]), (t, l)
     torch.cuda.synchronize()
+    if page_scoring == "grid2":
+        assert torch.equal(graphed.grid_lo[:, rows_t], eager.grid_lo[:, rows_t])
+        assert bool((graphed.grid_step[:, rows_t[0]] > 0).all())  # fitted at decode
+        assert torch.equal(graphed.digests, eager.digests)
