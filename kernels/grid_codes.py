@@ -47,9 +47,8 @@ from freekv_sglang.algorithm.scores import AGGREGATIONS, aggregate_gqa
 
 from .common import check_kv_dtype, check_page_size, cdiv, interpreter_forced, is_pow2, next_pow2, sm_count, tl, \
     triton, use_triton
-from .scores import _candidates
+from .scores import _candidates, _finish_softmax_mean, _score_dst
 
-_AGG_CODE = {"mean": 0, "max": 1, "softmax-mean": 2}
 #: token rows per tensor-core step of the scoring kernel (pages x P)
 ROWS_PER_STEP = 128
 LOG2E = 1.4426950408889634
@@ -445,16 +444,7 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
     if q.stride(2) != 1:
         q = q.contiguous()
     g = hq // hkv
-    agg = _AGG_CODE[aggregation]
-    if agg == 2:
-        if head_scores is None:
-            head_scores = torch.empty((b, hq, max_pages), dtype=torch.float32, device=out.device)
-        elif head_scores.shape != (b, hq, max_pages) or head_scores.dtype != torch.float32 \
-                or not head_scores.is_contiguous():
-            raise ValueError(f"head_scores must be contiguous float32 {(b, hq, max_pages)}")
-        dst = head_scores
-    else:
-        dst = out
+    agg, head_scores, dst = _score_dst(aggregation, head_scores, out, b, hq, max_pages)
     if b == 0 or max_pages == 0:
         return out
     if block_n is None:
@@ -481,9 +471,6 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
         F32_DOT=interpreter_forced(), STAGES=num_stages, num_warps=num_warps,
     )
     if agg == 2:
-        valid = _candidates(n_ctx, max_pages, page_size, n_sink, n_window)
-        res = aggregate_gqa(head_scores, hkv, "softmax-mean", valid, head_dim=d)
-        if head_mask is not None:
-            res = res.masked_fill(~head_mask[:, :, None], float("-inf"))
-        out.copy_(res)
+        _finish_softmax_mean(head_scores, out, n_ctx, head_mask, page_size=page_size, n_sink=n_sink,
+                             n_window=n_window, head_dim=d)
     return out

@@ -118,6 +118,34 @@ def _candidates(n_ctx: torch.Tensor, max_pages: int, page_size: int, n_sink: int
     return (p >= n_sink) & (p < ws[..., None])
 
 
+def _score_dst(aggregation: str, head_scores: torch.Tensor | None, out: torch.Tensor, b: int, hq: int,
+               max_pages: int) -> tuple[int, torch.Tensor | None, torch.Tensor]:
+    """``(agg code, head_scores, dst)`` of a page-scoring launch: with ``softmax-mean`` the kernel writes
+    the per-head scores to ``head_scores`` (allocated when ``None``, checked otherwise), else ``out``."""
+    agg = _AGG_CODE[aggregation]
+    if agg == 2:
+        if head_scores is None:
+            head_scores = torch.empty((b, hq, max_pages), dtype=torch.float32, device=out.device)
+        elif head_scores.shape != (b, hq, max_pages) or head_scores.dtype != torch.float32 \
+                or not head_scores.is_contiguous():
+            raise ValueError(f"head_scores must be contiguous float32 {(b, hq, max_pages)}")
+        return agg, head_scores, head_scores
+    return agg, head_scores, out
+
+
+def _finish_softmax_mean(head_scores: torch.Tensor, out: torch.Tensor, n_ctx: torch.Tensor,
+                         head_mask: torch.Tensor | None, *, page_size: int, n_sink: int, n_window: int,
+                         head_dim: int) -> None:
+    """Writes the ``softmax-mean`` aggregation of the per-head ``head_scores`` to ``out`` (``-inf`` for
+    non-candidates and masked heads)."""
+    hkv, max_pages = out.shape[1], out.shape[2]
+    valid = _candidates(n_ctx, max_pages, page_size, n_sink, n_window)
+    res = aggregate_gqa(head_scores, hkv, "softmax-mean", valid, head_dim=head_dim)
+    if head_mask is not None:
+        res = res.masked_fill(~head_mask[:, :, None], float("-inf"))
+    out.copy_(res)
+
+
 def score_pages_reference(q, digests, req_to_token, req_pool_idx, n_ctx, head_mask, out, *, page_size, n_sink,
                           n_window, aggregation):
     """Plain-torch :func:`score_pages` (any device): ``quest_scores`` + ``aggregate_gqa``."""
@@ -188,16 +216,7 @@ def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tens
     if q.stride(2) != 1:
         q = q.contiguous()
     g = hq // hkv
-    agg = _AGG_CODE[aggregation]
-    if agg == 2:
-        if head_scores is None:
-            head_scores = torch.empty((b, hq, max_pages), dtype=torch.float32, device=out.device)
-        elif head_scores.shape != (b, hq, max_pages) or head_scores.dtype != torch.float32 \
-                or not head_scores.is_contiguous():
-            raise ValueError(f"head_scores must be contiguous float32 {(b, hq, max_pages)}")
-        dst = head_scores
-    else:
-        dst = out
+    agg, head_scores, dst = _score_dst(aggregation, head_scores, out, b, hq, max_pages)
     if b == 0 or max_pages == 0:
         return out
     hmask = head_mask.contiguous().view(torch.uint8) if head_mask is not None else out  # dummy pointer when absent
@@ -218,9 +237,6 @@ def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tens
         HEADS_FAST=bool(heads_fast), DSP=digests.stride(0), DSH=digests.stride(1), num_warps=4,
     )
     if agg == 2:
-        valid = _candidates(n_ctx, max_pages, page_size, n_sink, n_window)
-        res = aggregate_gqa(head_scores, hkv, "softmax-mean", valid, head_dim=d)
-        if head_mask is not None:
-            res = res.masked_fill(~head_mask[:, :, None], float("-inf"))
-        out.copy_(res)
+        _finish_softmax_mean(head_scores, out, n_ctx, head_mask, page_size=page_size, n_sink=n_sink,
+                             n_window=n_window, head_dim=d)
     return out
