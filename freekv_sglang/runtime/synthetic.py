@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -466,19 +465,17 @@ def main(argv=None) -> dict:
     print(f"simulated in {time.time() - t0:.0f} s: {json.dumps({k: round(v, 4) for k, v in tot.items()})}")
     import datetime
 
-    from ..provenance import commit_id
+    from ..provenance import command_line, commit_id, write_json
 
     commit = commit_id()
-    out = {"command": "python -m freekv_sglang.runtime.synthetic " + " ".join(sys.argv[1:] if argv is None else argv),
+    out = {"command": command_line("freekv_sglang.runtime.synthetic", argv),
            "commit": commit, "date": datetime.date.today().isoformat(), "device": a.device,
            "args": vars(a), "calibration": summ, "check": tot, "table": md,
            "kappa": [[[round(float(x), 5) for x in h] for h in l] for l in cq.kappa_cpu.tolist()],
            "contexts": cq.contexts, "curves": [[round(float(x), 4) for x in c] for c in cq.curves],
            "step_grid": list(STEP_GRID)}
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
+        write_json(a.json, out)
     return out
 
 
