@@ -21,6 +21,7 @@ from freekv_sglang.algorithm.scores import aggregate_gqa
 from freekv_sglang.kernels.grid_codes import (LOG2E, pack_grid_codes, pack_grid_codes_reference, score_pages_grid,
                                               score_pages_grid_reference)
 from freekv_sglang.kernels.scores import _candidates
+from kernel_cases import check_chosen_and_recall, select_case
 
 LN2 = math.log(2.0)
 
@@ -173,9 +174,7 @@ def check_score_select_grid(device, dtype, group, head_dim, *, k=4, aggregation=
     ``margin``: the sticky selection) of the float32 reference scores up to the bf16 bound of
     :func:`kernel_numerics`; given that set, residency, recall lists and the recall count equal the reference's
     exactly (the chosen pages boosted in the reference scores)."""
-    from freekv_sglang.algorithm.selection import sticky_scores, topk_pages
     from freekv_sglang.kernels.score_select import score_and_select
-    from freekv_sglang.kernels.select import select_update_reference
 
     g = torch.Generator().manual_seed(seed)
     B, hkv, R = 5, 2, 7
@@ -183,20 +182,9 @@ def check_score_select_grid(device, dtype, group, head_dim, *, k=4, aggregation=
     n_sink, n_window = 2, 3
     n_host = max_pages * 4 + 1
     codes = torch.randint(0, 256, (n_host, hkv, page, head_dim // 4), generator=g, dtype=torch.uint8)
-    max_ctx = max_pages * page + 5
-    r2t = torch.zeros((R + 1, max_ctx), dtype=torch.int32)
-    for r in range(1, R + 1):
-        pages = torch.randint(1, n_host, (max_ctx // page + 1,), generator=g)
-        r2t[r] = (pages[:, None] * page + torch.arange(page)).flatten()[:max_ctx].int()
-    rows = torch.tensor([3, 1, 6, 2, 0])  # the last entry is a padding entry (row 0)
-    n_ctx = torch.tensor([max_pages * page, (n_sink + n_window + k // 2) * page - 3, 17 * page + 5,
-                          (n_sink + n_window + k + 4) * page, 1])
-    resident = torch.full((R + 1, hkv, k), -1, dtype=torch.int64)
-    for r in (1, 3, 6):
-        for h in range(hkv):
-            resident[r, h] = torch.randperm(k + 8, generator=g)[:k] + n_sink
-    mask = (torch.rand(B, hkv, generator=g) > 0.3) if masked else None
-    q_all = (torch.randn(R + 1 if by_row else B, hq, head_dim, generator=g) * q_scale).to(dtype)
+    r2t, rows, n_ctx, resident, mask, q_all = select_case(
+        g, B=B, hkv=hkv, R=R, hq=hq, k=k, max_pages=max_pages, page=page, n_sink=n_sink, n_window=n_window,
+        n_host=n_host, masked=masked, by_row=by_row, head_dim=head_dim, q_scale=q_scale, dtype=dtype)
     q_index = rows if by_row else None
     q = q_all[rows] if by_row else q_all
     grid_index = None
@@ -234,39 +222,5 @@ def check_score_select_grid(device, dtype, group, head_dim, *, k=4, aggregation=
         tol_bh = 2 * (torch.expm1(2 * bound / math.sqrt(head_dim)) + 1e-4) * top + 1e-7
     else:
         tol_bh = 2 * bound + 2e-5 * (size + 1)
-    act = mask if mask is not None else torch.ones(B, hkv, dtype=torch.bool)
-    boosted = scores.clone()
-    for b in range(B - 1):  # real entries (row 0 is padding, its state is not checked)
-        for h in range(hkv):
-            if not act[b, h]:
-                assert torch.equal(res[rows[b], h], resident[rows[b], h]), "unselected head changed"
-                continue
-            tol = float(tol_bh[b, h])
-            chosen = res[rows[b], h]
-            chosen = chosen[chosen >= 0]
-            s = scores[b, h]
-            fin = torch.isfinite(s)
-            assert len(chosen) == min(k, int(fin.sum())), (b, h, chosen, int(fin.sum()))
-            assert bool(fin[chosen].all()), "a non-candidate page was chosen"
-            if margin:
-                want = topk_pages(sticky_scores(s, resident[rows[b], h], k, margin), k)
-                diff = set(chosen.tolist()) ^ set(want[want >= 0].tolist())
-                km = torch.sort(s[fin], descending=True).values[min(k + margin, int(fin.sum())) - 1]
-                for p_ in diff:  # a page may only swap with one of nearly equal score at a boundary
-                    others = [float(s[x]) for x in diff if x != p_] + [float(km)]
-                    assert min(abs(float(s[p_]) - o) for o in others) <= tol, (b, h, chosen, want, p_)
-            elif len(chosen):
-                kth = torch.topk(s[fin], len(chosen)).values[-1]
-                assert float(s[chosen].min()) >= float(kth) - tol, "not a top-k"
-            boosted[b, h, chosen] += 1e6
-    ref = resident.clone()
-    rs2 = torch.full((B, hkv, k), 7, dtype=torch.int32)
-    rp2 = rs2.clone()
-    cnt2 = torch.zeros(4, dtype=torch.int64)
-    real = slice(0, B - 1)
-    select_update_reference(boosted[real], ref, rows[real], None if mask is None else mask[real], k, rs2[real],
-                            rp2[real], cnt2[1])
-    assert torch.equal(res[1:], ref[1:]), "resident"
-    assert torch.equal(rs[real], rs2[real]), "recall slots"
-    assert torch.equal(rp[real], rp2[real]), "recall pages"
-    assert torch.equal(cnt, cnt2), "recall count"
+    check_chosen_and_recall(res, rs, rp, cnt, resident, scores, rows, mask, k, margin,
+                            lambda b, h, x: float(tol_bh[b, h]))

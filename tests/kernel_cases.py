@@ -218,6 +218,84 @@ def check_select_recall(device, dtype, head_dim, page=8, k=4, seed=0, num_progra
         assert torch.equal(torch.nan_to_num(a, nan=-7.0).cpu(), torch.nan_to_num(b, nan=-7.0).cpu()), "fp8 recall"
 
 
+def random_req_to_token(g: torch.Generator, R: int, n_host: int, max_pages: int, page: int) -> torch.Tensor:
+    """``[R + 1, max_pages * page + 5]`` int32 token table: rows 1..R map their pages to random host pages
+    ``1..n_host - 1`` (row 0, the padding row, all zeros)."""
+    max_ctx = max_pages * page + 5
+    r2t = torch.zeros((R + 1, max_ctx), dtype=torch.int32)
+    for r in range(1, R + 1):
+        pages = torch.randint(1, n_host, (max_ctx // page + 1,), generator=g)
+        r2t[r] = (pages[:, None] * page + torch.arange(page)).flatten()[:max_ctx].int()
+    return r2t
+
+
+def select_case(g: torch.Generator, *, B, hkv, R, hq, k, max_pages, page, n_sink, n_window, n_host, masked,
+                by_row, head_dim, q_scale, dtype):
+    """The batch of the fused selection checks, drawn from ``g``: ``(r2t, rows, n_ctx, resident, mask, q_all)``,
+    ``rows`` ending with a padding entry (row 0), rows 1, 3, 6 with ``k`` resident pages each."""
+    r2t = random_req_to_token(g, R, n_host, max_pages, page)
+    rows = torch.tensor([3, 1, 6, 2, 0])  # the last entry is a padding entry (row 0)
+    n_ctx = torch.tensor([max_pages * page, (n_sink + n_window + k // 2) * page - 3, 17 * page + 5,
+                          (n_sink + n_window + k + 4) * page, 1])
+    resident = torch.full((R + 1, hkv, k), -1, dtype=torch.int64)
+    for r in (1, 3, 6):
+        for h in range(hkv):
+            resident[r, h] = torch.randperm(k + 8, generator=g)[:k] + n_sink
+    mask = (torch.rand(B, hkv, generator=g) > 0.3) if masked else None
+    q_all = (torch.randn(R + 1 if by_row else B, hq, head_dim, generator=g) * q_scale).to(dtype)
+    return r2t, rows, n_ctx, resident, mask, q_all
+
+
+def check_chosen_and_recall(res, rs, rp, cnt, resident, scores, rows, mask, k, margin, tol):
+    """The kernel's selection (``res``, recall lists ``rs``/``rp``, count ``cnt``, on the CPU) against the
+    reference ``scores`` ``[B, Hkv, max_pages]``: each chosen set a top-``k`` (with ``margin``: the sticky
+    selection) up to ``tol(b, h, score)``; given those sets, residency, recall lists and count equal
+    ``select_update_reference``'s exactly (the chosen pages boosted in the reference scores). The last entry
+    is padding (row 0) and not checked."""
+    from freekv_sglang.algorithm.selection import sticky_scores, topk_pages
+    from freekv_sglang.kernels.select import select_update_reference
+
+    B, hkv = scores.shape[:2]
+    act = mask if mask is not None else torch.ones(B, hkv, dtype=torch.bool)
+    boosted = scores.clone()
+    for b in range(B - 1):  # real entries (row 0 is padding, its state is not checked)
+        for h in range(hkv):
+            if not act[b, h]:
+                assert torch.equal(res[rows[b], h], resident[rows[b], h]), "unselected head changed"
+                continue
+            chosen = res[rows[b], h]
+            chosen = chosen[chosen >= 0]
+            s = scores[b, h]
+            fin = torch.isfinite(s)
+            assert len(chosen) == min(k, int(fin.sum())), (b, h, chosen, int(fin.sum()))
+            assert bool(fin[chosen].all()), "a non-candidate page was chosen"
+            if margin:
+                want = topk_pages(sticky_scores(s, resident[rows[b], h], k, margin), k)
+                diff = set(chosen.tolist()) ^ set(want[want >= 0].tolist())
+                # the kernel's scores may differ in the last bits: a page may only swap with one of (nearly)
+                # equal score, at the top-k or the top-(k + margin) boundary
+                km = torch.sort(s[fin], descending=True).values[min(k + margin, int(fin.sum())) - 1]
+                for p_ in diff:
+                    others = [float(s[q]) for q in diff if q != p_] + [float(km)]
+                    gap = min(abs(float(s[p_]) - o) for o in others)
+                    assert gap <= tol(b, h, float(s[p_])), (b, h, chosen, want, p_)
+            elif len(chosen):
+                kth = torch.topk(s[fin], len(chosen)).values[-1]
+                assert float(s[chosen].min()) >= float(kth) - tol(b, h, float(kth)), "not a top-k"
+            boosted[b, h, chosen] += 1e6
+    ref = resident.clone()
+    rs2 = torch.full((B, hkv, k), 7, dtype=torch.int32)
+    rp2 = rs2.clone()
+    cnt2 = torch.zeros(4, dtype=torch.int64)
+    real = slice(0, B - 1)
+    select_update_reference(boosted[real], ref, rows[real], None if mask is None else mask[real], k, rs2[real],
+                            rp2[real], cnt2[1])
+    _same(res[1:], ref[1:], "resident")
+    _same(rs[real], rs2[real], "recall slots")
+    _same(rp[real], rp2[real], "recall pages")
+    _same(cnt, cnt2, "recall count")
+
+
 def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean", page=8, max_pages=40,
                        masked=True, by_row=False, seed=0, margin=0, head_major=False, q_scale=1.0, **tuning):
     """Fused scoring + top-k + residency update vs the unfused torch reference. With ``margin`` (residency
@@ -231,7 +309,6 @@ def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean
     the digests from a head-major buffer (``[Hkv, pages, 2, D]`` seen through strides)."""
     from freekv_sglang.kernels.score_select import score_and_select
     from freekv_sglang.kernels.scores import score_pages_reference
-    from freekv_sglang.kernels.select import select_update_reference
 
     g = torch.Generator().manual_seed(seed)
     B, hkv, R = 5, 2, 7
@@ -241,20 +318,9 @@ def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean
     mx = torch.randn(n_host, hkv, head_dim, generator=g)
     mn = mx - torch.rand(n_host, hkv, head_dim, generator=g) * 2
     digests = torch.stack([mx, mn], dim=2).to(dtype)
-    max_ctx = max_pages * page + 5
-    r2t = torch.zeros((R + 1, max_ctx), dtype=torch.int32)
-    for r in range(1, R + 1):
-        pages = torch.randint(1, n_host, (max_ctx // page + 1,), generator=g)
-        r2t[r] = (pages[:, None] * page + torch.arange(page)).flatten()[:max_ctx].int()
-    rows = torch.tensor([3, 1, 6, 2, 0])  # the last entry is a padding entry (row 0)
-    n_ctx = torch.tensor([max_pages * page, (n_sink + n_window + k // 2) * page - 3, 17 * page + 5,
-                          (n_sink + n_window + k + 4) * page, 1])
-    resident = torch.full((R + 1, hkv, k), -1, dtype=torch.int64)
-    for r in (1, 3, 6):
-        for h in range(hkv):
-            resident[r, h] = torch.randperm(k + 8, generator=g)[:k] + n_sink
-    mask = (torch.rand(B, hkv, generator=g) > 0.3) if masked else None
-    q_all = (torch.randn(R + 1 if by_row else B, hq, head_dim, generator=g) * q_scale).to(dtype)
+    r2t, rows, n_ctx, resident, mask, q_all = select_case(
+        g, B=B, hkv=hkv, R=R, hq=hq, k=k, max_pages=max_pages, page=page, n_sink=n_sink, n_window=n_window,
+        n_host=n_host, masked=masked, by_row=by_row, head_dim=head_dim, q_scale=q_scale, dtype=dtype)
     q_index = rows if by_row else None
     q = q_all[rows] if by_row else q_all
 
@@ -275,43 +341,5 @@ def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean
     scores = torch.empty(B, hkv, max_pages)
     score_pages_reference(q, digests, r2t, rows, n_ctx, mask, scores, page_size=page, n_sink=n_sink,
                           n_window=n_window, aggregation=aggregation)
-    act = mask if mask is not None else torch.ones(B, hkv, dtype=torch.bool)
-    boosted = scores.clone()
-    for b in range(B - 1):  # real entries (row 0 is padding, its state is not checked)
-        for h in range(hkv):
-            if not act[b, h]:
-                assert torch.equal(res[rows[b], h], resident[rows[b], h]), "unselected head changed"
-                continue
-            chosen = res[rows[b], h]
-            chosen = chosen[chosen >= 0]
-            s = scores[b, h]
-            fin = torch.isfinite(s)
-            assert len(chosen) == min(k, int(fin.sum())), (b, h, chosen, int(fin.sum()))
-            assert bool(fin[chosen].all()), "a non-candidate page was chosen"
-            if margin:
-                from freekv_sglang.algorithm.selection import sticky_scores, topk_pages
-
-                want = topk_pages(sticky_scores(s, resident[rows[b], h], k, margin), k)
-                diff = set(chosen.tolist()) ^ set(want[want >= 0].tolist())
-                # the kernel's scores may differ in the last bits: a page may only swap with one of (nearly)
-                # equal score, at the top-k or the top-(k + margin) boundary
-                km = torch.sort(s[fin], descending=True).values[min(k + margin, int(fin.sum())) - 1]
-                for p_ in diff:
-                    others = [float(s[q]) for q in diff if q != p_] + [float(km)]
-                    gap = min(abs(float(s[p_]) - o) for o in others)
-                    assert gap <= 1e-3 * (1 + abs(float(s[p_]))), (b, h, chosen, want, p_)
-            elif len(chosen):
-                kth = torch.topk(s[fin], len(chosen)).values[-1]
-                assert float(s[chosen].min()) >= float(kth) - 1e-3 * (1 + abs(float(kth))), "not a top-k"
-            boosted[b, h, chosen] += 1e6
-    ref = resident.clone()
-    rs2 = torch.full((B, hkv, k), 7, dtype=torch.int32)
-    rp2 = rs2.clone()
-    cnt2 = torch.zeros(4, dtype=torch.int64)
-    real = slice(0, B - 1)
-    select_update_reference(boosted[real], ref, rows[real], None if mask is None else mask[real], k, rs2[real],
-                            rp2[real], cnt2[1])
-    _same(res[1:], ref[1:], "resident")
-    _same(rs[real], rs2[real], "recall slots")
-    _same(rp[real], rp2[real], "recall pages")
-    _same(cnt, cnt2, "recall count")
+    check_chosen_and_recall(res, rs, rp, cnt, resident, scores, rows, mask, k, margin,
+                            lambda b, h, x: 1e-3 * (1 + abs(x)))

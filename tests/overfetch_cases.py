@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from freekv_sglang.kernels.score_select import score_and_select, score_and_select_reference
+from kernel_cases import random_req_to_token
 
 
 def _exact(g: torch.Generator, shape, lo: int, hi: int, unit: float) -> torch.Tensor:
@@ -31,11 +32,7 @@ def check_score_select_fill(device, dtype, group, head_dim, *, k=6, fill=3, aggr
     mx = _exact(g, (n_host, hkv, head_dim), -3, 3, 0.25)
     mn = mx - _exact(g, (n_host, hkv, head_dim), 0, 2, 0.25).abs()
     digests = torch.stack([mx, mn], dim=2).to(dtype)
-    max_ctx = max_pages * page + 5
-    r2t = torch.zeros((R + 1, max_ctx), dtype=torch.int32)
-    for r in range(1, R + 1):
-        pages = torch.randint(1, n_host, (max_ctx // page + 1,), generator=g)
-        r2t[r] = (pages[:, None] * page + torch.arange(page)).flatten()[:max_ctx].int()
+    r2t = random_req_to_token(g, R, n_host, max_pages, page)
     rows = torch.tensor([3, 1, 6, 2, 0])  # the last entry is a padding entry (row 0)
     # many candidates; fewer than k - fill; a few more than k; a few more than k - fill; padding
     cand = [max_pages - n_sink - n_window, (k - fill) // 2 + 1, k + 4, k - fill + 2, 0]
