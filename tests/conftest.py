@@ -97,3 +97,40 @@ def run_python():
     """``run_python(args, env_extra=None, timeout=180)``: a subprocess ``python ARGS``."""
     return _run_python
 
+
+
+def _module_under_interpreter(test_file: str) -> None:
+    """Runs the test module ``test_file`` again in a child pytest with ``TRITON_INTERPRET=1`` (the interpreter is
+    chosen when Triton is imported), outside the repo root; asserts that its tests passed."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("SGLANG_FREEKV_CONFIG", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(test_file)],
+        env=env, capture_output=True, text=True, timeout=900, cwd=tempfile.gettempdir(),
+    )
+    assert r.returncode == 0, f"interpreter run failed:\n{r.stdout[-8000:]}\n{r.stderr[-4000:]}"
+    assert " passed" in r.stdout
+
+
+@pytest.fixture(scope="session")
+def module_under_interpreter():
+    """``module_under_interpreter(__file__)``: the module's tests again in a child pytest under Triton's CPU
+    interpreter, asserted to pass."""
+    return _module_under_interpreter
+
+
+def _code_under_interpreter(code: str) -> None:
+    """Runs ``python -c code`` with ``TRITON_INTERPRET=1`` in ``tests/`` (so that the ``*_cases`` modules import;
+    not the repository root: kernels/ would shadow HF kernels); asserts that it exits 0 printing ``ok`` last."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", code], cwd=here, env=dict(os.environ, TRITON_INTERPRET="1"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-6000:]
+
+
+@pytest.fixture(scope="session")
+def code_under_interpreter():
+    """``code_under_interpreter(code)``: ``python -c code`` under Triton's CPU interpreter in ``tests/``, asserted
+    to exit 0 printing ``ok`` last."""
+    return _code_under_interpreter

@@ -3,14 +3,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 
-def test_fused_kernels_under_interpreter():
+def test_fused_kernels_under_interpreter(code_under_interpreter):
     pytest.importorskip("triton")
     code = (
         "import torch\n"
@@ -55,10 +51,7 @@ def test_fused_kernels_under_interpreter():
         "    assert 'block_n=24' in str(e)\n"
         "print('ok')\n"
     )
-    here = os.path.dirname(os.path.abspath(__file__))  # not the repository root: kernels/ would shadow HF kernels
-    r = subprocess.run([sys.executable, "-c", code], cwd=here, env=dict(os.environ, TRITON_INTERPRET="1"),
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-6000:]
+    code_under_interpreter(code)
 
 
 def test_fused_references_compose_the_algorithm():

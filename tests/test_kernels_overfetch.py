@@ -4,15 +4,11 @@ interpreter against its torch reference, bit for bit (``tests/overfetch_cases.py
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 
-def test_overfetch_selection_under_interpreter():
+def test_overfetch_selection_under_interpreter(code_under_interpreter):
     pytest.importorskip("triton")
     code = (
         "import torch\n"
@@ -36,10 +32,7 @@ def test_overfetch_selection_under_interpreter():
         "check_score_select_fill('cpu', torch.float16, 2, 16, k=6, fill=3, block_n=16)\n"
         "print('ok')\n"
     )
-    here = os.path.dirname(os.path.abspath(__file__))  # not the repository root: kernels/ would shadow HF kernels
-    r = subprocess.run([sys.executable, "-c", code], cwd=here, env=dict(os.environ, TRITON_INTERPRET="1"),
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-6000:]
+    code_under_interpreter(code)
 
 
 def test_overfetch_references():
