@@ -29,8 +29,9 @@ def test_async_prefill_matches_reference_gpu(group, head_dim):
     assert rt.prefill_stream is not None
 
 
-def test_decode_layer_has_no_host_sync():
-    """A decode step of the runtime must not synchronise the host (CUDA-graph prerequisite)."""
+def _run_without_host_sync(**kw):
+    """``run_against_reference`` on CUDA (bf16, speculative, tau 0.9, group 4, head dim 128) with every
+    ``decode_layer`` call under ``torch.cuda.set_sync_debug_mode("error")``; asserts that decode layers ran."""
     import freekv_sglang.runtime.engine as eng
 
     calls = {}
@@ -47,10 +48,15 @@ def test_decode_layer_has_no_host_sync():
     eng.FreeKVRuntime.decode_layer = checked
     try:
         run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=128,
-                              steps=4, atol=2e-2)
+                              atol=2e-2, **kw)
     finally:
         eng.FreeKVRuntime.decode_layer = orig
     assert calls["n"] > 0
+
+
+def test_decode_layer_has_no_host_sync():
+    """A decode step of the runtime must not synchronise the host (CUDA-graph prerequisite)."""
+    _run_without_host_sync(steps=4)
 
 
 @pytest.mark.parametrize("offload_api", [False, True])
@@ -119,23 +125,4 @@ def test_runtime_grid2_tiers_and_async_prefill_gpu(kv_fp8, gpu_pages, async_pref
 
 def test_grid2_decode_layer_has_no_host_sync():
     """grid2's decode (codes of a completed page, grid scoring) must not synchronise the host either."""
-    import freekv_sglang.runtime.engine as eng
-
-    calls = {}
-    orig = eng.FreeKVRuntime.decode_layer
-
-    def checked(self, *a, **k):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return orig(self, *a, **k)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-            calls["n"] = calls.get("n", 0) + 1
-
-    eng.FreeKVRuntime.decode_layer = checked
-    try:
-        run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=128,
-                              steps=8, atol=2e-2, page_scoring="grid2", prompt_lens=(13, 30, 7, 45))
-    finally:
-        eng.FreeKVRuntime.decode_layer = orig
-    assert calls["n"] > 0
+    _run_without_host_sync(steps=8, page_scoring="grid2", prompt_lens=(13, 30, 7, 45))
