@@ -43,11 +43,11 @@ import math
 import torch
 
 from freekv_sglang.algorithm.grid_codes import PER_BYTE, grid_scores, pack_codes, quantize_keys
-from freekv_sglang.algorithm.scores import AGGREGATIONS, aggregate_gqa
+from freekv_sglang.algorithm.scores import AGGREGATIONS
 
 from .common import check_kv_dtype, check_page_size, cdiv, interpreter_forced, is_pow2, next_pow2, sm_count, tl, \
     triton, use_triton
-from .scores import _candidates, _finish_softmax_mean, _score_dst
+from .scores import _aggregate_reference, _candidate_host_pages, _finish_softmax_mean, _score_dst
 
 #: token rows per tensor-core step of the scoring kernel (pages x P)
 ROWS_PER_STEP = 128
@@ -375,20 +375,12 @@ def score_pages_grid_reference(q, codes, lo, step, req_to_token, req_pool_idx, n
     """Plain-torch :func:`score_pages_grid` (any device): ``algorithm.grid_codes.grid_scores`` of the
     candidates' codes + ``aggregate_gqa``."""
     b, hq, d = q.shape
-    hkv = codes.shape[1]
-    max_pages = out.shape[2]
-    valid = _candidates(n_ctx, max_pages, page_size, n_sink, n_window)  # [B, Np]
-    pos = torch.arange(max_pages, device=q.device) * page_size
-    tok = req_to_token[req_pool_idx.long()][:, pos].long()  # [B, Np]
-    hp = torch.where(valid, tok // page_size, torch.zeros_like(tok))
+    valid, hp = _candidate_host_pages(req_to_token, req_pool_idx, n_ctx, out.shape[2], page_size, n_sink, n_window,
+                                      q.device)
     lo_b = _grid_rows(lo.to(q.device), b, grid_index)
     st_b = _grid_rows(step.to(q.device), b, grid_index)
     s = grid_scores(q, codes[hp.to(codes.device)].to(q.device), lo_b, st_b)  # [B, Hq, Np]
-    agg = aggregate_gqa(s, hkv, aggregation, valid, head_dim=d)
-    if head_mask is not None:
-        agg = agg.masked_fill(~head_mask.bool()[:, :, None], float("-inf"))
-    out.copy_(agg)
-    return out
+    return _aggregate_reference(s, codes.shape[1], aggregation, valid, d, head_mask, out)
 
 
 def grid_block_pages(page_size: int, block_n: int) -> int:

@@ -146,22 +146,35 @@ def _finish_softmax_mean(head_scores: torch.Tensor, out: torch.Tensor, n_ctx: to
     out.copy_(res)
 
 
-def score_pages_reference(q, digests, req_to_token, req_pool_idx, n_ctx, head_mask, out, *, page_size, n_sink,
-                          n_window, aggregation):
-    """Plain-torch :func:`score_pages` (any device): ``quest_scores`` + ``aggregate_gqa``."""
-    b, hq, d = q.shape
-    hkv = digests.shape[1]
-    max_pages = out.shape[2]
+def _candidate_host_pages(req_to_token, req_pool_idx, n_ctx, max_pages: int, page_size: int, n_sink: int,
+                          n_window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(valid, hp)`` of the scoring references: the candidate mask ``[B, max_pages]`` and each logical page's
+    host page ``[B, max_pages]`` (0 where not a candidate)."""
     valid = _candidates(n_ctx, max_pages, page_size, n_sink, n_window)  # [B, Np]
-    pos = torch.arange(max_pages, device=q.device) * page_size
+    pos = torch.arange(max_pages, device=device) * page_size
     tok = req_to_token[req_pool_idx.long()][:, pos].long()  # [B, Np]
     hp = torch.where(valid, tok // page_size, torch.zeros_like(tok))
-    s = quest_scores(q, digests[hp])  # [B, Hq, Np]
-    agg = aggregate_gqa(s, hkv, aggregation, valid, head_dim=d)
+    return valid, hp
+
+
+def _aggregate_reference(s: torch.Tensor, hkv: int, aggregation: str, valid: torch.Tensor, head_dim: int,
+                         head_mask: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """The scoring references' last step: the per-head scores ``s`` ``[B, Hq, Np]`` aggregated over each KV
+    head's query heads into ``out`` (``-inf`` for masked heads); returns ``out``."""
+    agg = aggregate_gqa(s, hkv, aggregation, valid, head_dim=head_dim)
     if head_mask is not None:
         agg = agg.masked_fill(~head_mask.bool()[:, :, None], float("-inf"))
     out.copy_(agg)
     return out
+
+
+def score_pages_reference(q, digests, req_to_token, req_pool_idx, n_ctx, head_mask, out, *, page_size, n_sink,
+                          n_window, aggregation):
+    """Plain-torch :func:`score_pages` (any device): ``quest_scores`` + ``aggregate_gqa``."""
+    valid, hp = _candidate_host_pages(req_to_token, req_pool_idx, n_ctx, out.shape[2], page_size, n_sink, n_window,
+                                      q.device)
+    s = quest_scores(q, digests[hp])  # [B, Hq, Np]
+    return _aggregate_reference(s, digests.shape[1], aggregation, valid, q.shape[2], head_mask, out)
 
 
 def score_pages(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch.Tensor, req_pool_idx: torch.Tensor,
