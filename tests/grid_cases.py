@@ -21,7 +21,7 @@ from freekv_sglang.algorithm.scores import aggregate_gqa
 from freekv_sglang.kernels.grid_codes import (LOG2E, pack_grid_codes, pack_grid_codes_reference, score_pages_grid,
                                               score_pages_grid_reference)
 from freekv_sglang.kernels.scores import _candidates
-from kernel_cases import check_chosen_and_recall, select_case
+from kernel_cases import check_chosen_and_recall, select_case, selection_outputs, to_head_major
 
 LN2 = math.log(2.0)
 
@@ -135,10 +135,7 @@ def check_scores(device, dtype, group, head_dim, *, aggregation="mean", page=16,
     kw = dict(page_size=page, n_sink=n_sink, n_window=n_window, aggregation=aggregation)
 
     dv = lambda t: None if t is None else t.to(device)  # noqa: E731
-    cd = codes.to(device)
-    if head_major:
-        cd = cd.transpose(0, 1).contiguous().transpose(0, 1)
-        assert not cd.is_contiguous()
+    cd = to_head_major(codes.to(device)) if head_major else codes.to(device)
     out = torch.full((b, hkv, max_pages), float("nan"), device=device)
     score_pages_grid(q.to(device), cd, lo.to(device), step.to(device), r2t.to(device), rpi.to(device),
                      n_ctx.to(device), dv(mask), out, grid_index=dv(grid_index), **kw, **tuning)
@@ -197,15 +194,9 @@ def check_score_select_grid(device, dtype, group, head_dim, *, k=4, aggregation=
         lo, step = tlo[:, 1:], tst[:, 1:]
         grid_index = rows
 
-    res = resident.clone().to(device)
-    rs = torch.full((B, hkv, k), 7, dtype=torch.int32, device=device)
-    rp = rs.clone()
-    cnt = torch.zeros(4, dtype=torch.int64, device=device)
+    res, rs, rp, cnt = selection_outputs(resident, B, hkv, k, device)
     dv = lambda t: None if t is None else t.to(device)  # noqa: E731
-    cd = codes.to(device)
-    if head_major:
-        cd = cd.transpose(0, 1).contiguous().transpose(0, 1)
-        assert not cd.is_contiguous()
+    cd = to_head_major(codes.to(device)) if head_major else codes.to(device)
     score_and_select(q_all.to(device), cd, r2t.to(device), rows.to(device), n_ctx.to(device), dv(mask), res, k, rs,
                      rp, cnt[1], max_pages=max_pages, page_size=page, n_sink=n_sink, n_window=n_window,
                      aggregation=aggregation, q_index=dv(q_index), margin=margin,

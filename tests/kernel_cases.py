@@ -246,6 +246,23 @@ def select_case(g: torch.Generator, *, B, hkv, R, hq, k, max_pages, page, n_sink
     return r2t, rows, n_ctx, resident, mask, q_all
 
 
+def selection_outputs(resident: torch.Tensor, B: int, hkv: int, k: int, device):
+    """``(res, rs, rp, cnt)`` on ``device`` for a ``score_and_select`` call: a copy of ``resident``, recall slots
+    and pages filled with 7, a zero recall count of 4 entries."""
+    res = resident.clone().to(device)
+    rs = torch.full((B, hkv, k), 7, dtype=torch.int32, device=device)
+    rp = rs.clone()
+    cnt = torch.zeros(4, dtype=torch.int64, device=device)
+    return res, rs, rp, cnt
+
+
+def to_head_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[pages, Hkv, ...]`` stored head-major (``[Hkv, pages, ...]`` seen through strides)."""
+    t = t.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not t.is_contiguous()
+    return t
+
+
 def check_chosen_and_recall(res, rs, rp, cnt, resident, scores, rows, mask, k, margin, tol):
     """The kernel's selection (``res``, recall lists ``rs``/``rp``, count ``cnt``, on the CPU) against the
     reference ``scores`` ``[B, Hkv, max_pages]``: each chosen set a top-``k`` (with ``margin``: the sticky
@@ -324,15 +341,9 @@ def check_score_select(device, dtype, group, head_dim, *, k=4, aggregation="mean
     q_index = rows if by_row else None
     q = q_all[rows] if by_row else q_all
 
-    res = resident.clone().to(device)
-    rs = torch.full((B, hkv, k), 7, dtype=torch.int32, device=device)
-    rp = rs.clone()
-    cnt = torch.zeros(4, dtype=torch.int64, device=device)
+    res, rs, rp, cnt = selection_outputs(resident, B, hkv, k, device)
     dv = lambda t: None if t is None else t.to(device)  # noqa: E731
-    dig = digests.to(device)
-    if head_major:
-        dig = dig.transpose(0, 1).contiguous().transpose(0, 1)
-        assert not dig.is_contiguous()
+    dig = to_head_major(digests.to(device)) if head_major else digests.to(device)
     score_and_select(q_all.to(device), dig, r2t.to(device), rows.to(device), n_ctx.to(device),
                      dv(mask), res, k, rs, rp, cnt[1], max_pages=max_pages, page_size=page, n_sink=n_sink,
                      n_window=n_window, aggregation=aggregation, q_index=dv(q_index), margin=margin, **tuning)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from freekv_sglang.kernels.score_select import score_and_select, score_and_select_reference
-from kernel_cases import random_req_to_token
+from kernel_cases import random_req_to_token, selection_outputs
 
 
 def _exact(g: torch.Generator, shape, lo: int, hi: int, unit: float) -> torch.Tensor:
@@ -52,10 +52,7 @@ def check_score_select_fill(device, dtype, group, head_dim, *, k=6, fill=3, aggr
     dv = lambda t: None if t is None else t.to(device)  # noqa: E731
     out = []
     for fused in (True, False):
-        res = resident.clone().to(device)
-        rs = torch.full((B, hkv, k), 7, dtype=torch.int32, device=device)
-        rp = rs.clone()
-        cnt = torch.zeros(4, dtype=torch.int64, device=device)
+        res, rs, rp, cnt = selection_outputs(resident, B, hkv, k, device)
         kw = dict(max_pages=max_pages, page_size=page, n_sink=n_sink, n_window=n_window, aggregation=aggregation,
                   q_index=dv(q_index), fill_resident=fill)
         args = (q_all.to(device), digests.to(device), r2t.to(device), rows.to(device), n_ctx.to(device), dv(mask),
