@@ -4,13 +4,15 @@ the right pages, in blocks that span requests, with requests without a prefix in
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from freekv_sglang.algorithm import WorkingSetLayout
 from freekv_sglang.algorithm.extend import attention_lse, extend_attention, merge_lse
 from freekv_sglang.runtime.engine import FreeKVRuntime, RuntimeSettings
-from freekv_sglang.runtime.prefix import PrefixAttention
+from freekv_sglang.runtime.prefix import PrefixAttention, page_runs
 from freekv_sglang.runtime.sizing import ModelShape
 
 
@@ -47,56 +49,109 @@ def test_a_query_that_sees_nothing_merges_as_zero_weight():
     torch.testing.assert_close(s, s1)
 
 
-def _runtime(g, P=4, L=2, hkv=2, group=3, d=16, R=6, max_ctx=130, page_scoring="quest", n_sink=1):
+def _runtime(g, P=4, L=2, hkv=2, group=3, d=16, R=6, max_ctx=130, page_scoring="quest", n_sink=1,
+             alloc="scattered", n_gpu_pages=0, dtype=torch.float32, kv_fp8=False, device="cpu"):
+    """A CPU runtime whose rows own whole pages: ``scattered`` (a random permutation) or ``contiguous``
+    (row after row, in order); with ``n_gpu_pages`` the last pages are the GPU tier's."""
     lay = WorkingSetLayout(page_size=P, n_sink=n_sink, n_select=3, n_window=2)
-    shape = ModelShape(L, hkv * group, hkv, d, torch.float32)
+    shape = ModelShape(L, hkv * group, hkv, d, dtype)
     per_row = -(-max_ctx // P)
     n_pages = R * per_row + 1
-    perm = torch.randperm(n_pages - 1, generator=g) + 1
+    perm = torch.randperm(n_pages - 1, generator=g) + 1 if alloc == "scattered" else torch.arange(1, n_pages)
     r2t = torch.zeros((R + 1, max_ctx), dtype=torch.int32)
     for r in range(1, R + 1):
         pages = perm[(r - 1) * per_row: r * per_row]
         r2t[r] = (pages[:, None] * P + torch.arange(P)).flatten()[:max_ctx].int()
-    return FreeKVRuntime(shape, RuntimeSettings(lay, page_scoring=page_scoring), n_pages, R, r2t, max_batch=8,
-                         device="cpu")
+    return FreeKVRuntime(shape, RuntimeSettings(lay, page_scoring=page_scoring, kv_fp8=kv_fp8), n_pages - n_gpu_pages,
+                         R, r2t.to(device), max_batch=8, device=device, n_gpu_pages=n_gpu_pages)
+
+
+def _check_staged_prefix_attention(rt, g, capacity, rows=(3, 1, 5, 2), **kw):
+    """Store random prefixes for ``rows``, stage them with a :class:`PrefixAttention` of ``capacity`` pages
+    and compare its attention with the spec in every layer; returns the staging object. On CUDA the staged
+    attention is FlashInfer's (base-2 log-sum-exp); the spec runs on the CPU in float32."""
+    sh, P, dev = rt.shape, rt.layout.page_size, rt.device
+    rows = list(rows)
+    prefix = [8 * P, 0, 3 * P, 5 * P]  # the second request has no cached prefix
+    ext = [5, 9, 1, 7]
+    # the cached prefixes are in the tiers, at the rows' own pages
+    hist = {}
+    for layer in range(sh.n_layers):
+        for r, m in zip(rows, prefix):
+            k, v = _rand(g, m, sh.n_kv_heads, sh.head_dim), _rand(g, m, sh.n_kv_heads, sh.head_dim)
+            k, v = k.to(sh.dtype), v.to(sh.dtype)
+            if m:
+                rt.store_tokens(layer, k.to(dev), v.to(dev), rt.req_to_token[r, :m].long())
+            if rt.settings.kv_fp8:  # the tier holds the rounded values
+                k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+            hist[layer, r] = (k.float(), v.float())
+    pa = PrefixAttention(rt, capacity, **kw)
+    assert pa.plan(torch.tensor(rows, device=dev), prefix, ext)
+    assert len(pa.blocks) == -(-sum(prefix) // P // capacity)
+    scale = sh.head_dim ** -0.5
+    tol = 2e-5 if sh.dtype == torch.float32 else 2e-2
+    for layer in range(sh.n_layers):
+        t = sum(ext)
+        q = _rand(g, t, sh.n_q_heads, sh.head_dim, scale=8.0 if sh.dtype == torch.float32 else 1.0).to(sh.dtype)
+        kn, vn = (_rand(g, t, sh.n_kv_heads, sh.head_dim).to(sh.dtype) for _ in range(2))
+        parts = [attention_lse(q[a:a + n].float(), kn[a:a + n].float(), vn[a:a + n].float(), scale, causal=True)
+                 for a, n in zip([0, 5, 14, 15], ext)]
+        o = torch.cat([p[0] for p in parts]).to(sh.dtype)
+        s = torch.cat([p[1] for p in parts])
+        if rt.is_cuda:
+            s = s / math.log(2)
+        got = pa.attend(layer, q.to(dev), o.to(dev), s.to(dev), scale).cpu()
+        a = 0
+        for r, n in zip(rows, ext):
+            kp, vp = hist[layer, r]
+            want = extend_attention(q[a:a + n].float(), kn[a:a + n].float(), vn[a:a + n].float(), kp, vp, scale)
+            torch.testing.assert_close(got[a:a + n].float(), want, atol=tol, rtol=tol, msg=lambda m: f"row {r}: {m}")
+            a += n
+    pa.finish()
+    return pa
 
 
 @pytest.mark.parametrize("capacity", [64, 7, 3])  # one block per layer; blocks spanning requests; tiny blocks
 def test_staged_prefix_attention_equals_the_spec(capacity):
     g = torch.Generator().manual_seed(2)
-    rt = _runtime(g)
-    sh, P = rt.shape, rt.layout.page_size
-    rows = [3, 1, 5, 2]
-    prefix = [8 * P, 0, 3 * P, 5 * P]  # the second request has no cached prefix
-    ext = [5, 9, 1, 7]
-    # the cached prefixes are in the host tier, at the rows' own (scattered) pages
-    hist = {}
-    for layer in range(sh.n_layers):
-        for r, m in zip(rows, prefix):
-            k, v = _rand(g, m, sh.n_kv_heads, sh.head_dim), _rand(g, m, sh.n_kv_heads, sh.head_dim)
-            if m:
-                rt.store_tokens(layer, k, v, rt.req_to_token[r, :m].long())
-            hist[layer, r] = (k, v)
-    pa = PrefixAttention(rt, capacity)
-    assert pa.plan(torch.tensor(rows), prefix, ext)
-    assert len(pa.blocks) == -(-sum(prefix) // P // capacity)
-    scale = sh.head_dim ** -0.5
-    for layer in range(sh.n_layers):
-        t = sum(ext)
-        q = _rand(g, t, sh.n_q_heads, sh.head_dim, scale=8.0)
-        kn, vn = _rand(g, t, sh.n_kv_heads, sh.head_dim), _rand(g, t, sh.n_kv_heads, sh.head_dim)
-        parts = [attention_lse(q[a:a + n], kn[a:a + n], vn[a:a + n], scale, causal=True)
-                 for a, n in zip([0, 5, 14, 15], ext)]
-        o = torch.cat([p[0] for p in parts])
-        s = torch.cat([p[1] for p in parts])
-        got = pa.attend(layer, q, o, s, scale)
-        a = 0
-        for r, n in zip(rows, ext):
-            kp, vp = hist[layer, r]
-            want = extend_attention(q[a:a + n], kn[a:a + n], vn[a:a + n], kp, vp, scale)
-            torch.testing.assert_close(got[a:a + n], want, atol=2e-5, rtol=2e-5, msg=lambda m: f"row {r}: {m}")
-            a += n
-    pa.finish()
+    pa = _check_staged_prefix_attention(_runtime(g), g, capacity)
+    assert pa.copied["dma"] == 0 and pa.copied["gather"] > 0  # scattered single pages: all gathered
+
+
+def test_page_runs_are_maximal_and_stop_at_the_gpu_tier():
+    assert page_runs([], 10) == []
+    assert page_runs([4, 5, 6, 9, 10, 3], 100) == [(4, 0, 3), (9, 3, 2), (3, 5, 1)]
+    assert page_runs([8, 9, 10, 11], 10) == [(8, 0, 2), (10, 2, 2)]  # pages 10, 11 are the GPU tier's
+
+
+@pytest.mark.parametrize("capacity", [64, 7, 3])
+@pytest.mark.parametrize("min_pages", [1, 3, 100])  # every run, runs of 3+ pages, none as block copies
+def test_block_copies_of_page_runs_stage_the_same_prefix(capacity, min_pages):
+    """Rows whose pages are consecutive: long runs go as block copies, the rest through the gather kernel,
+    and the staged prefix is the same whichever way each page came."""
+    g = torch.Generator().manual_seed(6)
+    rt = _runtime(g, alloc="contiguous")
+    page_bytes = rt.shape.n_kv_heads * rt.layout.page_size * rt.shape.head_dim * 4
+    pa = _check_staged_prefix_attention(rt, g, capacity, dma_min_bytes=min_pages * page_bytes)
+    total = 2 * rt.shape.n_layers * 16 * page_bytes  # 16 prefix pages, K and V, every layer
+    assert pa.copied["dma"] + pa.copied["gather"] == total
+    assert (pa.copied["dma"] == 0) == (min_pages > capacity or min_pages == 100)
+    if min_pages == 1:
+        assert pa.copied["gather"] == 0
+
+
+def test_block_copies_read_the_gpu_tier_pages_from_the_gpu_tier():
+    g = torch.Generator().manual_seed(7)
+    rt = _runtime(g, alloc="contiguous", n_gpu_pages=40)  # rows 5 and 6 live partly or wholly in the GPU tier
+    pa = _check_staged_prefix_attention(rt, g, 64, rows=(3, 1, 5, 6), dma_min_bytes=1)
+    assert pa.copied["gather"] == 0 and any(first >= rt.host.n_pages for first, _, _ in pa.blocks[0].copies.runs)
+
+
+def test_an_fp8_tier_is_gathered_and_widened():
+    g = torch.Generator().manual_seed(8)
+    rt = _runtime(g, alloc="contiguous", dtype=torch.bfloat16, kv_fp8=True)
+    pa = _check_staged_prefix_attention(rt, g, 64, dma_min_bytes=1)
+    assert not pa.dma and pa.copied["dma"] == 0 and pa.copied["gather"] > 0
 
 
 def test_no_prefix_plans_nothing_and_unaligned_prefix_is_refused():

@@ -4,17 +4,22 @@ With SGLang's radix cache or chunked prefill, an extend batch holds requests who
 (a whole number of pages) are already cached: in FreeKV, in the host tier. The new tokens must attend
 over them exactly (:mod:`freekv_sglang.algorithm.extend`). :class:`PrefixAttention` brings each layer's
 prefix pages to the GPU into a **staging area of two buffers** of ``capacity`` pages each
-(``[2, capacity, P, Hkv, D]`` for K and for V), in *units* of at most ``capacity`` pages (one unit per
-layer when the batch's prefix fits, else several), and runs the unit's attention while the next unit is
-copied:
+(``[2, capacity, Hkv, P, D]`` for K and for V, the tiers' own HND page layout), in *units* of at most
+``capacity`` pages (one unit per layer when the batch's prefix fits, else several), and runs the unit's
+attention while the next unit is copied:
 
-* unit ``i`` is copied into buffer ``i % 2`` on a side stream (the recall gather kernel: one
-  ``(page, KV head)`` piece per program iteration, HND tier page -> NHD staging page, FP8 tiers widened),
-  after the attention that last read that buffer (event ``free``), and signals ``ready``;
+* unit ``i`` is copied into buffer ``i % 2`` on a side stream, after the attention that last read that
+  buffer (event ``free``), and signals ``ready``. A run of consecutive tier pages of at least
+  ``dma_min_bytes`` goes as one block copy through the copy engine (``cudaMemcpyAsync``: the link's full
+  rate and no SMs taken from the layers computing beside it); the other pages, and every page of an FP8 tier
+  (which must be widened), go through the recall gather kernel, one ``(page, KV head)`` piece at a time;
 * :meth:`attend` (layer ``l``, on the compute stream) first starts the copy of the unit after its own,
   then waits for its unit, runs FlashInfer's paged prefill over the staged pages (non-causal: every prefix
   key is visible to every new token) with its log-sum-exp, and merges it into the new tokens' own causal
   attention. So layer ``l + 1``'s prefix crosses PCIe while layer ``l`` computes.
+
+Planning reads the batch's prefix page numbers on the host (one synchronisation per extend batch that has a
+cached prefix, never in a decode step) to find the runs of consecutive pages.
 
 GPU memory: ``2 buffers x capacity x P x Hkv x D x 2 (K, V) x bytes`` plus FlashInfer's workspace; see
 docs/DESIGN.md. On the CPU (tests) the copies run in line and the attention is the plain-torch reference.
@@ -40,15 +45,35 @@ def staging_tokens(context_len: int, radix_cache: bool, chunked_prefill: bool) -
     return min(context_len, STAGING_TOKENS) if (radix_cache or chunked_prefill) else 0
 
 
+#: Smallest run of consecutive tier pages (bytes of its K, or of its V) that one copy-engine block copy
+#: moves; shorter runs go through the gather kernel. Copies of 1 MiB reach the link's bulk rate, where
+#: single-page copies reach a third of it (docs/DESIGN.md, measured ceilings).
+DMA_MIN_BYTES = 1 << 20
+#: Most block copies per unit (each is a host call); the shorter runs beyond it are gathered.
+MAX_DMA_RUNS = 16
+
+
 @dataclass
 class _Unit:
-    """One staging unit: a contiguous run of the batch's prefix pages, for one layer."""
+    """One staging unit: one block of the batch's prefix pages, for one layer."""
 
     layer: int
-    host_page: torch.Tensor  # int64 [pieces] tier page of each (page, KV head) piece
-    dst_slot: torch.Tensor  # int64 [pieces] staging page it goes to
-    head: torch.Tensor  # int64 [pieces]
     block: int  # index into PrefixAttention.blocks
+
+
+@dataclass
+class _Copies:
+    """How one block's staged pages are copied (the same for every layer).
+
+    ``runs``: ``(first tier page, first staging page, pages)`` block copies; a run never crosses from the
+    host tier into the GPU tier. ``page``, ``slot``: int64 ``[pieces]`` the gather kernel's pieces, one per
+    (page, KV head), numbered as pages of one head (``tier page x Hkv + head``, ``staging page x Hkv + head``),
+    which is how an HND page array reads as one of single-head pages.
+    """
+
+    runs: list[tuple[int, int, int]]
+    page: torch.Tensor
+    slot: torch.Tensor
 
 
 @dataclass
@@ -58,7 +83,21 @@ class _Block:
     requests: list[int]  # requests with pages in this block
     pages: list[tuple[int, int]]  # per such request, [first, last) staging pages
     q_rows: torch.Tensor | None  # int64 rows of q of those requests (None: every row)
+    copies: _Copies | None = None
     wrapper: object = None  # FlashInfer paged prefill wrapper planned for this block (CUDA)
+
+
+def page_runs(pages: list[int], n_host: int) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive page numbers in ``pages``, as ``(first page, first index, length)``;
+    a run does not cross ``n_host`` (the first GPU-tier page)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, p in enumerate(pages):
+        if runs and p == runs[-1][0] + runs[-1][2] and p != n_host:
+            first, at, n = runs[-1]
+            runs[-1] = (first, at, n + 1)
+        else:
+            runs.append((p, i, 1))
+    return runs
 
 
 class PrefixAttention:
@@ -68,9 +107,11 @@ class PrefixAttention:
         runtime: the :class:`~.engine.FreeKVRuntime` (tiers, ``req_to_token``, shape, page size).
         capacity_pages: pages per staging buffer.
         workspace: FlashInfer workspace buffer (CUDA; a new one if None).
+        dma_min_bytes: shortest run of consecutive pages copied as one block (:data:`DMA_MIN_BYTES`).
     """
 
-    def __init__(self, runtime, capacity_pages: int, workspace: torch.Tensor | None = None):
+    def __init__(self, runtime, capacity_pages: int, workspace: torch.Tensor | None = None,
+                 dma_min_bytes: int = DMA_MIN_BYTES):
         sh, P = runtime.shape, runtime.layout.page_size
         if capacity_pages < 1:
             raise ValueError(f"the prefix staging area needs at least one page, got {capacity_pages}")
@@ -83,9 +124,13 @@ class PrefixAttention:
                 raise NotImplementedError(f"prefill over a cached prefix with {sh.n_q_heads} query heads of dim "
                                           f"{sh.head_dim} per GPU exceeds FlashInfer's merge kernel; use more TP ranks "
                                           "or --disable-radix-cache --chunked-prefill-size -1")
-        self.k = torch.empty((2, capacity_pages, P, sh.n_kv_heads, sh.head_dim), dtype=sh.dtype, device=dev)
+        self.k = torch.empty((2, capacity_pages, sh.n_kv_heads, P, sh.head_dim), dtype=sh.dtype, device=dev)
         self.v = torch.empty_like(self.k)
         self.cuda = dev.type == "cuda"
+        self.dma_min_bytes = dma_min_bytes
+        # block copies need the tier's own dtype (an FP8 tier is widened by the gather kernel)
+        self.dma = runtime.host.k(0).dtype == sh.dtype
+        self.copied = {"dma": 0, "gather": 0}  # bytes staged each way (K and V), for benchmarks and tests
         self.stream = torch.cuda.Stream(device=dev) if self.cuda else None
         self.ready = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
         self.free = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
@@ -134,10 +179,10 @@ class PrefixAttention:
         page_of = torch.cat([torch.arange(n) for n in n_pages])
         dev = self.rt.device
         tier_page = (self.rt.req_to_token[rows[req_of.to(dev)], (page_of * P).to(dev)].long() // P)
+        # host page numbers, to find the runs a block copy can move (a synchronisation, once per extend batch)
+        tier_list = tier_page.tolist() if self.dma else []
         starts = [sum(n_pages[:i]) for i in range(len(n_pages))]
         q_start = [sum(extend_lens[:i]) for i in range(len(extend_lens))]
-        hkv = self.rt.shape.n_kv_heads
-        heads = torch.arange(hkv, device=dev)
         total = sum(n_pages)
         for b0 in range(0, total, self.capacity):
             b1 = min(b0 + self.capacity, total)
@@ -146,19 +191,29 @@ class PrefixAttention:
             every = len(reqs) == len(n_pages)
             q_rows = None if every else torch.cat(
                 [torch.arange(q_start[i], q_start[i] + extend_lens[i]) for i in reqs]).to(dev)
-            self.blocks.append(_Block(reqs, pages, q_rows))
+            self.blocks.append(_Block(reqs, pages, q_rows, self._plan_copies(tier_page[b0:b1], tier_list[b0:b1])))
         for i, blk in enumerate(self.blocks):
             if self.cuda:
                 blk.wrapper = self._plan_wrapper(i, blk, extend_lens)
-        for layer in range(self.rt.shape.n_layers):
-            for bi in range(len(self.blocks)):
-                b0 = bi * self.capacity
-                tp = tier_page[b0:b0 + self.capacity]
-                slot = torch.arange(tp.shape[0], device=dev)
-                self.units.append(_Unit(layer, tp.repeat_interleave(hkv), slot.repeat_interleave(hkv),
-                                        heads.repeat(tp.shape[0]), bi))
+        self.units = [_Unit(layer, bi) for layer in range(self.rt.shape.n_layers) for bi in range(len(self.blocks))]
         self._copy_next()
         return True
+
+    def _plan_copies(self, tier_page: torch.Tensor, tier_list: list[int]) -> _Copies:
+        """Split one block's pages (``tier_page`` int64 ``[n]`` on the device, ``tier_list`` the same on the
+        host, or empty when block copies are off) into block copies of long runs and gathered pieces."""
+        hkv = self.rt.shape.n_kv_heads
+        page_bytes = self.k[0, 0].numel() * self.k.element_size()
+        long = [r for r in page_runs(tier_list, self.rt.host.n_pages) if r[2] * page_bytes >= self.dma_min_bytes]
+        runs = sorted(long, key=lambda r: -r[2])[:MAX_DMA_RUNS]
+        gathered = torch.ones(tier_page.shape[0], dtype=torch.bool)
+        for _, at, n in runs:
+            gathered[at:at + n] = False
+        idx = gathered.nonzero().flatten().to(tier_page.device)
+        heads = torch.arange(hkv, device=tier_page.device)
+        page = (tier_page[idx, None] * hkv + heads).flatten()
+        slot = (idx[:, None] * hkv + heads).flatten()
+        return _Copies(runs, page, slot)
 
     def _plan_wrapper(self, i: int, blk: _Block, extend_lens: list[int]):
         """FlashInfer's paged prefill for block ``i``, planned for this batch (wrappers are kept and re-planned:
@@ -169,7 +224,7 @@ class PrefixAttention:
         if self.workspace is None:
             self.workspace = torch.empty(128 * 2**20, dtype=torch.uint8, device=self.rt.device)
         while len(self._wrappers) <= i:
-            self._wrappers.append(BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD"))
+            self._wrappers.append(BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND"))
         qo = [0]
         kv = [0]
         for r, (a, b) in zip(blk.requests, blk.pages):
@@ -189,19 +244,39 @@ class PrefixAttention:
         if i >= len(self.units):
             return
         u, buf = self.units[i], i % 2
-        rt = self.rt
-        args = (rt.host.k(u.layer), rt.host.v(u.layer), self.k[buf], self.v[buf], u.host_page, u.dst_slot, u.head)
         if self.cuda:
-            self.stream.wait_stream(torch.cuda.current_stream(rt.device))  # the plan's tensors
+            self.stream.wait_stream(torch.cuda.current_stream(self.rt.device))  # the plan's tensors
             if self._used[buf]:
                 self.stream.wait_event(self.free[buf])
             with torch.cuda.stream(self.stream):
-                recall_gather(*args, **rt.tier_kw(u.layer))
+                self._copy(u, buf)
                 self.ready[buf].record()
         else:
-            recall_gather(*args, **rt.tier_kw(u.layer))
+            self._copy(u, buf)
         self._used[buf] = False
         self.next_unit += 1
+
+    def _copy(self, u: _Unit, buf: int) -> None:
+        """Unit ``u``'s pages into staging buffer ``buf``: block copies of the long runs, then the gather
+        kernel over the rest (on the current stream)."""
+        rt, c = self.rt, self.blocks[u.block].copies
+        n_host, page_bytes = rt.host.n_pages, self.k[0, 0].numel() * self.k.element_size()
+        gpu = rt.tier_kw(u.layer)
+        pairs = [(rt.host.k(u.layer), gpu.get("gpu_k"), self.k[buf]), (rt.host.v(u.layer), gpu.get("gpu_v"), self.v[buf])]
+        for first, at, n in c.runs:
+            for host, gpu_tier, dst in pairs:
+                src = host[first:first + n] if first < n_host else gpu_tier[first - n_host:first - n_host + n]
+                dst[at:at + n].copy_(src, non_blocking=True)
+            self.copied["dma"] += 2 * n * page_bytes
+        if c.page.numel():
+            # HND pages read as single-head pages: piece (page, head) is page ``page x Hkv + head`` of head 0
+            def one_head(t):
+                return t.reshape(-1, 1, *t.shape[2:])
+
+            dst_k, dst_v = (d.reshape(-1, d.shape[2], 1, d.shape[3]) for _, _, d in pairs)
+            recall_gather(one_head(pairs[0][0]), one_head(pairs[1][0]), dst_k, dst_v, c.page, c.slot,
+                          torch.zeros_like(c.page), **{key: one_head(t) for key, t in gpu.items()})
+            self.copied["gather"] += 2 * c.page.numel() * page_bytes // self.rt.shape.n_kv_heads
 
     # ------------------------------------------------------------------ attention
     def attend(self, layer: int, q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
@@ -251,8 +326,8 @@ class PrefixAttention:
         P = self.rt.layout.page_size
         for i, (a, b) in zip(blk.requests, blk.pages):
             n = self._q_lens[i]
-            k = self.k[buf, a:b].reshape((b - a) * P, *self.k.shape[-2:])
-            v = self.v[buf, a:b].reshape((b - a) * P, *self.v.shape[-2:])
+            k = self.k[buf, a:b].transpose(1, 2).reshape((b - a) * P, self.k.shape[2], self.k.shape[4])
+            v = self.v[buf, a:b].transpose(1, 2).reshape((b - a) * P, self.v.shape[2], self.v.shape[4])
             o, s = attention_lse(q[row:row + n], k, v, scale)
             outs.append(o)
             lses.append(s)
