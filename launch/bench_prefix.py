@@ -112,7 +112,10 @@ def followup(srv: Server, a, rng: random.Random) -> dict:
         t, r = ttft(srv, prefix + _ids(rng, a.new, a.vocab), a.timeout)
         times.append(t)
         cached.append(r.get("meta_info", {}).get("cached_tokens"))
-    return {"ttft_s": statistics.median(times), "ttft_all_s": times, "cached_tokens": cached}
+    states = srv.server_info().get("internal_states") or [{}]
+    staged = (states[0].get("freekv") or {}).get("prefix_staged_bytes")  # FreeKV: bytes by copy path
+    return {"ttft_s": statistics.median(times), "ttft_all_s": times, "cached_tokens": cached,
+            **({"prefix_staged_bytes": staged} if staged else {})}
 
 
 def chunked(srv: Server, a, rng: random.Random) -> dict:

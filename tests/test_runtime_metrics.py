@@ -95,6 +95,11 @@ def test_server_info_holds_settings_usage_and_totals():
     assert info["totals"]["corrected_heads"] == 50 and info["totals"]["dense_request_steps"] == 5
     assert info["totals"]["recalled_bytes"] == 40 * 512
     assert info["rates"]["correction_rate"] == pytest.approx(0.25)
+    assert info["prefix_staged_bytes"] == {}  # no staging area: neither radix cache nor chunked prefill
+    rt = _fake_runtime(t)
+    rt.prefix = SimpleNamespace(copied={"dma": 3 << 20, "gather": 5})
+    assert metrics.server_info(rt, FreeKVConfig(enabled=True), 0)["prefix_staged_bytes"] == {"dma": 3 << 20,
+                                                                                             "gather": 5}
 
 
 def test_prometheus_export_moves_with_the_counters():

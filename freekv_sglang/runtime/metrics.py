@@ -159,4 +159,6 @@ def server_info(runtime, cfg: Any, used_tokens: int, cached_tokens: int | None =
         | {"dense_request_steps": totals.dense_request_steps,
            "recalled_bytes": (totals.recalled_critical + totals.recalled_speculative) * runtime.piece_bytes},
         "rates": totals.rates(runtime.piece_bytes),
+        # K+V bytes staged for prefill over cached prefixes, by copy path (block copies of page runs, gathered)
+        "prefix_staged_bytes": dict(runtime.prefix.copied) if getattr(runtime, "prefix", None) is not None else {},
     }
