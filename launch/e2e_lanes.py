@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_TESTS = ("tests/gpu/test_server_e2e.py", "tests/gpu/test_server_traffic.py")
+DEFAULT_TESTS = ("tests/gpu/test_server_e2e.py", "tests/gpu/test_server_traffic.py", "tests/gpu/test_server_prefix.py",
+                 "tests/gpu/test_server_overlap.py")
 BASE_PORT = 30111
 
 

@@ -7,7 +7,7 @@
 # (about 25 minutes on one GPU; E2E_GPUS=1,2,3 deals them over one lane per GPU). Logs go to $OUT
 # (default ./gpu-check-out). Then, when the real model's folder is present (FREEKV_SMOLLM2, or the default
 # model converted by `python -m freekv_sglang.default_model`), the real-model checks
-# (tests/gpu/test_server_smollm2.py, about 4 minutes; SKIP_SMOLLM2=1 skips them). Assumes SGLang 0.5.17 +
+# (tests/gpu/test_server_smollm2.py and test_server_needle.py, about 6 minutes; SKIP_SMOLLM2=1 skips them). Assumes SGLang 0.5.17 +
 # FlashInfer are importable and this project is installed (pip install .).
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-check-out}"; mkdir -p "$OUT"; export OUT
@@ -17,9 +17,9 @@ python3 -c "import torch, triton, flashinfer, sglang; print('torch', torch.__ver
 t0=$(date +%s)
 PT=(python3 -m pytest -q -p no:cacheprovider --durations=8 --tb=short)
 groups=("tests/gpu/test_kernels_gpu.py tests/gpu/test_kernels_fused_gpu.py"
-        "tests/gpu/test_kernels_graph.py tests/gpu/test_kernels_sparse_decode.py"
+        "tests/gpu/test_kernels_graph.py tests/gpu/test_kernels_sparse_decode.py tests/gpu/test_kernels_grid_codes_gpu.py tests/gpu/test_kernels_overfetch_gpu.py"
         "tests/gpu/test_runtime_engine_gpu.py"
-        "tests/gpu/test_runtime_graph.py tests/gpu/test_host_store_gpu.py")
+        "tests/gpu/test_runtime_graph.py tests/gpu/test_host_store_gpu.py tests/gpu/test_prefix_attention_gpu.py")
 pids=()
 for i in "${!groups[@]}"; do
   # shellcheck disable=SC2086
@@ -54,6 +54,7 @@ if [[ "${SKIP_SMOLLM2:-0}" != 1 ]]; then
   if [[ -n "$smol" && -d "$smol" ]]; then
     t2=$(date +%s)
     FREEKV_SMOLLM2="$smol" timeout "${SMOLLM2_TIMEOUT:-900}" "${PT[@]}" -s tests/gpu/test_server_smollm2.py \
+      tests/gpu/test_server_needle.py \
       > "$OUT/gpu-smollm2.log" 2>&1
     real_rc=$?
     echo "[gpu_check] real-model checks (SmolLM2 in $smol): rc=$real_rc in $(( $(date +%s) - t2 ))s; $(tail -1 "$OUT/gpu-smollm2.log")"
