@@ -2,10 +2,10 @@
 
 The cases are the fidelity harness's (``python -m freekv_sglang.fidelity --tasks needle``): one fact or three
 facts hidden at several depths of the orchard essay and the lighthouse story, 4K to 7.5K tokens, a question and
-an answer cue; 8 greedy tokens answer when they contain the answer. Four servers share the GPU: dense SGLang,
-FreeKV at the quick start's settings with Quest's page bounds (``--freekv-page-scoring quest``) and with
-2-bit key codes on the sink-fitted grid (``grid2``), and ``grid2`` with a 512-token sink and window (a
-2048-token working set, the setting of the CPU study in docs/FIDELITY.md).
+an answer cue; 8 greedy tokens answer when they contain the answer. Five servers share the GPU: dense SGLang, and
+FreeKV with Quest's page bounds (``--freekv-page-scoring quest``) and with 2-bit key codes on the sink-fitted grid
+(``grid2``), each at the quick start's settings (sink 128, window 256) and at FreeKV's own defaults (sink and
+window 512: a 2048-token working set, the setting of the CPU study in docs/FIDELITY.md).
 
 Target (issue: selection that finds the needle): a ``grid2`` server answers at least 95% of the cases dense
 answers. Quest's count is recorded beside it, not asserted. Results: ``$OUT/needle_served.json``.
@@ -29,15 +29,16 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(SMOL), reason="no SmolLM2 fold
                                                                 "the default model (python -m freekv_sglang.default_model)")
 
 PORT = int(os.environ.get("FREEKV_TEST_PORT", "30011")) + 10
-SHARED = ["--mem-fraction-static", "0.15", "--cuda-graph-max-bs", "8", "--disable-overlap-schedule"]
+SHARED = ["--mem-fraction-static", "0.1", "--cuda-graph-max-bs", "8", "--disable-overlap-schedule"]
 QUICK_START = [x for kv in serve.DEFAULT_MODEL_FLAGS for x in kv]
 FREEKV = ["--kv-retrieval", "freekv", "--freekv-host-memory-gb", "6", *QUICK_START]
+SINK512 = ["--freekv-sink-tokens", "512", "--freekv-window-tokens", "512"]  # FreeKV's own defaults
 CONFIGS = {
     "dense": ["--context-length", "8192", "--attention-backend", "flashinfer"],
     "freekv-quest": [*FREEKV, "--freekv-page-scoring", "quest"],
     "freekv-grid2": [*FREEKV, "--freekv-page-scoring", "grid2"],
-    "freekv-grid2-sink512": [*FREEKV, "--freekv-page-scoring", "grid2", "--freekv-sink-tokens", "512",
-                             "--freekv-window-tokens", "512"],
+    "freekv-quest-sink512": [*FREEKV, "--freekv-page-scoring", "quest", *SINK512],
+    "freekv-grid2-sink512": [*FREEKV, "--freekv-page-scoring", "grid2", *SINK512],
 }
 LENGTHS_DEPTHS = [((4000, 6000), (0.3, 0.5, 0.7)), ((7500,), (0.1, 0.3, 0.5, 0.7, 0.9))]
 N_NEW = 8
