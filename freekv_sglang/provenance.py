@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout when run from a source tree
 PACKAGES = ("torch", "triton", "flashinfer-python", "sglang", "transformers", "freekv-sglang")
@@ -40,11 +42,20 @@ def command_line(module: str, argv=None) -> str:
     return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
+def record(script: str, argv: list[str], commit: str | None = None) -> dict:
+    """Provenance of one run of ``script`` (a path like ``launch/bench_prefix.py``) with ``argv``: commit,
+    package versions, card, host, command and start time (UTC)."""
+    return {"commit": commit_id(commit), "versions": versions(), "card": card(), "host": host(),
+            "command": f"python {script} " + shlex.join(argv),
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def write_json(path: str, obj) -> None:
     """``obj`` to ``path`` as JSON indented by one, with a final newline."""
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
+
 
 def versions(packages=PACKAGES) -> dict:
     """``{distribution: version or None}``."""

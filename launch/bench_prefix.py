@@ -37,6 +37,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from freekv_sglang.provenance import record  # noqa: E402
 from freekv_sglang.serving import Server, output_ids, write_report  # noqa: E402
 
 SECTIONS = ("followup", "chunked", "multiturn")
@@ -259,17 +260,19 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=30031)
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--out", default="prefix-out")
+    p.add_argument("--commit", help="commit to record (default: the checkout's HEAD)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
+    prov = record("launch/bench_prefix.py", sys.argv[1:] if argv is None else list(argv), a.commit)
     results = {}
     for section in a.sections:
         results[section] = run_section(section, a)
         with open(os.path.join(a.out, "bench_prefix.json"), "w") as f:
-            json.dump({"args": vars(a), "results": results}, f, indent=1)
+            json.dump({"provenance": prov, "args": vars(a), "results": results}, f, indent=1)
     text = write_report(a.out, __file__, a.model, sys.argv[1:] if argv is None else list(argv), report(results))
     print(text)
     return 0

@@ -71,7 +71,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from freekv_sglang.serving import Server  # noqa: E402
-from freekv_sglang.provenance import card, commit_id, host, versions  # noqa: E402
+from freekv_sglang.provenance import host, record  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -303,9 +303,7 @@ def available_gib() -> float:
 
 
 def provenance(a, argv: list[str]) -> dict:
-    return {"commit": commit_id(a.commit), "versions": versions(), "card": card(), "host": host(),
-            "command": "python launch/bench_serve.py " + shlex.join(argv),
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return record("launch/bench_serve.py", argv, a.commit)
 
 
 # ------------------------------------------------------------------------------------------------ driver

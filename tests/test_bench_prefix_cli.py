@@ -43,3 +43,19 @@ def test_report_states_the_ratios():
     text = bp.report(res)
     assert "15.00x faster" in text and "2.00x the time" in text and "2.50x faster" in text
     assert "300.0 / 420.0" in text and "| freekv-one-forward | error |" in text
+
+
+def test_main_records_provenance_beside_the_results(tmp_path, monkeypatch):
+    import json
+
+    import freekv_sglang.provenance as prov
+
+    monkeypatch.setattr(prov, "card", lambda: "NVIDIA H100 80GB HBM3 (81559 MiB, driver 580.159.04)")
+    monkeypatch.setattr(bp, "run_section", lambda section, a: {"freekv-radix": {"ttft_s": 0.1}})
+    argv = ["--sections", "followup", "--commit", "abc1234", "--out", str(tmp_path)]
+    assert bp.main(argv) == 0
+    rec = json.loads((tmp_path / "bench_prefix.json").read_text())
+    p = rec["provenance"]
+    assert p["commit"] == "abc1234" and p["card"].startswith("NVIDIA H100")
+    assert p["command"] == "python launch/bench_prefix.py " + " ".join(argv) and "torch" in p["versions"]
+    assert rec["results"]["followup"]["freekv-radix"]["ttft_s"] == 0.1

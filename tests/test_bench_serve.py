@@ -310,7 +310,9 @@ def test_main_writes_cells_json_with_provenance_and_resumes(tmp_path, monkeypatc
     monkeypatch.setattr(bs, "Server", FakeProcServer)
     monkeypatch.setattr(bs, "flush_cache", lambda srv: None)
     monkeypatch.setattr(bs.subprocess, "run", fake_bench_serving({"dense": 200.0, "freekv": 300.0}))
-    monkeypatch.setattr(bs, "card", lambda: "NVIDIA H100 80GB HBM3 (81559 MiB, driver 580.159.04)")
+    import freekv_sglang.provenance as prov
+
+    monkeypatch.setattr(prov, "card", lambda: "NVIDIA H100 80GB HBM3 (81559 MiB, driver 580.159.04)")
     FakeProcServer.started = []
     assert bs.main(argv) == 0
     rec = json.loads((out / "bench_serve.json").read_text())

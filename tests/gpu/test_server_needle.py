@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(SMOL), reason="no SmolLM2 fold
                                                                 "the default model (python -m freekv_sglang.default_model)")
 
 PORT = int(os.environ.get("FREEKV_TEST_PORT", "30011")) + 10
-SHARED = ["--mem-fraction-static", "0.1", "--cuda-graph-max-bs", "8", "--disable-overlap-schedule"]
+SHARED = ["--mem-fraction-static", "0.12", "--cuda-graph-max-bs", "8", "--disable-overlap-schedule"]
 QUICK_START = [x for kv in serve.DEFAULT_MODEL_FLAGS for x in kv]
 FREEKV = ["--kv-retrieval", "freekv", "--freekv-host-memory-gb", "6", *QUICK_START]
 SINK512 = ["--freekv-sink-tokens", "512", "--freekv-window-tokens", "512"]  # FreeKV's own defaults
@@ -50,9 +50,8 @@ def servers():
                         log_path=os.path.join(LOGDIR, f"server-needle-{name}.log"), start_timeout=600)
            for i, (name, args) in enumerate(CONFIGS.items())}
     try:
-        for s in srv.values():
+        for s in srv.values():  # one after the other: SGLang sizes its pool from the memory free at its start
             s.launch()
-        for s in srv.values():
             s.wait_healthy()
         yield srv
     finally:
