@@ -39,8 +39,8 @@ from freekv_sglang.algorithm.selection import sticky_scores
 
 from .common import (cdiv, check_head_dim, check_kv_dtype, check_page_size, interpreter_forced, next_pow2, sm_count, tl,
                      triton, use_triton)
-from .grid_codes import (LOG2E, check_grid_codes_args, check_grid_head_dim, grid_block_pages, score_pages_grid,
-                         score_pages_grid_reference)
+from .grid_codes import (LOG2E, check_grid_codes_args, check_grid_head_dim, check_grid_page_size, grid_block_pages,
+                         score_pages_grid, score_pages_grid_reference)
 from .scores import score_pages, score_pages_reference
 from .select import _residency_row, select_update, select_update_reference
 
@@ -379,6 +379,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     check_kv_dtype(q.dtype if grid is not None else digests.dtype)
     if grid is not None:
         check_grid_head_dim(d)
+        check_grid_page_size(page_size, q.device)
     inner = (d // 4, 1) if grid is not None else (d, 1)
     if (digests.stride(2), digests.stride(3)) != inner or not resident.is_contiguous() \
             or req_to_token.stride(1) != 1:

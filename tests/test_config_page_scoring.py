@@ -35,6 +35,8 @@ def test_errors():
         FreeKVConfig(page_scoring="grid2", sink_tokens=0)
     with pytest.raises(NotImplementedError, match="--freekv-overfetch-tokens"):
         FreeKVConfig(page_scoring="grid2", overfetch_tokens=512)
+    with pytest.raises(NotImplementedError, match="pages of 16 tokens"):
+        FreeKVConfig(page_scoring="grid2", page_size=16, sink_tokens=32, window_tokens=32, select_tokens=64)
     FreeKVConfig(page_scoring="grid2", page_size=256, sink_tokens=512, window_tokens=512, select_tokens=256,
                  kv_storage="fp8_e4m3", gpu_tier_gb=1.0, keep_margin=1, gqa_aggregation="softmax-mean")
     for recall in ("staged", "per-page", "skip"):
@@ -84,3 +86,14 @@ def test_flag():
     assert p.parse_args(["--freekv-page-scoring", "grid2"]).freekv_page_scoring == "grid2"
     with pytest.raises(SystemExit):
         p.parse_args(["--freekv-page-scoring", "box"])
+
+
+def test_grid2_pages_under_the_gpu_checked_size_are_refused_on_the_gpu_only():
+    from freekv_sglang import config
+    from freekv_sglang.kernels import grid_codes
+
+    assert config.GRID2_MIN_PAGE == grid_codes.GPU_MIN_PAGE
+    grid_codes.check_grid_page_size(16, "cpu")  # the interpreter and the reference are checked at every size
+    grid_codes.check_grid_page_size(32, "cuda")
+    with pytest.raises(NotImplementedError, match="--freekv-page-size 32"):
+        grid_codes.check_grid_page_size(16, torch.device("cuda"))

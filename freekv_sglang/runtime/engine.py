@@ -41,7 +41,7 @@ from freekv_sglang.algorithm.layout import WorkingSetLayout
 from freekv_sglang.algorithm.grid_codes import PER_BYTE, fit_grids
 from freekv_sglang.kernels.decode_prologue import decode_prologue
 from freekv_sglang.kernels.digests import page_digests_from_rows
-from freekv_sglang.kernels.grid_codes import check_grid_head_dim, pack_grid_codes
+from freekv_sglang.kernels.grid_codes import check_grid_head_dim, check_grid_page_size, pack_grid_codes
 from freekv_sglang.kernels.common import fp8_roundtrip
 from freekv_sglang.kernels.kv_store import store_kv_host
 from freekv_sglang.kernels.page_table import build_page_table, last_page_len_host, page_table_indptr_host
@@ -160,6 +160,7 @@ class FreeKVRuntime:
         self.grid = settings.page_scoring == "grid2"
         if self.grid:
             check_grid_head_dim(d)
+            check_grid_page_size(P, dev)
             if env.bench_locality is not None:
                 raise NotImplementedError(f"{env_name('bench_locality')} calibrates its synthetic queries on Quest's "
                                           "scores: not implemented with page_scoring grid2")

@@ -6,6 +6,7 @@ the bf16 rounding of the query side), and the fused selection scoring from grid 
 import pytest
 import torch
 
+from freekv_sglang.kernels.grid_codes import GPU_MIN_PAGE
 from grid_cases import check_pack, check_score_select_grid, check_scores
 
 DTYPES = (torch.bfloat16, torch.float16)
@@ -32,12 +33,20 @@ def test_score_pages_grid_gpu(dtype, d, grp, agg):
 
 
 @pytest.mark.parametrize("grp,d,page,mode", [(4, 128, 32, "per_request"), (3, 64, 16, "index"),
-                                             (7, 128, 256, "index"), (4, 64, 8, "one")])
+                                             (7, 128, 256, "index"), (4, 64, 8, "one"), (3, 64, 64, "index")])
 @pytest.mark.parametrize("block_n,warps,stages", [(16, 4, 2), (64, 4, 2), (128, 8, 3), (32, 4, 1)])
 def test_score_pages_grid_shapes_gpu(grp, d, page, mode, block_n, warps, stages):
-    """Grids per request and indexed (strided rows); pages of 8 to 256; the launch shapes the benchmark sweeps."""
-    check_scores("cuda", torch.bfloat16, grp, d, page=page, hkv=2, b=3, max_pages=75, grid_mode=mode, masked=True,
-                 block_n=block_n, num_warps=warps, num_stages=stages, seed=11)
+    """Grids per request and indexed (strided rows); pages of 8 to 256; the launch shapes the benchmark sweeps.
+    Pages under ``GPU_MIN_PAGE`` failed this check on an H100 and are refused on the GPU until that is fixed."""
+    def run():
+        check_scores("cuda", torch.bfloat16, grp, d, page=page, hkv=2, b=3, max_pages=75, grid_mode=mode,
+                     masked=True, block_n=block_n, num_warps=warps, num_stages=stages, seed=11)
+
+    if page < GPU_MIN_PAGE:
+        with pytest.raises(NotImplementedError, match="not supported on the GPU"):
+            run()
+    else:
+        run()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -109,20 +109,21 @@ def test_overfetch_matches_reference_gpu(group, head_dim, keep_margin):
 @pytest.mark.parametrize("speculative,tau", [(True, 0.9), (False, None)])
 def test_runtime_grid2_matches_reference_gpu(dtype, group, head_dim, speculative, tau):
     """--freekv-page-scoring grid2 on CUDA (pack_grid_codes at prefill and decode, score_and_select(grid=...)):
-    the spec with the grid2sink rule; the first prompt is shorter than the sink (grid fitted at decode)."""
+    the spec with the grid2sink rule; the first prompt is shorter than the 64-token sink (grid fitted at decode). Pages of
+    32 tokens (kernels.grid_codes.GPU_MIN_PAGE)."""
     torch.cuda.synchronize()
     run_against_reference("cuda", dtype, speculative=speculative, tau=tau, group=group, head_dim=head_dim,
-                          atol=2e-2, n_sink=2, prompt_lens=(5, 30, 7, 45), page_scoring="grid2")
+                          atol=2e-2, n_sink=2, prompt_lens=(50, 300, 70, 700), page_scoring="grid2", page_size=32)
 
 
 @pytest.mark.parametrize("kv_fp8,gpu_pages,async_prefill", [(False, 0, True), (True, 60, False), (True, 60, True)])
 def test_runtime_grid2_tiers_and_async_prefill_gpu(kv_fp8, gpu_pages, async_prefill):
     """grid2 with FP8 tiers, a GPU tier, and the prefill stream (grids fitted and codes packed on it)."""
     run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=128, atol=2e-2,
-                          n_sink=2, prompt_lens=(5, 30, 7, 45), page_scoring="grid2", kv_fp8=kv_fp8,
+                          n_sink=2, prompt_lens=(50, 300, 70, 700), page_scoring="grid2", page_size=32, kv_fp8=kv_fp8,
                           gpu_pages=gpu_pages, offload_api=True, env=EnvSettings(async_prefill=async_prefill))
 
 
 def test_grid2_decode_layer_has_no_host_sync():
     """grid2's decode (codes of a completed page, grid scoring) must not synchronise the host either."""
-    _run_without_host_sync(steps=8, page_scoring="grid2", prompt_lens=(13, 30, 7, 45))
+    _run_without_host_sync(steps=8, page_scoring="grid2", prompt_lens=(50, 300, 70, 700), page_size=32)
