@@ -28,7 +28,7 @@ HQ = HKV * G
 ALL = ["quest", "pcabox", "sub4", "sub2", "topnorm2", "kmeans3", "meanstd1", "meanabs1", "meanabs0.5", "lowrank4",
        "lowrank4max", "chan4", "chan4max", "box1", "box2", "box1g2", "box1max", "split1", "psplit1", "split1max",
        "grid2", "grid2mm", "grid2x0", "grid2sink", "grid2sink16", "grid2sink16mm", "grid2sink24mmx0", "keyslse",
-       "keysmax"]
+       "keysmax", "qpre3grid2sink16", "qpre2box2"]
 
 
 def _keys(n, seed=0, dtype=torch.float32):
@@ -111,7 +111,7 @@ def test_score_shapes_and_declared_sizes(name):
     torch.testing.assert_close(s[0], s[1], rtol=1e-6, atol=1e-5)  # batch rows are independent
     vals, macs = rule.digest_values(P, D), rule.score_macs(P, D)
     assert vals > 0 and macs > 0
-    if not name.startswith(("box", "split", "psplit", "grid")):  # rules without packed codes: one value per entry
+    if not name.startswith(("box", "split", "psplit", "grid", "qpre")):  # no packed codes: one value per entry
         assert vals == dig.shape[2] * dig.shape[3], (name, vals, dig.shape)
 
 
@@ -381,3 +381,24 @@ def test_reference_decode_with_a_rule(name):
         for h in range(HKV):
             assert set(s[h].tolist()) <= cand and len(set(s[h].tolist())) == 3
     assert any(not torch.equal(a, b) for a, b in zip(sel, sel_q))
+
+
+def test_quest_prefilter_ranks_its_kept_pages_by_the_inner_rule_and_the_rest_below_in_quest_order():
+    keys, q = _keys(12 * P), _q(2)
+    inner, two = get_rule("grid2sink16"), get_rule("qpre4grid2sink16")
+    ctx = two.fit(keys)
+    s = two.scores(q, two.digests(keys, P, ctx)[None].expand(2, -1, -1, -1, -1), ctx)  # [B, Hq, Np]
+    s_in = inner.scores(q, inner.digests(keys, P, ctx)[None].expand(2, -1, -1, -1, -1), ctx)
+    s_q = quest_scores(q, get_rule("quest").digests(keys, P)[None].expand(2, -1, -1, -1, -1))
+    kept = s > -scoring_rules.OUTRANKED / 2
+    for b in range(2):
+        for h in range(HKV):
+            rows = slice(h * G, (h + 1) * G)
+            want = set(s_q[b, rows].mean(0).topk(4).indices.tolist())  # Quest's top 4, GQA mean
+            for r in range(h * G, (h + 1) * G):
+                assert set(kept[b, r].nonzero().flatten().tolist()) == want
+    assert torch.equal(s[kept], s_in[kept])
+    torch.testing.assert_close(s[~kept], s_q[~kept] - scoring_rules.OUTRANKED)
+    # keeping every page is the inner rule
+    every = get_rule("qpre99grid2sink16")
+    assert torch.equal(every.scores(q, every.digests(keys, P, ctx)[None].expand(2, -1, -1, -1, -1), ctx), s_in)

@@ -32,6 +32,8 @@ gridB     every key in B bits on a grid fitted to the prompt     P D B/16      P
           ``...calNAME``: to a calibration text; ``mm``: min/max;
           ``x0``: token 0 left out of the fit)
 keyslse   every key exactly (diagnostic)                         P D           P D
+qpreNR    Quest keeps the top N pages per KV head, rule R          2 D + R's     2 D, + R's for N
+          ranks them (e.g. ``qpre128grid2sink128``)
 ========  =====================================================  ============  ===================
 
 The ``lse`` rules score ``logsumexp_t q . k_hat_t / sqrt(D)`` over the page's (approximate) keys,
@@ -622,6 +624,55 @@ class SplitCodes(ScoringRule):
         return page_size * head_dim
 
 
+@dataclass(frozen=True, repr=False)
+class QuestPrefiltered(ScoringRule):
+    """Two stages: Quest's bounds (mean over the GQA group) keep the top ``n`` pages of each KV head, and only
+    those are scored by ``inner`` (e.g. ``grid2sink128``); every other page ranks below them, in Quest's order.
+    A kernel would then read ``inner``'s digest of ``n`` pages per KV head instead of every candidate's.
+
+    The rule sees every page of the history, so the ``n`` kept pages may include sink and window pages (which
+    are never candidates): a kernel that ranks only candidates keeps at least as many. Digest ``[n, Hkv, 2 + R,
+    D]``: Quest's max and min, then ``inner``'s ``R`` rows."""
+
+    n: int = 128
+    inner: ScoringRule = None
+
+    @property
+    def name(self):
+        return f"qpre{self.n}{self.inner.name}"
+
+    def fit(self, keys):
+        return self.inner.fit(keys)
+
+    def fit_layer(self, keys, layer):
+        return self.inner.fit_layer(keys, layer)
+
+    def digests(self, keys, page_size, ctx=None):
+        box = page_digests(keys, page_size).float()
+        return torch.cat([box, self.inner.digests(keys, page_size, ctx).float()], dim=2)
+
+    def scores(self, q, digests, ctx=None):
+        b, hq, _ = q.shape
+        hkv = digests.shape[2]
+        quest = quest_scores(q, digests[:, :, :, :2])  # [B, Hq, Np]
+        per_kv = quest.view(b, hkv, hq // hkv, -1).mean(2)  # [B, Hkv, Np]
+        keep = torch.zeros_like(per_kv, dtype=torch.bool)
+        keep.scatter_(-1, per_kv.topk(min(self.n, per_kv.shape[-1]), dim=-1).indices, True)
+        keep = keep.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, Np]
+        inner = self.inner.scores(q, digests[:, :, :, 2:], ctx)
+        return torch.where(keep, inner, quest - OUTRANKED)
+
+    def digest_values(self, page_size, head_dim):
+        return 2 * head_dim + self.inner.digest_values(page_size, head_dim)
+
+    def score_macs(self, page_size, head_dim):
+        return 2 * head_dim  # per candidate page; plus inner's MACs for the n kept pages only
+
+
+#: What a page outside a prefilter's kept pages loses, so that every kept page ranks above it
+OUTRANKED = 1.0e4
+
+
 _PATTERNS = (
     (re.compile(r"sub(\d+)$"), lambda m: SubPages(int(m.group(1)))),
     (re.compile(r"topnorm(\d+)$"), lambda m: TopNorm(int(m.group(1)))),
@@ -637,11 +688,12 @@ _PATTERNS = (
     (re.compile(r"(p?)split1(max)?$"), lambda m: SplitCodes(bool(m.group(1)), m.group(2) or "lse")),
     (re.compile(r"meanstd([\d.]+)$"), lambda m: MeanSpread(float(m.group(1)), "std")),
     (re.compile(r"meanabs([\d.]+)$"), lambda m: MeanSpread(float(m.group(1)), "abs")),
+    (re.compile(r"qpre(\d+)(.+)$"), lambda m: QuestPrefiltered(int(m.group(1)), get_rule(m.group(2)))),
 )
 RULES = {"quest": Quest(), "pcabox": PcaBox()}
 NAMES = ("quest", "pcabox", "subS", "topnormR", "kmeansR", "meanstdA", "meanabsA", "lowrankR[max]", "chanR[max]",
          "boxB[gG][max]", "[p]split1[max]",
-         "gridB[sink[N]|calNAME][mm][x0]", "keys{lse,max}")
+         "gridB[sink[N]|calNAME][mm][x0]", "keys{lse,max}", "qpreNRULE")
 
 
 def get_rule(name: str) -> ScoringRule:

@@ -262,7 +262,8 @@ class PrefixAttention:
         rt, c = self.rt, self.blocks[u.block].copies
         n_host, page_bytes = rt.host.n_pages, self.k[0, 0].numel() * self.k.element_size()
         gpu = rt.tier_kw(u.layer)
-        pairs = [(rt.host.k(u.layer), gpu.get("gpu_k"), self.k[buf]), (rt.host.v(u.layer), gpu.get("gpu_v"), self.v[buf])]
+        pairs = [(rt.host.k(u.layer), gpu.get("gpu_k"), self.k[buf]),
+                 (rt.host.v(u.layer), gpu.get("gpu_v"), self.v[buf])]
         for first, at, n in c.runs:
             for host, gpu_tier, dst in pairs:
                 src = host[first:first + n] if first < n_host else gpu_tier[first - n_host:first - n_host + n]

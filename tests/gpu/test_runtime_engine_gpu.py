@@ -109,8 +109,8 @@ def test_overfetch_matches_reference_gpu(group, head_dim, keep_margin):
 @pytest.mark.parametrize("speculative,tau", [(True, 0.9), (False, None)])
 def test_runtime_grid2_matches_reference_gpu(dtype, group, head_dim, speculative, tau):
     """--freekv-page-scoring grid2 on CUDA (pack_grid_codes at prefill and decode, score_and_select(grid=...)):
-    the spec with the grid2sink rule; the first prompt is shorter than the 64-token sink (grid fitted at decode). Pages of
-    32 tokens (kernels.grid_codes.GPU_MIN_PAGE)."""
+    the spec with the grid2sink rule; the first prompt is shorter than the 64-token sink (grid fitted at
+    decode). Pages of 32 tokens (kernels.grid_codes.GPU_MIN_PAGE)."""
     torch.cuda.synchronize()
     run_against_reference("cuda", dtype, speculative=speculative, tau=tau, group=group, head_dim=head_dim,
                           atol=2e-2, n_sink=2, prompt_lens=(50, 300, 70, 700), page_scoring="grid2", page_size=32)

@@ -25,8 +25,8 @@ from freekv_sglang.fidelity import needle
 from freekv_sglang.serving import Server, output_ids
 from test_server_smollm2 import LOGDIR, SMOL
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(SMOL), reason="no SmolLM2 folder: set FREEKV_SMOLLM2 or convert "
-                                                                "the default model (python -m freekv_sglang.default_model)")
+pytestmark = pytest.mark.skipif(not os.path.isdir(SMOL), reason="no SmolLM2 folder: set FREEKV_SMOLLM2 or "
+                                "convert the default model (python -m freekv_sglang.default_model)")
 
 PORT = int(os.environ.get("FREEKV_TEST_PORT", "30011")) + 10
 SHARED = ["--mem-fraction-static", "0.12", "--cuda-graph-max-bs", "8", "--disable-overlap-schedule"]
