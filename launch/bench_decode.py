@@ -17,7 +17,8 @@ Modes:
              staging buffers + scatter kernel (eager: host-side lists)
   skip       FreeKV with transfers skipped (upper bound; outputs are wrong)
   freekv-fp8 FreeKV with FP8 tiers; freekv-keepM: with --freekv-keep-margin M (residency hysteresis);
-             freekv-overN: with --freekv-overfetch-tokens N (speculative over-fetch; freekv-keepM-overN both)
+             freekv-overN: with --freekv-overfetch-tokens N (speculative over-fetch; freekv-keepM-overN both);
+             freekv-grid2: with --freekv-page-scoring grid2 (optimistic or fixed-cosine locality only)
 
 Variants of a FreeKV mode (``launch/bench_variants.py``): ``MODE@N`` runs the selected-page recall on a
 persistent grid of ``N`` programs (``FREEKV_RECALL_PROGRAMS``), ``MODE+W`` gives each recall program ``W``

@@ -11,7 +11,8 @@ server's ``FREEKV_*`` variables (``freekv_sglang/settings.py``, docs/TUNING.md) 
 e.g. the optimistic ``%0.95``), ``%none`` the model's own queries.
 E.g. ``freekv@32``, ``freekv@16+2``, ``freekv:flashinfer`` or ``freekv%0.95``. A base ``freekv-keepM`` is ``freekv`` with
 ``--freekv-keep-margin M``, ``freekv-overN`` with ``--freekv-overfetch-tokens N`` (speculative over-fetch of ``N``
-tokens of pages), both together ``freekv-keepM-overN`` (:func:`base_options`).
+tokens of pages), ``freekv-grid2`` with ``--freekv-page-scoring grid2``, and any of them together, e.g.
+``freekv-keepM-overN`` (:func:`base_options`).
 """
 
 from __future__ import annotations
@@ -28,30 +29,32 @@ LOCALITY_ENV = (env_name("bench_query_cosine"), env_name("bench_locality"))
 _NAME = re.compile(r"^([A-Za-z][\w-]*)((?:[@+^:%][^@+^:%]*)*)$")
 
 
-#: Base-name suffixes of ``freekv`` and the server flag each sets (:func:`base_options`).
-BASE_OPTIONS = {"keep": ("keep_margin", "--freekv-keep-margin"),
-                "over": ("overfetch_tokens", "--freekv-overfetch-tokens")}
+#: Base-name suffixes of ``freekv``: the config field, the server flag and the flag's value from the number.
+BASE_OPTIONS = {"keep": ("keep_margin", "--freekv-keep-margin", int),
+                "over": ("overfetch_tokens", "--freekv-overfetch-tokens", int),
+                "grid": ("page_scoring", "--freekv-page-scoring", lambda bits: f"grid{bits}")}
 
 
-def base_options(base: str) -> tuple[str, dict[str, int]]:
+def base_options(base: str) -> tuple[str, dict]:
     """``"freekv-keep4-over512"`` -> ``("freekv", {"keep_margin": 4, "overfetch_tokens": 512})``: the suffixes
-    ``-keepM`` (``--freekv-keep-margin M``) and ``-overN`` (``--freekv-overfetch-tokens N``) of ``freekv``, each at
-    most once, in any order; any other base -> ``(base, {})``."""
-    m = re.fullmatch(r"freekv((?:-(?:keep|over)\d+)+)", base)
+    ``-keepM`` (``--freekv-keep-margin M``), ``-overN`` (``--freekv-overfetch-tokens N``) and ``-grid2``
+    (``--freekv-page-scoring grid2``) of ``freekv``, each at most once, in any order; any other base ->
+    ``(base, {})``."""
+    m = re.fullmatch(r"freekv((?:-(?:keep|over|grid)\d+)+)", base)
     if m is None:
         return base, {}
-    opts: dict[str, int] = {}
-    for word, val in re.findall(r"-(keep|over)(\d+)", m.group(1)):
-        field = BASE_OPTIONS[word][0]
+    opts: dict = {}
+    for word, val in re.findall(r"-(keep|over|grid)(\d+)", m.group(1)):
+        field, _, value = BASE_OPTIONS[word]
         if field in opts:
             return base, {}  # a suffix twice: not a known base
-        opts[field] = int(val)
+        opts[field] = value(int(val))
     return "freekv", opts
 
 
 def base_flags(opts: dict[str, int]) -> list[str]:
     """The server flags of :func:`base_options`' options."""
-    flag = {field: f for field, f in BASE_OPTIONS.values()}
+    flag = {field: f for field, f, _ in BASE_OPTIONS.values()}
     return [x for field, v in opts.items() for x in (flag[field], str(v))]
 
 

@@ -122,9 +122,11 @@ class Case:
             r2t[r, :per_row * P] = (pages[:, None] * P + torch.arange(P)).flatten().int()
         self.r2t = r2t.to(DEV)
         if variant not in ("freekv", "sync", "skip"):
-            raise ValueError(f"unknown variant base {variant!r}: freekv, freekv-keepM, freekv-overN, sync or skip")
+            raise ValueError(f"unknown variant base {variant!r}: freekv, freekv-keepM, freekv-overN, freekv-grid2, "
+                             "sync or skip")
         settings = RuntimeSettings(lay, "mean", 0.9, variant != "sync", "skip" if variant == "skip" else "gather",
-                                   keep_margin=opts.get("keep_margin", 0))
+                                   keep_margin=opts.get("keep_margin", 0),
+                                   page_scoring=opts.get("page_scoring", "quest"))
         self.rt = FreeKVRuntime(self.shape, settings, n_pages, R, self.r2t, max_batch=bs, device=DEV,
                                 env=load_settings(apply_variant_env(env, dict(os.environ))))
         self.scale = 1 / math.sqrt(d)

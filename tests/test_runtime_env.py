@@ -56,6 +56,9 @@ def test_variant_names():
     assert v.base_options("freekv-over512") == ("freekv", {"overfetch_tokens": 512})
     assert v.base_options("freekv-keep4-keep2") == ("freekv-keep4-keep2", {}) and v.base_options("sync") == ("sync", {})
     assert v.keep_margin_of("freekv-over512") == ("freekv-over512", 0)  # not a hysteresis-only base
+    assert v.base_options("freekv-grid2") == ("freekv", {"page_scoring": "grid2"})
+    assert v.base_flags(v.base_options("freekv-keep4-grid2")[1]) == ["--freekv-keep-margin", "4",
+                                                                     "--freekv-page-scoring", "grid2"]
     for bad in ("freekv@0", "freekv@x", "freekv/2", "freekv@8@16", "@8", "freekv~8", "freekv+3", "freekv+32",
                 "freekv%16", "freekv^0", "freekv^2", "freekv#64", "freekv:", "freekv@", "freekv:fa3", "freekv:xqa"):
         with pytest.raises(ValueError):
