@@ -74,7 +74,7 @@ def _fake_runtime(totals: Totals, used_rows=3):
     pool = SimpleNamespace(size=8, available_size=lambda: 8 - used_rows)
     return SimpleNamespace(layout=SimpleNamespace(page_size=32), host=SimpleNamespace(n_pages=101), n_gpu_pages=50,
                            max_rows=8, row_pool=pool, stats_counter=counter, piece_bytes=512,
-                           attention=SimpleNamespace(kernel="triton"))
+                           attention=SimpleNamespace(kernel="triton"), prefix=None)
 
 
 def test_tier_usage_fills_the_host_tier_first():

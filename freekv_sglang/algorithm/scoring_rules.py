@@ -634,8 +634,8 @@ class QuestPrefiltered(ScoringRule):
     are never candidates): a kernel that ranks only candidates keeps at least as many. Digest ``[n, Hkv, 2 + R,
     D]``: Quest's max and min, then ``inner``'s ``R`` rows."""
 
-    n: int = 128
-    inner: ScoringRule = None
+    n: int
+    inner: ScoringRule
 
     @property
     def name(self):

@@ -160,5 +160,5 @@ def server_info(runtime, cfg: Any, used_tokens: int, cached_tokens: int | None =
            "recalled_bytes": (totals.recalled_critical + totals.recalled_speculative) * runtime.piece_bytes},
         "rates": totals.rates(runtime.piece_bytes),
         # K+V bytes staged for prefill over cached prefixes, by copy path (block copies of page runs, gathered)
-        "prefix_staged_bytes": dict(runtime.prefix.copied) if getattr(runtime, "prefix", None) is not None else {},
+        "prefix_staged_bytes": dict(runtime.prefix.copied) if runtime.prefix is not None else {},
     }

@@ -128,6 +128,7 @@ class PrefixAttention:
         self.v = torch.empty_like(self.k)
         self.cuda = dev.type == "cuda"
         self.dma_min_bytes = dma_min_bytes
+        self.page_bytes = self.k[0, 0].numel() * self.k.element_size()  # K (or V) of one page, all KV heads
         # block copies need the tier's own dtype (an FP8 tier is widened by the gather kernel)
         self.dma = runtime.host.k(0).dtype == sh.dtype
         self.copied = {"dma": 0, "gather": 0}  # bytes staged each way (K and V), for benchmarks and tests
@@ -203,8 +204,7 @@ class PrefixAttention:
         """Split one block's pages (``tier_page`` int64 ``[n]`` on the device, ``tier_list`` the same on the
         host, or empty when block copies are off) into block copies of long runs and gathered pieces."""
         hkv = self.rt.shape.n_kv_heads
-        page_bytes = self.k[0, 0].numel() * self.k.element_size()
-        long = [r for r in page_runs(tier_list, self.rt.host.n_pages) if r[2] * page_bytes >= self.dma_min_bytes]
+        long = [r for r in page_runs(tier_list, self.rt.host.n_pages) if r[2] * self.page_bytes >= self.dma_min_bytes]
         runs = sorted(long, key=lambda r: -r[2])[:MAX_DMA_RUNS]
         gathered = torch.ones(tier_page.shape[0], dtype=torch.bool)
         for _, at, n in runs:
@@ -260,7 +260,7 @@ class PrefixAttention:
         """Unit ``u``'s pages into staging buffer ``buf``: block copies of the long runs, then the gather
         kernel over the rest (on the current stream)."""
         rt, c = self.rt, self.blocks[u.block].copies
-        n_host, page_bytes = rt.host.n_pages, self.k[0, 0].numel() * self.k.element_size()
+        n_host = rt.host.n_pages
         gpu = rt.tier_kw(u.layer)
         pairs = [(rt.host.k(u.layer), gpu.get("gpu_k"), self.k[buf]),
                  (rt.host.v(u.layer), gpu.get("gpu_v"), self.v[buf])]
@@ -268,7 +268,7 @@ class PrefixAttention:
             for host, gpu_tier, dst in pairs:
                 src = host[first:first + n] if first < n_host else gpu_tier[first - n_host:first - n_host + n]
                 dst[at:at + n].copy_(src, non_blocking=True)
-            self.copied["dma"] += 2 * n * page_bytes
+            self.copied["dma"] += 2 * n * self.page_bytes
         if c.page.numel():
             # HND pages read as single-head pages: piece (page, head) is page ``page x Hkv + head`` of head 0
             def one_head(t):
@@ -277,7 +277,7 @@ class PrefixAttention:
             dst_k, dst_v = (d.reshape(-1, d.shape[2], 1, d.shape[3]) for _, _, d in pairs)
             recall_gather(one_head(pairs[0][0]), one_head(pairs[1][0]), dst_k, dst_v, c.page, c.slot,
                           torch.zeros_like(c.page), **{key: one_head(t) for key, t in gpu.items()})
-            self.copied["gather"] += 2 * c.page.numel() * page_bytes // self.rt.shape.n_kv_heads
+            self.copied["gather"] += 2 * c.page.numel() * self.page_bytes // self.rt.shape.n_kv_heads
 
     # ------------------------------------------------------------------ attention
     def attend(self, layer: int, q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
