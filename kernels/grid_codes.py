@@ -134,23 +134,124 @@ if triton is not None:
             return tl.dot(a, b, acc)
 
     @triton.jit
-    def _grid_page_lse(codes_ptr, hp, h, cand, q0, q1, q2, q3, const, stride_cp, stride_ch,
+    def _grid_side_i8(q_row, stride_qh, st_row, qk_scale, S: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                      DQ: tl.constexpr):
+        """Quarter ``S`` of the exact query side, ``[DQ, 2 * BLOCK_G]`` fp32 ``qk_scale * q * step``: column ``n``
+        belongs to query head ``n % BLOCK_G`` (each head twice: its high and its low int8 part)."""
+        j = tl.arange(0, DQ)
+        g = tl.arange(0, 2 * BLOCK_G) % BLOCK_G
+        d = S * DQ + j
+        qt = tl.load(q_row + g[None, :] * stride_qh + d[:, None], mask=(g < G)[None, :], other=0.0).to(tl.float32)
+        st = tl.load(st_row + d)
+        return qt * (st * qk_scale)[:, None]
+
+    @triton.jit
+    def _grid_b_i8(side, scale, BLOCK_G: tl.constexpr):
+        """int8 ``[DQ, 2 * BLOCK_G]`` tile of one quarter: ``hi = round(side / scale)`` in the first ``BLOCK_G``
+        columns, ``lo = round(254 * (side - hi * scale) / scale)`` in the others (``side ~ scale * (hi + lo /
+        254)``), and the column sums ``[2 * BLOCK_G]`` of the value it stands for."""
+        inv = 1.0 / scale
+        hi = tl.floor(side * inv[None, :] + 0.5)
+        lo = tl.floor((side - hi * scale[None, :]) * (254.0 * inv)[None, :] + 0.5)
+        lo = tl.minimum(tl.maximum(lo, -127.0), 127.0)
+        is_hi = (tl.arange(0, 2 * BLOCK_G) < BLOCK_G)[None, :]
+        rep = (hi + lo * (1.0 / 254.0)) * scale[None, :]
+        return tl.where(is_hi, hi, lo).to(tl.int8), tl.sum(rep, axis=0)
+
+    @triton.jit
+    def _grid_query(q_row, stride_qh, lo_row, st_row, qk_scale, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                    DQ: tl.constexpr, I8: tl.constexpr):
+        """The query side of one (request, KV head) for :func:`_grid_page_lse`: four quarter tiles, the
+        per-head constant ``[BLOCK_G]`` and (``I8``) the column weights ``[2 * BLOCK_G]``.
+
+        bf16 (``I8`` off): tiles ``[DQ, BLOCK_G]`` of :func:`_grid_query_side`; the weights are unused.
+        int8: each quarter's side as ``scale_g * (hi + lo / 254)`` (``scale_g``: the head's largest ``|side|``
+        over all channels / 127), tiles ``[DQ, 2 * BLOCK_G]`` of :func:`_grid_b_i8`; weights ``scale_g`` for the
+        ``hi`` columns and ``scale_g / 254`` for the ``lo`` ones; constant ``qk_scale * q . lo + 0.5 * sum(side)``
+        over the represented side."""
+        if I8:
+            s0 = _grid_side_i8(q_row, stride_qh, st_row, qk_scale, 0, G, BLOCK_G, DQ)
+            s1 = _grid_side_i8(q_row, stride_qh, st_row, qk_scale, 1, G, BLOCK_G, DQ)
+            s2 = _grid_side_i8(q_row, stride_qh, st_row, qk_scale, 2, G, BLOCK_G, DQ)
+            s3 = _grid_side_i8(q_row, stride_qh, st_row, qk_scale, 3, G, BLOCK_G, DQ)
+            amax = tl.maximum(tl.maximum(tl.max(tl.abs(s0), axis=0), tl.max(tl.abs(s1), axis=0)),
+                              tl.maximum(tl.max(tl.abs(s2), axis=0), tl.max(tl.abs(s3), axis=0)))
+            scale = tl.where(amax > 0, amax / 127.0, 1.0)
+            b0, r0 = _grid_b_i8(s0, scale, BLOCK_G)
+            b1, r1 = _grid_b_i8(s1, scale, BLOCK_G)
+            b2, r2 = _grid_b_i8(s2, scale, BLOCK_G)
+            b3, r3 = _grid_b_i8(s3, scale, BLOCK_G)
+            g = tl.arange(0, BLOCK_G)
+            d = tl.arange(0, 4 * DQ)
+            qt = tl.load(q_row + g[None, :] * stride_qh + d[:, None], mask=(g < G)[None, :], other=0.0)
+            lo = tl.load(lo_row + d)
+            # the represented side's sums are the same in both halves of the columns: take the first
+            half = tl.reshape(r0 + r1 + r2 + r3, [2, BLOCK_G])
+            rsum = tl.sum(tl.where((tl.arange(0, 2) == 0)[:, None], half, 0.0), axis=0)
+            const = tl.sum(qt.to(tl.float32) * lo[:, None], axis=0) * qk_scale + 0.5 * rsum
+            w = tl.where(tl.arange(0, 2 * BLOCK_G) < BLOCK_G, scale, scale * (1.0 / 254.0))
+        else:
+            b0, c0 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 0, G, BLOCK_G, DQ)
+            b1, c1 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 1, G, BLOCK_G, DQ)
+            b2, c2 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 2, G, BLOCK_G, DQ)
+            b3, c3 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 3, G, BLOCK_G, DQ)
+            const = c0 + c1 + c2 + c3
+            w = const
+        return b0, b1, b2, b3, const, w
+
+    @triton.jit
+    def _grid_codes_i8(x, S: tl.constexpr, INTERP: tl.constexpr):
+        """int8 codes ``0..3`` of the 2-bit field ``S`` of uint8 bytes ``x``. On the GPU four bytes per 32-bit
+        register, one shift and one mask each (the compiler would work one byte at a time); ``INTERP``: plain
+        operations for Triton's CPU interpreter, which runs no inline assembly."""
+        if INTERP:
+            c = ((x >> (2 * S)) & 3).to(tl.int8)
+        elif S == 0:
+            c = tl.inline_asm_elementwise("and.b32 $0, $1, 0x03030303;", "=r,r", [x], dtype=tl.int8, is_pure=True,
+                                          pack=4)
+        elif S == 1:
+            c = tl.inline_asm_elementwise("{ shr.b32 $0, $1, 2; and.b32 $0, $0, 0x03030303; }", "=r,r", [x],
+                                          dtype=tl.int8, is_pure=True, pack=4)
+        elif S == 2:
+            c = tl.inline_asm_elementwise("{ shr.b32 $0, $1, 4; and.b32 $0, $0, 0x03030303; }", "=r,r", [x],
+                                          dtype=tl.int8, is_pure=True, pack=4)
+        else:
+            c = tl.inline_asm_elementwise("{ shr.b32 $0, $1, 6; and.b32 $0, $0, 0x03030303; }", "=r,r", [x],
+                                          dtype=tl.int8, is_pure=True, pack=4)
+        return c
+
+    @triton.jit
+    def _grid_page_lse(codes_ptr, hp, h, cand, q0, q1, q2, q3, const, w, stride_cp, stride_ch,
                        PAGE: tl.constexpr, BLOCK_PG: tl.constexpr, DQ: tl.constexpr, BLOCK_G: tl.constexpr,
-                       F32_DOT: tl.constexpr):
+                       F32_DOT: tl.constexpr, I8: tl.constexpr):
         """``[BLOCK_PG, BLOCK_G]`` fp32 natural-log ``logsumexp`` over each page's tokens of the logits of host
         pages ``hp [BLOCK_PG]`` (KV head ``h``; ``cand``: pages to read, others score garbage) against the query
-        side ``q0..q3`` / ``const`` of :func:`_grid_query_side`."""
+        side ``q0..q3`` / ``const`` / ``w`` of :func:`_grid_query`.
+
+        bf16: each quarter's codes as the bf16 levels ``1 + c/4`` (:func:`_grid_levels`) times the bf16 side.
+        int8 (``I8``): each quarter's codes ``c`` as int8 times the int8 ``hi | lo`` side, one int32 accumulator
+        ``[rows, 2 * BLOCK_G]``; the logits are its columns weighted by ``w``, each head's two halves summed."""
         t = tl.arange(0, PAGE)
         j = tl.arange(0, DQ)
         base = hp * stride_cp + h * stride_ch
         ptr = codes_ptr + base[:, None, None] + (t * DQ)[None, :, None] + j[None, None, :]
         x = tl.load(ptr, mask=cand[:, None, None], other=0)
-        x16 = tl.reshape(x, [BLOCK_PG * PAGE, DQ]).to(tl.int16)
-        acc = tl.zeros([BLOCK_PG * PAGE, BLOCK_G], dtype=tl.float32)
-        acc = _grid_dot(_grid_levels(x16, 0), q0, acc, F32_DOT)
-        acc = _grid_dot(_grid_levels(x16, 1), q1, acc, F32_DOT)
-        acc = _grid_dot(_grid_levels(x16, 2), q2, acc, F32_DOT)
-        acc = _grid_dot(_grid_levels(x16, 3), q3, acc, F32_DOT)
+        if I8:
+            x2 = tl.reshape(x, [BLOCK_PG * PAGE, DQ])
+            iacc = tl.zeros([BLOCK_PG * PAGE, 2 * BLOCK_G], dtype=tl.int32)
+            iacc = tl.dot(_grid_codes_i8(x2, 0, F32_DOT), q0, iacc, out_dtype=tl.int32)
+            iacc = tl.dot(_grid_codes_i8(x2, 1, F32_DOT), q1, iacc, out_dtype=tl.int32)
+            iacc = tl.dot(_grid_codes_i8(x2, 2, F32_DOT), q2, iacc, out_dtype=tl.int32)
+            iacc = tl.dot(_grid_codes_i8(x2, 3, F32_DOT), q3, iacc, out_dtype=tl.int32)
+            f = tl.reshape(iacc.to(tl.float32) * w[None, :], [BLOCK_PG * PAGE, 2, BLOCK_G])
+            acc = tl.sum(f, axis=1)
+        else:
+            x16 = tl.reshape(x, [BLOCK_PG * PAGE, DQ]).to(tl.int16)
+            acc = tl.zeros([BLOCK_PG * PAGE, BLOCK_G], dtype=tl.float32)
+            acc = _grid_dot(_grid_levels(x16, 0), q0, acc, F32_DOT)
+            acc = _grid_dot(_grid_levels(x16, 1), q1, acc, F32_DOT)
+            acc = _grid_dot(_grid_levels(x16, 2), q2, acc, F32_DOT)
+            acc = _grid_dot(_grid_levels(x16, 3), q3, acc, F32_DOT)
         s3 = tl.reshape(acc, [BLOCK_PG, PAGE, BLOCK_G])
         mx = tl.max(s3, axis=1)
         tot = tl.sum(tl.exp2(s3 - mx[:, None, :]), axis=1)
@@ -160,33 +261,29 @@ if triton is not None:
     def _grid_block_scores(q_row, stride_qh, codes_ptr, r2t_row, lo_row, st_row, qk_scale, start, ws, n_sink, live,
                            h, stride_cp, stride_ch, G: tl.constexpr, BLOCK_G: tl.constexpr, DQ: tl.constexpr,
                            PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_PG: tl.constexpr, AGG: tl.constexpr,
-                           F32_DOT: tl.constexpr):
+                           F32_DOT: tl.constexpr, I8: tl.constexpr):
         """``[BLOCK_N]`` fp32 GQA-aggregated (``AGG`` 0: mean, 1: max) scores of logical pages ``start ..
         start + BLOCK_N`` of one (request, KV head), for the fused selection (``.score_select``); entries of
-        pages that are not candidates (``p < n_sink``, ``p >= ws`` or not ``live``) are not meaningful. Each
-        step's ``BLOCK_PG`` scores are placed into the block's vector by a compare-and-select."""
-        q0, c0 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 0, G, BLOCK_G, DQ)
-        q1, c1 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 1, G, BLOCK_G, DQ)
-        q2, c2 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 2, G, BLOCK_G, DQ)
-        q3, c3 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 3, G, BLOCK_G, DQ)
-        const = c0 + c1 + c2 + c3
+        pages that are not candidates (``p < n_sink``, ``p >= ws`` or not ``live``) are not meaningful. The
+        block is held as ``[BLOCK_N / BLOCK_PG, BLOCK_PG]``; step ``c`` fills row ``c``."""
+        q0, q1, q2, q3, const, w = _grid_query(q_row, stride_qh, lo_row, st_row, qk_scale, G, BLOCK_G, DQ, I8)
         gmask = tl.arange(0, BLOCK_G) < G
         i = tl.arange(0, BLOCK_PG)
-        n_idx = tl.arange(0, BLOCK_N)
-        res = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        for c in tl.range(0, BLOCK_N, BLOCK_PG):
-            p = start + c + i
+        NSTEP: tl.constexpr = BLOCK_N // BLOCK_PG
+        rows = tl.arange(0, NSTEP)
+        res = tl.full([NSTEP, BLOCK_PG], float("-inf"), tl.float32)
+        for c in tl.range(0, NSTEP):
+            p = start + c * BLOCK_PG + i
             cand = (p >= n_sink) & (p < ws) & live
             hp = tl.load(r2t_row + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64) // PAGE
-            lse = _grid_page_lse(codes_ptr, hp, h, cand, q0, q1, q2, q3, const, stride_cp, stride_ch,
-                                 PAGE, BLOCK_PG, DQ, BLOCK_G, F32_DOT)
+            lse = _grid_page_lse(codes_ptr, hp, h, cand, q0, q1, q2, q3, const, w, stride_cp, stride_ch,
+                                 PAGE, BLOCK_PG, DQ, BLOCK_G, F32_DOT, I8)
             if AGG == 0:
                 agg = tl.sum(tl.where(gmask[None, :], lse, 0.0), axis=1) / G
             else:
                 agg = tl.max(tl.where(gmask[None, :], lse, float("-inf")), axis=1)
-            sel = (c + i)[:, None] == n_idx[None, :]
-            res = tl.maximum(res, tl.max(tl.where(sel, agg[:, None], float("-inf")), axis=0))
-        return res
+            res = tl.where((rows == c)[:, None], agg[None, :], res)
+        return tl.reshape(res, [BLOCK_N])
 
     @triton.jit
     def _score_pages_grid_kernel(
@@ -195,7 +292,7 @@ if triton is not None:
         stride_r2t, stride_ob, stride_oh, max_pages, n_sink, n_window, qk_scale,
         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, DQ: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_PG: tl.constexpr, AGG: tl.constexpr, HAS_MASK: tl.constexpr,
-        HAS_GIDX: tl.constexpr, F32_DOT: tl.constexpr, STAGES: tl.constexpr,
+        HAS_GIDX: tl.constexpr, F32_DOT: tl.constexpr, STAGES: tl.constexpr, I8: tl.constexpr,
     ):
         # One program: BLOCK_N pages x one (request, KV head), BLOCK_PG pages per step. Grid
         # (cdiv(max_pages, BLOCK_N), B * Hkv).
@@ -222,19 +319,15 @@ if triton is not None:
             q_row = q_ptr + b * stride_qb + h * G * stride_qh
             lo_row = lo_ptr + gi * stride_lg + h * stride_lh
             st_row = step_ptr + gi * stride_tg + h * stride_th
-            q0, c0 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 0, G, BLOCK_G, DQ)
-            q1, c1 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 1, G, BLOCK_G, DQ)
-            q2, c2 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 2, G, BLOCK_G, DQ)
-            q3, c3 = _grid_query_side(q_row, stride_qh, lo_row, st_row, qk_scale, 3, G, BLOCK_G, DQ)
-            const = c0 + c1 + c2 + c3
+            q0, q1, q2, q3, const, w = _grid_query(q_row, stride_qh, lo_row, st_row, qk_scale, G, BLOCK_G, DQ, I8)
             r2t_row = r2t_ptr + tl.load(rpi_ptr + b).to(tl.int64) * stride_r2t
             for c in tl.range(0, BLOCK_N, BLOCK_PG, num_stages=STAGES):
                 p = start + c + i
                 in_range = p < max_pages
                 cand = in_range & (p >= n_sink) & (p < ws)
                 hp = tl.load(r2t_row + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64) // PAGE
-                lse = _grid_page_lse(codes_ptr, hp, h, cand, q0, q1, q2, q3, const, stride_cp, stride_ch,
-                                     PAGE, BLOCK_PG, DQ, BLOCK_G, F32_DOT)
+                lse = _grid_page_lse(codes_ptr, hp, h, cand, q0, q1, q2, q3, const, w, stride_cp, stride_ch,
+                                     PAGE, BLOCK_PG, DQ, BLOCK_G, F32_DOT, I8)
                 if AGG == 2:
                     o = out_ptr + b * stride_ob + (h * G + g)[None, :] * stride_oh + p[:, None]
                     tl.store(o, tl.where(cand[:, None], lse, neg_inf), mask=in_range[:, None] & gmask[None, :])
@@ -397,6 +490,27 @@ def score_pages_grid_reference(q, codes, lo, step, req_to_token, req_pool_idx, n
     return _aggregate_reference(s, codes.shape[1], aggregation, valid, d, head_mask, out)
 
 
+#: head dims from which the scoring uses int8 tensor cores (each quarter of the channels is one int8 dot of
+#: ``K = D/4 >= 32``); smaller heads use the bf16 levels
+I8_MIN_HEAD_DIM = 128
+
+
+def grid_int8(d: int, int8: bool | None = None) -> bool:
+    """Whether the grid scoring of head dim ``d`` runs its products in int8 (default: from
+    :data:`I8_MIN_HEAD_DIM`); ``int8=True`` below it is refused."""
+    if int8 is None:
+        return d >= I8_MIN_HEAD_DIM
+    if int8 and d < I8_MIN_HEAD_DIM:
+        raise ValueError(f"int8 grid scoring needs head dim >= {I8_MIN_HEAD_DIM}, got {d}")
+    return bool(int8)
+
+
+def grid_block_g(g: int, int8: bool) -> int:
+    """Query-head columns of the scoring tiles: the int8 path keeps each head twice (``hi``/``lo``) in a dot of
+    ``N = 2 * BLOCK_G >= 16`` columns, the bf16 path one column per head, ``N = BLOCK_G >= 16``."""
+    return max(8 if int8 else 16, next_pow2(g))
+
+
 def grid_block_pages(page_size: int, block_n: int) -> int:
     """Pages per tensor-core step: :data:`ROWS_PER_STEP` token rows (one page when ``P`` is larger)."""
     return min(block_n, max(1, ROWS_PER_STEP // page_size))
@@ -408,7 +522,7 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
                      n_window: int, aggregation: str, grid_index: torch.Tensor | None = None,
                      head_scores: torch.Tensor | None = None, block_n: int | None = None,
                      block_pages: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                     impl: str | None = None) -> torch.Tensor:
+                     int8: bool | None = None, impl: str | None = None) -> torch.Tensor:
     """GQA-aggregated ``grid2`` scores of every candidate page of each request (see module docstring).
 
     Args:
@@ -421,7 +535,8 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
         head_scores: as :func:`.scores.score_pages` (candidates, ``-inf`` elsewhere and for masked heads).
         block_n: pages per program (a power of two >= 16; default: the largest of 16..128 that still gives two
             programs per SM); block_pages: pages per tensor-core step (default :func:`grid_block_pages`);
-            num_warps, num_stages: the program's warps and software-pipeline depth (tuning only).
+            num_warps, num_stages: the program's warps and software-pipeline depth (tuning only);
+            int8: the products in int8 (default from the head dim, :func:`grid_int8`) or bf16.
     Returns ``out``. No host synchronisation (graph-capturable).
     """
     if aggregation not in AGGREGATIONS:
@@ -441,6 +556,7 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
                                           page_size=page_size, n_sink=n_sink, n_window=n_window,
                                           aggregation=aggregation, grid_index=grid_index)
     check_grid_head_dim(d)
+    i8 = grid_int8(d, int8)
     check_grid_page_size(page_size, q.device)
     check_page_size(page_size)
     check_kv_dtype(q.dtype)
@@ -473,9 +589,9 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
         q.stride(0), q.stride(1), stride_lg, lo.stride(1), stride_tg, step.stride(1), codes.stride(0),
         codes.stride(1), req_to_token.stride(0), dst.stride(0), dst.stride(1), max_pages, n_sink, n_window,
         LOG2E / math.sqrt(d),
-        HKV=hkv, G=g, BLOCK_G=max(16, next_pow2(g)), DQ=d // PER_BYTE, PAGE=page_size, BLOCK_N=block_n,
+        HKV=hkv, G=g, BLOCK_G=grid_block_g(g, i8), DQ=d // PER_BYTE, PAGE=page_size, BLOCK_N=block_n,
         BLOCK_PG=bpg, AGG=agg, HAS_MASK=head_mask is not None, HAS_GIDX=grid_index is not None,
-        F32_DOT=interpreter_forced(), STAGES=num_stages, num_warps=num_warps,
+        F32_DOT=interpreter_forced(), STAGES=num_stages, I8=i8, num_warps=num_warps,
     )
     if agg == 2:
         _finish_softmax_mean(head_scores, out, n_ctx, head_mask, page_size=page_size, n_sink=n_sink,

@@ -39,7 +39,8 @@ from freekv_sglang.algorithm.selection import sticky_scores
 
 from .common import (cdiv, check_head_dim, check_kv_dtype, check_page_size, interpreter_forced, next_pow2, sm_count, tl,
                      triton, use_triton)
-from .grid_codes import (LOG2E, check_grid_codes_args, check_grid_head_dim, check_grid_page_size, grid_block_pages,
+from .grid_codes import (LOG2E, check_grid_codes_args, check_grid_head_dim, check_grid_page_size, grid_block_g,
+                         grid_block_pages, grid_int8,
                          score_pages_grid, score_pages_grid_reference)
 from .scores import score_pages, score_pages_reference
 from .select import _residency_row, select_update, select_update_reference
@@ -59,19 +60,20 @@ if triton is not None:
                     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, NB: tl.constexpr, AGG: tl.constexpr,
                     F32_DOT: tl.constexpr, DSP: tl.constexpr, DSH: tl.constexpr, GRID: tl.constexpr,
                     BLOCK_PG: tl.constexpr, res_row, rkeys_row, FILL: tl.constexpr, KR: tl.constexpr,
-                    KRES: tl.constexpr):
+                    KRES: tl.constexpr, GRID_BG: tl.constexpr, I8: tl.constexpr):
         """Score block ``pid_n`` (``BLOCK_N`` pages) of one (request, KV head); store its top ``KB`` keys
         (every key ``NO_KEY`` when not ``live``; nothing past block ``NB``). ``DSP``/``DSH``: digest
         strides as :func:`.scores._group_bounds`. With ``GRID``, ``dig_ptr`` holds grid codes (``DSP``/``DSH``
-        their page/head strides) scored on the grid at ``lo_row``/``st_row`` (:mod:`.grid_codes`). With
+        their page/head strides) scored on the grid at ``lo_row``/``st_row`` (:mod:`.grid_codes`; ``GRID_BG``,
+        ``I8``: its query-head columns and int8 products). With
         ``FILL``, also the key of each resident page (``res_row [KRES]``) in this block, at its slot of
         ``rkeys_row [KR]``."""
         p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cand = (p >= n_sink) & (p < ws) & live
         if GRID:
             agg = _grid_block_scores(q_row, stride_qh, dig_ptr, r2t_row, lo_row, st_row, qk_scale, pid_n * BLOCK_N,
-                                     ws, n_sink, live, h, DSP, DSH, G, BLOCK_G, D // 4, PAGE, BLOCK_N, BLOCK_PG, AGG,
-                                     F32_DOT)
+                                     ws, n_sink, live, h, DSP, DSH, G, GRID_BG, D // 4, PAGE, BLOCK_N, BLOCK_PG, AGG,
+                                     F32_DOT, I8)
         else:
             tok = tl.load(r2t_row + p.to(tl.int64) * PAGE, mask=cand, other=0).to(tl.int64)
             hp = tok // PAGE
@@ -105,6 +107,7 @@ if triton is not None:
         Q_BY_ROW: tl.constexpr, F32_DOT: tl.constexpr, HEADS_FAST: tl.constexpr, SUB: tl.constexpr,
         STAGES: tl.constexpr, DSP: tl.constexpr, DSH: tl.constexpr, GRID: tl.constexpr, BLOCK_PG: tl.constexpr,
         HAS_GIDX: tl.constexpr, FILL: tl.constexpr, KR: tl.constexpr, KRES: tl.constexpr,
+        GRID_BG: tl.constexpr, I8: tl.constexpr,
     ):
         # One program: SUB consecutive blocks of BLOCK_N pages of one (request, KV head), the blocks in a
         # software-pipelined loop when SUB > 1. Grid (cdiv(NB, SUB), B * Hkv), or with HEADS_FAST
@@ -144,14 +147,14 @@ if triton is not None:
             if live:  # blocks past the candidates are never read by the merge: no store
                 _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_p, live, ws, n_sink, h, lo_row, st_row,
                             qk_scale, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG, F32_DOT, DSP, DSH, GRID,
-                            BLOCK_PG, res_row, rkeys_row, FILL, KR, KRES)
+                            BLOCK_PG, res_row, rkeys_row, FILL, KR, KRES, GRID_BG, I8)
         elif act & (pid_p * SUB * BLOCK_N < ws):  # a span wholly past the candidates (or a head the mask
             # leaves alone) does nothing: the merge reads only live blocks' keys
             for j in tl.range(0, SUB, num_stages=STAGES):
                 pid_n = pid_p * SUB + j
                 _block_keys(q_row, stride_qh, dig_ptr, r2t_row, keys_row, pid_n, pid_n * BLOCK_N < ws, ws,
                             n_sink, h, lo_row, st_row, qk_scale, HKV, G, BLOCK_G, D, PAGE, BLOCK_N, KB, NB, AGG,
-                            F32_DOT, DSP, DSH, GRID, BLOCK_PG, res_row, rkeys_row, FILL, KR, KRES)
+                            F32_DOT, DSP, DSH, GRID, BLOCK_PG, res_row, rkeys_row, FILL, KR, KRES, GRID_BG, I8)
 
     @triton.jit
     def _merge_select_kernel(
@@ -291,7 +294,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                      margin: int = 0, heads_fast: bool = False, blocks_per_program: int | None = None,
                      num_stages: int | None = None, merge_warps: int | None = None,
                      grid: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     grid_index: torch.Tensor | None = None, fill_resident: int = 0) -> None:
+                     grid_index: torch.Tensor | None = None, fill_resident: int = 0,
+                     int8: bool | None = None) -> None:
     """Select the top-``k`` candidate pages per (request, KV head) and update residency, in place.
 
     Args:
@@ -327,6 +331,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
             (:func:`freekv_sglang.algorithm.selection.overfetch_select`): the top ``k - m`` pages by score, and the
             ``m`` best-scoring resident pages outside them in the other slots, so only pages of the top ``k - m``
             are recalled. Not with ``margin``.
+        int8: with ``grid``, the scoring products in int8 or bf16 (default from the head dim:
+            :func:`.grid_codes.grid_int8`).
     No host synchronisation; CUDA-graph capturable.
     """
     if margin < 0:
@@ -380,6 +386,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     if grid is not None:
         check_grid_head_dim(d)
         check_grid_page_size(page_size, q.device)
+        int8 = grid_int8(d, int8)
     inner = (d // 4, 1) if grid is not None else (d, 1)
     if (digests.stride(2), digests.stride(3)) != inner or not resident.is_contiguous() \
             or req_to_token.stride(1) != 1:
@@ -419,7 +426,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                      page_size=page_size, n_sink=n_sink, n_window=n_window, aggregation=aggregation,
                      has_mask=head_mask is not None, q_by_row=q_index is not None, num_warps=num_warps,
                      heads_fast=heads_fast, max_pages=max_pages, blocks_per_program=blocks_per_program,
-                     num_stages=num_stages, grid=grid, grid_index=grid_index, resident=resident, rkeys=rkeys)
+                     num_stages=num_stages, grid=grid, grid_index=grid_index, resident=resident, rkeys=rkeys,
+                     int8=bool(int8))
     merge_select(keys, n_ctx, resident, rows, hm, recall_slot, recall_page, counter, hkv=hkv, k=k, kb=kb, block_n=bn,
                  page_size=page_size, n_sink=n_sink, n_window=n_window, has_mask=head_mask is not None,
                  margin=margin, max_pages=max_pages, num_warps=merge_warps, fill_resident=fill_resident, rkeys=rkeys)
@@ -427,7 +435,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
 
 def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u8, keys, *, hkv, block_n, kb,
                      page_size, n_sink, n_window, aggregation, has_mask, q_by_row, num_warps, heads_fast, max_pages,
-                     blocks_per_program=1, num_stages=2, grid=None, grid_index=None, resident=None, rkeys=None):
+                     blocks_per_program=1, num_stages=2, grid=None, grid_index=None, resident=None, rkeys=None,
+                     int8=False):
     """Launch 1 of :func:`score_and_select` (arguments already checked there): the top ``kb`` keys of every
     block of ``block_n`` pages of each (request, KV head) into ``keys [B * Hkv * n_blocks * kb]``,
     ``blocks_per_program`` blocks per program (``grid``: scored from grid codes). With ``rkeys``
@@ -437,6 +446,7 @@ def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u
     nb = cdiv(max_pages, block_n)
     npg = cdiv(nb, blocks_per_program)
     launch = (b * hkv, npg) if heads_fast else (npg, b * hkv)
+    i8 = grid is not None and int8
     if grid is not None:
         lo, st = grid
         one = grid_index is None and lo.shape[0] == 1  # the one grid: row 0 through zero strides
@@ -457,7 +467,8 @@ def score_block_topk(q, q_index, digests, req_to_token, rows, n_ctx, head_mask_u
         F32_DOT=interpreter_forced() and (q.dtype == torch.bfloat16 or grid is not None), HEADS_FAST=bool(heads_fast),
         SUB=blocks_per_program, STAGES=num_stages, DSP=digests.stride(0), DSH=digests.stride(1),
         GRID=grid is not None, BLOCK_PG=grid_block_pages(page_size, block_n) if grid is not None else 1,
-        HAS_GIDX=grid_index is not None, FILL=fill, KR=max(16, next_pow2(kres)), KRES=kres, num_warps=num_warps,
+        HAS_GIDX=grid_index is not None, FILL=fill, KR=max(16, next_pow2(kres)), KRES=kres,
+        GRID_BG=grid_block_g(hq // hkv, i8), I8=i8, num_warps=num_warps,
     )
 
 

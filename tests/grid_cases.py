@@ -3,10 +3,11 @@ inputs. Shared by the CPU test (Triton interpreter, in a child process) and the 
 
 Scores are checked twice:
 
-* against :func:`kernel_numerics`, the kernel's own arithmetic in torch (the query side rounded to bf16 as
-  the kernel rounds it, the rest in float32): equal up to float32 rounding (accumulation order, ``exp2``);
-* against the float32 reference (``score_pages_grid_reference``), within the exact effect of that bf16
-  rounding: a logit moves by at most ``sum_d 3.5 |q_d step_d - bf16(q_d step_d)| / sqrt(D)`` (per query head;
+* against :func:`kernel_numerics`, the kernel's own arithmetic in torch (the query side rounded as the kernel
+  rounds it: to bf16 on the bf16 path, to ``scale * (hi + lo / 254)`` with int8 ``hi``/``lo`` on the int8 path;
+  the rest in float32): equal up to float32 rounding (accumulation order, ``exp2``);
+* against the float32 reference (``score_pages_grid_reference``), within the exact effect of that rounding: a
+  logit moves by at most ``sum_d 3.5 |side_d - rounded(side_d)|`` (``side = q * step / sqrt(D)``, per query head;
   the aggregated bound is the largest of the group's).
 """
 
@@ -18,8 +19,8 @@ import torch
 
 from freekv_sglang.algorithm.grid_codes import grid_from_bounds, page_grid_codes, unpack_codes
 from freekv_sglang.algorithm.scores import aggregate_gqa
-from freekv_sglang.kernels.grid_codes import (LOG2E, pack_grid_codes, pack_grid_codes_reference, score_pages_grid,
-                                              score_pages_grid_reference)
+from freekv_sglang.kernels.grid_codes import (LOG2E, grid_int8, pack_grid_codes, pack_grid_codes_reference,
+                                              score_pages_grid, score_pages_grid_reference)
 from freekv_sglang.kernels.scores import _candidates
 from kernel_cases import check_chosen_and_recall, select_case, selection_outputs, to_head_major
 
@@ -40,11 +41,23 @@ def _grid_rows(t, b, grid_index):
     return t[grid_index.long()] if grid_index is not None else t.expand(b, *t.shape[1:])
 
 
+def int8_side(exact: torch.Tensor) -> torch.Tensor:
+    """The int8 path's query side: per query head (last dim: channels) ``scale = max |exact| / 127`` (1 when
+    zero), ``hi = round(exact / scale)``, ``lo = round(254 (exact - hi scale) / scale)`` clamped to +-127,
+    returned as the float32 value ``scale * (hi + lo / 254)`` the int8 products stand for."""
+    amax = exact.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    hi = torch.floor(exact * (1.0 / scale) + 0.5)
+    lo = torch.floor((exact - hi * scale) * (254.0 * (1.0 / scale)) + 0.5).clamp(-127, 127)
+    return (hi + lo * (1.0 / 254.0)) * scale
+
+
 def kernel_numerics(q, codes, lo, step, r2t, rpi, n_ctx, head_mask, *, max_pages, page_size, n_sink, n_window,
-                    aggregation, grid_index=None):
+                    aggregation, grid_index=None, int8=False):
     """The scoring kernel's arithmetic in torch: ``(scores [B, Hkv, Np], bound [B, Hkv], size [B, Hkv])``:
-    ``bound`` the largest change of a logit (natural units, per KV head) that rounding the query side to bf16
-    makes; ``size`` the largest magnitude of the terms a logit sums (for float32 tolerances)."""
+    ``bound`` the largest change of a logit (natural units, per KV head) that rounding the query side (to bf16,
+    or with ``int8`` to :func:`int8_side`) makes; ``size`` the largest magnitude of the terms a logit sums (for
+    float32 tolerances)."""
     b, hq, d = q.shape
     hkv = codes.shape[1]
     g = hq // hkv
@@ -55,17 +68,25 @@ def kernel_numerics(q, codes, lo, step, r2t, rpi, n_ctx, head_mask, *, max_pages
     lo_b = _grid_rows(lo, b, grid_index)[:, :, None]  # [B, Hkv, 1, D]
     st_b = _grid_rows(step, b, grid_index)[:, :, None]
     qf = q.float().view(b, hkv, g, d)
-    exact = qf * st_b * (4.0 * scale)
-    side = exact.to(torch.bfloat16).float()  # [B, Hkv, G, D]
-    const = (qf * lo_b).sum(-1) * scale - 0.875 * side.sum(-1)  # [B, Hkv, G]
-    levels = 1.0 + unpack_codes(codes[hp]).float() / 4  # [B, Np, Hkv, P, D]
-    dot = torch.einsum("bkgd,bpktd->bkgpt", side, levels)
+    codes_f = unpack_codes(codes[hp]).float()  # [B, Np, Hkv, P, D]
+    if int8:  # sum_d c side + q . lo scale + 0.5 sum(side), side = scale q step in int8 hi/lo parts
+        exact = qf * st_b * scale
+        side = int8_side(exact)  # [B, Hkv, G, D]
+        const = (qf * lo_b).sum(-1) * scale + 0.5 * side.sum(-1)
+        dot = torch.einsum("bkgd,bpktd->bkgpt", side, codes_f)
+        bound = (LN2 * 3.5 * (side - exact).abs().sum(-1)).amax(-1)  # [B, Hkv]
+        size = (LN2 * (3.0 * side.abs().sum(-1) + const.abs())).amax(-1)
+    else:  # sum_d (1 + c/4) side' - 0.875 sum(side') + q . lo scale, side' = bf16(4 scale q step)
+        exact = qf * st_b * (4.0 * scale)
+        side = exact.to(torch.bfloat16).float()  # [B, Hkv, G, D]
+        const = (qf * lo_b).sum(-1) * scale - 0.875 * side.sum(-1)  # [B, Hkv, G]
+        dot = torch.einsum("bkgd,bpktd->bkgpt", side, 1.0 + codes_f / 4)
+        bound = (LN2 * 3.5 / 4 * (side - exact).abs().sum(-1)).amax(-1)  # [B, Hkv]
+        size = (LN2 * (1.75 * side.abs().sum(-1) + const.abs())).amax(-1)
     lse = torch.logsumexp(dot * LN2, -1) + LN2 * const[..., None]  # [B, Hkv, G, Np]
     out = aggregate_gqa(lse.reshape(b, hq, max_pages), hkv, aggregation, valid, head_dim=d)
     if head_mask is not None:
         out = out.masked_fill(~head_mask.bool()[:, :, None], float("-inf"))
-    bound = (LN2 * 3.5 / 4 * (side - exact).abs().sum(-1)).amax(-1)  # [B, Hkv]
-    size = (LN2 * (1.75 * side.abs().sum(-1) + const.abs())).amax(-1)
     return out, bound, size
 
 
@@ -143,7 +164,7 @@ def check_scores(device, dtype, group, head_dim, *, aggregation="mean", page=16,
     ref = torch.empty(b, hkv, max_pages)
     score_pages_grid_reference(q, codes, lo, step, r2t, rpi, n_ctx, mask, ref, grid_index=grid_index, **kw)
     emu, bound, size = kernel_numerics(q, codes, lo, step, r2t, rpi, n_ctx, mask, max_pages=max_pages,
-                                 grid_index=grid_index, **kw)
+                                       grid_index=grid_index, int8=grid_int8(head_dim, tuning.get("int8")), **kw)
 
     assert not out.isnan().any()
     assert torch.equal(torch.isinf(out), torch.isinf(ref)) and torch.equal(torch.isinf(emu), torch.isinf(ref))
@@ -207,7 +228,7 @@ def check_score_select_grid(device, dtype, group, head_dim, *, k=4, aggregation=
     kw = dict(page_size=page, n_sink=n_sink, n_window=n_window, aggregation=aggregation)
     score_pages_grid_reference(q, codes, lo, step, r2t, rows, n_ctx, mask, scores, grid_index=grid_index, **kw)
     _, bound, size = kernel_numerics(q, codes, lo, step, r2t, rows, n_ctx, mask, max_pages=max_pages,
-                                     grid_index=grid_index, **kw)
+                                     grid_index=grid_index, int8=grid_int8(head_dim, tuning.get("int8")), **kw)
     if aggregation == "softmax-mean":  # probabilities: a relative tolerance
         top = scores.masked_fill(~torch.isfinite(scores), 0).abs().amax(-1)
         tol_bh = 2 * (torch.expm1(2 * bound / math.sqrt(head_dim)) + 1e-4) * top + 1e-7

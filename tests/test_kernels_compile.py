@@ -134,7 +134,7 @@ def test_compile_score_block_topk(dt, agg, g, d, bn, kb, by_row, sub, stages, he
     k = _compile(score_select._score_block_topk_kernel, sig,
                  dict(HKV=8, G=g, BLOCK_G=16, D=d, PAGE=32, BLOCK_N=bn, KB=kb, NB=32, AGG=agg, HAS_MASK=not by_row,
                       Q_BY_ROW=by_row, F32_DOT=False, HEADS_FAST=sub == 2, SUB=sub, STAGES=stages, GRID=False,
-                      BLOCK_PG=1, HAS_GIDX=False, FILL=fill, KR=kb, KRES=kb - 8, **strides),
+                      BLOCK_PG=1, HAS_GIDX=False, FILL=fill, KR=kb, KRES=kb - 8, GRID_BG=16, I8=False, **strides),
                  div16=("stride_qb", "stride_qh", "stride_r2t"))
     assert "mma" in k.asm["ptx"]
 

@@ -77,18 +77,24 @@ def _grid_score_types(dtype: str) -> dict:
 @pytest.mark.parametrize("dtype,d,page,g,agg", [("bf16", 128, 32, 4, 0), ("fp16", 64, 16, 3, 1),
                                                 ("bf16", 128, 32, 3, 2), ("bf16", 64, 256, 4, 0)])
 @pytest.mark.parametrize("block_n,warps,stages", [(64, 4, 2), (128, 8, 3), (32, 4, 1)])
-def test_grid_score_kernel_compiles_for_hopper(dtype, d, page, g, agg, block_n, warps, stages):
+@pytest.mark.parametrize("int8", [False, True])
+def test_grid_score_kernel_compiles_for_hopper(dtype, d, page, g, agg, block_n, warps, stages, int8):
     """The grid-code scoring kernel: a cubin within the shared memory of an SM, its products on tensor cores
-    (``wgmma``)."""
+    (``wgmma``, int8 ``s8`` products with the int8 path, whose codes are unpacked four bytes per register)."""
     from freekv_sglang.kernels import grid_codes as gc
 
-    consts = {"HKV": 8, "G": g, "BLOCK_G": 16, "DQ": d // 4, "PAGE": page, "BLOCK_N": block_n,
+    if int8 and d < gc.I8_MIN_HEAD_DIM:
+        pytest.skip("int8 products need head dim >= 128")
+    consts = {"HKV": 8, "G": g, "BLOCK_G": gc.grid_block_g(g, int8), "DQ": d // 4, "PAGE": page, "BLOCK_N": block_n,
               "BLOCK_PG": gc.grid_block_pages(page, block_n), "AGG": agg, "HAS_MASK": agg == 1,
-              "HAS_GIDX": agg == 2, "F32_DOT": False, "STAGES": stages}
+              "HAS_GIDX": agg == 2, "F32_DOT": False, "STAGES": stages, "I8": int8}
     k = compile_for_hopper(gc._score_pages_grid_kernel, _grid_score_types(dtype), consts, warps, stages)
     assert k.asm.get("cubin"), "no cubin"
     assert k.metadata.shared <= HOPPER_SMEM_PER_BLOCK, f"{consts} needs {k.metadata.shared} bytes of shared memory"
-    assert "wgmma.mma_async" in k.asm["ptx"], "the scores' products are not on tensor cores"
+    ptx = k.asm["ptx"]
+    assert "wgmma.mma_async" in ptx, "the scores' products are not on tensor cores"
+    if int8:
+        assert ".s32.s8.s8" in ptx and "0x03030303" in ptx, "int8 products or the packed unpacking are missing"
 
 
 @pytest.mark.parametrize("dtype,d,page", [("bf16", 128, 32), ("fp16", 64, 256)])
@@ -103,7 +109,7 @@ def test_grid_pack_kernel_compiles_for_hopper(dtype, d, page):
     assert k.asm.get("cubin"), "no cubin"
 
 
-@pytest.mark.parametrize("grid,fill", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("grid,fill", [(False, False), (True, False), (False, True), ("int8", False)])
 @pytest.mark.parametrize("block_n,sub,warps,stages", [(64, 2, 2, 3), (64, 1, 4, 2), (128, 1, 4, 2), (64, 2, 4, 3),
                                                     (256, 1, 8, 2)])
 def test_fused_scoring_kernel_compiles_for_hopper(grid, fill, block_n, sub, warps, stages):
@@ -123,8 +129,8 @@ def test_fused_scoring_kernel_compiles_for_hopper(grid, fill, block_n, sub, warp
               "NB": 1024 // block_n, "AGG": 0, "HAS_MASK": True, "Q_BY_ROW": True, "F32_DOT": False,
               "HEADS_FAST": False, "SUB": sub, "STAGES": stages,
               "DSP": 8 * page * d // 4 if grid else 8 * 2 * d, "DSH": page * d // 4 if grid else 2 * d,
-              "GRID": grid, "BLOCK_PG": gc.grid_block_pages(page, block_n) if grid else 1, "HAS_GIDX": grid,
-              "FILL": fill, "KR": 64, "KRES": 48}
+              "GRID": bool(grid), "BLOCK_PG": gc.grid_block_pages(page, block_n) if grid else 1, "HAS_GIDX": bool(grid),
+              "FILL": fill, "KR": 64, "KRES": 48, "GRID_BG": gc.grid_block_g(4, grid == "int8"), "I8": grid == "int8"}
     k = compile_for_hopper(fn, types, consts, warps, stages)
     assert k.asm.get("cubin"), "no cubin"
     assert k.metadata.shared <= HOPPER_SMEM_PER_BLOCK, f"{consts} needs {k.metadata.shared} bytes of shared memory"

@@ -1,7 +1,8 @@
 """Section ``grid``: page scoring with 2-bit grid codes (``score_pages_grid``, the ``grid2`` rule) against Quest
 (``score_pages``) at the Llama-3.1-8B shape, one layer, 32K context x batch 8: both in a CUDA graph, GQA mean,
 the ratio grid / Quest, each against reading its digests at the measured HBM speed (Quest: ``2 D`` bf16 per
-page and KV head, grid: ``P D / 4`` bytes, 2x); the runtime's fused scoring + top-k + residency
+page and KV head, grid: ``P D / 4`` bytes, 2x), the grid's products in int8 (its default at this head dim)
+and in bf16 side by side; the runtime's fused scoring + top-k + residency
 (``score_and_select``) with either; a sweep of the grid kernel's launch shape (not with ``--quick``); and
 writing the codes vs the Quest digests of a 32K-token prefill layer and of 8 completed pages (decode)."""
 
@@ -59,6 +60,7 @@ def _grid_case(r: Runner, gc, ctx: int, b: int, hbm: float | None, sweep: bool) 
     res["grid_ideal_ms"] = res["grid_bytes"] / (hbm * 1e9) * 1e3 if hbm else None
     res["quest_graph_ms"] = m("quest graph", lambda: graph_ms(quest))
     res["grid_graph_ms"] = m("grid graph", lambda: graph_ms(grid))
+    res["grid_bf16_graph_ms"] = m("grid bf16 products graph", lambda: graph_ms(lambda: grid(int8=False)))
     res["grid_one_grid_graph_ms"] = m("grid (one grid for all requests) graph", lambda: graph_ms(
         lambda: gc.score_pages_grid(q, codes, lo[:1], step[:1], r2t, rpi, n_ctx, None, sg, **kw)))
     tag = f"ctx={ctx // 1024}K b={b}"
@@ -69,6 +71,8 @@ def _grid_case(r: Runner, gc, ctx: int, b: int, hbm: float | None, sweep: bool) 
     r.row("grid", f"grid2 score_pages_grid mean, graph  {tag} ({res['grid_bytes'] / MIB:.0f} MiB)", 1e3 * gt, "us",
           f"{gt / res['grid_ideal_ms']:.2f}x HBM ideal" if hbm else "")
     r.row("grid", f"grid2 / Quest scoring time  {tag}", res["ratio"], "x")
+    r.row("grid", f"grid2 with bf16 products (int8 off), graph  {tag}", 1e3 * res["grid_bf16_graph_ms"], "us",
+          f"int8 products {res['grid_bf16_graph_ms'] / gt:.2f}x faster")
     r.row("grid", f"grid2, one grid for all requests, graph  {tag}", 1e3 * res["grid_one_grid_graph_ms"], "us")
     # the runtime's path: fused scoring + top-k + residency (score_and_select), Quest vs grid codes
     rows = torch.arange(b, device=DEV)
@@ -81,10 +85,15 @@ def _grid_case(r: Runner, gc, ctx: int, b: int, hbm: float | None, sweep: bool) 
         lambda: K.score_and_select(q, dig, r2t, rows, n_ctx, None, res_q, NSEL, rs, rp, **fkw)))
     res["grid_fused_graph_ms"] = m("grid fused graph", lambda: graph_ms(
         lambda: K.score_and_select(q, codes, r2t, rows, n_ctx, None, res_g, NSEL, rs, rp, grid=(lo, step), **fkw)))
+    res["grid_fused_bf16_graph_ms"] = m("grid fused bf16 products graph", lambda: graph_ms(
+        lambda: K.score_and_select(q, codes, r2t, rows, n_ctx, None, res_g, NSEL, rs, rp, grid=(lo, step),
+                                   int8=False, **fkw)))
     qf, gf = res["quest_fused_graph_ms"], res["grid_fused_graph_ms"]
     res["fused_ratio"] = gf / qf
     r.row("grid", f"score_and_select (fused) with grid2, graph  {tag}", 1e3 * gf, "us",
           f"{res['fused_ratio']:.2f}x Quest's {1e3 * qf:.1f} us")
+    r.row("grid", f"score_and_select with grid2, bf16 products, graph  {tag}", 1e3 * res["grid_fused_bf16_graph_ms"],
+          "us", f"{res['grid_fused_bf16_graph_ms'] / qf:.2f}x Quest's")
     if sweep:  # the fused path's scoring program with grid codes (its default shape is tuned for Quest)
         fused = {}
         for bn, nw, bpp, st in FUSED_SHAPES:

@@ -1,7 +1,7 @@
 """The grid-code kernels (``kernels/grid_codes.py``, Triton on the GPU) vs their torch references: packing bit for
 bit, scores against the kernel's numerics in torch (float32 rounding) and against the float32 reference (within
-the bf16 rounding of the query side), and the fused selection scoring from grid codes. Checks in
-``tests/grid_cases.py`` (shared with the CPU interpreter test)."""
+the rounding of the query side: bf16, or int8 high and low parts at head dim 128), and the fused selection scoring
+from grid codes. Checks in ``tests/grid_cases.py`` (shared with the CPU interpreter test)."""
 
 import pytest
 import torch
@@ -30,6 +30,19 @@ def test_score_pages_grid_gpu(dtype, d, grp, agg):
     for masked in (False, True):
         check_scores("cuda", dtype, grp, d, aggregation=agg, page=32, hkv=4, b=5, max_pages=131, n_sink=4,
                      n_window=4, masked=masked, seed=grp + d)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("grp", [1, 4, 8])
+@pytest.mark.parametrize("agg", ["mean", "max", "softmax-mean"])
+def test_score_pages_grid_products_gpu(int8, grp, agg):
+    """Head dim 128 with the products in bf16 and in int8 (its default; the codes unpacked by inline PTX), on
+    the default launch shape and on a block of 32 pages with 8 warps."""
+    for tuning in ({}, dict(block_n=32, num_warps=8, num_stages=3)):
+        check_scores("cuda", torch.bfloat16, grp, 128, aggregation=agg, page=32, hkv=4, b=5, max_pages=131,
+                     n_sink=4, n_window=4, masked=True, int8=int8, seed=grp + 3, **tuning)
+    check_score_select_grid("cuda", torch.bfloat16, grp, 128, k=16, page=32, max_pages=300, int8=int8,
+                            aggregation="mean" if agg == "softmax-mean" else agg)
 
 
 @pytest.mark.parametrize("grp,d,page,mode", [(4, 128, 32, "per_request"), (3, 64, 16, "index"),
