@@ -230,12 +230,26 @@ if triton is not None:
 
         bf16: each quarter's codes as the bf16 levels ``1 + c/4`` (:func:`_grid_levels`) times the bf16 side.
         int8 (``I8``): each quarter's codes ``c`` as int8 times the int8 ``hi | lo`` side, one int32 accumulator
-        ``[rows, 2 * BLOCK_G]``; the logits are its columns weighted by ``w``, each head's two halves summed."""
-        t = tl.arange(0, PAGE)
+        ``[rows, 2 * BLOCK_G]``; the logits are its columns weighted by ``w``, each head's two halves summed.
+
+        Row order: with ``SLABS = PAGE // 16 > 1`` the tile's rows are (slab, page, token within the slab), 16
+        tokens a slab, so that a page's rows fall into the 16-row slices one warp holds of each 64-row
+        tensor-core tile (pages of 32, 4 per step, 4 warps: page ``w`` is warp ``w``'s) and its ``max`` and
+        sum need no exchange between warps. The order of a page's tokens does not change its ``logsumexp``.
+        Otherwise (``SLABS`` 0 or 1) rows are (page, token)."""
+        SLABS: tl.constexpr = PAGE // 16  # pages are powers of two: 0 below 16 tokens
         j = tl.arange(0, DQ)
         base = hp * stride_cp + h * stride_ch
-        ptr = codes_ptr + base[:, None, None] + (t * DQ)[None, :, None] + j[None, None, :]
-        x = tl.load(ptr, mask=cand[:, None, None], other=0)
+        if SLABS > 1:  # rows (slab, page, 16 tokens): see the docstring
+            sl = tl.arange(0, SLABS)
+            i = tl.arange(0, 16)
+            tok = (sl * 16)[:, None, None] + i[None, None, :]  # [SLABS, 1, 16]
+            ptr = codes_ptr + base[None, :, None, None] + (tok * DQ)[:, :, :, None] + j[None, None, None, :]
+            x = tl.load(ptr, mask=cand[None, :, None, None], other=0)
+        else:
+            t = tl.arange(0, PAGE)
+            ptr = codes_ptr + base[:, None, None] + (t * DQ)[None, :, None] + j[None, None, :]
+            x = tl.load(ptr, mask=cand[:, None, None], other=0)
         if I8:
             x2 = tl.reshape(x, [BLOCK_PG * PAGE, DQ])
             iacc = tl.zeros([BLOCK_PG * PAGE, 2 * BLOCK_G], dtype=tl.int32)
@@ -252,9 +266,14 @@ if triton is not None:
             acc = _grid_dot(_grid_levels(x16, 1), q1, acc, F32_DOT)
             acc = _grid_dot(_grid_levels(x16, 2), q2, acc, F32_DOT)
             acc = _grid_dot(_grid_levels(x16, 3), q3, acc, F32_DOT)
-        s3 = tl.reshape(acc, [BLOCK_PG, PAGE, BLOCK_G])
-        mx = tl.max(s3, axis=1)
-        tot = tl.sum(tl.exp2(s3 - mx[:, None, :]), axis=1)
+        if SLABS > 1:
+            s4 = tl.reshape(acc, [SLABS, BLOCK_PG, 16, BLOCK_G])
+            mx = tl.max(tl.max(s4, axis=2), axis=0)
+            tot = tl.sum(tl.sum(tl.exp2(s4 - mx[None, :, None, :]), axis=2), axis=0)
+        else:
+            s3 = tl.reshape(acc, [BLOCK_PG, PAGE, BLOCK_G])
+            mx = tl.max(s3, axis=1)
+            tot = tl.sum(tl.exp2(s3 - mx[:, None, :]), axis=1)
         return (mx + tl.log2(tot) + const[None, :]) * 0.6931471805599453
 
     @triton.jit
