@@ -16,20 +16,35 @@ one grid (``n_grids = 1``, broadcast), one per request, or rows picked by ``grid
 
 Scoring kernel. One program scores ``BLOCK_N`` pages of one (request, KV head), ``BLOCK_PG`` pages per
 step (``BLOCK_PG * P = 128`` token rows for ``P <= 128``). Per step it loads the pages' codes as a
-``[BLOCK_PG * P, D/4]`` byte tile (each page-head's ``P * D/4`` bytes are contiguous) and, for each
-quarter ``s`` of the channels, turns the 2-bit field into the bf16 value ``1 + c/4`` by bit operations
-(``(byte << (5 - 2s)) & 0x60 | 0x3F80``: the code lands in the two top mantissa bits of bf16 1.0; no
-int-to-float conversion) and accumulates a tensor-core ``tl.dot`` of that ``[BLOCK_PG * P, D/4]`` tile
-with the group's ``[D/4, 16]`` query side (query heads padded to 16 columns), fp32 accumulation. The
-query side, built once per program, is ``bf16(4 * q * step * log2(e) / sqrt(D))``; since
-``c + 0.5 = 4 (1 + c/4) - 3.5``, the logits in base 2 are ``dot - 0.875 * sum_d q_side + q . lo * log2(e) /
-sqrt(D)``, the last two terms one constant per query head. The ``[BLOCK_PG * P, 16]`` result is seen as
-``[BLOCK_PG, P, 16]``: max, ``exp2`` and sum over the tokens give each page's ``logsumexp``.
+``[BLOCK_PG * P, D/4]`` byte tile (each page-head's ``P * D/4`` bytes are contiguous) and accumulates, for each
+quarter ``s`` of the channels, a tensor-core ``tl.dot`` of that quarter's codes with the group's query side.
+The logits in base 2 are ``sum_d c_d side_d + const`` with ``side = q * step * log2(e) / sqrt(D)`` and
+``const = q . lo * log2(e) / sqrt(D) + 0.5 * sum_d side_d`` (``k_hat = lo + (c + 0.5) step``). The result is seen
+as ``[BLOCK_PG, P, heads]``: max, ``exp2`` and sum over the tokens give each page's ``logsumexp``. Two ways
+to run the products (:func:`grid_int8`):
 
-Numerics: codes and the levels ``1 + c/4`` are exact in bf16; the query side is rounded to bf16 (relative
-error at most 2**-9 per channel), so a logit may differ from the float32 reference by up to
-``2**-9 * sum_d |q_d step_d| * 3.5 / sqrt(D)`` (the tests' tolerance), far below the grid's own
-quantization error. Under Triton's CPU interpreter the dots run in fp32 on the same bf16-rounded values.
+* int8 (head dim >= 128, the default there): the codes ``c`` themselves are the int8 left operand, unpacked
+  four bytes per 32-bit register (one shift and one mask, inline PTX: the compiler would unpack byte by byte);
+  the query side is split per query head into ``side ~ scale * (hi + lo / 254)`` with int8 ``hi``, ``lo`` and
+  ``scale = max_d |side_d| / 127``, the two parts as the two halves of an ``[D/4, 2 * BLOCK_G]`` right operand
+  (``BLOCK_G = max(8, G)``: 16 columns up to 8 query heads a KV head), int32 accumulation; each head's logit is
+  its ``hi`` column times ``scale`` plus its ``lo`` column times ``scale / 254``. One ``k32`` tensor-core step
+  per quarter and 64 rows, half the post-processing columns of the bf16 path.
+* bf16 (head dim 64, or ``int8=False``): each quarter's 2-bit field becomes the bf16 value ``1 + c/4`` by bit
+  operations (``(byte << (5 - 2s)) & 0x60 | 0x3F80``: the code lands in the two top mantissa bits of bf16 1.0)
+  against ``bf16(4 * side)`` (16 columns); since ``c + 0.5 = 4 (1 + c/4) - 3.5`` the constant becomes
+  ``q . lo * log2(e) / sqrt(D) - 0.875 * sum_d bf16(4 side_d)``.
+
+Rows of a tile are ordered (16-token slab, page, token) for pages of 16 tokens or more, so that each page's
+rows fall into one warp's slices of the tensor-core tiles (pages of 32, 4 warps) and its reductions stay in the
+warp; a page's ``logsumexp`` does not depend on the order of its tokens.
+
+Numerics: codes are exact in either path. The query side is rounded: to bf16 (relative error at most 2**-9 per
+channel), or to ``scale * (hi + lo / 254)`` (absolute error at most ``scale / 508``, ``2**-16`` of the head's
+largest ``|side|``), so a logit may differ from the float32 reference by up to ``3.5 * sum_d |side_d -
+rounded(side_d)|`` (the tests' bound), far below the grid's own quantization error. Under Triton's CPU
+interpreter the bf16 dots run in fp32 on the same bf16-rounded values and the int8 codes are unpacked by plain
+operations.
 
 Not implemented: a per-page grid (``lo``/``step`` per host page, a box per page). It would dequantize the
 codes to ``lo_p + (c + 0.5) step_p`` on the M side and keep ``q`` unscaled on the N side (two more
