@@ -23,14 +23,15 @@ The logits in base 2 are ``sum_d c_d side_d + const`` with ``side = q * step * l
 as ``[BLOCK_PG, P, heads]``: max, ``exp2`` and sum over the tokens give each page's ``logsumexp``. Two ways
 to run the products (:func:`grid_int8`):
 
-* int8 (head dim >= 128, the default there): the codes ``c`` themselves are the int8 left operand, unpacked
+* int8 (the default): the codes ``c`` themselves are the int8 left operand, unpacked
   four bytes per 32-bit register (one shift and one mask, inline PTX: the compiler would unpack byte by byte);
   the query side is split per query head into ``side ~ scale * (hi + lo / 254)`` with int8 ``hi``, ``lo`` and
   ``scale = max_d |side_d| / 127``, the two parts as the two halves of an ``[D/4, 2 * BLOCK_G]`` right operand
   (``BLOCK_G = max(8, G)``: 16 columns up to 8 query heads a KV head), int32 accumulation; each head's logit is
   its ``hi`` column times ``scale`` plus its ``lo`` column times ``scale / 254``. One ``k32`` tensor-core step
-  per quarter and 64 rows, half the post-processing columns of the bf16 path.
-* bf16 (head dim 64, or ``int8=False``): each quarter's 2-bit field becomes the bf16 value ``1 + c/4`` by bit
+  per quarter and 64 rows (at head dim 64, one per two quarters, their codes interleaved), half the
+  post-processing columns of the bf16 path.
+* bf16 (``int8=False``): each quarter's 2-bit field becomes the bf16 value ``1 + c/4`` by bit
   operations (``(byte << (5 - 2s)) & 0x60 | 0x3F80``: the code lands in the two top mantissa bits of bf16 1.0)
   against ``bf16(4 * side)`` (16 columns); since ``c + 0.5 = 4 (1 + c/4) - 3.5`` the constant becomes
   ``q . lo * log2(e) / sqrt(D) - 0.875 * sum_d bf16(4 side_d)``.
@@ -151,11 +152,18 @@ if triton is not None:
     @triton.jit
     def _grid_side_i8(q_row, stride_qh, st_row, qk_scale, S: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                       DQ: tl.constexpr):
-        """Quarter ``S`` of the exact query side, ``[DQ, 2 * BLOCK_G]`` fp32 ``qk_scale * q * step``: column ``n``
-        belongs to query head ``n % BLOCK_G`` (each head twice: its high and its low int8 part)."""
-        j = tl.arange(0, DQ)
+        """Chunk ``S`` of the exact query side, ``[KC, 2 * BLOCK_G]`` fp32 ``qk_scale * q * step``: column ``n``
+        belongs to query head ``n % BLOCK_G`` (each head twice: its high and its low int8 part). A chunk is
+        quarter ``S`` (``KC = DQ >= 32`` rows), or with ``DQ = 16`` quarters ``2S`` and ``2S + 1`` interleaved
+        (``KC = 32`` rows, row ``k`` = channel ``(2S + k % 2) * 16 + k // 2``: the codes' order after
+        :func:`_grid_chunk_codes`)."""
+        KC: tl.constexpr = 32 if DQ < 32 else DQ
+        k = tl.arange(0, KC)
         g = tl.arange(0, 2 * BLOCK_G) % BLOCK_G
-        d = S * DQ + j
+        if DQ < 32:
+            d = (2 * S + k % 2) * DQ + k // 2
+        else:
+            d = S * DQ + k
         qt = tl.load(q_row + g[None, :] * stride_qh + d[:, None], mask=(g < G)[None, :], other=0.0).to(tl.float32)
         st = tl.load(st_row + d)
         return qt * (st * qk_scale)[:, None]
@@ -180,28 +188,35 @@ if triton is not None:
         per-head constant ``[BLOCK_G]`` and (``I8``) the column weights ``[2 * BLOCK_G]``.
 
         bf16 (``I8`` off): tiles ``[DQ, BLOCK_G]`` of :func:`_grid_query_side`; the weights are unused.
-        int8: each quarter's side as ``scale_g * (hi + lo / 254)`` (``scale_g``: the head's largest ``|side|``
-        over all channels / 127), tiles ``[DQ, 2 * BLOCK_G]`` of :func:`_grid_b_i8`; weights ``scale_g`` for the
+        int8: each chunk's side (:func:`_grid_side_i8`: four quarters, or two pairs of quarters when ``DQ = 16``)
+        as ``scale_g * (hi + lo / 254)`` (``scale_g``: the head's largest ``|side|`` over all channels / 127),
+        tiles ``[KC, 2 * BLOCK_G]`` of :func:`_grid_b_i8` (the last two unused with pairs); weights ``scale_g`` for the
         ``hi`` columns and ``scale_g / 254`` for the ``lo`` ones; constant ``qk_scale * q . lo + 0.5 * sum(side)``
         over the represented side."""
         if I8:
             s0 = _grid_side_i8(q_row, stride_qh, st_row, qk_scale, 0, G, BLOCK_G, DQ)
             s1 = _grid_side_i8(q_row, stride_qh, st_row, qk_scale, 1, G, BLOCK_G, DQ)
-            s2 = _grid_side_i8(q_row, stride_qh, st_row, qk_scale, 2, G, BLOCK_G, DQ)
-            s3 = _grid_side_i8(q_row, stride_qh, st_row, qk_scale, 3, G, BLOCK_G, DQ)
-            amax = tl.maximum(tl.maximum(tl.max(tl.abs(s0), axis=0), tl.max(tl.abs(s1), axis=0)),
-                              tl.maximum(tl.max(tl.abs(s2), axis=0), tl.max(tl.abs(s3), axis=0)))
+            amax = tl.maximum(tl.max(tl.abs(s0), axis=0), tl.max(tl.abs(s1), axis=0))
+            if DQ >= 32:  # four chunks (quarters); with DQ = 16 two chunks of two quarters each
+                s2 = _grid_side_i8(q_row, stride_qh, st_row, qk_scale, 2, G, BLOCK_G, DQ)
+                s3 = _grid_side_i8(q_row, stride_qh, st_row, qk_scale, 3, G, BLOCK_G, DQ)
+                amax = tl.maximum(amax, tl.maximum(tl.max(tl.abs(s2), axis=0), tl.max(tl.abs(s3), axis=0)))
             scale = tl.where(amax > 0, amax / 127.0, 1.0)
             b0, r0 = _grid_b_i8(s0, scale, BLOCK_G)
             b1, r1 = _grid_b_i8(s1, scale, BLOCK_G)
-            b2, r2 = _grid_b_i8(s2, scale, BLOCK_G)
-            b3, r3 = _grid_b_i8(s3, scale, BLOCK_G)
+            if DQ >= 32:
+                b2, r2 = _grid_b_i8(s2, scale, BLOCK_G)
+                b3, r3 = _grid_b_i8(s3, scale, BLOCK_G)
+                rtot = r0 + r1 + r2 + r3
+            else:  # unused
+                b2, b3 = b0, b1
+                rtot = r0 + r1
             g = tl.arange(0, BLOCK_G)
             d = tl.arange(0, 4 * DQ)
             qt = tl.load(q_row + g[None, :] * stride_qh + d[:, None], mask=(g < G)[None, :], other=0.0)
             lo = tl.load(lo_row + d)
             # the represented side's sums are the same in both halves of the columns: take the first
-            half = tl.reshape(r0 + r1 + r2 + r3, [2, BLOCK_G])
+            half = tl.reshape(rtot, [2, BLOCK_G])
             rsum = tl.sum(tl.where((tl.arange(0, 2) == 0)[:, None], half, 0.0), axis=0)
             const = tl.sum(qt.to(tl.float32) * lo[:, None], axis=0) * qk_scale + 0.5 * rsum
             w = tl.where(tl.arange(0, 2 * BLOCK_G) < BLOCK_G, scale, scale * (1.0 / 254.0))
@@ -266,12 +281,19 @@ if triton is not None:
             ptr = codes_ptr + base[:, None, None] + (t * DQ)[None, :, None] + j[None, None, :]
             x = tl.load(ptr, mask=cand[:, None, None], other=0)
         if I8:
-            x2 = tl.reshape(x, [BLOCK_PG * PAGE, DQ])
-            iacc = tl.zeros([BLOCK_PG * PAGE, 2 * BLOCK_G], dtype=tl.int32)
-            iacc = tl.dot(_grid_codes_i8(x2, 0, F32_DOT), q0, iacc, out_dtype=tl.int32)
-            iacc = tl.dot(_grid_codes_i8(x2, 1, F32_DOT), q1, iacc, out_dtype=tl.int32)
-            iacc = tl.dot(_grid_codes_i8(x2, 2, F32_DOT), q2, iacc, out_dtype=tl.int32)
-            iacc = tl.dot(_grid_codes_i8(x2, 3, F32_DOT), q3, iacc, out_dtype=tl.int32)
+            ROWS: tl.constexpr = BLOCK_PG * PAGE
+            x2 = tl.reshape(x, [ROWS, DQ])
+            iacc = tl.zeros([ROWS, 2 * BLOCK_G], dtype=tl.int32)
+            if DQ >= 32:
+                iacc = tl.dot(_grid_codes_i8(x2, 0, F32_DOT), q0, iacc, out_dtype=tl.int32)
+                iacc = tl.dot(_grid_codes_i8(x2, 1, F32_DOT), q1, iacc, out_dtype=tl.int32)
+                iacc = tl.dot(_grid_codes_i8(x2, 2, F32_DOT), q2, iacc, out_dtype=tl.int32)
+                iacc = tl.dot(_grid_codes_i8(x2, 3, F32_DOT), q3, iacc, out_dtype=tl.int32)
+            else:  # K = 16 per quarter is below an int8 product's 32: quarters (0, 1) and (2, 3) interleaved
+                a01 = tl.reshape(tl.join(_grid_codes_i8(x2, 0, F32_DOT), _grid_codes_i8(x2, 1, F32_DOT)), [ROWS, 32])
+                a23 = tl.reshape(tl.join(_grid_codes_i8(x2, 2, F32_DOT), _grid_codes_i8(x2, 3, F32_DOT)), [ROWS, 32])
+                iacc = tl.dot(a01, q0, iacc, out_dtype=tl.int32)
+                iacc = tl.dot(a23, q1, iacc, out_dtype=tl.int32)
             f = tl.reshape(iacc.to(tl.float32) * w[None, :], [BLOCK_PG * PAGE, 2, BLOCK_G])
             acc = tl.sum(f, axis=1)
         else:
@@ -524,9 +546,9 @@ def score_pages_grid_reference(q, codes, lo, step, req_to_token, req_pool_idx, n
     return _aggregate_reference(s, codes.shape[1], aggregation, valid, d, head_mask, out)
 
 
-#: head dims from which the scoring uses int8 tensor cores (each quarter of the channels is one int8 dot of
-#: ``K = D/4 >= 32``); smaller heads use the bf16 levels
-I8_MIN_HEAD_DIM = 128
+#: head dims from which the scoring uses int8 tensor cores by default: every head dim the grid kernels take
+#: (each quarter of the channels is one int8 dot of ``K = D/4 >= 32``; at ``D = 64`` two quarters make one)
+I8_MIN_HEAD_DIM = 64
 
 
 def grid_int8(d: int, int8: bool | None = None) -> bool:

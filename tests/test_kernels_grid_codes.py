@@ -90,18 +90,12 @@ else:
         check_scores("cpu", torch.bfloat16, 4, 128, page=16, head_major=True, block_n=16, block_pages=2, seed=5)
 
     @pytest.mark.parametrize("agg", ["mean", "softmax-mean"])
-    def test_scores_both_product_paths(agg):
-        """Head dim 128 with its products in bf16 (``int8=False``) and in int8 (the default there): each matches
-        its own numerics and the float32 reference; int8 below head dim 128 is refused."""
+    @pytest.mark.parametrize("grp,d", [(4, 128), (3, 64)])
+    def test_scores_both_product_paths(agg, grp, d):
+        """Products in bf16 (``int8=False``) and in int8 (the default; at head dim 64 two quarters per product,
+        their codes interleaved): each matches its own numerics and the float32 reference."""
         for int8 in (False, True):
-            check_scores("cpu", torch.bfloat16, 4, 128, aggregation=agg, page=16, block_n=16, int8=int8, seed=11)
-        g = torch.Generator().manual_seed(1)
-        lo, st = random_grid(g, 1, 2, 64)
-        with pytest.raises(ValueError, match="int8"):
-            gc.score_pages_grid(torch.randn(1, 4, 64).bfloat16(), torch.zeros(4, 2, 16, 16, dtype=torch.uint8), lo,
-                                st, torch.zeros(2, 64, dtype=torch.int32), torch.tensor([1]),
-                                torch.tensor([64], dtype=torch.int32), None, torch.empty(1, 2, 4), page_size=16,
-                                n_sink=1, n_window=1, aggregation="mean", int8=True, impl="triton")
+            check_scores("cpu", torch.bfloat16, grp, d, aggregation=agg, page=16, block_n=16, int8=int8, seed=11)
 
     def test_scores_refuse_bad_arguments():
         g = torch.Generator().manual_seed(1)
@@ -137,4 +131,5 @@ else:
         check_score_select_grid("cpu", torch.float16, 4, 64, k=4, margin=3, block_n=16, page=32, head_major=True)
         check_score_select_grid("cpu", torch.float16, 4, 128, k=4, q_scale=LARGE_Q_SCALE, grid_mode="per_request")
         check_score_select_grid("cpu", torch.bfloat16, 4, 128, k=4, block_n=16, int8=False)
+        check_score_select_grid("cpu", torch.float16, 2, 64, k=4, block_n=16, int8=False)
         check_score_select_grid("cpu", torch.bfloat16, 3, 64, k=4, margin=2, aggregation="softmax-mean")

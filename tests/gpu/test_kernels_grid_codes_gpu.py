@@ -34,14 +34,15 @@ def test_score_pages_grid_gpu(dtype, d, grp, agg):
 
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("grp", [1, 4, 8])
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("agg", ["mean", "max", "softmax-mean"])
-def test_score_pages_grid_products_gpu(int8, grp, agg):
-    """Head dim 128 with the products in bf16 and in int8 (its default; the codes unpacked by inline PTX), on
-    the default launch shape and on a block of 32 pages with 8 warps."""
+def test_score_pages_grid_products_gpu(int8, grp, d, agg):
+    """Products in bf16 and in int8 (the default; the codes unpacked by inline PTX; at head dim 64 two quarters
+    per product), on the default launch shape and on a block of 32 pages with 8 warps."""
     for tuning in ({}, dict(block_n=32, num_warps=8, num_stages=3)):
-        check_scores("cuda", torch.bfloat16, grp, 128, aggregation=agg, page=32, hkv=4, b=5, max_pages=131,
+        check_scores("cuda", torch.bfloat16, grp, d, aggregation=agg, page=32, hkv=4, b=5, max_pages=131,
                      n_sink=4, n_window=4, masked=True, int8=int8, seed=grp + 3, **tuning)
-    check_score_select_grid("cuda", torch.bfloat16, grp, 128, k=16, page=32, max_pages=300, int8=int8,
+    check_score_select_grid("cuda", torch.bfloat16, grp, d, k=16, page=32, max_pages=300, int8=int8,
                             aggregation="mean" if agg == "softmax-mean" else agg)
 
 
