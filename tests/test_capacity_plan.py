@@ -131,6 +131,17 @@ def test_gpu_tier_larger_than_the_gpu_pool_is_refused():
         plan_memory(SHAPE, LAYOUT, 50 * 1000 * KV_TOKEN, 2**24, 4096, gpu_tier_bytes=2**24)
 
 
+def test_gpu_too_small_for_one_working_set_names_the_flags():
+    """The refusal names every flag that would make it fit."""
+    from freekv_sglang.runtime.sizing import FreeKVMemoryError
+
+    with pytest.raises(FreeKVMemoryError) as e:
+        plan_memory(SHAPE, LAYOUT, 50 * 1000 * KV_TOKEN, 2**20, 4096)
+    for flag in ("--freekv-host-memory-gb", "--freekv-select-tokens", "--freekv-sink-tokens", "--freekv-window-tokens",
+                 "--mem-fraction-static"):
+        assert flag in str(e.value)
+
+
 def test_capacity_plan_finds_the_best_gpu_tier():
     mod = load_launch_script("capacity_plan")
     gpu_gb, host_gb = 100 * 1000 * KV_TOKEN / 2**30, 20 * 1000 * KV_TOKEN / 2**30

@@ -9,10 +9,12 @@ for every decode position after the prefill, per (layer, KV head):
   (:func:`freekv_sglang.algorithm.correction.query_similarity`: the mean over the KV head's query
   heads of ``cos(q_t, q_{t-1})`` of post-RoPE queries), its distribution, and the share of steps
   below each threshold (the correction rate at that threshold);
-* under oracle selection (the current query's Quest scores, GQA mean, top-k over the candidates of
+* under oracle selection (the current query's page scores, GQA mean, top-k over the candidates of
   the step's context, :mod:`freekv_sglang.algorithm`), the share of the selected pages that were not
   selected at the previous step (what a step recalls), overall and split by whether the check at
-  the default threshold fired.
+  the default threshold fired. Pages are scored by Quest, or by another scoring rule of
+  :mod:`freekv_sglang.algorithm.scoring_rules` (``--rule``, e.g. ``grid2sink512``: grid2 fitted on the
+  512 sink tokens, as the runtime's ``--freekv-page-scoring grid2``).
 
 Positions follow the fidelity harness's teacher-forced task: prefill the first ``--prefill`` tokens,
 then decode position ``i`` at context ``n = i + 1``; the first decode step has no previous query
@@ -122,16 +124,26 @@ def _changed(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
 
 def replay_layer(q: torch.Tensor, k: torch.Tensor, start: int, n_kv_heads: int, budgets=BUDGETS,
                  page_size: int = PAGE_SIZE, sink: int = SINK, window: int = WINDOW, gqa: str = "mean",
-                 chunk: int = 128) -> LayerTrace:
+                 chunk: int = 128, rule: str = "quest", layer: int | None = None) -> LayerTrace:
     """Replay one layer's decode positions ``start .. len(q) - 1`` (context ``i + 1`` at position ``i``).
 
     Args:
         q: ``[n, Hq, D]`` post-RoPE queries of every position; k: ``[n, Hkv, D]`` post-RoPE keys.
+        rule: the page scoring (``quest`` or a name of :func:`~freekv_sglang.algorithm.scoring_rules.get_rule`,
+            fitted on the prefill's keys as the reference runtime fits it; ``layer`` for per-layer rules).
     """
     n_tok, hq, d = q.shape
     if not 0 < start < n_tok:
         raise ValueError(f"start {start} must lie inside the {n_tok} positions (after at least one prefill token)")
-    digests = page_digests(k, page_size)  # every full page; candidacy masks the ones a context cannot use
+    if rule == "quest":
+        digests, ctx, score = page_digests(k, page_size), None, None  # every full page; candidacy masks the rest
+    else:
+        from ..algorithm.scoring_rules import get_rule
+
+        r = get_rule(rule)
+        ctx = r.fit_layer(k[:start], layer)
+        digests, score = r.digests(k, page_size, ctx), r.scores
+        chunk = min(chunk, 16)  # these rules expand every token of every page per position
     n_pages = digests.shape[0]
     pos = torch.arange(start, n_tok)
     sim = torch.full((len(pos), n_kv_heads), float("nan"))
@@ -144,7 +156,8 @@ def replay_layer(q: torch.Tensor, k: torch.Tensor, start: int, n_kv_heads: int, 
     sels = {b: [] for b in budgets}
     for c0 in range(0, len(pos), chunk):
         p = pos[c0: c0 + chunk]
-        s = quest_scores(q[p], digests[None].expand(len(p), -1, -1, -1, -1))
+        dig = digests[None].expand(len(p), *digests.shape)
+        s = quest_scores(q[p], dig) if score is None else score(q[p], dig, ctx)
         agg = aggregate_gqa(s, n_kv_heads, gqa, lay0.candidate_mask(p + 1, n_pages), head_dim=d)
         for b, lay in lays.items():
             sels[b].append(topk_pages(agg, lay.n_select))
@@ -317,6 +330,7 @@ def parse_args(argv=None):
     p.add_argument("--sink", type=int, default=SINK, help="sink tokens")
     p.add_argument("--window", type=int, default=WINDOW, help="recent-window tokens")
     p.add_argument("--gqa-aggregation", default="mean", choices=("mean", "softmax-mean", "max"))
+    p.add_argument("--rule", default="quest", help="page scoring: quest, or a scoring rule such as grid2sink512")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--json", help="write the summary here (e.g. docs/data/locality-smollm2-135m.json)")
     p.add_argument("--markdown", help="write the table here")
@@ -342,7 +356,8 @@ def measure(model, tokenizer, text_names, args, log=print) -> tuple[dict, dict]:
         log(f"{name}: {len(ids)} tokens captured in {time.time() - t0:.0f} s; replaying {len(qs)} layers")
         t0 = time.time()
         per_text[name] = [replay_layer(q, k, args.prefill, n_kv, budgets, args.page_size, args.sink, args.window,
-                                       args.gqa_aggregation) for q, k in zip(qs, ks)]
+                                       args.gqa_aggregation, rule=getattr(args, "rule", "quest"), layer=i)
+                          for i, (q, k) in enumerate(zip(qs, ks))]
         log(f"{name}: replayed in {time.time() - t0:.0f} s")
         info[name] = {"source": t.source, "tokens": len(ids), "decode_steps": len(ids) - args.prefill,
                       "contexts": [args.prefill + 1, len(ids)]}
@@ -388,10 +403,10 @@ def main(argv=None, log=print) -> dict:
                                                "head_dim": lm.head_dim},
             "working set": {"page_size": args.page_size, "sink_tokens": args.sink, "window_tokens": args.window,
                             "budgets": _csv(args.budgets, int), "default_budget": args.default_budget,
-                            "gqa_aggregation": args.gqa_aggregation},
+                            "gqa_aggregation": args.gqa_aggregation, "page_scoring": args.rule},
             "check": "freekv_sglang.algorithm.correction.query_similarity: mean over the KV head's query heads of "
                      "cos(q_t, q_{t-1}), post-RoPE; corrected where it is below the threshold",
-            "page change": "oracle selection (current query) at every step; share of the selected pages that the "
+            "page change": f"oracle selection (current query, {args.rule} page scores) at every step; share of the selected pages that the "
                            "previous step did not select; the first decode step of each text left out",
             "thresholds": thresholds, "tau_of_split": args.tau, "prefill": args.prefill, "texts": info,
             "histogram_edges": list(HIST_EDGES), "percentiles": list(PERCENTILES),

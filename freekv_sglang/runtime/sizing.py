@@ -230,8 +230,8 @@ def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gp
         raise FreeKVMemoryError(
             f"GPU memory for KV ({gpu_bytes / 2**30:.2f} GiB) cannot hold the digests of {pages + gpu_pages} pages "
             f"({digest / 2**30:.2f} GiB){with_tier} plus one working set ({per_req / 2**20:.1f} MiB); lower "
-            f"--freekv-host-memory-gb{', --freekv-gpu-tier-gb' if tier else ''} or the working-set budgets, "
-            f"or raise --mem-fraction-static")
+            f"--freekv-host-memory-gb{', --freekv-gpu-tier-gb' if tier else ''} or the working set "
+            f"(--freekv-select-tokens, --freekv-sink-tokens, --freekv-window-tokens), or raise --mem-fraction-static")
     return MemoryPlan(host_tokens=pages * P, host_pages=pages + 1, max_running_requests=int(max_reqs),
                       host_bytes=(pages + 1) * per_page_host, digest_bytes=digest,
                       working_set_bytes_per_request=per_req,
