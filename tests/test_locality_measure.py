@@ -47,6 +47,25 @@ def test_replay_matches_the_reference_layer_state(budget):
     assert (tr.selected[budget] == lay.n_select).all()  # the contexts have more candidates than the budget
 
 
+def test_replay_with_another_scoring_rule_matches_the_reference():
+    """``rule="grid2sink16"``: page changes equal the reference's oracle recalls with that rule, fitted on the
+    prefill's sink as the reference fits it; and they differ from Quest's (the rule is used)."""
+    q, k = _qk(n=360, d=64)
+    start, hkv, budget = 300, 2, 16
+    v = torch.randn_like(k)
+    tr = L.replay_layer(q, k, start, hkv, budgets=(budget,), page_size=PAGE, sink=SINK, window=WINDOW,
+                        rule="grid2sink16")
+    quest = L.replay_layer(q, k, start, hkv, budgets=(budget,), page_size=PAGE, sink=SINK, window=WINDOW)
+    lay = WorkingSetLayout.from_tokens(PAGE, SINK, budget, WINDOW)
+    oracle = LayerState(RetrievalSettings.for_mode("oracle", lay, scoring="grid2sink16"), hkv)
+    oracle.prefill(k[:start], q[start - 1])
+    for i in range(start, q.shape[0]):
+        oracle.decode(q[i], k[: i + 1], v[: i + 1], 0.125)
+    want = torch.tensor([s.recalled_pages for s in oracle.stats[1:]])
+    assert torch.equal(tr.changed[budget][1:].sum(1), want)
+    assert not torch.equal(tr.changed[budget], quest.changed[budget])
+
+
 def test_replay_similarity_is_the_runtime_check():
     q, k = _qk(n=200)
     tr = L.replay_layer(q, k, 100, 2, budgets=(16,), page_size=PAGE, sink=SINK, window=WINDOW)
