@@ -577,7 +577,7 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
                      head_mask: torch.Tensor | None, out: torch.Tensor, *, page_size: int, n_sink: int,
                      n_window: int, aggregation: str, grid_index: torch.Tensor | None = None,
                      head_scores: torch.Tensor | None = None, block_n: int | None = None,
-                     block_pages: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                     block_pages: int | None = None, num_warps: int = 4, num_stages: int = 3,
                      int8: bool | None = None, impl: str | None = None) -> torch.Tensor:
     """GQA-aggregated ``grid2`` scores of every candidate page of each request (see module docstring).
 
@@ -589,7 +589,7 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
             (``n_grids = 1``), one per request (``n_grids = B``), or rows ``grid_index [B]``.
         req_to_token, req_pool_idx, n_ctx, head_mask, out, page_size, n_sink, n_window, aggregation,
         head_scores: as :func:`.scores.score_pages` (candidates, ``-inf`` elsewhere and for masked heads).
-        block_n: pages per program (a power of two >= 16; default: the largest of 16..128 that still gives two
+        block_n: pages per program (a power of two >= 16; default: the largest of 16..64 that still gives two
             programs per SM); block_pages: pages per tensor-core step (default :func:`grid_block_pages`);
             num_warps, num_stages: the program's warps and software-pipeline depth (tuning only);
             int8: the products in int8 (default from the head dim, :func:`grid_int8`) or bf16.
@@ -626,8 +626,8 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
     agg, head_scores, dst = _score_dst(aggregation, head_scores, out, b, hq, max_pages)
     if b == 0 or max_pages == 0:
         return out
-    if block_n is None:
-        block_n = 128
+    if block_n is None:  # 64 pages a program (the best of the shapes swept at 32K x 8, H100), fewer when
+        block_n = 64     # that leaves less than two programs per SM
         while block_n > 16 and cdiv(max_pages, block_n) * b * hkv < 2 * sm_count(out.device):
             block_n //= 2
     if not is_pow2(block_n) or block_n < 16:

@@ -236,6 +236,10 @@ def block_size(max_pages: int, k: int) -> int:
 
 
 PIPELINED_SHAPE = dict(block_n=64, num_warps=2, blocks_per_program=2, num_stages=3)
+#: Default scoring launch with grid codes: blocks of 64 pages (at least the per-block top-k), one per program,
+#: 4 warps (a warpgroup: the grid's products run on wgmma), 2 stages. The best of the six shapes swept at
+#: 32K x 8 on an H100 (docs/BENCHMARKS.md, "grid2 page scoring"): 55.9 us against 71.8 us for PIPELINED_SHAPE.
+GRID_SHAPE = dict(block_n=64, num_warps=4, blocks_per_program=1, num_stages=2)
 
 
 def launch_shape(batch: int, n_kv_heads: int, max_pages: int, k: int, sms: int) -> dict:
@@ -311,7 +315,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         max_pages: candidate pages considered (``max_pages * P <= max_ctx``).
         keys: optional int64 scratch ``[B * Hkv * n_blocks * KB]`` (allocated when ``None``).
         block_n, num_warps: pages per scoring block (a power of two, at least ``KB``) and the scoring
-            program's warps; with both ``None``, :func:`launch_shape` chooses them and the two below;
+            program's warps; with both ``None``, :func:`launch_shape` (with ``grid``: :data:`GRID_SHAPE`)
+            chooses them and the two below;
             with ``block_n`` alone ``None``, :func:`block_size` (tuning: the result does not depend on them).
         margin: residency hysteresis in pages: a resident page ranked within the top ``k + margin``
             stays selected (:func:`freekv_sglang.algorithm.selection.sticky_scores`); 0 = plain top-k.
@@ -396,7 +401,8 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
         q = q.contiguous()
     kb = max(16, next_pow2(k + margin))
     if block_n is None and num_warps is None:
-        shape = launch_shape(b, hkv, max_pages, k + margin, sm_count(q.device))
+        shape = launch_shape(b, hkv, max_pages, k + margin, sm_count(q.device)) if grid is None else \
+            dict(GRID_SHAPE, block_n=max(GRID_SHAPE["block_n"], max(16, next_pow2(k + margin))))
     else:  # explicit tuning: one block per program unless asked otherwise
         shape = dict(block_n=block_size(max_pages, k + margin) if block_n is None else block_n,
                      num_warps=4 if num_warps is None else num_warps, blocks_per_program=1, num_stages=2)
