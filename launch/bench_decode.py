@@ -74,6 +74,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_capacity  # noqa: E402  (its server runs for --capacity)
+from freekv_sglang.provenance import record  # noqa: E402
 import capacity_plan  # noqa: E402
 
 MODES = {
@@ -609,6 +610,7 @@ def main() -> None:
                    help="prefill a batch longer than this in groups of whole requests, one forward each "
                         "(every mode; 0: the whole batch in one forward, as SGLang's benchmark does)")
     p.add_argument("--out", default="bench-out", help="folder for logs and results")
+    p.add_argument("--commit", help="commit to record (default: the checkout's HEAD)")
     p.add_argument("--docs", default=None, metavar="DIR",
                    help="also copy the Markdown table, the plot and the JSON into DIR (e.g. docs/results), named "
                         "by card and date")
@@ -636,7 +638,8 @@ def main() -> None:
     h2d = h2d_ceiling_gbps()  # measured in this process before the modes run (no SGLang process alive)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    head = {"card": card, "h2d_gbps": h2d, "args": vars(a)}
+    head = {"provenance": record("launch/bench_decode.py", sys.argv[1:], a.commit), "card": card, "h2d_gbps": h2d,
+            "args": vars(a)}
     rounds: list[dict[str, list[dict]]] = []
 
     def save_json(**extra):  # rewritten as each cell lands, so a crash keeps what was measured

@@ -50,6 +50,7 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests, other launch/ scripts)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the sections; graph_ms and pinned_copy_gbps are also used by profile_decode_step.py and bench_decode.py
+from freekv_sglang.provenance import record  # noqa: E402
 from kernel_bench.decode import sec_decode  # noqa: E402
 from kernel_bench.grid_scores import sec_grid_scores  # noqa: E402
 from kernel_bench.hostalloc import sec_hostalloc  # noqa: E402
@@ -78,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None, help="write results here (rewritten after every section)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    ap.add_argument("--commit", help="commit to record (default: the checkout's HEAD)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
     return ap.parse_args(argv)
 
@@ -101,6 +103,8 @@ def main(argv=None):
     sections = wanted_sections(args.sections)
     t0 = time.time()
     r = Runner(args.json)
+    r.results["provenance"] = record("launch/bench_kernels.py", sys.argv[1:] if argv is None else list(argv),
+                                     args.commit)
     for s in sections:
         fn, takes_quick = SECTION_FNS[s]
         r.section(s, fn, *((args.quick,) if takes_quick else ()))
