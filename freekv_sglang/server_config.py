@@ -187,6 +187,9 @@ def _check_args(get: Callable[[str, Any], Any], cfg: FreeKVConfig, resolved: boo
     if window:
         raise _unsupported("--model-path", get("model_path", None),
                            f"sliding-window attention: {window}; FreeKV attends over the whole context")
+    from .gpu_fit import check_gpu_fits_one_working_set
+
+    check_gpu_fits_one_working_set(get, cfg, hf)
 
 
 def check_requested_args(values: MutableMapping[str, Any], cfg: FreeKVConfig) -> None:

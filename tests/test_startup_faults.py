@@ -1,6 +1,7 @@
 """Start-up faults of issue 28 refused with a clear error: a sliding-window model before it loads (the plugin reads
-its ``config.json``), and a GPU whose KV budget cannot hold one working set (the runtime's memory plan, in the
-scheduler, where the GPU's free memory is known). ``--freekv-host-memory-gb`` above the machine's RAM is
+its ``config.json``), and a GPU whose KV budget cannot hold one working set (before the model loads on an upper
+bound of that budget, :mod:`freekv_sglang.gpu_fit`; then by the runtime's memory plan in the scheduler, where the
+GPU's free memory is known). ``--freekv-host-memory-gb`` above the machine's RAM is
 tests/test_config.py's; MLA models are tests/test_make_server_args.py's."""
 
 from __future__ import annotations
@@ -105,3 +106,54 @@ def test_a_gpu_too_small_for_one_working_set_says_what_to_change():
     assert "GPU memory for KV (0.06 GiB)" in msg and "one working set" in msg and "MiB" in msg
     for flag in ("--freekv-host-memory-gb", "--mem-fraction-static"):
         assert flag in msg
+
+
+def _get(values):
+    return lambda k, d: values.get(k, d)
+
+
+def test_a_gpu_too_small_is_refused_before_the_model_loads(tmp_path):
+    """Launcher side (:mod:`freekv_sglang.gpu_fit`): a 24 GiB GPU next to 16 GiB of weights at SGLang's
+    --mem-fraction-static 0.6 leaves no KV budget at all (upper bound 14.4 - 16 < 0): refused before loading,
+    naming the GPU, the weights and the flags; the same GPU with the fraction unset (bound 8 GiB) is left to the
+    runtime's own check; unknown GPU or weights: nothing is checked."""
+    from freekv_sglang.config import FreeKVConfig
+    from freekv_sglang.gpu_fit import check_gpu_fits_one_working_set
+
+    hf = {k: v for k, v in LLAMA_8B_SHAPE.items() if not k.startswith("_")}
+    cfg = FreeKVConfig(host_memory_gb=8)
+    with pytest.raises(FreeKVConfigError, match="refused before loading the model") as e:
+        check_gpu_fits_one_working_set(_get({"mem_fraction_static": 0.6}), cfg, hf, gpu_bytes=24 * 2**30,
+                                       weight_bytes=16 * 2**30)
+    for part in ("24.0 GiB", "16.00 GiB of weights", "--freekv-select-tokens", "--mem-fraction-static"):
+        assert part in str(e.value), str(e.value)
+    check_gpu_fits_one_working_set(_get({}), cfg, hf, gpu_bytes=24 * 2**30, weight_bytes=16 * 2**30)
+    # tensor parallelism splits the weights: 2 x 12 GiB on each of two GPUs fits
+    check_gpu_fits_one_working_set(_get({"mem_fraction_static": 0.6, "tp_size": 2}), cfg, hf,
+                                   gpu_bytes=24 * 2**30, weight_bytes=16 * 2**30)
+    check_gpu_fits_one_working_set(_get({"model_path": str(tmp_path)}), cfg, hf, gpu_bytes=24 * 2**30)  # no files
+    check_gpu_fits_one_working_set(_get({}), cfg, None, gpu_bytes=1, weight_bytes=2**40)  # no config.json
+
+
+def test_weights_bytes_reads_the_model_folder(tmp_path):
+    from freekv_sglang.gpu_fit import weights_bytes
+
+    assert weights_bytes(str(tmp_path)) is None and weights_bytes("org/model-on-the-hub") is None
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"x" * 24)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 5)  # ignored beside safetensors
+    assert weights_bytes(str(tmp_path)) == 1024
+
+
+def test_make_server_args_refuses_a_gpu_too_small_before_loading(tmp_path, monkeypatch):
+    """Wired into the launcher's checks of the requested arguments (the GPU's size faked: CI has none)."""
+    import freekv_sglang.gpu_fit as gf
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    model = _folder(tmp_path, "llama", {k: v for k, v in LLAMA_8B_SHAPE.items() if not k.startswith("_")})
+    (tmp_path / "llama" / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(gf, "weights_bytes", lambda path: 16 * 2**30)
+    monkeypatch.setattr(gf, "largest_gpu_bytes", lambda: 16 * 2**30)
+    with pytest.raises(FreeKVConfigError, match="too small"):
+        freekv_sglang.make_server_args(model_path=model, device="cpu", kv_retrieval="freekv",
+                                       freekv_host_memory_gb=1, mem_fraction_static=0.8)
