@@ -230,8 +230,9 @@ class FreeKVConfig:
         "quest", "--freekv-page-scoring", "How candidate pages are scored: quest = per page and KV head the channel "
         "max/min of its keys; grid2 = every key of the page in 2 bits per channel on a grid fitted to the request's "
         "sink tokens, scored by its attention mass (better retrieval, twice Quest's digest memory at head dim 128 "
-        "and page 32, scoring 3.8x Quest's time at 32K x 8 on an H100). grid2 needs sink tokens, a power-of-two head "
-        "dim >= 64, pages of >= 32 tokens and no over-fetch.", choices=PAGE_SCORING_CHOICES)
+        "and page 32, selection 1.8x Quest's time at 32K x 8 on an H100; with --freekv-keep-margin 4 it recalls as "
+        "many pages as Quest on SmolLM2). grid2 needs sink tokens, a power-of-two head dim >= 64, pages of >= 32 "
+        "tokens and no over-fetch.", choices=PAGE_SCORING_CHOICES)
 
     def __post_init__(self) -> None:
         self._validate()
