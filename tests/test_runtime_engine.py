@@ -300,6 +300,15 @@ def test_runtime_grid2_matches_reference_cpu(speculative, tau, aggregation):
             assert torch.equal(rt.grid_lo[l, r], lo) and torch.equal(rt.grid_step[l, r], step), (l, b)
 
 
+def test_runtime_grid2_with_keep_margin_matches_reference_cpu():
+    """grid2 with residency hysteresis (--freekv-keep-margin, the pairing docs/FIDELITY.md recommends): the same
+    selections, outputs and recall counts as the spec's sticky selection with the grid2sink rule."""
+    rt, ref = run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, head_dim=64, n_sink=2,
+                                    prompt_lens=(5, 30, 7, 45), steps=16, page_scoring="grid2", keep_margin=2)
+    recalled = sum(s.recalled_pages for row in ref for st in row for s in st.stats)
+    assert rt.stats()["recalled_pieces_per_request_step"] * rt.stats_counter.request_steps == pytest.approx(recalled)
+
+
 def test_runtime_grid2_fp8_and_gpu_tier_cpu():
     run_against_reference("cpu", torch.float32, speculative=True, tau=0.9, head_dim=64, steps=12, gpu_pages=60,
                           kv_fp8=True, offload_api=True, page_scoring="grid2")

@@ -116,6 +116,13 @@ def test_runtime_grid2_matches_reference_gpu(dtype, group, head_dim, speculative
                           atol=2e-2, n_sink=2, prompt_lens=(50, 300, 70, 700), page_scoring="grid2", page_size=32)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_runtime_grid2_with_keep_margin_gpu(head_dim):
+    """grid2 with --freekv-keep-margin (the sticky selection in the fused grid kernel) against the spec."""
+    run_against_reference("cuda", torch.bfloat16, speculative=True, tau=0.9, group=4, head_dim=head_dim, atol=2e-2,
+                          n_sink=2, prompt_lens=(50, 300, 70, 700), page_scoring="grid2", page_size=32, keep_margin=2)
+
+
 @pytest.mark.parametrize("kv_fp8,gpu_pages,async_prefill", [(False, 0, True), (True, 60, False), (True, 60, True)])
 def test_runtime_grid2_tiers_and_async_prefill_gpu(kv_fp8, gpu_pages, async_prefill):
     """grid2 with FP8 tiers, a GPU tier, and the prefill stream (grids fitted and codes packed on it)."""
