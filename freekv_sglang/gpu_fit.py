@@ -70,19 +70,14 @@ def check_gpu_fits_one_working_set(get: Callable[[str, Any], Any], cfg: FreeKVCo
     weights = weights_bytes(get("model_path", None)) if weight_bytes is None else weight_bytes
     if gpu is None or weights is None:
         return
-    from .algorithm.layout import WorkingSetLayout
-    from .runtime.sizing import FreeKVMemoryError, plan_memory, shape_from_hf_config
+    from .runtime.sizing import FreeKVMemoryError, plan_for_config, shape_from_hf_config
 
     tp = max(1, int(get("tp_size", 1) or 1))
     frac = get("mem_fraction_static", None) or 1.0
     kv_bound = max(0, int(gpu * frac - weights / tp))
-    layout = WorkingSetLayout.from_tokens(cfg.page_size, cfg.sink_tokens, cfg.select_tokens, cfg.window_tokens,
-                                          cfg.overfetch_tokens)
     context = get("context_length", None) or hf.get("max_position_embeddings") or 4096
     try:
-        plan_memory(shape_from_hf_config(hf), layout, resolve_host_memory_bytes(cfg) // tp, kv_bound, int(context),
-                    gpu_tier_bytes=int(cfg.gpu_tier_gb * 2**30), kv_fp8=cfg.kv_storage == "fp8_e4m3",
-                    page_scoring=cfg.page_scoring)
+        plan_for_config(cfg, shape_from_hf_config(hf), resolve_host_memory_bytes(cfg) // tp, kv_bound, int(context))
     except FreeKVMemoryError as e:
         raise FreeKVConfigError(
             f"this GPU is too small for FreeKV with these settings (refused before loading the model): at most "

@@ -21,7 +21,7 @@ quarter ``s`` of the channels, a tensor-core ``tl.dot`` of that quarter's codes 
 The logits in base 2 are ``sum_d c_d side_d + const`` with ``side = q * step * log2(e) / sqrt(D)`` and
 ``const = q . lo * log2(e) / sqrt(D) + 0.5 * sum_d side_d`` (``k_hat = lo + (c + 0.5) step``). The result is seen
 as ``[BLOCK_PG, P, heads]``: max, ``exp2`` and sum over the tokens give each page's ``logsumexp``. Two ways
-to run the products (:func:`grid_int8`):
+to run the products (``int8`` of :func:`score_pages_grid` and :func:`.score_select.score_and_select`):
 
 * int8 (the default): the codes ``c`` themselves are the int8 left operand, unpacked
   four bytes per 32-bit register (one shift and one mask, inline PTX: the compiler would unpack byte by byte);
@@ -155,8 +155,8 @@ if triton is not None:
         """Chunk ``S`` of the exact query side, ``[KC, 2 * BLOCK_G]`` fp32 ``qk_scale * q * step``: column ``n``
         belongs to query head ``n % BLOCK_G`` (each head twice: its high and its low int8 part). A chunk is
         quarter ``S`` (``KC = DQ >= 32`` rows), or with ``DQ = 16`` quarters ``2S`` and ``2S + 1`` interleaved
-        (``KC = 32`` rows, row ``k`` = channel ``(2S + k % 2) * 16 + k // 2``: the codes' order after
-        :func:`_grid_chunk_codes`)."""
+        (``KC = 32`` rows, row ``k`` = channel ``(2S + k % 2) * 16 + k // 2``: the order of the codes joined
+        in :func:`_grid_page_lse`)."""
         KC: tl.constexpr = 32 if DQ < 32 else DQ
         k = tl.arange(0, KC)
         g = tl.arange(0, 2 * BLOCK_G) % BLOCK_G
@@ -230,25 +230,22 @@ if triton is not None:
         return b0, b1, b2, b3, const, w
 
     @triton.jit
-    def _grid_codes_i8(x, S: tl.constexpr, INTERP: tl.constexpr):
-        """int8 codes ``0..3`` of the 2-bit field ``S`` of uint8 bytes ``x``. On the GPU four bytes per 32-bit
-        register, one shift and one mask each (the compiler would work one byte at a time); ``INTERP``: plain
-        operations for Triton's CPU interpreter, which runs no inline assembly."""
+    def _grid_codes_i8(x, INTERP: tl.constexpr):
+        """The four 2-bit fields of uint8 bytes ``x`` as int8 codes ``0..3`` (fields 0..3, four tensors shaped as
+        ``x``). On the GPU four bytes per 32-bit register, one shift and one mask per field (the compiler would
+        work one byte at a time); ``INTERP``: plain operations for Triton's CPU interpreter, which runs no inline
+        assembly."""
         if INTERP:
-            c = ((x >> (2 * S)) & 3).to(tl.int8)
-        elif S == 0:
-            c = tl.inline_asm_elementwise("and.b32 $0, $1, 0x03030303;", "=r,r", [x], dtype=tl.int8, is_pure=True,
-                                          pack=4)
-        elif S == 1:
-            c = tl.inline_asm_elementwise("{ shr.b32 $0, $1, 2; and.b32 $0, $0, 0x03030303; }", "=r,r", [x],
-                                          dtype=tl.int8, is_pure=True, pack=4)
-        elif S == 2:
-            c = tl.inline_asm_elementwise("{ shr.b32 $0, $1, 4; and.b32 $0, $0, 0x03030303; }", "=r,r", [x],
-                                          dtype=tl.int8, is_pure=True, pack=4)
+            c0 = (x & 3).to(tl.int8)
+            c1 = ((x >> 2) & 3).to(tl.int8)
+            c2 = ((x >> 4) & 3).to(tl.int8)
+            c3 = ((x >> 6) & 3).to(tl.int8)
         else:
-            c = tl.inline_asm_elementwise("{ shr.b32 $0, $1, 6; and.b32 $0, $0, 0x03030303; }", "=r,r", [x],
-                                          dtype=tl.int8, is_pure=True, pack=4)
-        return c
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                "{ and.b32 $0, $4, 0x03030303; shr.b32 $1, $4, 2; and.b32 $1, $1, 0x03030303; "
+                "shr.b32 $2, $4, 4; and.b32 $2, $2, 0x03030303; shr.b32 $3, $4, 6; and.b32 $3, $3, 0x03030303; }",
+                "=r,=r,=r,=r,r", [x], dtype=(tl.int8, tl.int8, tl.int8, tl.int8), is_pure=True, pack=4)
+        return c0, c1, c2, c3
 
     @triton.jit
     def _grid_page_lse(codes_ptr, hp, h, cand, q0, q1, q2, q3, const, w, stride_cp, stride_ch,
@@ -284,16 +281,15 @@ if triton is not None:
             ROWS: tl.constexpr = BLOCK_PG * PAGE
             x2 = tl.reshape(x, [ROWS, DQ])
             iacc = tl.zeros([ROWS, 2 * BLOCK_G], dtype=tl.int32)
+            c0, c1, c2, c3 = _grid_codes_i8(x2, F32_DOT)
             if DQ >= 32:
-                iacc = tl.dot(_grid_codes_i8(x2, 0, F32_DOT), q0, iacc, out_dtype=tl.int32)
-                iacc = tl.dot(_grid_codes_i8(x2, 1, F32_DOT), q1, iacc, out_dtype=tl.int32)
-                iacc = tl.dot(_grid_codes_i8(x2, 2, F32_DOT), q2, iacc, out_dtype=tl.int32)
-                iacc = tl.dot(_grid_codes_i8(x2, 3, F32_DOT), q3, iacc, out_dtype=tl.int32)
+                iacc = tl.dot(c0, q0, iacc, out_dtype=tl.int32)
+                iacc = tl.dot(c1, q1, iacc, out_dtype=tl.int32)
+                iacc = tl.dot(c2, q2, iacc, out_dtype=tl.int32)
+                iacc = tl.dot(c3, q3, iacc, out_dtype=tl.int32)
             else:  # K = 16 per quarter is below an int8 product's 32: quarters (0, 1) and (2, 3) interleaved
-                a01 = tl.reshape(tl.join(_grid_codes_i8(x2, 0, F32_DOT), _grid_codes_i8(x2, 1, F32_DOT)), [ROWS, 32])
-                a23 = tl.reshape(tl.join(_grid_codes_i8(x2, 2, F32_DOT), _grid_codes_i8(x2, 3, F32_DOT)), [ROWS, 32])
-                iacc = tl.dot(a01, q0, iacc, out_dtype=tl.int32)
-                iacc = tl.dot(a23, q1, iacc, out_dtype=tl.int32)
+                iacc = tl.dot(tl.reshape(tl.join(c0, c1), [ROWS, 32]), q0, iacc, out_dtype=tl.int32)
+                iacc = tl.dot(tl.reshape(tl.join(c2, c3), [ROWS, 32]), q1, iacc, out_dtype=tl.int32)
             f = tl.reshape(iacc.to(tl.float32) * w[None, :], [BLOCK_PG * PAGE, 2, BLOCK_G])
             acc = tl.sum(f, axis=1)
         else:
@@ -546,21 +542,6 @@ def score_pages_grid_reference(q, codes, lo, step, req_to_token, req_pool_idx, n
     return _aggregate_reference(s, codes.shape[1], aggregation, valid, d, head_mask, out)
 
 
-#: head dims from which the scoring uses int8 tensor cores by default: every head dim the grid kernels take
-#: (each quarter of the channels is one int8 dot of ``K = D/4 >= 32``; at ``D = 64`` two quarters make one)
-I8_MIN_HEAD_DIM = 64
-
-
-def grid_int8(d: int, int8: bool | None = None) -> bool:
-    """Whether the grid scoring of head dim ``d`` runs its products in int8 (default: from
-    :data:`I8_MIN_HEAD_DIM`); ``int8=True`` below it is refused."""
-    if int8 is None:
-        return d >= I8_MIN_HEAD_DIM
-    if int8 and d < I8_MIN_HEAD_DIM:
-        raise ValueError(f"int8 grid scoring needs head dim >= {I8_MIN_HEAD_DIM}, got {d}")
-    return bool(int8)
-
-
 def grid_block_g(g: int, int8: bool) -> int:
     """Query-head columns of the scoring tiles: the int8 path keeps each head twice (``hi``/``lo``) in a dot of
     ``N = 2 * BLOCK_G >= 16`` columns, the bf16 path one column per head, ``N = BLOCK_G >= 16``."""
@@ -578,7 +559,7 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
                      n_window: int, aggregation: str, grid_index: torch.Tensor | None = None,
                      head_scores: torch.Tensor | None = None, block_n: int | None = None,
                      block_pages: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                     int8: bool | None = None, impl: str | None = None) -> torch.Tensor:
+                     int8: bool = True, impl: str | None = None) -> torch.Tensor:
     """GQA-aggregated ``grid2`` scores of every candidate page of each request (see module docstring).
 
     Args:
@@ -592,7 +573,7 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
         block_n: pages per program (a power of two >= 16; default: the largest of 16..64 that still gives two
             programs per SM); block_pages: pages per tensor-core step (default :func:`grid_block_pages`);
             num_warps, num_stages: the program's warps and software-pipeline depth (tuning only);
-            int8: the products in int8 (default from the head dim, :func:`grid_int8`) or bf16.
+            int8: the products in int8 (the default) or bf16.
     Returns ``out``. No host synchronisation (graph-capturable).
     """
     if aggregation not in AGGREGATIONS:
@@ -612,7 +593,6 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
                                           page_size=page_size, n_sink=n_sink, n_window=n_window,
                                           aggregation=aggregation, grid_index=grid_index)
     check_grid_head_dim(d)
-    i8 = grid_int8(d, int8)
     check_grid_page_size(page_size, q.device)
     check_page_size(page_size)
     check_kv_dtype(q.dtype)
@@ -645,9 +625,9 @@ def score_pages_grid(q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, ste
         q.stride(0), q.stride(1), stride_lg, lo.stride(1), stride_tg, step.stride(1), codes.stride(0),
         codes.stride(1), req_to_token.stride(0), dst.stride(0), dst.stride(1), max_pages, n_sink, n_window,
         LOG2E / math.sqrt(d),
-        HKV=hkv, G=g, BLOCK_G=grid_block_g(g, i8), DQ=d // PER_BYTE, PAGE=page_size, BLOCK_N=block_n,
+        HKV=hkv, G=g, BLOCK_G=grid_block_g(g, int8), DQ=d // PER_BYTE, PAGE=page_size, BLOCK_N=block_n,
         BLOCK_PG=bpg, AGG=agg, HAS_MASK=head_mask is not None, HAS_GIDX=grid_index is not None,
-        F32_DOT=interpreter_forced(), STAGES=num_stages, I8=i8, num_warps=num_warps,
+        F32_DOT=interpreter_forced(), STAGES=num_stages, I8=bool(int8), num_warps=num_warps,
     )
     if agg == 2:
         _finish_softmax_mean(head_scores, out, n_ctx, head_mask, page_size=page_size, n_sink=n_sink,

@@ -40,7 +40,7 @@ from freekv_sglang.algorithm.selection import sticky_scores
 from .common import (cdiv, check_head_dim, check_kv_dtype, check_page_size, interpreter_forced, next_pow2, sm_count, tl,
                      triton, use_triton)
 from .grid_codes import (LOG2E, check_grid_codes_args, check_grid_head_dim, check_grid_page_size, grid_block_g,
-                         grid_block_pages, grid_int8,
+                         grid_block_pages,
                          score_pages_grid, score_pages_grid_reference)
 from .scores import score_pages, score_pages_reference
 from .select import _residency_row, select_update, select_update_reference
@@ -299,7 +299,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
                      num_stages: int | None = None, merge_warps: int | None = None,
                      grid: tuple[torch.Tensor, torch.Tensor] | None = None,
                      grid_index: torch.Tensor | None = None, fill_resident: int = 0,
-                     int8: bool | None = None) -> None:
+                     int8: bool = True) -> None:
     """Select the top-``k`` candidate pages per (request, KV head) and update residency, in place.
 
     Args:
@@ -336,8 +336,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
             (:func:`freekv_sglang.algorithm.selection.overfetch_select`): the top ``k - m`` pages by score, and the
             ``m`` best-scoring resident pages outside them in the other slots, so only pages of the top ``k - m``
             are recalled. Not with ``margin``.
-        int8: with ``grid``, the scoring products in int8 or bf16 (default from the head dim:
-            :func:`.grid_codes.grid_int8`).
+        int8: with ``grid``, the scoring products in int8 (the default) or bf16 (:mod:`.grid_codes`).
     No host synchronisation; CUDA-graph capturable.
     """
     if margin < 0:
@@ -391,7 +390,6 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     if grid is not None:
         check_grid_head_dim(d)
         check_grid_page_size(page_size, q.device)
-        int8 = grid_int8(d, int8)
     inner = (d // 4, 1) if grid is not None else (d, 1)
     if (digests.stride(2), digests.stride(3)) != inner or not resident.is_contiguous() \
             or req_to_token.stride(1) != 1:
@@ -402,7 +400,7 @@ def score_and_select(q: torch.Tensor, digests: torch.Tensor, req_to_token: torch
     kb = max(16, next_pow2(k + margin))
     if block_n is None and num_warps is None:
         shape = launch_shape(b, hkv, max_pages, k + margin, sm_count(q.device)) if grid is None else \
-            dict(GRID_SHAPE, block_n=max(GRID_SHAPE["block_n"], max(16, next_pow2(k + margin))))
+            dict(GRID_SHAPE, block_n=max(GRID_SHAPE["block_n"], kb))
     else:  # explicit tuning: one block per program unless asked otherwise
         shape = dict(block_n=block_size(max_pages, k + margin) if block_n is None else block_n,
                      num_warps=4 if num_warps is None else num_warps, blocks_per_program=1, num_stages=2)

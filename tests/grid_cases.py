@@ -19,7 +19,7 @@ import torch
 
 from freekv_sglang.algorithm.grid_codes import grid_from_bounds, page_grid_codes, unpack_codes
 from freekv_sglang.algorithm.scores import aggregate_gqa
-from freekv_sglang.kernels.grid_codes import (LOG2E, grid_int8, pack_grid_codes, pack_grid_codes_reference,
+from freekv_sglang.kernels.grid_codes import (LOG2E, pack_grid_codes, pack_grid_codes_reference,
                                               score_pages_grid, score_pages_grid_reference)
 from freekv_sglang.kernels.scores import _candidates
 from kernel_cases import check_chosen_and_recall, select_case, selection_outputs, to_head_major
@@ -164,7 +164,7 @@ def check_scores(device, dtype, group, head_dim, *, aggregation="mean", page=16,
     ref = torch.empty(b, hkv, max_pages)
     score_pages_grid_reference(q, codes, lo, step, r2t, rpi, n_ctx, mask, ref, grid_index=grid_index, **kw)
     emu, bound, size = kernel_numerics(q, codes, lo, step, r2t, rpi, n_ctx, mask, max_pages=max_pages,
-                                       grid_index=grid_index, int8=grid_int8(head_dim, tuning.get("int8")), **kw)
+                                       grid_index=grid_index, int8=tuning.get("int8", True), **kw)
 
     assert not out.isnan().any()
     assert torch.equal(torch.isinf(out), torch.isinf(ref)) and torch.equal(torch.isinf(emu), torch.isinf(ref))
@@ -228,7 +228,7 @@ def check_score_select_grid(device, dtype, group, head_dim, *, k=4, aggregation=
     kw = dict(page_size=page, n_sink=n_sink, n_window=n_window, aggregation=aggregation)
     score_pages_grid_reference(q, codes, lo, step, r2t, rows, n_ctx, mask, scores, grid_index=grid_index, **kw)
     _, bound, size = kernel_numerics(q, codes, lo, step, r2t, rows, n_ctx, mask, max_pages=max_pages,
-                                     grid_index=grid_index, int8=grid_int8(head_dim, tuning.get("int8")), **kw)
+                                     grid_index=grid_index, int8=tuning.get("int8", True), **kw)
     if aggregation == "softmax-mean":  # probabilities: a relative tolerance
         top = scores.masked_fill(~torch.isfinite(scores), 0).abs().amax(-1)
         tol_bh = 2 * (torch.expm1(2 * bound / math.sqrt(head_dim)) + 1e-4) * top + 1e-7

@@ -57,12 +57,10 @@ def _model_shape(configurator):
 
 
 def _settings(cfg):
-    from freekv_sglang.algorithm.layout import WorkingSetLayout
-
     from .engine import RuntimeSettings
+    from .sizing import config_layout
 
-    layout = WorkingSetLayout.from_tokens(cfg.page_size, cfg.sink_tokens, cfg.select_tokens, cfg.window_tokens,
-                                          cfg.overfetch_tokens)
+    layout = config_layout(cfg)
     recall = cfg.effective_recall
     return RuntimeSettings(layout=layout, gqa_aggregation=cfg.gqa_aggregation,
                            correction_threshold=cfg.correction_threshold, speculative=cfg.speculative,
@@ -86,7 +84,7 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
     global _PLAN
     from freekv_sglang.config import resolve_host_memory_bytes
 
-    from .sizing import capacity_warning, digest_warning, gpu_tier_note, plan_memory
+    from .sizing import capacity_warning, digest_warning, gpu_tier_note, plan_for_config
 
     context = compat.runtime_context()
     sched = context.get_schedule()
@@ -94,11 +92,9 @@ def _resolve_memory_pool_config(orig, self, pre_model_load_memory):
     # the host budget is for the whole server: every attention-TP rank of this host keeps the
     # KV of its own heads, so each takes an equal share
     host_bytes = resolve_host_memory_bytes(cfg) // max(1, context.get_parallel().attn_tp_size)
-    _PLAN = plan_memory(_model_shape(self), _settings(cfg).layout, host_bytes, gpu_bytes,
-                        self.model_config.context_len, sched.max_total_tokens, sched.max_running_requests,
-                        gpu_tier_bytes=int(cfg.gpu_tier_gb * 2**30), kv_fp8=cfg.kv_storage == "fp8_e4m3",
-                        prefix_tokens=_prefix_tokens(self.server_args, self.model_config.context_len),
-                        page_scoring=cfg.page_scoring)
+    _PLAN = plan_for_config(cfg, _model_shape(self), host_bytes, gpu_bytes, self.model_config.context_len,
+                            sched.max_total_tokens, sched.max_running_requests,
+                            prefix_tokens=_prefix_tokens(self.server_args, self.model_config.context_len))
     logger.info(_PLAN.summary())
     note = gpu_tier_note(_PLAN, gpu_bytes, cfg.page_size)
     if note:

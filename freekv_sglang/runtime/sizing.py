@@ -180,6 +180,23 @@ def scratch_bytes_per_row(shape: ModelShape, layout: WorkingSetLayout, max_conte
     return keys + lists
 
 
+def config_layout(cfg) -> WorkingSetLayout:
+    """The working-set layout of a :class:`~freekv_sglang.config.FreeKVConfig` (its page, sink, selected, window
+    and over-fetch tokens)."""
+    return WorkingSetLayout.from_tokens(cfg.page_size, cfg.sink_tokens, cfg.select_tokens, cfg.window_tokens,
+                                        cfg.overfetch_tokens)
+
+
+def plan_for_config(cfg, shape: ModelShape, host_bytes: int, gpu_bytes: int, max_context_len: int,
+                    user_max_total_tokens: int | None = None, user_max_running_requests: int | None = None,
+                    prefix_tokens: int = 0) -> "MemoryPlan":
+    """:func:`plan_memory` with the layout, GPU tier, tier dtype and page scoring of the config ``cfg``."""
+    return plan_memory(shape, config_layout(cfg), host_bytes, gpu_bytes, max_context_len, user_max_total_tokens,
+                       user_max_running_requests, gpu_tier_bytes=int(cfg.gpu_tier_gb * 2**30),
+                       kv_fp8=cfg.kv_storage == "fp8_e4m3", prefix_tokens=prefix_tokens,
+                       page_scoring=cfg.page_scoring)
+
+
 def plan_memory(shape: ModelShape, layout: WorkingSetLayout, host_bytes: int, gpu_bytes: int,
                 max_context_len: int, user_max_total_tokens: int | None = None,
                 user_max_running_requests: int | None = None, gpu_tier_bytes: int = 0,
