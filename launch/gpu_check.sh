@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check of a checkout on a CUDA machine: kernel + runtime tests, then end-to-end server tests.
 # Usage (repo root): bash launch/gpu_check.sh [pytest -k expression for the e2e tests]
-# The unit tests run as four parallel pytest processes (Triton compilation is CPU-bound): about
-# 4 minutes on an H200 with 16 cores. The e2e tests (server tests and SGLang's load generator against
+# The unit tests are collected once and dealt round-robin over UNIT_SHARDS parallel pytest processes (default 8:
+# Triton compilation and the float32 CPU references are CPU-bound, and round-robin spreads each file's slow
+# cases over the shards; four file groups took more than 8 minutes on an H100 with 16 cores). The e2e tests (server tests and SGLang's load generator against
 # a FreeKV server) start about twenty servers one after the other
 # (about 25 minutes on one GPU; E2E_GPUS=1,2,3 deals them over one lane per GPU). Logs go to $OUT
 # (default ./gpu-check-out). Then, when the real model's folder is present (FREEKV_SMOLLM2, or the default
@@ -16,20 +17,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, flashinfer, sglang; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__, 'sglang', sglang.__version__)" | tee -a "$OUT/card.txt"
 t0=$(date +%s)
 PT=(python3 -m pytest -q -p no:cacheprovider --durations=8 --tb=short)
-groups=("tests/gpu/test_kernels_gpu.py tests/gpu/test_kernels_fused_gpu.py"
-        "tests/gpu/test_kernels_graph.py tests/gpu/test_kernels_sparse_decode.py tests/gpu/test_kernels_grid_codes_gpu.py tests/gpu/test_kernels_overfetch_gpu.py"
-        "tests/gpu/test_runtime_engine_gpu.py"
-        "tests/gpu/test_runtime_graph.py tests/gpu/test_host_store_gpu.py tests/gpu/test_prefix_attention_gpu.py")
+UNIT_FILES=(tests/gpu/test_kernels_gpu.py tests/gpu/test_kernels_fused_gpu.py tests/gpu/test_kernels_graph.py
+            tests/gpu/test_kernels_sparse_decode.py tests/gpu/test_kernels_grid_codes_gpu.py
+            tests/gpu/test_kernels_overfetch_gpu.py tests/gpu/test_runtime_engine_gpu.py tests/gpu/test_runtime_graph.py
+            tests/gpu/test_host_store_gpu.py tests/gpu/test_prefix_attention_gpu.py)
+SHARDS="${UNIT_SHARDS:-8}"
+python3 -m pytest -q -p no:cacheprovider --collect-only "${UNIT_FILES[@]}" 2>&1 | grep "::" > "$OUT/gpu-unit-ids.txt"
+n_ids=$(wc -l < "$OUT/gpu-unit-ids.txt")
+[[ $n_ids -gt 0 ]] || { echo "[gpu_check] no unit tests collected"; exit 1; }
+echo "[gpu_check] $n_ids unit tests in $SHARDS shards"
 pids=()
-for i in "${!groups[@]}"; do
-  # shellcheck disable=SC2086
-  timeout "${UNIT_TIMEOUT:-600}" "${PT[@]}" ${groups[$i]} > "$OUT/gpu-unit-$i.log" 2>&1 &
+for ((i = 0; i < SHARDS; i++)); do
+  awk -v s="$SHARDS" -v i="$i" '(NR - 1) % s == i' "$OUT/gpu-unit-ids.txt" > "$OUT/gpu-unit-$i.ids"
+  mapfile -t ids < "$OUT/gpu-unit-$i.ids"
+  timeout "${UNIT_TIMEOUT:-600}" "${PT[@]}" "${ids[@]}" > "$OUT/gpu-unit-$i.log" 2>&1 &
   pids+=($!)
 done
 unit_rc=0
 for i in "${!pids[@]}"; do
   wait "${pids[$i]}"; rc=$?
-  echo "[gpu_check] unit group $i (${groups[$i]}): rc=$rc; $(tail -1 "$OUT/gpu-unit-$i.log")"
+  echo "[gpu_check] unit shard $i ($(wc -l < "$OUT/gpu-unit-$i.ids") tests): rc=$rc; $(tail -1 "$OUT/gpu-unit-$i.log")"
   [[ $rc -ne 0 ]] && { unit_rc=$rc; grep -E "^(FAILED|ERROR)" "$OUT/gpu-unit-$i.log" | head -20; }
 done
 echo "[gpu_check] unit tests rc=$unit_rc in $(( $(date +%s) - t0 ))s"

@@ -30,7 +30,9 @@ def test_graph_replay_matches_eager(bs_real, bs_graph, attention, page_scoring):
     torch.manual_seed(0)
     L, hq, hkv, d = 3, 8, 2, 128
     dtype = torch.bfloat16
-    lay = WorkingSetLayout(page_size=16, n_sink=2, n_select=4, n_window=3)
+    # grid2 takes pages of 32 tokens or more on the GPU (start-up refuses smaller ones); both sinks hold 32 tokens
+    lay = (WorkingSetLayout(page_size=32, n_sink=1, n_select=4, n_window=3) if page_scoring == "grid2"
+           else WorkingSetLayout(page_size=16, n_sink=2, n_select=4, n_window=3))
     shape = ModelShape(L, hq, hkv, d, dtype)
     R, max_ctx = 8, 1028
     per_row = -(-max_ctx // lay.page_size)
