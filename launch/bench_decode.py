@@ -18,7 +18,7 @@ Modes:
   skip       FreeKV with transfers skipped (upper bound; outputs are wrong)
   freekv-fp8 FreeKV with FP8 tiers; freekv-keepM: with --freekv-keep-margin M (residency hysteresis);
              freekv-overN: with --freekv-overfetch-tokens N (speculative over-fetch; freekv-keepM-overN both);
-             freekv-grid2: with --freekv-page-scoring grid2 (optimistic or fixed-cosine locality only)
+             freekv-grid2: with --freekv-page-scoring grid2 (calibrated: grid2's own locality measurement)
 
 Variants of a FreeKV mode (``launch/bench_variants.py``): ``MODE@N`` runs the selected-page recall on a
 persistent grid of ``N`` programs (``FREEKV_RECALL_PROGRAMS``), ``MODE+W`` gives each recall program ``W``
@@ -48,7 +48,8 @@ spread (slowest / fastest) per cell. Separate runs of one mode differ by several
 
 Query locality: with random weights consecutive decode queries are unrelated (FreeKV's worst
 case). ``--locality calibrated`` makes FreeKV modes replace each decode query by a synthetic one at a
-real model's measured locality (``docs/data/locality-smollm2-135m.json``, or ``calibrated:PATH``): per
+real model's measured locality (``docs/data/locality-smollm2-135m.json``; ``-grid2.json`` for grid2 modes, which
+measures grid2's own selection; or ``calibrated:PATH``): per
 (layer, KV head) the correction check's similarity is drawn from the measurement and the share of
 selected pages that change per step matches it (freekv_sglang/runtime/synthetic.py). ``--query-cosine C``
 instead gives consecutive queries a fixed cosine of about C (``0.95``: almost no check fails after the
@@ -114,13 +115,15 @@ def parse_mode(name: str) -> tuple[str, dict]:
 
 
 def locality_spec(spec: str) -> str:
-    """``--locality``: ``calibrated`` or ``calibrated:PATH`` -> ``calibrated:ABSOLUTE_PATH`` (bench_variants)."""
+    """``--locality``: ``calibrated`` (kept as it is: each mode takes the measurement of its own page scoring at
+    launch) or ``calibrated:PATH`` -> ``calibrated:ABSOLUTE_PATH`` (bench_variants)."""
     from bench_variants import locality_spec as resolve
 
     try:
-        return resolve(spec)
+        resolved = resolve(spec)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    return spec if spec == "calibrated" else resolved
 
 
 def mode_name(name: str) -> str:
@@ -363,7 +366,9 @@ def run_mode(mode: str, a, out_dir: str) -> list[dict]:
         env["FREEKV_BENCH_LOCALITY"] = a.locality
     apply_variant_env(mode_env, env)  # after: a mode's own locality (%L) wins
     if env.get("FREEKV_BENCH_LOCALITY") == "calibrated":
-        env["FREEKV_BENCH_LOCALITY"] = locality_spec("calibrated")
+        from bench_variants import locality_spec as resolve, page_scoring_of
+
+        env["FREEKV_BENCH_LOCALITY"] = resolve("calibrated", page_scoring_of(base))
     log = os.path.join(out_dir, f"one_batch-{safe}.log")
     open(log, "w").close()
     t0 = time.time()
@@ -592,7 +597,7 @@ def main() -> None:
     loc = p.add_mutually_exclusive_group()
     loc.add_argument("--locality", default=None, metavar="calibrated[:PATH]", type=locality_spec,
                      help="FreeKV modes only: replace decode queries by synthetic ones at a measured real locality "
-                          "(calibrated: docs/data/locality-smollm2-135m.json; or the JSON of python -m "
+                          "(calibrated: docs/data/locality-smollm2-135m.json, -grid2.json for grid2 modes; or the JSON of python -m "
                           "freekv_sglang.fidelity.locality); outputs become meaningless")
     loc.add_argument("--query-cosine", type=float, default=None,
                      help="FreeKV modes only: replace decode queries so that consecutive ones have this cosine "

@@ -97,18 +97,28 @@ def parse_variant(name: str) -> tuple[str, dict[str, str]]:
     return base, env
 
 
-#: ``calibrated``: the locality measurement kept in this repository.
-DEFAULT_LOCALITY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "data",
-                                "locality-smollm2-135m.json")
+_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "data")
+#: ``calibrated``: the locality measurements kept in this repository, per page scoring (each rule's own page change).
+DEFAULT_LOCALITIES = {"quest": os.path.join(_DATA, "locality-smollm2-135m.json"),
+                      "grid2": os.path.join(_DATA, "locality-smollm2-135m-grid2.json")}
+DEFAULT_LOCALITY = DEFAULT_LOCALITIES["quest"]
 
 
-def locality_spec(spec: str) -> str:
-    """A benchmark's ``--locality``: ``calibrated`` or ``calibrated:PATH`` -> ``calibrated:ABSOLUTE_PATH``, the
-    value of ``FREEKV_BENCH_LOCALITY`` its servers get (whatever their working directory). ``ValueError`` if
-    malformed or the file is missing."""
+def page_scoring_of(base: str) -> str:
+    """The page scoring a mode's base name serves with: ``freekv-grid2-keep4`` -> ``grid2``; else ``quest``."""
+    return base_options(base)[1].get("page_scoring", "quest")
+
+
+def locality_spec(spec: str, scoring: str = "quest") -> str:
+    """A benchmark's ``--locality``: ``calibrated`` (the measurement of ``scoring``'s selection,
+    :data:`DEFAULT_LOCALITIES`) or ``calibrated:PATH`` -> ``calibrated:ABSOLUTE_PATH``, the value of
+    ``FREEKV_BENCH_LOCALITY`` its servers get (whatever their working directory). ``ValueError`` if malformed or
+    the file is missing."""
     if spec != "calibrated" and not spec.startswith("calibrated:"):
         raise ValueError(f"expected calibrated or calibrated:PATH, got {spec!r}")
-    path = DEFAULT_LOCALITY if spec == "calibrated" else os.path.abspath(spec.split(":", 1)[1])
+    if spec == "calibrated" and scoring not in DEFAULT_LOCALITIES:
+        raise ValueError(f"no calibrated locality for page scoring {scoring!r}")
+    path = DEFAULT_LOCALITIES[scoring] if spec == "calibrated" else os.path.abspath(spec.split(":", 1)[1])
     if not os.path.isfile(path):
         raise ValueError(f"no locality measurement at {path} (python -m freekv_sglang.fidelity.locality --json PATH "
                          "writes one)")

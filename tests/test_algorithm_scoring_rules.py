@@ -115,6 +115,21 @@ def test_score_shapes_and_declared_sizes(name):
         assert vals == dig.shape[2] * dig.shape[3], (name, vals, dig.shape)
 
 
+@pytest.mark.parametrize("name", ["quest", "grid2", "grid2sink128", "grid3mm", "sub4"])
+def test_scores_against_shared_digests_equal_the_per_query_scores(name):
+    """scores_shared (one digest set for a batch of positions, the locality replay's path) = scores of copies."""
+    torch.manual_seed(3)
+    rule = get_rule(name)
+    k = torch.randn(200, 2, 16) * 3 + torch.randn(2, 16)
+    q = torch.randn(5, 6, 16) * 2
+    ctx = rule.fit(k)
+    dig = rule.digests(k, 8, ctx)
+    want = rule.scores(q, dig[None].expand(5, *dig.shape), ctx)
+    got = rule.scores_shared(q, dig, ctx)
+    assert got.shape == want.shape == (5, 6, 25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_rule_names_round_trip_and_unknown_names_fail():
     for name in ALL:
         rule = get_rule(name)

@@ -42,7 +42,7 @@ def test_a_mode_locality_overrides_the_benchmarks_and_other_modes_keep_it(varian
 
 
 def test_locality_option(bench, tmp_path):
-    assert bench.locality_spec("calibrated") == "calibrated:" + str(ROOT / "docs" / "data" / "locality-smollm2-135m.json")
+    assert bench.locality_spec("calibrated") == "calibrated"  # each mode resolves it for its own page scoring
     f = tmp_path / "loc.json"
     f.write_text("{}")
     assert bench.locality_spec(f"calibrated:{f}") == f"calibrated:{f}"
@@ -64,11 +64,15 @@ def test_each_mode_process_gets_its_locality(bench, tmp_path, monkeypatch):
     a = argparse.Namespace(model="m", output_len=64, batch_sizes=[1], contexts=[8000], extra=[], host_gb=10.0,
                            prefill_tokens_per_forward=0, query_cosine=None, locality=bench.locality_spec("calibrated"),
                            timeout=10, relaunches=0)
-    for mode in ("dense", "freekv", "sync", "freekv%0.95", "freekv%none", "skip%cal"):
+    for mode in ("dense", "freekv", "sync", "freekv%0.95", "freekv%none", "skip%cal", "freekv-grid2-keep4",
+                 "freekv-grid2%cal"):
         bench.run_mode(mode, a, str(tmp_path))
-    cal = bench.locality_spec("calibrated")
+    data = ROOT / "docs" / "data"
+    cal, cal_grid2 = (f"calibrated:{data / 'locality-smollm2-135m.json'}",
+                      f"calibrated:{data / 'locality-smollm2-135m-grid2.json'}")
     assert envs["dense"] == {COS: None, LOC: None}
     assert envs["freekv"] == envs["sync"] == envs["skip%cal"] == {COS: None, LOC: cal}
+    assert envs["freekv-grid2-keep4"] == envs["freekv-grid2%cal"] == {COS: None, LOC: cal_grid2}
     assert envs["freekv%0.95"] == {COS: "0.95", LOC: None}
     assert envs["freekv%none"] == {COS: None, LOC: None}
     assert os.path.exists(tmp_path / "one_batch-freekv-loc0.95.log")

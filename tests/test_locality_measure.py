@@ -66,6 +66,26 @@ def test_replay_with_another_scoring_rule_matches_the_reference():
     assert not torch.equal(tr.changed[budget], quest.changed[budget])
 
 
+@pytest.mark.parametrize("rule", ["quest", "grid2sink16"])
+def test_replay_with_a_keep_margin_matches_the_reference_recalls(rule):
+    """``keep_margin=2``: page changes equal the reference's oracle recalls with the same keep margin (the
+    sticky selection), and there are fewer of them than without the margin."""
+    q, k = _qk(n=380, d=64, drift=1.5)
+    start, hkv, budget = 300, 2, 16
+    v = torch.randn_like(k)
+    tr = L.replay_layer(q, k, start, hkv, budgets=(budget,), page_size=PAGE, sink=SINK, window=WINDOW,
+                        rule=rule, keep_margin=2, chunk=32)
+    plain = L.replay_layer(q, k, start, hkv, budgets=(budget,), page_size=PAGE, sink=SINK, window=WINDOW, rule=rule)
+    lay = WorkingSetLayout.from_tokens(PAGE, SINK, budget, WINDOW)
+    oracle = LayerState(RetrievalSettings.for_mode("oracle", lay, keep_margin=2, scoring=rule), hkv)
+    oracle.prefill(k[:start], q[start - 1])
+    for i in range(start, q.shape[0]):
+        oracle.decode(q[i], k[: i + 1], v[: i + 1], 0.125)
+    want = torch.tensor([s.recalled_pages for s in oracle.stats[1:]])
+    assert torch.equal(tr.changed[budget][1:].sum(1), want)
+    assert int(tr.changed[budget][1:].sum()) < int(plain.changed[budget][1:].sum())
+
+
 def test_replay_similarity_is_the_runtime_check():
     q, k = _qk(n=200)
     tr = L.replay_layer(q, k, 100, 2, budgets=(16,), page_size=PAGE, sink=SINK, window=WINDOW)

@@ -16,6 +16,7 @@ from freekv_sglang.settings import EnvSettings, load_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURED = os.path.join(ROOT, S.DEFAULT_LOCALITY)
+MEASURED_GRID2 = os.path.join(ROOT, S.DEFAULT_LOCALITIES["grid2"])
 
 
 def _drawn(quant, seed, layer, rows, n, hkv):
@@ -140,9 +141,30 @@ def test_solve_kappa_hits_the_target_share():
 
 def test_resolve_locality(tmp_path):
     assert S.resolve_locality("calibrated") == MEASURED
+    assert S.resolve_locality("calibrated", "grid2") == MEASURED_GRID2
     assert S.resolve_locality("calibrated:" + MEASURED) == MEASURED
     with pytest.raises(FileNotFoundError, match="fidelity.locality"):
         S.resolve_locality(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="page scoring"):
+        S.resolve_locality("calibrated", "grid3")
+
+
+def test_a_measurement_of_another_rules_selection_is_refused():
+    """grid2's page change is not Quest's (1.4x on SmolLM2): calibrating one to the other's is an error."""
+    assert S.MeasuredLocality.load(MEASURED).rule == "quest"
+    assert S.MeasuredLocality.load(MEASURED_GRID2).rule == "grid2sink128"
+    lay = WorkingSetLayout.from_tokens(32, 128, 256, 256)
+    for path, scoring in ((MEASURED, "grid2"), (MEASURED_GRID2, "quest")):
+        with pytest.raises(ValueError, match="measured the page change"):
+            S.CalibratedQueries("calibrated:" + path, 2, 4, 2, 16, lay, 4096, "cpu", scoring=scoring)
+
+
+def test_grid2_measurement_changes_more_pages_than_quests():
+    """The record behind grid2's calibrated benchmarks: its own selection, more pages a step than Quest's."""
+    grid2, quest = S.MeasuredLocality.load(MEASURED_GRID2), S.MeasuredLocality.load(MEASURED)
+    assert grid2.quant.shape == quest.quant.shape
+    torch.testing.assert_close(grid2.quant, quest.quant, rtol=0, atol=2e-4)  # the same queries: the check's similarity does not depend on scoring
+    assert 1.2 < float(grid2.page_share.mean()) / float(quest.page_share.mean()) < 1.7
 
 
 def test_page_change_curve_grows_with_the_step_and_matches_the_optimistic_setting():
@@ -155,18 +177,22 @@ def test_page_change_curve_grows_with_the_step_and_matches_the_optimistic_settin
     assert float(c[1]) < float(c[2]) < float(c[3])
 
 
-@pytest.mark.parametrize("shape,layout,context,layers", [
-    ((32, 32, 8, 128), (32, 512, 1024, 512), 8192, [0, 9, 16, 23, 31]),  # Llama-3.1-8B shape, serving defaults
-    ((30, 9, 3, 64), (32, 128, 1024, 256), 4096, [1, 13, 22]),  # SmolLM2 itself, the harness's layout
+@pytest.mark.parametrize("shape,layout,context,layers,scoring", [
+    ((32, 32, 8, 128), (32, 512, 1024, 512), 8192, [0, 9, 16, 23, 31], "quest"),  # Llama-3.1-8B shape, defaults
+    ((30, 9, 3, 64), (32, 128, 1024, 256), 4096, [1, 13, 22], "quest"),  # SmolLM2 itself, the harness's layout
+    ((32, 32, 8, 128), (32, 512, 1024, 512), 8192, [0, 16, 31], "grid2"),  # grid2's selection and measurement
 ])
-def test_generator_reproduces_the_measured_rates(shape, layout, context, layers):
+def test_generator_reproduces_the_measured_rates(shape, layout, context, layers, scoring):
     """The CPU check: the runtime's generator over Gaussian keys, the runtime's check and the reference
-    selection give the measured correction rate at 0.9 and page-change share within a few points."""
+    selection (of the runtime's page scoring) give the measured correction rate at 0.9 and page-change share
+    within a few points."""
     torch.manual_seed(0)
     L, hq, hkv, d = shape
     lay = WorkingSetLayout.from_tokens(*layout)
+    # Quest's curve is smooth enough at 32 steps over 2 KV heads; grid2's needs the runtime's 48 over 4
+    curve = dict(curve_steps=32, curve_heads=2) if scoring == "quest" else {}
     cq = S.CalibratedQueries("calibrated", L, hq, hkv, d, lay, context + 80, "cpu",
-                             bins=(math.log2(context), 1), curve_steps=32, curve_heads=2)
+                             bins=(math.log2(context), 1), scoring=scoring, **curve)
     sim = S.simulate(cq, context, steps=64, layers=layers, rows=2)
     _, tot = S.check_table(cq, sim, context)
     assert abs(tot["correction_generated"] - tot["correction_measured"]) < 0.03, tot

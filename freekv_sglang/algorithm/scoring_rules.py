@@ -94,6 +94,12 @@ class ScoringRule:
     def scores(self, q: torch.Tensor, digests: torch.Tensor, ctx=None) -> torch.Tensor:
         raise NotImplementedError
 
+    def scores_shared(self, q: torch.Tensor, digests: torch.Tensor, ctx=None) -> torch.Tensor:
+        """:meth:`scores` of queries ``[B, Hq, D]`` against one set of digests ``[Np, ...]`` shared by all ``B``
+        (a replay of one sequence's positions): ``[B, Hq, Np]``. Rules whose scores are a product with
+        per-token keys override it with one matrix product instead of ``B`` copies of the digests."""
+        return self.scores(q, digests[None].expand(q.shape[0], *digests.shape), ctx)
+
     def digest_values(self, page_size: int, head_dim: int) -> int:
         """Digest values per (page, KV head)."""
         raise NotImplementedError
@@ -523,13 +529,26 @@ class GridCodes(ScoringRule):
         code = (x * levels).floor().clamp(0, levels - 1)
         return _pages(code, page_size).permute(0, 2, 1, 3)
 
-    def scores(self, q, digests, ctx=None):
+    def keys_hat(self, digests, ctx):
+        """The grid's key per code: ``digests [..., Hkv, P, D]`` -> float32 of the same shape (the middle of
+        each code's step)."""
         lo, hi = ctx
+        return lo[:, None] + (digests.float() + 0.5) * ((hi - lo) / 2 ** self.bits)[:, None]
+
+    def scores(self, q, digests, ctx=None):
         b, hq, d = q.shape
         hkv = digests.shape[2]
-        k_hat = lo[:, None] + (digests.float() + 0.5) * ((hi - lo) / 2 ** self.bits)[:, None]  # [B, Np, Hkv, P, D]
+        k_hat = self.keys_hat(digests, ctx)  # [B, Np, Hkv, P, D]
         logits = torch.einsum("bkgd,bpktd->bkgpt", q.float().view(b, hkv, hq // hkv, d), k_hat) / math.sqrt(d)
         return torch.logsumexp(logits, -1).reshape(b, hq, -1)
+
+    def scores_shared(self, q, digests, ctx=None):
+        b, hq, d = q.shape
+        n_pages, hkv, p = digests.shape[:3]
+        k_hat = self.keys_hat(digests, ctx).permute(1, 3, 0, 2).reshape(hkv, d, n_pages * p)  # [Hkv, D, Np P]
+        logits = torch.matmul(q.float().view(b, hkv, hq // hkv, d).transpose(0, 1).reshape(hkv, -1, d), k_hat)
+        logits = logits.view(hkv, b, hq // hkv, n_pages, p) / math.sqrt(d)
+        return torch.logsumexp(logits, -1).permute(1, 0, 2, 3).reshape(b, hq, n_pages)
 
     def digest_values(self, page_size, head_dim):
         return page_size * head_dim * self.bits / 16

@@ -41,6 +41,7 @@ import torch
 
 from ..algorithm import WorkingSetLayout, aggregate_gqa, query_similarity, quest_scores, topk_pages
 from ..algorithm.digests import page_digests
+from ..algorithm.selection import sticky_scores
 from ..provenance import command_line, commit_id
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -124,13 +125,16 @@ def _changed(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
 
 def replay_layer(q: torch.Tensor, k: torch.Tensor, start: int, n_kv_heads: int, budgets=BUDGETS,
                  page_size: int = PAGE_SIZE, sink: int = SINK, window: int = WINDOW, gqa: str = "mean",
-                 chunk: int = 128, rule: str = "quest", layer: int | None = None) -> LayerTrace:
+                 chunk: int = 128, rule: str = "quest", layer: int | None = None, keep_margin: int = 0) -> LayerTrace:
     """Replay one layer's decode positions ``start .. len(q) - 1`` (context ``i + 1`` at position ``i``).
 
     Args:
         q: ``[n, Hq, D]`` post-RoPE queries of every position; k: ``[n, Hkv, D]`` post-RoPE keys.
         rule: the page scoring (``quest`` or a name of :func:`~freekv_sglang.algorithm.scoring_rules.get_rule`,
             fitted on the prefill's keys as the reference runtime fits it; ``layer`` for per-layer rules).
+        keep_margin: residency hysteresis (``--freekv-keep-margin``): a selected page that still ranks within
+            the top ``k + keep_margin`` stays (:func:`~freekv_sglang.algorithm.selection.sticky_scores`), so a
+            step's page change is what the runtime would recall; 0 = plain oracle top-k.
     """
     n_tok, hq, d = q.shape
     if not 0 < start < n_tok:
@@ -142,8 +146,7 @@ def replay_layer(q: torch.Tensor, k: torch.Tensor, start: int, n_kv_heads: int, 
 
         r = get_rule(rule)
         ctx = r.fit_layer(k[:start], layer)
-        digests, score = r.digests(k, page_size, ctx), r.scores
-        chunk = min(chunk, 16)  # these rules expand every token of every page per position
+        digests, score = r.digests(k, page_size, ctx), r.scores_shared
     n_pages = digests.shape[0]
     pos = torch.arange(start, n_tok)
     sim = torch.full((len(pos), n_kv_heads), float("nan"))
@@ -153,14 +156,27 @@ def replay_layer(q: torch.Tensor, k: torch.Tensor, start: int, n_kv_heads: int, 
     qcos[1:] = torch.nn.functional.cosine_similarity(q[pos[1:]], q[pos[1:] - 1], dim=-1)
     lays = {b: WorkingSetLayout.from_tokens(page_size, sink, b, window) for b in budgets}
     lay0 = next(iter(lays.values()))  # candidates depend on the sink and window only
+    def agg_scores(p):  # positions p [B] -> GQA-aggregated page scores [B, Hkv, Np] over their candidates
+        if score is None:
+            s = quest_scores(q[p], digests[None].expand(len(p), *digests.shape))
+        else:
+            s = score(q[p], digests, ctx)  # one set of digests for every position
+        return aggregate_gqa(s, n_kv_heads, gqa, lay0.candidate_mask(p + 1, n_pages), head_dim=d)
+
     sels = {b: [] for b in budgets}
+    if keep_margin > 0:  # the prefill's selection (last prompt query, context ``start``) is the first resident set
+        first = agg_scores(torch.tensor([start - 1]))
+        prefill_sel = {b: topk_pages(first, lay.n_select) for b, lay in lays.items()}
     for c0 in range(0, len(pos), chunk):
         p = pos[c0: c0 + chunk]
-        dig = digests[None].expand(len(p), *digests.shape)
-        s = quest_scores(q[p], dig) if score is None else score(q[p], dig, ctx)
-        agg = aggregate_gqa(s, n_kv_heads, gqa, lay0.candidate_mask(p + 1, n_pages), head_dim=d)
+        agg = agg_scores(p)
         for b, lay in lays.items():
-            sels[b].append(topk_pages(agg, lay.n_select))
+            if keep_margin <= 0:
+                sels[b].append(topk_pages(agg, lay.n_select))
+                continue
+            for i in range(len(p)):  # sticky: each step depends on the previous step's selection
+                prev = (sels[b] or [prefill_sel[b]])[-1][-1]
+                sels[b].append(topk_pages(sticky_scores(agg[i], prev, lay.n_select, keep_margin), lay.n_select)[None])
     changed, selected = {}, {}
     for b in budgets:
         sel = torch.cat(sels[b])  # [T, Hkv, k]
@@ -331,6 +347,8 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=WINDOW, help="recent-window tokens")
     p.add_argument("--gqa-aggregation", default="mean", choices=("mean", "softmax-mean", "max"))
     p.add_argument("--rule", default="quest", help="page scoring: quest, or a scoring rule such as grid2sink512")
+    p.add_argument("--keep-margin", type=int, default=0,
+                   help="residency keep margin in pages (--freekv-keep-margin): page change = the runtime's recalls")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--json", help="write the summary here (e.g. docs/data/locality-smollm2-135m.json)")
     p.add_argument("--markdown", help="write the table here")
@@ -356,7 +374,8 @@ def measure(model, tokenizer, text_names, args, log=print) -> tuple[dict, dict]:
         log(f"{name}: {len(ids)} tokens captured in {time.time() - t0:.0f} s; replaying {len(qs)} layers")
         t0 = time.time()
         per_text[name] = [replay_layer(q, k, args.prefill, n_kv, budgets, args.page_size, args.sink, args.window,
-                                       args.gqa_aggregation, rule=getattr(args, "rule", "quest"), layer=i)
+                                       args.gqa_aggregation, rule=getattr(args, "rule", "quest"), layer=i,
+                                       keep_margin=getattr(args, "keep_margin", 0))
                           for i, (q, k) in enumerate(zip(qs, ks))]
         log(f"{name}: replayed in {time.time() - t0:.0f} s")
         info[name] = {"source": t.source, "tokens": len(ids), "decode_steps": len(ids) - args.prefill,
@@ -403,11 +422,14 @@ def main(argv=None, log=print) -> dict:
                                                "head_dim": lm.head_dim},
             "working set": {"page_size": args.page_size, "sink_tokens": args.sink, "window_tokens": args.window,
                             "budgets": _csv(args.budgets, int), "default_budget": args.default_budget,
-                            "gqa_aggregation": args.gqa_aggregation, "page_scoring": args.rule},
+                            "gqa_aggregation": args.gqa_aggregation, "page_scoring": args.rule,
+                            "keep_margin": args.keep_margin},
             "check": "freekv_sglang.algorithm.correction.query_similarity: mean over the KV head's query heads of "
                      "cos(q_t, q_{t-1}), post-RoPE; corrected where it is below the threshold",
-            "page change": f"oracle selection (current query, {args.rule} page scores) at every step; share of the selected pages that the "
-                           "previous step did not select; the first decode step of each text left out",
+            "page change": f"oracle selection (current query, {args.rule} page scores"
+                           + (f", resident pages kept within the top k + {args.keep_margin}" if args.keep_margin else "")
+                           + ") at every step; share of the selected pages that the previous step did not select; "
+                           "the first decode step of each text left out",
             "thresholds": thresholds, "tau_of_split": args.tau, "prefill": args.prefill, "texts": info,
             "histogram_edges": list(HIST_EDGES), "percentiles": list(PERCENTILES),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",

@@ -200,7 +200,7 @@ class FreeKVRuntime:
         if env.bench_locality is not None:
             # calibrated on the budget: the measured page change is that of the top n_budget pages
             self.synthetic = CalibratedQueries(env.bench_locality, L, hq, hkv, d, lay.without_overfetch(),
-                                               self.max_pages * P, dev, dtype=dt)
+                                               self.max_pages * P, dev, dtype=dt, scoring=settings.page_scoring)
             logger.warning("%s=%s: decode queries are replaced by synthetic ones at the measured locality (%s); "
                            "generated tokens are meaningless (benchmarks only)", env_name("bench_locality"),
                            env.bench_locality, self.synthetic.summary(settings.correction_threshold or 0.9))

@@ -71,8 +71,11 @@ class SyntheticQueries:
 
 
 # -- calibrated locality -------------------------------------------------------------------------
-#: ``FREEKV_BENCH_LOCALITY=calibrated``: the measurement kept in the repository (relative to its root).
-DEFAULT_LOCALITY = os.path.join("docs", "data", "locality-smollm2-135m.json")
+#: ``FREEKV_BENCH_LOCALITY=calibrated``: the measurement kept in the repository (relative to its root), per page
+#: scoring: each rule's page change is that of its own selection on the real model.
+DEFAULT_LOCALITIES = {"quest": os.path.join("docs", "data", "locality-smollm2-135m.json"),
+                      "grid2": os.path.join("docs", "data", "locality-smollm2-135m-grid2.json")}
+DEFAULT_LOCALITY = DEFAULT_LOCALITIES["quest"]
 DECOY_SCALE = 1.0 / 1024  # the decoy head's norm relative to the others'
 NOISE_VECTORS = 4096
 PULL = 0.5  # how strongly a step's direction leans back towards the head's anchor (keeps queries from drifting)
@@ -83,17 +86,43 @@ MIN_BIN = 12  # smallest context bin 2**12 = 4096 tokens
 _U_POINTS = 400  # points of the uniform draw at which expectations are evaluated
 
 
-def resolve_locality(spec: str) -> str:
-    """``calibrated`` -> the repository's measurement (:data:`DEFAULT_LOCALITY`); ``calibrated:PATH`` or a path
-    -> that path. Raises ``FileNotFoundError`` with the command that writes one."""
+def resolve_locality(spec: str, scoring: str = "quest") -> str:
+    """``calibrated`` -> the repository's measurement for the page ``scoring`` (:data:`DEFAULT_LOCALITIES`);
+    ``calibrated:PATH`` or a path -> that path. Raises ``FileNotFoundError`` with the command that writes one."""
+    if scoring not in DEFAULT_LOCALITIES:
+        raise ValueError(f"no calibrated locality for page scoring {scoring!r}; use one of {sorted(DEFAULT_LOCALITIES)}")
     path = spec.split(":", 1)[1] if spec.startswith("calibrated:") else spec
     if path == "calibrated":
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        path = os.path.join(root, DEFAULT_LOCALITY)
+        path = os.path.join(root, DEFAULT_LOCALITIES[scoring])
     if not os.path.isfile(path):
+        rule = "" if scoring == "quest" else " --rule grid2sink128"
         raise FileNotFoundError(f"no locality measurement at {path}: write one with "
-                                "python -m freekv_sglang.fidelity.locality --json PATH")
+                                f"python -m freekv_sglang.fidelity.locality{rule} --json PATH")
     return path
+
+
+def page_scorer(scoring: str, keys: torch.Tensor, layout):
+    """The reference page scores of the runtime's rule ``scoring`` over one sequence's ``keys [n, Hkv, D]``:
+    returns ``(score, n_pages)``, ``score(q [B, Hq, D]) -> [B, Hq, n_pages]`` (every full page; candidacy is the
+    caller's). ``quest``: Quest's bound on the page digests; ``grid2``: 2-bit codes on the grid fitted to the
+    sink's keys (the runtime's ``--freekv-page-scoring grid2``, rule ``grid2sink<sink tokens>``)."""
+    from freekv_sglang.algorithm import quest_scores
+    from freekv_sglang.algorithm.digests import page_digests
+    from freekv_sglang.algorithm.scoring_rules import get_rule
+
+    if scoring == "quest":
+        dig = page_digests(keys, layout.page_size)  # [Np, Hkv, 2, D]
+        return (lambda q: quest_scores(q, dig[None].expand(len(q), *dig.shape))), dig.shape[0]
+    if scoring == "grid2":
+        sink = layout.n_sink * layout.page_size
+        if sink <= 0:
+            raise ValueError("grid2 page scoring fits its grid on the sink: the layout has no sink pages")
+        rule = get_rule(f"grid2sink{sink}")
+        ctx = rule.fit(keys)
+        dig = rule.digests(keys, layout.page_size, ctx)  # [Np, Hkv, P, D] codes
+        return (lambda q: rule.scores_shared(q, dig, ctx)), dig.shape[0]
+    raise ValueError(f"unknown page scoring {scoring!r}; use one of {sorted(DEFAULT_LOCALITIES)}")
 
 
 @dataclass
@@ -105,6 +134,7 @@ class MeasuredLocality:
     budget: int
     source: str
     share_corrected: torch.Tensor | None = None  # float32 [Ls, Hs]: page change of the steps the check corrects
+    rule: str = "quest"  # the scoring rule whose selection was replayed (older measurements: quest)
 
     @classmethod
     def load(cls, path: str) -> "MeasuredLocality":
@@ -122,7 +152,16 @@ class MeasuredLocality:
         corr = torch.tensor([[h.get("page_change_corrected") if h.get("page_change_corrected") is not None
                               else h["page_change"][str(budget)] for h in layer] for layer in data["heads"]],
                             dtype=torch.float32)
-        return cls(quant, share, budget, path, corr)
+        rule = data.get("meta", {}).get("working set", {}).get("page_scoring", "quest")
+        return cls(quant, share, budget, path, corr, rule)
+
+    def check_scoring(self, scoring: str) -> None:
+        """Refuse calibrating a runtime's page ``scoring`` to another rule's page change (``ValueError``)."""
+        fits = self.rule == "quest" if scoring == "quest" else self.rule.startswith(f"{scoring}sink")
+        if not fits:
+            raise ValueError(f"{self.source} measured the page change of the {self.rule!r} selection; the runtime "
+                             f"scores pages with {scoring!r}: use its own measurement (calibrated, or python -m "
+                             f"freekv_sglang.fidelity.locality --rule {scoring}sink128 --json PATH)")
 
     def mapped(self, n_layers: int, n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, list, list]:
         """Tables for a model of ``n_layers`` x ``n_kv_heads``: layer ``l`` takes the measured layer at the same
@@ -212,13 +251,18 @@ class CalibratedQueries:
         max_context: the longest history (tokens); ``kappa`` is calibrated at powers of two from 4096
             (or ``max_context`` if smaller) up to it, and interpolated in ``log2(n)`` between them.
         contexts: calibrate at ``[2**b0, 2**(b0+1), ...]`` given as ``b0`` and a count instead (tests).
+        scoring: the runtime's page scoring (``quest`` or ``grid2``): the selection whose page change is
+            calibrated, and the measurement ``calibrated`` stands for.
     """
 
     def __init__(self, path: str, n_layers: int, n_q_heads: int, n_kv_heads: int, head_dim: int, layout,
                  max_context: int, device, seed: int = 0, bins: tuple[float, int] | None = None,
-                 dtype: torch.dtype = torch.bfloat16, curve_steps: int = 48, curve_heads: int = 4):
-        self.path = resolve_locality(path)
+                 dtype: torch.dtype = torch.bfloat16, curve_steps: int = 48, curve_heads: int = 4,
+                 scoring: str = "quest"):
+        self.scoring = scoring
+        self.path = resolve_locality(path, scoring)
         self.measured = MeasuredLocality.load(self.path)
+        self.measured.check_scoring(scoring)
         self.n_layers, self.n_q_heads, self.n_kv_heads, self.head_dim = n_layers, n_q_heads, n_kv_heads, head_dim
         if n_q_heads % n_kv_heads:
             raise ValueError(f"{n_q_heads} query heads are not a multiple of {n_kv_heads} KV heads")
@@ -244,7 +288,8 @@ class CalibratedQueries:
         self.grid = torch.tensor(STEP_GRID, dtype=torch.float32)
         self.curves = torch.stack([page_change_curve(c, layout, n_q_heads // n_kv_heads, head_dim, device,
                                                      steps=curve_steps, kv_heads=curve_heads, dtype=dtype,
-                                                     seed=seed + 1 + i) for i, c in enumerate(self.contexts)])
+                                                     seed=seed + 1 + i, scoring=scoring)
+                                   for i, c in enumerate(self.contexts)])
         kappa = torch.ones(n_layers, n_kv_heads, nb)
         if self.group > 1:
             for b in range(nb):
@@ -283,7 +328,7 @@ class CalibratedQueries:
     def summary(self, tau: float = 0.9) -> dict:
         pred = self.predicted_share()
         return {
-            "locality": self.path, "tau": tau,
+            "locality": self.path, "page_scoring": self.scoring, "tau": tau,
             "correction_rate": round(float(correction_rate(self.quant_cpu, tau).mean()), 4),
             "page_change_target": round(float(self.target_share.mean()), 4),
             "page_change_predicted": {c: round(float(pred[..., i].mean()), 4) for i, c in enumerate(self.contexts)},
@@ -294,28 +339,30 @@ class CalibratedQueries:
 
 def page_change_curve(n_tokens: int, layout, group: int, head_dim: int, device="cpu", steps: int = 48,
                       kv_heads: int = 4, grid=STEP_GRID, dtype: torch.dtype = torch.bfloat16, seed: int = 1,
-                      chunk_bytes: int = 1 << 28) -> torch.Tensor:
+                      chunk_bytes: int = 1 << 28, scoring: str = "quest") -> torch.Tensor:
     """Share of the selected pages that change per step when every non-decoy query head steps by
     ``cos = 1 - delta`` (for each ``delta`` of ``grid``), with the calibrated generator and the reference
-    selection (Quest bound, GQA mean, top-k over the candidates) over Gaussian keys: the benchmark's
-    random-weight model has keys of that kind (independent random tokens through random projections).
+    selection (``scoring``'s page scores, :func:`page_scorer`; GQA mean, top-k over the candidates) over
+    Gaussian keys: the benchmark's random-weight model has keys of that kind (independent random tokens
+    through random projections).
 
     The history grows from ``n_tokens`` by one token per step, as in decoding. Returns float32 ``[len(grid)]``.
     """
-    from freekv_sglang.algorithm import aggregate_gqa, quest_scores, topk_pages
-    from freekv_sglang.algorithm.digests import page_digests
+    from freekv_sglang.algorithm import aggregate_gqa, topk_pages
     from freekv_sglang.kernels.synthetic_query import calibrated_queries
 
     g = torch.Generator().manual_seed(seed)
     hq = kv_heads * group
     keys = torch.randn(n_tokens + steps + 1, kv_heads, head_dim, generator=g).to(device)
-    dig = page_digests(keys, layout.page_size)  # [Np, Hkv, 2, D]
-    n_pages = dig.shape[0]
+    score, n_pages = page_scorer(scoring, keys, layout)
     u = torch.nn.functional.normalize(torch.randn(1, hq, head_dim, generator=g), dim=-1).mul(math.sqrt(head_dim))
     u = u.to(device)
     noise = torch.randn(NOISE_VECTORS, head_dim, generator=g).to(device)
     rows = torch.zeros(1, dtype=torch.int64, device=device)
-    per_step = 3 * hq * n_pages * head_dim * 4  # quest_scores keeps about three [Hq, Np, D] float32 temporaries
+    if scoring == "quest":
+        per_step = 3 * hq * n_pages * head_dim * 4  # quest_scores keeps about three [Hq, Np, D] float32 temporaries
+    else:
+        per_step = 2 * hq * n_pages * layout.page_size * 4  # grid2: per-token logits [Hq, Np, P] and their exp
     chunk = max(1, chunk_bytes // max(per_step, 1))
     out = []
     for delta in grid:
@@ -334,8 +381,7 @@ def page_change_curve(n_tokens: int, layout, group: int, head_dim: int, device="
         sels = []
         for c0 in range(0, steps + 1, chunk):
             qc, nc = q_all[c0: c0 + chunk], n_all[c0: c0 + chunk]
-            s = quest_scores(qc, dig[None].expand(len(qc), -1, -1, -1, -1))
-            agg = aggregate_gqa(s, kv_heads, "mean", layout.candidate_mask(nc, n_pages))
+            agg = aggregate_gqa(score(qc), kv_heads, "mean", layout.candidate_mask(nc, n_pages))
             sels.append(topk_pages(agg, layout.n_select))
         sel = torch.cat(sels)  # [T+1, Hkv, k]
         ch = _changed(sel[:-1], sel[1:]).float()
@@ -354,8 +400,7 @@ def simulate(cq: CalibratedQueries, context: int, steps: int = 64, layers=None, 
     the selected pages (reference selection, current query) that change per step. The first step, which
     has no previous query, is left out. Returns ``{"correction": [L, Hkv], "page_change": [L, Hkv]}`` tensors
     for the layers simulated (all by default) and ``"layers"``."""
-    from freekv_sglang.algorithm import aggregate_gqa, query_similarity, quest_scores, topk_pages
-    from freekv_sglang.algorithm.digests import page_digests
+    from freekv_sglang.algorithm import aggregate_gqa, query_similarity, topk_pages
 
     lay = cq.layout
     dev = cq.u.device
@@ -371,16 +416,15 @@ def simulate(cq: CalibratedQueries, context: int, steps: int = 64, layers=None, 
         flags, chg, cnt = [], [], []
         prev_sel = [None] * rows
         keys = [torch.randn(context + steps + 1, hkv, d, generator=g).to(dev) for _ in range(rows)]
-        digs = [page_digests(k, lay.page_size) for k in keys]
+        scorers = [page_scorer(cq.scoring, k, lay) for k in keys]
         for t in range(steps + 1):
             n = torch.full((rows,), context + t, dtype=torch.int64, device=dev)
             q = cq.apply(layer, q_prev, row_ids, n, q_prev)
             if t > 0:
                 flags.append(query_similarity(q, q_prev, hkv) < tau)  # [rows, Hkv]
             for r in range(rows):
-                n_pages = digs[r].shape[0]
-                s = quest_scores(q[r: r + 1], digs[r][None])
-                agg = aggregate_gqa(s, hkv, "mean", lay.candidate_mask(n[r: r + 1], n_pages))
+                score, n_pages = scorers[r]
+                agg = aggregate_gqa(score(q[r: r + 1]), hkv, "mean", lay.candidate_mask(n[r: r + 1], n_pages))
                 sel = topk_pages(agg, lay.n_select)[0]  # [Hkv, k]
                 if prev_sel[r] is not None:
                     chg.append(_changed(prev_sel[r], sel).float())
@@ -446,6 +490,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", type=int, default=1, help="requests simulated per layer")
     p.add_argument("--check-layers", default="", help="comma list (default: every layer)")
     p.add_argument("--tau", type=float, default=0.9)
+    p.add_argument("--page-scoring", default="quest", choices=sorted(DEFAULT_LOCALITIES),
+                   help="the runtime's page scoring (and the measurement 'calibrated' stands for)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the calibration and the check here")
@@ -454,7 +500,7 @@ def main(argv=None) -> dict:
     lay = WorkingSetLayout.from_tokens(a.page_size, a.sink, a.select, a.window)
     t0 = time.time()
     cq = CalibratedQueries(a.locality, a.layers, a.q_heads, a.kv_heads, a.head_dim, lay, a.context + a.steps + 1,
-                           a.device)
+                           a.device, scoring=a.page_scoring)
     summ = cq.summary(a.tau)
     print(f"calibrated in {time.time() - t0:.0f} s: {json.dumps(summ)}", flush=True)
     layers = [int(x) for x in a.check_layers.split(",") if x.strip()] or None
