@@ -75,7 +75,8 @@ class EnvSettings:
         "FREEKV_BENCH_LOCALITY", None, "benchmarks only: decode queries are replaced by synthetic ones at a measured "
         "query locality (`runtime/synthetic.py`): per (layer, KV head) the correction check's similarity is drawn "
         "from the measurement and the share of selected pages that change per step matches it; `calibrated` is "
-        "`docs/data/locality-smollm2-135m.json` (SmolLM2-135M, `python -m freekv_sglang.fidelity.locality`); "
+        "`docs/data/locality-smollm2-135m.json` (SmolLM2-135M, `python -m freekv_sglang.fidelity.locality`), "
+        "`-grid2.json` with `--freekv-page-scoring grid2` (its own selection's page change); "
         "generated tokens become meaningless; not with `FREEKV_BENCH_QUERY_COSINE`", kind=str,
         allowed="`calibrated`, `calibrated:PATH` or the path of such a JSON")
     model_cache: str = _knob(

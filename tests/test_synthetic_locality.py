@@ -157,6 +157,8 @@ def test_a_measurement_of_another_rules_selection_is_refused():
     for path, scoring in ((MEASURED, "grid2"), (MEASURED_GRID2, "quest")):
         with pytest.raises(ValueError, match="measured the page change"):
             S.CalibratedQueries("calibrated:" + path, 2, 4, 2, 16, lay, 4096, "cpu", scoring=scoring)
+    with pytest.raises(ValueError, match="keep margin"):  # the runtime's own margin would count twice
+        S.MeasuredLocality.load(os.path.join(ROOT, "docs", "data", "locality-smollm2-135m-grid2-keep4.json"))
 
 
 def test_grid2_measurement_changes_more_pages_than_quests():

@@ -152,8 +152,11 @@ class MeasuredLocality:
         corr = torch.tensor([[h.get("page_change_corrected") if h.get("page_change_corrected") is not None
                               else h["page_change"][str(budget)] for h in layer] for layer in data["heads"]],
                             dtype=torch.float32)
-        rule = data.get("meta", {}).get("working set", {}).get("page_scoring", "quest")
-        return cls(quant, share, budget, path, corr, rule)
+        ws = data.get("meta", {}).get("working set", {})
+        if ws.get("keep_margin"):
+            raise ValueError(f"{path}: measured with a keep margin of {ws['keep_margin']} pages; calibrate to the "
+                             "plain selection's page change (the runtime applies its own --freekv-keep-margin)")
+        return cls(quant, share, budget, path, corr, ws.get("page_scoring", "quest"))
 
     def check_scoring(self, scoring: str) -> None:
         """Refuse calibrating a runtime's page ``scoring`` to another rule's page change (``ValueError``)."""
