@@ -611,9 +611,10 @@ def main() -> None:
                    help="FreeKV host tier for the capacity run (default: 80%% of the available memory)")
     p.add_argument("--capacity-gpu-tier-gb", type=float, default=0.0,
                    help="also run FreeKV with this --freekv-gpu-tier-gb in the capacity run (0: not)")
-    p.add_argument("--prefill-tokens-per-forward", type=int, default=262144,
+    p.add_argument("--prefill-tokens-per-forward", type=int, default=131072,
                    help="prefill a batch longer than this in groups of whole requests, one forward each "
-                        "(every mode; 0: the whole batch in one forward, as SGLang's benchmark does)")
+                        "(every mode; 0: the whole batch in one forward, as SGLang's benchmark does; dense's "
+                        "8 x 32K forward ran out of memory on an 80 GB H100)")
     p.add_argument("--out", default="bench-out", help="folder for logs and results")
     p.add_argument("--commit", help="commit to record (default: the checkout's HEAD)")
     p.add_argument("--docs", default=None, metavar="DIR",

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import dense_attention, sparse_attention
+from .attention import sparse_attention
 from .correction import correction_flags
 from .layout import WorkingSetLayout
 from .scores import aggregate_gqa
@@ -174,8 +174,3 @@ class LayerState:
             recalled += self._apply(self.select(q, n + 1), None)
         self.stats.append(StepStats(int(flags.sum()), recalled, hkv, not bool(lay.is_dense(n)), critical))
         return out
-
-
-def dense_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """Dense reference for one step (``[Hq, D]`` float32)."""
-    return dense_attention(q, keys, values, scale)

@@ -28,7 +28,6 @@ PAGE_SIZE = 32
 SINK_TOKENS = 128  # 4 pages
 WINDOW_TOKENS = 256  # 8 pages (7 full + the current one)
 BUDGETS = (256, 512, 1024)  # selected tokens per KV head: 8, 16, 32 pages
-MODE_NAMES = ("dense", "oracle", "speculative", "corrected@0.8", "corrected@0.9")
 
 
 @dataclass(frozen=True)

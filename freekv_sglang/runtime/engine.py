@@ -32,7 +32,6 @@ indexed by host page and rewritten when the page is written again.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -607,7 +606,3 @@ class FreeKVRuntime:
 
     def close(self):
         self.host.close()
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

@@ -148,11 +148,6 @@ class PrefixAttention:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    @staticmethod
-    def bytes_for(capacity_pages: int, page_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """GPU bytes of a staging area of ``capacity_pages`` pages per buffer (two buffers, K and V)."""
-        return 2 * 2 * capacity_pages * page_size * n_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
-
     # ------------------------------------------------------------------ planning
     def plan(self, rows: torch.Tensor, prefix_lens: list[int], extend_lens: list[int]) -> bool:
         """Plan the staging and the block attention of one extend batch; start the first copy.
