@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU check of a checkout on a CUDA machine: kernel + runtime tests, then end-to-end server tests.
 # Usage (repo root): bash launch/gpu_check.sh [pytest -k expression for the e2e tests]
-# The unit tests are collected once and dealt round-robin over UNIT_SHARDS parallel pytest processes (default 8:
-# Triton compilation and the float32 CPU references are CPU-bound, and round-robin spreads each file's slow
-# cases over the shards; four file groups took more than 8 minutes on an H100 with 16 cores). The e2e tests (server tests and SGLang's load generator against
-# a FreeKV server) start about twenty servers one after the other
+# The unit tests are collected once and dealt round-robin over UNIT_SHARDS parallel pytest processes (default
+# 8: Triton compilation and the float32 CPU references are CPU-bound, and round-robin spreads each file's slow
+# cases over the shards; four file groups took more than 8 minutes on an H100 with 16 cores); a file that fails
+# to collect fails the check. The e2e tests (server tests and SGLang's load generator against a FreeKV server)
+# start about twenty servers one after the other
 # (about 25 minutes on one GPU; E2E_GPUS=1,2,3 deals them over one lane per GPU). Logs go to $OUT
 # (default ./gpu-check-out). Then, when the real model's folder is present (FREEKV_SMOLLM2, or the default
 # model converted by `python -m freekv_sglang.default_model`), the real-model checks
@@ -15,6 +16,8 @@ OUT="${OUT:-$PWD/gpu-check-out}"; mkdir -p "$OUT"; export OUT
 K="${1:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 python3 -c "import torch, triton, flashinfer, sglang; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__, 'sglang', sglang.__version__)" | tee -a "$OUT/card.txt"
+python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "[gpu_check] no CUDA device: every test would skip, so there is nothing to check"; exit 1; }
 t0=$(date +%s)
 PT=(python3 -m pytest -q -p no:cacheprovider --durations=8 --tb=short)
 UNIT_FILES=(tests/gpu/test_kernels_gpu.py tests/gpu/test_kernels_fused_gpu.py tests/gpu/test_kernels_graph.py
@@ -22,13 +25,20 @@ UNIT_FILES=(tests/gpu/test_kernels_gpu.py tests/gpu/test_kernels_fused_gpu.py te
             tests/gpu/test_kernels_overfetch_gpu.py tests/gpu/test_runtime_engine_gpu.py tests/gpu/test_runtime_graph.py
             tests/gpu/test_host_store_gpu.py tests/gpu/test_prefix_attention_gpu.py)
 SHARDS="${UNIT_SHARDS:-8}"
-python3 -m pytest -q -p no:cacheprovider --collect-only "${UNIT_FILES[@]}" 2>&1 | grep "::" > "$OUT/gpu-unit-ids.txt"
+python3 -m pytest -q -p no:cacheprovider --collect-only "${UNIT_FILES[@]}" > "$OUT/gpu-unit-collect.log" 2>&1
+collect_rc=$?
+grep "::" "$OUT/gpu-unit-collect.log" > "$OUT/gpu-unit-ids.txt"
 n_ids=$(wc -l < "$OUT/gpu-unit-ids.txt")
-[[ $n_ids -gt 0 ]] || { echo "[gpu_check] no unit tests collected"; exit 1; }
+if [[ $collect_rc -ne 0 || $n_ids -eq 0 ]]; then
+  echo "[gpu_check] collecting the unit tests failed (rc=$collect_rc, $n_ids collected):"
+  grep -E "^(ERROR|E )" "$OUT/gpu-unit-collect.log" | head -20
+  exit 1
+fi
 echo "[gpu_check] $n_ids unit tests in $SHARDS shards"
 pids=()
 for ((i = 0; i < SHARDS; i++)); do
   awk -v s="$SHARDS" -v i="$i" '(NR - 1) % s == i' "$OUT/gpu-unit-ids.txt" > "$OUT/gpu-unit-$i.ids"
+  [[ -s "$OUT/gpu-unit-$i.ids" ]] || break  # fewer tests than shards
   mapfile -t ids < "$OUT/gpu-unit-$i.ids"
   timeout "${UNIT_TIMEOUT:-600}" "${PT[@]}" "${ids[@]}" > "$OUT/gpu-unit-$i.log" 2>&1 &
   pids+=($!)
