@@ -97,11 +97,7 @@ def parse_variant(name: str) -> tuple[str, dict[str, str]]:
     return base, env
 
 
-_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "data")
-#: ``calibrated``: the locality measurements kept in this repository, per page scoring (each rule's own page change).
-DEFAULT_LOCALITIES = {"quest": os.path.join(_DATA, "locality-smollm2-135m.json"),
-                      "grid2": os.path.join(_DATA, "locality-smollm2-135m-grid2.json")}
-DEFAULT_LOCALITY = DEFAULT_LOCALITIES["quest"]
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def page_scoring_of(base: str) -> str:
@@ -110,15 +106,18 @@ def page_scoring_of(base: str) -> str:
 
 
 def locality_spec(spec: str, scoring: str = "quest") -> str:
-    """A benchmark's ``--locality``: ``calibrated`` (the measurement of ``scoring``'s selection,
-    :data:`DEFAULT_LOCALITIES`) or ``calibrated:PATH`` -> ``calibrated:ABSOLUTE_PATH``, the value of
+    """A benchmark's ``--locality``: ``calibrated`` (the measurement of ``scoring``'s selection kept in this
+    repository, ``freekv_sglang.runtime.synthetic.DEFAULT_LOCALITIES``) or ``calibrated:PATH`` -> ``calibrated:ABSOLUTE_PATH``, the value of
     ``FREEKV_BENCH_LOCALITY`` its servers get (whatever their working directory). ``ValueError`` if malformed or
     the file is missing."""
     if spec != "calibrated" and not spec.startswith("calibrated:"):
         raise ValueError(f"expected calibrated or calibrated:PATH, got {spec!r}")
+    from freekv_sglang.runtime.synthetic import DEFAULT_LOCALITIES
+
     if spec == "calibrated" and scoring not in DEFAULT_LOCALITIES:
         raise ValueError(f"no calibrated locality for page scoring {scoring!r}")
-    path = DEFAULT_LOCALITIES[scoring] if spec == "calibrated" else os.path.abspath(spec.split(":", 1)[1])
+    path = (os.path.join(_ROOT, DEFAULT_LOCALITIES[scoring]) if spec == "calibrated"
+            else os.path.abspath(spec.split(":", 1)[1]))
     if not os.path.isfile(path):
         raise ValueError(f"no locality measurement at {path} (python -m freekv_sglang.fidelity.locality --json PATH "
                          "writes one)")

@@ -15,7 +15,7 @@ from freekv_sglang.runtime import synthetic as S
 from freekv_sglang.settings import EnvSettings, load_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEASURED = os.path.join(ROOT, S.DEFAULT_LOCALITY)
+MEASURED = os.path.join(ROOT, S.DEFAULT_LOCALITIES["quest"])
 MEASURED_GRID2 = os.path.join(ROOT, S.DEFAULT_LOCALITIES["grid2"])
 
 

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..algorithm import WorkingSetLayout, aggregate_gqa, query_similarity, quest_scores, topk_pages
-from ..algorithm.digests import page_digests
+from ..algorithm import WorkingSetLayout, aggregate_gqa, query_similarity, topk_pages
+from ..algorithm.scoring_rules import get_rule
 from ..algorithm.selection import sticky_scores
 from ..provenance import command_line, commit_id
 
@@ -139,14 +139,9 @@ def replay_layer(q: torch.Tensor, k: torch.Tensor, start: int, n_kv_heads: int, 
     n_tok, hq, d = q.shape
     if not 0 < start < n_tok:
         raise ValueError(f"start {start} must lie inside the {n_tok} positions (after at least one prefill token)")
-    if rule == "quest":
-        digests, ctx, score = page_digests(k, page_size), None, None  # every full page; candidacy masks the rest
-    else:
-        from ..algorithm.scoring_rules import get_rule
-
-        r = get_rule(rule)
-        ctx = r.fit_layer(k[:start], layer)
-        digests, score = r.digests(k, page_size, ctx), r.scores_shared
+    r = get_rule(rule)  # quest: the page digests and Quest's bound exactly
+    ctx = r.fit_layer(k[:start], layer)
+    digests = r.digests(k, page_size, ctx)  # every full page; candidacy masks the rest
     n_pages = digests.shape[0]
     pos = torch.arange(start, n_tok)
     sim = torch.full((len(pos), n_kv_heads), float("nan"))
@@ -156,11 +151,9 @@ def replay_layer(q: torch.Tensor, k: torch.Tensor, start: int, n_kv_heads: int, 
     qcos[1:] = torch.nn.functional.cosine_similarity(q[pos[1:]], q[pos[1:] - 1], dim=-1)
     lays = {b: WorkingSetLayout.from_tokens(page_size, sink, b, window) for b in budgets}
     lay0 = next(iter(lays.values()))  # candidates depend on the sink and window only
+
     def agg_scores(p):  # positions p [B] -> GQA-aggregated page scores [B, Hkv, Np] over their candidates
-        if score is None:
-            s = quest_scores(q[p], digests[None].expand(len(p), *digests.shape))
-        else:
-            s = score(q[p], digests, ctx)  # one set of digests for every position
+        s = r.scores_shared(q[p], digests, ctx)  # one set of digests for every position
         return aggregate_gqa(s, n_kv_heads, gqa, lay0.candidate_mask(p + 1, n_pages), head_dim=d)
 
     sels = {b: [] for b in budgets}

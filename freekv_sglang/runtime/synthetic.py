@@ -75,7 +75,6 @@ class SyntheticQueries:
 #: scoring: each rule's page change is that of its own selection on the real model.
 DEFAULT_LOCALITIES = {"quest": os.path.join("docs", "data", "locality-smollm2-135m.json"),
                       "grid2": os.path.join("docs", "data", "locality-smollm2-135m-grid2.json")}
-DEFAULT_LOCALITY = DEFAULT_LOCALITIES["quest"]
 DECOY_SCALE = 1.0 / 1024  # the decoy head's norm relative to the others'
 NOISE_VECTORS = 4096
 PULL = 0.5  # how strongly a step's direction leans back towards the head's anchor (keeps queries from drifting)
@@ -107,22 +106,20 @@ def page_scorer(scoring: str, keys: torch.Tensor, layout):
     returns ``(score, n_pages)``, ``score(q [B, Hq, D]) -> [B, Hq, n_pages]`` (every full page; candidacy is the
     caller's). ``quest``: Quest's bound on the page digests; ``grid2``: 2-bit codes on the grid fitted to the
     sink's keys (the runtime's ``--freekv-page-scoring grid2``, rule ``grid2sink<sink tokens>``)."""
-    from freekv_sglang.algorithm import quest_scores
-    from freekv_sglang.algorithm.digests import page_digests
     from freekv_sglang.algorithm.scoring_rules import get_rule
 
-    if scoring == "quest":
-        dig = page_digests(keys, layout.page_size)  # [Np, Hkv, 2, D]
-        return (lambda q: quest_scores(q, dig[None].expand(len(q), *dig.shape))), dig.shape[0]
+    if scoring not in DEFAULT_LOCALITIES:
+        raise ValueError(f"unknown page scoring {scoring!r}; use one of {sorted(DEFAULT_LOCALITIES)}")
+    name = scoring
     if scoring == "grid2":
         sink = layout.n_sink * layout.page_size
         if sink <= 0:
             raise ValueError("grid2 page scoring fits its grid on the sink: the layout has no sink pages")
-        rule = get_rule(f"grid2sink{sink}")
-        ctx = rule.fit(keys)
-        dig = rule.digests(keys, layout.page_size, ctx)  # [Np, Hkv, P, D] codes
-        return (lambda q: rule.scores_shared(q, dig, ctx)), dig.shape[0]
-    raise ValueError(f"unknown page scoring {scoring!r}; use one of {sorted(DEFAULT_LOCALITIES)}")
+        name = f"grid2sink{sink}"
+    rule = get_rule(name)
+    ctx = rule.fit(keys)
+    dig = rule.digests(keys, layout.page_size, ctx)  # quest: [Np, Hkv, 2, D] bounds; grid2: [Np, Hkv, P, D] codes
+    return (lambda q: rule.scores_shared(q, dig, ctx)), dig.shape[0]
 
 
 @dataclass
