@@ -99,41 +99,41 @@ def test_needle_token_positions_cover_the_span():
 
 # ---- rows ----------------------------------------------------------------------------------
 def test_rule_and_aggregation_suffixes():
-    rows = build_rows(["oracle", "oracle+rule=sub16", "corrected@0.9+rule=meanabs1+agg=max", "oracle+agg=softmax-mean",
+    rows = build_rows(["oracle", "oracle+rule=box2", "corrected@0.9+rule=grid2+agg=max", "oracle+agg=softmax-mean",
                        "corrected@0.9+fp8+rule=box1"], [64, 128])
     assert [r.label for r in rows] == [
-        "dense", "oracle/64", "oracle+rule=sub16/64", "corrected@0.9+rule=meanabs1+agg=max/64",
-        "oracle+agg=softmax-mean/64", "corrected@0.9+fp8+rule=box1/64", "oracle/128", "oracle+rule=sub16/128",
-        "corrected@0.9+rule=meanabs1+agg=max/128", "oracle+agg=softmax-mean/128", "corrected@0.9+fp8+rule=box1/128"]
+        "dense", "oracle/64", "oracle+rule=box2/64", "corrected@0.9+rule=grid2+agg=max/64",
+        "oracle+agg=softmax-mean/64", "corrected@0.9+fp8+rule=box1/64", "oracle/128", "oracle+rule=box2/128",
+        "corrected@0.9+rule=grid2+agg=max/128", "oracle+agg=softmax-mean/128", "corrected@0.9+fp8+rule=box1/128"]
     by = {r.label: r for r in rows}
     assert by["oracle/64"].scoring == "quest" and by["oracle/64"].settings().scoring == "quest"
-    s = by["corrected@0.9+rule=meanabs1+agg=max/64"].settings()
-    assert (s.scoring, s.gqa_aggregation, s.correction_threshold) == ("meanabs1", "max", 0.9)
+    s = by["corrected@0.9+rule=grid2+agg=max/64"].settings()
+    assert (s.scoring, s.gqa_aggregation, s.correction_threshold) == ("grid2", "max", 0.9)
     assert by["oracle+agg=softmax-mean/64"].settings().gqa_aggregation == "softmax-mean"
     assert by["corrected@0.9+fp8+rule=box1/64"].kv_fp8
     # the run's rule applies where a row names none
-    rows = build_rows(["oracle", "oracle+rule=quest"], [64], scoring="sub8")
-    assert [r.label for r in rows] == ["dense", "oracle+rule=sub8/64", "oracle/64"]
+    rows = build_rows(["oracle", "oracle+rule=quest"], [64], scoring="box1")
+    assert [r.label for r in rows] == ["dense", "oracle+rule=box1/64", "oracle/64"]
 
 
 @pytest.mark.parametrize("mode,match", [("oracle+rule=nope", "scoring rule"), ("oracle+agg=median", "aggregation"),
-                                        ("oracle+rules=sub8", "suffix")])
+                                        ("oracle+rules=box1", "suffix")])
 def test_bad_suffixes_fail(mode, match):
     with pytest.raises(ValueError, match=match):
         build_rows([mode], [64])
 
 
 def test_rule_labels():
-    rows = build_rows(["oracle", "oracle+rule=sub8", "corrected@0.9+rule=sub8", "oracle+agg=max"], [64],
+    rows = build_rows(["oracle", "oracle+rule=box1", "corrected@0.9+rule=box1", "oracle+agg=max"], [64],
                       gqa_aggregation="softmax-mean")
-    labels = needle.rule_labels(rows, ["keyslse", "box1/max", "sub8"])
-    assert labels == {"quest/softmax-mean": ("quest", "softmax-mean"), "sub8/softmax-mean": ("sub8", "softmax-mean"),
+    labels = needle.rule_labels(rows, ["keyslse", "box1/max", "box1"])
+    assert labels == {"quest/softmax-mean": ("quest", "softmax-mean"), "box1/softmax-mean": ("box1", "softmax-mean"),
                       "quest/max": ("quest", "max"), "keyslse/softmax-mean": ("keyslse", "softmax-mean"),
                       "box1/max": ("box1", "max")}
     with pytest.raises(ValueError):
         needle.rule_labels(rows, ["nope"])
     with pytest.raises(ValueError):
-        needle.rule_labels(rows, ["sub8/median"])
+        needle.rule_labels(rows, ["box1/median"])
 
 
 # ---- diagnostic ----------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_row_summary_and_merge():
 
 
 def test_report_has_needle_columns_and_sections():
-    rows = build_rows(["oracle", "oracle+rule=sub8"], [64])
+    rows = build_rows(["oracle", "oracle+rule=box1"], [64])
     res = _fake_result(["fact@0.5/100#5", "kv@0.5/100#6"], [[True, True, False], [True, False, False]])
     for c in res["cases"]:
         c["answers"] = [" 1", " 1", " 2"]
@@ -201,10 +201,3 @@ def test_report_has_needle_columns_and_sections():
     assert "## Needle cases" in md and "| fact@0.5/100#5 | 100 | 1 | ' 1' | 1/2 |" in md
     assert "| quest/mean | 3 | 33.3% |" in md
     assert not math.isnan(summary[1]["needle"])
-
-
-def test_calibration_names_of_the_rules():
-    from freekv_sglang.fidelity.calibration import calibration_names
-
-    assert calibration_names(["quest", "grid2", "grid2sink", "box2/max"]) == []
-    assert calibration_names(["grid2calcode", "grid2calcodemm/max", "grid2calprose", "quest"]) == ["code", "prose"]

@@ -130,7 +130,7 @@ def test_needle_in_the_quick_run(quick):
 def test_needle_cli_with_rules(tmp_path):
     """``--tasks needle`` with a row of another scoring rule and a rule ranked by the diagnostic only; the JSON
     of two such runs merges."""
-    common = ["--quick", "--tasks", "needle", "--budgets", "128", "--modes", "oracle,oracle+rule=sub16",
+    common = ["--quick", "--tasks", "needle", "--budgets", "128", "--modes", "oracle,oracle+rule=box2",
               "--needle-rules", "keyslse,quest/max"]
     outs = []
     for depth in ("0.25", "0.75"):
@@ -138,8 +138,8 @@ def test_needle_cli_with_rules(tmp_path):
         assert cli.main(common + ["--needle-depths", depth, "--json", str(path)]) == 0
         outs.append(json.loads(path.read_text()))
     nd = outs[0]["results"]["needle"]
-    assert [r["label"] for r in outs[0]["rows"]] == ["dense", "oracle/128", "oracle+rule=sub16/128"]
-    assert list(nd["needle_hits"]) == ["exact", "quest/mean", "sub16/mean", "keyslse/mean", "quest/max"]
+    assert [r["label"] for r in outs[0]["rows"]] == ["dense", "oracle/128", "oracle+rule=box2/128"]
+    assert list(nd["needle_hits"]) == ["exact", "quest/mean", "box2/mean", "keyslse/mean", "quest/max"]
     for res in (o["results"]["needle"] for o in outs):
         c = res["cases"][0]
         assert len(c["correct"]) == 3 and c["prompt_tokens"] <= 1000 and c["needle_pages"]

@@ -89,7 +89,6 @@ class LayerState:
     digests: torch.Tensor = None  # [n_full_pages, Hkv, 2, D] (quest; other rules: [n_full_pages, Hkv, R, C])
     stats: list = field(default_factory=list)
     rule_ctx: object = None  # what the scoring rule learned from the prompt's keys (None for quest)
-    layer: int | None = None  # the model layer (for rules calibrated per layer, scoring_rules.GridCodes)
 
     def __post_init__(self):
         if self.resident is None:
@@ -134,7 +133,7 @@ class LayerState:
     def prefill(self, keys: torch.Tensor, q_last: torch.Tensor) -> int:
         """Seed after a prompt of ``len(keys)`` tokens. Returns pages recalled."""
         lay = self.settings.layout
-        self.rule_ctx = self.rule.fit_layer(keys, self.layer)
+        self.rule_ctx = self.rule.fit(keys)
         self.digests = self.rule.digests(keys, lay.page_size, self.rule_ctx)
         self.q_prev = None
         self.resident = torch.full(self.resident.shape, -1, dtype=torch.long, device=keys.device)

@@ -17,44 +17,27 @@ Rules (``D`` head dim, ``P`` page size, ``G`` tokens per group; "values" are per
 name      digest (per page and KV head) / score                  values        MACs/(q head, page)
 ========  =====================================================  ============  ===================
 quest     channel max/min of the keys; sum_d max(q mx, q mn)     2 D           2 D
-subS      Quest boxes of sub-pages of S tokens; max over them    2 D P/S       2 D P/S
-topnormR  the R keys of largest norm; max_j q . k_j              R D           R D
-kmeansR   R k-means centroids of the keys; max_j q . c_j         R D           R D
-meanstdA  mean, channel std; q . mu + A |q| . sd                 2 D           2 D
-meanabsA  mean, channel max |k - mu|; same score                 2 D           2 D
-pcabox    Quest in the eigenbasis of the prompt's keys           2 D           2 D + D^2/q
-lowrankR  every key on the top-R principal axes                  P R           P R + D R/q
-chanR     every key on its R channels of most energy             P R           P R
 boxB[gG]  Quest box + B-bit code per (token/group, channel)      2D + PDB/16G  P D / G
-split1    box-free: 1 bit per (token, channel) vs the page mean  2D + PD/16    P D
 gridB     every key in B bits on a grid fitted to the prompt     P D B/16      P D
           (``...sink[N]``: to the first N prompt tokens;
-          ``...calNAME``: to a calibration text; ``mm``: min/max;
-          ``x0``: token 0 left out of the fit)
+          ``mm``: min/max; ``x0``: token 0 left out of the fit)
 keyslse   every key exactly (diagnostic)                         P D           P D
-qpreNR    Quest keeps the top N pages per KV head, rule R          2 D + R's     2 D, + R's for N
-          ranks them (e.g. ``qpre128grid2sink128``)
 ========  =====================================================  ============  ===================
 
-The ``lse`` rules score ``logsumexp_t q . k_hat_t / sqrt(D)`` over the page's (approximate) keys,
-the log of the page's unnormalised attention mass; a ``max`` suffix (``lowrankRmax``, ``chanRmax``,
-``boxBmax``, ``split1max``, ``keysmax``) scores the largest logit instead. ``lowrankR``, ``chanR``, ``boxB``,
-``split1``, ``gridB`` and ``keyslse`` are ``lse`` rules (the last is a diagnostic: the exact page mass
-ranking that ``exact`` fidelity rows use, up to GQA aggregation). ``psplit1`` is ``split1`` in the eigenbasis of the
-prompt's keys. The rules with a ``fit`` learn per KV head from the prompt's keys (``pcabox``, ``lowrankR``,
-``psplit1``: a basis; ``chanR``: channels; ``gridB``: a grid) and keep it for the request. ``gridBsink`` and
-``gridBcalNAME`` fit grids that every request sharing a page also shares (:class:`GridCodes`).
+The ``lse`` rules score ``logsumexp_t q . k_hat_t / sqrt(D)`` over the page's (approximate) keys, the log of
+the page's unnormalised attention mass; a ``max`` suffix (``boxBmax``, ``keysmax``) scores the largest logit
+instead. ``keyslse`` is the diagnostic: the exact page-mass ranking that ``exact`` fidelity rows use, up to GQA
+aggregation. ``gridB`` learns its grid per KV head from the prompt's keys (``fit``) and keeps it for the
+request; ``gridBsink`` fits it on the sink tokens, which every request sharing a page also shares.
+
+The study that chose ``grid2sink`` also screened representative keys, k-means centroids, mean-plus-spread
+digests, sub-page boxes, PCA boxes, low-rank and channel sketches, 1-bit split codes, per-model calibrated grids
+and a Quest prefilter; they lost (docs/FIDELITY.md, "Needle retrieval in natural text", with their numbers and
+the commit that still has their code) and were removed.
 
 :func:`get_rule` parses every name above. ``quest`` is the default; it equals :func:`~.scores.quest_scores` over
 :func:`~.digests.page_digests` exactly. The runtime and the kernels implement ``quest`` and ``grid2sink``
 (``--freekv-page-scoring grid2``: the grid fitted on the sink tokens, once the sink is full).
-
-Candidate for the default: ``grid2`` (:class:`GridCodes`). On the needle cases of the fidelity harness it answers
-everything dense answers at 1024 and 2048 selected tokens, where quest answers 37% and 68%; it keeps twice
-quest's digest size and needs 16x its scoring MACs (docs/FIDELITY.md, "Needle retrieval in natural text").
-For a runtime that shares prefix digests between requests, ``grid2sink`` (the grid fitted on the sink's keys)
-scores as well on those cases; a per-model grid calibrated on code text does not (docs/FIDELITY.md, "A grid that
-does not depend on the request").
 """
 
 from __future__ import annotations
@@ -83,10 +66,6 @@ class ScoringRule:
     def fit(self, keys: torch.Tensor):
         """Context from the prompt's keys ``[n, Hkv, D]`` (``None``: the rule needs none)."""
         return None
-
-    def fit_layer(self, keys: torch.Tensor, layer: int | None):
-        """:meth:`fit` for ``layer`` of the model (only rules with a per-layer calibration use ``layer``)."""
-        return self.fit(keys)
 
     def digests(self, keys: torch.Tensor, page_size: int, ctx=None) -> torch.Tensor:
         raise NotImplementedError
@@ -143,235 +122,6 @@ class Quest(ScoringRule):
 
     def score_macs(self, page_size, head_dim):
         return 2 * head_dim
-
-
-def _box_scores(q: torch.Tensor, digests: torch.Tensor) -> torch.Tensor:
-    """``q`` ``[B, Hq, C]``, ``digests`` ``[B, Np, Hkv, 2 m, C]`` (max, min pairs) -> max over the ``m``
-    boxes of the Quest bound, float32 ``[B, Hq, Np]``."""
-    b, hq, c = q.shape
-    _, np_, hkv, r2, _ = digests.shape
-    g = hq // hkv
-    d = digests.float().view(b, np_, hkv, r2 // 2, 2, c).permute(0, 2, 1, 3, 4, 5)  # [B, Hkv, Np, m, 2, C]
-    qf = q.float().view(b, hkv, g, 1, 1, 1, c)
-    s = torch.maximum(qf * d[:, :, None, :, :, 0:1], qf * d[:, :, None, :, :, 1:2]).sum(-1)  # [B,Hkv,G,Np,m,1]
-    return s.squeeze(-1).amax(-1).reshape(b, hq, np_)
-
-
-@dataclass(frozen=True, repr=False)
-class SubPages(ScoringRule):
-    """Quest boxes of sub-pages of ``sub`` tokens; a page scores the best of its sub-pages.
-
-    Digest ``[n, Hkv, 2 P/sub, C]``: (max, min) of sub-page 0, then of sub-page 1, ...
-    """
-
-    sub: int = 16
-
-    @property
-    def name(self):
-        return f"sub{self.sub}"
-
-    def digests(self, keys, page_size, ctx=None):
-        if page_size % self.sub:
-            raise ValueError(f"sub-page {self.sub} must divide the page size {page_size}")
-        pg = _pages(keys, page_size)  # [n, P, Hkv, D]
-        m = page_size // self.sub
-        sp = pg.unflatten(1, (m, self.sub))  # [n, m, sub, Hkv, D]
-        box = torch.stack([sp.amax(2), sp.amin(2)], dim=2)  # [n, m, 2, Hkv, D]
-        return box.permute(0, 3, 1, 2, 4).flatten(2, 3)  # [n, Hkv, 2m, D]
-
-    def scores(self, q, digests, ctx=None):
-        return _box_scores(q, digests)
-
-    def digest_values(self, page_size, head_dim):
-        return 2 * head_dim * page_size // self.sub
-
-    def score_macs(self, page_size, head_dim):
-        return 2 * head_dim * page_size // self.sub
-
-
-def _max_dot(q: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
-    """``q`` ``[B, Hq, C]``, ``reps`` ``[B, Np, Hkv, R, C]`` -> ``max_j q . reps_j``, float32 ``[B, Hq, Np]``."""
-    b, hq, c = q.shape
-    _, np_, hkv, r, _ = reps.shape
-    qf = q.float().view(b, hkv, hq // hkv, c)
-    s = torch.einsum("bkgc,bpkrc->bkgpr", qf, reps.float())
-    return s.amax(-1).reshape(b, hq, np_)
-
-
-class _RepresentativeKeys(ScoringRule):
-    """Rules whose digest is ``r`` key-like vectors per page, scored by ``max_j q . v_j``."""
-
-    r: int
-
-    def scores(self, q, digests, ctx=None):
-        return _max_dot(q, digests)
-
-    def digest_values(self, page_size, head_dim):
-        return self.r * head_dim
-
-    def score_macs(self, page_size, head_dim):
-        return self.r * head_dim
-
-
-@dataclass(frozen=True, repr=False)
-class TopNorm(_RepresentativeKeys):
-    """The ``r`` keys of largest norm of each page; score ``max_j q . k_j``."""
-
-    r: int = 4
-
-    @property
-    def name(self):
-        return f"topnorm{self.r}"
-
-    def digests(self, keys, page_size, ctx=None):
-        pg = _pages(keys, page_size).permute(0, 2, 1, 3)  # [n, Hkv, P, D]
-        idx = pg.norm(dim=-1).topk(min(self.r, page_size), dim=-1).indices  # [n, Hkv, r]
-        return torch.gather(pg, 2, idx[..., None].expand(-1, -1, -1, pg.shape[-1]))
-
-
-@dataclass(frozen=True, repr=False)
-class KMeans(_RepresentativeKeys):
-    """``r`` centroids of each page's keys (Lloyd's algorithm, ``iters`` rounds from the strided keys
-    ``0, P/r, 2P/r, ...``; an empty cluster keeps its previous centroid); score ``max_j q . c_j``."""
-
-    r: int = 4
-    iters: int = 8
-
-    @property
-    def name(self):
-        return f"kmeans{self.r}"
-
-    def digests(self, keys, page_size, ctx=None):
-        pg = _pages(keys, page_size).permute(0, 2, 1, 3)  # [n, Hkv, P, D]
-        r = min(self.r, page_size)
-        c = pg[:, :, :: page_size // r][:, :, :r].clone()  # [n, Hkv, r, D]
-        for _ in range(self.iters):
-            assign = torch.cdist(pg, c).argmin(-1)  # [n, Hkv, P]
-            onehot = torch.nn.functional.one_hot(assign, r).float()  # [n, Hkv, P, r]
-            cnt = onehot.sum(2)  # [n, Hkv, r]
-            tot = torch.einsum("nhpr,nhpd->nhrd", onehot, pg)
-            c = torch.where(cnt[..., None] > 0, tot / cnt.clamp_min(1)[..., None], c)
-        return c
-
-
-@dataclass(frozen=True, repr=False)
-class MeanSpread(ScoringRule):
-    """Mean key and a per-channel spread: ``q . mu + alpha * sum_d |q_d| spread_d``.
-
-    ``spread="std"``: the channel standard deviation; ``"abs"``: ``max_t |k_td - mu_d|`` (with
-    ``alpha = 1`` an upper bound of ``q . k``, a box centred on the mean).
-    """
-
-    alpha: float = 1.0
-    spread: str = "std"
-
-    @property
-    def name(self):
-        return f"mean{self.spread}{self.alpha:g}"
-
-    def digests(self, keys, page_size, ctx=None):
-        pg = _pages(keys, page_size)  # [n, P, Hkv, D]
-        mu = pg.mean(1)
-        if self.spread == "std":
-            sp = pg.std(1, unbiased=False)
-        else:
-            sp = (pg - mu[:, None]).abs().amax(1)
-        return torch.stack([mu, sp], dim=2)  # [n, Hkv, 2, D]
-
-    def scores(self, q, digests, ctx=None):
-        b, hq, c = q.shape
-        _, np_, hkv, _, _ = digests.shape
-        qf = q.float().view(b, hkv, hq // hkv, 1, c)
-        mu = digests[:, :, :, 0].float().permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, Np, C]
-        sp = digests[:, :, :, 1].float().permute(0, 2, 1, 3)[:, :, None]
-        s = (qf * mu).sum(-1) + self.alpha * (qf.abs() * sp).sum(-1)
-        return s.reshape(b, hq, np_)
-
-    def digest_values(self, page_size, head_dim):
-        return 2 * head_dim
-
-    def score_macs(self, page_size, head_dim):
-        return 2 * head_dim
-
-
-def _pca(keys: torch.Tensor):
-    """Per KV head: mean ``[Hkv, D]`` and eigenvectors of the key covariance, columns by decreasing
-    eigenvalue ``[Hkv, D, D]`` (float32)."""
-    k = keys.float().transpose(0, 1)  # [Hkv, n, D]
-    mu = k.mean(1)
-    kc = k - mu[:, None]
-    cov = kc.transpose(1, 2) @ kc / max(k.shape[1], 1)
-    _, vec = torch.linalg.eigh(cov)  # ascending
-    return mu, vec.flip(-1)
-
-
-class PcaBox(ScoringRule):
-    """Quest in the eigenbasis ``U`` of the prompt's key covariance: digests are the box of ``k U`` and a
-    query is scored as ``q U`` (``U`` orthogonal, so the bound still holds; a box aligned with the
-    keys' principal axes is tighter)."""
-
-    name = "pcabox"
-
-    def fit(self, keys):
-        return _pca(keys)[1]  # [Hkv, D, D]
-
-    def digests(self, keys, page_size, ctx=None):
-        rot = torch.einsum("nhd,hde->nhe", keys.float(), ctx)
-        return page_digests(rot, page_size)
-
-    def scores(self, q, digests, ctx=None):
-        b, hq, d = q.shape
-        hkv = digests.shape[2]
-        u = ctx if ctx.dim() == 4 else ctx[None].expand(b, -1, -1, -1)  # [B, Hkv, D, D]
-        qr = torch.einsum("bkgd,bkde->bkge", q.float().view(b, hkv, hq // hkv, d), u).reshape(b, hq, d)
-        return quest_scores(qr, digests)
-
-    def digest_values(self, page_size, head_dim):
-        return 2 * head_dim
-
-    def score_macs(self, page_size, head_dim):
-        return 2 * head_dim
-
-
-@dataclass(frozen=True, repr=False)
-class LowRank(ScoringRule):
-    """Every key of the page kept in ``r`` coordinates on the top principal axes of the prompt's keys;
-    a page scores ``logsumexp_t`` (``reduce="lse"``) or ``max_t`` (``"max"``) of the approximate
-    logits ``(q U) . ((k_t - mu) U) / sqrt(D)`` (``q . mu`` is the same for every page and dropped)."""
-
-    r: int = 8
-    reduce: str = "lse"
-
-    @property
-    def name(self):
-        return f"lowrank{self.r}" + ("" if self.reduce == "lse" else self.reduce)
-
-    def fit(self, keys):
-        mu, vec = _pca(keys)
-        return mu, vec[:, :, : self.r].contiguous()  # [Hkv, D], [Hkv, D, r]
-
-    def digests(self, keys, page_size, ctx=None):
-        mu, u = ctx
-        coords = torch.einsum("nhd,hdr->nhr", keys.float() - mu, u)  # [n, Hkv, r]
-        pg = _pages(coords, page_size)  # [n_full, P, Hkv, r]
-        return pg.permute(0, 2, 1, 3)  # [n_full, Hkv, P, r]
-
-    def scores(self, q, digests, ctx=None):
-        mu, u = ctx
-        b, hq, d = q.shape
-        hkv = digests.shape[2]
-        if u.dim() == 3:
-            u = u[None].expand(b, -1, -1, -1)
-        qp = torch.einsum("bkgd,bkdr->bkgr", q.float().view(b, hkv, hq // hkv, d), u)  # [B, Hkv, G, r]
-        logits = torch.einsum("bkgr,bpktr->bkgpt", qp, digests.float()) / math.sqrt(d)
-        s = torch.logsumexp(logits, -1) if self.reduce == "lse" else logits.amax(-1)
-        return s.reshape(b, hq, -1)
-
-    def digest_values(self, page_size, head_dim):
-        return page_size * self.r
-
-    def score_macs(self, page_size, head_dim):
-        return page_size * self.r
 
 
 def _reduce_tokens(logits: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -452,24 +202,6 @@ class BoxCodes(ScoringRule):
 
 SINK_TOKENS = 512  # the plugin's default sink; what ``gridBsink`` fits on unless its name gives a count
 
-_CALIBRATION: dict = {}  # calibration name -> per-layer keys [n, Hkv, D] (set_calibration)
-
-
-def set_calibration(name: str, keys_per_layer) -> None:
-    """Keys ``[n, Hkv, D]`` of every layer of the model, from a calibration text, for the ``gridBcalNAME``
-    rules (a grid fixed per model: the same for every request)."""
-    if not re.fullmatch(r"[a-z]+", name):
-        raise ValueError(f"calibration name {name!r}: lower-case letters only")
-    _CALIBRATION[name] = [k.detach().float().cpu() for k in keys_per_layer]
-
-
-def calibration_keys(name: str, layer: int) -> torch.Tensor:
-    """The keys :func:`set_calibration` stored for ``layer`` under ``name``."""
-    if name not in _CALIBRATION:
-        raise KeyError(f"no calibration {name!r} set (scoring_rules.set_calibration); have {sorted(_CALIBRATION)}")
-    return _CALIBRATION[name][layer]
-
-
 @dataclass(frozen=True, repr=False)
 class GridCodes(ScoringRule):
     """Every key of the page in ``bits`` bits per channel on a grid per KV head and channel (``2**bits`` equal
@@ -485,8 +217,6 @@ class GridCodes(ScoringRule):
       plugin's sink). Every request that shares a page beyond the sink shares these tokens, so the grid and
       the digests are the same for all of them; the sink's keys stay on the GPU. (Fitted at prefill here: a
       prompt shorter than ``sink`` fits on what it has, where a runtime would fit once the sink is full.)
-    * ``"cal"`` (``gridBcalNAME``): keys of a calibration text, per layer (:func:`set_calibration`): one grid
-      per model. Needs the layer: :meth:`fit_layer`.
     """
 
     bits: int = 2
@@ -494,12 +224,10 @@ class GridCodes(ScoringRule):
     minmax: bool = False
     skip0: bool = False
     sink: int = SINK_TOKENS
-    cal: str = ""
 
     @property
     def name(self):
-        src = {"prompt": "", "sink": "sink" + (str(self.sink) if self.sink != SINK_TOKENS else ""),
-               "cal": "cal" + self.cal}[self.fit_on]
+        src = "sink" + (str(self.sink) if self.sink != SINK_TOKENS else "") if self.fit_on == "sink" else ""
         return f"grid{self.bits}{src}" + ("mm" if self.minmax else "") + ("x0" if self.skip0 else "")
 
     def grid(self, keys: torch.Tensor):
@@ -512,15 +240,7 @@ class GridCodes(ScoringRule):
         return torch.quantile(k, 0.005, dim=0), torch.quantile(k, 0.995, dim=0)
 
     def fit(self, keys):
-        if self.fit_on == "cal":
-            raise ValueError(f"{self.name} is fitted per layer: use fit_layer(keys, layer)")
         return self.grid(keys[: self.sink] if self.fit_on == "sink" else keys)
-
-    def fit_layer(self, keys, layer):
-        if self.fit_on != "cal":
-            return self.fit(keys)
-        lo, hi = self.grid(calibration_keys(self.cal, layer))
-        return lo.to(keys.device), hi.to(keys.device)
 
     def digests(self, keys, page_size, ctx=None):
         lo, hi = ctx
@@ -557,162 +277,16 @@ class GridCodes(ScoringRule):
         return page_size * head_dim
 
 
-@dataclass(frozen=True, repr=False)
-class Channels(ScoringRule):
-    """Every key of the page on ``r`` channels only (the ``r`` of largest mean ``k_d^2`` over the prompt's
-    keys, per KV head); a page scores ``lse`` over its tokens of ``q_S . k_S / sqrt(D)``."""
-
-    r: int = 8
-    reduce: str = "lse"
-
-    @property
-    def name(self):
-        return f"chan{self.r}" + ("" if self.reduce == "lse" else self.reduce)
-
-    def fit(self, keys):
-        energy = keys.float().pow(2).mean(0)  # [Hkv, D]
-        return energy.topk(self.r, dim=-1).indices.sort(-1).values  # [Hkv, r]
-
-    def digests(self, keys, page_size, ctx=None):
-        sel = torch.gather(keys.float(), 2, ctx[None].expand(keys.shape[0], -1, -1))  # [n, Hkv, r]
-        return _pages(sel, page_size).permute(0, 2, 1, 3)  # [n, Hkv, P, r]
-
-    def scores(self, q, digests, ctx=None):
-        b, hq, d = q.shape
-        hkv = digests.shape[2]
-        idx = ctx if ctx.dim() == 3 else ctx[None].expand(b, -1, -1)  # [B, Hkv, r]
-        qs = torch.gather(q.float().view(b, hkv, hq // hkv, d), 3, idx[:, :, None].expand(-1, -1, hq // hkv, -1))
-        logits = torch.einsum("bkgr,bpktr->bkgpt", qs, digests.float()) / math.sqrt(d)
-        return _reduce_tokens(logits, self.reduce).reshape(b, hq, -1)
-
-    def digest_values(self, page_size, head_dim):
-        return page_size * self.r
-
-    def score_macs(self, page_size, head_dim):
-        return page_size * self.r
-
-
-@dataclass(frozen=True, repr=False)
-class SplitCodes(ScoringRule):
-    """One bit per (token, channel): whether ``k[t, d]`` lies above the page's channel mean; each side is
-    reconstructed by its conditional mean (``hi[d]``, ``lo[d]``, the 1-bit quantizer of least squared error
-    for that split). A page scores ``lse`` over its tokens of ``q . k_hat_t / sqrt(D)``. With ``rotate``, keys
-    and queries are first rotated into the eigenbasis of the prompt's key covariance.
-
-    Digest ``[n, Hkv, 2 + P, D]``: hi, lo, then the bits (``P D / 8`` bytes packed)."""
-
-    rotate: bool = False
-    reduce: str = "lse"
-
-    @property
-    def name(self):
-        return ("p" if self.rotate else "") + "split1" + ("" if self.reduce == "lse" else self.reduce)
-
-    def fit(self, keys):
-        return _pca(keys)[1] if self.rotate else None
-
-    def digests(self, keys, page_size, ctx=None):
-        if self.rotate:
-            keys = torch.einsum("nhd,hde->nhe", keys.float(), ctx)
-        pg = _pages(keys, page_size)  # [n, P, Hkv, D]
-        mu = pg.mean(1, keepdim=True)
-        up = pg >= mu
-        cnt_up = up.float().sum(1)
-        hi = torch.where(up, pg, 0).sum(1) / cnt_up.clamp_min(1)
-        lo = torch.where(~up, pg, 0).sum(1) / (page_size - cnt_up).clamp_min(1)
-        lo = torch.where(cnt_up == page_size, hi, lo)
-        return torch.cat([hi[:, :, None], lo[:, :, None], up.float().permute(0, 2, 1, 3)], dim=2)
-
-    def scores(self, q, digests, ctx=None):
-        b, hq, d = q.shape
-        hkv = digests.shape[2]
-        qf = q.float().view(b, hkv, hq // hkv, d)
-        if self.rotate:
-            u = ctx if ctx.dim() == 4 else ctx[None].expand(b, -1, -1, -1)
-            qf = torch.einsum("bkgd,bkde->bkge", qf, u)
-        dig = digests.float()
-        hi, lo, bit = dig[:, :, :, 0:1], dig[:, :, :, 1:2], dig[:, :, :, 2:]
-        k_hat = lo + bit * (hi - lo)
-        logits = torch.einsum("bkgd,bpktd->bkgpt", qf, k_hat) / math.sqrt(d)
-        return _reduce_tokens(logits, self.reduce).reshape(b, hq, -1)
-
-    def digest_values(self, page_size, head_dim):
-        return 2 * head_dim + page_size * head_dim / 16
-
-    def score_macs(self, page_size, head_dim):
-        return page_size * head_dim
-
-
-@dataclass(frozen=True, repr=False)
-class QuestPrefiltered(ScoringRule):
-    """Two stages: Quest's bounds (mean over the GQA group) keep the top ``n`` pages of each KV head, and only
-    those are scored by ``inner`` (e.g. ``grid2sink128``); every other page ranks below them, in Quest's order.
-    A kernel would then read ``inner``'s digest of ``n`` pages per KV head instead of every candidate's.
-
-    The rule sees every page of the history, so the ``n`` kept pages may include sink and window pages (which
-    are never candidates): a kernel that ranks only candidates keeps at least as many. Digest ``[n, Hkv, 2 + R,
-    D]``: Quest's max and min, then ``inner``'s ``R`` rows."""
-
-    n: int
-    inner: ScoringRule
-
-    @property
-    def name(self):
-        return f"qpre{self.n}{self.inner.name}"
-
-    def fit(self, keys):
-        return self.inner.fit(keys)
-
-    def fit_layer(self, keys, layer):
-        return self.inner.fit_layer(keys, layer)
-
-    def digests(self, keys, page_size, ctx=None):
-        box = page_digests(keys, page_size).float()
-        return torch.cat([box, self.inner.digests(keys, page_size, ctx).float()], dim=2)
-
-    def scores(self, q, digests, ctx=None):
-        b, hq, _ = q.shape
-        hkv = digests.shape[2]
-        quest = quest_scores(q, digests[:, :, :, :2])  # [B, Hq, Np]
-        per_kv = quest.view(b, hkv, hq // hkv, -1).mean(2)  # [B, Hkv, Np]
-        keep = torch.zeros_like(per_kv, dtype=torch.bool)
-        keep.scatter_(-1, per_kv.topk(min(self.n, per_kv.shape[-1]), dim=-1).indices, True)
-        keep = keep.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, Np]
-        inner = self.inner.scores(q, digests[:, :, :, 2:], ctx)
-        return torch.where(keep, inner, quest - OUTRANKED)
-
-    def digest_values(self, page_size, head_dim):
-        return 2 * head_dim + self.inner.digest_values(page_size, head_dim)
-
-    def score_macs(self, page_size, head_dim):
-        return 2 * head_dim  # per candidate page; plus inner's MACs for the n kept pages only
-
-
-#: What a page outside a prefilter's kept pages loses, so that every kept page ranks above it
-OUTRANKED = 1.0e4
-
-
 _PATTERNS = (
-    (re.compile(r"sub(\d+)$"), lambda m: SubPages(int(m.group(1)))),
-    (re.compile(r"topnorm(\d+)$"), lambda m: TopNorm(int(m.group(1)))),
-    (re.compile(r"kmeans(\d+)$"), lambda m: KMeans(int(m.group(1)))),
-    (re.compile(r"lowrank(\d+)(max)?$"), lambda m: LowRank(int(m.group(1)), m.group(2) or "lse")),
     (re.compile(r"keys(lse|max)$"), lambda m: TokenKeys(m.group(1))),
     (re.compile(r"box(\d+)(?:g(\d+))?(max)?$"),
      lambda m: BoxCodes(int(m.group(1)), m.group(3) or "lse", int(m.group(2) or 1))),
-    (re.compile(r"grid(\d+)(?:(sink)(\d*)|cal([a-z]+?))?(mm)?(x0)?$"),
-     lambda m: GridCodes(int(m.group(1)), "sink" if m.group(2) else "cal" if m.group(4) else "prompt",
-                         bool(m.group(5)), bool(m.group(6)), int(m.group(3) or SINK_TOKENS), m.group(4) or "")),
-    (re.compile(r"chan(\d+)(max)?$"), lambda m: Channels(int(m.group(1)), m.group(2) or "lse")),
-    (re.compile(r"(p?)split1(max)?$"), lambda m: SplitCodes(bool(m.group(1)), m.group(2) or "lse")),
-    (re.compile(r"meanstd([\d.]+)$"), lambda m: MeanSpread(float(m.group(1)), "std")),
-    (re.compile(r"meanabs([\d.]+)$"), lambda m: MeanSpread(float(m.group(1)), "abs")),
-    (re.compile(r"qpre(\d+)(.+)$"), lambda m: QuestPrefiltered(int(m.group(1)), get_rule(m.group(2)))),
+    (re.compile(r"grid(\d+)(?:(sink)(\d*))?(mm)?(x0)?$"),
+     lambda m: GridCodes(int(m.group(1)), "sink" if m.group(2) else "prompt", bool(m.group(4)), bool(m.group(5)),
+                         int(m.group(3) or SINK_TOKENS))),
 )
-RULES = {"quest": Quest(), "pcabox": PcaBox()}
-NAMES = ("quest", "pcabox", "subS", "topnormR", "kmeansR", "meanstdA", "meanabsA", "lowrankR[max]", "chanR[max]",
-         "boxB[gG][max]", "[p]split1[max]",
-         "gridB[sink[N]|calNAME][mm][x0]", "keys{lse,max}", "qpreNRULE")
+RULES = {"quest": Quest()}
+NAMES = ("quest", "boxB[gG][max]", "gridB[sink[N]][mm][x0]", "keys{lse,max}")
 
 
 def get_rule(name: str) -> ScoringRule:

@@ -18,7 +18,7 @@ import time
 import torch
 
 from . import model as model_mod
-from . import calibration, needle as needle_mod, report, rows as rows_mod, tasks, texts
+from . import needle as needle_mod, report, rows as rows_mod, tasks, texts
 
 TASKS = ("teacher", "greedy", "passkey", "needle")
 
@@ -104,8 +104,6 @@ def run(args, log=print) -> dict:
     if "needle" in task_list:
         needle_mod.rule_labels(rows, _csv(args.needle_rules))  # an unknown rule fails before any decode
     log(f"{len(rows)} rows: " + ", ".join(r.label for r in rows))
-    rule_names = [r.scoring for r in rows] + (_csv(args.needle_rules) if "needle" in task_list else [])
-    cal_sources = calibration.calibrate(lm, calibration.calibration_names(rule_names), log=log)
     results: dict = {}
     text_objs = [texts.get_text(n) for n in _csv(args.texts)]
     with torch.inference_mode():
@@ -157,7 +155,6 @@ def run(args, log=print) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                    f"({torch.get_num_threads()} threads), Python {platform.python_version()}",
         "texts": "; ".join(f"{t.name}: {t.source}" for t in text_objs),
-        "calibration": "; ".join(f"{k}: {v}" for k, v in cal_sources.items()) or None,
     }
     meta = {k: v for k, v in meta.items() if v is not None}
     return {"meta": meta, "args": vars(args), "rows": [r.__dict__ | {"label": r.label} for r in rows],

@@ -101,7 +101,7 @@ class RowDecoder:
                 if row.kv_fp8:
                     keys = fp8_roundtrip(keys)
                 cls = ExactSelectLayerState if row.mode == "exact" else LayerState
-                st = cls(settings, self.n_kv_heads, layer=layer)
+                st = cls(settings, self.n_kv_heads)
                 recalled += st.prefill(keys, q_last)
                 self.states[r][layer] = st
         self._prefill.clear()

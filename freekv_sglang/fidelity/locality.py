@@ -125,13 +125,13 @@ def _changed(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
 
 def replay_layer(q: torch.Tensor, k: torch.Tensor, start: int, n_kv_heads: int, budgets=BUDGETS,
                  page_size: int = PAGE_SIZE, sink: int = SINK, window: int = WINDOW, gqa: str = "mean",
-                 chunk: int = 128, rule: str = "quest", layer: int | None = None, keep_margin: int = 0) -> LayerTrace:
+                 chunk: int = 128, rule: str = "quest", keep_margin: int = 0) -> LayerTrace:
     """Replay one layer's decode positions ``start .. len(q) - 1`` (context ``i + 1`` at position ``i``).
 
     Args:
         q: ``[n, Hq, D]`` post-RoPE queries of every position; k: ``[n, Hkv, D]`` post-RoPE keys.
         rule: the page scoring (``quest`` or a name of :func:`~freekv_sglang.algorithm.scoring_rules.get_rule`,
-            fitted on the prefill's keys as the reference runtime fits it; ``layer`` for per-layer rules).
+            fitted on the prefill's keys as the reference runtime fits it).
         keep_margin: residency hysteresis (``--freekv-keep-margin``): a selected page that still ranks within
             the top ``k + keep_margin`` stays (:func:`~freekv_sglang.algorithm.selection.sticky_scores`), so a
             step's page change is what the runtime would recall; 0 = plain oracle top-k.
@@ -140,7 +140,7 @@ def replay_layer(q: torch.Tensor, k: torch.Tensor, start: int, n_kv_heads: int, 
     if not 0 < start < n_tok:
         raise ValueError(f"start {start} must lie inside the {n_tok} positions (after at least one prefill token)")
     r = get_rule(rule)  # quest: the page digests and Quest's bound exactly
-    ctx = r.fit_layer(k[:start], layer)
+    ctx = r.fit(k[:start])
     digests = r.digests(k, page_size, ctx)  # every full page; candidacy masks the rest
     n_pages = digests.shape[0]
     pos = torch.arange(start, n_tok)
@@ -367,7 +367,7 @@ def measure(model, tokenizer, text_names, args, log=print) -> tuple[dict, dict]:
         log(f"{name}: {len(ids)} tokens captured in {time.time() - t0:.0f} s; replaying {len(qs)} layers")
         t0 = time.time()
         per_text[name] = [replay_layer(q, k, args.prefill, n_kv, budgets, args.page_size, args.sink, args.window,
-                                       args.gqa_aggregation, rule=getattr(args, "rule", "quest"), layer=i,
+                                       args.gqa_aggregation, rule=getattr(args, "rule", "quest"),
                                        keep_margin=getattr(args, "keep_margin", 0))
                           for i, (q, k) in enumerate(zip(qs, ks))]
         log(f"{name}: replayed in {time.time() - t0:.0f} s")

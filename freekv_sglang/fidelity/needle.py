@@ -51,7 +51,7 @@ def needle_token_positions(tokenizer, case: texts.NeedleCase) -> tuple[list[int]
 
 
 def rank_needle(q: torch.Tensor, keys_all: torch.Tensor, n: int, needle_pos: list[int], rules: dict, page_size: int,
-                n_sink: int, n_window: int, prefill_tokens: int, fitted: dict, layer: int | None = None) -> dict:
+                n_sink: int, n_window: int, prefill_tokens: int, fitted: dict) -> dict:
     """Ranks of the needle's pages for one layer at one step.
 
     Args:
@@ -59,7 +59,6 @@ def rank_needle(q: torch.Tensor, keys_all: torch.Tensor, n: int, needle_pos: lis
         ``n`` are the history at this step (the current token included).
         rules: ``{label: (rule name, GQA aggregation)}``; fitted: per rule name, its context (fitted on the
         first ``prefill_tokens`` keys, as at prefill) and the digests of ``keys_all``'s full pages.
-        layer: the model layer (for rules calibrated per layer).
     Returns:
         ``{"mass": [Hkv] needle mass, "rank": {label: [Hkv] best rank (0-based) among candidates, or None
         when no needle page is a candidate}}``; ``label == "exact"`` ranks by the true attention mass.
@@ -84,7 +83,7 @@ def rank_needle(q: torch.Tensor, keys_all: torch.Tensor, n: int, needle_pos: lis
         else:
             rule = get_rule(rule_name)
             if rule_name not in fitted:  # context and digests of every page that is full at the last step
-                ctx = rule.fit_layer(keys_all[:prefill_tokens], layer)
+                ctx = rule.fit(keys_all[:prefill_tokens])
                 fitted[rule_name] = (ctx, rule.digests(keys_all, page_size, ctx))
             ctx, dig = fitted[rule_name]
             dig = dig[: n // page_size]
@@ -167,7 +166,7 @@ def run(lm: LoadedModel, rows: list[RowSpec], needle_cases: list[texts.NeedleCas
                 for layer, k in enumerate(keys):
                     q = bd.dec.capture[s][layer]
                     rk = rank_needle(q, k, n, needle_pos, labels, page, n_sink, n_window, len(ids) - 1,
-                                     fitted[layer], layer=layer)
+                                     fitted[layer])
                     for h, m in enumerate(rk["mass"]):
                         if m < threshold or rk["rank"]["exact"][h] is None:
                             continue
