@@ -12,7 +12,7 @@ e.g. the optimistic ``%0.95``), ``%none`` the model's own queries.
 E.g. ``freekv@32``, ``freekv@16+2``, ``freekv:flashinfer`` or ``freekv%0.95``. A base ``freekv-keepM`` is ``freekv`` with
 ``--freekv-keep-margin M``, ``freekv-overN`` with ``--freekv-overfetch-tokens N`` (speculative over-fetch of ``N``
 tokens of pages), ``freekv-grid2`` with ``--freekv-page-scoring grid2``, and any of them together, e.g.
-``freekv-keepM-overN`` (:func:`base_options`).
+``freekv-keepM-overN``, ``freekv-grid2-keep4-tau80`` (correction threshold 0.80; :func:`base_options`).
 """
 
 from __future__ import annotations
@@ -32,19 +32,20 @@ _NAME = re.compile(r"^([A-Za-z][\w-]*)((?:[@+^:%][^@+^:%]*)*)$")
 #: Base-name suffixes of ``freekv``: the config field, the server flag and the flag's value from the number.
 BASE_OPTIONS = {"keep": ("keep_margin", "--freekv-keep-margin", int),
                 "over": ("overfetch_tokens", "--freekv-overfetch-tokens", int),
-                "grid": ("page_scoring", "--freekv-page-scoring", lambda bits: f"grid{bits}")}
+                "grid": ("page_scoring", "--freekv-page-scoring", lambda bits: f"grid{bits}"),
+                "tau": ("correction_threshold", "--freekv-correction-threshold", lambda pct: pct / 100)}
 
 
 def base_options(base: str) -> tuple[str, dict]:
     """``"freekv-keep4-over512"`` -> ``("freekv", {"keep_margin": 4, "overfetch_tokens": 512})``: the suffixes
-    ``-keepM`` (``--freekv-keep-margin M``), ``-overN`` (``--freekv-overfetch-tokens N``) and ``-grid2``
-    (``--freekv-page-scoring grid2``) of ``freekv``, each at most once, in any order; any other base ->
-    ``(base, {})``."""
-    m = re.fullmatch(r"freekv((?:-(?:keep|over|grid)\d+)+)", base)
+    ``-keepM`` (``--freekv-keep-margin M``), ``-overN`` (``--freekv-overfetch-tokens N``), ``-grid2``
+    (``--freekv-page-scoring grid2``) and ``-tauNN`` (``--freekv-correction-threshold NN/100``) of ``freekv``, each
+    at most once, in any order; any other base -> ``(base, {})``."""
+    m = re.fullmatch(r"freekv((?:-(?:keep|over|grid|tau)\d+)+)", base)
     if m is None:
         return base, {}
     opts: dict = {}
-    for word, val in re.findall(r"-(keep|over|grid)(\d+)", m.group(1)):
+    for word, val in re.findall(r"-(keep|over|grid|tau)(\d+)", m.group(1)):
         field, _, value = BASE_OPTIONS[word]
         if field in opts:
             return base, {}  # a suffix twice: not a known base

@@ -42,6 +42,11 @@ def test_overfetch_and_keep_margin_modes(bench):
     add_freekv_arguments(parser)
     cfg = FreeKVConfig.from_namespace(parser.parse_args(args + ["--freekv-host-memory-gb", "1"]))
     assert (cfg.overfetch_tokens, cfg.keep_margin) == (256, 2)
+    args = bench.mode_args("freekv-grid2-keep4-tau80")
+    assert args[2:] == ["--freekv-page-scoring", "grid2", "--freekv-keep-margin", "4",
+                        "--freekv-correction-threshold", "0.8"]
+    cfg = FreeKVConfig.from_namespace(parser.parse_args(args + ["--freekv-host-memory-gb", "1"]))
+    assert (cfg.page_scoring, cfg.keep_margin, cfg.correction_threshold) == ("grid2", 4, 0.8)
     text = (Path(__file__).resolve().parents[1] / "launch" / "benchmarks.sh").read_text()
     line = next(l for l in text.splitlines() if "--modes dense freekv freekv-over" in l)
     modes = line.split("--modes", 1)[1].split("--timeout")[0].split()
