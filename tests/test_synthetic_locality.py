@@ -13,6 +13,7 @@ from freekv_sglang.algorithm import WorkingSetLayout
 from freekv_sglang.kernels.synthetic_query import calibrated_queries_reference, draw_key
 from freekv_sglang.runtime import synthetic as S
 from freekv_sglang.settings import EnvSettings, load_settings
+from launch_scripts import load_launch_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURED = os.path.join(ROOT, S.DEFAULT_LOCALITIES["quest"])
@@ -195,8 +196,9 @@ def test_generator_reproduces_the_measured_rates(shape, layout, context, layers,
     curve = dict(curve_steps=32, curve_heads=2) if scoring == "quest" else {}
     cq = S.CalibratedQueries("calibrated", L, hq, hkv, d, lay, context + 80, "cpu",
                              bins=(math.log2(context), 1), scoring=scoring, **curve)
-    sim = S.simulate(cq, context, steps=64, layers=layers, rows=2)
-    _, tot = S.check_table(cq, sim, context)
+    check = load_launch_script("check_locality")
+    sim = check.simulate(cq, context, steps=64, layers=layers, rows=2)
+    _, tot = check.check_table(cq, sim, context)
     assert abs(tot["correction_generated"] - tot["correction_measured"]) < 0.03, tot
     assert abs(tot["page_change_generated"] - tot["page_change_measured"]) < 0.025, tot
     assert tot["max_abs_error_per_layer_correction"] < 0.07, tot
