@@ -207,28 +207,33 @@ def test_generator_reproduces_the_measured_rates(shape, layout, context, layers,
 
 
 # -- the runtime ---------------------------------------------------------------------------------------------
-def _tiny_measurement(path, n_layers=3, n_kv=2, budget=8):
+def _tiny_measurement(path, n_layers=3, n_kv=2, budget=8, rule="quest"):
     heads = [[{"similarity": {"percentiles": [round(0.5 + 0.0049 * i, 4) for i in range(101)]},
                "page_change": {str(budget): 0.2}} for _ in range(n_kv)] for _ in range(n_layers)]
-    path.write_text(json.dumps({"meta": {"working set": {"default_budget": budget}}, "heads": heads}))
+    ws = {"default_budget": budget, **({} if rule == "quest" else {"page_scoring": rule})}
+    path.write_text(json.dumps({"meta": {"working set": ws}, "heads": heads}))
     return str(path)
 
 
-def test_runtime_flags_the_heads_whose_drawn_similarity_is_below_tau(tmp_path):
+@pytest.mark.parametrize("scoring", ["quest", "grid2"])
+def test_runtime_flags_the_heads_whose_drawn_similarity_is_below_tau(tmp_path, scoring):
+    """The engine's calibrated queries, for either page scoring (grid2: calibrated on grid2's own measurement)."""
     from freekv_sglang.runtime.engine import FreeKVRuntime, RuntimeSettings
     from freekv_sglang.runtime.sizing import ModelShape
 
-    path = _tiny_measurement(tmp_path / "loc.json")
-    L, hq, hkv, d = 2, 8, 2, 16
+    path = _tiny_measurement(tmp_path / "loc.json", rule="quest" if scoring == "quest" else "grid2sink128")
+    L, hq, hkv, d = 2, 8, 2, 16 if scoring == "quest" else 64  # grid2's kernels need a head dim >= 64
     lay = WorkingSetLayout(page_size=4, n_sink=1, n_select=2, n_window=2)
     R, max_ctx = 3, 96
     r2t = torch.zeros((R + 1, max_ctx), dtype=torch.int32)
     for r in range(1, R + 1):
         r2t[r] = torch.arange(max_ctx, dtype=torch.int32) + (r - 1) * max_ctx + lay.page_size
     n_pages = (R * max_ctx) // lay.page_size + 2
-    rt = FreeKVRuntime(ModelShape(L, hq, hkv, d, torch.float32), RuntimeSettings(lay, correction_threshold=0.9),
+    rt = FreeKVRuntime(ModelShape(L, hq, hkv, d, torch.float32),
+                       RuntimeSettings(lay, correction_threshold=0.9, page_scoring=scoring),
                        n_pages, R, r2t, max_batch=4, device="cpu", env=EnvSettings(bench_locality=path))
     assert isinstance(rt.synthetic, S.CalibratedQueries) and rt.synthetic.contexts == [max_ctx]
+    assert rt.synthetic.scoring == scoring and rt.grid == (scoring == "grid2")
     g = torch.Generator().manual_seed(0)
     rows, lens = torch.tensor([1, 3]), [30, 41]
     loc = torch.cat([r2t[r, :n].long() for r, n in zip(rows.tolist(), lens)])

@@ -160,9 +160,6 @@ class FreeKVRuntime:
         if self.grid:
             check_grid_head_dim(d)
             check_grid_page_size(P, dev)
-            if env.bench_locality is not None:
-                raise NotImplementedError(f"{env_name('bench_locality')} calibrates its synthetic queries on Quest's "
-                                          "scores: not implemented with page_scoring grid2")
             # grid codes of every page instead of its digest, and each row's grid per layer
             self.digests = torch.zeros((L, n_host_pages + n_gpu_pages, hkv, P, d // PER_BYTE), dtype=torch.uint8,
                                        device=dev)
