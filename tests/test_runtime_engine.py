@@ -328,7 +328,5 @@ def test_runtime_grid2_is_validated():
     for d in (16, 96):
         with pytest.raises(NotImplementedError, match="head dim"):
             FreeKVRuntime(ModelShape(2, 4, 2, d, torch.float32), settings, 10, 2, r2t, max_batch=2, device="cpu")
-    with pytest.raises(NotImplementedError, match="Quest"):
-        FreeKVRuntime(shape, settings, 10, 2, r2t, max_batch=2, device="cpu", env=EnvSettings(bench_locality="real"))
     rt = FreeKVRuntime(shape, settings, 10, 2, r2t, max_batch=2, device="cpu")
     assert rt.digests.shape == (2, 10, 2, 4, 16) and rt.grid_lo.shape == (2, 3, 2, 64)
