@@ -9,7 +9,7 @@
 # (about 25 minutes on one GPU; E2E_GPUS=1,2,3 deals them over one lane per GPU). Logs go to $OUT
 # (default ./gpu-check-out). Then, when the real model's folder is present (FREEKV_SMOLLM2, or the default
 # model converted by `python -m freekv_sglang.default_model`), the real-model checks
-# (tests/gpu/test_server_smollm2.py and test_server_needle.py, about 6 minutes; SKIP_SMOLLM2=1 skips them). Assumes SGLang 0.5.17 +
+# (tests/gpu/test_server_smollm2.py and test_server_needle.py, about 15 minutes: 9 servers of the small model started one after the other; SKIP_SMOLLM2=1 skips them). Assumes SGLang 0.5.17 +
 # FlashInfer are importable and this project is installed (pip install .).
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-check-out}"; mkdir -p "$OUT"; export OUT
@@ -70,7 +70,7 @@ if [[ "${SKIP_SMOLLM2:-0}" != 1 ]]; then
   fi
   if [[ -n "$smol" && -d "$smol" ]]; then
     t2=$(date +%s)
-    FREEKV_SMOLLM2="$smol" timeout "${SMOLLM2_TIMEOUT:-900}" "${PT[@]}" -s tests/gpu/test_server_smollm2.py \
+    FREEKV_SMOLLM2="$smol" timeout "${SMOLLM2_TIMEOUT:-1500}" "${PT[@]}" -s tests/gpu/test_server_smollm2.py \
       tests/gpu/test_server_needle.py \
       > "$OUT/gpu-smollm2.log" 2>&1
     real_rc=$?
