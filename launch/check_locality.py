@@ -21,10 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from freekv_sglang.algorithm.layout import WorkingSetLayout  # noqa: E402
+from freekv_sglang.algorithm import (WorkingSetLayout, aggregate_gqa, changed_pages, query_similarity,  # noqa: E402
+                                   topk_pages)
 from freekv_sglang.provenance import command_line, commit_id, write_json  # noqa: E402
 from freekv_sglang.runtime.synthetic import (DEFAULT_LOCALITIES, STEP_GRID, CalibratedQueries,  # noqa: E402
-                                             changed_pages, correction_rate, page_scorer)
+                                             correction_rate, page_scorer)
 
 
 def simulate(cq: CalibratedQueries, context: int, steps: int = 64, layers=None, tau: float = 0.9, seed: int = 7,
@@ -35,8 +36,6 @@ def simulate(cq: CalibratedQueries, context: int, steps: int = 64, layers=None, 
     the selected pages (reference selection, current query) that change per step. The first step, which
     has no previous query, is left out. Returns ``{"correction": [L, Hkv], "page_change": [L, Hkv]}`` tensors
     for the layers simulated (all by default) and ``"layers"``."""
-    from freekv_sglang.algorithm import aggregate_gqa, query_similarity, topk_pages
-
     lay = cq.layout
     dev = cq.u.device
     layers = list(range(cq.n_layers)) if layers is None else list(layers)

@@ -201,3 +201,14 @@ def test_sticky_selection_recalls_less_on_a_drifting_query():
             moved[margin] += int(upd.n_recall.sum())
             resident = upd.resident
     assert moved[4] < 0.7 * moved[0], moved
+
+
+def test_changed_pages_counts_the_new_pages_of_a_selection():
+    from freekv_sglang.algorithm import changed_pages
+
+    prev = torch.tensor([[[3, 7, 9, -1], [1, 2, 4, 5]]])
+    cur = torch.tensor([[[7, 3, 11, -1], [6, 8, 1, -1]]])  # order does not matter; -1 pads and is never new
+    assert changed_pages(prev, cur).tolist() == [[1, 2]]
+    assert changed_pages(cur, cur).tolist() == [[0, 0]]
+    first = torch.full_like(prev, -1)  # nothing selected before: every selected page is new
+    assert changed_pages(first, cur).tolist() == [[3, 3]]

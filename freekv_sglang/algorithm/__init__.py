@@ -12,11 +12,11 @@ from .digests import append_page_digest, page_digests
 from .layout import WorkingSetLayout
 from .reference import MODES, LayerState, RetrievalSettings, StepStats
 from .scores import AGGREGATIONS, aggregate_gqa, quest_scores
-from .selection import ResidencyUpdate, residency_update, topk_pages
+from .selection import ResidencyUpdate, changed_pages, residency_update, topk_pages
 
 __all__ = [
     "AGGREGATIONS", "MODES", "LayerState", "ResidencyUpdate", "RetrievalSettings", "StepStats",
-    "WorkingSetLayout", "aggregate_gqa", "append_page_digest", "correction_flags", "dense_attention",
+    "WorkingSetLayout", "aggregate_gqa", "append_page_digest", "changed_pages", "correction_flags", "dense_attention",
     "page_digests", "paged_attention", "quest_scores", "query_similarity", "residency_update",
     "sparse_attention", "topk_pages",
 ]

@@ -82,6 +82,13 @@ def sticky_scores(scores: torch.Tensor, resident: torch.Tensor, k: int, margin: 
     return torch.where(kept, torch.full_like(scores, torch.finfo(scores.dtype).max), scores)
 
 
+def changed_pages(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    """How many pages of selection ``cur`` ``[..., k]`` (-1 padded) are not in ``prev`` ``[..., k]``: int64 ``[...]``,
+    the pages a step's selection would recall."""
+    eq = (cur[..., :, None] == prev[..., None, :]) & (cur[..., :, None] >= 0)
+    return ((cur >= 0) & ~eq.any(-1)).sum(-1)
+
+
 def _member(pages: torch.Tensor, n_pages: int) -> torch.Tensor:
     """Bool ``[..., n_pages]``: page ``p`` is among ``pages [..., j]`` (-1 entries and pages past
     ``n_pages`` ignored)."""

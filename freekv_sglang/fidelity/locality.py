@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..algorithm import WorkingSetLayout, aggregate_gqa, query_similarity, topk_pages
+from ..algorithm import WorkingSetLayout, aggregate_gqa, changed_pages, query_similarity, topk_pages
 from ..algorithm.scoring_rules import get_rule
 from ..algorithm.selection import sticky_scores
 from ..provenance import command_line, commit_id
@@ -117,12 +117,6 @@ class LayerTrace:
     qhead_norm: torch.Tensor  # float32 [T, Hq] per-query-head query norm
 
 
-def _changed(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
-    """Pages of ``cur`` ``[..., k]`` (-1 padded) not in ``prev`` ``[..., k]``: int64 ``[...]``."""
-    eq = (cur[..., :, None] == prev[..., None, :]) & (cur[..., :, None] >= 0)
-    return ((cur >= 0) & ~eq.any(-1)).sum(-1)
-
-
 def replay_layer(q: torch.Tensor, k: torch.Tensor, start: int, n_kv_heads: int, budgets=BUDGETS,
                  page_size: int = PAGE_SIZE, sink: int = SINK, window: int = WINDOW, gqa: str = "mean",
                  chunk: int = 128, rule: str = "quest", keep_margin: int = 0) -> LayerTrace:
@@ -174,7 +168,7 @@ def replay_layer(q: torch.Tensor, k: torch.Tensor, start: int, n_kv_heads: int, 
     for b in budgets:
         sel = torch.cat(sels[b])  # [T, Hkv, k]
         ch = torch.full((len(pos), n_kv_heads), -1, dtype=torch.long)
-        ch[1:] = _changed(sel[:-1], sel[1:])
+        ch[1:] = changed_pages(sel[:-1], sel[1:])
         changed[b] = ch
         selected[b] = (sel >= 0).sum(-1)
     return LayerTrace(sim, changed, selected, qcos, qn)

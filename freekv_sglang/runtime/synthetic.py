@@ -236,11 +236,6 @@ def solve_kappas(quant: torch.Tensor, target: torch.Tensor, grid: torch.Tensor, 
                        torch.full_like(out, kappa_max), out)
 
 
-def changed_pages(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
-    eq = (cur[..., :, None] == prev[..., None, :]) & (cur[..., :, None] >= 0)
-    return ((cur >= 0) & ~eq.any(-1)).sum(-1)
-
-
 class CalibratedQueries:
     """Synthetic decode queries at a measured locality (``FREEKV_BENCH_LOCALITY``; see the module docstring).
 
@@ -348,7 +343,7 @@ def page_change_curve(n_tokens: int, layout, group: int, head_dim: int, device="
 
     The history grows from ``n_tokens`` by one token per step, as in decoding. Returns float32 ``[len(grid)]``.
     """
-    from freekv_sglang.algorithm import aggregate_gqa, topk_pages
+    from freekv_sglang.algorithm import aggregate_gqa, changed_pages, topk_pages
     from freekv_sglang.kernels.synthetic_query import calibrated_queries
 
     g = torch.Generator().manual_seed(seed)
